@@ -1,0 +1,3 @@
+from k3scluster.cli import main
+
+raise SystemExit(main())
