@@ -1,0 +1,183 @@
+"""The ``k3scluster`` command: init, check, render, boot-stick — wiring only.
+
+Every user mistake ends as a message and a hint on stderr with exit 1 (2 for a
+wrong command line), never as a traceback; Ctrl-C ends with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+
+from k3scluster.errors import Diagnostic, K3sClusterError
+from k3scluster.init import init_cluster
+from k3scluster.model import Cluster
+from k3scluster.plans import load
+
+
+def _version() -> str:
+    try:
+        return metadata.version("k3scluster")
+    except metadata.PackageNotFoundError:
+        return "0.1.0"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="k3scluster",
+        description="A bare-metal home cloud (NixOS + K3s) from a few CSV plans.",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("init", help="create a cluster directory (plans, secrets, K3s token)")
+    s.add_argument("dir", type=Path, metavar="DIR")
+    s.set_defaults(func=cmd_init)
+
+    s = sub.add_parser("check", help="check the plans; list every problem with FILE:LINE")
+    s.add_argument("dir", type=Path, metavar="DIR")
+    s.add_argument("--json", action="store_true", help="print a JSON object on stdout")
+    s.set_defaults(func=cmd_check)
+
+    s = sub.add_parser("render", help="write the NixOS configurations of the cluster")
+    s.add_argument("dir", type=Path, metavar="DIR")
+    s.add_argument("--out", type=Path, metavar="OUT", help="default: DIR/.k3scluster/render")
+    s.set_defaults(func=cmd_render)
+
+    s = sub.add_parser("boot-stick", help="write a host's installer image to a USB stick")
+    s.add_argument("dir", type=Path, metavar="DIR")
+    s.add_argument("host", metavar="HOST")
+    s.add_argument("device", metavar="DEVICE")
+    s.add_argument("--yes", action="store_true", help="do not ask before writing")
+    s.add_argument("--image", type=Path, metavar="PATH", help="an already built installer image")
+    s.add_argument(
+        "--allow-non-removable",
+        action="store_true",
+        help="allow a device that is not removable (careful: it is wiped)",
+    )
+    s.set_defaults(func=cmd_boot_stick)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except K3sClusterError as exc:
+        print(f"k3scluster: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("k3scluster: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    result = init_cluster(args.dir)
+    for rel in result.created:
+        print(f"created  {rel}")
+    for rel in result.kept:
+        print(f"kept     {rel} (exists, not touched)")
+    if result.created:
+        print(
+            f"next: edit {args.dir}/plans/*, add secrets/passwd and an ssh key "
+            f"(secrets/<name>.pub), then run: k3scluster check {args.dir}"
+        )
+    else:
+        print("nothing to do: everything exists")
+    return 0
+
+
+def _summary(diags: Sequence[Diagnostic]) -> tuple[int, int]:
+    errors = sum(1 for d in diags if d.is_error)
+    return errors, len(diags) - errors
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    result = load(args.dir)
+    errors, warnings = _summary(result.diagnostics)
+    if args.json:
+        out = {"ok": result.ok, "diagnostics": [d.to_json() for d in result.diagnostics]}
+        print(json.dumps(out, indent=2))
+        return 0 if result.ok else 1
+    for d in result.diagnostics:
+        print(d)
+    if result.cluster is not None:
+        c = result.cluster
+        print(
+            f"ok: {len(c.hosts)} host(s), {len(c.k3s)} K3s node(s)"
+            + (f", {warnings} warning(s)" if warnings else "")
+        )
+        return 0
+    print(f"{errors} error(s), {warnings} warning(s) in {args.dir}")
+    return 1
+
+
+def _load_for_command(root: Path) -> Cluster | None:
+    """The cluster, with warnings on stderr; None (diagnostics on stderr) on errors."""
+    result = load(root)
+    for d in result.diagnostics:
+        print(d, file=sys.stderr)
+    if result.cluster is None:
+        errors, warnings = _summary(result.diagnostics)
+        print(
+            f"{errors} error(s), {warnings} warning(s) in {root}: run `k3scluster check {root}`",
+            file=sys.stderr,
+        )
+    return result.cluster
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    cluster = _load_for_command(args.dir)
+    if cluster is None:
+        return 1
+    from k3scluster.render import render_to_dir
+
+    out = args.out if args.out is not None else args.dir / ".k3scluster" / "render"
+    written = render_to_dir(cluster, out)
+    for item in _listing(written):
+        print(f"wrote    {item}")
+    print(f"rendered into {out}")
+    return 0
+
+
+def cmd_boot_stick(args: argparse.Namespace) -> int:
+    cluster = _load_for_command(args.dir)
+    if cluster is None:
+        return 1
+    from k3scluster.bootstick import boot_stick
+
+    result = boot_stick(
+        cluster,
+        args.host,
+        args.device,
+        yes=args.yes,
+        image=args.image,
+        allow_non_removable=args.allow_non_removable,
+    )
+    if result is not None and not isinstance(result, (bool, int)):
+        print(result)
+    return 0
+
+
+def _listing(written: object) -> list[str]:
+    """What a render call returned, as lines: a mapping's keys or an iterable's items."""
+    if written is None:
+        return []
+    if isinstance(written, dict):
+        return [str(k) for k in written]
+    if isinstance(written, (str, Path)):
+        return [str(written)]
+    try:
+        return [str(x) for x in written]  # type: ignore[attr-defined]
+    except TypeError:
+        return [str(written)]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
