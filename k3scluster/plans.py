@@ -174,6 +174,7 @@ class _Table:
     header: tuple[str, ...]
     header_line: int
     rows: list[tuple[int, dict[str, str], tuple[tuple[str, str], ...]]]
+    names: list[str] = field(default_factory=list)  # 'name' of every row, even a broken one
 
 
 class _Loader:
@@ -184,6 +185,10 @@ class _Loader:
         self.ips: dict[ipaddress.IPv4Address, tuple[str, Location]] = {}
         self.subnet: ipaddress.IPv4Network | None = None
         self.host_rows: set[str] = set()  # every name in hosts.csv, valid or not
+        # False when a table could not be read: checks against "all names" are then skipped
+        self.hosts_complete = False
+        self.k3s_complete = False
+        self.k3s_rows: set[str] = set()
 
     # -- diagnostics -------------------------------------------------------
 
@@ -214,9 +219,8 @@ class _Loader:
         network = self.read_network()
         hosts, host_columns = self.read_hosts()
         k3s, k3s_columns = self.read_k3s()
-        host_names = [h.name for h in hosts]
         secrets = self.read_secrets(hosts)
-        nix_configs = self.read_nix_configs(host_names, [n.name for n in k3s])
+        nix_configs = self.read_nix_configs()
         manifests = self.read_manifests()
         if any(d.is_error for _, d in self.found) or network is None or secrets is None:
             return self._result(None)
@@ -352,6 +356,8 @@ class _Loader:
                         f"the header needs at least: {','.join(required)}",
                     )
                 continue
+            if "name" in table.header and len(values) > table.header.index("name"):
+                table.names.append(values[table.header.index("name")])
             if len(values) != len(table.header):
                 self.error(
                     "csv-field-count",
@@ -726,6 +732,8 @@ class _Loader:
         table = self.read_table(rel, text, HOST_REQUIRED)
         if table is None:
             return [], ()
+        self.hosts_complete = True
+        self.host_rows.update(table.names)
         if not table.header_line:
             self.error(
                 "no-hosts",
@@ -745,7 +753,6 @@ class _Loader:
             )
         hosts = []
         for line, v, columns in table.rows:
-            self.host_rows.add(v["name"])
             ok = self.check_name("host-name", rel, line, "host", v["name"])
             iface = v["interface"]
             if len(iface) > 15 or not _IFACE.match(iface):
@@ -815,10 +822,13 @@ class _Loader:
         rel = K3S_CSV
         text = self.read_text(rel, required=False)
         if text is None:
+            self.k3s_complete = not (self.root / rel).exists()
             return [], ()
         table = self.read_table(rel, text, K3S_REQUIRED)
         if table is None:
             return [], ()
+        self.k3s_complete = True
+        self.k3s_rows.update(table.names)
         nodes: list[K3sNode] = []
         slots: dict[tuple[str, str], tuple[str, int]] = {}
         inits: list[int] = []
@@ -827,7 +837,7 @@ class _Loader:
         for line, v, columns in table.rows:
             ok = self.check_name("k3s-name", rel, line, "K3s node", v["name"])
             host = v["host"]
-            if host not in self.host_rows:
+            if self.hosts_complete and host not in self.host_rows:
                 ok = False
                 self.error(
                     "k3s-host-unknown",
@@ -994,6 +1004,8 @@ class _Loader:
             elif is_passwd:
                 owner = lname[: -len("passwd")]
                 if owner and owner not in host_names:
+                    if not self.hosts_complete:
+                        continue
                     self.warn(
                         "passwd-unknown-host",
                         rel,
@@ -1141,8 +1153,10 @@ class _Loader:
             )
             return []
 
-    def read_nix_configs(self, hosts: list[str], nodes: list[str]) -> tuple[str, ...]:
-        names = set(hosts) | set(nodes)
+    def read_nix_configs(self) -> tuple[str, ...]:
+        hosts = self.host_rows
+        names = hosts | self.k3s_rows
+        complete = self.hosts_complete and self.k3s_complete
         found = []
         for path in self.list_dir("nixConfigs"):
             if not path.name.endswith(".nix") or path.is_dir():
@@ -1151,7 +1165,7 @@ class _Loader:
             stem = path.name[: -len(".nix")]
             if stem.endswith(".hardware") and stem[: -len(".hardware")] in hosts:
                 continue
-            if stem in names:
+            if stem in names or not complete:
                 continue
             self.warn(
                 "nixconfig-unknown",
