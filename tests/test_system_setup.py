@@ -1,0 +1,352 @@
+"""system-setup.sh run for real on loop devices (root only; never a real disk).
+
+The script finds disks through a by-id directory the test makes (symlinks named like
+udev's, pointing at loop devices), so it never sees the machine's disks. nixos-install
+and the reboot are skipped with SKIP_INSTALL=1, except in the re-run test where the
+missing nixos-install is the failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import loopdevices
+import pytest
+from loopdevices import sha256_of, unmount_under
+
+from k3scluster import plans
+from k3scluster.installer import render_installer
+
+pytestmark = pytest.mark.root
+loop_factory = loopdevices.loop_factory  # the fixture
+
+VFAT = "vfat" in Path("/proc/filesystems").read_text()
+
+
+@pytest.fixture
+def cluster(example_src: Path):
+    result = plans.load(example_src)
+    assert result.cluster is not None, result.diagnostics
+    return result.cluster
+
+
+@pytest.fixture
+def script(cluster, tmp_path: Path) -> Callable[[str], Path]:
+    def make(host: str) -> Path:
+        files = render_installer(cluster, host, tmp_path / "render")
+        path = tmp_path / f"system-setup-{host}.sh"
+        path.write_text(files[f"installers/{host}/system-setup.sh"])
+        return path
+
+    return make
+
+
+@pytest.fixture
+def mnt(tmp_path: Path):
+    path = tmp_path / "mnt"
+    path.mkdir()
+    yield path
+    unmount_under(path)
+
+
+@pytest.fixture
+def byid(tmp_path: Path) -> Path:
+    path = tmp_path / "by-id"
+    path.mkdir()
+    return path
+
+
+def run(script: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    full = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "SKIP_INSTALL": "1"}
+    full.update(env)
+    return subprocess.run(
+        ["bash", str(script)], env=full, capture_output=True, text=True, check=False, timeout=300
+    )
+
+
+def parted(dev: str) -> list[list[str]]:
+    out = subprocess.run(
+        ["parted", "-s", "-m", dev, "unit", "MiB", "print"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [line.rstrip(";").split(":") for line in out.splitlines()[1:]]
+
+
+def blkid(dev: str) -> dict[str, str]:
+    out = subprocess.run(
+        ["blkid", "-p", "-o", "export", dev], capture_output=True, text=True, check=False
+    ).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def mounted_at(path: Path) -> str:
+    """The source device of the mount at ``path`` ('' when nothing is mounted there)."""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4] == str(path):
+            return line.split(" - ", 1)[1].split()[1]
+    return ""
+
+
+@pytest.fixture
+def bystander(loop_factory, byid: Path):
+    """A second disk with data and its own serial: it must never change."""
+    dev = loop_factory(16, name="bystander.img", fill=os.urandom(1 << 20))
+    (byid / "ata-Other_Disk_ZZZ999").symlink_to(dev)
+    before = sha256_of(dev)
+    yield dev
+    assert sha256_of(dev) == before, "the bystander disk was touched"
+
+
+def test_efi_layout(script, loop_factory, byid, mnt, bystander):
+    dev = loop_factory(300)
+    (byid / "ata-Samsung_SSD_860_EVO_S4EVNX0R123456").symlink_to(dev)
+    # a partition link of the same serial is not a second disk
+    (byid / "ata-Samsung_SSD_860_EVO_S4EVNX0R123456-part1").symlink_to(bystander)
+    r = run(script("olaf"), BYID_DIR=str(byid), MNT=str(mnt), ESP_SIZE_MIB="64")
+
+    table = parted(dev)
+    assert table[0][5] == "gpt"
+    p1, p2 = table[1], table[2]
+    assert (p1[0], p1[4], p1[5]) == ("1", "fat32", "boot") and "esp" in p1[6]
+    assert p1[1] == "1.00MiB" and p1[2] == "65.0MiB"
+    assert (p2[0], p2[4], p2[5]) == ("2", "ext4", "nixos")
+    assert blkid(dev + "p1")["TYPE"] == "vfat" and blkid(dev + "p1")["LABEL"] == "boot"
+    assert blkid(dev + "p2")["TYPE"] == "ext4" and blkid(dev + "p2")["LABEL"] == "nixos"
+    assert mounted_at(mnt) == dev + "p2"
+    if VFAT:
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert mounted_at(mnt / "boot") == dev + "p1"
+    else:
+        # this kernel cannot mount FAT: the script must stop right there, naming the step
+        assert r.returncode != 0
+        assert 'ERROR in step "mount"' in r.stdout and "$MNT/boot" in r.stdout
+    assert "install disk: " + dev in r.stdout
+
+
+def test_bios_layout_serial_case_insensitive(script, loop_factory, byid, mnt, bystander):
+    dev = loop_factory(300)
+    # plan has wd-wcc4n1234567 (lowercased); udev keeps the disk's own case
+    (byid / "ata-WDC_WD10EZEX-08WN4A0_WD-WCC4N1234567").symlink_to(dev)
+    r = run(script("rolf"), BYID_DIR=str(byid), MNT=str(mnt))
+    assert r.returncode == 0, r.stdout + r.stderr
+    table = parted(dev)
+    assert table[0][5] == "msdos"
+    assert len(table) == 2
+    assert table[1][0] == "1" and table[1][4] == "ext4" and "boot" in table[1][6]
+    assert blkid(dev + "p1")["LABEL"] == "nixos" and blkid(dev + "p1")["TYPE"] == "ext4"
+    assert mounted_at(mnt) == dev + "p1"
+    for step in ("find-disk", "check-disk", "wipe", "partition", "mkfs", "mount"):
+        assert f"] {step}: " in r.stdout
+
+
+def test_nvme_and_usb_names(script, loop_factory, byid, mnt, bystander):
+    dev = loop_factory(300)
+    (byid / "nvme-WDC_WDS100T2B0C_WD-WCC4N1234567_1").symlink_to(dev)
+    (byid / "nvme-eui.0025388b71b12345").symlink_to(dev)
+    r = run(script("rolf"), BYID_DIR=str(byid), MNT=str(mnt))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "install disk: " + dev in r.stdout
+
+
+def test_refuses_when_no_disk_has_the_serial(script, loop_factory, byid, mnt, bystander):
+    dev = loop_factory(64, fill=b"keep me" * 1000)
+    (byid / "ata-Samsung_SSD_860_EVO_S4EVNX0R999999").symlink_to(dev)
+    # a longer serial that merely ends like the planned one is another disk
+    (byid / "ata-Disk_XS4EVNX0R123456").symlink_to(dev)
+    before = sha256_of(dev)
+    r = run(script("olaf"), BYID_DIR=str(byid), MNT=str(mnt), ESP_SIZE_MIB="64")
+    assert r.returncode != 0
+    assert 'ERROR in step "find-disk"' in r.stdout
+    assert "no disk has the serial s4evnx0r123456" in r.stdout
+    assert sha256_of(dev) == before
+
+
+def test_refuses_two_disks_with_the_serial(script, loop_factory, byid, mnt, bystander):
+    a = loop_factory(64, fill=b"disk a" * 1000)
+    b = loop_factory(64, fill=b"disk b" * 1000)
+    (byid / "ata-Samsung_SSD_860_EVO_S4EVNX0R123456").symlink_to(a)
+    (byid / "usb-Samsung_SSD_860_EVO_S4EVNX0R123456-0:0").symlink_to(b)
+    sums = sha256_of(a), sha256_of(b)
+    r = run(script("olaf"), BYID_DIR=str(byid), MNT=str(mnt), ESP_SIZE_MIB="64")
+    assert r.returncode != 0
+    assert "2 disks match the serial" in r.stdout
+    assert (sha256_of(a), sha256_of(b)) == sums
+
+
+def test_refuses_a_mounted_disk(script, loop_factory, byid, mnt, tmp_path, bystander):
+    dev = loop_factory(300)
+    (byid / "ata-WDC_WD10EZEX-08WN4A0_WD-WCC4N1234567").symlink_to(dev)
+    assert run(script("rolf"), BYID_DIR=str(byid), MNT=str(mnt)).returncode == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    subprocess.run(["mount", dev + "p1", str(elsewhere)], check=True)
+    try:
+        (elsewhere / "data").write_text("precious")
+        other_mnt = tmp_path / "mnt2"
+        r = run(script("rolf"), BYID_DIR=str(byid), MNT=str(other_mnt))
+        assert r.returncode != 0
+        assert 'ERROR in step "check-disk"' in r.stdout and "is mounted" in r.stdout
+        assert (elsewhere / "data").read_text() == "precious"
+    finally:
+        unmount_under(elsewhere)
+
+
+def test_rerun_after_a_failure(script, loop_factory, byid, mnt, tmp_path, bystander):
+    if shutil.which("nixos-install"):
+        pytest.skip("nixos-install is installed here: the failure this test needs would not happen")
+    dev = loop_factory(300)
+    (byid / "ata-WDC_WD10EZEX-08WN4A0_WD-WCC4N1234567").symlink_to(dev)
+    system = tmp_path / "system"
+    system.mkdir()
+    first = run(
+        script("rolf"), BYID_DIR=str(byid), MNT=str(mnt), SKIP_INSTALL="0", SYSTEM=str(system)
+    )
+    assert first.returncode != 0
+    assert 'ERROR in step "install"' in first.stdout
+    assert mounted_at(mnt) == dev + "p1"  # left as it was when it failed
+    second = run(script("rolf"), BYID_DIR=str(byid), MNT=str(mnt))
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "unmounting what a previous run left" in second.stdout
+    assert mounted_at(mnt) == dev + "p1"
+    assert blkid(dev + "p1")["LABEL"] == "nixos"
+
+
+def test_missing_system_stops_before_the_disk(script, loop_factory, byid, mnt, bystander):
+    dev = loop_factory(64, fill=b"untouched" * 1000)
+    (byid / "ata-WDC_WD10EZEX-08WN4A0_WD-WCC4N1234567").symlink_to(dev)
+    before = sha256_of(dev)
+    r = run(script("rolf"), BYID_DIR=str(byid), MNT=str(mnt), SKIP_INSTALL="0")
+    assert r.returncode != 0 and 'ERROR in step "check"' in r.stdout and "SYSTEM" in r.stdout
+    assert sha256_of(dev) == before
+
+
+def _labelled(dev: str, *, efi: bool) -> None:
+    if efi:
+        subprocess.run(
+            [
+                "parted",
+                "-s",
+                dev,
+                "--",
+                "mklabel",
+                "gpt",
+                "mkpart",
+                "boot",
+                "fat32",
+                "1MiB",
+                "65MiB",
+                "set",
+                "1",
+                "esp",
+                "on",
+                "mkpart",
+                "nixos",
+                "ext4",
+                "65MiB",
+                "100%",
+            ],
+            check=True,
+            capture_output=True,
+        )
+    else:
+        subprocess.run(
+            [
+                "parted",
+                "-s",
+                dev,
+                "--",
+                "mklabel",
+                "msdos",
+                "mkpart",
+                "primary",
+                "ext4",
+                "1MiB",
+                "100%",
+            ],
+            check=True,
+            capture_output=True,
+        )
+    subprocess.run(["partprobe", dev], check=False, capture_output=True)
+    root = dev + ("p2" if efi else "p1")
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "nixos", root], check=True)
+
+
+def test_no_serial_uses_labelled_partitions(script, loop_factory, tmp_path, mnt, bystander):
+    dev = loop_factory(128)
+    _labelled(dev, efi=False)
+    bylabel = tmp_path / "by-label"
+    bylabel.mkdir()
+    (bylabel / "nixos").symlink_to(dev + "p1")
+    # mark the file system: the script must use it as it is, not format it
+    subprocess.run(["mount", dev + "p1", str(mnt)], check=True)
+    (mnt / "marker").write_text("kept")
+    unmount_under(mnt)
+    table_before = parted(dev)
+    r = run(script("ulf"), BYLABEL_DIR=str(bylabel), MNT=str(mnt), BOOT="bios")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "no disk serial in the plan" in r.stdout
+    assert mounted_at(mnt) == dev + "p1"
+    assert (mnt / "marker").read_text() == "kept"
+    assert parted(dev) == table_before
+
+
+def test_no_serial_without_labels_fails_clearly(script, loop_factory, tmp_path, mnt, bystander):
+    dev = loop_factory(128)
+    _labelled(dev, efi=True)
+    bylabel = tmp_path / "by-label"
+    bylabel.mkdir()
+    (bylabel / "nixos").symlink_to(dev + "p2")  # no "boot": EFI needs it
+    r = run(script("ulf"), BYLABEL_DIR=str(bylabel), MNT=str(mnt))
+    assert r.returncode != 0
+    assert "no partition labelled 'boot'" in r.stdout
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = run(script("ulf"), BYLABEL_DIR=str(empty), MNT=str(mnt))
+    assert r.returncode != 0 and "no partition labelled 'nixos'" in r.stdout
+    assert mounted_at(mnt) == ""
+
+
+def test_arguments_override_the_plan(script, loop_factory, byid, mnt, bystander):
+    dev = loop_factory(300)
+    (byid / "virtio-MYSERIAL1").symlink_to(dev)
+    full = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "SKIP_INSTALL": "1"}
+    r = subprocess.run(
+        [
+            "bash",
+            str(script("olaf")),
+            "SERIAL=myserial1",
+            "BOOT=bios",
+            f"BYID_DIR={byid}",
+            f"MNT={mnt}",
+        ],
+        env=full,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert parted(dev)[0][5] == "msdos"
+    bad = subprocess.run(
+        ["bash", str(script("olaf")), "DISK=/dev/sda"],
+        env=full,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert bad.returncode == 2 and "unknown argument" in bad.stderr
+
+
+def test_installer_json_matches_script_defaults(cluster, tmp_path):
+    files = render_installer(cluster, "rolf", tmp_path)
+    data = json.loads(files["installers/rolf/installer.json"])
+    assert data == {"host": "rolf", "boot": "bios", "serial": "wd-wcc4n1234567"}
+    text = files["installers/rolf/system-setup.sh"]
+    assert "PLAN_SERIAL=wd-wcc4n1234567\n" in text and "PLAN_BOOT=bios\n" in text
