@@ -301,7 +301,7 @@ class _Loader:
             for line in io.StringIO(text, newline=""):
                 yield "\n" if line.lstrip().startswith("#") else line
 
-        reader = csv.reader(lines())
+        reader = csv.reader(lines(), strict=True)
         table: _Table | None = None
         ok_header = True
         while True:
@@ -311,12 +311,25 @@ class _Loader:
             except StopIteration:
                 break
             except csv.Error as exc:
+                if str(exc) == "unexpected end of data":  # the file ends inside a quote
+                    message, line = 'a quote (") opened in this row is not closed', start
+                else:
+                    message, line = f"not valid CSV: {exc}", reader.line_num or start
                 self.error(
                     "csv-syntax",
                     rel,
-                    reader.line_num or start,
-                    f"not valid CSV: {exc}",
-                    'close every quote (") you open, or remove the stray quote',
+                    line,
+                    message,
+                    "close the quote, or remove it: plan values need no quotes",
+                )
+                return None
+            if any("\n" in v or "\r" in v for v in raw):
+                self.error(
+                    "csv-syntax",
+                    rel,
+                    start,
+                    'a quote (") opened in this row is not closed',
+                    "close the quote, or remove it: plan values need no quotes",
                 )
                 return None
             values = [v.strip().lower() for v in raw]
@@ -466,7 +479,14 @@ class _Loader:
             keys[key] = vnode
             lines[key] = line
 
+        values: dict[str, str | None] = {}
+
         def scalar(key: str) -> str | None:
+            if key not in values:
+                values[key] = _scalar(key)
+            return values[key]
+
+        def _scalar(key: str) -> str | None:
             vnode = keys.get(key)
             if vnode is None:
                 return None
@@ -492,7 +512,6 @@ class _Loader:
         if gateway is None or net is None:
             ok = False
         else:
-            self.subnet = net
             mline = lines["gateway"]
             if gateway not in net:
                 ok = False
@@ -514,6 +533,7 @@ class _Loader:
                     "use the router's address in the subnet",
                 )
             else:
+                self.subnet = net  # host addresses are checked only against a sound subnet
                 self.ips[gateway] = ("the gateway", Location(rel, mline))
         nameservers = self.parse_nameservers(
             rel, keys.get("nameservers"), lines.get("nameservers", 1)
@@ -963,71 +983,45 @@ class _Loader:
             name = path.name
             rel = f"secrets/{name}"
             lname = name.lower()
-            is_token = name == "token"
-            is_passwd = lname.endswith("passwd")
-            is_pub = lname.endswith(".pub")
-            if not (is_token or is_passwd or is_pub):
-                continue
-            if not path.is_file():
-                self.error(
-                    "file-unreadable",
-                    rel,
-                    0,
-                    "is not a regular file (a directory?)",
-                    "replace it with a file",
-                )
-                continue
-            try:
-                data = path.read_bytes()
-                mode = path.stat().st_mode
-            except OSError as exc:
-                self.error(
-                    "file-unreadable",
-                    rel,
-                    0,
-                    f"cannot be read: {exc.strerror}",
-                    "check the file's owner and permissions",
-                )
-                continue
-            if not is_pub and mode & (stat.S_IRWXG | stat.S_IRWXO):
-                self.warn(
-                    "secret-permissions",
-                    rel,
-                    0,
-                    f"readable by group/others (mode {stat.S_IMODE(mode):04o})",
-                    f"chmod 600 {rel}",
-                )
-            secret = SecretFile.from_path(self.root, path)
-            if is_token:
-                if self.check_token(rel, data):
-                    token = secret
-            elif is_passwd:
-                owner = lname[: -len("passwd")]
+            kind = "token" if name == "token" else None
+            owner: str | None = None
+            if kind is None and lname.endswith("passwd"):
+                kind, owner = "passwd", lname[: -len("passwd")]
                 if owner and owner not in host_names:
-                    if not self.hosts_complete:
-                        continue
-                    self.warn(
-                        "passwd-unknown-host",
-                        rel,
-                        0,
-                        f"password file for {owner!r}, which is not a host",
-                        f"name it secrets/<host>passwd after a host of {HOSTS_CSV}, or "
-                        "secrets/passwd for every host",
-                    )
+                    if self.hosts_complete:
+                        self.warn(
+                            "passwd-unknown-host",
+                            rel,
+                            0,
+                            f"password file for {owner!r}, which is not a host",
+                            f"name it secrets/<host>passwd after a host of {HOSTS_CSV}, or "
+                            "secrets/passwd for every host",
+                        )
                     continue
                 passwd_owners.add(owner)
+            elif kind is None and lname.endswith(".pub"):
+                kind, stem = "pub", lname[: -len(".pub")]
+                owner = stem if stem in host_names else None
+                key_owners.add(owner)
+            if kind is None:
+                continue  # README.md and other notes
+            data = self.read_secret(rel, path, check_mode=kind != "pub")
+            if data is None:
+                continue
+            if kind == "token":
+                if self.check_token(rel, data):
+                    token = SecretFile.from_path(self.root, path)
+            elif kind == "passwd":
                 if self.check_passwd(rel, data):
+                    secret = SecretFile.from_path(self.root, path)
                     if owner:
                         host_passwd[owner] = secret
                     else:
                         passwd = secret
             else:
-                stem = lname[: -len(".pub")]
-                key_host = stem if stem in host_names else None
-                key_owners.add(key_host)
                 text = self.check_pub(rel, data)
                 if text is not None:
-                    keys.append(SshKey(rel, text, key_host))
+                    keys.append(SshKey(rel, text, owner))
         if not (sdir / "token").exists() and not (sdir / "token").is_symlink():
             self.error(
                 "token-missing",
@@ -1062,6 +1056,39 @@ class _Loader:
             host_passwd=tuple(sorted(host_passwd.items())),
             ssh_keys=tuple(keys),
         )
+
+    def read_secret(self, rel: str, path: Path, *, check_mode: bool) -> bytes | None:
+        """The bytes of a file in secrets/ (None: reported), warning when others may read it."""
+        if not path.is_file():
+            self.error(
+                "file-unreadable",
+                rel,
+                0,
+                "is not a regular file (a directory?)",
+                "replace it with a file",
+            )
+            return None
+        try:
+            data = path.read_bytes()
+            mode = path.stat().st_mode
+        except OSError as exc:
+            self.error(
+                "file-unreadable",
+                rel,
+                0,
+                f"cannot be read: {exc.strerror}",
+                "check the file's owner and permissions",
+            )
+            return None
+        if check_mode and mode & (stat.S_IRWXG | stat.S_IRWXO):
+            self.warn(
+                "secret-permissions",
+                rel,
+                0,
+                f"readable by group/others (mode {stat.S_IMODE(mode):04o})",
+                f"chmod 600 {rel}",
+            )
+        return data
 
     def check_token(self, rel: str, data: bytes) -> bool:
         text = data.decode("utf-8", errors="replace").strip()
@@ -1255,6 +1282,7 @@ class _Loader:
 
 
 def _valid_key_line(line: str) -> bool:
+    """``TYPE BASE64 [comment]`` whose blob is a well-formed key of that type."""
     parts = line.split()
     if len(parts) < 2 or parts[0] not in SSH_KEY_TYPES:
         return False
@@ -1262,7 +1290,17 @@ def _valid_key_line(line: str) -> bool:
         blob = base64.b64decode(parts[1], validate=True)
     except (binascii.Error, ValueError):
         return False
-    if len(blob) < 4:
+    fields = []
+    pos = 0
+    while pos < len(blob):  # the blob is a sequence of length-prefixed strings
+        if pos + 4 > len(blob):
+            return False
+        n = int.from_bytes(blob[pos : pos + 4], "big")
+        pos += 4
+        if pos + n > len(blob):
+            return False
+        fields.append(blob[pos : pos + n])
+        pos += n
+    if len(fields) < 2 or fields[0] != parts[0].encode():
         return False
-    n = int.from_bytes(blob[:4], "big")
-    return blob[4 : 4 + n] == parts[0].encode()
+    return parts[0] != "ssh-ed25519" or (len(fields) == 2 and len(fields[1]) == 32)

@@ -1,0 +1,417 @@
+"""One case per plan rule: small edits of the example cluster and the exact diagnostics.
+
+Each case is ``Case(name, edits, expected)``: ``name`` starts with the rule id it
+shows (``RULES`` in k3scluster/plans.py); ``edits`` change a copy of
+examples/cluster; ``expected`` is the first line of every diagnostic
+(``FILE:LINE: message``), in order. Hints are checked separately (every
+diagnostic has one).
+
+Lines of the example: hosts.csv 1 header, 2 olaf, 3 ulf, 4 rolf, 5 karl, 6 ulrich;
+k3s.csv 1 header, 2 olaf-k3s-server (init-server), 3 olaf-k3s-agent, 4 ulf-k3s-server,
+5 ulf-k3s-agent, 6 rolf-k3s-server, 7 karl-k3s-agent; network.yaml 2 gateway,
+3 netmask, 4 nameservers, 8 nixos, 9 k3s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+HASH = "$6$EXAMPLEonly$7Ene/g/er67PudChVEn8IDoBxDvi1vmWXPD8Xj9wK/iOoHdhm11lXgccD0NGa/pIqaRjLqDIHoD1mf9G/7dAw.\n"
+H = "plans/hosts.csv"
+K = "plans/k3s.csv"
+N = "plans/network.yaml"
+
+
+@dataclass(frozen=True)
+class Sub:
+    """Replace ``old`` (which must occur exactly once) by ``new`` in ``path``."""
+
+    path: str
+    old: str
+    new: str
+
+
+@dataclass(frozen=True)
+class Write:
+    """Write ``content`` to ``path`` (a new secret file is made 0600)."""
+
+    path: str
+    content: Union[str, bytes]
+
+
+@dataclass(frozen=True)
+class Remove:
+    path: str
+
+
+@dataclass(frozen=True)
+class Mkdir:
+    path: str
+
+
+@dataclass(frozen=True)
+class Chmod:
+    path: str
+    mode: int
+
+
+Edit = Union[Sub, Write, Remove, Mkdir, Chmod]
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    edits: tuple[Edit, ...]
+    expected: tuple[str, ...]
+
+    @property
+    def rule(self) -> str:
+        return self.name.split(":")[0]
+
+
+def case(name: str, *edits: Edit, expected: tuple[str, ...] | list[str] = ()) -> Case:
+    return Case(name, tuple(edits), tuple(expected))
+
+
+CASES = [
+    case("clean"),
+    case(
+        "cluster-dir",
+        Remove("."),
+        expected=["ROOT: the cluster directory does not exist"],
+    ),
+    case("file-missing", Remove(N), expected=[f"{N}: missing file"]),
+    case(
+        "file-unreadable",
+        Remove(H),
+        Mkdir(H),
+        expected=[f"{H}: is not a regular file (a directory?)"],
+    ),
+    case(
+        "file-encoding",
+        Write(K, b"host,name,type,ip\nolaf,olaf-k3s-server,init-server,10.0.100.10\xff\n"),
+        expected=[f"{K}:2: not UTF-8 text (byte 0xff)"],
+    ),
+    case(
+        "file-encoding:nul",
+        Write(N, b"gateway: 10.0.100.1\nnetmask: 24\n\x00\x01\x02"),
+        expected=[f"{N}:3: binary data (a NUL byte), not a text file"],
+    ),
+    case(
+        "dir-invalid",
+        Remove("manifests"),
+        Write("manifests", "x"),
+        expected=["manifests: is not a directory"],
+    ),
+    case(
+        "csv-syntax",
+        Sub(H, "ulrich,eno1,", 'ulrich,"eno1,'),
+        expected=[f'{H}:6: a quote (") opened in this row is not closed'],
+    ),
+    case(
+        "csv-syntax:strict",
+        Sub(H, "ulf,enp1s0,", 'ulf,"enp1s0"x,'),
+        expected=[f"{H}:3: not valid CSV: ',' expected after '\"'"],
+    ),
+    case(
+        "csv-header",
+        Sub(H, "boot,location", "boot,name"),
+        expected=[f"{H}:1: column 'name' appears twice"],
+    ),
+    case(
+        "csv-header:empty",
+        Sub(H, "boot,location", "boot,"),
+        expected=[f"{H}:1: column 7 of the header has no name"],
+    ),
+    case(
+        "csv-column-missing",
+        Sub(K, "host,name,type,ip", "host,name,kind,ip"),
+        expected=[f"{K}:1: missing column(s): type"],
+    ),
+    case(
+        "csv-field-count",
+        Sub(H, "manfred,,efi,rack-middle", "manfred,,efi"),
+        expected=[f"{H}:3: 6 fields, but the header has 7"],
+    ),
+    case(
+        "no-hosts",
+        Write(H, "# nothing yet\nname,interface,ip,admin\n"),
+        Write(K, ""),
+        Remove("nixConfigs"),
+        expected=[f"{H}:2: no hosts"],
+    ),
+    case(
+        "no-hosts:empty",
+        Write(H, ""),
+        Write(K, ""),
+        Remove("nixConfigs"),
+        expected=[f"{H}:1: no header and no hosts"],
+    ),
+    case(
+        "host-name",
+        Sub(H, "ulrich,", "ul_rich,"),
+        expected=[f"{H}:6: host 'ul_rich' is not valid as a host name"],
+    ),
+    case(
+        "host-name:long",
+        Sub(H, "ulrich,", "u" * 64 + ","),
+        expected=[f"{H}:6: host '{'u' * 64}' is not valid as a host name"],
+    ),
+    case(
+        "k3s-name",
+        Sub(K, "karl-k3s-agent", "karl.k3s.agent"),
+        expected=[f"{K}:7: K3s node 'karl.k3s.agent' is not valid as a K3s (Kubernetes node) name"],
+    ),
+    case(
+        "name-duplicate",
+        Sub(K, "ulf-k3s-agent", "ULF"),
+        expected=[f"{K}:5: K3s node 'ulf' is already used at {H}:3"],
+    ),
+    case(
+        "interface-name",
+        Sub(H, "eno2", "enp0s20f0u1u2u3u4"),
+        expected=[f"{H}:4: interface 'enp0s20f0u1u2u3u4' is longer than 15 characters"],
+    ),
+    case(
+        "interface-name:chars",
+        Sub(H, "eno2", "eth/0"),
+        expected=[f"{H}:4: interface 'eth/0' has invalid characters"],
+    ),
+    case(
+        "admin-name",
+        Sub(H, "eni1,10.0.100.5,manfred", "eni1,10.0.100.5,root"),
+        expected=[f"{H}:5: admin 'root' is not usable as the admin user name"],
+    ),
+    case(
+        "ip-invalid",
+        Sub(H, "10.0.100.3", "10.0.100.300"),
+        expected=[f"{H}:3: host ulf: '10.0.100.300' is not an IPv4 address"],
+    ),
+    case(
+        "ip-outside-subnet",
+        Sub(H, "10.0.100.3", "10.0.101.3"),
+        expected=[f"{H}:3: host ulf: 10.0.101.3 is outside the subnet 10.0.100.0/24"],
+    ),
+    case(
+        "ip-reserved",
+        Sub(K, "10.0.100.15", "10.0.100.255"),
+        expected=[
+            f"{K}:7: K3s node karl-k3s-agent: 10.0.100.255 is the broadcast address of "
+            "10.0.100.0/24"
+        ],
+    ),
+    case(
+        "ip-duplicate",
+        Sub(K, "10.0.100.15", "10.0.100.2"),
+        expected=[
+            f"{K}:7: K3s node karl-k3s-agent: 10.0.100.2 is already used by host olaf ({H}:2)"
+        ],
+    ),
+    case(
+        "ip-duplicate:gateway",
+        Sub(H, "10.0.100.3", "10.0.100.1"),
+        expected=[f"{H}:3: host ulf: 10.0.100.1 is already used by the gateway ({N}:2)"],
+    ),
+    case(
+        "boot-mode",
+        Sub(H, "WD-WCC4N1234567,bios", "WD-WCC4N1234567,uefi"),
+        expected=[f"{H}:4: unknown boot mode 'uefi'"],
+    ),
+    case(
+        "disk-serial",
+        Sub(H, "S4EVNX0R123456", "S4EVNX0R/123456"),
+        expected=[
+            f"{H}:2: disk serial 's4evnx0r/123456' has characters a /dev/disk/by-id name "
+            "cannot hold"
+        ],
+    ),
+    case(
+        "k3s-type",
+        Sub(K, "karl-k3s-agent,agent", "karl-k3s-agent,worker"),
+        expected=[f"{K}:7: unknown type 'worker'"],
+    ),
+    case(
+        "k3s-host-unknown",
+        Sub(K, "karl,karl-k3s-agent", "carl,karl-k3s-agent"),
+        expected=[f"{K}:7: host 'carl' is not in {H}"],
+    ),
+    case(
+        "k3s-host-slot",
+        Sub(K, "olaf,olaf-k3s-agent", "ulf,olaf-k3s-agent"),
+        expected=[f"{K}:5: host 'ulf' already has a K3s agent (olaf-k3s-agent at {K}:3)"],
+    ),
+    case(
+        "k3s-init-server",
+        Sub(K, "init-server", "server"),
+        expected=[f"{K}:1: no init-server"],
+    ),
+    case(
+        "k3s-init-server:second",
+        Sub(K, "ulf-k3s-server,server", "ulf-k3s-server,init-server"),
+        expected=[f"{K}:4: a second init-server (the first is at {K}:2)"],
+    ),
+    case(
+        "k3s-no-server",
+        Write(K, "host,name,type,ip\nkarl,karl-k3s-agent,agent,10.0.100.15\n"),
+        Remove("nixConfigs/olaf-k3s-server.nix"),
+        expected=[f"{K}:1: no init-server", f"{K}:2: agents but no server"],
+    ),
+    case(
+        "k3s-server-count",
+        Sub(K, "karl-k3s-agent,agent", "karl-k3s-agent,server"),
+        expected=[f"{K}:1: warning: 4 servers: an even number adds no fault tolerance to etcd"],
+    ),
+    case(
+        "yaml-syntax",
+        Sub(N, "gateway: 10.0.100.1", "gateway: [10.0.100.1"),
+        expected=[f"{N}:3: not valid YAML: expected ',' or ']', but got ':'"],
+    ),
+    case(
+        "yaml-syntax:list",
+        Write(N, "- gateway: 10.0.100.1\n- netmask: 24\n"),
+        expected=[f"{N}:1: must be a mapping of keys, not a list or a single value"],
+    ),
+    case(
+        "network-key-missing",
+        Sub(N, "netmask: 24\n", ""),
+        expected=[f"{N}:1: netmask is missing"],
+    ),
+    case(
+        "network-key-missing:empty",
+        Write(N, "# nothing\n"),
+        expected=[f"{N}:1: empty file: gateway and netmask are missing"],
+    ),
+    case(
+        "network-key-unknown",
+        Write(N, "gateway: 10.0.100.1\nnetmask: 24\nnameserver: 1.1.1.1\n"),
+        expected=[f"{N}:3: warning: unknown key 'nameserver' is ignored"],
+    ),
+    case(
+        "network-key-duplicate",
+        Write(N, "gateway: 10.0.100.1\nnetmask: 24\nnetmask: 16\n"),
+        expected=[f"{N}:3: 'netmask' is set twice (first at line 2)"],
+    ),
+    case(
+        "network-value",
+        Sub(N, "netmask: 24", "netmask: [24]"),
+        expected=[f"{N}:3: netmask must be a single value"],
+    ),
+    case(
+        "network-value:nameservers",
+        Write(N, "gateway: 10.0.100.1\nnetmask: 24\nnameservers: {a: b}\n"),
+        expected=[f"{N}:3: nameservers must be a list of addresses"],
+    ),
+    case(
+        "netmask",
+        Sub(N, "netmask: 24", "netmask: 255.0.255.0"),
+        expected=[f"{N}:3: netmask '255.0.255.0' is not a netmask"],
+    ),
+    case(
+        "netmask:31",
+        Sub(N, "netmask: 24", 'netmask: "/31"'),
+        expected=[f"{N}:3: netmask /31 leaves no room for a gateway and hosts"],
+    ),
+    case(
+        "gateway",
+        Sub(N, "gateway: 10.0.100.1", "gateway: 10.0.100.0"),
+        expected=[f"{N}:2: gateway 10.0.100.0 is the network address of 10.0.100.0/24"],
+    ),
+    case(
+        "gateway:outside",
+        Sub(N, "netmask: 24", "netmask: 10.0.200.0/24"),
+        expected=[f"{N}:2: gateway 10.0.100.1 is outside the subnet 10.0.200.0/24"],
+    ),
+    case(
+        "nixos-release",
+        Sub(N, 'nixos: "25.05"', "nixos: 25.04"),
+        expected=[f"{N}:8: nixos '25.04' is not a release"],
+    ),
+    case(
+        "k3s-version",
+        Sub(N, "k3s: v1.31.12+k3s1", "k3s: 1.31.12"),
+        expected=[f"{N}:9: k3s '1.31.12' is not a K3s version"],
+    ),
+    case("token-missing", Remove("secrets/token"), expected=["secrets/token: missing K3s token"]),
+    case(
+        "token-invalid",
+        Write("secrets/token", "two words\n"),
+        expected=[
+            "secrets/token: the token must be one line of printable characters without spaces"
+        ],
+    ),
+    case(
+        "passwd-missing",
+        Remove("secrets/passwd"),
+        Write("secrets/olafpasswd", HASH),
+        expected=[
+            f"{H}:{n}: host '{h}' has no password hash"
+            for n, h in [(3, "ulf"), (4, "rolf"), (5, "karl"), (6, "ulrich")]
+        ],
+    ),
+    case(
+        "passwd-invalid",
+        Write("secrets/passwd", "hunter2\n"),
+        expected=["secrets/passwd: not a crypt password hash ($y$…, $6$…)"],
+    ),
+    case(
+        "passwd-unknown-host",
+        Write("secrets/carlpasswd", HASH),
+        expected=["secrets/carlpasswd: warning: password file for 'carl', which is not a host"],
+    ),
+    case(
+        "ssh-key-missing",
+        Remove("secrets/manfred.pub"),
+        expected=[
+            f"{H}:{n}: host '{h}' has no ssh public key: nobody could log in"
+            for n, h in [(3, "ulf"), (4, "rolf"), (5, "karl"), (6, "ulrich")]
+        ],
+    ),
+    case(
+        "ssh-key-invalid",
+        Write("secrets/manfred.pub", "# my key\nssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA garbage\n"),
+        expected=["secrets/manfred.pub:2: not an ssh public key"],
+    ),
+    case(
+        "ssh-key-invalid:private",
+        Write("secrets/olaf.pub", "-----BEGIN OPENSSH PRIVATE KEY-----\nb3Blbn...\n"),
+        expected=["secrets/olaf.pub:1: is a PRIVATE key"],
+    ),
+    case(
+        "secret-permissions",
+        Chmod("secrets/token", 0o644),
+        expected=["secrets/token: warning: readable by group/others (mode 0644)"],
+    ),
+    case(
+        "nixconfig-unknown",
+        Write("nixConfigs/common.nix", "{ ... }: { }\n"),
+        expected=[
+            "nixConfigs/common.nix: warning: named after no host or K3s node: it is not used"
+        ],
+    ),
+    case(
+        "manifest-name",
+        Write("manifests/Hello_World.yaml", "apiVersion: v1\nkind: Namespace\n"),
+        expected=["manifests/Hello_World.yaml: K3s rejects this file name"],
+    ),
+    case(
+        "manifest-yaml",
+        Write("manifests/bad.yaml", "apiVersion: v1\nkind: Namespace\nmetadata: {name: [x}\n"),
+        expected=["manifests/bad.yaml:3: not valid YAML: expected ',' or ']', but got '}'"],
+    ),
+    case(
+        "manifest-yaml:not-an-object",
+        Write("manifests/list.json", '{"apiVersion": "v1", "kind": "List"}\n---\n- a\n- b\n'),
+        expected=[
+            "manifests/list.json:3: a document that is not a Kubernetes object "
+            "(apiVersion and kind)"
+        ],
+    ),
+    case(
+        "manifest-other",
+        Write("manifests/README.md", "notes\n"),
+        expected=[
+            "manifests/README.md: warning: is not deployed (not a .yaml, .yml or .json file)"
+        ],
+    ),
+]
