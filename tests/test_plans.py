@@ -51,7 +51,7 @@ def apply(root: Path, edits: tuple[object, ...]) -> None:
         elif isinstance(e, cases.Chmod):
             path.chmod(e.mode)
         else:  # pragma: no cover
-            raise AssertionError(e)
+            raise TypeError(e)
 
 
 @pytest.mark.parametrize("case", cases.CASES, ids=lambda c: c.name)

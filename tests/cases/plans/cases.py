@@ -15,7 +15,6 @@ k3s.csv 1 header, 2 olaf-k3s-server (init-server), 3 olaf-k3s-agent, 4 ulf-k3s-s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 HASH = "$6$EXAMPLEonly$7Ene/g/er67PudChVEn8IDoBxDvi1vmWXPD8Xj9wK/iOoHdhm11lXgccD0NGa/pIqaRjLqDIHoD1mf9G/7dAw.\n"
 H = "plans/hosts.csv"
@@ -37,7 +36,7 @@ class Write:
     """Write ``content`` to ``path`` (a new secret file is made 0600)."""
 
     path: str
-    content: Union[str, bytes]
+    content: str | bytes
 
 
 @dataclass(frozen=True)
@@ -56,7 +55,7 @@ class Chmod:
     mode: int
 
 
-Edit = Union[Sub, Write, Remove, Mkdir, Chmod]
+Edit = Sub | Write | Remove | Mkdir | Chmod
 
 
 @dataclass(frozen=True)
@@ -197,8 +196,10 @@ CASES = [
         "ip-reserved",
         Sub(K, "10.0.100.15", "10.0.100.255"),
         expected=[
-            f"{K}:7: K3s node karl-k3s-agent: 10.0.100.255 is the broadcast address of "
-            "10.0.100.0/24"
+            (
+                f"{K}:7: K3s node karl-k3s-agent: 10.0.100.255 is the broadcast address of "
+                "10.0.100.0/24"
+            )
         ],
     ),
     case(
@@ -222,8 +223,10 @@ CASES = [
         "disk-serial",
         Sub(H, "S4EVNX0R123456", "S4EVNX0R/123456"),
         expected=[
-            f"{H}:2: disk serial 's4evnx0r/123456' has characters a /dev/disk/by-id name "
-            "cannot hold"
+            (
+                f"{H}:2: disk serial 's4evnx0r/123456' has characters a /dev/disk/by-id name "
+                "cannot hold"
+            )
         ],
     ),
     case(
@@ -403,8 +406,10 @@ CASES = [
         "manifest-yaml:not-an-object",
         Write("manifests/list.json", '{"apiVersion": "v1", "kind": "List"}\n---\n- a\n- b\n'),
         expected=[
-            "manifests/list.json:3: a document that is not a Kubernetes object "
-            "(apiVersion and kind)"
+            (
+                "manifests/list.json:3: a document that is not a Kubernetes object "
+                "(apiVersion and kind)"
+            )
         ],
     ),
     case(
