@@ -100,6 +100,10 @@ class Network:
     nixos_release: str = DEFAULT_NIXOS_RELEASE
     k3s_version: str = DEFAULT_K3S_VERSION
     location: Location = Location("plans/network.yaml", 0)
+    # network.yaml `nixpkgs: {rev, sha256}`: pins nixpkgs to another commit than the
+    # one k3scluster.render knows for nixos_release (both set, or neither)
+    nixpkgs_rev: str | None = None
+    nixpkgs_sha256: str | None = None
 
     @property
     def prefix_length(self) -> int:

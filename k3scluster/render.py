@@ -1,0 +1,557 @@
+"""Render a ``Cluster`` into the NixOS configurations colmena deploys.
+
+``render_files`` is pure: it maps relative paths under OUT to file text. Plan
+data reaches Nix in two ways only: ``cluster.json`` (read by
+``modules/cluster.nix`` with ``builtins.fromJSON``) and values in the templates
+that pass the ``nix`` filter (k3scluster/nix.py). Secrets appear only as paths:
+colmena reads them on the deploying machine (``deployment.keys``), so they never
+enter the Nix store nor any rendered file.
+
+Layout of OUT::
+
+    hive.nix                  colmena hive: pinned nixpkgs, one node per host
+    cluster.json              plan data (no secrets), config.cluster.<host>.<column>
+    modules/cluster.nix       declares options.cluster, reads cluster.json
+    modules/base.nix          every host: network, users, ssh, firewall
+    modules/k3s-common.nix    K3s hosts: firewall ports
+    modules/k3s-server.nix    K3s server in the NixOS container `k3s-server`
+    modules/k3s-agent.nix     K3s agent in the podman container `k3s-agent`
+    hosts/<host>.nix          the host's values and imports
+    installers/<host>/...     k3scluster.installer
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+from k3scluster import installer
+from k3scluster.errors import K3sClusterError
+from k3scluster.model import Cluster, Host, K3sType
+from k3scluster.nix import NixPath, nix_value
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+
+# Where colmena puts the secrets on a host (deployment.keys.*.destDir): persistent,
+# unlike the default /run/keys (a tmpfs, empty after a reboot until the next deploy).
+SECRETS_DIR = "/var/lib/k3scluster/secrets"
+TOKEN_KEY = "k3s-token"
+AGENT_NETWORK = "k3s-macvlan"
+AGENT_IMAGE = "docker.io/rancher/k3s"
+# Marker written into OUT: write_tree only ever replaces a directory that holds it
+# (or an empty one), so a wrong --out can never wipe a directory of the user's.
+MARKER = ".k3scluster-render"
+
+
+@dataclass(frozen=True)
+class NixpkgsPin:
+    rev: str
+    sha256: str  # hash of the unpacked tarball (what builtins.fetchTarball checks)
+    source: str  # where the pin was taken from
+
+    @property
+    def url(self) -> str:
+        return f"https://github.com/NixOS/nixpkgs/archive/{self.rev}.tar.gz"
+
+
+# NixOS release -> the nixpkgs commit the hive builds from. The hashes are the
+# narHash of the github tarball (flake.lock) in nix32 form, converted with
+# `nix hash to-base32 sha256-…`; both pins are the last commit of their branch.
+NIXPKGS_PINS: dict[str, NixpkgsPin] = {
+    "25.05": NixpkgsPin(
+        rev="ac62194c3917d5f474c1a844b6fd6da2db95077d",
+        sha256="0v6bd1xk8a2aal83karlvc853x44dg1n4nk08jg3dajqyy0s98np",
+        # a public shell.nix fetchTarball of this rev with exactly this sha256, and flake.lock
+        # files locking nixos-25.05 to it (narHash sha256-16KkgfdYqjaeRGBaYsNrhPRRENs0qzkQVUooNHtoy2w=)
+        source="nixos-25.05 branch head ac62194c (2026-01-02)",
+    ),
+    "24.11": NixpkgsPin(
+        rev="50ab793786d9de88ee30ec4e4c24fb4236fc2674",
+        sha256="1s2gr5rcyqvpr58vxdcb095mdhblij9bfzaximrva2243aal3dgx",
+        # public flake.lock files locking nixos-24.11 to this rev
+        # (narHash sha256-/bVBlRpECLVzjV19t5KMdMFWSwKLtb5RyXdjz3LJT+g=)
+        source="nixos-24.11 branch head 50ab7937 (2025-06-30)",
+    ),
+}
+
+_K3S_VERSION = re.compile(r"^v(1)\.([0-9]+)\.[0-9]+\+k3s[0-9]+$")
+_REV = re.compile(r"^[0-9a-f]{40}$")
+
+
+def nixpkgs_pin(cluster: Cluster) -> NixpkgsPin:
+    """The pin for the cluster's NixOS release; network.yaml ``nixpkgs: {rev, sha256}`` wins."""
+    net = cluster.network
+    rev, sha = net.nixpkgs_rev, net.nixpkgs_sha256
+    if bool(rev) != bool(sha):
+        raise K3sClusterError(
+            "plans/network.yaml: nixpkgs needs both rev and sha256",
+            "nixpkgs: {rev: <40-hex commit>, sha256: <hash of the unpacked tarball>}",
+        )
+    if rev and sha:
+        if not _REV.match(rev):
+            raise K3sClusterError(
+                f"plans/network.yaml: nixpkgs rev {rev!r} is not a full commit hash",
+                "give the 40-hex-digit commit of NixOS/nixpkgs",
+            )
+        return NixpkgsPin(rev=rev, sha256=sha, source="plans/network.yaml")
+    pin = NIXPKGS_PINS.get(net.nixos_release)
+    if pin is None:
+        known = ", ".join(sorted(NIXPKGS_PINS))
+        raise K3sClusterError(
+            f"no nixpkgs pin is known for NixOS {net.nixos_release}",
+            f"use one of {known}, or pin it in plans/network.yaml: "
+            "nixpkgs: {rev: <commit>, sha256: <hash of the unpacked tarball>}",
+        )
+    return pin
+
+
+def k3s_package_attr(version: str) -> str:
+    """``v1.31.12+k3s1`` -> ``k3s_1_31``: the nixpkgs attribute of that K3s minor release."""
+    m = _K3S_VERSION.match(version)
+    if not m:
+        raise K3sClusterError(
+            f"K3s version {version!r} is not like v1.31.12+k3s1",
+            "set k3s in plans/network.yaml to a K3s release tag",
+        )
+    return f"k3s_{m.group(1)}_{m.group(2)}"
+
+
+# -- rendering ---------------------------------------------------------------
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        keep_trailing_newline=True,
+    )
+    env.filters["nix"] = nix_value
+    return env
+
+
+def _rel(out: Path, sub: str, cluster: Cluster, relpath: str) -> NixPath:
+    """The path of ``relpath`` (relative to the cluster dir) as seen from OUT/``sub``."""
+    here = (out / sub) if sub else out
+    target = cluster.root / relpath
+    return NixPath(Path(os.path.relpath(target.resolve(), here.resolve())).as_posix())
+
+
+def _safe_comment(text: str) -> str:
+    # Only validated names and file names go into comments; refuse anything that
+    # could end the comment line.
+    if any(c in text for c in "\n\r"):
+        raise ValueError(f"refusing a line break in a comment: {text!r}")
+    return text
+
+
+def _tags(cluster: Cluster, host: str) -> list[str]:
+    tags = []
+    server = cluster.server_on(host)
+    if server is not None:
+        tags.append("k3s-server")
+        if server.type is K3sType.INIT_SERVER:
+            tags.append("k3s-init-server")
+    if cluster.agent_on(host) is not None:
+        tags.append("k3s-agent")
+    return tags or ["no-k3s"]
+
+
+def _passwd_key(host: Host) -> str:
+    return f"passwd-{host.admin}"
+
+
+def _key_lines(cluster: Cluster, host: str) -> list[str]:
+    lines: list[str] = []
+    for key in cluster.secrets.keys_for(host):
+        for line in key.text.splitlines():
+            line = line.strip()
+            if line and line not in lines:
+                lines.append(line)
+    return lines
+
+
+def cluster_data(cluster: Cluster) -> dict[str, object]:
+    """The content of cluster.json: plan data only, never a secret."""
+    hosts: dict[str, object] = {}
+    for h in cluster.hosts:
+        row: dict[str, object] = dict(h.columns)
+        if "k3s" in row:
+            raise K3sClusterError(
+                f"{h.location}: hosts.csv has a column named 'k3s'",
+                "rename it: config.cluster.<host>.k3s holds the host's K3s rows",
+            )
+        k3s: dict[str, object] = {}
+        for node in cluster.k3s_on(h.name):
+            k3s[node.role] = dict(node.columns)
+        row["k3s"] = k3s
+        hosts[h.name] = row
+    net = cluster.network
+    return {
+        "hosts": hosts,
+        "network": {
+            "gateway": str(net.gateway),
+            "network": str(net.network),
+            "prefixLength": net.prefix_length,
+            "nameservers": [str(n) for n in net.nameservers],
+            "nixos": net.nixos_release,
+            "k3s": net.k3s_version,
+            "apiEndpoint": cluster.api_endpoint,
+        },
+    }
+
+
+def _json(data: object) -> str:
+    return json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def _host_context(cluster: Cluster, host: Host, out: Path) -> dict[str, object]:
+    net = cluster.network
+    sub = "hosts"
+    passwd = cluster.secrets.passwd_for(host.name)
+    imports = []
+    own = cluster.nix_config(host.name)
+    if own:
+        imports.append({"path": _rel(out, sub, cluster, own), "comment": _safe_comment(own)})
+    hardware = cluster.hardware_config(host.name)
+    hardware_rel = f"nixConfigs/{host.name}.hardware.nix"
+    if hardware:
+        imports.append(
+            {"path": _rel(out, sub, cluster, hardware), "comment": _safe_comment(hardware)}
+        )
+    ctx: dict[str, object] = {
+        "host": host,
+        "location": _safe_comment(str(host.location)),
+        "imports": imports,
+        "hardware_missing": None
+        if hardware
+        else {"path": _rel(out, sub, cluster, hardware_rel), "comment": hardware_rel},
+        "values": {
+            "name": host.name,
+            "interface": host.interface,
+            "address": str(host.ip),
+            "prefixLength": net.prefix_length,
+            "gateway": str(net.gateway),
+            "nameservers": [str(n) for n in net.nameservers],
+            "admin": host.admin,
+            "passwordFile": f"{SECRETS_DIR}/{_passwd_key(host)}" if passwd else None,
+            "stateVersion": net.nixos_release,
+            "boot": host.boot.value,
+        },
+        "ssh_keys": _key_lines(cluster, host.name),
+        "server": None,
+        "agent": None,
+    }
+    init = cluster.init_server
+    server = cluster.server_on(host.name)
+    agent = cluster.agent_on(host.name)
+    if (server or agent) and init is None:
+        raise K3sClusterError(
+            "K3s rows but no init-server in plans/k3s.csv",
+            "make exactly one row type init-server",
+        )
+    if server is not None:
+        assert init is not None
+        container_cfg = cluster.nix_config(server.name)
+        ctx["server"] = {
+            "node": server,
+            "location": _safe_comment(str(server.location)),
+            "values": {
+                "name": server.name,
+                "address": str(server.ip),
+                "clusterInit": server.type is K3sType.INIT_SERVER,
+                "serverAddr": None
+                if server.type is K3sType.INIT_SERVER
+                else f"https://{init.ip}:6443",
+                "k3sVersion": net.k3s_version,
+                "packageAttr": k3s_package_attr(net.k3s_version),
+            },
+            "manifests": [
+                {"name": m, "path": _rel(out, sub, cluster, f"manifests/{m}")}
+                for m in sorted(cluster.manifests)
+            ],
+            "imports": [
+                {
+                    "path": _rel(out, sub, cluster, container_cfg),
+                    "comment": _safe_comment(container_cfg),
+                }
+            ]
+            if container_cfg
+            else [],
+        }
+    if agent is not None:
+        assert init is not None
+        ctx["agent"] = {
+            "node": agent,
+            "location": _safe_comment(str(agent.location)),
+            "values": {
+                "name": agent.name,
+                "address": str(agent.ip),
+                "serverUrl": f"https://{init.ip}:6443",
+                "image": f"{AGENT_IMAGE}:{net.k3s_image_tag}",
+                "subnet": str(net.network),
+            },
+        }
+    return ctx
+
+
+def _hive_context(cluster: Cluster, out: Path) -> dict[str, object]:
+    pin = nixpkgs_pin(cluster)
+    nodes = []
+    for host in cluster.hosts:
+        keys = []
+        passwd = cluster.secrets.passwd_for(host.name)
+        if passwd is not None:
+            keys.append(
+                {
+                    "name": _passwd_key(host),
+                    "path": _rel(out, "", cluster, passwd.relpath),
+                    "comment": _safe_comment(passwd.relpath),
+                }
+            )
+        if cluster.k3s_on(host.name):
+            token = cluster.secrets.token
+            if token is None:
+                raise K3sClusterError(
+                    "secrets/token is missing but the plans have K3s rows",
+                    "`k3scluster init DIR` creates it; never change it once the cluster runs",
+                )
+            keys.append(
+                {
+                    "name": TOKEN_KEY,
+                    "path": _rel(out, "", cluster, token.relpath),
+                    "comment": _safe_comment(token.relpath),
+                }
+            )
+        nodes.append(
+            {
+                "name": host.name,
+                "file": NixPath(f"./hosts/{host.name}.nix"),
+                "target_host": str(host.ip),
+                "tags": _tags(cluster, host.name),
+                "keys": sorted(keys, key=lambda k: str(k["name"])),
+            }
+        )
+    return {
+        "pin": pin,
+        "release": cluster.network.nixos_release,
+        "nodes": nodes,
+    }
+
+
+# name of the template -> path under OUT, for the modules every hive shares
+MODULES = {
+    "module-cluster.nix.j2": "modules/cluster.nix",
+    "module-base.nix.j2": "modules/base.nix",
+    "module-k3s-common.nix.j2": "modules/k3s-common.nix",
+    "module-k3s-server.nix.j2": "modules/k3s-server.nix",
+    "module-k3s-agent.nix.j2": "modules/k3s-agent.nix",
+}
+
+
+def render_files(cluster: Cluster, out: Path) -> dict[str, str]:
+    """Every file of the render, as relative path under OUT -> text. Pure.
+
+    ``out`` is used only to compute the relative paths from the rendered files back
+    into the cluster directory (nixConfigs, manifests, secrets).
+    """
+    out = Path(out)
+    env = _environment()
+    common = {
+        "secrets_dir": SECRETS_DIR,
+        "token_key": TOKEN_KEY,
+        "agent_network": AGENT_NETWORK,
+    }
+    files: dict[str, str] = {}
+    files["cluster.json"] = _json(cluster_data(cluster))
+    for template, path in MODULES.items():
+        files[path] = env.get_template(template).render(**common)
+    files["hive.nix"] = env.get_template("hive.nix.j2").render(
+        **common, **_hive_context(cluster, out)
+    )
+    for host in cluster.hosts:
+        files[f"hosts/{host.name}.nix"] = env.get_template("host.nix.j2").render(
+            **common, **_host_context(cluster, host, out)
+        )
+        for rel, text in installer.render_installer(cluster, host.name, out).items():
+            path = rel if rel.startswith("installers/") else f"installers/{host.name}/{rel}"
+            files[path] = text
+    return dict(sorted(files.items()))
+
+
+# -- writing -----------------------------------------------------------------
+
+
+def write_tree(files: Mapping[str, str], out: Path) -> None:
+    """Write ``files`` as the whole content of OUT, replacing an earlier render.
+
+    Everything is written into a temporary directory beside OUT, which is then
+    renamed into place: OUT is the old render or the new one, never a mix, and files
+    of an earlier render that are gone now do not survive. Files are 0644, dirs 0755.
+    """
+    out = Path(out).absolute()
+    if out.exists():
+        if not out.is_dir():
+            raise K3sClusterError(f"{out} exists and is not a directory", "choose another --out")
+        if any(out.iterdir()) and not (out / MARKER).is_file():
+            raise K3sClusterError(
+                f"{out} is not empty and was not made by `k3scluster render`",
+                "give an empty or new directory as --out; nothing was changed",
+            )
+    for rel in files:
+        p = Path(rel)
+        if p.is_absolute() or ".." in p.parts or rel in ("", MARKER):
+            raise ValueError(f"bad relative path in render: {rel!r}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
+    old: Path | None = None
+    try:
+        tmp.chmod(0o755)
+        for rel in sorted(files):
+            target = tmp / rel
+            _mkdirs(tmp, target.parent)
+            with open(target, "w", encoding="utf-8", newline="") as fh:
+                fh.write(files[rel])
+            target.chmod(0o644)
+        marker = tmp / MARKER
+        marker.write_text("made by k3scluster render; replaced as a whole on each render\n")
+        marker.chmod(0o644)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            old.rmdir()
+            out.rename(old)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not out.exists():
+            old.rename(out)  # put the earlier render back
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _mkdirs(base: Path, d: Path) -> None:
+    missing = []
+    while d != base and not d.exists():
+        missing.append(d)
+        d = d.parent
+    for m in reversed(missing):
+        m.mkdir()
+        m.chmod(0o755)
+
+
+def render_to_dir(cluster: Cluster, out: Path) -> dict[str, str]:
+    """Render and write OUT; returns what was written."""
+    files = render_files(cluster, out)
+    write_tree(files, out)
+    return files
+
+
+# -- what a host's system depends on -----------------------------------------
+
+
+def _sha(data: bytes | str) -> str:
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    return hashlib.sha256(data).hexdigest()
+
+
+def _file_sha(path: Path) -> str:
+    return _sha(path.read_bytes()) if path.is_file() else _sha(b"<absent>")
+
+
+def _shared_nix_configs(cluster: Cluster) -> list[str]:
+    """nixConfigs files named after no host or node (imported by others, e.g. common/)."""
+    base = cluster.root / "nixConfigs"
+    if not base.is_dir():
+        return []
+    own = {f"{h.name}.nix" for h in cluster.hosts}
+    own |= {f"{h.name}.hardware.nix" for h in cluster.hosts}
+    own |= {f"{n.name}.nix" for n in cluster.k3s}
+    shared = []
+    for p in sorted(base.rglob("*")):
+        rel = p.relative_to(base).as_posix()
+        if p.is_file() and rel not in own and not any(part.startswith(".") for part in p.parts):
+            shared.append(f"nixConfigs/{rel}")
+    return shared
+
+
+def host_inputs(cluster: Cluster, host_name: str, files: Mapping[str, str]) -> dict[str, str]:
+    """name -> sha256 hex of everything ``host_name``'s system depends on.
+
+    Its rendered host file and the shared modules it imports, its slice of the plan
+    data, the nixConfigs it imports, the manifests (server hosts), the versions and
+    the nixpkgs pin, and the digests of its secrets (never their content). Another
+    host's row changes this only where this host depends on it (the init-server's
+    address, for every K3s host).
+    """
+    host = cluster.host(host_name)
+    data = cluster_data(cluster)
+    server = cluster.server_on(host_name)
+    agent = cluster.agent_on(host_name)
+    pin = nixpkgs_pin(cluster)
+    inputs: dict[str, str] = {}
+
+    used = [f"hosts/{host_name}.nix", "modules/cluster.nix", "modules/base.nix"]
+    if server or agent:
+        used.append("modules/k3s-common.nix")
+    if server:
+        used.append("modules/k3s-server.nix")
+    if agent:
+        used.append("modules/k3s-agent.nix")
+    for rel in used:
+        inputs[f"file:{rel}"] = _sha(files[rel])
+    keys = sorted(
+        ([_passwd_key(host)] if cluster.secrets.passwd_for(host_name) else [])
+        + ([TOKEN_KEY] if server or agent else [])
+    )
+    inputs["deployment"] = _sha(
+        _json({"targetHost": str(host.ip), "tags": _tags(cluster, host_name), "keys": keys})
+    )
+    hosts = data["hosts"]
+    assert isinstance(hosts, dict)
+    inputs["plan:host"] = _sha(_json(hosts[host_name]))
+    inputs["plan:network"] = _sha(_json(data["network"] | {"apiEndpoint": None}))
+    init = cluster.init_server
+    if (server or agent) and init is not None:
+        inputs["plan:init-server"] = _sha(str(init.ip))
+    inputs["version:nixos"] = _sha(cluster.network.nixos_release)
+    if server or agent:
+        inputs["version:k3s"] = _sha(cluster.network.k3s_version)
+    inputs["nixpkgs"] = _sha(f"{pin.rev} {pin.sha256}")
+
+    nix_configs = [cluster.nix_config(host_name), cluster.hardware_config(host_name)]
+    if server:
+        nix_configs.append(cluster.nix_config(server.name))
+    for rel in nix_configs:
+        if rel:
+            inputs[f"nixConfig:{rel}"] = _file_sha(cluster.root / rel)
+    if not cluster.hardware_config(host_name):
+        # imported once it exists (fetched from the machine before the first deploy)
+        inputs[f"nixConfig:nixConfigs/{host_name}.hardware.nix"] = _sha(b"<absent>")
+    for rel in _shared_nix_configs(cluster):
+        inputs[f"nixConfig:{rel}"] = _file_sha(cluster.root / rel)
+    if server:
+        for m in cluster.manifests:
+            inputs[f"manifest:manifests/{m}"] = _file_sha(cluster.root / "manifests" / m)
+
+    passwd = cluster.secrets.passwd_for(host_name)
+    if passwd is not None:
+        inputs[f"secret:{_passwd_key(host)}"] = passwd.sha256
+    if (server or agent) and cluster.secrets.token is not None:
+        inputs[f"secret:{TOKEN_KEY}"] = cluster.secrets.token.sha256
+    return dict(sorted(inputs.items()))
+
+
+def host_digest(inputs: Mapping[str, str]) -> str:
+    """One sha256 over the sorted ``name=digest`` lines of ``host_inputs``."""
+    return _sha("".join(f"{k}={inputs[k]}\n" for k in sorted(inputs)))
