@@ -64,7 +64,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version (0) and usage errors (2)
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         return int(args.func(args))
     except K3sClusterError as exc:
@@ -140,9 +143,9 @@ def cmd_render(args: argparse.Namespace) -> int:
 
     out = args.out if args.out is not None else args.dir / ".k3scluster" / "render"
     written = render_to_dir(cluster, out)
-    for item in _listing(written):
-        print(f"wrote    {item}")
-    print(f"rendered into {out}")
+    for rel in sorted(written):
+        print(f"wrote    {rel}")
+    print(f"rendered {len(written)} file(s) into {out}")
     return 0
 
 
@@ -152,7 +155,7 @@ def cmd_boot_stick(args: argparse.Namespace) -> int:
         return 1
     from k3scluster.bootstick import boot_stick
 
-    result = boot_stick(
+    boot_stick(
         cluster,
         args.host,
         args.device,
@@ -160,23 +163,7 @@ def cmd_boot_stick(args: argparse.Namespace) -> int:
         image=args.image,
         allow_non_removable=args.allow_non_removable,
     )
-    if result is not None and not isinstance(result, (bool, int)):
-        print(result)
     return 0
-
-
-def _listing(written: object) -> list[str]:
-    """What a render call returned, as lines: a mapping's keys or an iterable's items."""
-    if written is None:
-        return []
-    if isinstance(written, dict):
-        return [str(k) for k in written]
-    if isinstance(written, (str, Path)):
-        return [str(written)]
-    try:
-        return [str(x) for x in written]  # type: ignore[attr-defined]
-    except TypeError:
-        return [str(written)]
 
 
 if __name__ == "__main__":

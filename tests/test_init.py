@@ -1,0 +1,125 @@
+"""`k3scluster init`: a valid skeleton, a fresh token, and never an overwrite."""
+
+from __future__ import annotations
+
+import re
+import stat
+from pathlib import Path
+
+import pytest
+
+from k3scluster import plans
+from k3scluster.errors import K3sClusterError
+from k3scluster.init import _create, init_cluster
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, bytes | None]]:
+    return {
+        p.relative_to(root).as_posix(): (
+            stat.S_IMODE(p.stat().st_mode),
+            p.read_bytes() if p.is_file() else None,
+        )
+        for p in sorted(root.rglob("*"))
+    }
+
+
+def test_init_creates_a_skeleton(tmp_path: Path) -> None:
+    root = tmp_path / "mycluster"
+    result = init_cluster(root)
+    for d in ("plans", "nixConfigs", "secrets", "manifests"):
+        assert (root / d).is_dir()
+        assert f"{d}/" in result.created
+    token = root / "secrets" / "token"
+    assert re.fullmatch(r"[0-9a-f]{64}\n", token.read_text())
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600
+    assert stat.S_IMODE((root / "secrets").stat().st_mode) == 0o700
+    assert result.kept == ()
+    assert "secrets/token" in result.created
+    # no temporary files left behind
+    assert not [p for p in root.rglob("*.tmp")]
+
+
+def test_skeleton_is_valid_once_a_host_is_added(tmp_path: Path, example_src: Path) -> None:
+    root = tmp_path / "c"
+    init_cluster(root)
+    # the example plans parse; the one thing missing is a host
+    result = plans.load(root)
+    assert [(d.file, d.message) for d in result.diagnostics] == [("plans/hosts.csv", "no hosts")]
+    with (root / "plans" / "hosts.csv").open("a") as f:
+        f.write("node1,eno1,192.168.1.10,alice,,\n")
+    result = plans.load(root)
+    assert [d.message for d in result.diagnostics] == [
+        "host 'node1' has no password hash",
+        "host 'node1' has no ssh public key: nobody could log in",
+    ]
+    (root / "secrets" / "passwd").write_bytes((example_src / "secrets" / "passwd").read_bytes())
+    (root / "secrets" / "passwd").chmod(0o600)
+    (root / "secrets" / "alice.pub").write_bytes(
+        (example_src / "secrets" / "manfred.pub").read_bytes()
+    )
+    cluster, warnings = plans.load_or_raise(root)
+    assert warnings == ()
+    assert [h.name for h in cluster.hosts] == ["node1"] and cluster.k3s == ()
+    assert cluster.secrets.token is not None
+
+
+def test_second_run_changes_nothing(tmp_path: Path) -> None:
+    root = tmp_path / "c"
+    init_cluster(root)
+    before = snapshot(root)
+    result = init_cluster(root)
+    assert result.created == ()
+    assert "secrets/token" in result.kept and "plans/hosts.csv" in result.kept
+    assert snapshot(root) == before
+
+
+def test_rerun_adds_only_what_is_missing(tmp_path: Path) -> None:
+    root = tmp_path / "c"
+    init_cluster(root)
+    token = (root / "secrets" / "token").read_bytes()
+    (root / "plans" / "k3s.csv").unlink()
+    (root / "plans" / "hosts.csv").write_text("name,interface,ip,admin\nmine,eno1,1.2.3.4,me\n")
+    result = init_cluster(root)
+    assert result.created == ("plans/k3s.csv",)
+    assert (root / "secrets" / "token").read_bytes() == token
+    assert "mine" in (root / "plans" / "hosts.csv").read_text()
+
+
+def test_existing_token_is_never_replaced(tmp_path: Path) -> None:
+    root = tmp_path / "c"
+    (root / "secrets").mkdir(parents=True)
+    (root / "secrets" / "token").write_text("my-existing-cluster-token\n")
+    result = init_cluster(root)
+    assert "secrets/token" in result.kept
+    assert (root / "secrets" / "token").read_text() == "my-existing-cluster-token\n"
+
+
+def test_tokens_are_random(tmp_path: Path) -> None:
+    init_cluster(tmp_path / "a")
+    init_cluster(tmp_path / "b")
+    a = (tmp_path / "a" / "secrets" / "token").read_bytes()
+    assert a != (tmp_path / "b" / "secrets" / "token").read_bytes()
+
+
+def test_create_never_overwrites(tmp_path: Path) -> None:
+    target = tmp_path / "f"
+    assert _create(target, b"one", 0o600)
+    assert not _create(target, b"two", 0o644)
+    assert target.read_bytes() == b"one"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    # a dangling symlink is a name that exists: never written through
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "elsewhere")
+    assert not _create(link, b"x", 0o600)
+    assert not (tmp_path / "elsewhere").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f", "link"]
+
+
+def test_init_on_a_file_is_a_user_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(K3sClusterError, match="not a directory"):
+        init_cluster(tmp_path / "file")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "plans").write_text("")
+    with pytest.raises(K3sClusterError, match="plans exists and is not a directory"):
+        init_cluster(tmp_path / "c")
