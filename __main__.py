@@ -1,0 +1,73 @@
+"""The Pulumi program: stack config -> the cluster's plans -> one ``Cluster`` component.
+
+Configuration (namespace ``k3scluster``; see the README, "Operating the cluster"):
+``clusterDir`` (required; relative paths are relative to this project), ``colmena``, ``nix``, ``buildIsos``, ``runner``, ``parallel``,
+``deployUser``, ``renderDir``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pulumi
+
+from k3scluster import plans
+from k3scluster.components.cluster import Cluster, ClusterArgs, Settings
+from k3scluster.errors import K3sClusterError
+
+PROJECT_DIR = Path(__file__).resolve().parent
+
+
+def settings_from_config(config: pulumi.Config, stack: str) -> tuple[Path, Settings]:
+    raw_dir = config.get("clusterDir")
+    if not raw_dir:
+        raise K3sClusterError(
+            "the stack has no k3scluster:clusterDir",
+            hint="pulumi config set k3scluster:clusterDir path/to/your/cluster",
+        )
+    cluster_dir = (PROJECT_DIR / raw_dir).resolve()
+    render_raw = config.get("renderDir")
+    render_dir = (
+        (PROJECT_DIR / render_raw).resolve()
+        if render_raw
+        else cluster_dir / ".k3scluster" / stack
+    )
+    parallel = config.get_int("parallel")
+    settings = Settings(
+        render_dir=render_dir,
+        project_dir=PROJECT_DIR,
+        colmena=config.get("colmena") or "colmena",
+        nix=config.get("nix") or "nix",
+        build_isos=bool(config.get_bool("buildIsos") or False),
+        runner=config.get("runner") or "command",
+        parallel=4 if parallel is None else parallel,
+        deploy_user=config.get("deployUser") or "root",
+        python=sys.executable,
+    )
+    return cluster_dir, settings
+
+
+def main() -> None:
+    try:
+        cluster_dir, settings = settings_from_config(
+            pulumi.Config("k3scluster"), pulumi.get_stack()
+        )
+        if not cluster_dir.is_dir():
+            raise K3sClusterError(
+                f"k3scluster:clusterDir {cluster_dir} is not a directory",
+                hint="`k3scluster init DIR` creates one; paths are relative to the project",
+            )
+        cluster, warnings = plans.load_or_raise(cluster_dir)
+        for w in warnings:
+            pulumi.log.warn(str(w))
+        component = Cluster("cluster", ClusterArgs(cluster, settings))
+    except K3sClusterError as err:
+        raise pulumi.RunError(str(err)) from None
+    pulumi.export("clusterDir", str(cluster_dir))
+    pulumi.export("renderDir", component.render_dir)
+    pulumi.export("apiEndpoint", component.api_endpoint)
+    pulumi.export("hosts", component.hosts)
+
+
+main()

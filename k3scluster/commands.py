@@ -1,0 +1,117 @@
+"""Argv builders for the commands a deploy runs: colmena, ssh, and the project's own tasks.
+
+Pure functions returning ``list[str]``: no shell, no quoting, nothing run here. A secret never
+appears in an argv (the K3s token and password hashes are key *files* that colmena reads
+itself); the Pulumi steps pass argv lists to ``subprocess`` or ``shlex.join`` them for
+pulumi-command. Nothing here imports pulumi.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+from k3scluster.errors import K3sClusterError
+
+HARDWARE_CONFIG_ON_HOST = "/etc/nixos/hardware-configuration.nix"
+TASKS_MODULE = "k3scluster.components.tasks"
+
+
+def _plain_arg(kind: str, value: str) -> str:
+    """Reject values that another program could read as an option or a filter expression."""
+    if not value or value.startswith("-") or any(c in value for c in ",*?@ \t\n"):
+        raise K3sClusterError(
+            f"{kind} {value!r} cannot be passed on a command line",
+            hint="host names are letters, digits and '-' (checked in plans/hosts.csv)",
+        )
+    return value
+
+
+def colmena_apply(
+    colmena: str,
+    hive: Path,
+    host: str,
+    *,
+    goal: str = "switch",
+    parallel: int | None = None,
+) -> list[str]:
+    """``colmena apply <goal> --on <host> -f <hive>`` for exactly one host.
+
+    ``-f`` is a global colmena option, so it may follow the subcommand. ``parallel`` becomes
+    ``-p N`` (colmena's own deploy limit; with one host per call it bounds nothing else).
+    """
+    if goal not in {"switch", "boot", "test", "build", "push", "dry-activate", "keys"}:
+        raise K3sClusterError(f"unknown colmena goal {goal!r}")
+    argv = [colmena, "apply", goal, "--on", _plain_arg("host name", host), "-f", str(hive)]
+    if parallel is not None:
+        if parallel < 1:
+            raise K3sClusterError(
+                f"deploy parallelism must be at least 1, not {parallel}",
+                hint="set it with `pulumi config set k3scluster:parallel 4`",
+            )
+        argv += ["-p", str(parallel)]
+    return argv
+
+
+def ssh_cat(
+    user: str,
+    ip: ipaddress.IPv4Address,
+    path: str,
+    *,
+    ssh: str = "ssh",
+    identity: Path | None = None,
+    connect_timeout: int = 15,
+) -> list[str]:
+    """``ssh -o BatchMode=yes … <user>@<ip> cat <path>``: read one file from a host.
+
+    BatchMode makes ssh fail instead of asking for a password; a new host key is accepted
+    and remembered (the first contact with a freshly installed host), a changed one is not.
+    """
+    argv = [
+        ssh,
+        "-o", "BatchMode=yes",
+        "-o", f"ConnectTimeout={connect_timeout}",
+        "-o", "StrictHostKeyChecking=accept-new",
+    ]
+    if identity is not None:
+        argv += ["-i", str(identity)]
+    if not path.startswith("/"):
+        raise K3sClusterError(f"remote path {path!r} must be absolute")
+    argv += [f"{_plain_arg('user', user)}@{ipaddress.IPv4Address(ip)}", "cat", "--", path]
+    return argv
+
+
+def fetch_hardware_config(
+    python: str,
+    user: str,
+    ip: ipaddress.IPv4Address,
+    out: Path,
+    *,
+    ssh: str = "ssh",
+) -> list[str]:
+    """Read the host's ``hardware-configuration.nix`` over ssh into ``out``, atomically."""
+    return capture_to_file(python, out, ssh_cat(user, ip, HARDWARE_CONFIG_ON_HOST, ssh=ssh))
+
+
+def capture_to_file(python: str, out: Path, argv: list[str]) -> list[str]:
+    """Run ``argv`` and write its stdout to ``out`` atomically (only when it succeeds)."""
+    return [python, "-m", TASKS_MODULE, "capture", "--out", str(out), "--", *argv]
+
+
+def render_tree(python: str, cluster_dir: Path, out: Path) -> list[str]:
+    """``k3scluster render DIR --out OUT``: load the plans again and write the rendered tree."""
+    return [python, "-m", "k3scluster", "render", str(cluster_dir), "--out", str(out)]
+
+
+def build_iso(python: str, result: Path, argv: list[str]) -> list[str]:
+    """Run an ISO build ``argv``, then print ``{"image": path, "sha256": hex}`` as the last line.
+
+    ``result`` is the build's out-link (``installer.iso_out_link``); the image is the one
+    ``iso/*.iso`` below it.
+    """
+    return [python, "-m", TASKS_MODULE, "iso", "--result", str(result), "--", *argv]
+
+
+def notice(message: str) -> list[str]:
+    """A command that only prints ``message`` (for steps whose delete must change nothing)."""
+    return ["echo", message]

@@ -1,0 +1,228 @@
+"""``k3scluster:index:Cluster``: the whole cluster as one component.
+
+Children, in the order they run during ``pulumi up``:
+
+1. ``<name>-<host>-hardware`` for each host without ``nixConfigs/<host>.hardware.nix``: reads
+   ``/etc/nixos/hardware-configuration.nix`` from the host over ssh into that file;
+2. ``<name>-render``: writes the rendered tree (``k3scluster render``) — during ``up`` only,
+   so a preview changes nothing on disk;
+3. one ``Host`` per row of hosts.csv, each deploying with colmena: the init-server's host
+   first, then the other server hosts, then the rest (hosts of one group in parallel);
+4. one ``Secret`` per secret file (digest only) and, under each Host, its ``K3sServer`` /
+   ``K3sAgent`` and ``InstallerIso``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pulumi
+
+from k3scluster import commands, installer, render
+from k3scluster.components.host import Host, HostArgs
+from k3scluster.components.iso import InstallerIsoArgs
+from k3scluster.components.secret import Secret, SecretArgs
+from k3scluster.components.steps import RUNNERS, step
+from k3scluster.errors import K3sClusterError
+from k3scluster.model import Cluster as ClusterModel
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The stack's ``k3scluster:*`` configuration, resolved (see ``__main__.py``)."""
+
+    render_dir: Path
+    project_dir: Path
+    colmena: str = "colmena"
+    nix: str = "nix"
+    build_isos: bool = False
+    runner: str = "command"
+    parallel: int = 4
+    deploy_user: str = "root"
+    python: str = field(default=sys.executable)
+
+    def __post_init__(self) -> None:
+        if self.runner not in RUNNERS:
+            raise K3sClusterError(
+                f"k3scluster:runner is {self.runner!r}; it must be one of {', '.join(RUNNERS)}",
+                hint="pulumi config set k3scluster:runner command",
+            )
+        if self.parallel < 1:
+            raise K3sClusterError(
+                f"k3scluster:parallel is {self.parallel}; it must be at least 1",
+                hint="pulumi config set k3scluster:parallel 4",
+            )
+
+
+@dataclass(frozen=True)
+class ClusterArgs:
+    cluster: ClusterModel
+    settings: Settings
+
+
+def deploy_order(cluster: ClusterModel) -> list[list[str]]:
+    """Host names in deploy groups: [init-server's host], [other server hosts], [the rest]."""
+    init = cluster.init_server
+    first = [init.host] if init else []
+    servers = [
+        h.name
+        for h in cluster.hosts
+        if h.name not in first and cluster.server_on(h.name) is not None
+    ]
+    rest = [h.name for h in cluster.hosts if h.name not in first and h.name not in servers]
+    return [g for g in (first, servers, rest) if g]
+
+
+def _secret_args(cluster: ClusterModel) -> dict[str, SecretArgs]:
+    s = cluster.secrets
+    hosts = [h.name for h in cluster.hosts]
+    found: dict[str, SecretArgs] = {}
+    if s.token is not None:
+        with_k3s = tuple(h for h in hosts if cluster.k3s_on(h))
+        found[s.token.relpath] = SecretArgs("k3s-token", s.token.relpath, s.token.sha256, with_k3s)
+    own = dict(s.host_passwd)
+    if s.passwd is not None:
+        shared = tuple(h for h in hosts if h not in own)
+        found[s.passwd.relpath] = SecretArgs(
+            "password-hash", s.passwd.relpath, s.passwd.sha256, shared
+        )
+    for host, sf in s.host_passwd:
+        found[sf.relpath] = SecretArgs("password-hash", sf.relpath, sf.sha256, (host,))
+    for key in s.ssh_keys:
+        digest = hashlib.sha256(key.text.encode()).hexdigest()
+        targets = tuple(hosts) if key.host is None else (key.host,)
+        found[key.relpath] = SecretArgs("ssh-public-key", key.relpath, digest, targets)
+    return found
+
+
+class Cluster(pulumi.ComponentResource):
+    hosts: pulumi.Output[dict[str, dict[str, object]]]
+    api_endpoint: pulumi.Output[str | None]
+    render_dir: pulumi.Output[str]
+
+    def __init__(
+        self, name: str, args: ClusterArgs, opts: pulumi.ResourceOptions | None = None
+    ) -> None:
+        super().__init__("k3scluster:index:Cluster", name, None, opts)
+        c, s = args.cluster, args.settings
+        files = render.render_files(c, s.render_dir)
+        workdir = str(s.project_dir)
+
+        self.secrets = {
+            rel: Secret(
+                f"{name}-{rel.replace('/', '-')}", sa, pulumi.ResourceOptions(parent=self)
+            )
+            for rel, sa in _secret_args(c).items()
+        }
+
+        # 1. hardware configurations the cluster directory does not have yet
+        self.hardware: dict[str, pulumi.CustomResource] = {}
+        for h in c.hosts:
+            if c.hardware_config(h.name) is not None:
+                continue
+            out = c.root / "nixConfigs" / f"{h.name}.hardware.nix"
+            self.hardware[h.name] = step(
+                f"{name}-{h.name}-hardware",
+                runner=s.runner,
+                host=h.name,
+                create=commands.fetch_hardware_config(s.python, s.deploy_user, h.ip, out),
+                dir=workdir,
+                triggers=[str(h.ip)],
+                opts=pulumi.ResourceOptions(parent=self),
+            )
+
+        # 2. the rendered tree, written during `up`
+        tree = {rel: hashlib.sha256(text.encode()).hexdigest() for rel, text in files.items()}
+        tree.update({f"fetch:{h}": "nixConfigs/" + h + ".hardware.nix" for h in self.hardware})
+        render_argv = commands.render_tree(s.python, c.root, s.render_dir)
+        self.render = step(
+            f"{name}-render",
+            runner=s.runner,
+            host="-",
+            create=render_argv,
+            update=render_argv,
+            inputs_digest=tree,
+            dir=workdir,
+            opts=pulumi.ResourceOptions(parent=self, depends_on=list(self.hardware.values())),
+        )
+
+        # 3. hosts, group by group
+        hive = s.render_dir / "hive.nix"
+        server_url = c.api_endpoint
+        self.host_components: dict[str, Host] = {}
+        earlier: list[pulumi.Resource] = []
+        for group in deploy_order(c):
+            deploys: list[pulumi.Resource] = []
+            for hname in group:
+                h = c.host(hname)
+                inputs = render.host_inputs(c, hname, files)
+                # the installer's rendered files, named like host_inputs names its own
+                iso_inputs = {
+                    **inputs,
+                    **{f"file:{k}": v for k, v in installer.installer_inputs(files, hname).items()},
+                }
+                iso = InstallerIsoArgs(
+                    host=hname,
+                    inputs=iso_inputs,
+                    digest=render.host_digest(iso_inputs),
+                    build_argv=(
+                        installer.iso_build_argv(s.nix, s.render_dir, hname)
+                        if s.build_isos
+                        else None
+                    ),
+                    result_link=str(installer.iso_out_link(s.render_dir, hname)),
+                    python=s.python,
+                    runner=s.runner,
+                    dir=workdir,
+                    depends_on=(self.render,),
+                )
+                hw = self.hardware.get(hname)
+                host = Host(
+                    hname,
+                    HostArgs(
+                        host=h,
+                        nodes=c.k3s_on(hname),
+                        inputs=inputs,
+                        digest=render.host_digest(inputs),
+                        deploy_argv=commands.colmena_apply(
+                            s.colmena, hive, hname, parallel=s.parallel
+                        ),
+                        runner=s.runner,
+                        dir=workdir,
+                        server_url=server_url,
+                        iso=iso,
+                        depends_on=(self.render, *([hw] if hw else []), *earlier),
+                    ),
+                    pulumi.ResourceOptions(parent=self),
+                )
+                self.host_components[hname] = host
+                deploys.append(host.deploy)
+            earlier = earlier + deploys
+
+        self.hosts = pulumi.Output.from_input(
+            {
+                hname: {
+                    "ip": host.ip,
+                    "roles": host.roles,
+                    "digest": host.digest,
+                    "installer": {
+                        "image": host.installer.image,
+                        "sha256": host.installer.sha256,
+                    },
+                }
+                for hname, host in self.host_components.items()
+            }
+        )
+        self.api_endpoint = pulumi.Output.from_input(c.api_endpoint)
+        self.render_dir = pulumi.Output.from_input(str(s.render_dir))
+        self.register_outputs(
+            {
+                "hosts": self.hosts,
+                "apiEndpoint": self.api_endpoint,
+                "renderDir": self.render_dir,
+            }
+        )
+

@@ -1,0 +1,126 @@
+"""One function for every command step, with two runners behind it.
+
+``runner="command"``: pulumi-command's ``local.Command`` (the default on a normal machine).
+``runner="python"``: this project's dynamic provider (``k3scluster.components.runner``), for
+machines where the ``pulumi-resource-command`` plugin cannot be had.
+
+Both take argv lists (never shell text made from user data), a non-secret environment and a
+secret environment (``Output.secret`` values, passed only through the environment), and a map
+``inputs_digest`` (name -> sha256) whose change runs ``update``; ``triggers`` replace
+(delete, then create). Both report a failure with the host, the argv and the output tail.
+
+With ``command``, a secret in the environment makes local.Command's whole ``environment``
+map secret, digests included (a diff then shows ``[secret]``); the ``python`` runner keeps
+the secret environment in a property of its own. No step of the cluster needs one today:
+colmena reads the key files itself.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pulumi
+import pulumi_command
+
+from k3scluster.components.runner import Step
+
+RUNNERS = ("command", "python")
+# local.Command has no free-form input; each digest becomes an environment variable with this
+# prefix, so `pulumi preview --diff` names the input that changed (environment.K3SCLUSTER_IN_…).
+DIGEST_ENV_PREFIX = "K3SCLUSTER_IN_"
+
+
+def digest_environment(inputs_digest: Mapping[str, str]) -> dict[str, str]:
+    """``{"hosts/olaf.nix": "ab…"}`` -> ``{"K3SCLUSTER_IN_hosts_olaf_nix": "hosts/olaf.nix=ab…"}``.
+
+    The value keeps the original name, so two names that map to one variable stay distinct
+    (the later one gets a numeric suffix).
+    """
+    env: dict[str, str] = {}
+    for name in sorted(inputs_digest):
+        key = DIGEST_ENV_PREFIX + re.sub(r"[^A-Za-z0-9_]", "_", name)
+        base, n = key, 2
+        while key in env:
+            key, n = f"{base}_{n}", n + 1
+        env[key] = f"{name}={inputs_digest[name]}"
+    return env
+
+
+def step(
+    name: str,
+    *,
+    runner: str,
+    host: str,
+    create: Sequence[str],
+    update: Sequence[str] | None = None,
+    delete: Sequence[str] | None = None,
+    environment: Mapping[str, str] | None = None,
+    secret_environment: Mapping[str, pulumi.Output[str]] | None = None,
+    triggers: Sequence[Any] = (),
+    inputs_digest: Mapping[str, str] | None = None,
+    dir: str | None = None,
+    output_may_hold_secrets: bool = False,
+    opts: pulumi.ResourceOptions | None = None,
+) -> pulumi.CustomResource:
+    """A command step named ``name`` for ``host`` (``-`` for cluster-wide steps).
+
+    Returns a resource with ``stdout`` and ``stderr`` outputs. ``output_may_hold_secrets``
+    stops the output from being logged and marks it secret.
+    """
+    environment = dict(environment or {})
+    secret_environment = {k: pulumi.Output.secret(v) for k, v in (secret_environment or {}).items()}
+    clash = set(environment) & set(secret_environment)
+    if clash:
+        raise ValueError(f"environment and secret_environment both set {sorted(clash)}")
+    digests = dict(sorted((inputs_digest or {}).items()))
+    secret_outputs = ["stdout", "stderr"] if output_may_hold_secrets else []
+
+    if runner == "command":
+        cmd = pulumi_command.local
+        env: dict[str, Any] = {
+            **digest_environment(digests),
+            **environment,
+            **secret_environment,
+            "K3SCLUSTER_HOST": host,
+        }
+        return cmd.Command(
+            name,
+            create=shlex.join(create),
+            update=shlex.join(update) if update else None,
+            delete=shlex.join(delete) if delete else None,
+            environment=env,
+            dir=dir,
+            triggers=list(triggers) or None,
+            logging=cmd.Logging.NONE if output_may_hold_secrets else cmd.Logging.STDOUT_AND_STDERR,
+            # Keep output of earlier runs out of the next run's environment.
+            add_previous_output_in_env=False,
+            opts=pulumi.ResourceOptions.merge(
+                opts, pulumi.ResourceOptions(additional_secret_outputs=secret_outputs)
+            ),
+        )
+    if runner == "python":
+        props: dict[str, Any] = {
+            "host": host,
+            "create": list(create),
+            "update": list(update) if update else None,
+            "delete": list(delete) if delete else None,
+            "environment": environment,
+            "secretEnvironment": secret_environment,
+            "triggers": list(triggers),
+            "inputs": digests,
+            "dir": dir,
+        }
+        return Step(
+            name,
+            props,
+            pulumi.ResourceOptions.merge(
+                opts,
+                pulumi.ResourceOptions(
+                    additional_secret_outputs=["secretEnvironment", *secret_outputs]
+                ),
+            ),
+        )
+    raise ValueError(f"unknown runner {runner!r} (one of {', '.join(RUNNERS)})")

@@ -1,0 +1,77 @@
+"""argv builders (k3scluster.commands): exact argv lists, no shell, bad values refused."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from k3scluster import commands
+from k3scluster.errors import K3sClusterError
+
+IP = ipaddress.IPv4Address("10.0.100.2")
+
+
+def test_colmena_apply_one_host() -> None:
+    argv = commands.colmena_apply("colmena", Path("/r/hive.nix"), "olaf")
+    assert argv == ["colmena", "apply", "switch", "--on", "olaf", "-f", "/r/hive.nix"]
+
+
+def test_colmena_apply_goal_and_parallel() -> None:
+    argv = commands.colmena_apply("/bin/colmena", Path("/r/hive.nix"), "karl", goal="boot",
+                                  parallel=3)
+    assert argv == ["/bin/colmena", "apply", "boot", "--on", "karl", "-f", "/r/hive.nix",
+                    "-p", "3"]
+
+
+@pytest.mark.parametrize("host", ["", "-p", "a,b", "@tag", "x*", "a b"])
+def test_colmena_apply_refuses_what_colmena_would_read_as_a_filter(host: str) -> None:
+    with pytest.raises(K3sClusterError):
+        commands.colmena_apply("colmena", Path("/r/hive.nix"), host)
+
+
+def test_colmena_apply_refuses_bad_goal_and_parallel() -> None:
+    with pytest.raises(K3sClusterError):
+        commands.colmena_apply("colmena", Path("h"), "olaf", goal="switch; reboot")
+    with pytest.raises(K3sClusterError, match="at least 1"):
+        commands.colmena_apply("colmena", Path("h"), "olaf", parallel=0)
+
+
+def test_ssh_cat() -> None:
+    argv = commands.ssh_cat("root", IP, "/etc/nixos/hardware-configuration.nix")
+    assert argv == [
+        "ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=15",
+        "-o", "StrictHostKeyChecking=accept-new",
+        "root@10.0.100.2", "cat", "--", "/etc/nixos/hardware-configuration.nix",
+    ]
+
+
+def test_ssh_cat_identity_and_refusals() -> None:
+    argv = commands.ssh_cat("root", IP, "/x", identity=Path("/k/id"))
+    assert argv[argv.index("-i") + 1] == "/k/id"
+    with pytest.raises(K3sClusterError):
+        commands.ssh_cat("-oProxyCommand=x", IP, "/x")
+    with pytest.raises(K3sClusterError):
+        commands.ssh_cat("root", IP, "relative/path")
+
+
+def test_fetch_hardware_config_wraps_ssh_in_the_capture_task() -> None:
+    argv = commands.fetch_hardware_config("/py", "root", IP, Path("/c/nixConfigs/olaf.hardware.nix"))
+    assert argv[:6] == ["/py", "-m", "k3scluster.components.tasks", "capture", "--out",
+                        "/c/nixConfigs/olaf.hardware.nix"]
+    assert argv[6] == "--"
+    assert argv[7:] == commands.ssh_cat("root", IP, commands.HARDWARE_CONFIG_ON_HOST)
+
+
+def test_render_tree_uses_the_cli() -> None:
+    assert commands.render_tree("/py", Path("/c"), Path("/c/.k3scluster/s")) == [
+        "/py", "-m", "k3scluster", "render", "/c", "--out", "/c/.k3scluster/s"
+    ]
+
+
+def test_build_iso_and_notice() -> None:
+    assert commands.build_iso("/py", Path("/l"), ["nix", "build"]) == [
+        "/py", "-m", "k3scluster.components.tasks", "iso", "--result", "/l", "--", "nix", "build"
+    ]
+    assert commands.notice("gone; not wiped") == ["echo", "gone; not wiped"]

@@ -1,0 +1,432 @@
+"""The Pulumi program's resource graph, with Pulumi's mocks (no engine), for both runners.
+
+A recording monitor keeps what the program registers — type, name, parent, dependencies,
+inputs as sent (secrets still wrapped) and additional secret outputs — so the tests see the
+graph the engine would see.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import runpy
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pulumi
+import pytest
+from pulumi.runtime import mocks as pmocks
+from pulumi.runtime import rpc
+
+from k3scluster.components import runner as runner_mod
+from k3scluster.components.runner import StepFailed, StepProvider, mask
+from k3scluster.components.steps import digest_environment
+
+ROOT = Path(__file__).resolve().parent.parent
+PROGRAM = ROOT / "__main__.py"
+POISON_TOKEN = "POISON-TOKEN-k3scluster-must-never-leak-0123456789"
+POISON_HASH = "$6$poisonSALT$POISONhashMUSTneverLEAK0123456789abcdefghijklmnopqrstuvwxyz"
+STEP_TYPES = ("command:local:Command", "pulumi-python:dynamic/k3scluster:Step")
+
+
+@dataclass
+class Registration:
+    type: str
+    name: str
+    urn: str
+    parent: str
+    dependencies: list[str]
+    secret_outputs: list[str]
+    raw: str  # the inputs as the engine would receive them, secrets still wrapped (JSON)
+    inputs: dict[str, Any]  # plain
+
+
+class Mocks(pulumi.runtime.Mocks):
+    def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str, dict]:
+        state = dict(args.inputs)
+        if args.typ in STEP_TYPES:
+            state.setdefault("stdout", "")
+            state.setdefault("stderr", "")
+        return f"{args.name}-id", state
+
+    def call(self, args: pulumi.runtime.MockCallArgs) -> tuple[dict, list]:
+        return {}, []
+
+
+class RecordingMonitor(pmocks.MockMonitor):
+    def __init__(self, mocks: pulumi.runtime.Mocks) -> None:
+        super().__init__(mocks)
+        self.registered: list[Registration] = []
+
+    def RegisterResource(self, request):
+        response = super().RegisterResource(request)
+        if request.type != "pulumi:pulumi:Stack":
+            from google.protobuf import json_format
+
+            raw = json.dumps(json_format.MessageToDict(request.object), sort_keys=True)
+            self.registered.append(
+                Registration(
+                    type=request.type,
+                    name=request.name,
+                    urn=response.urn,
+                    parent=request.parent,
+                    dependencies=list(request.dependencies),
+                    secret_outputs=list(request.additionalSecretOutputs),
+                    raw=raw,
+                    inputs=rpc.deserialize_properties(request.object),
+                )
+            )
+        return response
+
+    def by_type(self, typ: str) -> list[Registration]:
+        return [r for r in self.registered if r.type == typ]
+
+    def named(self, name: str) -> Registration:
+        found = [r for r in self.registered if r.name == name]
+        assert len(found) == 1, (name, [r.name for r in self.registered])
+        return found[0]
+
+
+def run_program(cluster_dir: Path, runner: str, **config: str) -> RecordingMonitor:
+    monitor = RecordingMonitor(Mocks())
+    pulumi.runtime.set_mocks(
+        Mocks(), project="k3scluster", stack="mock", preview=False, monitor=monitor
+    )
+    pulumi.runtime.set_all_config(
+        {
+            "k3scluster:clusterDir": str(cluster_dir),
+            "k3scluster:runner": runner,
+            **{f"k3scluster:{k}": v for k, v in config.items()},
+        }
+    )
+
+    @pulumi.runtime.test
+    def program() -> None:
+        runpy.run_path(str(PROGRAM), run_name="__main__")
+
+    program()
+    return monitor
+
+
+@pytest.fixture
+def poisoned(example_dir: Path) -> Path:
+    """The example cluster with a recognisable token and password hash."""
+    (example_dir / "secrets" / "token").write_text(POISON_TOKEN + "\n")
+    (example_dir / "secrets" / "passwd").write_text(POISON_HASH + "\n")
+    return example_dir
+
+
+RUNNERS = ["command", "python"]
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_one_component_per_plan_row(poisoned: Path, runner: str) -> None:
+    m = run_program(poisoned, runner)
+    counts = collections.Counter(r.type for r in m.registered)
+    assert counts["k3scluster:index:Cluster"] == 1
+    assert counts["k3scluster:index:Host"] == 5
+    assert counts["k3scluster:index:K3sServer"] == 3
+    assert counts["k3scluster:index:K3sAgent"] == 3
+    assert counts["k3scluster:index:InstallerIso"] == 5
+    # token, passwd, two public keys
+    assert counts["k3scluster:index:Secret"] == 4
+    servers = {r.name for r in m.by_type("k3scluster:index:K3sServer")}
+    assert servers == {"olaf-k3s-server", "ulf-k3s-server", "rolf-k3s-server"}
+    step_type = STEP_TYPES[RUNNERS.index(runner)]
+    steps = {r.name for r in m.by_type(step_type)}
+    # a deploy per host, one render, hardware fetches for the hosts without a file, no ISO
+    # builds (buildIsos is off)
+    assert steps == {
+        *(f"{h}-deploy" for h in ("olaf", "ulf", "rolf", "karl", "ulrich")),
+        "cluster-render",
+        *(f"cluster-{h}-hardware" for h in ("olaf", "rolf", "karl", "ulrich")),
+    }
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_parents(poisoned: Path, runner: str) -> None:
+    m = run_program(poisoned, runner)
+    cluster = m.named("cluster")
+    olaf = m.named("olaf")
+    assert olaf.parent == cluster.urn
+    assert m.named("olaf-deploy").parent == olaf.urn
+    assert m.named("olaf-k3s-server").parent == olaf.urn
+    assert m.named("olaf-k3s-agent").parent == olaf.urn
+    assert m.named("olaf-installer").parent == olaf.urn
+    assert m.named("cluster-render").parent == cluster.urn
+    for r in m.by_type("k3scluster:index:Secret"):
+        assert r.parent == cluster.urn
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_deploy_order_init_server_first(poisoned: Path, runner: str) -> None:
+    m = run_program(poisoned, runner)
+    urn = {h: m.named(f"{h}-deploy").urn for h in ("olaf", "ulf", "rolf", "karl", "ulrich")}
+    render = m.named("cluster-render").urn
+    deps = {h: set(m.named(f"{h}-deploy").dependencies) for h in urn}
+    # olaf holds the init-server: it waits for nothing but the render and its hardware
+    assert deps["olaf"] == {render, m.named("cluster-olaf-hardware").urn}
+    # ulf already has nixConfigs/ulf.hardware.nix: no fetch for it
+    assert deps["ulf"] == {render, urn["olaf"]}
+    assert deps["rolf"] == {render, m.named("cluster-rolf-hardware").urn, urn["olaf"]}
+    for h in ("karl", "ulrich"):  # no server on them: after every server host
+        assert {urn["olaf"], urn["ulf"], urn["rolf"], render} <= deps[h]
+        assert not ({urn["karl"], urn["ulrich"]} & deps[h])
+    # the render waits for the hardware fetches (it renders what they wrote)
+    assert set(m.named("cluster-render").dependencies) == {
+        m.named(f"cluster-{h}-hardware").urn for h in ("olaf", "rolf", "karl", "ulrich")
+    }
+
+
+def _argv(reg: Registration, runner: str, which: str = "create") -> list[str]:
+    value = reg.inputs[which]
+    return shlex.split(value) if runner == "command" else list(value)
+
+
+def _digests(reg: Registration, runner: str) -> dict[str, str]:
+    if runner == "python":
+        return dict(reg.inputs["inputs"])
+    # (a secret in the environment makes local.Command's whole environment map secret)
+    env = rpc.unwrap_rpc_secret(reg.inputs["environment"])
+    return dict(v.split("=", 1) for k, v in env.items() if k.startswith("K3SCLUSTER_IN_"))
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_deploy_step_runs_colmena_for_its_host(poisoned: Path, runner: str) -> None:
+    m = run_program(poisoned, runner, colmena="/opt/colmena", parallel="2")
+    render_dir = poisoned / ".k3scluster" / "mock"
+    for host in ("olaf", "karl"):
+        reg = m.named(f"{host}-deploy")
+        want = ["/opt/colmena", "apply", "switch", "--on", host, "-f", str(render_dir / "hive.nix"),
+                "-p", "2"]
+        assert _argv(reg, runner) == want
+        assert _argv(reg, runner, "update") == want
+        assert "NOT wiped" in " ".join(_argv(reg, runner, "delete"))
+        digests = _digests(reg, runner)
+        assert f"file:hosts/{host}.nix" in digests
+        assert digests["secret:passwd-manfred"] == _sha(POISON_HASH + "\n")
+
+
+def _sha(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_no_secret_anywhere_in_the_graph(poisoned: Path, runner: str) -> None:
+    m = run_program(poisoned, runner, buildIsos="true")
+    assert m.by_type(STEP_TYPES[RUNNERS.index(runner)])
+    for reg in m.registered:
+        for poison in (POISON_TOKEN, POISON_HASH, "POISONhash"):
+            assert poison not in reg.raw, (reg.name, poison)
+    # the token is known by its digest only
+    token = [r for r in m.by_type("k3scluster:index:Secret") if r.name.endswith("token")]
+    assert len(token) == 1
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_iso_build_steps_when_enabled(poisoned: Path, runner: str) -> None:
+    m = run_program(poisoned, runner, buildIsos="true", nix="/opt/nix")
+    reg = m.named("olaf-installer-build")
+    assert reg.parent == m.named("olaf-installer").urn
+    argv = _argv(reg, runner)
+    assert argv[argv.index("--") + 1] == "/opt/nix"
+    assert m.named("cluster-render").urn in reg.dependencies
+    digests = _digests(reg, runner)
+    assert "file:installers/olaf/default.nix" in digests
+    assert not any(k.startswith("file:installers/ulf/") for k in digests)
+    assert "file:hosts/olaf.nix" in digests
+
+
+def test_plan_errors_end_the_run_with_every_diagnostic(example_dir: Path) -> None:
+    hosts = example_dir / "plans" / "hosts.csv"
+    lines = hosts.read_text().splitlines()
+    lines[1] = lines[1].replace("10.0.100.2", "10.0.100.999")
+    lines[2] = lines[2].replace("enp1s0", "")
+    hosts.write_text("\n".join(lines) + "\n")
+    with pytest.raises(pulumi.RunError) as err:
+        run_program(example_dir, "python")
+    text = str(err.value)
+    assert "plans/hosts.csv:2" in text and "plans/hosts.csv:3" in text
+    assert "Traceback" not in text
+
+
+def test_unknown_runner_is_a_clean_error(example_dir: Path) -> None:
+    with pytest.raises(pulumi.RunError, match="k3scluster:runner"):
+        run_program(example_dir, "shell")
+
+
+# --- steps ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_secret_environment_stays_out_of_commands(runner: str) -> None:
+    monitor = RecordingMonitor(Mocks())
+    pulumi.runtime.set_mocks(Mocks(), preview=False, monitor=monitor)
+    from k3scluster.components.steps import step
+
+    @pulumi.runtime.test
+    def program() -> None:
+        step(
+            "s",
+            runner=runner,
+            host="olaf",
+            create=["tool", "--flag", "it's; rm -rf /"],
+            secret_environment={"K3S_TOKEN": pulumi.Output.from_input(POISON_TOKEN)},
+            environment={"PLAIN": "1"},
+            inputs_digest={"a/b.nix": "00"},
+        )
+
+    program()
+    reg = monitor.named("s")
+    assert POISON_TOKEN not in json.dumps(reg.inputs["create"])
+    # the value travels only as a secret (wrapped), never as a plain string
+    raw = json.loads(reg.raw)
+    assert POISON_TOKEN not in _plain_strings(raw)
+    assert POISON_TOKEN in reg.raw
+    assert _argv(reg, runner) == ["tool", "--flag", "it's; rm -rf /"]
+    assert _digests(reg, runner) == {"a/b.nix": "00"}
+
+
+def _plain_strings(value: Any, inside_secret: bool = False) -> list[str]:
+    """Every string in a serialized property map that is not inside a secret wrapper."""
+    if isinstance(value, dict):
+        if value.get(rpc._special_sig_key) == rpc._special_secret_sig:
+            return []
+        return [s for v in value.values() for s in _plain_strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _plain_strings(v)]
+    return [value] if isinstance(value, str) else []
+
+
+def test_digest_environment_names_are_distinct() -> None:
+    env = digest_environment({"a-b": "1", "a.b": "2", "file:x/y.nix": "3"})
+    assert sorted(env.values()) == ["a-b=1", "a.b=2", "file:x/y.nix=3"]
+    assert all(k.startswith("K3SCLUSTER_IN_") and k.replace("_", "").isalnum() for k in env)
+
+
+def _props(**kw: Any) -> dict[str, Any]:
+    base = {"host": "olaf", "create": ["true"], "update": None, "delete": None,
+            "environment": {}, "secretEnvironment": {}, "triggers": [], "inputs": {}, "dir": None}
+    return {**base, **kw}
+
+
+def test_runner_create_captures_output(tmp_path: Path) -> None:
+    props = _props(
+        create=[sys.executable, "-c", "import os; print(os.environ['A'], os.getcwd())"],
+        environment={"A": "plain"},
+        dir=str(tmp_path),
+    )
+    result = StepProvider().create(props)
+    assert result.outs["stdout"].strip() == f"plain {tmp_path}"
+
+
+def test_runner_failure_names_host_argv_and_output_tail_with_secrets_masked() -> None:
+    script = "import os, sys; print('x' * 9000); print('leak', os.environ['T']); sys.exit(3)"
+    props = _props(
+        create=[sys.executable, "-c", script],
+        secretEnvironment={"T": POISON_TOKEN},
+    )
+    with pytest.raises(StepFailed) as err:
+        StepProvider().create(props)
+    text = str(err.value)
+    assert text.startswith("host olaf: create failed with exit code 3: ")
+    assert "import os, sys" in text  # the argv
+    assert "leak [secret]" in text  # the tail, masked
+    assert POISON_TOKEN not in text
+    assert len(text) < runner_mod.TAIL_CHARS + 1000
+
+
+def test_runner_missing_program_is_reported() -> None:
+    with pytest.raises(StepFailed, match="host olaf: cannot run /nonexistent/colmena apply"):
+        StepProvider().create(_props(create=["/nonexistent/colmena", "apply"]))
+
+
+def test_runner_update_and_delete(tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    def cmd(word: str) -> list[str]:
+        return [sys.executable, "-c", f"open({str(log)!r}, 'a').write({word!r} + '\\n')"]
+
+    p = StepProvider()
+    p.update("id", _props(), _props(create=cmd("create"), update=cmd("update")))
+    p.update("id", _props(), _props(create=cmd("create")))  # no update: create again
+    p.delete("id", _props(delete=cmd("delete")))
+    p.delete("id", _props())  # no delete: nothing runs
+    assert log.read_text().split() == ["update", "create", "delete"]
+
+
+def test_runner_diff_updates_on_inputs_and_replaces_on_triggers() -> None:
+    p = StepProvider()
+    old = _props(inputs={"a": "1"}, triggers=["10.0.0.1"], stdout="old output")
+    assert p.diff("id", old, _props(inputs={"a": "1"}, triggers=["10.0.0.1"])).changes is False
+    d = p.diff("id", old, _props(inputs={"a": "2"}, triggers=["10.0.0.1"]))
+    assert d.changes is True and d.replaces == []
+    d = p.diff("id", old, _props(inputs={"a": "1"}, triggers=["10.0.0.2"]))
+    assert d.changes is True and d.replaces == ["triggers"] and d.delete_before_replace
+    d = p.diff("id", old, _props(inputs={"a": "1"}, triggers=["10.0.0.1"], create=["false"]))
+    assert d.changes is True
+
+
+def test_runner_diff_sees_through_secret_wrappers() -> None:
+    wrapped = rpc.wrap_rpc_secret({"T": "x"})
+    p = StepProvider()
+    assert p.diff("id", _props(secretEnvironment=wrapped),
+                  _props(secretEnvironment={"T": "x"})).changes is False
+
+
+def test_pickled_provider_is_small_and_holds_nothing_of_ours() -> None:
+    import base64
+
+    from pulumi.dynamic.dynamic import serialize_provider
+
+    blob = base64.b64decode(serialize_provider(StepProvider()))
+    assert b"k3scluster.components.runner" in blob  # by reference, not by value
+    assert len(blob) < 400
+    assert b"POISON" not in blob
+
+
+def test_mask_prefers_longest_secret() -> None:
+    assert mask("abc abcdef", ["abc", "abcdef"]) == "[secret] [secret]"
+    assert mask("nothing", [""]) == "nothing"
+
+
+# --- tasks ---------------------------------------------------------------------------------
+
+
+def _task(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "k3scluster.components.tasks", *args],
+        cwd=cwd, capture_output=True, text=True, check=False,
+    )
+
+
+def test_capture_writes_atomically_and_never_overwrites(tmp_path: Path) -> None:
+    out = tmp_path / "nixConfigs" / "x.hardware.nix"
+    r = _task("capture", "--out", str(out), "--", "printf", "{ }\n")
+    assert r.returncode == 0, r.stderr
+    assert out.read_text() == "{ }\n"
+    r = _task("capture", "--out", str(out), "--", "printf", "other")
+    assert r.returncode == 0 and out.read_text() == "{ }\n"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["x.hardware.nix"]
+
+
+def test_capture_failure_writes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "x.nix"
+    r = _task("capture", "--out", str(out), "--", "sh", "-c", "echo partial; exit 255")
+    assert r.returncode == 1 and "exit code 255" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_iso_task_reports_image_and_digest(tmp_path: Path) -> None:
+    link = tmp_path / "result"
+    script = f"import os; os.makedirs({str(link / 'iso')!r}); " \
+             f"open({str(link / 'iso' / 'nixos-olaf.iso')!r}, 'w').write('image')"
+    r = _task("iso", "--result", str(link), "--", sys.executable, "-c", script)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.splitlines()[-1])
+    assert out == {"image": str(link / "iso" / "nixos-olaf.iso"), "sha256": _sha("image")}
