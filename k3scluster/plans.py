@@ -48,6 +48,8 @@ NETWORK_YAML = "plans/network.yaml"
 HOST_REQUIRED = ("name", "interface", "ip", "admin")
 HOST_OPTIONAL = ("disk", "boot")
 K3S_REQUIRED = ("host", "name", "type", "ip")
+# hosts.csv columns that cannot be used: the NixOS config gets them from elsewhere
+HOST_RESERVED = {"k3s": "config.cluster.<host>.k3s holds the host's K3s rows"}
 NETWORK_REQUIRED = ("gateway", "netmask")
 NETWORK_OPTIONAL = ("nameservers", "nixos", "k3s")
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
@@ -80,10 +82,10 @@ RULES: dict[str, str] = {
     "k3s-host-slot": "at most one server and one agent per host",
     "k3s-init-server": "exactly one init-server when there are K3s rows",
     "k3s-no-server": "agents need servers",
-    "k3s-server-count": "an odd number of servers (warning: etcd quorum)",
+    "k3s-server-count": "an odd number of servers (etcd quorum)",
     "yaml-syntax": "network.yaml is valid YAML: one mapping",
     "network-key-missing": "gateway and netmask are set",
-    "network-key-unknown": "network.yaml has no unknown keys (warning)",
+    "network-key-unknown": "network.yaml has no unknown keys",
     "network-key-duplicate": "no key is repeated in network.yaml",
     "network-value": "a network.yaml key has the right shape (single value / list)",
     "netmask": "netmask is a prefix length 1-30, '/24', or a dotted mask",
@@ -92,17 +94,29 @@ RULES: dict[str, str] = {
     "k3s-version": "k3s is a version like v1.31.12+k3s1",
     "token-missing": "secrets/token exists",
     "token-invalid": "the token is one line of printable characters",
-    "passwd-missing": "every host has a password hash (secrets/passwd or secrets/<host>passwd)",
+    "passwd-missing": "every host has a password hash (secrets/passwd or secrets/HOSTpasswd)",
     "passwd-invalid": "a password file holds one crypt hash ($y$, $6$, $5$, $2b$)",
-    "passwd-unknown-host": "a <host>passwd file names a known host (warning)",
+    "passwd-unknown-host": "a HOSTpasswd file names a host of hosts.csv",
     "ssh-key-missing": "every host has at least one ssh public key",
-    "ssh-key-invalid": "*.pub files hold ssh public keys",
-    "secret-permissions": "secret files are not readable by group/others (warning)",
-    "nixconfig-unknown": "nixConfigs/*.nix files are named after a host or K3s node (warning)",
+    "ssh-key-invalid": "files ending in .pub hold ssh public keys",
+    "secret-permissions": "secret files are not readable by group/others",
+    "nixconfig-unknown": "nixConfigs files (.nix) are named after a host or K3s node",
     "manifest-name": "manifest file names are RFC 1123 names (lowercase a-z, 0-9, '-', '.')",
     "manifest-yaml": "manifests are valid YAML/JSON Kubernetes objects",
-    "manifest-other": "manifests/ holds only .yaml/.yml/.json files (warning)",
+    "manifest-other": "manifests/ holds only .yaml, .yml and .json files",
 }
+
+# the rules that only warn: the cluster still loads
+WARNING_RULES = frozenset(
+    {
+        "k3s-server-count",
+        "network-key-unknown",
+        "passwd-unknown-host",
+        "secret-permissions",
+        "nixconfig-unknown",
+        "manifest-other",
+    }
+)
 
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _IFACE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
@@ -199,7 +213,7 @@ class _Loader:
         self._add(rule, Diagnostic(file, line, message, Severity.WARNING, hint))
 
     def _add(self, rule: str, diag: Diagnostic) -> None:
-        assert rule in RULES, rule
+        assert rule in RULES and (rule in WARNING_RULES) == (not diag.is_error), rule
         self.found.append((rule, diag))
 
     # -- the pass ----------------------------------------------------------
@@ -295,7 +309,11 @@ class _Loader:
             )
             return None
 
-    def read_table(self, rel: str, text: str, required: tuple[str, ...]) -> _Table | None:
+    def read_table(
+        self, rel: str, text: str, required: tuple[str, ...], reserved: dict[str, str] | None = None
+    ) -> _Table | None:
+        reserved = reserved or {}
+
         def lines() -> Iterator[str]:
             # comment lines become blank lines, so csv's line_num stays the file's line
             for line in io.StringIO(text, newline=""):
@@ -356,6 +374,15 @@ class _Loader:
                             start,
                             f"column {name!r} appears twice",
                             "keep one column of each name",
+                        )
+                    elif name in reserved:
+                        ok_header = False
+                        self.error(
+                            "csv-header",
+                            rel,
+                            start,
+                            f"column {name!r} is reserved",
+                            f"rename it: {reserved[name]}",
                         )
                     seen.add(name)
                 missing = [c for c in required if c not in seen]
@@ -749,7 +776,7 @@ class _Loader:
         text = self.read_text(rel, required=True)
         if text is None:
             return [], ()
-        table = self.read_table(rel, text, HOST_REQUIRED)
+        table = self.read_table(rel, text, HOST_REQUIRED, HOST_RESERVED)
         if table is None:
             return [], ()
         self.hosts_complete = True
@@ -848,7 +875,9 @@ class _Loader:
         if table is None:
             return [], ()
         self.k3s_complete = True
-        self.k3s_rows.update(table.names)
+        # nixConfigs/<name>.nix is used for servers; agents run in podman, not NixOS
+        agent_names = {v["name"] for _, v, _ in table.rows if v["type"] == "agent"}
+        self.k3s_rows.update(n for n in table.names if n not in agent_names)
         nodes: list[K3sNode] = []
         slots: dict[tuple[str, str], tuple[str, int]] = {}
         inits: list[int] = []

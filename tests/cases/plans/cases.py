@@ -124,6 +124,18 @@ CASES = [
         expected=[f"{H}:1: column 7 of the header has no name"],
     ),
     case(
+        "csv-header:reserved",
+        Sub(H, "boot,location", "boot,K3s"),
+        expected=[f"{H}:1: column 'k3s' is reserved"],
+    ),
+    case(
+        "nixconfig-unknown:agent",
+        Write("nixConfigs/karl-k3s-agent.nix", "{ ... }: { }\n"),
+        expected=[
+            "nixConfigs/karl-k3s-agent.nix: warning: named after no host or K3s node: it is not used"
+        ],
+    ),
+    case(
         "csv-column-missing",
         Sub(K, "host,name,type,ip", "host,name,kind,ip"),
         expected=[f"{K}:1: missing column(s): type"],
