@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import ipaddress
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -15,7 +16,13 @@ from hypothesis import strategies as st
 
 from k3scluster import plans
 from k3scluster.errors import PlanError
-from k3scluster.model import BootMode, K3sType
+from k3scluster.model import (
+    DEFAULT_K3S_VERSION,
+    DEFAULT_NAMESERVERS,
+    DEFAULT_NIXOS_RELEASE,
+    BootMode,
+    K3sType,
+)
 
 _spec = importlib.util.spec_from_file_location(
     "plan_cases", Path(__file__).parent / "cases" / "plans" / "cases.py"
@@ -307,3 +314,50 @@ def test_unreadable_file(example_dir: Path) -> None:
     (example_dir / "plans" / "hosts.csv").chmod(0)
     result = plans.load(example_dir)
     assert [d.rules for d in [result]] and "file-unreadable" in result.rules
+
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "plan-format.md"
+
+
+def test_doc_rules_table_matches_the_code() -> None:
+    """docs/plan-format.md lists every rule, with its severity and description, and no other."""
+    rows = re.findall(
+        r"^\| `([a-z0-9-]+)` \| (error|warning) \| (.*) \|$", DOC.read_text(), re.MULTILINE
+    )
+    documented = {rule: (sev, text) for rule, sev, text in rows}
+    in_code = {
+        rule: ("warning" if rule in plans.WARNING_RULES else "error", text)
+        for rule, text in plans.RULES.items()
+    }
+    assert documented == in_code
+
+
+def test_doc_names_every_column_key_type_and_default() -> None:
+    doc = DOC.read_text()
+    names = [
+        *plans.HOST_REQUIRED,
+        *plans.HOST_OPTIONAL,
+        *plans.HOST_RESERVED,
+        *plans.K3S_REQUIRED,
+        *plans.NETWORK_REQUIRED,
+        *plans.NETWORK_OPTIONAL,
+        *(t.value for t in K3sType),
+        *(b.value for b in BootMode),
+        plans.HOSTS_CSV,
+        plans.K3S_CSV,
+        plans.NETWORK_YAML,
+        *plans.MANIFEST_SUFFIXES,
+    ]
+    assert [n for n in names if f"`{n}`" not in doc] == []
+    for key in (*plans.HOST_REQUIRED, *plans.HOST_OPTIONAL, *plans.K3S_REQUIRED):
+        assert re.search(rf"^\| `{key}` \| (yes|no) \|", doc, re.MULTILINE), key
+    for key in (*plans.NETWORK_REQUIRED, *plans.NETWORK_OPTIONAL):
+        assert re.search(rf"^\| `{key}` \| (yes|no) \|", doc, re.MULTILINE), key
+    defaults = {
+        "nixos": DEFAULT_NIXOS_RELEASE,
+        "k3s": DEFAULT_K3S_VERSION,
+        "nameservers": "[" + ", ".join(map(str, DEFAULT_NAMESERVERS)) + "]",
+    }
+    for key, value in defaults.items():
+        row = re.search(rf"^\| `{key}` \|.*\| `(.*)` \|$", doc, re.MULTILINE)
+        assert row is not None and row.group(1) == value, key
