@@ -20,9 +20,7 @@ from dataclasses import dataclass
 _PATH_LITERAL = re.compile(r"^\.{1,2}(/[A-Za-z0-9._+-]+)+$")
 # Attribute names that need no quotes (and are not keywords).
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_'-]*$")
-_KEYWORDS = frozenset(
-    {"if", "then", "else", "assert", "with", "let", "in", "rec", "inherit", "or"}
-)
+_KEYWORDS = frozenset({"if", "then", "else", "assert", "with", "let", "in", "rec", "inherit", "or"})
 
 _ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r"}
 

@@ -195,18 +195,19 @@ def cluster_data(cluster: Cluster) -> dict[str, object]:
             k3s[node.role] = dict(node.columns)
         row["k3s"] = k3s
         hosts[h.name] = row
+    return {"hosts": hosts, "network": _network_data(cluster)}
+
+
+def _network_data(cluster: Cluster) -> dict[str, object]:
     net = cluster.network
     return {
-        "hosts": hosts,
-        "network": {
-            "gateway": str(net.gateway),
-            "network": str(net.network),
-            "prefixLength": net.prefix_length,
-            "nameservers": [str(n) for n in net.nameservers],
-            "nixos": net.nixos_release,
-            "k3s": net.k3s_version,
-            "apiEndpoint": cluster.api_endpoint,
-        },
+        "gateway": str(net.gateway),
+        "network": str(net.network),
+        "prefixLength": net.prefix_length,
+        "nameservers": [str(n) for n in net.nameservers],
+        "nixos": net.nixos_release,
+        "k3s": net.k3s_version,
+        "apiEndpoint": cluster.api_endpoint,
     }
 
 
@@ -216,6 +217,11 @@ def _json(data: object) -> str:
 
 def _host_context(cluster: Cluster, host: Host, out: Path) -> dict[str, object]:
     net = cluster.network
+    if len(host.interface) > 15:
+        raise K3sClusterError(
+            f"{host.location}: interface {host.interface!r} is longer than 15 characters",
+            "Linux interface names have at most 15 characters: use the name `ip link` shows",
+        )
     sub = "hosts"
     passwd = cluster.secrets.passwd_for(host.name)
     imports = []
@@ -520,7 +526,8 @@ def host_inputs(cluster: Cluster, host_name: str, files: Mapping[str, str]) -> d
     hosts = data["hosts"]
     assert isinstance(hosts, dict)
     inputs["plan:host"] = _sha(_json(hosts[host_name]))
-    inputs["plan:network"] = _sha(_json(data["network"] | {"apiEndpoint": None}))
+    # the API endpoint is the init-server's address: counted below, for K3s hosts only
+    inputs["plan:network"] = _sha(_json(_network_data(cluster) | {"apiEndpoint": None}))
     init = cluster.init_server
     if (server or agent) and init is not None:
         inputs["plan:init-server"] = _sha(str(init.ip))
@@ -529,12 +536,15 @@ def host_inputs(cluster: Cluster, host_name: str, files: Mapping[str, str]) -> d
         inputs["version:k3s"] = _sha(cluster.network.k3s_version)
     inputs["nixpkgs"] = _sha(f"{pin.rev} {pin.sha256}")
 
-    nix_configs = [cluster.nix_config(host_name), cluster.hardware_config(host_name)]
+    nix_configs: list[str | None] = [
+        cluster.nix_config(host_name),
+        cluster.hardware_config(host_name),
+    ]
     if server:
         nix_configs.append(cluster.nix_config(server.name))
-    for rel in nix_configs:
-        if rel:
-            inputs[f"nixConfig:{rel}"] = _file_sha(cluster.root / rel)
+    for cfg in nix_configs:
+        if cfg:
+            inputs[f"nixConfig:{cfg}"] = _file_sha(cluster.root / cfg)
     if not cluster.hardware_config(host_name):
         # imported once it exists (fetched from the machine before the first deploy)
         inputs[f"nixConfig:nixConfigs/{host_name}.hardware.nix"] = _sha(b"<absent>")
