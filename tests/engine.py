@@ -59,7 +59,12 @@ class EngineDirs:
 
 
 def engine_dirs(cwd: Path | str) -> EngineDirs:
-    base = Path(cwd).resolve() / ".engine"
+    """The engine's directories for runs in ``cwd``, which must be outside the repository
+    (tests work on copies under tmp_path, never in the checkout)."""
+    where = Path(cwd).resolve()
+    if where == ROOT or ROOT in where.parents:
+        raise ValueError(f"run the engine in a copy under tmp_path, not in the checkout ({where})")
+    base = where / ".engine"
     return EngineDirs(home=base / "home", state=base / "state", passphrase=base / "passphrase")
 
 

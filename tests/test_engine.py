@@ -6,14 +6,20 @@ namespace (see tests/engine.py). Needs root and `scripts/bootstrap-pulumi` run f
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import json
+import os
+import stat
+import subprocess
 import textwrap
 from pathlib import Path
 
+import grpc
 import pytest
-from engine import VERSION, engine_dirs, require_engine, run_pulumi
-
-pytestmark = [pytest.mark.integration, pytest.mark.root]
+from engine import ROOT, VERSION, engine_dirs, require_engine, run_pulumi
+from google.protobuf import empty_pb2
+from pulumi.runtime.proto import language_pb2, language_pb2_grpc
 
 PROJECT = "enginetest"
 STACK = "dev"
@@ -106,12 +112,16 @@ def _types(state: dict) -> list[str]:
     return sorted(r["type"] for r in state["deployment"].get("resources") or [])
 
 
-def test_version_is_pinned() -> None:
+@pytest.mark.integration
+@pytest.mark.root
+def test_version_is_pinned(tmp_path: Path) -> None:
     require_engine()
-    r = run_pulumi(["version"], cwd=Path.cwd())
+    r = run_pulumi(["version"], cwd=tmp_path)
     assert _ok(r).strip() == VERSION
 
 
+@pytest.mark.integration
+@pytest.mark.root
 def test_program_lifecycle(project: Path) -> None:
     preview = json.loads(_ok(run_pulumi(["preview", "--json", "--non-interactive"], cwd=project)))
     creates = {s["urn"].split("::")[-1]: s["op"] for s in preview["steps"]}
@@ -132,6 +142,8 @@ def test_program_lifecycle(project: Path) -> None:
     assert _types(_state(project)) == []
 
 
+@pytest.mark.integration
+@pytest.mark.root
 def test_program_error_fails_the_update(project: Path) -> None:
     main = project / "__main__.py"
     main.write_text(main.read_text() + '\nraise ValueError("deliberate failure")\n')
@@ -141,6 +153,8 @@ def test_program_error_fails_the_update(project: Path) -> None:
     assert "__main__.py" in r.stdout
 
 
+@pytest.mark.integration
+@pytest.mark.root
 def test_config_secret_is_encrypted_at_rest(project: Path) -> None:
     secret = "s3cr3t-Value-9f8e7d"
     _ok(run_pulumi(["config", "set", "--secret", "token", secret], cwd=project))
@@ -163,6 +177,8 @@ def test_config_secret_is_encrypted_at_rest(project: Path) -> None:
         assert secret.encode() not in p.read_bytes(), f"secret in clear in {p}"
 
 
+@pytest.mark.integration
+@pytest.mark.root
 def test_dynamic_provider_create_update_delete(project: Path, tmp_path: Path) -> None:
     target = tmp_path / "written.txt"
     _ok(run_pulumi(["config", "set", "file_path", str(target)], cwd=project))
@@ -183,3 +199,116 @@ def test_dynamic_provider_create_update_delete(project: Path, tmp_path: Path) ->
 
     _ok(run_pulumi(["destroy", "--yes", "--non-interactive"], cwd=project))
     assert not target.exists()
+
+
+# --- scripts/env.sh and the language host's command line (no engine needed) ----------------
+
+
+def _source_env(project: Path, env: dict[str, str]) -> tuple[dict[str, str], str]:
+    """Sources a copy of scripts/env.sh placed in ``project``; returns the environment and stderr."""
+    (project / "scripts").mkdir(exist_ok=True)
+    (project / "scripts" / "env.sh").write_text((ROOT / "scripts" / "env.sh").read_text())
+    r = subprocess.run(
+        ["bash", "-c", 'source "$1/scripts/env.sh" && env -0', "bash", str(project)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    pairs = (item.split("=", 1) for item in r.stdout.split("\0") if "=" in item)
+    return dict(pairs), r.stderr
+
+
+def test_env_sh_sets_offline_defaults_and_creates_a_passphrase_once(tmp_path: Path) -> None:
+    base = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    got, err = _source_env(tmp_path, base)
+    assert got["PATH"].split(":")[0] == f"{tmp_path}/.tools/bin"
+    assert got["PULUMI_SKIP_UPDATE_CHECK"] == "true"
+    assert got["PULUMI_DISABLE_AUTOMATIC_PLUGIN_ACQUISITION"] == "true"
+    assert got["PULUMI_DISABLE_REGISTRY_RESOLVE"] == "true"
+    assert got["PULUMI_HOME"] == f"{tmp_path}/.tools/pulumi-home"
+    assert got["PULUMI_BACKEND_URL"] == f"file://{tmp_path}/state"
+    passphrase = tmp_path / ".tools" / "passphrase"
+    assert got["PULUMI_CONFIG_PASSPHRASE_FILE"] == str(passphrase)
+    assert stat.S_IMODE(passphrase.stat().st_mode) == 0o600
+    value = passphrase.read_text()
+    assert len(value) >= 32
+    assert "back it up" in err
+
+    again, err2 = _source_env(tmp_path, base)
+    assert passphrase.read_text() == value  # created once, never replaced
+    assert err2 == ""
+    assert again["PATH"].count(".tools/bin") == 1
+
+
+def test_env_sh_keeps_the_users_settings(tmp_path: Path) -> None:
+    mine = {
+        "PATH": "/usr/bin:/bin",
+        "PULUMI_HOME": "/somewhere/home",
+        "PULUMI_BACKEND_URL": "file:///somewhere/state",
+        "PULUMI_CONFIG_PASSPHRASE": "",  # set, even empty, is the user's choice
+        "PULUMI_SKIP_UPDATE_CHECK": "false",
+    }
+    got, err = _source_env(tmp_path, mine)
+    for key in ("PULUMI_HOME", "PULUMI_BACKEND_URL", "PULUMI_CONFIG_PASSPHRASE"):
+        assert got[key] == mine[key]
+    assert got["PULUMI_SKIP_UPDATE_CHECK"] == "false"
+    assert "PULUMI_CONFIG_PASSPHRASE_FILE" not in got
+    assert not (tmp_path / ".tools" / "passphrase").exists()
+    assert not (tmp_path / "state").exists()
+    assert err == ""
+
+    with_file, _ = _source_env(tmp_path, {"PATH": "/bin", "PULUMI_CONFIG_PASSPHRASE_FILE": "/k"})
+    assert with_file["PULUMI_CONFIG_PASSPHRASE_FILE"] == "/k"
+    assert not (tmp_path / ".tools" / "passphrase").exists()
+
+
+def _language_host():
+    path = str(ROOT / "scripts" / "pulumi-language-python")
+    loader = importlib.machinery.SourceFileLoader("pulumi_language_python", path)
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("argv", "address"),
+    [
+        (["127.0.0.1:1234"], "127.0.0.1:1234"),
+        (["--logtostderr", "-v=9", "--tracing", "http://t:1", "127.0.0.1:5"], "127.0.0.1:5"),
+        (
+            ["-root=/p", "-binary", "--virtualenv", "venv", "-tracing=x", "127.0.0.1:6"],
+            "127.0.0.1:6",
+        ),
+        ([], ""),
+    ],
+)
+def test_language_host_ignores_flags_and_takes_the_engine_address(argv, address) -> None:
+    assert _language_host().parse_args(argv) == address
+
+
+def test_language_host_prints_its_port_and_serves(tmp_path: Path) -> None:
+    require_engine()  # the installed host carries the right Python in its shebang
+    host = ROOT / ".tools" / "bin" / "pulumi-language-python"
+    proc = subprocess.Popen(
+        [str(host), "-tracing", "x", "127.0.0.1:9"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PATH": "/usr/bin:/bin"},
+    )
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        assert 0 < port < 65536
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = language_pb2_grpc.LanguageRuntimeStub(channel)
+            assert stub.GetPluginInfo(empty_pb2.Empty(), timeout=30).version == VERSION[1:]
+            req = language_pb2.GetRequiredPackagesRequest()
+            assert list(stub.GetRequiredPackages(req, timeout=30).packages) == []
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
