@@ -101,6 +101,22 @@ in
     # stops the build with a message until it is set).
     boot.loader.grub.enable = lib.mkDefault (cfg.boot == "bios");
 
+    # The deploy step copies /etc/nixos/hardware-configuration.nix from the host into
+    # nixConfigs/<host>.hardware.nix; an offline install (nixos-install --system) writes
+    # none, so the host detects its hardware once, on its first boot.
+    systemd.services.k3scluster-hardware-config = {
+      description = "Write /etc/nixos/hardware-configuration.nix for k3scluster";
+      wantedBy = [ "multi-user.target" ];
+      unitConfig.ConditionPathExists = "!/etc/nixos/hardware-configuration.nix";
+      serviceConfig.Type = "oneshot";
+      script = ''
+        mkdir -p /etc/nixos
+        ${config.system.build.nixos-generate-config}/bin/nixos-generate-config --show-hardware-config \
+          > /etc/nixos/.hardware-configuration.nix.tmp
+        mv /etc/nixos/.hardware-configuration.nix.tmp /etc/nixos/hardware-configuration.nix
+      '';
+    };
+
     system.stateVersion = cfg.stateVersion;
   };
 }
