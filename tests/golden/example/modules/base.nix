@@ -37,7 +37,10 @@ in
       interface = cfg.interface;
       mode = "bridge";
     };
-    networking.interfaces.${cfg.interface}.ipv4.addresses = lib.mkForce [ ];
+    networking.interfaces.${cfg.interface} = {
+      ipv4.addresses = lib.mkForce [ ];
+      useDHCP = false; # a generated hardware configuration may default it to true
+    };
     networking.interfaces.mv-host.ipv4.addresses = [
       {
         address = cfg.address;
