@@ -236,7 +236,7 @@ class _Loader:
         secrets = self.read_secrets(hosts)
         nix_configs = self.read_nix_configs()
         manifests = self.read_manifests()
-        if any(d.is_error for _, d in self.found) or network is None or secrets is None:
+        if any(d.is_error for _, d in self.found) or network is None:
             return self._result(None)
         cluster = Cluster(
             root=root.resolve(),
@@ -525,15 +525,18 @@ class _Loader:
                     f"{key} must be a single value",
                     f"write {key}: VALUE",
                 )
-                return ""
+                return None  # reported here
             return str(vnode.value).strip()
 
         ok = True
         for key in NETWORK_REQUIRED:
-            if not scalar(key) and key not in keys:
+            if key not in keys:
                 ok = False
                 self.error("network-key-missing", rel, 1, f"{key} is missing", f"write {example}")
-        gateway = self.parse_ip(rel, lines.get("gateway", 1), "gateway", scalar("gateway") or "")
+        raw_gateway = scalar("gateway")
+        gateway = None
+        if raw_gateway is not None:
+            gateway = self.parse_ip(rel, lines["gateway"], "gateway", raw_gateway)
         raw_mask = scalar("netmask")
         net = self.parse_netmask(rel, lines.get("netmask", 1), raw_mask, gateway)
         if gateway is None or net is None:
@@ -600,9 +603,12 @@ class _Loader:
     def parse_netmask(
         self, rel: str, line: int, raw: str | None, gateway: ipaddress.IPv4Address | None
     ) -> ipaddress.IPv4Network | None:
-        if raw is None or raw == "":
-            return None
         hint = 'write a prefix length (netmask: 24 or "/24") or a mask (netmask: 255.255.255.0)'
+        if raw is None:
+            return None  # missing: reported already
+        if raw == "":
+            self.error("netmask", rel, line, "netmask is empty", hint)
+            return None
         prefix: int | None = None
         m = _PREFIX.match(raw)
         try:
@@ -979,7 +985,7 @@ class _Loader:
 
     # -- secrets/ ----------------------------------------------------------
 
-    def read_secrets(self, hosts: list[Host]) -> Secrets | None:
+    def read_secrets(self, hosts: list[Host]) -> Secrets:
         sdir = self.root / "secrets"
         token: SecretFile | None = None
         passwd: SecretFile | None = None

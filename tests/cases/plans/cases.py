@@ -293,6 +293,21 @@ CASES = [
         expected=[f"{N}:1: netmask is missing"],
     ),
     case(
+        "network-key-missing:gateway",
+        Write(N, "netmask: 24\n"),
+        expected=[f"{N}:1: gateway is missing"],
+    ),
+    case(
+        "netmask:empty",
+        Sub(N, "netmask: 24", "netmask:"),
+        expected=[f"{N}:3: netmask is empty"],
+    ),
+    case(
+        "ip-invalid:gateway-empty",
+        Sub(N, "gateway: 10.0.100.1", "gateway: ''"),
+        expected=[f"{N}:2: gateway: no address"],
+    ),
+    case(
         "network-key-missing:empty",
         Write(N, "# nothing\n"),
         expected=[f"{N}:1: empty file: gateway and netmask are missing"],
