@@ -7,8 +7,8 @@ their own way of ending (exit 1 with a list, or ``pulumi.RunError``).
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 
 class Severity(enum.Enum):

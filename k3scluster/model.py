@@ -127,7 +127,7 @@ class SecretFile:
     sha256: str
 
     @classmethod
-    def from_path(cls, root: Path, path: Path) -> "SecretFile":
+    def from_path(cls, root: Path, path: Path) -> SecretFile:
         data = path.read_bytes()
         return cls(
             path=path.resolve(),
