@@ -486,8 +486,13 @@ def _shared_nix_configs(cluster: Cluster) -> list[str]:
     shared = []
     for p in sorted(base.rglob("*")):
         rel = p.relative_to(base).as_posix()
-        if p.is_file() and rel not in own and not any(part.startswith(".") for part in p.parts):
-            shared.append(f"nixConfigs/{rel}")
+        if not p.is_file() or rel in own or any(part.startswith(".") for part in p.parts):
+            continue
+        if rel.endswith(".hardware.nix") and "/" not in rel:
+            # a hardware configuration belongs to one machine (here: one no longer in the
+            # plans); nothing else imports it, so it must not redeploy every host
+            continue
+        shared.append(f"nixConfigs/{rel}")
     return shared
 
 

@@ -537,3 +537,19 @@ def test_missing_token_with_k3s_rows_is_a_user_error(cluster: Cluster) -> None:
 def test_column_named_k3s_is_refused(cluster: Cluster) -> None:
     with pytest.raises(K3sClusterError):
         render_files(set_column(cluster, "olaf", "k3s", "x"), out_of(cluster.root))
+
+
+def test_a_removed_hosts_leftover_files_redeploy_nobody(cluster: Cluster) -> None:
+    before = all_digests(cluster)
+    # ulf leaves the plans but its hardware configuration stays in nixConfigs/
+    remaining = dataclasses.replace(
+        cluster,
+        hosts=tuple(h for h in cluster.hosts if h.name != "ulf"),
+        k3s=tuple(n for n in cluster.k3s if n.host != "ulf"),
+    )
+    after = all_digests(remaining)
+    assert changed({k: v for k, v in before.items() if k != "ulf"}, after) == set()
+    # while a shared file (imported by anyone) still changes every host
+    (cluster.root / "nixConfigs" / "common").mkdir()
+    (cluster.root / "nixConfigs" / "common" / "users.nix").write_text("{ ... }: { }\n")
+    assert changed(after, all_digests(remaining)) == set(after)
