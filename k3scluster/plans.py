@@ -40,6 +40,7 @@ from k3scluster.model import (
     Secrets,
     SshKey,
 )
+from k3scluster.pins import NIXPKGS_PINS, is_commit, is_tarball_hash
 
 HOSTS_CSV = "plans/hosts.csv"
 K3S_CSV = "plans/k3s.csv"
@@ -51,7 +52,7 @@ K3S_REQUIRED = ("host", "name", "type", "ip")
 # hosts.csv columns that cannot be used: the NixOS config gets them from elsewhere
 HOST_RESERVED = {"k3s": "config.cluster.<host>.k3s holds the host's K3s rows"}
 NETWORK_REQUIRED = ("gateway", "netmask")
-NETWORK_OPTIONAL = ("nameservers", "nixos", "k3s")
+NETWORK_OPTIONAL = ("nameservers", "nixos", "k3s", "nixpkgs")
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 
 # rule id -> what it checks (documented in docs/plan-format.md, one test case each)
@@ -90,7 +91,8 @@ RULES: dict[str, str] = {
     "network-value": "a network.yaml key has the right shape (single value / list)",
     "netmask": "netmask is a prefix length 1-30, '/24', or a dotted mask",
     "gateway": "the gateway is in the subnet and not its network/broadcast address",
-    "nixos-release": "nixos is a release like 25.05",
+    "nixos-release": "nixos is a release like 25.05 that k3scluster has a nixpkgs pin for",
+    "nixpkgs-pin": "nixpkgs, when set, is {rev: <40-hex commit>, sha256: <tarball hash>}",
     "k3s-version": "k3s is a version like v1.31.12+k3s1",
     "token-missing": "secrets/token exists",
     "token-invalid": "the token is one line of printable characters",
@@ -578,6 +580,19 @@ class _Loader:
                 f"nixos {nixos!r} is not a release",
                 f'write a NixOS release like nixos: "{DEFAULT_NIXOS_RELEASE}"',
             )
+        pin_ok, pin = self.parse_nixpkgs_pin(rel, keys.get("nixpkgs"), lines.get("nixpkgs", 1))
+        ok = ok and pin_ok
+        release = nixos or DEFAULT_NIXOS_RELEASE
+        if pin is None and _NIXOS.match(release) and release not in NIXPKGS_PINS:
+            ok = False
+            self.error(
+                "nixos-release",
+                rel,
+                lines.get("nixos", 1),
+                f"k3scluster knows no nixpkgs commit for NixOS {release}",
+                f"use one of {', '.join(sorted(NIXPKGS_PINS))}, or pin nixpkgs yourself: "
+                "nixpkgs: {rev: <40-hex commit>, sha256: <nix-prefetch-url --unpack hash>}",
+            )
         k3s = scalar("k3s")
         if k3s is not None and not _K3S_VERSION.match(k3s):
             ok = False
@@ -598,7 +613,53 @@ class _Loader:
             nixos_release=nixos or DEFAULT_NIXOS_RELEASE,
             k3s_version=k3s or DEFAULT_K3S_VERSION,
             location=Location(rel, 1),
+            nixpkgs_rev=pin[0] if pin else None,
+            nixpkgs_sha256=pin[1] if pin else None,
         )
+
+    def parse_nixpkgs_pin(
+        self, rel: str, node: yaml.Node | None, line: int
+    ) -> tuple[bool, tuple[str, str] | None]:
+        """``nixpkgs: {rev, sha256}`` -> (ok, (rev, sha256) or None when absent or wrong)."""
+        if node is None:
+            return True, None
+        hint = (
+            "write nixpkgs: {rev: <40-hex commit of NixOS/nixpkgs>, sha256: <hash of its "
+            "unpacked tarball: nix-prefetch-url --unpack https://github.com/NixOS/nixpkgs/"
+            "archive/<rev>.tar.gz>}"
+        )
+        if not isinstance(node, yaml.MappingNode):
+            self.error("nixpkgs-pin", rel, line, "nixpkgs must be a mapping of rev and sha256", hint)
+            return False, None
+        found: dict[str, str] = {}
+        good = True
+        for knode, vnode in node.value:
+            key = str(knode.value).strip().lower() if isinstance(knode, yaml.ScalarNode) else ""
+            kline = knode.start_mark.line + 1
+            if key not in ("rev", "sha256") or not isinstance(vnode, yaml.ScalarNode):
+                self.error("nixpkgs-pin", rel, kline, "nixpkgs takes only rev and sha256", hint)
+                good = False
+                continue
+            value = str(vnode.value).strip()
+            if key == "rev" and not is_commit(value.lower()):
+                self.error(
+                    "nixpkgs-pin", rel, kline, f"nixpkgs rev {value!r} is not a full commit", hint
+                )
+                good = False
+            elif key == "sha256" and not is_tarball_hash(value):
+                self.error(
+                    "nixpkgs-pin",
+                    rel,
+                    kline,
+                    f"nixpkgs sha256 {value!r} is not a nix32 or sha256-… hash",
+                    hint,
+                )
+                good = False
+            found[key] = value.lower() if key == "rev" else value
+        if good and set(found) != {"rev", "sha256"}:
+            self.error("nixpkgs-pin", rel, line, "nixpkgs needs both rev and sha256", hint)
+            good = False
+        return (True, (found["rev"], found["sha256"])) if good else (False, None)
 
     def parse_netmask(
         self, rel: str, line: int, raw: str | None, gateway: ipaddress.IPv4Address | None

@@ -29,15 +29,15 @@ import re
 import shutil
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
 
 from k3scluster import installer
 from k3scluster.errors import K3sClusterError
-from k3scluster.model import Cluster, Host, K3sType
+from k3scluster.model import Cluster, Host, K3sNode, K3sType
 from k3scluster.nix import NixPath, nix_value
+from k3scluster.pins import NIXPKGS_PINS, NixpkgsPin, is_commit
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
@@ -52,39 +52,7 @@ AGENT_IMAGE = "docker.io/rancher/k3s"
 MARKER = ".k3scluster-render"
 
 
-@dataclass(frozen=True)
-class NixpkgsPin:
-    rev: str
-    sha256: str  # hash of the unpacked tarball (what builtins.fetchTarball checks)
-    source: str  # where the pin was taken from
-
-    @property
-    def url(self) -> str:
-        return f"https://github.com/NixOS/nixpkgs/archive/{self.rev}.tar.gz"
-
-
-# NixOS release -> the nixpkgs commit the hive builds from. The hashes are the
-# narHash of the github tarball (flake.lock) in nix32 form, converted with
-# `nix hash to-base32 sha256-…`; both pins are the last commit of their branch.
-NIXPKGS_PINS: dict[str, NixpkgsPin] = {
-    "25.05": NixpkgsPin(
-        rev="ac62194c3917d5f474c1a844b6fd6da2db95077d",
-        sha256="0v6bd1xk8a2aal83karlvc853x44dg1n4nk08jg3dajqyy0s98np",
-        # a public shell.nix fetchTarball of this rev with exactly this sha256, and flake.lock
-        # files locking nixos-25.05 to it (narHash sha256-16KkgfdYqjaeRGBaYsNrhPRRENs0qzkQVUooNHtoy2w=)
-        source="nixos-25.05 branch head ac62194c (2026-01-02)",
-    ),
-    "24.11": NixpkgsPin(
-        rev="50ab793786d9de88ee30ec4e4c24fb4236fc2674",
-        sha256="1s2gr5rcyqvpr58vxdcb095mdhblij9bfzaximrva2243aal3dgx",
-        # public flake.lock files locking nixos-24.11 to this rev
-        # (narHash sha256-/bVBlRpECLVzjV19t5KMdMFWSwKLtb5RyXdjz3LJT+g=)
-        source="nixos-24.11 branch head 50ab7937 (2025-06-30)",
-    ),
-}
-
 _K3S_VERSION = re.compile(r"^v(1)\.([0-9]+)\.[0-9]+\+k3s[0-9]+$")
-_REV = re.compile(r"^[0-9a-f]{40}$")
 
 
 def nixpkgs_pin(cluster: Cluster) -> NixpkgsPin:
@@ -97,7 +65,7 @@ def nixpkgs_pin(cluster: Cluster) -> NixpkgsPin:
             "nixpkgs: {rev: <40-hex commit>, sha256: <hash of the unpacked tarball>}",
         )
     if rev and sha:
-        if not _REV.match(rev):
+        if not is_commit(rev):
             raise K3sClusterError(
                 f"plans/network.yaml: nixpkgs rev {rev!r} is not a full commit hash",
                 "give the 40-hex-digit commit of NixOS/nixpkgs",
@@ -154,14 +122,37 @@ def _safe_comment(text: str) -> str:
     return text
 
 
+# The K3s rows of each host, for the last cluster asked about: Cluster.k3s_on scans every row,
+# which made rendering and host_inputs quadratic (cubic for host_inputs of every host).
+_NODE_INDEX: list[tuple[Cluster, dict[str, tuple[K3sNode, ...]]]] = []
+
+
+def _k3s_on(cluster: Cluster, host: str) -> tuple[K3sNode, ...]:
+    """``_k3s_on(cluster, host)``, from an index built once per cluster."""
+    if not _NODE_INDEX or _NODE_INDEX[0][0] is not cluster:
+        index: dict[str, list[K3sNode]] = {}
+        for node in cluster.k3s:
+            index.setdefault(node.host, []).append(node)
+        _NODE_INDEX[:] = [(cluster, {h: tuple(ns) for h, ns in index.items()})]
+    return _NODE_INDEX[0][1].get(host, ())
+
+
+def _server_on(cluster: Cluster, host: str) -> K3sNode | None:
+    return next((n for n in _k3s_on(cluster, host) if n.type.is_server), None)
+
+
+def _agent_on(cluster: Cluster, host: str) -> K3sNode | None:
+    return next((n for n in _k3s_on(cluster, host) if n.type is K3sType.AGENT), None)
+
+
 def _tags(cluster: Cluster, host: str) -> list[str]:
     tags = []
-    server = cluster.server_on(host)
+    server = _server_on(cluster, host)
     if server is not None:
         tags.append("k3s-server")
         if server.type is K3sType.INIT_SERVER:
             tags.append("k3s-init-server")
-    if cluster.agent_on(host) is not None:
+    if _agent_on(cluster, host) is not None:
         tags.append("k3s-agent")
     return tags or ["no-k3s"]
 
@@ -180,21 +171,24 @@ def _key_lines(cluster: Cluster, host: str) -> list[str]:
     return lines
 
 
+def _host_data(cluster: Cluster, h: Host) -> dict[str, object]:
+    """One host's entry of cluster.json: its columns and its K3s rows by role."""
+    row: dict[str, object] = dict(h.columns)
+    if "k3s" in row:
+        raise K3sClusterError(
+            f"{h.location}: hosts.csv has a column named 'k3s'",
+            "rename it: config.cluster.<host>.k3s holds the host's K3s rows",
+        )
+    k3s: dict[str, object] = {}
+    for node in _k3s_on(cluster, h.name):
+        k3s[node.role] = dict(node.columns)
+    row["k3s"] = k3s
+    return row
+
+
 def cluster_data(cluster: Cluster) -> dict[str, object]:
     """The content of cluster.json: plan data only, never a secret."""
-    hosts: dict[str, object] = {}
-    for h in cluster.hosts:
-        row: dict[str, object] = dict(h.columns)
-        if "k3s" in row:
-            raise K3sClusterError(
-                f"{h.location}: hosts.csv has a column named 'k3s'",
-                "rename it: config.cluster.<host>.k3s holds the host's K3s rows",
-            )
-        k3s: dict[str, object] = {}
-        for node in cluster.k3s_on(h.name):
-            k3s[node.role] = dict(node.columns)
-        row["k3s"] = k3s
-        hosts[h.name] = row
+    hosts: dict[str, object] = {h.name: _host_data(cluster, h) for h in cluster.hosts}
     return {"hosts": hosts, "network": _network_data(cluster)}
 
 
@@ -258,8 +252,8 @@ def _host_context(cluster: Cluster, host: Host, out: Path) -> dict[str, object]:
         "agent": None,
     }
     init = cluster.init_server
-    server = cluster.server_on(host.name)
-    agent = cluster.agent_on(host.name)
+    server = _server_on(cluster, host.name)
+    agent = _agent_on(cluster, host.name)
     if (server or agent) and init is None:
         raise K3sClusterError(
             "K3s rows but no init-server in plans/k3s.csv",
@@ -324,7 +318,7 @@ def _hive_context(cluster: Cluster, out: Path) -> dict[str, object]:
                     "comment": _safe_comment(passwd.relpath),
                 }
             )
-        if cluster.k3s_on(host.name):
+        if _k3s_on(cluster, host.name):
             token = cluster.secrets.token
             if token is None:
                 raise K3sClusterError(
@@ -506,9 +500,8 @@ def host_inputs(cluster: Cluster, host_name: str, files: Mapping[str, str]) -> d
     address, for every K3s host).
     """
     host = cluster.host(host_name)
-    data = cluster_data(cluster)
-    server = cluster.server_on(host_name)
-    agent = cluster.agent_on(host_name)
+    server = _server_on(cluster, host_name)
+    agent = _agent_on(cluster, host_name)
     pin = nixpkgs_pin(cluster)
     inputs: dict[str, str] = {}
 
@@ -528,9 +521,7 @@ def host_inputs(cluster: Cluster, host_name: str, files: Mapping[str, str]) -> d
     inputs["deployment"] = _sha(
         _json({"targetHost": str(host.ip), "tags": _tags(cluster, host_name), "keys": keys})
     )
-    hosts = data["hosts"]
-    assert isinstance(hosts, dict)
-    inputs["plan:host"] = _sha(_json(hosts[host_name]))
+    inputs["plan:host"] = _sha(_json(_host_data(cluster, host)))
     # the API endpoint is the init-server's address: counted below, for K3s hosts only
     inputs["plan:network"] = _sha(_json(_network_data(cluster) | {"apiEndpoint": None}))
     init = cluster.init_server

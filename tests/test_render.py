@@ -553,3 +553,13 @@ def test_a_removed_hosts_leftover_files_redeploy_nobody(cluster: Cluster) -> Non
     (cluster.root / "nixConfigs" / "common").mkdir()
     (cluster.root / "nixConfigs" / "common" / "users.nix").write_text("{ ... }: { }\n")
     assert changed(after, all_digests(remaining)) == set(after)
+
+
+def test_a_nixpkgs_pin_in_network_yaml_reaches_the_hive(example_dir: Path) -> None:
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    sha = "sha256-" + "A" * 43 + "="
+    net = example_dir / "plans" / "network.yaml"
+    net.write_text(net.read_text() + f"nixpkgs:\n  rev: {rev}\n  sha256: {sha}\n")
+    hive = render_files(load(example_dir), out_of(example_dir))["hive.nix"]
+    assert f"archive/{rev}.tar.gz" in hive and f'sha256 = "{sha}"' in hive
+    assert NIXPKGS_PINS["25.05"].rev not in hive

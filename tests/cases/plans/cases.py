@@ -358,6 +358,29 @@ CASES = [
         expected=[f"{N}:8: nixos '25.04' is not a release"],
     ),
     case(
+        "nixos-release",
+        Sub(N, 'nixos: "25.05"', 'nixos: "21.11"'),
+        expected=[f"{N}:8: k3scluster knows no nixpkgs commit for NixOS 21.11"],
+    ),
+    case(
+        "nixpkgs-pin",
+        Sub(
+            N,
+            "k3s: v1.31.12+k3s1",
+            "k3s: v1.31.12+k3s1\nnixpkgs:\n  rev: ac62194c\n  sha256: nope\n  branch: x",
+        ),
+        expected=[
+            f"{N}:11: nixpkgs rev 'ac62194c' is not a full commit",
+            f"{N}:12: nixpkgs sha256 'nope' is not a nix32 or sha256-… hash",
+            f"{N}:13: nixpkgs takes only rev and sha256",
+        ],
+    ),
+    case(
+        "nixpkgs-pin",
+        Sub(N, "k3s: v1.31.12+k3s1", "k3s: v1.31.12+k3s1\nnixpkgs: [a, b]"),
+        expected=[f"{N}:10: nixpkgs must be a mapping of rev and sha256"],
+    ),
+    case(
         "k3s-version",
         Sub(N, "k3s: v1.31.12+k3s1", "k3s: 1.31.12"),
         expected=[f"{N}:9: k3s '1.31.12' is not a K3s version"],
