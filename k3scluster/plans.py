@@ -103,6 +103,7 @@ RULES: dict[str, str] = {
     "ssh-key-invalid": "files ending in .pub hold ssh public keys",
     "secret-permissions": "secret files are not readable by group/others",
     "nixconfig-unknown": "nixConfigs files (.nix) are named after a host or K3s node",
+    "bios-grub-device": "a BIOS host's nixConfigs tell GRUB its disk (boot.loader.grub.device)",
     "manifest-name": "manifest file names are RFC 1123 names (lowercase a-z, 0-9, '-', '.')",
     "manifest-yaml": "manifests are valid YAML/JSON Kubernetes objects",
     "manifest-other": "manifests/ holds only .yaml, .yml and .json files",
@@ -116,6 +117,7 @@ WARNING_RULES = frozenset(
         "passwd-unknown-host",
         "secret-permissions",
         "nixconfig-unknown",
+        "bios-grub-device",
         "manifest-other",
     }
 )
@@ -129,6 +131,7 @@ _K3S_VERSION = re.compile(r"^v1\.[0-9]+\.[0-9]+\+k3s[0-9]+$")
 _CRYPT = re.compile(r"^\$(y|gy|7|2[aby]|5|6)\$[A-Za-z0-9./$=,]{8,}$")
 _MANIFEST = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
 _PREFIX = re.compile(r"^/?([0-9]{1,2})$")
+_GRUB_DEVICE = re.compile(r"grub[\s\S]*?\b(devices?|mirroredBoots)\b")
 _RESERVED_USERS = frozenset({"root", "nobody", "daemon", "sshd", "nixbld"})
 SSH_KEY_TYPES = frozenset(
     {
@@ -237,6 +240,7 @@ class _Loader:
         k3s, k3s_columns = self.read_k3s()
         secrets = self.read_secrets(hosts)
         nix_configs = self.read_nix_configs()
+        self.check_bios_boot_disk(hosts, nix_configs)
         manifests = self.read_manifests()
         if any(d.is_error for _, d in self.found) or network is None:
             return self._result(None)
@@ -1299,6 +1303,32 @@ class _Loader:
                 "modules in a subdirectory (nixConfigs/common/…) and import them",
             )
         return tuple(found)
+
+    def check_bios_boot_disk(self, hosts: list[Host], nix_configs: tuple[str, ...]) -> None:
+        """GRUB on BIOS needs the disk for its boot code; a serial alone cannot name it."""
+        for host in hosts:
+            if host.boot is not BootMode.BIOS:
+                continue
+            texts = []
+            for fname in (f"{host.name}.nix", f"{host.name}.hardware.nix"):
+                if fname in nix_configs:
+                    try:
+                        texts.append((self.root / "nixConfigs" / fname).read_text(errors="replace"))
+                    except OSError:
+                        pass  # reported by the render step if it matters
+            if any(_GRUB_DEVICE.search(t) for t in texts):
+                continue
+            serial = host.disk.upper() if host.disk else "<serial>"
+            self.warn(
+                "bios-grub-device",
+                host.location.file,
+                host.location.line,
+                f"host {host.name} boots by BIOS, but nixConfigs/{host.name}.nix does not set "
+                "boot.loader.grub.device: NixOS will not build it",
+                f'add boot.loader.grub.device = "/dev/disk/by-id/ata-<model>_{serial}"; to '
+                f"nixConfigs/{host.name}.nix (`ls -l /dev/disk/by-id` on the machine, or the "
+                "installer's log, names the disk)",
+            )
 
     def read_manifests(self) -> tuple[str, ...]:
         found = []

@@ -119,7 +119,12 @@ def test_example_checks_clean(example_dir: Path) -> None:
     assert s.passwd is not None and s.host_passwd == ()
     assert [k.relpath for k in s.keys_for("olaf")] == ["secrets/manfred.pub", "secrets/olaf.pub"]
     assert [k.relpath for k in s.keys_for("ulf")] == ["secrets/manfred.pub"]
-    assert c.nix_configs == ("olaf-k3s-server.nix", "olaf.nix", "ulf.hardware.nix")
+    assert c.nix_configs == (
+        "olaf-k3s-server.nix",
+        "olaf.nix",
+        "rolf.nix",
+        "ulf.hardware.nix",
+    )
     assert c.nix_config("olaf") == "nixConfigs/olaf.nix"
     assert c.hardware_config("ulf") == "nixConfigs/ulf.hardware.nix"
     assert c.manifests == ("hello.yaml",)

@@ -443,6 +443,14 @@ CASES = [
         ],
     ),
     case(
+        "bios-grub-device",
+        Write("nixConfigs/rolf.nix", "{ ... }: { time.timeZone = \"UTC\"; }\n"),
+        expected=[
+            f"{H}:4: warning: host rolf boots by BIOS, but nixConfigs/rolf.nix does not set "
+            "boot.loader.grub.device: NixOS will not build it"
+        ],
+    ),
+    case(
         "manifest-name",
         Write("manifests/Hello_World.yaml", "apiVersion: v1\nkind: Namespace\n"),
         expected=["manifests/Hello_World.yaml: K3s rejects this file name"],

@@ -6,6 +6,7 @@
     ../modules/cluster.nix
     ../modules/base.nix
     ../modules/k3s-server.nix
+    ../../../nixConfigs/rolf.nix # nixConfigs/rolf.nix
   ]
   # nixConfigs/rolf.hardware.nix is not there yet: the deploy step reads the installed
   # machine's hardware configuration (nixos-generate-config) into nixConfigs/ before the
