@@ -446,8 +446,8 @@ CASES = [
         "bios-grub-device",
         Write("nixConfigs/rolf.nix", "{ ... }: { time.timeZone = \"UTC\"; }\n"),
         expected=[
-            f"{H}:4: warning: host rolf boots by BIOS, but nixConfigs/rolf.nix does not set "
-            "boot.loader.grub.device: NixOS will not build it"
+            (f"{H}:4: warning: host rolf boots by BIOS, but nixConfigs/rolf.nix does not set "
+            "boot.loader.grub.device: NixOS will not build it")
         ],
     ),
     case(
