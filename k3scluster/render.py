@@ -28,8 +28,9 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any, TypeVar, cast
 
 import jinja2
 
@@ -39,6 +40,7 @@ from k3scluster.model import Cluster, Host, K3sNode, K3sType
 from k3scluster.nix import NixPath, nix_value
 from k3scluster.pins import NIXPKGS_PINS, NixpkgsPin, is_commit
 
+T = TypeVar("T")
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
 # Where colmena puts the secrets on a host (deployment.keys.*.destDir): persistent,
@@ -122,19 +124,31 @@ def _safe_comment(text: str) -> str:
     return text
 
 
-# The K3s rows of each host, for the last cluster asked about: Cluster.k3s_on scans every row,
-# which made rendering and host_inputs quadratic (cubic for host_inputs of every host).
-_NODE_INDEX: list[tuple[Cluster, dict[str, tuple[K3sNode, ...]]]] = []
+# Values derived from the last cluster asked about, so that asking per host stays cheap:
+# Cluster.k3s_on scans every K3s row and _shared_nix_configs lists nixConfigs/, which made
+# rendering quadratic and host_inputs of every host cubic in the number of hosts.
+_MEMO: list[tuple[Cluster, dict[object, Any]]] = []
+
+
+def _memo(cluster: Cluster, key: object, compute: Callable[[], T]) -> T:
+    if not _MEMO or _MEMO[0][0] is not cluster:
+        _MEMO[:] = [(cluster, {})]
+    cache = _MEMO[0][1]
+    if key not in cache:
+        cache[key] = compute()
+    return cast(T, cache[key])
+
+
+def _k3s_index(cluster: Cluster) -> dict[str, tuple[K3sNode, ...]]:
+    index: dict[str, list[K3sNode]] = {}
+    for node in cluster.k3s:
+        index.setdefault(node.host, []).append(node)
+    return {h: tuple(ns) for h, ns in index.items()}
 
 
 def _k3s_on(cluster: Cluster, host: str) -> tuple[K3sNode, ...]:
-    """``_k3s_on(cluster, host)``, from an index built once per cluster."""
-    if not _NODE_INDEX or _NODE_INDEX[0][0] is not cluster:
-        index: dict[str, list[K3sNode]] = {}
-        for node in cluster.k3s:
-            index.setdefault(node.host, []).append(node)
-        _NODE_INDEX[:] = [(cluster, {h: tuple(ns) for h, ns in index.items()})]
-    return _NODE_INDEX[0][1].get(host, ())
+    """``cluster.k3s_on(host)``, from an index built once per cluster."""
+    return _memo(cluster, "k3s_on", lambda: _k3s_index(cluster)).get(host, ())
 
 
 def _server_on(cluster: Cluster, host: str) -> K3sNode | None:
@@ -490,6 +504,29 @@ def _shared_nix_configs(cluster: Cluster) -> list[str]:
     return shared
 
 
+def _dir_stamp(base: Path) -> tuple[tuple[str, int], ...]:
+    """The modification times of ``base`` and every directory under it: a file added, removed
+    or renamed anywhere below changes one of them."""
+    stamp: list[tuple[str, int]] = []
+    todo = [str(base)]
+    while todo:
+        d = todo.pop()
+        try:
+            stamp.append((d, os.stat(d).st_mtime_ns))
+            with os.scandir(d) as entries:
+                todo.extend(e.path for e in entries if e.is_dir(follow_symlinks=False))
+        except OSError:
+            stamp.append((d, -1))
+    return tuple(sorted(stamp))
+
+
+def _shared_nix_configs_now(cluster: Cluster) -> list[str]:
+    """``_shared_nix_configs``, listed again only when nixConfigs/ changed since the last call
+    for this cluster (host_inputs runs once per host)."""
+    stamp = _dir_stamp(cluster.root / "nixConfigs")
+    return _memo(cluster, ("shared", stamp), lambda: _shared_nix_configs(cluster))
+
+
 def host_inputs(cluster: Cluster, host_name: str, files: Mapping[str, str]) -> dict[str, str]:
     """name -> sha256 hex of everything ``host_name``'s system depends on.
 
@@ -544,7 +581,7 @@ def host_inputs(cluster: Cluster, host_name: str, files: Mapping[str, str]) -> d
     if not cluster.hardware_config(host_name):
         # imported once it exists (fetched from the machine before the first deploy)
         inputs[f"nixConfig:nixConfigs/{host_name}.hardware.nix"] = _sha(b"<absent>")
-    for rel in _shared_nix_configs(cluster):
+    for rel in _shared_nix_configs_now(cluster):
         inputs[f"nixConfig:{rel}"] = _file_sha(cluster.root / rel)
     if server:
         for m in cluster.manifests:
