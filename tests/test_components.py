@@ -430,3 +430,17 @@ def test_iso_task_reports_image_and_digest(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.splitlines()[-1])
     assert out == {"image": str(link / "iso" / "nixos-olaf.iso"), "sha256": _sha("image")}
+
+
+def test_capture_reports_the_digest_of_the_file_it_leaves(tmp_path: Path) -> None:
+    import hashlib
+
+    from k3scluster.components.tasks import captured_sha256
+
+    out = tmp_path / "x.hardware.nix"
+    r = _task("capture", "--out", str(out), "--", "printf", "{ }\n")
+    assert captured_sha256(r.stdout) == hashlib.sha256(b"{ }\n").hexdigest()
+    # a kept file reports its own content, not what the command printed
+    r = _task("capture", "--out", str(out), "--", "printf", "other")
+    assert captured_sha256(r.stdout) == hashlib.sha256(b"{ }\n").hexdigest()
+    assert captured_sha256("") is None and captured_sha256(None) is None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from k3scluster.components.host import Host, HostArgs
 from k3scluster.components.iso import InstallerIsoArgs
 from k3scluster.components.secret import Secret, SecretArgs
 from k3scluster.components.steps import RUNNERS, step
+from k3scluster.components.tasks import captured_sha256
 from k3scluster.errors import K3sClusterError
 from k3scluster.model import Cluster as ClusterModel
 
@@ -74,6 +76,11 @@ def deploy_order(cluster: ClusterModel) -> list[list[str]]:
     ]
     rest = [h.name for h in cluster.hosts if h.name not in first and h.name not in servers]
     return [g for g in (first, servers, rest) if g]
+
+
+def _digest(inputs: Mapping[str, pulumi.Input[str]]) -> pulumi.Output[str]:
+    """``render.host_digest`` over inputs of which some are known only after a step ran."""
+    return pulumi.Output.all(**inputs).apply(lambda known: render.host_digest(known))
 
 
 def _secret_args(cluster: ClusterModel) -> dict[str, SecretArgs]:
@@ -158,7 +165,17 @@ class Cluster(pulumi.ComponentResource):
             deploys: list[pulumi.Resource] = []
             for hname in group:
                 h = c.host(hname)
-                inputs = render.host_inputs(c, hname, files)
+                inputs: dict[str, pulumi.Input[str]] = dict(render.host_inputs(c, hname, files))
+                hw = self.hardware.get(hname)
+                if hw is not None:
+                    # the file does not exist yet (render gave it the digest of "absent"):
+                    # its digest is what the fetch step wrote, so that the next preview,
+                    # reading the file, agrees and shows no second change of this host
+                    key = f"nixConfig:nixConfigs/{hname}.hardware.nix"
+                    absent = str(inputs[key])
+                    inputs[key] = hw.stdout.apply(  # type: ignore[attr-defined]
+                        lambda out, absent=absent: captured_sha256(out) or absent
+                    )
                 # the installer's rendered files, named like host_inputs names its own
                 iso_inputs = {
                     **inputs,
@@ -167,7 +184,7 @@ class Cluster(pulumi.ComponentResource):
                 iso = InstallerIsoArgs(
                     host=hname,
                     inputs=iso_inputs,
-                    digest=render.host_digest(iso_inputs),
+                    digest=_digest(iso_inputs),
                     build_argv=(
                         installer.iso_build_argv(s.nix, s.render_dir, hname)
                         if s.build_isos
@@ -179,14 +196,13 @@ class Cluster(pulumi.ComponentResource):
                     dir=workdir,
                     depends_on=(self.render,),
                 )
-                hw = self.hardware.get(hname)
                 host = Host(
                     hname,
                     HostArgs(
                         host=h,
                         nodes=c.k3s_on(hname),
                         inputs=inputs,
-                        digest=render.host_digest(inputs),
+                        digest=_digest(inputs),
                         deploy_argv=commands.colmena_apply(
                             s.colmena, hive, hname, parallel=s.parallel
                         ),

@@ -76,8 +76,9 @@ class K3sAgent(_K3sNode):
 class HostArgs:
     host: HostModel
     nodes: Sequence[K3sNode]  # the host's rows of k3s.csv
-    inputs: Mapping[str, str]  # render.host_inputs: name -> sha256
-    digest: str  # render.host_digest(inputs)
+    # render.host_inputs: name -> sha256 (an Output where a step of this run makes the file)
+    inputs: Mapping[str, pulumi.Input[str]]
+    digest: pulumi.Input[str]  # render.host_digest(inputs)
     deploy_argv: Sequence[str]  # commands.colmena_apply(...)
     runner: str
     dir: str  # working directory of the steps (the project directory)

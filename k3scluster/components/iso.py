@@ -23,8 +23,8 @@ from k3scluster.components.steps import step
 @dataclass(frozen=True)
 class InstallerIsoArgs:
     host: str
-    inputs: Mapping[str, str]  # name -> sha256 of everything the image depends on
-    digest: str  # one sha256 over ``inputs``
+    inputs: Mapping[str, pulumi.Input[str]]  # name -> sha256 of everything the image depends on
+    digest: pulumi.Input[str]  # one sha256 over ``inputs``
     build_argv: Sequence[str] | None  # None: do not build (buildIsos off)
     result_link: str  # the build's out-link (installer.iso_out_link)
     python: str

@@ -33,19 +33,22 @@ RUNNERS = ("command", "python")
 DIGEST_ENV_PREFIX = "K3SCLUSTER_IN_"
 
 
-def digest_environment(inputs_digest: Mapping[str, str]) -> dict[str, str]:
+def digest_environment(inputs_digest: Mapping[str, pulumi.Input[str]]) -> dict[str, Any]:
     """``{"hosts/olaf.nix": "ab…"}`` -> ``{"K3SCLUSTER_IN_hosts_olaf_nix": "hosts/olaf.nix=ab…"}``.
 
     The value keeps the original name, so two names that map to one variable stay distinct
     (the later one gets a numeric suffix).
     """
-    env: dict[str, str] = {}
+    env: dict[str, Any] = {}
     for name in sorted(inputs_digest):
         key = DIGEST_ENV_PREFIX + re.sub(r"[^A-Za-z0-9_]", "_", name)
         base, n = key, 2
         while key in env:
             key, n = f"{base}_{n}", n + 1
-        env[key] = f"{name}={inputs_digest[name]}"
+        value = inputs_digest[name]
+        env[key] = f"{name}={value}" if isinstance(value, str) else pulumi.Output.concat(
+            name, "=", value
+        )
     return env
 
 
@@ -60,7 +63,7 @@ def step(
     environment: Mapping[str, str] | None = None,
     secret_environment: Mapping[str, pulumi.Output[str]] | None = None,
     triggers: Sequence[Any] = (),
-    inputs_digest: Mapping[str, str] | None = None,
+    inputs_digest: Mapping[str, pulumi.Input[str]] | None = None,
     dir: str | None = None,
     output_may_hold_secrets: bool = False,
     opts: pulumi.ResourceOptions | None = None,

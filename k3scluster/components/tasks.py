@@ -20,8 +20,25 @@ from pathlib import Path
 
 from k3scluster.errors import K3sClusterError
 
+CAPTURED_PREFIX = "captured-sha256="
+
+
+def captured_sha256(stdout: str | None) -> str | None:
+    """The digest ``capture`` reports on its last line (None before the step has run)."""
+    for line in reversed((stdout or "").splitlines()):
+        if line.startswith(CAPTURED_PREFIX):
+            return line[len(CAPTURED_PREFIX) :].strip()
+    return None
+
 
 def _capture(out: Path, argv: list[str]) -> None:
+    _write_captured(out, argv)
+    # the digest of what the file now holds: the deploy that imports it takes this as its
+    # input, so the next preview agrees with the file and shows no second change
+    print(CAPTURED_PREFIX + hashlib.sha256(out.read_bytes()).hexdigest())
+
+
+def _write_captured(out: Path, argv: list[str]) -> None:
     if out.exists():
         print(f"{out} exists; kept as it is")
         return
