@@ -17,6 +17,7 @@ Nothing here imports pulumi and nothing here reads a secret.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shlex
@@ -34,6 +35,7 @@ TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "installer"
 INSTALLER_FILES = ("installer.json", "default.nix", "iso.nix", "system-setup.sh")
 
 
+@functools.cache  # one Environment per process: it caches the compiled templates
 def _env() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(TEMPLATES)),
