@@ -399,7 +399,12 @@ class _Loader:
                         rel,
                         start,
                         f"missing column(s): {', '.join(missing)}",
-                        f"the header needs at least: {','.join(required)}",
+                        f"the header needs at least: {','.join(required)}"
+                        + (
+                            " (columns are separated by commas, not semicolons or tabs)"
+                            if len(table.header) == 1 and re.search(r"[;\t]", table.header[0])
+                            else ""
+                        ),
                     )
                 continue
             if "name" in table.header and len(values) > table.header.index("name"):

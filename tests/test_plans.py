@@ -366,3 +366,20 @@ def test_doc_names_every_column_key_type_and_default() -> None:
     for key, value in defaults.items():
         row = re.search(rf"^\| `{key}` \|.*\| `(.*)` \|$", doc, re.MULTILINE)
         assert row is not None and row.group(1) == value, key
+
+
+def test_a_semicolon_separated_table_gets_a_hint(example_dir: Path) -> None:
+    (example_dir / "plans" / "hosts.csv").write_text(
+        "name;interface;ip;admin\nolaf;eno1;10.0.100.2;manfred\n"
+    )
+    result = plans.load(example_dir)
+    missing = [d for d in result.errors if d.file == "plans/hosts.csv" and d.line == 1]
+    assert missing and "not semicolons" in missing[0].hint
+
+
+def test_a_utf8_bom_and_crlf_lines_are_read(example_dir: Path) -> None:
+    hosts = example_dir / "plans" / "hosts.csv"
+    hosts.write_bytes(b"\xef\xbb\xbf" + hosts.read_bytes().replace(b"\n", b"\r\n"))
+    result = plans.load(example_dir)
+    assert result.errors == () and result.cluster is not None
+    assert [h.name for h in result.cluster.hosts] == ["olaf", "ulf", "rolf", "karl", "ulrich"]
