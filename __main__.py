@@ -2,7 +2,7 @@
 
 Configuration (namespace ``k3scluster``; see the README, "Operating the cluster"):
 ``clusterDir`` (required; relative paths are relative to this project), ``colmena``, ``nix``, ``buildIsos``, ``runner``, ``parallel``,
-``deployUser``, ``renderDir``.
+``deployUser``, ``sshIdentity``, ``sshKnownHosts``, ``renderDir``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,11 @@ from k3scluster.components.cluster import Cluster, ClusterArgs, Settings
 from k3scluster.errors import K3sClusterError
 
 PROJECT_DIR = Path(__file__).resolve().parent
+
+
+def _project_path(raw: str | None) -> Path | None:
+    """A file named in the stack config: ``~`` expanded, relative to this project."""
+    return (PROJECT_DIR / Path(raw).expanduser()).resolve() if raw else None
 
 
 def settings_from_config(config: pulumi.Config, stack: str) -> tuple[Path, Settings]:
@@ -44,6 +49,8 @@ def settings_from_config(config: pulumi.Config, stack: str) -> tuple[Path, Setti
         parallel=4 if parallel is None else parallel,
         deploy_user=config.get("deployUser") or "root",
         python=sys.executable,
+        ssh_identity=_project_path(config.get("sshIdentity")),
+        ssh_known_hosts=_project_path(config.get("sshKnownHosts")),
     )
     return cluster_dir, settings
 

@@ -9,6 +9,7 @@ pulumi-command. Nothing here imports pulumi.
 from __future__ import annotations
 
 import ipaddress
+import shlex
 from pathlib import Path
 
 from k3scluster.errors import K3sClusterError
@@ -60,12 +61,16 @@ def ssh_cat(
     *,
     ssh: str = "ssh",
     identity: Path | None = None,
+    known_hosts: Path | None = None,
     connect_timeout: int = 15,
 ) -> list[str]:
-    """``ssh -o BatchMode=yes … <user>@<ip> cat <path>``: read one file from a host.
+    """``ssh -o BatchMode=yes … <user>@<ip> cat -- <path>``: read one file from a host.
 
     BatchMode makes ssh fail instead of asking for a password; a new host key is accepted
     and remembered (the first contact with a freshly installed host), a changed one is not.
+    ``identity`` is a private key *file* (``-i FILE -o IdentitiesOnly=yes``: that key and no
+    other, not the agent's); ``known_hosts`` replaces ``~/.ssh/known_hosts`` (where a new host
+    key is remembered, too). Without them ssh's own defaults apply.
     """
     argv = [
         ssh,
@@ -74,11 +79,28 @@ def ssh_cat(
         "-o", "StrictHostKeyChecking=accept-new",
     ]
     if identity is not None:
-        argv += ["-i", str(identity)]
+        argv += ["-i", _local_path("k3scluster:sshIdentity", identity), "-o", "IdentitiesOnly=yes"]
+    if known_hosts is not None:
+        # ssh splits UserKnownHostsFile at spaces (several files): _local_path refuses them
+        argv += ["-o", "UserKnownHostsFile=" + _local_path("k3scluster:sshKnownHosts", known_hosts)]
     if not path.startswith("/"):
         raise K3sClusterError(f"remote path {path!r} must be absolute")
-    argv += [f"{_plain_arg('user', user)}@{ipaddress.IPv4Address(ip)}", "cat", "--", path]
+    # ssh joins the remote words with spaces and the user's shell on the host splits them
+    # again: quote the path for that shell (a plain path stays as it is)
+    target = f"{_plain_arg('user', user)}@{ipaddress.IPv4Address(ip)}"
+    argv += [target, "cat", "--", shlex.quote(path)]
     return argv
+
+
+def _local_path(setting: str, path: Path) -> str:
+    """A local file for an ssh option: refuse what ssh would split or expand."""
+    text = str(path)
+    if not text or text.startswith("-") or any(c.isspace() or c in "%~\\\"'" for c in text):
+        raise K3sClusterError(
+            f"{setting} {text!r} cannot be passed to ssh",
+            hint="use a path without white space, quotes, backslashes, '%' or '~'",
+        )
+    return text
 
 
 def fetch_hardware_config(
@@ -88,9 +110,17 @@ def fetch_hardware_config(
     out: Path,
     *,
     ssh: str = "ssh",
+    identity: Path | None = None,
+    known_hosts: Path | None = None,
 ) -> list[str]:
     """Read the host's ``hardware-configuration.nix`` over ssh into ``out``, atomically."""
-    return capture_to_file(python, out, ssh_cat(user, ip, HARDWARE_CONFIG_ON_HOST, ssh=ssh))
+    return capture_to_file(
+        python,
+        out,
+        ssh_cat(
+            user, ip, HARDWARE_CONFIG_ON_HOST, ssh=ssh, identity=identity, known_hosts=known_hosts
+        ),
+    )
 
 
 def capture_to_file(python: str, out: Path, argv: list[str]) -> list[str]:

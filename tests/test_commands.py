@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import shlex
 from pathlib import Path
 
 import pytest
@@ -47,9 +48,42 @@ def test_ssh_cat() -> None:
     ]
 
 
-def test_ssh_cat_identity_and_refusals() -> None:
-    argv = commands.ssh_cat("root", IP, "/x", identity=Path("/k/id"))
-    assert argv[argv.index("-i") + 1] == "/k/id"
+def test_ssh_cat_identity_and_known_hosts() -> None:
+    argv = commands.ssh_cat(
+        "root", IP, "/x", identity=Path("/k/id_ed25519"), known_hosts=Path("/k/known_hosts")
+    )
+    assert argv == [
+        "ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=15",
+        "-o", "StrictHostKeyChecking=accept-new",
+        "-i", "/k/id_ed25519", "-o", "IdentitiesOnly=yes",
+        "-o", "UserKnownHostsFile=/k/known_hosts",
+        "root@10.0.100.2", "cat", "--", "/x",
+    ]
+    only_key = commands.ssh_cat("root", IP, "/x", identity=Path("/k/id"))
+    assert only_key[7:11] == ["-i", "/k/id", "-o", "IdentitiesOnly=yes"]
+    assert not any(a.startswith("UserKnownHostsFile") for a in only_key)
+    only_kh = commands.ssh_cat("root", IP, "/x", known_hosts=Path("/k/kh"))
+    assert only_kh[7:9] == ["-o", "UserKnownHostsFile=/k/kh"]
+    assert "-i" not in only_kh and "IdentitiesOnly=yes" not in only_kh
+
+
+@pytest.mark.parametrize(
+    "path", ["/k/my key", "/k/id%h", "~/.ssh/id", "/k/a\"b", "/k/a'b", "/k/a\\b", "-oX"]
+)
+def test_ssh_cat_refuses_key_files_ssh_would_split_or_expand(path: str) -> None:
+    with pytest.raises(K3sClusterError, match="sshIdentity"):
+        commands.ssh_cat("root", IP, "/x", identity=Path(path))
+    with pytest.raises(K3sClusterError, match="sshKnownHosts"):
+        commands.ssh_cat("root", IP, "/x", known_hosts=Path(path))
+
+
+def test_ssh_cat_quotes_the_remote_path_for_the_remote_shell() -> None:
+    argv = commands.ssh_cat("root", IP, "/srv/my file;$(x)")
+    assert argv[-3:] == ["cat", "--", "'/srv/my file;$(x)'"]
+    assert shlex.split(" ".join(argv[-3:])) == ["cat", "--", "/srv/my file;$(x)"]
+
+
+def test_ssh_cat_refusals() -> None:
     with pytest.raises(K3sClusterError):
         commands.ssh_cat("-oProxyCommand=x", IP, "/x")
     with pytest.raises(K3sClusterError):
@@ -57,11 +91,24 @@ def test_ssh_cat_identity_and_refusals() -> None:
 
 
 def test_fetch_hardware_config_wraps_ssh_in_the_capture_task() -> None:
-    argv = commands.fetch_hardware_config("/py", "root", IP, Path("/c/nixConfigs/olaf.hardware.nix"))
+    out = Path("/c/nixConfigs/olaf.hardware.nix")
+    argv = commands.fetch_hardware_config("/py", "root", IP, out)
     assert argv[:6] == ["/py", "-m", "k3scluster.components.tasks", "capture", "--out",
                         "/c/nixConfigs/olaf.hardware.nix"]
     assert argv[6] == "--"
     assert argv[7:] == commands.ssh_cat("root", IP, commands.HARDWARE_CONFIG_ON_HOST)
+    assert argv[-4:] == ["root@10.0.100.2", "cat", "--", "/etc/nixos/hardware-configuration.nix"]
+
+
+def test_fetch_hardware_config_passes_key_and_known_hosts_files() -> None:
+    key, kh = Path("/p/id_ed25519"), Path("/p/known_hosts")
+    argv = commands.fetch_hardware_config(
+        "/py", "admin", IP, Path("/c/x.hardware.nix"), identity=key, known_hosts=kh
+    )
+    assert argv[7:] == commands.ssh_cat(
+        "admin", IP, commands.HARDWARE_CONFIG_ON_HOST, identity=key, known_hosts=kh
+    )
+    assert "-i" in argv and "-o" in argv and "UserKnownHostsFile=/p/known_hosts" in argv
 
 
 def test_render_tree_uses_the_cli() -> None:

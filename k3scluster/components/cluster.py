@@ -45,6 +45,9 @@ class Settings:
     parallel: int = 4
     deploy_user: str = "root"
     python: str = field(default=sys.executable)
+    # the hardware fetch's ssh: a private key file and a known_hosts file (None: ssh's own)
+    ssh_identity: Path | None = None
+    ssh_known_hosts: Path | None = None
 
     def __post_init__(self) -> None:
         if self.runner not in RUNNERS:
@@ -56,6 +59,17 @@ class Settings:
             raise K3sClusterError(
                 f"k3scluster:parallel is {self.parallel}; it must be at least 1",
                 hint="pulumi config set k3scluster:parallel 4",
+            )
+        if self.ssh_identity is not None and not self.ssh_identity.is_file():
+            raise K3sClusterError(
+                f"k3scluster:sshIdentity {self.ssh_identity} is not a file",
+                hint="name your private key file (a path, never the key): "
+                "pulumi config set k3scluster:sshIdentity ~/.ssh/id_ed25519",
+            )
+        if self.ssh_known_hosts is not None and not self.ssh_known_hosts.parent.is_dir():
+            raise K3sClusterError(
+                f"k3scluster:sshKnownHosts {self.ssh_known_hosts}: its directory does not exist",
+                hint="ssh creates the file itself, but not its directory",
             )
 
 
@@ -135,7 +149,14 @@ class Cluster(pulumi.ComponentResource):
                 f"{name}-{h.name}-hardware",
                 runner=s.runner,
                 host=h.name,
-                create=commands.fetch_hardware_config(s.python, s.deploy_user, h.ip, out),
+                create=commands.fetch_hardware_config(
+                    s.python,
+                    s.deploy_user,
+                    h.ip,
+                    out,
+                    identity=s.ssh_identity,
+                    known_hosts=s.ssh_known_hosts,
+                ),
                 dir=workdir,
                 triggers=[str(h.ip)],
                 opts=pulumi.ResourceOptions(parent=self),
