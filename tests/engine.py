@@ -120,6 +120,19 @@ def engine_env(cwd: Path | str, env: Mapping[str, str] | None = None) -> dict[st
     return out
 
 
+# The shell around the engine when a test prepares its namespace (run_pulumi's ``setup``):
+# loopback up, the caller's setup, then the engine as a child (not exec'd) so that the EXIT trap
+# runs the caller's teardown when it ends.
+_SETUP_SCRIPT = """set -e
+ip link set lo up
+trap '{teardown}' EXIT
+{setup}
+set +e
+"$@"
+exit $?
+"""
+
+
 def run_pulumi(
     args: Sequence[str],
     cwd: Path | str,
@@ -127,10 +140,21 @@ def run_pulumi(
     netns: bool = True,
     *,
     timeout: float = 600,
+    setup: str | None = None,
+    teardown: str = ":",
 ) -> subprocess.CompletedProcess[str]:
     """Runs ``.tools/bin/pulumi ARGS`` in ``cwd`` and returns the finished process (text
     stdout/stderr; the return code is not checked). With ``netns`` (the default) it runs in a
-    new network namespace with only loopback up, which needs root."""
+    new network namespace with only loopback up, which needs root.
+
+    ``setup`` (shell text, needs ``netns``) runs first, as root, inside namespaces of the run's
+    own: network (only loopback, up), mount (private propagation: its mounts are seen by the
+    engine and what it starts, and by nothing outside) and PID. There it may add addresses to
+    ``lo``, bind-mount prepared directories and start servers in the background; when it fails
+    the engine does not run and its exit status is returned. ``teardown`` (shell text) runs
+    when the engine ends, in an EXIT trap. Whatever ``setup`` started dies with the PID
+    namespace at the latest, even when the run is killed (``unshare --kill-child``).
+    """
     cmd = [str(PULUMI), *args]
     if netns:
         if not netns_available():
@@ -138,7 +162,19 @@ def run_pulumi(
                 "run_pulumi(netns=True) needs root, unshare and ip (iproute2) to make a "
                 "loopback-only network namespace"
             )
-        cmd = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *cmd]
+        if setup is None:
+            cmd = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *cmd]
+        else:
+            if "'" in teardown:
+                raise ValueError("teardown runs in a single-quoted trap: no ' in it")
+            script = _SETUP_SCRIPT.format(setup=setup, teardown=teardown)
+            cmd = [
+                "unshare", "--net", "--mount", "--propagation", "private",
+                "--pid", "--kill-child", "--mount-proc",
+                "sh", "-c", script, "sh", *cmd,
+            ]
+    elif setup is not None:
+        raise ValueError("run_pulumi(setup=...) needs netns=True")
     return subprocess.run(
         cmd,
         cwd=cwd,
