@@ -176,8 +176,9 @@ def test_deploy_order_init_server_first(poisoned: Path, runner: str) -> None:
     for h in ("karl", "ulrich"):  # no server on them: after every server host
         assert {urn["olaf"], urn["ulf"], urn["rolf"], render} <= deps[h]
         assert not ({urn["karl"], urn["ulrich"]} & deps[h])
-    # the render waits for the hardware fetches (it renders what they wrote)
-    assert set(m.named("cluster-render").dependencies) == {
+    # the render does not wait for the hardware fetches: a failed fetch stops its host only
+    # (each host's deploy waits for its own fetch; see test_hardware_fetch.py)
+    assert not set(m.named("cluster-render").dependencies) & {
         m.named(f"cluster-{h}-hardware").urn for h in ("olaf", "rolf", "karl", "ulrich")
     }
 

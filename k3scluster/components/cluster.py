@@ -5,7 +5,8 @@ Children, in the order they run during ``pulumi up``:
 1. ``<name>-<host>-hardware`` for each host without ``nixConfigs/<host>.hardware.nix``: reads
    ``/etc/nixos/hardware-configuration.nix`` from the host over ssh into that file;
 2. ``<name>-render``: writes the rendered tree (``k3scluster render``) — during ``up`` only,
-   so a preview changes nothing on disk;
+   so a preview changes nothing on disk; it does not wait for the fetches (a failed fetch
+   stops its own host only), each host's deploy does;
 3. one ``Host`` per row of hosts.csv, each deploying with colmena: the init-server's host
    first, then the other server hosts, then the rest (hosts of one group in parallel);
 4. one ``Secret`` per secret file (digest only) and, under each Host, its ``K3sServer`` /
@@ -14,6 +15,7 @@ Children, in the order they run during ``pulumi up``:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import sys
 from collections.abc import Mapping
@@ -162,6 +164,22 @@ class Cluster(pulumi.ComponentResource):
                 opts=pulumi.ResourceOptions(parent=self),
             )
 
+        # what hosts/<host>.nix of a host with a fetch step will be once its file exists: the
+        # render writes that from then on (until then it imports the file if it exists)
+        fetched_files = (
+            render.render_files(
+                dataclasses.replace(
+                    c,
+                    nix_configs=tuple(
+                        sorted({*c.nix_configs, *(f"{h}.hardware.nix" for h in self.hardware)})
+                    ),
+                ),
+                s.render_dir,
+            )
+            if self.hardware
+            else files
+        )
+
         # 2. the rendered tree, written during `up`
         tree = {rel: hashlib.sha256(text.encode()).hexdigest() for rel, text in files.items()}
         tree.update({f"fetch:{h}": "nixConfigs/" + h + ".hardware.nix" for h in self.hardware})
@@ -174,7 +192,12 @@ class Cluster(pulumi.ComponentResource):
             update=render_argv,
             inputs_digest=tree,
             dir=workdir,
-            opts=pulumi.ResourceOptions(parent=self, depends_on=list(self.hardware.values())),
+            # not after the fetch steps: a fetch that fails must stop its own host only (a
+            # failed dependency fails the registration of everything that depends on it).
+            # The rendered tree imports a hardware file that is not there yet once it exists
+            # (builtins.pathExists), so the host's deploy, which does wait for its fetch,
+            # builds the same system whichever ran first.
+            opts=pulumi.ResourceOptions(parent=self),
         )
 
         # 3. hosts, group by group
@@ -196,6 +219,16 @@ class Cluster(pulumi.ComponentResource):
                     absent = str(inputs[key])
                     inputs[key] = hw.stdout.apply(  # type: ignore[attr-defined]
                         lambda out, absent=absent: captured_sha256(out) or absent
+                    )
+                    # likewise its rendered hosts/<host>.nix: the text that imports the file
+                    rel = f"file:hosts/{hname}.nix"
+                    before, after = str(inputs[rel]), hashlib.sha256(
+                        fetched_files[f"hosts/{hname}.nix"].encode()
+                    ).hexdigest()
+                    inputs[rel] = hw.stdout.apply(  # type: ignore[attr-defined]
+                        lambda out, before=before, after=after: (
+                            after if captured_sha256(out) else before
+                        )
                     )
                 # the installer's rendered files, named like host_inputs names its own
                 iso_inputs = {
