@@ -120,20 +120,30 @@ def find_iso(result: Path) -> Path:
     return isos[0]
 
 
-def installer_inputs(files: Mapping[str, str], host: str) -> dict[str, str]:
+def file_digests(files: Mapping[str, str]) -> dict[str, str]:
+    """sha256 of every rendered file, computed once for all hosts (see installer_inputs)."""
+    return {rel: hashlib.sha256(text.encode()).hexdigest() for rel, text in files.items()}
+
+
+def installer_inputs(
+    files: Mapping[str, str], host: str, digests: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """sha256 of every rendered file the host's installer image depends on.
 
     ``files`` is the render output (relative path -> text). The image depends on the
     whole hive (any node may read ``nodes``) and on its own installer files, not on the
     other hosts' installers. Files outside the render output that the hive imports
-    (``nixConfigs/*.nix``) are the caller's to add.
+    (``nixConfigs/*.nix``) are the caller's to add. ``digests`` (``file_digests(files)``)
+    spares hashing every file again for each host.
     """
+    if digests is None:
+        digests = file_digests(files)
     own = installer_dir(host) + "/"
     result: dict[str, str] = {}
     for rel in sorted(files):
         if rel.startswith("installers/") and not rel.startswith(own):
             continue
-        result[rel] = hashlib.sha256(files[rel].encode()).hexdigest()
+        result[rel] = digests[rel]
     missing = [f for f in INSTALLER_FILES if own + f not in result]
     if missing:
         raise K3sClusterError(
