@@ -270,6 +270,11 @@ class _Loader:
             if required:
                 self.error("file-missing", rel, 0, "missing file", _INIT_HINT)
             return None
+        data = self.read_file(rel, path)
+        return None if data is None else self.decode(rel, data)
+
+    def read_file(self, rel: str, path: Path) -> bytes | None:
+        """The bytes of a regular file, or None with a diagnostic saying why not."""
         if not path.is_file():
             self.error(
                 "file-unreadable",
@@ -280,7 +285,7 @@ class _Loader:
             )
             return None
         try:
-            data = path.read_bytes()
+            return path.read_bytes()
         except OSError as exc:
             self.error(
                 "file-unreadable",
@@ -290,7 +295,6 @@ class _Loader:
                 "check the file's owner and permissions",
             )
             return None
-        return self.decode(rel, data)
 
     def decode(self, rel: str, data: bytes) -> str | None:
         nul = data.find(b"\0")
@@ -1164,27 +1168,13 @@ class _Loader:
 
     def read_secret(self, rel: str, path: Path, *, check_mode: bool) -> bytes | None:
         """The bytes of a file in secrets/ (None: reported), warning when others may read it."""
-        if not path.is_file():
-            self.error(
-                "file-unreadable",
-                rel,
-                0,
-                "is not a regular file (a directory?)",
-                "replace it with a file",
-            )
+        data = self.read_file(rel, path)
+        if data is None:
             return None
         try:
-            data = path.read_bytes()
             mode = path.stat().st_mode
-        except OSError as exc:
-            self.error(
-                "file-unreadable",
-                rel,
-                0,
-                f"cannot be read: {exc.strerror}",
-                "check the file's owner and permissions",
-            )
-            return None
+        except OSError:  # gone since it was read: it was read, so use what was read
+            mode = 0
         if check_mode and mode & (stat.S_IRWXG | stat.S_IRWXO):
             self.warn(
                 "secret-permissions",
