@@ -83,6 +83,7 @@ RULES: dict[str, str] = {
     "k3s-host-slot": "at most one server and one agent per host",
     "k3s-init-server": "exactly one init-server when there are K3s rows",
     "k3s-no-server": "agents need servers",
+    "k3s-no-agent": "servers need agents to run pods (servers are agentless)",
     "k3s-server-count": "an odd number of servers (etcd quorum)",
     "yaml-syntax": "network.yaml is valid YAML: one mapping",
     "network-key-missing": "gateway and netmask are set",
@@ -113,6 +114,7 @@ RULES: dict[str, str] = {
 WARNING_RULES = frozenset(
     {
         "k3s-server-count",
+        "k3s-no-agent",
         "network-key-unknown",
         "passwd-unknown-host",
         "secret-permissions",
@@ -1046,6 +1048,14 @@ class _Loader:
                     first_agent,
                     "agents but no server",
                     "add an init-server row: agents join a server",
+                )
+            if servers and not agents:
+                self.warn(
+                    "k3s-no-agent",
+                    rel,
+                    table.header_line,
+                    "servers but no agent: nothing can run pods (the servers run no kubelet)",
+                    "add an agent row (type agent) on one or more hosts",
                 )
             if servers and servers % 2 == 0:
                 self.warn(

@@ -443,6 +443,17 @@ CASES = [
         ],
     ),
     case(
+        "k3s-no-agent",
+        Write(
+            "plans/k3s.csv",
+            "host,name,type,ip\nolaf,olaf-k3s-server,init-server,10.0.100.10\n",
+        ),
+        expected=[
+            ("plans/k3s.csv:1: warning: servers but no agent: nothing can run pods "
+            "(the servers run no kubelet)")
+        ],
+    ),
+    case(
         "bios-grub-device",
         Write("nixConfigs/rolf.nix", "{ ... }: { time.timeZone = \"UTC\"; }\n"),
         expected=[
