@@ -66,4 +66,9 @@ class InstallerIso(pulumi.ComponentResource):
             result = self.build.stdout.apply(_result)  # type: ignore[attr-defined]
             self.image = result.apply(lambda r: r.get("image"))
             self.sha256 = result.apply(lambda r: r.get("sha256"))
-        self.register_outputs({"image": self.image, "sha256": self.sha256, "digest": self.digest})
+        if self.build is None:  # nothing to wait for: plain values are cheaper to register
+            self.register_outputs({"image": None, "sha256": None, "digest": args.digest})
+        else:
+            self.register_outputs(
+                {"image": self.image, "sha256": self.sha256, "digest": self.digest}
+            )
