@@ -184,6 +184,8 @@ def test_deploy_order_init_server_first(poisoned: Path, runner: str) -> None:
 
 
 def _argv(reg: Registration, runner: str, which: str = "create") -> list[str]:
+    if runner == "python" and which == "update" and "update" not in reg.inputs:
+        which = "create"  # the python runner's update runs create when no update is set
     value = reg.inputs[which]
     return shlex.split(value) if runner == "command" else list(value)
 

@@ -280,20 +280,32 @@ class Cluster(pulumi.ComponentResource):
                 deploys.append(host.deploy)
             earlier = earlier + deploys
 
-        self.hosts = pulumi.Output.from_input(
-            {
+        # One Output over what is known only after up (digests, ISO results); the rest plain.
+        pending = {
+            f"{hname}/{key}": value
+            for hname, host in self.host_components.items()
+            for key, value in (
+                ("digest", host.digest),
+                ("image", host.installer.image),
+                ("sha256", host.installer.sha256),
+            )
+        }
+
+        def hosts_output(known: dict[str, object]) -> dict[str, dict[str, object]]:
+            return {
                 hname: {
-                    "ip": host.ip,
-                    "roles": host.roles,
-                    "digest": host.digest,
+                    "ip": str(c.host(hname).ip),
+                    "roles": [n.type.value for n in c.k3s_on(hname)],
+                    "digest": known[f"{hname}/digest"],
                     "installer": {
-                        "image": host.installer.image,
-                        "sha256": host.installer.sha256,
+                        "image": known[f"{hname}/image"],
+                        "sha256": known[f"{hname}/sha256"],
                     },
                 }
-                for hname, host in self.host_components.items()
+                for hname in self.host_components
             }
-        )
+
+        self.hosts = pulumi.Output.all(**pending).apply(hosts_output)
         self.api_endpoint = pulumi.Output.from_input(c.api_endpoint)
         self.render_dir = pulumi.Output.from_input(str(s.render_dir))
         self.register_outputs(

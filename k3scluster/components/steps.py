@@ -105,24 +105,29 @@ def step(
             ),
         )
     if runner == "python":
-        props: dict[str, Any] = {
-            "host": host,
-            "create": list(create),
-            "update": list(update) if update else None,
+        # Only what is set: every property is serialized, diffed and stored for every step,
+        # which is most of what a large preview costs beyond the engine's floor (bench/).
+        props: dict[str, Any] = {"host": host, "create": list(create), "inputs": digests}
+        if update and list(update) != list(create):  # the runner runs create when update is unset
+            props["update"] = list(update)
+        optional = {
             "delete": list(delete) if delete else None,
             "environment": environment,
             "secretEnvironment": secret_environment,
             "triggers": list(triggers),
-            "inputs": digests,
             "dir": dir,
         }
+        props.update({k: v for k, v in optional.items() if v})
         return Step(
             name,
             props,
             pulumi.ResourceOptions.merge(
                 opts,
                 pulumi.ResourceOptions(
-                    additional_secret_outputs=["secretEnvironment", *secret_outputs]
+                    additional_secret_outputs=[
+                        *(["secretEnvironment"] if secret_environment else []),
+                        *secret_outputs,
+                    ]
                 ),
             ),
         )
