@@ -21,8 +21,22 @@ class NoOp(ResourceProvider):
 
 
 class Step(Resource):
-    def __init__(self, name, opts=None):
-        super().__init__(NoOp(), name, {"value": name}, opts)
+    def __init__(self, name, props=None, opts=None):
+        super().__init__(NoOp(), name, props or {"value": name}, opts)
+
+
+def step_props(name, inputs):
+    """Properties shaped like a k3scluster deploy step's: argv lists and ``inputs`` digests."""
+    argv = ["colmena", "apply", "switch", "--on", name, "-f", "/render/hive.nix", "-p", "4"]
+    return {
+        "host": name,
+        "create": argv,
+        "delete": ["echo", f"k3scluster: {name} left the plans; the machine was NOT wiped"],
+        "dir": "/project",
+        "inputs": {f"input:{name}:{i}": "0" * 64 for i in range(inputs)},
+        "stdout": None,
+        "stderr": None,
+    }
 
 
 class Box(pulumi.ComponentResource):
@@ -36,5 +50,9 @@ root = Box("root")
 child = pulumi.ResourceOptions(parent=root)
 for i in range(config.require_int("components") - 1):
     Box(f"box-{i}", child)
+# floor:stepInputs > 0: steps carry k3scluster-shaped properties with that many digests (the
+# "floor with our step properties" column of the benchmark: what carrying the digests costs)
+inputs = config.get_int("stepInputs") or 0
 for i in range(config.require_int("steps")):
-    Step(f"step-{i}", child)
+    name = f"step-{i}"
+    Step(name, step_props(name, inputs) if inputs else None, child)
