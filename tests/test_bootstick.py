@@ -45,6 +45,15 @@ def image(tmp_path: Path) -> Path:
     return path
 
 
+def write_quietly(cluster, dev: str, image: Path) -> None:
+    """boot-stick onto a loop device (not removable: the override), answering yes, no progress."""
+    boot_stick(
+        cluster, "olaf", dev, yes=True, image=image, allow_non_removable=True,
+        progress=io.StringIO(),
+    )
+
+
+
 def test_writes_and_verifies(cluster, loop_factory, image: Path):
     tail = b"T" * MiB
     dev = loop_factory(16, fill=b"\0" * (15 * MiB) + tail)
@@ -97,15 +106,7 @@ def test_refuses_mounted_device(cluster, loop_factory, image, tmp_path):
     try:
         (mnt / "data").write_text("precious")
         with pytest.raises(K3sClusterError, match="is mounted") as e:
-            boot_stick(
-                cluster,
-                "olaf",
-                dev,
-                yes=True,
-                image=image,
-                allow_non_removable=True,
-                progress=io.StringIO(),
-            )
+            write_quietly(cluster, dev, image)
         assert "umount" in e.value.hint
         assert (mnt / "data").read_text() == "precious"
     finally:
@@ -127,15 +128,7 @@ def test_refuses_mounted_partition(cluster, loop_factory, image, tmp_path):
         # the unmount updates the file system itself: compare the area before it
         before = _head(dev)
         with pytest.raises(K3sClusterError, match="is mounted"):
-            boot_stick(
-                cluster,
-                "olaf",
-                dev,
-                yes=True,
-                image=image,
-                allow_non_removable=True,
-                progress=io.StringIO(),
-            )
+            write_quietly(cluster, dev, image)
     finally:
         unmount_under(mnt)
     assert _head(dev) == before
@@ -167,15 +160,7 @@ def test_refuses_a_too_small_device(cluster, loop_factory, image):
     dev = loop_factory(8, fill=b"keep" * 1000)
     before = sha256_of(dev)
     with pytest.raises(K3sClusterError, match="too small"):
-        boot_stick(
-            cluster,
-            "olaf",
-            dev,
-            yes=True,
-            image=image,
-            allow_non_removable=True,
-            progress=io.StringIO(),
-        )
+        write_quietly(cluster, dev, image)
     assert sha256_of(dev) == before
 
 
