@@ -213,6 +213,12 @@ class _Loader:
 
     # -- diagnostics -------------------------------------------------------
 
+    def yaml_error(self, rule: str, file: str, exc: yaml.MarkedYAMLError, hint: str) -> None:
+        """A YAML parse error at the line PyYAML marks (1 when it marks none)."""
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 1
+        self.error(rule, file, line, f"not valid YAML: {exc.problem or exc.context}", hint)
+
     def error(self, rule: str, file: str, line: int, message: str, hint: str = "") -> None:
         self._add(rule, Diagnostic(file, line, message, Severity.ERROR, hint))
 
@@ -441,14 +447,7 @@ class _Loader:
         try:
             node = yaml.compose(text, Loader=yaml.SafeLoader)
         except yaml.MarkedYAMLError as exc:
-            mark = exc.problem_mark or exc.context_mark
-            self.error(
-                "yaml-syntax",
-                rel,
-                mark.line + 1 if mark else 1,
-                f"not valid YAML: {exc.problem or exc.context}",
-                "fix the YAML syntax (key: value, one per line)",
-            )
+            self.yaml_error("yaml-syntax", rel, exc, "fix the YAML syntax (key: value, one per line)")
             return None
         except yaml.reader.ReaderError as exc:
             self.error(
@@ -1373,14 +1372,7 @@ class _Loader:
             docs = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
             objs = list(yaml.safe_load_all(text))
         except yaml.MarkedYAMLError as exc:
-            mark = exc.problem_mark or exc.context_mark
-            self.error(
-                "manifest-yaml",
-                rel,
-                mark.line + 1 if mark else 1,
-                f"not valid YAML: {exc.problem or exc.context}",
-                hint,
-            )
+            self.yaml_error("manifest-yaml", rel, exc, hint)
             return False
         except yaml.reader.ReaderError as exc:
             self.error(
