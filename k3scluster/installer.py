@@ -28,6 +28,7 @@ import jinja2
 
 from .errors import K3sClusterError
 from .model import Cluster
+from .pins import NIXPKGS_SYSTEM
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "installer"
 
@@ -71,7 +72,7 @@ def render_installer(cluster: Cluster, host: str, out: Path) -> dict[str, str]:
     serial = h.disk or ""
     data = {"host": h.name, "boot": h.boot.value, "serial": serial}
     env = _env()
-    ctx = {"host": h.name, "boot": h.boot.value, "serial": serial}
+    ctx = {"host": h.name, "boot": h.boot.value, "serial": serial, "system": NIXPKGS_SYSTEM}
     base = installer_dir(h.name)
     return {
         f"{base}/installer.json": json.dumps(data, indent=2, sort_keys=True) + "\n",

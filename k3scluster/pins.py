@@ -9,6 +9,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+# The system meta.nixpkgs is imported for. colmena evaluates every node with
+# `inherit (npkgs) system` (colmena src/nix/hive/eval.nix), so this is each host's
+# default platform; a host's own nixpkgs.hostPlatform takes precedence over it.
+NIXPKGS_SYSTEM = "x86_64-linux"
+
 _REV = re.compile(r"^[0-9a-f]{40}$")
 # builtins.fetchTarball's sha256: nix32 (52 chars) or SRI (sha256-<base64>)
 _SHA256 = re.compile(r"^([0-9abcdfghijklmnpqrsvwxyz]{52}|sha256-[A-Za-z0-9+/]{43}=)$")

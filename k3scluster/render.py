@@ -38,7 +38,7 @@ from k3scluster import installer
 from k3scluster.errors import K3sClusterError
 from k3scluster.model import Cluster, Host, K3sNode, K3sType
 from k3scluster.nix import NixPath, nix_value
-from k3scluster.pins import NIXPKGS_PINS, NixpkgsPin, is_commit
+from k3scluster.pins import NIXPKGS_PINS, NIXPKGS_SYSTEM, NixpkgsPin, is_commit
 
 T = TypeVar("T")
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -358,6 +358,7 @@ def _hive_context(cluster: Cluster, out: Path) -> dict[str, object]:
     return {
         "pin": pin,
         "release": cluster.network.nixos_release,
+        "system": NIXPKGS_SYSTEM,
         "nodes": nodes,
     }
 

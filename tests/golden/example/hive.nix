@@ -3,10 +3,17 @@
 {
   meta = {
     # nixpkgs for NixOS 25.05, pinned to one commit (nixos-25.05 branch head ac62194c (2026-01-02)).
+    # Imported pure: with no arguments nixpkgs would read the deploying user's
+    # ~/.config/nixpkgs/{config.nix,overlays} (and colmena hands both to every node),
+    # so what the hosts run would depend on who deploys.
     nixpkgs = import (builtins.fetchTarball {
       url = "https://github.com/NixOS/nixpkgs/archive/ac62194c3917d5f474c1a844b6fd6da2db95077d.tar.gz";
       sha256 = "0v6bd1xk8a2aal83karlvc853x44dg1n4nk08jg3dajqyy0s98np";
-    }) { };
+    }) {
+      config = { };
+      overlays = [ ];
+      system = "x86_64-linux";
+    };
   };
 
   "olaf" = {

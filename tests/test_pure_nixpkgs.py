@@ -1,0 +1,116 @@
+"""The hive and the ISO import nixpkgs pure (issue 13 item 10).
+
+`import <nixpkgs> { }` reads the deploying user's ~/.config/nixpkgs/{config.nix,overlays};
+colmena then hands that config and those overlays to every node (colmena's
+src/nix/hive/eval.nix: `nixpkgs.overlays = lib.mkBefore npkgs.overlays`). So the rendered
+files must call nixpkgs with config, overlays and system.
+
+There is no nixpkgs here: the tests put a stand-in nixpkgs in its place, a directory whose
+default.nix is a function of exactly `{ config, overlays, system }` (Nix refuses the call
+when one of them is missing) that returns what it was called with.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from k3scluster import plans
+from k3scluster.installer import render_installer
+from k3scluster.pins import NIXPKGS_SYSTEM
+from k3scluster.render import nixpkgs_pin, render_files
+
+STUB_NIXPKGS = """\
+# stand-in for nixpkgs (tests/test_pure_nixpkgs.py): records how it was called
+{ config, overlays, system }@args:
+{
+  recorded = args;
+  inherit config overlays;
+  path = ./.;
+  lib = { };
+  stdenv.hostPlatform.system = system;
+}
+"""
+
+# stand-in for nixos/lib/eval-config.nix: the ISO's result says which system it got
+STUB_EVAL_CONFIG = """\
+args: {
+  config.system.build = {
+    toplevel = "toplevel-of-the-host";
+    isoImage = { inherit (args) system; };
+  };
+}
+"""
+
+
+def _eval(expr: str) -> object:
+    proc = subprocess.run(
+        ["nix-instantiate", "--eval", "--strict", "--json", "-E", expr],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def _stub(dir: Path) -> Path:
+    (dir / "nixos" / "lib").mkdir(parents=True)
+    (dir / "default.nix").write_text(STUB_NIXPKGS)
+    (dir / "nixos" / "lib" / "eval-config.nix").write_text(STUB_EVAL_CONFIG)
+    return dir
+
+
+def test_the_hive_imports_its_pin_pure(example_dir: Path, tmp_path: Path) -> None:
+    cluster = plans.load(example_dir).cluster
+    assert cluster is not None
+    out = example_dir / ".k3scluster" / "render"
+    hive = render_files(cluster, out)["hive.nix"]
+    pin = nixpkgs_pin(cluster)
+    stub = _stub(tmp_path / "nixpkgs")
+    # The rendered hive, with builtins.fetchTarball answering the pinned url and hash
+    # (and nothing else) with the stand-in; `builtins` is an ordinary name in Nix, so a
+    # `let` around the file's text rebinds it for the whole hive.
+    wrapped = tmp_path / "hive-with-stub.nix"
+    wrapped.write_text(
+        "let\n"
+        "  real = builtins;\n"
+        f"  want = {{ url = {json.dumps(pin.url)}; sha256 = {json.dumps(pin.sha256)}; }};\n"
+        "in\n"
+        "let\n"
+        "  builtins = real // {\n"
+        f"    fetchTarball = a: if a == want then {stub} else\n"
+        '      throw "fetchTarball called with ${real.toJSON a}";\n'
+        "  };\n"
+        "in\n" + hive
+    )
+    got = _eval(f"(import {wrapped}).meta.nixpkgs.recorded")
+    assert got == {"config": {}, "overlays": [], "system": NIXPKGS_SYSTEM}
+
+
+def _iso(tmp_path: Path, nixpkgs_expr: str) -> object:
+    cluster = plans.load(Path(__file__).resolve().parent.parent / "examples" / "cluster").cluster
+    assert cluster is not None
+    host = cluster.hosts[0].name
+    out = tmp_path / "render"
+    for rel, text in render_installer(cluster, host, out).items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text(text)
+    _stub(tmp_path / "nixpkgs")
+    # a stand-in hive: one node, meta.nixpkgs not yet imported
+    (out / "hive.nix").write_text(f"{{ meta.nixpkgs = {nixpkgs_expr}; {host} = {{ }}; }}\n")
+    return _eval(f"import {out / 'installers' / host / 'default.nix'}")
+
+
+def test_the_iso_imports_a_nixpkgs_path_pure(tmp_path: Path) -> None:
+    # the stand-in refuses a call without config, overlays or system
+    assert _iso(tmp_path, str(tmp_path / "nixpkgs")) == {"system": NIXPKGS_SYSTEM}
+
+
+def test_the_iso_calls_a_nixpkgs_function_pure(tmp_path: Path) -> None:
+    expr = (
+        f'(args: assert args == {{ config = {{ }}; overlays = [ ]; system = "{NIXPKGS_SYSTEM}"; }};'
+        f" import {tmp_path / 'nixpkgs'} args)"
+    )
+    assert _iso(tmp_path, expr) == {"system": NIXPKGS_SYSTEM}
