@@ -1,0 +1,151 @@
+"""Reading a CSV plan (hosts.csv, k3s.csv) into a ``Table``: syntax, header, field counts.
+
+Comment lines (``#``) and blank lines are skipped but keep the line numbers true; names and
+values are stripped and lowercased.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from k3scluster.plans.files import Files
+
+_QUOTE_HINT = "close the quote, or remove it: plan values need no quotes"
+
+
+@dataclass
+class Table:
+    header: tuple[str, ...]
+    header_line: int
+    rows: list[tuple[int, dict[str, str], tuple[tuple[str, str], ...]]]
+    names: list[str] = field(default_factory=list)  # 'name' of every row, even a broken one
+
+
+class Tables(Files):
+    def read_table(
+        self, rel: str, text: str, required: tuple[str, ...], reserved: dict[str, str] | None = None
+    ) -> Table | None:
+        """The table of ``text``; None when it cannot be used (reported)."""
+        table: Table | None = None
+        ok_header = True
+        for row in self._csv_rows(rel, text):
+            if row is None:
+                return None  # a syntax error: reported
+            start, values = row
+            if table is None:
+                table = Table(tuple(values), start, [])
+                ok_header = self._check_header(rel, table, required, reserved or {})
+            else:
+                self._add_row(rel, table, start, values)
+        if table is None:
+            return Table((), 0, [])  # nothing but comments and blank lines
+        return table if ok_header else None
+
+    def _csv_rows(self, rel: str, text: str) -> Iterator[tuple[int, list[str]] | None]:
+        """(line, values) of each row that is not blank; None after reporting a syntax error."""
+
+        def lines() -> Iterator[str]:
+            # comment lines become blank lines, so csv's line_num stays the file's line
+            for line in io.StringIO(text, newline=""):
+                yield "\n" if line.lstrip().startswith("#") else line
+
+        reader = csv.reader(lines(), strict=True)
+        while True:
+            start = reader.line_num + 1
+            try:
+                raw = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                if str(exc) == "unexpected end of data":  # the file ends inside a quote
+                    message, line = 'a quote (") opened in this row is not closed', start
+                else:
+                    message, line = f"not valid CSV: {exc}", reader.line_num or start
+                self.error("csv-syntax", rel, line, message, _QUOTE_HINT)
+                yield None
+                return
+            if any("\n" in v or "\r" in v for v in raw):
+                self.error(
+                    "csv-syntax",
+                    rel,
+                    start,
+                    'a quote (") opened in this row is not closed',
+                    _QUOTE_HINT,
+                )
+                yield None
+                return
+            values = [v.strip().lower() for v in raw]
+            if any(values):
+                yield start, values
+
+    def _check_header(
+        self, rel: str, table: Table, required: tuple[str, ...], reserved: dict[str, str]
+    ) -> bool:
+        """Whether the header can be used: names set, unique, not reserved, none missing."""
+        start = table.header_line
+        ok_header = True
+        seen: set[str] = set()
+        for i, name in enumerate(table.header, 1):
+            if not name:
+                ok_header = False
+                self.error(
+                    "csv-header",
+                    rel,
+                    start,
+                    f"column {i} of the header has no name",
+                    "name the column or delete it (and its values)",
+                )
+            elif name in seen:
+                ok_header = False
+                self.error(
+                    "csv-header",
+                    rel,
+                    start,
+                    f"column {name!r} appears twice",
+                    "keep one column of each name",
+                )
+            elif name in reserved:
+                ok_header = False
+                self.error(
+                    "csv-header",
+                    rel,
+                    start,
+                    f"column {name!r} is reserved",
+                    f"rename it: {reserved[name]}",
+                )
+            seen.add(name)
+        missing = [c for c in required if c not in seen]
+        if missing:
+            ok_header = False
+            self.error(
+                "csv-column-missing",
+                rel,
+                start,
+                f"missing column(s): {', '.join(missing)}",
+                f"the header needs at least: {','.join(required)}"
+                + (
+                    " (columns are separated by commas, not semicolons or tabs)"
+                    if len(table.header) == 1 and re.search(r"[;\t]", table.header[0])
+                    else ""
+                ),
+            )
+        return ok_header
+
+    def _add_row(self, rel: str, table: Table, start: int, values: list[str]) -> None:
+        if "name" in table.header and len(values) > table.header.index("name"):
+            table.names.append(values[table.header.index("name")])
+        if len(values) != len(table.header):
+            self.error(
+                "csv-field-count",
+                rel,
+                start,
+                f"{len(values)} fields, but the header has {len(table.header)}",
+                "give every row one value per header column (leave optional ones empty: a,b,,d)",
+            )
+            return
+        columns = tuple(zip(table.header, values))
+        table.rows.append((start, dict(columns), columns))
