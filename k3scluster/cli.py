@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print a JSON object on stdout")
     s.set_defaults(func=cmd_check)
 
-    s = sub.add_parser("render", help="write the NixOS configurations of the cluster")
+    s = sub.add_parser("render", help="write the NixOS configurations and a picture of the cluster")
     s.add_argument("dir", type=Path, metavar="DIR")
     s.add_argument("--out", type=Path, metavar="OUT", help="default: DIR/.k3scluster/render")
     s.set_defaults(func=cmd_render)
@@ -142,10 +142,13 @@ def cmd_render(args: argparse.Namespace) -> int:
     from k3scluster.render import render_to_dir
 
     out = args.out if args.out is not None else args.dir / ".k3scluster" / "render"
-    written = render_to_dir(cluster, out)
+    notices: list[str] = []
+    written = render_to_dir(cluster, out, notices)
     for rel in sorted(written):
         print(f"wrote    {rel}")
     print(f"rendered {len(written)} file(s) into {out}")
+    for notice in notices:
+        print(f"k3scluster: {notice}", file=sys.stderr)
     return 0
 
 

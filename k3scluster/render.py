@@ -11,6 +11,8 @@ Layout of OUT::
 
     hive.nix                  colmena hive: pinned nixpkgs, one node per host
     cluster.json              plan data (no secrets), config.cluster.<host>.<column>
+    cluster.svg, cluster.md   the picture and tables of the cluster (k3scluster.diagram; only
+                              render_to_dir writes them, no host depends on them)
     modules/cluster.nix       declares options.cluster, reads cluster.json
     modules/base.nix          every host: network, users, ssh, firewall
     modules/k3s-common.nix    K3s hosts: firewall ports
@@ -34,7 +36,7 @@ from typing import Any, TypeVar, cast
 
 import jinja2
 
-from k3scluster import installer
+from k3scluster import diagram, installer
 from k3scluster.errors import K3sClusterError
 from k3scluster.model import Cluster, Host, K3sNode, K3sType
 from k3scluster.nix import NixPath, nix_value
@@ -464,11 +466,23 @@ def _mkdirs(base: Path, d: Path) -> None:
         m.chmod(0o755)
 
 
-def render_to_dir(cluster: Cluster, out: Path) -> dict[str, str]:
-    """Render and write OUT; returns what was written."""
+def render_to_dir(
+    cluster: Cluster, out: Path, notices: list[str] | None = None
+) -> dict[str, str]:
+    """Render and write OUT, with the picture of the cluster (k3scluster.diagram); returns
+    what was written. A picture that cannot be drawn adds a line to ``notices`` and never
+    stops the render. The picture's files are not in ``render_files``: no host depends on
+    them."""
     files = render_files(cluster, out)
+    pictures, notice = diagram.picture_files(cluster, Path(out))
+    if notice is not None and notices is not None:
+        notices.append(notice)
+    clash = sorted(set(files) & set(pictures))
+    if clash:
+        raise ValueError(f"the picture would overwrite rendered files: {clash}")
+    files.update(pictures)
     write_tree(files, out)
-    return files
+    return dict(sorted(files.items()))
 
 
 # -- what a host's system depends on -----------------------------------------

@@ -447,3 +447,29 @@ def test_capture_reports_the_digest_of_the_file_it_leaves(tmp_path: Path) -> Non
     r = _task("capture", "--out", str(out), "--", "printf", "other")
     assert captured_sha256(r.stdout) == hashlib.sha256(b"{ }\n").hexdigest()
     assert captured_sha256("") is None and captured_sha256(None) is None
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_a_changed_picture_redeploys_no_host(
+    example_dir: Path, runner: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cluster.svg / cluster.md re-render when the picture changes, but no host's deploy
+    digest and no installer image's inputs depend on them."""
+    from k3scluster import diagram
+
+    def digests(m: RecordingMonitor) -> dict[str, dict[str, str]]:
+        names = [f"{h}-deploy" for h in ("olaf", "ulf", "rolf", "karl", "ulrich")]
+        names += [f"{h}-installer-build" for h in ("olaf", "ulrich")]
+        return {n: _digests(m.named(n), runner) for n in [*names, "cluster-render"]}
+
+    before = digests(run_program(example_dir, runner, buildIsos="true"))
+    drawn = diagram.dot_source
+    monkeypatch.setattr(diagram, "dot_source", lambda c: drawn(c).replace("LR", "TB"))
+    monkeypatch.setattr(diagram, "markdown", lambda c, picture=None: "# another picture\n")
+    after = digests(run_program(example_dir, runner, buildIsos="true"))
+    for name in before:
+        if name != "cluster-render":
+            assert after[name] == before[name], name
+            assert not any("cluster.md" in k or "cluster.dot" in k for k in after[name]), name
+    changed = {k for k in before["cluster-render"] if before["cluster-render"][k] != after["cluster-render"][k]}
+    assert changed == {"picture:cluster.dot", "picture:cluster.md"}

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pulumi
 
-from k3scluster import commands, installer, render
+from k3scluster import commands, diagram, installer, render
 from k3scluster.components.host import Host, HostArgs
 from k3scluster.components.iso import InstallerIsoArgs
 from k3scluster.components.secret import Secret, SecretArgs
@@ -188,6 +188,10 @@ class Cluster(pulumi.ComponentResource):
         file_sha = installer.file_digests(files)
         tree = dict(file_sha)
         tree.update({f"fetch:{h}": "nixConfigs/" + h + ".hardware.nix" for h in self.hardware})
+        # the picture (cluster.svg/.md) re-renders when it changes; no host depends on it
+        tree.update(
+            {f"picture:{k}": v for k, v in installer.file_digests(diagram.sources(c)).items()}
+        )
         render_argv = commands.render_tree(s.python, c.root, s.render_dir)
         self.render = step(
             f"{name}-render",
