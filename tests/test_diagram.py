@@ -271,6 +271,7 @@ def hostile_cluster(cluster: Cluster) -> Cluster:
     for h in cluster.hosts:
         cols = dict(h.columns)
         cols["note|<x>"] = HOSTILE
+        cols["ctl"] = "bell\x07esc\x1b"  # XML cannot hold these: they become U+FFFD
         if h.name == "ulrich":
             cols["name"] = evil_host
             h = dataclasses.replace(h, name=evil_host)
@@ -287,7 +288,7 @@ def hostile_cluster(cluster: Cluster) -> Cluster:
         cluster,
         hosts=tuple(hosts),
         k3s=tuple(k3s),
-        host_columns=(*cluster.host_columns, "note|<x>"),
+        host_columns=(*cluster.host_columns, "note|<x>", "ctl"),
         k3s_columns=(*cluster.k3s_columns, "tag"),
     )
 
@@ -304,6 +305,7 @@ def test_hostile_values_come_out_literal_in_the_svg(cluster: Cluster) -> None:
         text = _text(nodes[titles[h.name]])
         assert h.name in text
         assert f"note|<x> {flat}" in text, text
+        assert "ctl bell\ufffdesc\ufffd" in text, text
         for n in evil.k3s_on(h.name):
             assert n.name in text
             assert text.count(flat) == 1 + 1 * len(evil.k3s_on(h.name))
@@ -324,6 +326,7 @@ def test_hostile_values_come_out_literal_in_the_markdown(cluster: Cluster) -> No
     flat = HOSTILE.replace("\n", " ")
     # every row's hostile value is one cell, unformatted (no <i>, <code>, <em>, <a>)
     assert cells.count(flat) == len(evil.hosts) + len(evil.k3s)
+    assert cells.count("bell\ufffdesc\ufffd") == len(evil.hosts)
     assert "note|<x>" in cells and 'ev"il\\ <h>' in cells and 'ag"ent\\N' in cells
     tables = "".join(re.findall(r"<table>.*?</table>", html, flags=re.DOTALL))
     for tag in ("<i>", "<code>", "<em>", "<a ", "<br>", "<del>", "<s>", "<h1>"):
