@@ -2,11 +2,14 @@
 
 Configuration (namespace ``k3scluster``; see the README, "Operating the cluster"):
 ``clusterDir`` (required; relative paths are relative to this project), ``colmena``, ``nix``, ``buildIsos``, ``runner``, ``parallel``,
-``deployUser``, ``sshIdentity``, ``sshKnownHosts``, ``renderDir``.
+``deployUser``, ``sshIdentity``, ``sshKnownHosts``, ``renderDir``; a VM stack: ``vms`` and
+``vmMemory``, ``vmCpus``, ``vmDiskSize``, ``vmAccel``, ``vmNat``, ``vmInstallTimeout``,
+``vmBootTimeout``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -15,6 +18,7 @@ import pulumi
 from k3scluster import plans
 from k3scluster.components.cluster import Cluster, ClusterArgs, Settings
 from k3scluster.errors import K3sClusterError
+from k3scluster.lab import spec as lab
 
 PROJECT_DIR = Path(__file__).resolve().parent
 
@@ -39,6 +43,24 @@ def settings_from_config(config: pulumi.Config, stack: str) -> tuple[Path, Setti
         else cluster_dir / ".k3scluster" / stack
     )
     parallel = config.get_int("parallel")
+    vm = None
+    if config.get_bool("vms"):
+
+        def number(key: str, default: int) -> int:
+            value = config.get_int(key)
+            return default if value is None else value
+
+        vm = lab.VmSettings(
+            stack=stack,
+            lab_dir=lab.lab_dir(render_dir),
+            memory_mib=number("vmMemory", lab.DEFAULT_MEMORY_MIB),
+            cpus=number("vmCpus", lab.DEFAULT_CPUS),
+            disk_gib=number("vmDiskSize", lab.DEFAULT_DISK_GIB),
+            accel=config.get("vmAccel") or "auto",
+            nat=bool(config.get_bool("vmNat")),
+            install_timeout=number("vmInstallTimeout", 3600),
+            boot_timeout=number("vmBootTimeout", 600),
+        )
     settings = Settings(
         render_dir=render_dir,
         project_dir=PROJECT_DIR,
@@ -51,6 +73,7 @@ def settings_from_config(config: pulumi.Config, stack: str) -> tuple[Path, Setti
         python=sys.executable,
         ssh_identity=_project_path(config.get("sshIdentity")),
         ssh_known_hosts=_project_path(config.get("sshKnownHosts")),
+        vm=vm,
     )
     return cluster_dir, settings
 
@@ -68,6 +91,24 @@ def main() -> None:
         cluster, warnings = plans.load_or_raise(cluster_dir)
         for w in warnings:
             pulumi.log.warn(str(w))
+        if settings.vm is not None:
+            # refused in preview already, before anything is created (net-up checks again)
+            from k3scluster.lab.netcheck import check_machine
+            from k3scluster.lab.qemu import choose_accel
+
+            check_machine(
+                cluster.network.network,
+                lab.bridge_name(settings.vm.stack),
+                lab.link_alias(settings.vm.stack),
+                str(cluster.network.location),
+            )
+            # vmAccel auto: KVM if a short probe guest runs under it, else TCG with a warning
+            accel, warning = choose_accel(settings.vm.accel, settings.vm.qemu)
+            if warning:
+                pulumi.log.warn(warning)
+            settings = dataclasses.replace(
+                settings, vm=dataclasses.replace(settings.vm, accel=accel)
+            )
         component = Cluster("cluster", ClusterArgs(cluster, settings))
     except K3sClusterError as err:
         raise pulumi.RunError(str(err)) from None

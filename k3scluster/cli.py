@@ -1,4 +1,4 @@
-"""The ``k3scluster`` command: init, check, render, boot-stick — wiring only.
+"""The ``k3scluster`` command: init, check, render, boot-stick, vms — wiring only.
 
 Every user mistake ends as a message and a hint on stderr with exit 1 (2 for a
 wrong command line), never as a traceback; Ctrl-C ends with 130.
@@ -46,6 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("render", help="write the NixOS configurations and a picture of the cluster")
     s.add_argument("dir", type=Path, metavar="DIR")
     s.add_argument("--out", type=Path, metavar="OUT", help="default: DIR/.k3scluster/render")
+    s.add_argument(
+        "--vm-stack",
+        metavar="STACK",
+        help="render for the VM stack STACK (NICs named by the MACs of its VMs)",
+    )
     s.set_defaults(func=cmd_render)
 
     s = sub.add_parser("boot-stick", help="write a host's installer image to a USB stick")
@@ -60,6 +65,18 @@ def _parser() -> argparse.ArgumentParser:
         help="allow a device that is not removable (careful: it is wiped)",
     )
     s.set_defaults(func=cmd_boot_stick)
+
+    s = sub.add_parser("vms", help="list a VM stack's VMs: state, IP, console log")
+    s.add_argument("dir", type=Path, metavar="DIR")
+    s.add_argument("--stack", required=True, metavar="S", help="the Pulumi stack")
+    s.add_argument(
+        "--render-dir", type=Path, metavar="R", help="the stack's k3scluster:renderDir, if set"
+    )
+    s.add_argument("--json", action="store_true", help="print a JSON list on stdout")
+    what = s.add_mutually_exclusive_group()
+    what.add_argument("--start", metavar="HOST", help="start HOST's installed VM from its disk")
+    what.add_argument("--stop", metavar="HOST", help="power HOST's VM off")
+    s.set_defaults(func=cmd_vms)
     return p
 
 
@@ -143,7 +160,12 @@ def cmd_render(args: argparse.Namespace) -> int:
 
     out = args.out if args.out is not None else args.dir / ".k3scluster" / "render"
     notices: list[str] = []
-    written = render_to_dir(cluster, out, notices)
+    vm_macs = None
+    if args.vm_stack:
+        from k3scluster.lab.spec import planned_macs
+
+        vm_macs = planned_macs(cluster, args.vm_stack)
+    written = render_to_dir(cluster, out, notices, vm_macs)
     for rel in sorted(written):
         print(f"wrote    {rel}")
     print(f"rendered {len(written)} file(s) into {out}")
@@ -166,6 +188,38 @@ def cmd_boot_stick(args: argparse.Namespace) -> int:
         image=args.image,
         allow_non_removable=args.allow_non_removable,
     )
+    return 0
+
+
+def cmd_vms(args: argparse.Namespace) -> int:
+    from k3scluster.lab import ctl
+    from k3scluster.lab.spec import VmSpec, lab_dir
+
+    render_dir = args.render_dir or args.dir / ".k3scluster" / args.stack
+    lab = lab_dir(render_dir)
+    host = args.start or args.stop
+    if host:
+        m = ctl.read_manifest(lab / host)
+        if m is None or "spec" not in m:
+            raise K3sClusterError(
+                f"stack {args.stack} has no VM {host!r} in {lab}",
+                hint=f"k3scluster vms {args.dir} --stack {args.stack} lists them",
+            )
+        spec = VmSpec(**m["spec"])
+        (ctl.vm_start if args.start else ctl.vm_stop)(spec)
+        return 0
+    rows = ctl.list_vms(lab)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no VMs of stack {args.stack} in {lab}")
+        return 0
+    cols = ("host", "state", "ip", "mac", "console")
+    table = [cols] + [tuple(str(r[c]) for c in cols) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(cols) - 1)]
+    for row in table:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=False)) + "  " + row[-1])
     return 0
 
 

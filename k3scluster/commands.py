@@ -128,9 +128,13 @@ def capture_to_file(python: str, out: Path, argv: list[str]) -> list[str]:
     return [python, "-m", TASKS_MODULE, "capture", "--out", str(out), "--", *argv]
 
 
-def render_tree(python: str, cluster_dir: Path, out: Path) -> list[str]:
-    """``k3scluster render DIR --out OUT``: load the plans again and write the rendered tree."""
-    return [python, "-m", "k3scluster", "render", str(cluster_dir), "--out", str(out)]
+def render_tree(
+    python: str, cluster_dir: Path, out: Path, vm_stack: str | None = None
+) -> list[str]:
+    """``k3scluster render DIR --out OUT [--vm-stack S]``: load the plans again and write the
+    rendered tree (for a VM stack: with the .link files of its VMs)."""
+    argv = [python, "-m", "k3scluster", "render", str(cluster_dir), "--out", str(out)]
+    return argv + (["--vm-stack", vm_stack] if vm_stack else [])
 
 
 def build_iso(python: str, result: Path, argv: list[str]) -> list[str]:
@@ -140,6 +144,11 @@ def build_iso(python: str, result: Path, argv: list[str]) -> list[str]:
     ``iso/*.iso`` below it.
     """
     return [python, "-m", TASKS_MODULE, "iso", "--result", str(result), "--", *argv]
+
+
+def lab_ctl(python: str, task: str, spec_json: str) -> list[str]:
+    """``python -m k3scluster.lab.ctl TASK --spec JSON``: a lab network or VM step."""
+    return [python, "-m", "k3scluster.lab.ctl", task, "--spec", spec_json]
 
 
 def notice(message: str) -> list[str]:

@@ -375,11 +375,14 @@ MODULES = {
 }
 
 
-def render_files(cluster: Cluster, out: Path) -> dict[str, str]:
+def render_files(
+    cluster: Cluster, out: Path, vm_macs: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """Every file of the render, as relative path under OUT -> text. Pure.
 
     ``out`` is used only to compute the relative paths from the rendered files back
-    into the cluster directory (nixConfigs, manifests, secrets).
+    into the cluster directory (nixConfigs, manifests, secrets). ``vm_macs`` (host -> MAC,
+    VM stacks only) gives each host a systemd ``.link`` that names its VM NIC as planned.
     """
     out = Path(out)
     env = _environment()
@@ -396,8 +399,10 @@ def render_files(cluster: Cluster, out: Path) -> dict[str, str]:
         **common, **_hive_context(cluster, out)
     )
     for host in cluster.hosts:
+        ctx = _host_context(cluster, host, out)
+        ctx["vm"] = {"mac": vm_macs[host.name]} if vm_macs is not None else None
         files[f"hosts/{host.name}.nix"] = env.get_template("host.nix.j2").render(
-            **common, **_host_context(cluster, host, out)
+            **common, **ctx
         )
         for rel, text in installer.render_installer(cluster, host.name, out).items():
             path = rel if rel.startswith("installers/") else f"installers/{host.name}/{rel}"
@@ -467,13 +472,16 @@ def _mkdirs(base: Path, d: Path) -> None:
 
 
 def render_to_dir(
-    cluster: Cluster, out: Path, notices: list[str] | None = None
+    cluster: Cluster,
+    out: Path,
+    notices: list[str] | None = None,
+    vm_macs: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """Render and write OUT, with the picture of the cluster (k3scluster.diagram); returns
     what was written. A picture that cannot be drawn adds a line to ``notices`` and never
     stops the render. The picture's files are not in ``render_files``: no host depends on
     them."""
-    files = render_files(cluster, out)
+    files = render_files(cluster, out, vm_macs)
     pictures, notice = diagram.picture_files(cluster, Path(out))
     if notice is not None and notices is not None:
         notices.append(notice)

@@ -11,6 +11,9 @@ Children, in the order they run during ``pulumi up``:
    first, then the other server hosts, then the rest (hosts of one group in parallel);
 4. one ``Secret`` per secret file (digest only) and, under each Host, its ``K3sServer`` /
    ``K3sAgent`` and ``InstallerIso``.
+
+A VM stack (``Settings.vm``) also has a ``Lab`` (``k3scluster.components.vm``): the network
+and one VM per host, installed from its ISO; a host's fetch and deploy wait for its VM.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ from k3scluster.components.iso import InstallerIsoArgs
 from k3scluster.components.secret import Secret, SecretArgs
 from k3scluster.components.steps import RUNNERS, step
 from k3scluster.components.tasks import captured_sha256
+from k3scluster.components.vm import make_lab
 from k3scluster.errors import K3sClusterError
+from k3scluster.lab.spec import VmSettings, planned_macs
 from k3scluster.model import Cluster as ClusterModel
 
 
@@ -50,6 +55,8 @@ class Settings:
     # the hardware fetch's ssh: a private key file and a known_hosts file (None: ssh's own)
     ssh_identity: Path | None = None
     ssh_known_hosts: Path | None = None
+    # a VM stack (k3scluster:vms true): its VM settings; None for every other stack
+    vm: VmSettings | None = None
 
     def __post_init__(self) -> None:
         if self.runner not in RUNNERS:
@@ -135,7 +142,9 @@ class Cluster(pulumi.ComponentResource):
     ) -> None:
         super().__init__("k3scluster:index:Cluster", name, None, opts)
         c, s = args.cluster, args.settings
-        files = render.render_files(c, s.render_dir)
+        # a VM stack (k3scluster:vms): its NICs named by their VM's MAC, and a lab (below)
+        vm_macs = planned_macs(c, s.vm.stack) if s.vm else None
+        files = render.render_files(c, s.render_dir, vm_macs)
         workdir = str(s.project_dir)
 
         self.secrets = {
@@ -144,6 +153,56 @@ class Cluster(pulumi.ComponentResource):
             )
             for rel, sa in _secret_args(c).items()
         }
+
+        # hosts that get a hardware fetch (1. below)
+        fetch_hosts = [h.name for h in c.hosts if c.hardware_config(h.name) is None]
+
+        # what hosts/<host>.nix of a host with a fetch step will be once its file exists: the
+        # render writes that from then on (until then it imports the file if it exists)
+        fetched_files = (
+            render.render_files(
+                dataclasses.replace(
+                    c,
+                    nix_configs=tuple(
+                        sorted({*c.nix_configs, *(f"{h}.hardware.nix" for h in fetch_hosts)})
+                    ),
+                ),
+                s.render_dir,
+                vm_macs,
+            )
+            if fetch_hosts
+            else files
+        )
+
+        # 2. the rendered tree, written during `up`
+        file_sha = installer.file_digests(files)
+        tree = dict(file_sha)
+        tree.update({f"fetch:{h}": "nixConfigs/" + h + ".hardware.nix" for h in fetch_hosts})
+        # the picture (cluster.svg/.md) re-renders when it changes; no host depends on it
+        tree.update(
+            {f"picture:{k}": v for k, v in installer.file_digests(diagram.sources(c)).items()}
+        )
+        render_argv = commands.render_tree(
+            s.python, c.root, s.render_dir, s.vm.stack if s.vm else None
+        )
+        self.render = step(
+            f"{name}-render",
+            runner=s.runner,
+            host="-",
+            create=render_argv,
+            update=render_argv,
+            inputs_digest=tree,
+            dir=workdir,
+            # not after the fetch steps: a fetch that fails must stop its own host only (a
+            # failed dependency fails the registration of everything that depends on it).
+            # The rendered tree imports a hardware file that is not there yet once it exists
+            # (builtins.pathExists), so the host's deploy, which does wait for its fetch,
+            # builds the same system whichever ran first.
+            opts=pulumi.ResourceOptions(parent=self),
+        )
+
+        # a VM stack's network and VMs, installed from their ISOs, before the normal path
+        self.lab = make_lab(self, name, c, s, files, file_sha, self.render)
 
         # 1. hardware configurations the cluster directory does not have yet
         self.hardware: dict[str, pulumi.CustomResource] = {}
@@ -165,49 +224,10 @@ class Cluster(pulumi.ComponentResource):
                 ),
                 dir=workdir,
                 triggers=[str(h.ip)],
-                opts=pulumi.ResourceOptions(parent=self),
-            )
-
-        # what hosts/<host>.nix of a host with a fetch step will be once its file exists: the
-        # render writes that from then on (until then it imports the file if it exists)
-        fetched_files = (
-            render.render_files(
-                dataclasses.replace(
-                    c,
-                    nix_configs=tuple(
-                        sorted({*c.nix_configs, *(f"{h}.hardware.nix" for h in self.hardware)})
-                    ),
+                opts=pulumi.ResourceOptions(
+                    parent=self, depends_on=self.lab.ready(h.name) if self.lab else None
                 ),
-                s.render_dir,
             )
-            if self.hardware
-            else files
-        )
-
-        # 2. the rendered tree, written during `up`
-        file_sha = installer.file_digests(files)
-        tree = dict(file_sha)
-        tree.update({f"fetch:{h}": "nixConfigs/" + h + ".hardware.nix" for h in self.hardware})
-        # the picture (cluster.svg/.md) re-renders when it changes; no host depends on it
-        tree.update(
-            {f"picture:{k}": v for k, v in installer.file_digests(diagram.sources(c)).items()}
-        )
-        render_argv = commands.render_tree(s.python, c.root, s.render_dir)
-        self.render = step(
-            f"{name}-render",
-            runner=s.runner,
-            host="-",
-            create=render_argv,
-            update=render_argv,
-            inputs_digest=tree,
-            dir=workdir,
-            # not after the fetch steps: a fetch that fails must stop its own host only (a
-            # failed dependency fails the registration of everything that depends on it).
-            # The rendered tree imports a hardware file that is not there yet once it exists
-            # (builtins.pathExists), so the host's deploy, which does wait for its fetch,
-            # builds the same system whichever ran first.
-            opts=pulumi.ResourceOptions(parent=self),
-        )
 
         # 3. hosts, group by group
         hive = s.render_dir / "hive.nix"
@@ -253,7 +273,7 @@ class Cluster(pulumi.ComponentResource):
                     digest=_digest(iso_inputs),
                     build_argv=(
                         installer.iso_build_argv(s.nix, s.render_dir, hname)
-                        if s.build_isos
+                        if s.build_isos and s.vm is None  # a VM stack's Vm builds it
                         else None
                     ),
                     result_link=str(installer.iso_out_link(s.render_dir, hname)),
@@ -276,7 +296,12 @@ class Cluster(pulumi.ComponentResource):
                         dir=workdir,
                         server_url=server_url,
                         iso=iso,
-                        depends_on=(self.render, *([hw] if hw else []), *earlier),
+                        depends_on=(
+                            self.render,
+                            *([hw] if hw else []),
+                            *(self.lab.ready(hname) if self.lab else []),
+                            *earlier,
+                        ),
                     ),
                     pulumi.ResourceOptions(parent=self),
                 )

@@ -1,0 +1,186 @@
+"""QEMU pieces of the lab: firmware lookup, the KVM probe, qemu-img and qemu-system argv.
+
+Why QEMU directly and not libvirt: the lab needs one bridge, one tap and one process per
+host, all of which ``ip`` and ``qemu-system-x86_64`` do without a daemon; libvirt would add
+libvirtd (and its own networks, which NAT and DHCP by default) to every user's machine and
+to CI, where there is no systemd to run it. The VM runs daemonized (``-daemonize``) with a
+pidfile and a QMP socket in its directory, so it survives ``pulumi up``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from k3scluster.errors import K3sClusterError
+from k3scluster.lab.spec import VmSpec
+
+FIRMWARE_DIRS = (Path("/usr/share/qemu/firmware"), Path("/etc/qemu/firmware"))
+# QEMU resets an x86 CPU to the last 16 bytes of the BIOS image: write 0x31 to port 0xf4
+# (isa-debug-exit) and halt. QEMU then exits with status (0x31 << 1) | 1 = 99.
+PROBE_CODE = bytes([0xB0, 0x31, 0xE6, 0xF4, 0xF4, 0xEB, 0xFD])
+PROBE_EXIT = 99
+PROBE_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class Ovmf:
+    code: Path  # read-only firmware
+    vars_template: Path  # copied once per VM (its own EFI variables)
+
+
+def find_ovmf(dirs: tuple[Path, ...] = FIRMWARE_DIRS) -> Ovmf:
+    """The UEFI firmware for x86_64 without Secure Boot, from QEMU's firmware descriptors
+    (Debian's ``ovmf`` installs ``/usr/share/qemu/firmware/60-edk2-x86_64.json``)."""
+    candidates: list[tuple[str, Ovmf]] = []
+    for d in dirs:
+        for f in sorted(d.glob("*.json")) if d.is_dir() else []:
+            try:
+                desc = json.loads(f.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if "uefi" not in desc.get("interface-types", []):
+                continue
+            feats = set(desc.get("features", []))
+            if feats & {"secure-boot", "enrolled-keys", "requires-smm"}:
+                continue
+            if not any(t.get("architecture") == "x86_64" for t in desc.get("targets", [])):
+                continue
+            m = desc.get("mapping", {})
+            if m.get("device") != "flash" or "nvram-template" not in m:
+                continue
+            code = Path(m["executable"]["filename"])
+            tmpl = Path(m["nvram-template"]["filename"])
+            if code.is_file() and tmpl.is_file():
+                candidates.append((f.name, Ovmf(code, tmpl)))
+    if not candidates:
+        raise K3sClusterError(
+            "no UEFI firmware (OVMF) for x86_64 found in " + ", ".join(map(str, dirs)),
+            hint="install it (Debian: apt-get install ovmf), or make the host boot=bios",
+        )
+    return min(candidates, key=lambda c: c[0])[1]
+
+
+def probe_argv(qemu: str, bios: Path) -> list[str]:
+    return [
+        qemu, "-accel", "kvm", "-cpu", "host", "-machine", "q35", "-m", "16",
+        "-nodefaults", "-display", "none", "-bios", str(bios),
+        "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
+    ]
+
+
+def kvm_works(qemu: str, timeout: float = PROBE_TIMEOUT) -> tuple[bool, str]:
+    """Run a 64 KiB guest under KVM with ``-cpu host`` (what a KVM VM runs with) and see it
+    exit by itself within ``timeout``; (works, why not)."""
+    if not Path("/dev/kvm").exists():
+        return False, "/dev/kvm does not exist"
+    with tempfile.TemporaryDirectory(prefix="k3scluster-kvm-") as tmp:
+        bios = Path(tmp) / "probe.bin"
+        image = bytearray(65536)
+        image[0xFFF0 : 0xFFF0 + len(PROBE_CODE)] = PROBE_CODE
+        bios.write_bytes(bytes(image))
+        try:
+            proc = subprocess.run(
+                probe_argv(qemu, bios), capture_output=True, text=True, timeout=timeout,
+                stdin=subprocess.DEVNULL, check=False,
+            )
+        except subprocess.TimeoutExpired:
+            return False, f"a KVM guest did not finish in {timeout:g} s"
+        except OSError as exn:
+            return False, f"cannot run {qemu}: {exn.strerror or exn}"
+    if proc.returncode == PROBE_EXIT:
+        return True, ""
+    lines = proc.stderr.strip().splitlines()
+    return False, lines[-1] if lines else f"exit status {proc.returncode}"
+
+
+def choose_accel(setting: str, qemu: str) -> tuple[str, str | None]:
+    """(``kvm`` | ``tcg``, a warning or None) for ``k3scluster:vmAccel``."""
+    if setting == "tcg":
+        return "tcg", None
+    ok, why = kvm_works(qemu)
+    if ok:
+        return "kvm", None
+    if setting == "kvm":
+        raise K3sClusterError(
+            f"k3scluster:vmAccel is kvm, but KVM does not work here: {why}",
+            hint="pulumi config set k3scluster:vmAccel auto (falls back to the much slower TCG)",
+        )
+    return "tcg", f"KVM does not work here ({why}); the VMs run under TCG, much slower"
+
+
+def _opt(value: object) -> str:
+    """A value inside a QEMU ``-drive``/``-device`` option list: commas doubled."""
+    return str(value).replace(",", ",,")
+
+
+def disk_create_argv(qemu_img: str, disk: Path, size_gib: int) -> list[str]:
+    return [qemu_img, "create", "-q", "-f", "qcow2", str(disk), f"{size_gib}G"]
+
+
+def files(spec: VmSpec) -> dict[str, Path]:
+    """The files of one VM, all in its directory (the manifest lists exactly these)."""
+    d = spec.path
+    return {
+        "disk": d / "disk.qcow2",
+        "efivars": d / "efivars.fd",
+        "pid": d / "qemu.pid",
+        "qmp": d / "qmp.sock",
+        "console": d / "console.log",
+        "qemu-log": d / "qemu.log",
+    }
+
+
+def vm_argv(
+    spec: VmSpec, accel: str, *, ovmf: Ovmf | None, iso: Path | None
+) -> list[str]:
+    """The daemonized QEMU of ``spec``. With ``iso`` it is the install boot: the ISO on a CD
+    drive that boots first, and ``-no-reboot`` (the installer's reboot ends QEMU, so the
+    installed disk is never booted with the installer beside it)."""
+    f = files(spec)
+    argv = [
+        spec.qemu,
+        "-name", f"guest={spec.name},process={spec.name}",
+        "-machine", "q35",
+        "-accel", accel,
+        *(["-cpu", "host"] if accel == "kvm" else []),
+        "-m", str(spec.memory_mib),
+        "-smp", str(spec.cpus),
+        "-nodefaults",
+        "-display", "none",
+        "-vga", "std",
+        "-chardev", f"file,id=console,path={_opt(f['console'])},append=on",
+        "-serial", "chardev:console",
+    ]
+    if spec.boot == "efi":
+        if ovmf is None:
+            raise ValueError("an EFI VM needs OVMF")
+        argv += [
+            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={_opt(ovmf.code)}",
+            "-drive", f"if=pflash,format=raw,unit=1,file={_opt(f['efivars'])}",
+        ]
+    disk = f"virtio-blk-pci,drive=disk,bootindex={2 if iso else 1}"
+    if spec.serial:
+        disk += f",serial={spec.serial}"
+    argv += [
+        "-drive", f"if=none,id=disk,format=qcow2,file={_opt(f['disk'])}",
+        "-device", disk,
+    ]
+    if iso is not None:
+        argv += [
+            "-drive", f"if=none,id=cd,media=cdrom,readonly=on,format=raw,file={_opt(iso)}",
+            "-device", "ide-cd,drive=cd,bus=ide.0,bootindex=1",
+            "-no-reboot",
+        ]
+    argv += [
+        "-netdev", f"tap,id=net,ifname={spec.tap},script=no,downscript=no",
+        "-device", f"virtio-net-pci,netdev=net,mac={spec.mac}",
+        "-qmp", f"unix:{_opt(f['qmp'])},server=on,wait=off",
+        "-pidfile", str(f["pid"]),
+        "-D", str(f["qemu-log"]),
+        "-daemonize",
+    ]
+    return argv

@@ -1,0 +1,264 @@
+"""A VM stack's settings, one spec per VM, and the names of everything the lab makes.
+
+Names are derived from the stack (and host), so they are stable from run to run and two
+stacks on one machine never share a bridge, tap or directory:
+
+- bridge ``k3b-<stack, 6>-<4 hex>`` and tap ``k3t-<host, 6>-<4 hex>`` (at most 15 characters,
+  the kernel's limit), the hex part a hash of the full stack (and host) names;
+- files under ``<renderDir>-lab/<host>/`` (the render directory is replaced whole on every
+  render, so the lab lives beside it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import ipaddress
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from k3scluster.errors import K3sClusterError
+from k3scluster.macs import vm_mac
+from k3scluster.model import Cluster, Host
+
+ACCELS = ("kvm", "tcg", "auto")
+# a K3s server wants 2 CPUs and 2 GiB at least; the VM also runs the host's NixOS and the
+# agent's podman container
+DEFAULT_MEMORY_MIB = 4096
+DEFAULT_CPUS = 2
+DEFAULT_DISK_GIB = 32
+VIRTIO_SERIAL_MAX = 20  # bytes virtio-blk keeps of a disk serial
+IFNAMSIZ = 15
+# per-host columns of hosts.csv that override the stack settings (VM stacks only)
+HOST_COLUMNS = ("vmMemory", "vmCpus", "vmDiskSize")
+MARKER = "k3scluster-vm.json"  # the manifest a VM's directory is proven by
+UNIX_PATH_MAX = 107
+
+
+def _hex(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def _slug(text: str, n: int) -> str:
+    return re.sub(r"[^a-z0-9]", "", text.lower())[:n] or "x"
+
+
+def bridge_name(stack: str) -> str:
+    """The stack's bridge: ``k3b-<stack, 6>-<4 hex>`` (<= 15 characters)."""
+    return f"k3b-{_slug(stack, 6)}-{_hex('bridge', stack)[:4]}"
+
+
+def tap_name(stack: str, host: str) -> str:
+    """The host's tap: ``k3t-<host, 6>-<4 hex of stack and host>`` (<= 15 characters)."""
+    return f"k3t-{_slug(host, 6)}-{_hex('tap', stack, host)[:4]}"
+
+
+def link_alias(stack: str, host: str | None = None) -> str:
+    """The ``ip link`` alias the lab puts on its bridge and taps: only links with it are
+    ever deleted."""
+    return f"k3scluster:{stack}" + (f":{host}" if host else "")
+
+
+def guest_name(stack: str, host: str) -> str:
+    """QEMU's ``-name``: also how a process is proven to be this VM before it is stopped."""
+    return f"k3scluster-{_slug(stack, 40)}-{_hex('vm', stack, host)[:8]}-{host}"
+
+
+def lab_dir(render_dir: Path) -> Path:
+    """``<cluster>/.k3scluster/<stack>`` -> ``<cluster>/.k3scluster/<stack>-lab``."""
+    render_dir = Path(render_dir)
+    return render_dir.parent / f"{render_dir.name}-lab"
+
+
+@dataclass(frozen=True)
+class VmSettings:
+    """The stack's ``k3scluster:vm*`` settings (only built when ``k3scluster:vms`` is true)."""
+
+    stack: str
+    lab_dir: Path
+    memory_mib: int = DEFAULT_MEMORY_MIB
+    cpus: int = DEFAULT_CPUS
+    disk_gib: int = DEFAULT_DISK_GIB
+    accel: str = "auto"
+    nat: bool = False
+    qemu: str = "qemu-system-x86_64"
+    qemu_img: str = "qemu-img"
+    install_timeout: int = 3600  # seconds for an installer to finish and power off
+    boot_timeout: int = 600  # seconds for an installed VM to answer at its IP
+
+    def __post_init__(self) -> None:
+        if self.accel not in ACCELS:
+            raise K3sClusterError(
+                f"k3scluster:vmAccel is {self.accel!r}; it must be one of {', '.join(ACCELS)}",
+                hint="pulumi config set k3scluster:vmAccel auto",
+            )
+        for key, value, least in (
+            ("vmMemory", self.memory_mib, 256),
+            ("vmCpus", self.cpus, 1),
+            ("vmDiskSize", self.disk_gib, 1),
+        ):
+            if value < least:
+                raise K3sClusterError(
+                    f"k3scluster:{key} is {value}; it must be at least {least}",
+                    hint=f"pulumi config rm k3scluster:{key} (the default fits a K3s server)",
+                )
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    """The lab network: one bridge carrying the plan's gateway."""
+
+    stack: str
+    bridge: str
+    gateway: str  # "10.0.100.1/24"
+    subnet: str  # "10.0.100.0/24"
+    nat: bool
+    location: str  # plans/network.yaml:N, for messages
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> NetSpec:
+        return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    """Everything ``ctl vm-up`` needs to make and run one host's VM."""
+
+    stack: str
+    host: str
+    name: str  # guest_name
+    dir: str  # the VM's own directory under the lab directory
+    mac: str
+    tap: str
+    bridge: str
+    ip: str
+    serial: str | None
+    boot: str  # efi | bios
+    memory_mib: int
+    cpus: int
+    disk_gib: int
+    accel: str
+    iso_result: str  # the ISO build's out-link (installer.iso_out_link)
+    qemu: str
+    qemu_img: str
+    install_timeout: int
+    boot_timeout: int
+    location: str  # plans/hosts.csv:N
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> VmSpec:
+        data: dict[str, Any] = json.loads(text)
+        return cls(**data)
+
+    @property
+    def path(self) -> Path:
+        return Path(self.dir)
+
+    def replace_keys(self) -> list[str]:
+        """What makes another machine: a change of these reinstalls the VM (delete, create)."""
+        return [self.mac, self.serial or "", self.boot, str(self.disk_gib), self.dir]
+
+
+def _column(host: Host, name: str) -> str:
+    """The host's column named ``name`` (any case) or ''."""
+    for key, value in host.columns:
+        if key.lower() == name:
+            return value
+    return ""
+
+
+def host_override(host: Host, column: str, default: int, least: int) -> int:
+    """A per-host column (vmMemory, vmCpus, vmDiskSize; any case) or the stack's value."""
+    raw = _column(host, column.lower()).strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) < least:
+        raise K3sClusterError(
+            f"{host.location}: host {host.name}: {column} is {raw!r}; "
+            f"it must be a whole number of at least {least}",
+            hint=f"leave {column} empty for the stack's setting",
+        )
+    return int(raw)
+
+
+def net_spec(cluster: Cluster, vs: VmSettings) -> NetSpec:
+    net = cluster.network
+    return NetSpec(
+        stack=vs.stack,
+        bridge=bridge_name(vs.stack),
+        gateway=f"{net.gateway}/{net.prefix_length}",
+        subnet=str(net.network),
+        nat=vs.nat,
+        location=str(net.location),
+    )
+
+
+def vm_specs(cluster: Cluster, vs: VmSettings, iso_results: dict[str, str]) -> list[VmSpec]:
+    """One spec per host; raises (file:line) what no VM can do, e.g. a serial over 20 bytes."""
+    specs = []
+    problems = []
+    for h in cluster.hosts:
+        if h.disk is not None and len(h.disk.encode()) > VIRTIO_SERIAL_MAX:
+            problems.append(
+                f"{h.location}: host {h.name}: disk serial {h.disk!r} has "
+                f"{len(h.disk.encode())} bytes; virtio-blk keeps at most {VIRTIO_SERIAL_MAX}, "
+                "so the VM's installer would not find its disk"
+            )
+            continue
+        vm_dir = vs.lab_dir / h.name
+        if len(str(vm_dir / "qmp.sock")) > UNIX_PATH_MAX:
+            problems.append(
+                f"{vm_dir}/qmp.sock is longer than {UNIX_PATH_MAX} characters "
+                "(the limit of a unix socket path)"
+            )
+            continue
+        specs.append(
+            VmSpec(
+                stack=vs.stack,
+                host=h.name,
+                name=guest_name(vs.stack, h.name),
+                dir=str(vm_dir),
+                mac=vm_mac(vs.stack, h.name),
+                tap=tap_name(vs.stack, h.name),
+                bridge=bridge_name(vs.stack),
+                ip=str(h.ip),
+                serial=h.disk,
+                boot=h.boot.value,
+                memory_mib=host_override(h, "vmMemory", vs.memory_mib, 256),
+                cpus=host_override(h, "vmCpus", vs.cpus, 1),
+                disk_gib=host_override(h, "vmDiskSize", vs.disk_gib, 1),
+                accel=vs.accel,
+                iso_result=iso_results[h.name],
+                qemu=vs.qemu,
+                qemu_img=vs.qemu_img,
+                install_timeout=vs.install_timeout,
+                boot_timeout=vs.boot_timeout,
+                location=str(h.location),
+            )
+        )
+    if problems:
+        raise K3sClusterError(
+            "this VM stack cannot make these VMs:\n  " + "\n  ".join(problems),
+            hint="shorten the serial in plans/hosts.csv (a VM stack only: real disks keep "
+            "longer ones), or set k3scluster:renderDir to a shorter path",
+        )
+    return specs
+
+
+def planned_macs(cluster: Cluster, stack: str) -> dict[str, str]:
+    """host -> MAC of its VM NIC (what the rendered .link files match)."""
+    return {h.name: vm_mac(stack, h.name) for h in cluster.hosts}
+
+
+def subnet_of(cluster: Cluster) -> ipaddress.IPv4Network:
+    return cluster.network.network
+

@@ -1,0 +1,36 @@
+"""Stable, locally administered MAC addresses.
+
+A VM stack gives each host's virtio NIC ``vm_mac(stack, host)``: the same on every run (it
+is derived, not random, and not stored), different between stacks and hosts, locally
+administered (bit 0x02 of the first octet set) and unicast (bit 0x01 clear), so it can
+never be a vendor's address on the user's network. The rendered system names the NIC with
+this MAC as the plan says (a systemd ``.link``; see ``k3scluster.lab.links``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+def derived_mac(*parts: str) -> str:
+    """A locally administered unicast MAC from the sha256 of ``parts``."""
+    digest = hashlib.sha256("\0".join(("k3scluster-mac", *parts)).encode()).digest()
+    octets = bytearray(digest[:6])
+    octets[0] = (octets[0] & 0xFC) | 0x02
+    return ":".join(f"{o:02x}" for o in octets)
+
+
+def vm_mac(stack: str, host: str) -> str:
+    """The MAC of ``host``'s NIC in the VM stack ``stack``."""
+    return derived_mac("vm", stack, host)
+
+
+def is_locally_administered(mac: str) -> bool:
+    """True for a well-formed, locally administered, unicast MAC (lower case)."""
+    if not _MAC.match(mac):
+        return False
+    first = int(mac[:2], 16)
+    return bool(first & 0x02) and not first & 0x01

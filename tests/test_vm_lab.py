@@ -1,0 +1,388 @@
+"""The VM lab's pure parts: names, MACs, settings, the overlap check, QEMU argv, the .link.
+
+No QEMU runs here (tests/test_vm_engine.py runs it); everything is computed from plans.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from k3scluster import commands, macs
+from k3scluster.errors import K3sClusterError
+from k3scluster.lab import ctl, netcheck, qemu
+from k3scluster.lab import spec as lab
+from k3scluster.plans import load_or_raise
+from k3scluster.render import render_files
+
+pytestmark = pytest.mark.vm
+
+
+def _load(d: Path):  # type: ignore[no-untyped-def]
+    cluster, _ = load_or_raise(d)
+    return cluster
+
+
+def _settings(tmp_path: Path, **kw: object) -> lab.VmSettings:
+    return lab.VmSettings(stack="test-vms", lab_dir=lab.lab_dir(tmp_path / "r"), **kw)  # type: ignore[arg-type]
+
+
+# -- names and MACs ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "stack", ["test-vms", "a", "A-very-long-stack-name-with-CAPS_and_more", "x" * 200]
+)
+def test_bridge_and_tap_names_fit_the_kernel_limit_and_are_stable(stack: str) -> None:
+    for name in (lab.bridge_name(stack), lab.tap_name(stack, "a-long-host-name")):
+        assert 0 < len(name) <= 15
+        assert re.fullmatch(r"[a-z0-9-]+", name)
+    assert lab.bridge_name(stack) == lab.bridge_name(stack)
+    assert lab.tap_name(stack, "olaf") == lab.tap_name(stack, "olaf")
+
+
+def test_names_differ_between_stacks_and_hosts() -> None:
+    assert lab.bridge_name("test-vms") != lab.bridge_name("test-vms2")
+    taps = {lab.tap_name(s, h) for s in ("a", "b") for h in ("olaf", "olaf2", "ulf")}
+    assert len(taps) == 6
+
+
+def test_vm_mac_is_stable_locally_administered_unicast_and_distinct() -> None:
+    seen = set()
+    for stack in ("test-vms", "other"):
+        for host in ("olaf", "ulf", "rolf", "karl", "ulrich"):
+            mac = macs.vm_mac(stack, host)
+            assert mac == macs.vm_mac(stack, host)
+            assert macs.is_locally_administered(mac), mac
+            seen.add(mac)
+    assert len(seen) == 10
+    # pinned: a change of the derivation would rename every rehearsal's NIC
+    assert macs.vm_mac("test-vms", "olaf") == macs.derived_mac("vm", "test-vms", "olaf")
+    assert not macs.is_locally_administered("00:11:22:33:44:55")
+    assert not macs.is_locally_administered("03:11:22:33:44:55")  # multicast
+
+
+# -- settings and specs --------------------------------------------------------------------
+
+
+def test_settings_refuse_bad_values(tmp_path: Path) -> None:
+    with pytest.raises(K3sClusterError, match="vmAccel"):
+        _settings(tmp_path, accel="xen")
+    with pytest.raises(K3sClusterError, match="vmMemory"):
+        _settings(tmp_path, memory_mib=16)
+    with pytest.raises(K3sClusterError, match="vmCpus"):
+        _settings(tmp_path, cpus=0)
+    defaults = _settings(tmp_path)
+    assert defaults.memory_mib >= 2048 and defaults.cpus >= 2  # a K3s server fits
+
+
+def test_one_spec_per_host_with_plan_serial_boot_and_ip(example_dir: Path, tmp_path: Path) -> None:
+    c = _load(example_dir)
+    specs = lab.vm_specs(c, _settings(tmp_path), {h.name: f"/iso/{h.name}" for h in c.hosts})
+    assert [s.host for s in specs] == [h.name for h in c.hosts]
+    olaf = specs[0]
+    assert olaf.serial == c.host("olaf").disk and olaf.boot == "efi" and olaf.ip == "10.0.100.2"
+    assert specs[2].boot == "bios"
+    assert olaf.mac == macs.vm_mac("test-vms", "olaf")
+    assert olaf.dir == str(tmp_path / "r-lab" / "olaf")
+    assert lab.VmSpec.from_json(olaf.to_json()) == olaf
+
+
+def test_per_host_columns_override_the_stack(example_dir: Path, tmp_path: Path) -> None:
+    csv = example_dir / "plans" / "hosts.csv"
+    lines = csv.read_text().splitlines()
+    lines[0] += ",vmMemory,vmCpus,vmDiskSize"
+    lines[1] += ",8192,4,64"
+    lines[2:] = [line + ",,," for line in lines[2:]]
+    csv.write_text("\n".join(lines) + "\n")
+    c = _load(example_dir)
+    specs = lab.vm_specs(c, _settings(tmp_path), {h.name: "/iso" for h in c.hosts})
+    assert (specs[0].memory_mib, specs[0].cpus, specs[0].disk_gib) == (8192, 4, 64)
+    assert (specs[1].memory_mib, specs[1].cpus) == (lab.DEFAULT_MEMORY_MIB, lab.DEFAULT_CPUS)
+
+
+def test_bad_per_host_override_names_file_and_line(example_dir: Path, tmp_path: Path) -> None:
+    csv = example_dir / "plans" / "hosts.csv"
+    lines = csv.read_text().splitlines()
+    lines[0] += ",vmMemory"
+    lines[1] += ",lots"
+    lines[2:] = [line + "," for line in lines[2:]]
+    csv.write_text("\n".join(lines) + "\n")
+    c = _load(example_dir)
+    with pytest.raises(K3sClusterError, match=r"plans/hosts.csv:2: host olaf: vmMemory"):
+        lab.vm_specs(c, _settings(tmp_path), {h.name: "/iso" for h in c.hosts})
+
+
+def test_a_serial_too_long_for_virtio_is_refused_at_its_line(
+    example_dir: Path, tmp_path: Path
+) -> None:
+    csv = example_dir / "plans" / "hosts.csv"
+    csv.write_text(csv.read_text().replace("S4EVNX0R123456", "S4EVNX0R1234567890ABCDEF"))
+    c = _load(example_dir)
+    with pytest.raises(K3sClusterError, match=r"plans/hosts.csv:2: host olaf: disk serial .* 24 bytes"):
+        lab.vm_specs(c, _settings(tmp_path), {h.name: "/iso" for h in c.hosts})
+
+
+def test_a_change_of_machine_identity_replaces_but_memory_does_not(
+    example_dir: Path, tmp_path: Path
+) -> None:
+    c = _load(example_dir)
+    s = lab.vm_specs(c, _settings(tmp_path), {h.name: "/iso" for h in c.hosts})[0]
+    assert dataclasses.replace(s, memory_mib=1).replace_keys() == s.replace_keys()
+    for change in ({"serial": "other"}, {"boot": "bios"}, {"disk_gib": 1}, {"mac": "x"}):
+        assert dataclasses.replace(s, **change).replace_keys() != s.replace_keys()  # type: ignore[arg-type]
+
+
+# -- the overlap check -----------------------------------------------------------------------
+
+ROUTES = [
+    {"dst": "default", "gateway": "192.168.1.1", "dev": "eth0"},
+    {"dst": "192.168.1.0/24", "dev": "eth0", "protocol": "kernel", "scope": "link"},
+    {"dst": "10.0.0.0/16", "dev": "wg0"},
+]
+ADDRS = [
+    {"ifname": "lo", "addr_info": [{"family": "inet", "local": "127.0.0.1", "prefixlen": 8}]},
+    {"ifname": "eth0", "addr_info": [
+        {"family": "inet", "local": "192.168.1.20", "prefixlen": 24},
+        {"family": "inet6", "local": "fe80::1", "prefixlen": 64},
+    ]},
+]
+
+
+def test_overlap_with_a_route_or_an_address_is_found() -> None:
+    net = ipaddress.IPv4Network
+    assert netcheck.conflicts(net("10.0.100.0/24"), ROUTES, ADDRS) == ["route 10.0.0.0/16 dev wg0"]
+    found = netcheck.conflicts(net("192.168.0.0/16"), ROUTES, ADDRS)
+    assert found == ["route 192.168.1.0/24 dev eth0", "address 192.168.1.20/24 on eth0"]
+    # the default route overlaps everything and is not counted
+    assert netcheck.conflicts(net("172.30.0.0/24"), ROUTES, ADDRS) == []
+
+
+def test_the_stacks_own_bridge_is_not_an_overlap() -> None:
+    links = [
+        {"ifname": "k3b-x", "ifalias": "k3scluster:s"},
+        {"ifname": "tap1", "master": "k3b-x"},
+        {"ifname": "k3b-y"},
+    ]
+    assert netcheck.own_links(links, "k3b-x", "k3scluster:s") == ["k3b-x", "tap1"]
+    assert netcheck.own_links(links, "k3b-y", "k3scluster:s") == []  # no alias: not ours
+    routes = [{"dst": "10.0.100.0/24", "dev": "k3b-x"}]
+    assert netcheck.conflicts(ipaddress.IPv4Network("10.0.100.0/24"), routes, [], ["k3b-x"]) == []
+    assert netcheck.conflicts(ipaddress.IPv4Network("10.0.100.0/24"), routes, [], []) != []
+
+
+# -- QEMU argv -----------------------------------------------------------------------------
+
+
+def _spec(example_dir: Path, tmp_path: Path, host: str) -> lab.VmSpec:
+    c = _load(example_dir)
+    specs = lab.vm_specs(c, _settings(tmp_path), {h.name: "/iso" for h in c.hosts})
+    return next(s for s in specs if s.host == host)
+
+
+def _opt(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+
+
+def test_install_argv_boots_the_iso_once_with_the_serial_and_mac(
+    example_dir: Path, tmp_path: Path
+) -> None:
+    s = _spec(example_dir, tmp_path, "olaf")
+    fw = qemu.Ovmf(Path("/fw/CODE.fd"), Path("/fw/VARS.fd"))
+    argv = qemu.vm_argv(s, "tcg", ovmf=fw, iso=Path("/iso/olaf.iso"))
+    devices = _opt(argv, "-device")
+    assert f"virtio-blk-pci,drive=disk,bootindex=2,serial={s.serial}" in devices
+    assert f"virtio-net-pci,netdev=net,mac={s.mac}" in devices
+    assert "ide-cd,drive=cd,bus=ide.0,bootindex=1" in devices
+    assert "-no-reboot" in argv and "-daemonize" in argv
+    drives = _opt(argv, "-drive")
+    assert "if=pflash,format=raw,unit=0,readonly=on,file=/fw/CODE.fd" in drives
+    assert f"if=pflash,format=raw,unit=1,file={s.dir}/efivars.fd" in drives
+    assert _opt(argv, "-accel") == ["tcg"] and "-cpu" not in argv
+    assert _opt(argv, "-netdev") == [f"tap,id=net,ifname={s.tap},script=no,downscript=no"]
+    assert _opt(argv, "-pidfile") == [f"{s.dir}/qemu.pid"]
+    assert _opt(argv, "-qmp") == [f"unix:{s.dir}/qmp.sock,server=on,wait=off"]
+
+
+def test_disk_boot_has_no_iso_and_bios_has_no_pflash(example_dir: Path, tmp_path: Path) -> None:
+    s = _spec(example_dir, tmp_path, "rolf")
+    argv = qemu.vm_argv(s, "kvm", ovmf=None, iso=None)
+    assert not any("cdrom" in a or "pflash" in a for a in argv)
+    assert "-no-reboot" not in argv
+    assert _opt(argv, "-cpu") == ["host"]
+    assert f"virtio-blk-pci,drive=disk,bootindex=1,serial={s.serial}" in _opt(argv, "-device")
+    # a host without a serial gets a disk without one
+    karl = _spec(example_dir, tmp_path, "karl")
+    assert "virtio-blk-pci,drive=disk,bootindex=1" in _opt(
+        qemu.vm_argv(karl, "tcg", ovmf=qemu.Ovmf(Path("/c"), Path("/v")), iso=None), "-device"
+    )
+
+
+def test_commas_in_paths_are_escaped_for_qemu(example_dir: Path, tmp_path: Path) -> None:
+    s = dataclasses.replace(_spec(example_dir, tmp_path, "rolf"), dir="/lab,x/rolf")
+    assert "if=none,id=disk,format=qcow2,file=/lab,,x/rolf/disk.qcow2" in _opt(
+        qemu.vm_argv(s, "tcg", ovmf=None, iso=None), "-drive"
+    )
+
+
+def test_qemu_img_argv() -> None:
+    assert qemu.disk_create_argv("qemu-img", Path("/d/disk.qcow2"), 32) == [
+        "qemu-img", "create", "-q", "-f", "qcow2", "/d/disk.qcow2", "32G"
+    ]
+
+
+def test_ovmf_is_found_from_firmware_descriptors(tmp_path: Path) -> None:
+    code, vars_ = tmp_path / "CODE.fd", tmp_path / "VARS.fd"
+    code.write_bytes(b"c")
+    vars_.write_bytes(b"v")
+
+    def desc(name: str, features: list[str]) -> None:
+        (tmp_path / name).write_text(json.dumps({
+            "interface-types": ["uefi"],
+            "mapping": {"device": "flash", "executable": {"filename": str(code)},
+                        "nvram-template": {"filename": str(vars_)}},
+            "targets": [{"architecture": "x86_64", "machines": ["pc-q35-*"]}],
+            "features": features,
+        }))
+
+    desc("40-secure.json", ["secure-boot", "enrolled-keys", "requires-smm"])
+    with pytest.raises(K3sClusterError, match="apt-get install ovmf"):
+        qemu.find_ovmf((tmp_path,))
+    desc("60-plain.json", ["acpi-s3"])
+    assert qemu.find_ovmf((tmp_path,)) == qemu.Ovmf(code, vars_)
+
+
+def test_accel_tcg_never_probes_and_kvm_refuses_when_it_cannot(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+
+    def probe(q: str, timeout: float = 0) -> tuple[bool, str]:
+        calls.append(q)
+        return False, "nested KVM hangs"
+
+    monkeypatch.setattr(qemu, "kvm_works", probe)
+    assert qemu.choose_accel("tcg", "qemu") == ("tcg", None) and calls == []
+    accel, warning = qemu.choose_accel("auto", "qemu")
+    assert accel == "tcg" and warning and "nested KVM hangs" in warning
+    with pytest.raises(K3sClusterError, match="vmAccel is kvm"):
+        qemu.choose_accel("kvm", "qemu")
+
+
+def test_steps_call_the_lab_ctl_with_the_spec_as_one_argument(
+    example_dir: Path, tmp_path: Path
+) -> None:
+    s = _spec(example_dir, tmp_path, "olaf")
+    argv = commands.lab_ctl("/py", "vm-up", s.to_json())
+    assert argv[:4] == ["/py", "-m", "k3scluster.lab.ctl", "vm-up"]
+    assert lab.VmSpec.from_json(argv[-1]) == s
+
+
+def test_nat_ruleset_masquerades_only_the_lab_subnet() -> None:
+    net = lab.NetSpec("s", "k3b-s-1234", "10.0.100.1/24", "10.0.100.0/24", True, "n:1")
+    rules = ctl.nat_ruleset(net)
+    assert f"table ip {ctl.nat_table('s')}" in rules
+    assert 'ip saddr 10.0.100.0/24 oifname != "k3b-s-1234" masquerade' in rules
+
+
+# -- the rendered .link -------------------------------------------------------------------
+
+
+def test_vm_render_names_each_nic_by_its_vm_mac(example_dir: Path) -> None:
+    c = _load(example_dir)
+    out = example_dir / ".k3scluster" / "render"
+    plain = render_files(c, out)
+    vm = render_files(c, out, lab.planned_macs(c, "test-vms"))
+    for h in c.hosts:
+        text = vm[f"hosts/{h.name}.nix"]
+        assert 'systemd.network.links."10-k3scluster-vm-nic"' in text
+        assert f'matchConfig.MACAddress = "{macs.vm_mac("test-vms", h.name)}";' in text
+        assert f'linkConfig.Name = "{h.interface}";' in text
+        assert "systemd.network.links" not in plain[f"hosts/{h.name}.nix"]
+    # only the host files differ; the installers build from them
+    assert {k for k in vm if vm[k] != plain[k]} == {f"hosts/{h.name}.nix" for h in c.hosts}
+
+
+# -- manifests: what delete may touch, and the listing ----------------------------------------
+
+
+def _made(example_dir: Path, tmp_path: Path, host: str) -> lab.VmSpec:
+    """A VM directory as vm-up leaves it (manifest, disk, console), without running QEMU."""
+    s = _spec(example_dir, tmp_path, host)
+    m = ctl._claim(s)
+    m["installed"] = True
+    ctl._write_manifest(s.path, m)
+    for name in ("disk.qcow2", "console.log"):
+        (s.path / name).write_text("x")
+    return s
+
+
+def test_delete_removes_exactly_the_manifests_files(
+    example_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ctl, "_delete_tap", lambda spec: None)
+    s = _made(example_dir, tmp_path, "olaf")
+    other = _made(example_dir, tmp_path, "ulf")
+    ctl.vm_delete(s)
+    assert not s.path.exists()
+    assert sorted(p.name for p in other.path.iterdir()) == [
+        "console.log", "disk.qcow2", lab.MARKER
+    ]
+    # a file the VM did not make is kept, and so is its directory
+    s = _made(example_dir, tmp_path, "olaf")
+    (s.path / "notes.txt").write_text("mine")
+    ctl.vm_delete(s)
+    assert [p.name for p in s.path.iterdir()] == ["notes.txt"]
+
+
+def test_delete_refuses_a_directory_it_cannot_prove(
+    example_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ctl, "_delete_tap", lambda spec: None)
+    s = _spec(example_dir, tmp_path, "olaf")
+    s.path.mkdir(parents=True)
+    (s.path / "disk.qcow2").write_text("someone's disk")
+    with pytest.raises(K3sClusterError, match="no k3scluster-vm.json"):
+        ctl.vm_delete(s)
+    with pytest.raises(K3sClusterError, match="not made by k3scluster"):
+        ctl._claim(s)
+    assert (s.path / "disk.qcow2").exists()
+    # another stack's VM in the same place
+    (s.path / "disk.qcow2").unlink()
+    other = dataclasses.replace(s, stack="other", name=lab.guest_name("other", "olaf"))
+    ctl._claim(other)
+    with pytest.raises(K3sClusterError, match="belongs to VM 'olaf' of stack 'other'"):
+        ctl.vm_delete(s)
+    assert ctl.read_manifest(s.path) is not None
+
+
+def test_a_stale_pidfile_is_not_taken_for_the_vm(example_dir: Path, tmp_path: Path) -> None:
+    import os
+
+    s = _made(example_dir, tmp_path, "olaf")
+    (s.path / "qemu.pid").write_text(str(os.getpid()))  # alive, but not this VM's QEMU
+    assert ctl.running_pid(s) is None
+    assert ctl.stop(s) is False
+
+
+def test_vms_lists_state_ip_and_console(example_dir: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from k3scluster.cli import main
+
+    args = ["vms", str(example_dir), "--stack", "test-vms", "--render-dir", str(tmp_path / "r")]
+    assert main(args) == 0
+    assert "no VMs of stack test-vms" in capsys.readouterr().out
+    s = _made(example_dir, tmp_path, "olaf")
+    assert main(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["host", "state", "ip", "mac", "console"]
+    assert out[1].split() == ["olaf", "stopped", "10.0.100.2", s.mac, f"{s.dir}/console.log"]
+    assert main([*args, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [{
+        "host": "olaf", "state": "stopped", "ip": "10.0.100.2", "mac": s.mac, "accel": None,
+        "pid": None, "console": f"{s.dir}/console.log",
+    }]
+    assert main([*args, "--start", "nosuch"]) == 1
+    assert "has no VM 'nosuch'" in capsys.readouterr().err
