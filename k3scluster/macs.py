@@ -5,6 +5,12 @@ is derived, not random, and not stored), different between stacks and hosts, loc
 administered (bit 0x02 of the first octet set) and unicast (bit 0x01 clear), so it can
 never be a vendor's address on the user's network. The rendered system names the NIC with
 this MAC as the plan says (a systemd ``.link``; see ``k3scluster.lab.links``).
+
+The rendered hosts take theirs from here too: the host's own macvlan ``mv-host``
+(``host_macvlan_mac``) and the K3s agent container on its podman macvlan network
+(``agent_mac``). The kernel gives a new macvlan a random MAC (every boot for ``mv-host``,
+every container start for the agent), which leaves stale ARP entries for the address in
+the LAN; a derived one is the same every time, on any machine that renders the plans.
 """
 
 from __future__ import annotations
@@ -34,3 +40,13 @@ def is_locally_administered(mac: str) -> bool:
         return False
     first = int(mac[:2], 16)
     return bool(first & 0x02) and not first & 0x01
+
+
+def host_macvlan_mac(host: str) -> str:
+    """The MAC of the host's own macvlan ``mv-host`` (plans/hosts.csv name)."""
+    return derived_mac("mv-host", host)
+
+
+def agent_mac(node: str) -> str:
+    """The MAC of the K3s agent container on the podman macvlan network (its K3s name)."""
+    return derived_mac("k3s-agent", node)

@@ -15,7 +15,7 @@ Layout of OUT::
                               render_to_dir writes them, no host depends on them)
     modules/cluster.nix       declares options.cluster, reads cluster.json
     modules/base.nix          every host: network, users, ssh, firewall
-    modules/k3s-common.nix    K3s hosts: firewall ports
+    modules/k3s-common.nix    K3s hosts: what server and agent share on the host
     modules/k3s-server.nix    K3s server in the NixOS container `k3s-server`
     modules/k3s-agent.nix     K3s agent in the podman container `k3s-agent`
     hosts/<host>.nix          the host's values and imports
@@ -38,6 +38,7 @@ import jinja2
 
 from k3scluster import diagram, installer
 from k3scluster.errors import K3sClusterError
+from k3scluster.macs import agent_mac, host_macvlan_mac
 from k3scluster.model import Cluster, Host, K3sNode, K3sType
 from k3scluster.nix import NixPath, nix_value
 from k3scluster.pins import NIXPKGS_PINS, NIXPKGS_SYSTEM, NixpkgsPin, is_commit
@@ -262,6 +263,7 @@ def _host_context(cluster: Cluster, host: Host, out: Path) -> dict[str, object]:
             "passwordFile": f"{SECRETS_DIR}/{_passwd_key(host)}" if passwd else None,
             "stateVersion": net.nixos_release,
             "boot": host.boot.value,
+            "macAddress": host_macvlan_mac(host.name),
         },
         "ssh_keys": _key_lines(cluster, host.name),
         "server": None,
@@ -315,6 +317,7 @@ def _host_context(cluster: Cluster, host: Host, out: Path) -> dict[str, object]:
                 "serverUrl": f"https://{init.ip}:6443",
                 "image": f"{AGENT_IMAGE}:{net.k3s_image_tag}",
                 "subnet": str(net.network),
+                "macAddress": agent_mac(agent.name),
             },
         }
     return ctx

@@ -27,6 +27,7 @@
     passwordFile = "/var/lib/k3scluster/secrets/passwd-manfred";
     stateVersion = "25.05";
     boot = "efi";
+    macAddress = "8e:34:7c:5f:3c:9b";
     sshKeys = [
       "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK4pm8/PFGZcwEfmj6kTcKXF+i0WX91UdtJ7FgPI5J6a EXAMPLE-ONLY manfred (private half discarded, never a real key)"
       "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBdLsj3IjWrVTqIghFvJhSNzV6rHOVX1OrzUSEFGC5Dm EXAMPLE-ONLY olaf-only key (private half discarded)"
@@ -56,5 +57,6 @@
     serverUrl = "https://10.0.100.10:6443";
     image = "docker.io/rancher/k3s:v1.31.12-k3s1";
     subnet = "10.0.100.0/24";
+    macAddress = "be:38:59:71:75:a0";
   };
 }

@@ -26,6 +26,7 @@
     passwordFile = "/var/lib/k3scluster/secrets/passwd-manfred";
     stateVersion = "25.05";
     boot = "bios";
+    macAddress = "ba:5d:d2:de:f9:82";
     sshKeys = [
       "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK4pm8/PFGZcwEfmj6kTcKXF+i0WX91UdtJ7FgPI5J6a EXAMPLE-ONLY manfred (private half discarded, never a real key)"
     ];

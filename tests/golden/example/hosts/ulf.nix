@@ -21,6 +21,7 @@
     passwordFile = "/var/lib/k3scluster/secrets/passwd-manfred";
     stateVersion = "25.05";
     boot = "efi";
+    macAddress = "d6:1f:ca:10:db:c5";
     sshKeys = [
       "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK4pm8/PFGZcwEfmj6kTcKXF+i0WX91UdtJ7FgPI5J6a EXAMPLE-ONLY manfred (private half discarded, never a real key)"
     ];
@@ -48,5 +49,6 @@
     serverUrl = "https://10.0.100.10:6443";
     image = "docker.io/rancher/k3s:v1.31.12-k3s1";
     subnet = "10.0.100.0/24";
+    macAddress = "46:de:b8:b2:26:70";
   };
 }

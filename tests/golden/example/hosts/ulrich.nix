@@ -24,6 +24,7 @@
     passwordFile = "/var/lib/k3scluster/secrets/passwd-manfred";
     stateVersion = "25.05";
     boot = "efi";
+    macAddress = "5e:b9:ac:12:7b:8a";
     sshKeys = [
       "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK4pm8/PFGZcwEfmj6kTcKXF+i0WX91UdtJ7FgPI5J6a EXAMPLE-ONLY manfred (private half discarded, never a real key)"
     ];

@@ -23,6 +23,8 @@ in
       description = "Password hash file on the host, uploaded by colmena (deployment.keys).";
     };
     stateVersion = lib.mkOption { type = str; description = "system.stateVersion: the NixOS release first installed."; };
+    macAddress = lib.mkOption { type = str; description = "The stable, locally administered MAC of mv-host."; };
+    platform = lib.mkOption { type = str; default = "x86_64-linux"; description = "nixpkgs.hostPlatform (plans/hosts.csv platform)."; };
     boot = lib.mkOption { type = lib.types.enum [ "efi" "bios" ]; default = "efi"; description = "plans/hosts.csv boot."; };
   };
 
@@ -41,6 +43,9 @@ in
       ipv4.addresses = lib.mkForce [ ];
       useDHCP = false; # a generated hardware configuration may default it to true
     };
+    # A fixed MAC: the kernel gives a new macvlan a random one, on every boot, which
+    # leaves stale ARP entries for the host's address in the LAN.
+    networking.interfaces.mv-host.macAddress = cfg.macAddress;
     networking.interfaces.mv-host.ipv4.addresses = [
       {
         address = cfg.address;
@@ -53,8 +58,15 @@ in
     };
     networking.nameservers = cfg.nameservers;
 
+    # ssh is the only port a host process listens on (the K3s containers have their
+    # own network namespaces: modules/k3s-common.nix).
     networking.firewall.enable = true;
     networking.firewall.allowedTCPPorts = [ 22 ];
+
+    # The platform the host's system is built for; without it the system would be
+    # built for whatever machine evaluates it. nixos-generate-config writes the same
+    # (mkDefault) into a hardware configuration.
+    nixpkgs.hostPlatform = lib.mkDefault cfg.platform;
 
     # colmena deploys as root over ssh with the admin's keys; no password logins at all.
     services.openssh = {
@@ -98,6 +110,12 @@ in
       options = [ "fmask=0077" "dmask=0077" ];
     });
     boot.loader.systemd-boot.enable = lib.mkDefault (cfg.boot == "efi");
+    # systemd-boot copies each generation's kernel and initrd onto the ESP, which the
+    # installer makes 512 MiB, and removes those of dropped generations only after
+    # writing the new ones. A kernel (~15 MiB) and an initrd with every storage driver
+    # (profiles/all-hardware.nix, well under 40 MiB) take at most ~55 MiB: 6 entries
+    # plus the one being installed stay under 400 MiB even when no two share a kernel.
+    boot.loader.systemd-boot.configurationLimit = lib.mkDefault 6;
     boot.loader.efi.canTouchEfiVariables = lib.mkDefault (cfg.boot == "efi");
     # BIOS: GRUB goes onto the disk's MBR, and NixOS must be told which disk
     # (boot.loader.grub.device = "/dev/disk/by-id/…" in nixConfigs/<host>.nix; nixpkgs

@@ -8,8 +8,14 @@ let
   cfg = config.k3scluster.agent;
   str = lib.types.str;
   secretsDir = "/var/lib/k3scluster/secrets";
-  tokenFile = "${secretsDir}/" + "k3s-token";
+  tokenKey = "k3s-token";
+  tokenFile = "${secretsDir}/${tokenKey}";
+  # The secrets directory as the container sees it (bound read-only, see volumes).
+  secretsMount = "/run/k3s-secrets";
   network = "k3s-macvlan";
+  # What the podman network is made of. It is a label of the network, so that a
+  # change of subnet, gateway or NIC in the plans makes preStart recreate it.
+  networkSpec = "${cfg.subnet},${host.gateway},${host.interface}";
   state = "/var/lib/k3scluster/agent";
   podman = "${config.virtualisation.podman.package}/bin/podman";
 in
@@ -22,6 +28,7 @@ in
     serverUrl = lib.mkOption { type = str; description = "https://<init-server>:6443"; };
     image = lib.mkOption { type = str; description = "rancher/k3s image of the K3s version."; };
     subnet = lib.mkOption { type = str; description = "The plan's subnet, for the macvlan network."; };
+    macAddress = lib.mkOption { type = str; description = "The agent's stable, locally administered MAC on the macvlan network."; };
   };
 
   config = {
@@ -31,11 +38,13 @@ in
       cmd = [ "agent" ];
       environment = {
         K3S_URL = cfg.serverUrl;
-        K3S_TOKEN_FILE = "/run/k3s-secrets/token";
+        K3S_TOKEN_FILE = "${secretsMount}/${tokenKey}";
         K3S_NODE_NAME = cfg.name;
       };
       volumes = [
-        "${tokenFile}:/run/k3s-secrets/token:ro"
+        # The directory, not the file: colmena replaces a key by renaming a new file
+        # over it, and a bind mount of the file would keep showing the old one.
+        "${secretsDir}:${secretsMount}:ro"
         # The agent's state and its node password: a node that registers again with a
         # new password is rejected, so both outlive the container.
         "${state}/rancher-k3s:/var/lib/rancher/k3s"
@@ -45,24 +54,50 @@ in
         "--privileged"
         "--network=${network}"
         "--ip=${cfg.address}"
+        # A fixed MAC: a new random one on every start would leave stale ARP entries
+        # for the agent's address in the LAN.
+        "--mac-address=${cfg.macAddress}"
         "--hostname=${cfg.name}"
         "--tmpfs=/run"
         "--tmpfs=/var/run"
+        # podman caps a container at 2048 processes by default; this container is a
+        # whole Kubernetes node, with every pod's processes in it.
+        "--pids-limit=-1"
       ] ++ map (ns: "--dns=${ns}") host.nameservers;
     };
 
     # nixpkgs declares no podman networks: the unit oci-containers generates
-    # (podman-k3s-agent.service) creates the macvlan network before it starts.
+    # (podman-k3s-agent.service) creates the macvlan network before it starts, and
+    # recreates it when its label says it was made for another subnet, gateway or
+    # NIC (`podman network rm -f` also removes a container still attached to it).
     # Netavark's macvlan driver needs the subnet; bridge mode lets the agent reach the
     # host (mv-host) and the server container, its macvlan siblings.
-    systemd.services.podman-k3s-agent.preStart = ''
-      ${podman} network exists ${lib.escapeShellArg network} || ${podman} network create \
-        --driver=macvlan \
-        --subnet=${lib.escapeShellArg cfg.subnet} \
-        --gateway=${lib.escapeShellArg host.gateway} \
-        -o parent=${lib.escapeShellArg host.interface} \
-        ${lib.escapeShellArg network}
-    '';
+    systemd.services.podman-k3s-agent = {
+      preStart = ''
+        if ${podman} network exists ${lib.escapeShellArg network}; then
+          made=$(${podman} network inspect --format '{{index .Labels "k3scluster.spec"}}' ${lib.escapeShellArg network})
+          if [ "$made" != ${lib.escapeShellArg networkSpec} ]; then
+            echo "podman network ${network} was made for '$made' (subnet,gateway,parent), the plans say '${networkSpec}': recreating it"
+            ${podman} network rm -f ${lib.escapeShellArg network}
+          fi
+        fi
+        ${podman} network exists ${lib.escapeShellArg network} || ${podman} network create \
+          --driver=macvlan \
+          --subnet=${lib.escapeShellArg cfg.subnet} \
+          --gateway=${lib.escapeShellArg host.gateway} \
+          -o parent=${lib.escapeShellArg host.interface} \
+          --label=${lib.escapeShellArg "k3scluster.spec=${networkSpec}"} \
+          ${lib.escapeShellArg network}
+      '';
+
+      # Before the first deploy (a freshly installed host) there is no token yet: the
+      # agent is skipped instead of failing into its start limit, and the deploy that
+      # uploads the token starts it (switch-to-configuration starts the active targets
+      # again, and with them every unit they want that is not running). Ordered after
+      # colmena's unit for the key, which is up once the file is there.
+      unitConfig.ConditionPathExists = tokenFile;
+      after = [ "${tokenKey}-key.service" ];
+    };
 
     systemd.tmpfiles.rules = [
       "d ${state} 0700 root root -"
@@ -72,6 +107,8 @@ in
 
     # K3s in a container cannot load kernel modules itself.
     boot.kernelModules = [ "overlay" "br_netfilter" ];
-    boot.kernel.sysctl."net.ipv4.ip_forward" = 1;
+    # No net.ipv4.ip_forward on the host: the agent routes for its pods inside its own
+    # network namespace (K3s sets forwarding there itself), and the macvlan network
+    # needs no routing by the host (netavark sets ip_forward only for bridge networks).
   };
 }

@@ -19,8 +19,10 @@ let
   cfg = config.k3scluster.server;
   str = lib.types.str;
   secretsDir = "/var/lib/k3scluster/secrets";
-  # The K3s token, uploaded by colmena to the host and bound read-only into the container.
-  tokenFile = "${secretsDir}/" + "k3s-token";
+  tokenKey = "k3s-token";
+  # The K3s token, uploaded by colmena to the host; the container sees the secrets
+  # directory at the same path.
+  tokenFile = "${secretsDir}/${tokenKey}";
   sshSettings = {
     PasswordAuthentication = false;
     KbdInteractiveAuthentication = false;
@@ -41,22 +43,37 @@ in
     extraModules = lib.mkOption { type = lib.types.listOf lib.types.path; default = [ ]; description = "nixConfigs/<k3s name>.nix, imported inside the container."; };
   };
 
+  # Before the first deploy (a freshly installed host) there is no token yet: the
+  # container is skipped instead of starting a K3s that cannot join, and the deploy
+  # that uploads the token starts it (switch-to-configuration starts the active
+  # targets again, machines.target among them, and with them every unit they want
+  # that is not running). Ordered after colmena's unit for the key, which is up once
+  # the file is there.
+  config.systemd.services."container@k3s-server" = {
+    unitConfig.ConditionPathExists = tokenFile;
+    after = [ "${tokenKey}-key.service" ];
+  };
+
   config.containers.k3s-server = {
     autoStart = true;
+    # The container counts as started when its own systemd is up, and that waits for
+    # k3s.service (Type=notify, no start timeout of its own), which is ready only once
+    # etcd has a quorum: a server joining while the init-server is down, a cold start
+    # of the whole cluster or slow disks take longer than nixpkgs' default of 1min,
+    # after which the container is killed and started again, over and over. 10min
+    # fits all of these; a server still not ready then is restarted (Restart=on-failure)
+    # and a deploy waiting for it fails with that timeout instead of hanging.
+    timeoutStartSec = "10min";
     privateNetwork = true;
     # Inside, the interface is mv-<nic>, which systemd-nspawn shortens when it would be
     # longer than 15 characters: the network config below matches mv-* instead.
     macvlans = [ host.interface ];
-    bindMounts = {
-      ${tokenFile} = {
-        hostPath = tokenFile;
-        isReadOnly = true;
-      };
-    } // lib.optionalAttrs (host.passwordFile != null) {
-      ${host.passwordFile} = {
-        hostPath = host.passwordFile;
-        isReadOnly = true;
-      };
+    # The secrets directory (the token and the admin's password hash), read-only. The
+    # directory, not single files: colmena replaces a key by renaming a new file over
+    # it, and a bind mount of the file would keep showing the old one.
+    bindMounts.${secretsDir} = {
+      hostPath = secretsDir;
+      isReadOnly = true;
     };
 
     config =

@@ -1,0 +1,95 @@
+"""Evaluate rendered Nix files with ``nix-instantiate --eval``, without nixpkgs.
+
+``module_config`` calls a rendered module (``modules/<name>.nix``) the way the NixOS
+module system would, with ``lib`` from tests/nix/lib-stub.nix (a stand-in: nixpkgs is
+not available here) and a ``config`` made of the values ``hosts/<host>.nix`` sets
+(``k3scluster.host``, ``.server``, ``.agent``) plus stand-in package paths, and returns
+what the module defines under ``config`` (JSON), with mkDefault/mkForce unwrapped and
+mkIf resolved.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+LIB_STUB = Path(__file__).resolve().parent / "nix" / "lib-stub.nix"
+
+# Store paths the modules interpolate, as stand-ins (nothing is built).
+PODMAN = "/stand-in/podman"
+GENERATE_CONFIG = "/stand-in/nixos-generate-config"
+MODULES_PATH = "/stand-in/nixpkgs/nixos/modules"
+
+UNWRAP = """
+  unwrap = v:
+    if builtins.isAttrs v && (v._type or null) == "override" then unwrap v.content
+    else if builtins.isAttrs v && (v._type or null) == "if" then
+      (if v.condition then unwrap v.content else { _k3sclusterUnset = true; })
+    else if builtins.isAttrs v && !(v ? outPath) then builtins.mapAttrs (n: unwrap) v
+    else if builtins.isList v then map unwrap v
+    else if builtins.isPath v then toString v
+    else if builtins.isFunction v then "<function>"
+    else v;
+"""
+
+
+def nix_eval(expr: str, cwd: Path | None = None) -> object:
+    proc = subprocess.run(
+        ["nix-instantiate", "--eval", "--strict", "--json", "-E", expr],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        check=False,
+    )
+    assert proc.returncode == 0, f"nix-instantiate failed on:\n{expr}\n{proc.stderr}"
+    return json.loads(proc.stdout)
+
+
+def host_args() -> str:
+    """The module arguments a hosts/<host>.nix may ask for."""
+    return f'{{ modulesPath = "{MODULES_PATH}"; }}'
+
+
+def module_expr(out: Path, module: str, host: str, podman: str = PODMAN) -> str:
+    """A Nix expression (a let-binding prelude) for ``modules/<module>.nix`` on ``host``."""
+    return f"""
+let
+  lib = import {LIB_STUB};
+  hostFile = import {out}/hosts/{host}.nix {host_args()};
+  config = {{
+    k3scluster = hostFile.k3scluster;
+    virtualisation.podman.package = "{podman}";
+    system.build.nixos-generate-config = "{GENERATE_CONFIG}";
+  }};
+  m = import {out}/modules/{module}.nix {{ inherit config lib; }};
+  {UNWRAP}
+in
+"""
+
+
+def module_config(
+    out: Path, module: str, host: str, path: str = "", podman: str = PODMAN
+) -> object:
+    """``config<path>`` as the module defines it, unwrapped (``path`` like ``.systemd``).
+
+    ``podman`` stands in for ``config.virtualisation.podman.package`` (a directory with
+    ``bin/podman``).
+    """
+    return nix_eval(module_expr(out, module, host, podman) + f"unwrap m.config{path}")
+
+
+def container_config(out: Path, host: str, path: str = "", pkgs: str = "") -> object:
+    """What the K3s server container's own ``config`` function defines, unwrapped.
+
+    ``pkgs`` is a Nix attrset expression standing in for the container's pkgs (by
+    default one K3s package of the plan's minor release, at the plan's version).
+    """
+    pkgs = pkgs or (
+        "{ ${hostFile.k3scluster.server.packageAttr} = { version = "
+        'lib.removePrefix "v" hostFile.k3scluster.server.k3sVersion; }; }'
+    )
+    return nix_eval(
+        module_expr(out, "k3s-server", host)
+        + f"unwrap ((m.config.containers.k3s-server.config {{ inherit lib; pkgs = {pkgs}; }}){path})"
+    )

@@ -1,0 +1,316 @@
+"""The rendered NixOS modules, evaluated: what a host, its K3s server container and its
+K3s agent container get (issue 13).
+
+nixpkgs is not available here: the modules are called with tests/nix/lib-stub.nix as
+``lib`` (see tests/nixeval.py), so what they compute from the rendered host values is a
+real ``nix-instantiate --eval`` of the rendered files. Which nixpkgs module reads each
+option, and how, is written beside each test.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+from nixeval import LIB_STUB, container_config, module_config, nix_eval
+
+from k3scluster import macs, plans
+from k3scluster.model import Cluster
+from k3scluster.render import SECRETS_DIR, TOKEN_KEY, render_to_dir
+
+
+def load(root: Path) -> Cluster:
+    result = plans.load(root)
+    assert result.cluster is not None, "\n".join(map(str, result.diagnostics))
+    return result.cluster
+
+
+@pytest.fixture
+def out(example_dir: Path) -> Path:
+    out = example_dir / ".k3scluster" / "render"
+    render_to_dir(load(example_dir), out)
+    return out
+
+
+TOKEN_FILE = f"{SECRETS_DIR}/{TOKEN_KEY}"
+
+
+def agent_service(out: Path, host: str = "karl") -> dict[str, object]:
+    svc = module_config(out, "k3s-agent", host, ".systemd.services.podman-k3s-agent")
+    assert isinstance(svc, dict)
+    return svc
+
+
+def agent_container(out: Path, host: str = "karl") -> dict[str, object]:
+    c = module_config(out, "k3s-agent", host, ".virtualisation.oci-containers.containers.k3s-agent")
+    assert isinstance(c, dict)
+    return c
+
+
+# -- item 8: first boot before the first deploy ---------------------------------------
+# colmena (src/nix/hive/modules.nix, keyServiceModule) makes `<key name>-key.service` and
+# a `.path` unit (PathExists = destDir/name) for every deployment.keys entry; the service
+# is active while the file exists. switch-to-configuration starts every active target
+# again, which starts the units they want that were skipped at boot.
+
+
+def test_key_guards_name_the_file_and_unit_colmena_makes(out: Path) -> None:
+    keys = nix_eval(f"(import {out}/hive.nix).karl.deployment.keys")
+    assert isinstance(keys, dict)
+    key = keys[TOKEN_KEY]
+    colmena_path = f"{key['destDir']}/{TOKEN_KEY}"  # options.nix: path = destDir/name
+    colmena_unit = f"{TOKEN_KEY}-key.service"  # modules.nix: "${name}-key"
+    agent = agent_service(out)
+    assert agent["unitConfig"] == {"ConditionPathExists": colmena_path}
+    assert agent["after"] == [colmena_unit]
+    server = module_config(out, "k3s-server", "olaf", '.systemd.services."container@k3s-server"')
+    assert server == {"unitConfig": {"ConditionPathExists": colmena_path}, "after": [colmena_unit]}
+    # the token the units wait for is the one the containers read
+    assert colmena_path == TOKEN_FILE
+    inner = container_config(out, "olaf", ".services.k3s.tokenFile")
+    assert inner == colmena_path
+
+
+def test_guards_never_require_the_key_unit(out: Path) -> None:
+    # The installed system (from the ISO, evaluated without colmena's modules) has no
+    # k3s-token-key.service, and colmena restarts it on every key upload: Requires=,
+    # BindsTo= or PartOf= would fail the unit, or restart it on every deploy.
+    for svc in (
+        agent_service(out),
+        module_config(out, "k3s-server", "olaf", '.systemd.services."container@k3s-server"'),
+    ):
+        assert isinstance(svc, dict)
+        assert not {"requires", "bindsTo", "partOf", "requisite", "wants"} & set(svc)
+
+
+# -- item 9: the secrets directory, bound read-only -----------------------------------
+# colmena's key_uploader.template.sh writes `<dest>.tmp` and `mv`s it over the key: a new
+# inode, which a bind mount of the file itself would never show.
+
+
+def test_agent_binds_the_secrets_directory_read_only(out: Path) -> None:
+    c = agent_container(out)
+    volumes = c["volumes"]
+    assert isinstance(volumes, list)
+    secret_volumes = [v for v in volumes if str(v).startswith(SECRETS_DIR)]
+    assert secret_volumes == [f"{SECRETS_DIR}:/run/k3s-secrets:ro"]
+    env = c["environment"]
+    assert isinstance(env, dict)
+    assert env["K3S_TOKEN_FILE"] == f"/run/k3s-secrets/{TOKEN_KEY}"
+
+
+def test_server_binds_the_secrets_directory_read_only(out: Path) -> None:
+    binds = module_config(out, "k3s-server", "olaf", ".containers.k3s-server.bindMounts")
+    # nixos-containers.nix: bindMounts.<mountPoint> = { hostPath; isReadOnly; } becomes
+    # --bind-ro=hostPath:mountPoint
+    assert binds == {SECRETS_DIR: {"hostPath": SECRETS_DIR, "isReadOnly": True}}
+    inner = container_config(out, "olaf")
+    assert isinstance(inner, dict)
+    assert inner["services"]["k3s"]["tokenFile"] == TOKEN_FILE
+    admin = inner["users"]["users"]["manfred"]
+    assert admin["hashedPasswordFile"] == f"{SECRETS_DIR}/passwd-manfred"
+
+
+# -- item 2: the server container's start timeout ---------------------------------------
+# nixos-containers.nix: TimeoutStartSec = cfg.timeoutStartSec (default "1min") on a
+# Type=notify unit run with --notify-ready=yes; k3s.service inside is Type=notify with
+# TimeoutStartSec=0 (services/cluster/k3s, rancher/ from 25.11).
+
+
+def test_server_container_waits_ten_minutes_for_k3s(out: Path) -> None:
+    c = module_config(out, "k3s-server", "olaf", ".containers.k3s-server")
+    assert isinstance(c, dict)
+    assert c["timeoutStartSec"] == "10min"
+
+
+# -- item 13: no pids limit on the agent ----------------------------------------------
+
+
+def test_agent_has_no_pids_limit(out: Path) -> None:
+    opts = agent_container(out)["extraOptions"]
+    assert isinstance(opts, list)
+    assert "--pids-limit=-1" in opts
+    assert [o for o in opts if str(o).startswith("--pids-limit")] == ["--pids-limit=-1"]
+
+
+# -- item 11: stable MACs ---------------------------------------------------------------
+
+
+def test_host_and_agent_macs_are_derived_locally_administered_and_distinct() -> None:
+    seen = set()
+    for mac in (
+        macs.host_macvlan_mac("olaf"),
+        macs.host_macvlan_mac("ulf"),
+        macs.agent_mac("olaf"),
+        macs.vm_mac("test-vms", "olaf"),
+    ):
+        assert macs.is_locally_administered(mac)
+        seen.add(mac)
+    assert len(seen) == 4
+    assert macs.host_macvlan_mac("olaf") == macs.derived_mac("mv-host", "olaf")
+    assert macs.agent_mac("olaf-k3s-agent") == macs.derived_mac("k3s-agent", "olaf-k3s-agent")
+    # pinned: a change of the derivation gives every host a new MAC (stale ARP once)
+    assert macs.host_macvlan_mac("olaf") == "8e:34:7c:5f:3c:9b"
+
+
+def test_host_macvlan_gets_its_mac(out: Path) -> None:
+    # network-interfaces.nix: networking.interfaces.<n>.macAddress becomes a systemd .link
+    # (MACAddress=, matched on OriginalName) applied by udev, scripted networking too
+    for host in ("olaf", "ulrich"):
+        mac = module_config(out, "base", host, ".networking.interfaces.mv-host.macAddress")
+        assert mac == macs.host_macvlan_mac(host)
+
+
+def test_agent_gets_its_mac(out: Path) -> None:
+    opts = agent_container(out)["extraOptions"]
+    assert isinstance(opts, list)
+    assert f"--mac-address={macs.agent_mac('karl-k3s-agent')}" in opts
+
+
+# -- item 14: nothing open on the host that no host process listens on -----------------
+
+
+def test_host_firewall_opens_only_ssh(out: Path) -> None:
+    base = module_config(out, "base", "olaf", ".networking.firewall")
+    assert base == {"enable": True, "allowedTCPPorts": [22]}
+    common = nix_eval(f"import {out}/modules/k3s-common.nix {{ lib = import {LIB_STUB}; }}")
+    assert common == {}
+    # the server's own ports are opened inside its network namespace
+    inner = container_config(out, "olaf", ".networking.firewall")
+    assert inner == {"enable": True, "allowedTCPPorts": [22, 6443, 2379, 2380]}
+
+
+def test_no_host_ip_forward(out: Path) -> None:
+    agent = module_config(out, "k3s-agent", "karl", ".boot")
+    assert agent == {"kernelModules": ["overlay", "br_netfilter"]}
+
+
+def test_systemd_boot_generations_fit_the_esp(out: Path) -> None:
+    limit = module_config(out, "base", "olaf", ".boot.loader.systemd-boot.configurationLimit")
+    assert limit == 6
+
+
+# -- item 12: the podman network follows the plans --------------------------------------
+# Real podman (Debian's, with netavark) on configuration files in a temporary directory,
+# inside a network namespace of its own with veth stand-ins for the NICs: `podman network
+# create/inspect/rm` only write and read those files, no container runs.
+
+
+def _podman_prefix(tmp: Path, runroot: Path) -> Path:
+    """A directory with bin/podman: the real podman, on private storage and network files.
+
+    ``runroot`` must be a short path (podman refuses one longer than 50 characters).
+    """
+    conf = tmp / "containers.conf"
+    conf.write_text(
+        "[network]\n"
+        'network_backend = "netavark"\n'
+        f'network_config_dir = "{tmp}/networks"\n'
+        "[engine]\n"
+        'events_logger = "file"\n'
+        'cgroup_manager = "cgroupfs"\n'
+    )
+    (tmp / "networks").mkdir()
+    bin_dir = tmp / "pkg" / "bin"
+    bin_dir.mkdir(parents=True)
+    wrapper = bin_dir / "podman"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'CONTAINERS_CONF={tmp}/containers.conf exec /usr/bin/podman --root={tmp}/root'
+        f' --runroot={runroot} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    return tmp / "pkg"
+
+
+def _in_netns(script: str, nics: tuple[str, ...]) -> subprocess.CompletedProcess[str]:
+    links = "".join(f"ip link add {n} type veth peer name {n}p\n" for n in nics)
+    return subprocess.run(
+        ["unshare", "--net", "bash", "-e", "-c", links + script],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+
+
+def _network(podman: Path) -> dict[str, str]:
+    fmt = '{{.ID}}|{{index .Labels "k3scluster.spec"}}|{{.NetworkInterface}}|{{range .Subnets}}{{.Subnet}} {{.Gateway}}{{end}}'
+    proc = subprocess.run(
+        [str(podman / "bin" / "podman"), "network", "inspect", "--format", fmt, "k3s-macvlan"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    ident, label, parent, subnet = proc.stdout.strip().split("|")
+    return {"id": ident, "label": label, "parent": parent, "subnet": subnet}
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not Path("/usr/bin/podman").exists() or shutil.which("unshare") is None,
+    reason="needs root (a network namespace) and podman (scripts/setup installs it)",
+)
+def test_podman_network_is_recreated_when_the_plan_changes(
+    example_dir: Path, tmp_path: Path
+) -> None:
+    runroot = Path(tempfile.mkdtemp(prefix="k3sp-", dir="/tmp"))
+    try:
+        _podman_network_follows_the_plans(example_dir, _podman_prefix(tmp_path, runroot))
+    finally:
+        shutil.rmtree(runroot, ignore_errors=True)
+
+
+def _podman_network_follows_the_plans(example_dir: Path, podman: Path) -> None:
+    out = example_dir / ".k3scluster" / "render"
+    nics = ("eni1", "eno9")
+
+    def pre_start() -> str:
+        render_to_dir(load(example_dir), out)
+        script = module_config(
+            out, "k3s-agent", "karl", ".systemd.services.podman-k3s-agent.preStart", str(podman)
+        )
+        assert isinstance(script, str)
+        proc = _in_netns(script, nics)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout
+
+    pre_start()
+    first = _network(podman)
+    assert first["label"] == "10.0.100.0/24,10.0.100.1,eni1"
+    assert (first["parent"], first["subnet"]) == ("eni1", "10.0.100.0/24 10.0.100.1")
+    # unchanged plans: the network stays (same ID)
+    assert "recreating" not in pre_start()
+    assert _network(podman) == first
+    # another gateway
+    net = example_dir / "plans" / "network.yaml"
+    net.write_text(net.read_text().replace("gateway: 10.0.100.1", "gateway: 10.0.100.254"))
+    assert "recreating" in pre_start()
+    second = _network(podman)
+    assert second["id"] != first["id"]
+    assert second["subnet"] == "10.0.100.0/24 10.0.100.254"
+    # another NIC
+    hosts = example_dir / "plans" / "hosts.csv"
+    hosts.write_text(hosts.read_text().replace("karl,eni1,", "karl,eno9,"))
+    assert "recreating" in pre_start()
+    third = _network(podman)
+    assert third["parent"] == "eno9" and third["label"] == "10.0.100.0/24,10.0.100.254,eno9"
+    # another subnet (a /16 around the same addresses)
+    net.write_text(net.read_text().replace("netmask: 24", "netmask: 16"))
+    assert "recreating" in pre_start()
+    assert _network(podman)["subnet"] == "10.0.0.0/16 10.0.100.254"
+    # a network made before k3scluster labelled them is made again, once
+    proc = _in_netns(
+        f"{podman}/bin/podman network rm -f k3s-macvlan\n"
+        f"{podman}/bin/podman network create --driver=macvlan --subnet=10.0.0.0/16"
+        f" --gateway=10.0.100.254 -o parent=eno9 k3s-macvlan\n",
+        nics,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert _network(podman)["label"] == ""
+    assert "recreating" in pre_start()
+    assert _network(podman)["label"] == "10.0.0.0/16,10.0.100.254,eno9"
+    assert "recreating" not in pre_start()
