@@ -24,6 +24,9 @@ class Context(Diagnostics):
         self.ips: dict[ipaddress.IPv4Address, tuple[str, Location]] = {}
         # the subnet of network.yaml, set only when it is sound (addresses are checked against it)
         self.subnet: ipaddress.IPv4Network | None = None
+        # the gateway of that subnet and the lines of network.yaml's keys
+        self.gateway: ipaddress.IPv4Address | None = None
+        self.network_lines: dict[str, int] = {}
         self.host_rows: set[str] = set()  # every name in hosts.csv, valid or not
         # False when a table could not be read: checks against "all names" are then skipped
         self.hosts_complete = False

@@ -13,10 +13,17 @@ from k3scluster.plans.manifests import ManifestsReader
 from k3scluster.plans.network import NetworkReader
 from k3scluster.plans.nixconfigs import NixConfigsReader
 from k3scluster.plans.secrets import SecretsReader
+from k3scluster.plans.subnet import SubnetCheck
 
 
 class Loader(
-    NetworkReader, HostsReader, K3sReader, SecretsReader, NixConfigsReader, ManifestsReader
+    NetworkReader,
+    SubnetCheck,
+    HostsReader,
+    K3sReader,
+    SecretsReader,
+    NixConfigsReader,
+    ManifestsReader,
 ):
     def run(self) -> LoadResult:
         # the order matters: network.yaml sets the subnet the tables' addresses are checked
@@ -24,6 +31,7 @@ class Loader(
         if not self.check_root():
             return self.result(None)
         network = self.read_network()
+        self.check_subnet()  # before the tables: their addresses are checked against it
         hosts, host_columns = self.read_hosts()
         k3s, k3s_columns = self.read_k3s()
         secrets = self.read_secrets(hosts)

@@ -212,6 +212,8 @@ class NetworkReader(Files, Names):
             )
         else:
             self.subnet = net  # host addresses are checked only against a sound subnet
+            self.gateway = gateway
+            self.network_lines = dict(keys.lines)
             self.ips[gateway] = ("the gateway", Location(rel, mline))
         return gateway, net
 

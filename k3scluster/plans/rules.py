@@ -14,7 +14,7 @@ WARNING = "warning"
 _REGISTRY: tuple[tuple[str, str, str], ...] = (
     # files.py: the directory and its files
     ("cluster-dir", ERROR, "the cluster directory exists and is a directory"),
-    ("file-missing", ERROR, "plans/hosts.csv and plans/network.yaml exist"),
+    ("file-missing", ERROR, "plans/hosts.csv, plans/network.yaml and secrets/ exist"),
     ("file-unreadable", ERROR, "a plan or secret is a readable file (not a directory)"),
     ("file-encoding", ERROR, "plan files are UTF-8 text without NUL bytes"),
     ("dir-invalid", ERROR, "nixConfigs/, secrets/, manifests/ are directories when present"),
@@ -23,6 +23,7 @@ _REGISTRY: tuple[tuple[str, str, str], ...] = (
     ("csv-header", ERROR, "header names are not empty and not repeated"),
     ("csv-column-missing", ERROR, "every required column is in the header"),
     ("csv-field-count", ERROR, "every row has as many fields as the header"),
+    ("csv-row-duplicate", ERROR, "no row is repeated (a copied row is one error, not several)"),
     # hosts.py, k3s.py and names.py: rows, names and addresses
     ("no-hosts", ERROR, "hosts.csv has at least one host"),
     ("host-name", ERROR, "host names are RFC 1123 labels (a-z, 0-9, '-', at most 63)"),
@@ -53,8 +54,16 @@ _REGISTRY: tuple[tuple[str, str, str], ...] = (
     ("network-key-unknown", WARNING, "network.yaml has no unknown keys"),
     ("network-key-duplicate", ERROR, "no key is repeated in network.yaml"),
     ("network-value", ERROR, "a network.yaml key has the right shape (single value / list)"),
-    ("netmask", ERROR, "netmask is a prefix length 1-30, '/24', or a dotted mask"),
-    ("gateway", ERROR, "the gateway is in the subnet and not its network/broadcast address"),
+    (
+        "netmask",
+        ERROR,
+        "netmask is a prefix length 1-30, '/24', or a dotted mask, wide enough for the plan",
+    ),
+    (
+        "gateway",
+        ERROR,
+        "the gateway is in the subnet the plan's addresses share, not its network/broadcast",
+    ),
     (
         "nixos-release",
         ERROR,

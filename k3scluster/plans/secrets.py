@@ -52,6 +52,17 @@ class SecretsReader(Files):
     def read_secrets(self, hosts: list[Host]) -> Secrets:
         sdir = self.root / "secrets"
         found = _Found()
+        if not sdir.exists() and not sdir.is_symlink():
+            self.error(
+                "file-missing",
+                "secrets",
+                0,
+                "missing directory: it holds the K3s token, the password hashes and the ssh "
+                "public keys",
+                "`k3scluster init DIR` creates it with a new token (for a cluster that runs "
+                "already, restore secrets/ from your backup instead: K3s rejects a new token)",
+            )
+            return Secrets(token=None, passwd=None, host_passwd=(), ssh_keys=())
         for path in self._secret_entries(sdir):
             self._read_secret_entry(path, found)
         if not (sdir / "token").exists() and not (sdir / "token").is_symlink():
@@ -63,31 +74,55 @@ class SecretsReader(Files):
                 "`k3scluster init DIR` creates it; never regenerate the token of a "
                 "cluster that exists (K3s rejects nodes with a new token)",
             )
-        # a file that exists but is wrong is reported once, as invalid, not again as missing
-        for h in hosts:
-            if not {"", h.name} & found.passwd_owners:
-                self.error(
-                    "passwd-missing",
-                    HOSTS_CSV,
-                    h.location.line,
-                    f"host {h.name!r} has no password hash",
-                    _PASSWD_HINT,
-                )
-            if not {None, h.name} & found.key_owners:
-                self.error(
-                    "ssh-key-missing",
-                    HOSTS_CSV,
-                    h.location.line,
-                    f"host {h.name!r} has no ssh public key: nobody could log in",
-                    f"put a public key into secrets/{h.name}.pub (this host) or "
-                    "secrets/<any>.pub (every host)",
-                )
+        self._check_missing(hosts, found)
         return Secrets(
             token=found.token,
             passwd=found.passwd,
             host_passwd=tuple(sorted(found.host_passwd.items())),
             ssh_keys=tuple(found.keys),
         )
+
+    def _check_missing(self, hosts: list[Host], found: _Found) -> None:
+        """Every host has a password hash and a key; when none has one, that is one error."""
+        # a file that exists but is wrong is reported once, as invalid, not again as missing
+        no_passwd = [h for h in hosts if not {"", h.name} & found.passwd_owners]
+        if len(no_passwd) >= 2 and not found.passwd_owners:
+            self.error(
+                "passwd-missing",
+                "secrets/passwd",
+                0,
+                f"missing: none of the {len(no_passwd)} hosts has a password hash",
+                _PASSWD_HINT,
+            )
+            no_passwd = []
+        for h in no_passwd:
+            self.error(
+                "passwd-missing",
+                HOSTS_CSV,
+                h.location.line,
+                f"host {h.name!r} has no password hash",
+                _PASSWD_HINT,
+            )
+        no_key = [h for h in hosts if not {None, h.name} & found.key_owners]
+        if len(no_key) >= 2 and not found.key_owners:
+            self.error(
+                "ssh-key-missing",
+                "secrets",
+                0,
+                f"no ssh public key (*.pub): nobody could log in to any of the {len(no_key)} hosts",
+                "put your public key (a line of ~/.ssh/id_ed25519.pub) into secrets/<you>.pub "
+                "(every host) or secrets/<host>.pub (one host)",
+            )
+            no_key = []
+        for h in no_key:
+            self.error(
+                "ssh-key-missing",
+                HOSTS_CSV,
+                h.location.line,
+                f"host {h.name!r} has no ssh public key: nobody could log in",
+                f"put a public key into secrets/{h.name}.pub (this host) or "
+                "secrets/<any>.pub (every host)",
+            )
 
     def _secret_entries(self, sdir: Path) -> list[Path]:
         """The entries of secrets/ (none when it is absent or not a directory: reported)."""

@@ -25,6 +25,14 @@ class Table:
     names: list[str] = field(default_factory=list)  # 'name' of every row, even a broken one
 
 
+@dataclass
+class _Rows:
+    """The rows read so far: where each good row is, and which rows miscount."""
+
+    seen: dict[tuple[str, ...], int] = field(default_factory=dict)  # values -> first line
+    miscounted: list[tuple[int, int]] = field(default_factory=list)  # (line, fields)
+
+
 class Tables(Files):
     def read_table(
         self, rel: str, text: str, required: tuple[str, ...], reserved: dict[str, str] | None = None
@@ -32,18 +40,27 @@ class Tables(Files):
         """The table of ``text``; None when it cannot be used (reported)."""
         table: Table | None = None
         ok_header = True
+        rows = _Rows()
         for row in self._csv_rows(rel, text):
-            if row is None:
-                return None  # a syntax error: reported
+            if row is None:  # a syntax error (reported): report the rows before it too
+                if ok_header:
+                    self._report_field_counts(rel, table, rows.miscounted)
+                return None
             start, values = row
             if table is None:
                 table = Table(tuple(values), start, [])
                 ok_header = self._check_header(rel, table, required, reserved or {})
             else:
-                self._add_row(rel, table, start, values)
+                self._add_row(rel, table, start, values, rows)
         if table is None:
             return Table((), 0, [])  # nothing but comments and blank lines
-        return table if ok_header else None
+        if not ok_header:
+            return None  # field counts against a header in doubt would only echo it
+        if len(rows.miscounted) >= 2 and not table.rows:
+            self._report_header_count(rel, table, rows.miscounted)
+            return None
+        self._report_field_counts(rel, table, rows.miscounted)
+        return table
 
     def _csv_rows(self, rel: str, text: str) -> Iterator[tuple[int, list[str]] | None]:
         """(line, values) of each row that is not blank; None after reporting a syntax error."""
@@ -135,17 +152,59 @@ class Tables(Files):
             )
         return ok_header
 
-    def _add_row(self, rel: str, table: Table, start: int, values: list[str]) -> None:
+    def _add_row(self, rel: str, table: Table, start: int, values: list[str], rows: _Rows) -> None:
         if "name" in table.header and len(values) > table.header.index("name"):
             table.names.append(values[table.header.index("name")])
         if len(values) != len(table.header):
+            rows.miscounted.append((start, len(values)))  # reported once all rows are read
+            return
+        earlier = rows.seen.get(tuple(values))
+        if earlier is not None:
+            self.error(
+                "csv-row-duplicate",
+                rel,
+                start,
+                f"this row repeats line {earlier}",
+                "delete one of the two rows (a copied row must get its own name and address)",
+            )
+            return
+        rows.seen[tuple(values)] = start
+        columns = tuple(zip(table.header, values))
+        table.rows.append((start, dict(columns), columns))
+
+    def _report_field_counts(
+        self, rel: str, table: Table | None, miscounted: list[tuple[int, int]]
+    ) -> None:
+        for start, fields in miscounted:
+            assert table is not None
             self.error(
                 "csv-field-count",
                 rel,
                 start,
-                f"{len(values)} fields, but the header has {len(table.header)}",
+                f"{fields} fields, but the header has {len(table.header)}",
                 "give every row one value per header column (leave optional ones empty: a,b,,d)",
             )
-            return
-        columns = tuple(zip(table.header, values))
-        table.rows.append((start, dict(columns), columns))
+
+    def _report_header_count(
+        self, rel: str, table: Table, miscounted: list[tuple[int, int]]
+    ) -> None:
+        """No row has the header's number of fields: the header is what is wrong, once."""
+        columns = len(table.header)
+        counts = sorted({fields for _, fields in miscounted})
+        if len(counts) == 1:
+            message = f"the header names {columns} columns, but every row has {counts[0]} fields"
+        else:
+            message = f"the header names {columns} columns, but no row has {columns} fields"
+        if counts[0] > columns:
+            hint = (
+                "a column name is missing from the header, or two are joined (by ';' or a "
+                "space instead of a comma): write one name per column, separated by commas"
+            )
+        elif counts[-1] < columns:
+            hint = (
+                "the header names more columns than the rows have values: delete the extra "
+                "names, or give every row a value for each (empty ones: a,b,,d)"
+            )
+        else:
+            hint = "give the header one name per column, and every row one value per column"
+        self.error("csv-field-count", rel, table.header_line, message, hint)

@@ -1,7 +1,7 @@
 """One case per plan rule: small edits of the example cluster and the exact diagnostics.
 
 Each case is ``Case(name, edits, expected)``: ``name`` starts with the rule id it
-shows (``RULES`` in k3scluster/plans.py); ``edits`` change a copy of
+shows (``RULES`` in k3scluster/plans/rules.py); ``edits`` change a copy of
 examples/cluster; ``expected`` is the first line of every diagnostic
 (``FILE:LINE: message``), in order. Hints are checked separately (every
 diagnostic has one).
@@ -141,9 +141,44 @@ CASES = [
         expected=[f"{K}:1: missing column(s): type"],
     ),
     case(
+        "csv-column-missing:rows-not-counted",
+        Sub(K, "host,name,type,ip", "host,name,type"),
+        expected=[f"{K}:1: missing column(s): ip"],
+    ),
+    case(
         "csv-field-count",
         Sub(H, "manfred,,efi,rack-middle", "manfred,,efi"),
         expected=[f"{H}:3: 6 fields, but the header has 7"],
+    ),
+    # a header that miscounts is one error at the header, not one per row
+    case(
+        "csv-field-count:header",
+        Sub(H, "boot,location", "boot"),
+        expected=[f"{H}:1: the header names 6 columns, but every row has 7 fields"],
+    ),
+    case(
+        "csv-field-count:header-semicolon",
+        Sub(H, "disk,boot", "disk;boot"),
+        expected=[f"{H}:1: the header names 6 columns, but every row has 7 fields"],
+    ),
+    case(
+        "csv-field-count:header-extra",
+        Sub(K, "host,name,type,ip", "host,name,type,ip,notes"),
+        expected=[f"{K}:1: the header names 5 columns, but every row has 4 fields"],
+    ),
+    case(
+        "csv-row-duplicate",
+        Sub(
+            K,
+            "olaf,olaf-k3s-agent",
+            "olaf,olaf-k3s-server,init-server,10.0.100.10\nolaf,olaf-k3s-agent",
+        ),
+        expected=[f"{K}:3: this row repeats line 2"],
+    ),
+    case(
+        "csv-row-duplicate:host",
+        Sub(H, "karl,", "ulrich,eno1,10.0.100.6,manfred,,efi,closet\nkarl,"),
+        expected=[f"{H}:7: this row repeats line 5"],
     ),
     case(
         "no-hosts",
@@ -203,6 +238,24 @@ CASES = [
         "ip-outside-subnet",
         Sub(H, "10.0.100.3", "10.0.101.3"),
         expected=[f"{H}:3: host ulf: 10.0.101.3 is outside the subnet 10.0.100.0/24"],
+    ),
+    # rows of their own outside the subnet stay errors of their rows
+    case(
+        "ip-outside-subnet:rows-elsewhere",
+        *(Sub(K, f"10.0.100.1{n}", f"10.0.200.1{n}") for n in range(6)),
+        expected=[
+            f"{K}:{n + 2}: K3s node {k}: 10.0.200.1{n} is outside the subnet 10.0.100.0/24"
+            for n, k in enumerate(
+                [
+                    "olaf-k3s-server",
+                    "olaf-k3s-agent",
+                    "ulf-k3s-server",
+                    "ulf-k3s-agent",
+                    "rolf-k3s-server",
+                    "karl-k3s-agent",
+                ]
+            )
+        ],
     ),
     case(
         "ip-reserved",
@@ -342,6 +395,23 @@ CASES = [
         Sub(N, "netmask: 24", 'netmask: "/31"'),
         expected=[f"{N}:3: netmask /31 leaves no room for a gateway and hosts"],
     ),
+    # a netmask too narrow for the plan is one error, not one per address
+    case(
+        "netmask:too-narrow",
+        Sub(N, "netmask: 24", "netmask: 29"),
+        expected=[
+            (f"{N}:3: netmask /29 makes the subnet 10.0.100.0/29, which leaves 6 of the 11 host "
+            "and K3s addresses outside")
+        ],
+    ),
+    case(
+        "netmask:too-narrow-dotted",
+        Sub(N, "netmask: 24", "netmask: 255.255.255.252"),
+        expected=[
+            (f"{N}:3: netmask /30 makes the subnet 10.0.100.0/30, which leaves 9 of the 11 host "
+            "and K3s addresses outside")
+        ],
+    ),
     case(
         "gateway",
         Sub(N, "gateway: 10.0.100.1", "gateway: 10.0.100.0"),
@@ -351,6 +421,25 @@ CASES = [
         "gateway:outside",
         Sub(N, "netmask: 24", "netmask: 10.0.200.0/24"),
         expected=[f"{N}:2: gateway 10.0.100.1 is outside the subnet 10.0.200.0/24"],
+    ),
+    # the gateway decides the subnet: a typo in it is one error, not one per address
+    case(
+        "gateway:hosts-elsewhere",
+        Sub(N, "gateway: 10.0.100.1", "gateway: 10.0.10.1"),
+        expected=[
+            (f"{N}:2: gateway 10.0.10.1 is outside the subnet 10.0.100.0/24 that the hosts and "
+            "K3s nodes are in")
+        ],
+    ),
+    case(
+        "gateway:most-hosts-elsewhere",
+        Sub(N, "gateway: 10.0.100.1", "gateway: 10.0.10.1"),
+        Sub(H, "10.0.100.3", "10.0.101.3"),
+        expected=[
+            f"{H}:3: host ulf: 10.0.101.3 is outside the subnet 10.0.100.0/24",
+            (f"{N}:2: gateway 10.0.10.1 is outside the subnet 10.0.100.0/24 that 10 of the 11 "
+            "host and K3s addresses are in"),
+        ],
     ),
     case(
         "nixos-release",
@@ -386,6 +475,15 @@ CASES = [
         expected=[f"{N}:9: k3s '1.31.12' is not a K3s version"],
     ),
     case("token-missing", Remove("secrets/token"), expected=["secrets/token: missing K3s token"]),
+    # no secrets/ at all is one error, not a missing token, hash and key per host
+    case(
+        "file-missing:secrets",
+        Remove("secrets"),
+        expected=[
+            ("secrets: missing directory: it holds the K3s token, the password hashes and the "
+            "ssh public keys")
+        ],
+    ),
     case(
         "token-invalid",
         Write("secrets/token", "two words\n"),
@@ -401,6 +499,11 @@ CASES = [
             f"{H}:{n}: host '{h}' has no password hash"
             for n, h in [(3, "ulf"), (4, "rolf"), (5, "karl"), (6, "ulrich")]
         ],
+    ),
+    case(
+        "passwd-missing:none",
+        Remove("secrets/passwd"),
+        expected=["secrets/passwd: missing: none of the 5 hosts has a password hash"],
     ),
     case(
         "passwd-invalid",
@@ -419,6 +522,12 @@ CASES = [
             f"{H}:{n}: host '{h}' has no ssh public key: nobody could log in"
             for n, h in [(3, "ulf"), (4, "rolf"), (5, "karl"), (6, "ulrich")]
         ],
+    ),
+    case(
+        "ssh-key-missing:none",
+        Remove("secrets/manfred.pub"),
+        Remove("secrets/olaf.pub"),
+        expected=["secrets: no ssh public key (*.pub): nobody could log in to any of the 5 hosts"],
     ),
     case(
         "ssh-key-invalid",
