@@ -31,7 +31,7 @@ class K3sReader(Tables, Names):
             self.k3s_complete = not (self.root / rel).exists()
             return [], ()
         table = self.read_table(rel, text, K3S_REQUIRED)
-        if table is None:
+        if table is None or not self._check_host_column(rel, table):
             return [], ()
         self.k3s_complete = True
         # nixConfigs/<name>.nix is used for servers; agents run in podman, not NixOS
@@ -46,6 +46,26 @@ class K3sReader(Tables, Names):
         if table.rows:
             self._check_roles(rel, table, tally)
         return nodes, table.header
+
+    def _check_host_column(self, rel: str, table: Table) -> bool:
+        """False (one error at the header) when host and name are swapped in the header: no row's
+        host is a host, but every row's name is (else every row would fail twice: an unknown
+        host, and a K3s name that is a host's)."""
+        rows = [v for _, v, _ in table.rows]
+        hosts = self.host_rows
+        if not self.hosts_complete or len(rows) < 2:
+            return True
+        if any(v["host"] in hosts for v in rows) or not all(v["name"] in hosts for v in rows):
+            return True
+        self.error(
+            "csv-header",
+            rel,
+            table.header_line,
+            f"column 'host' names no host of {HOSTS_CSV}, but column 'name' names one in every row",
+            "swap host and name in the header: host is the machine of hosts.csv, name the K3s "
+            "node's own name",
+        )
+        return False
 
     def _k3s_row(
         self,

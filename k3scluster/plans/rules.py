@@ -20,7 +20,11 @@ _REGISTRY: tuple[tuple[str, str, str], ...] = (
     ("dir-invalid", ERROR, "nixConfigs/, secrets/, manifests/ are directories when present"),
     # table.py: CSV reading
     ("csv-syntax", ERROR, "the CSV can be parsed (quotes closed)"),
-    ("csv-header", ERROR, "header names are not empty and not repeated"),
+    (
+        "csv-header",
+        ERROR,
+        "header names are not empty, not repeated, and in the order of the values",
+    ),
     ("csv-column-missing", ERROR, "every required column is in the header"),
     ("csv-field-count", ERROR, "every row has as many fields as the header"),
     ("csv-row-duplicate", ERROR, "no row is repeated (a copied row is one error, not several)"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import ipaddress
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -60,7 +61,27 @@ class Tables(Files):
             self._report_header_count(rel, table, rows.miscounted)
             return None
         self._report_field_counts(rel, table, rows.miscounted)
-        return table
+        return table if self._check_ip_column(rel, table) else None
+
+    def _check_ip_column(self, rel: str, table: Table) -> bool:
+        """False (one error at the header) when the header names the columns in another order
+        than the rows hold them: no row's ip is an address, but another column's is in every row
+        (else every row would fail twice, its ip and the column the address is in)."""
+        good = table.rows
+        if "ip" not in table.header or len(good) < 2 or any(_is_ip(v["ip"]) for _, v, _ in good):
+            return True
+        holders = [c for c in table.header if all(_is_ip(v[c]) for _, v, _ in good)]
+        if not holders:
+            return True  # the addresses are missing or wrong, row by row
+        self.error(
+            "csv-header",
+            rel,
+            table.header_line,
+            f"column 'ip' holds no address, but column {holders[0]!r} holds one in every row",
+            "the header names the columns in another order than the rows hold them: put each "
+            "name above its values",
+        )
+        return False
 
     def _csv_rows(self, rel: str, text: str) -> Iterator[tuple[int, list[str]] | None]:
         """(line, values) of each row that is not blank; None after reporting a syntax error."""
@@ -208,3 +229,11 @@ class Tables(Files):
         else:
             hint = "give the header one name per column, and every row one value per column"
         self.error("csv-field-count", rel, table.header_line, message, hint)
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.IPv4Address(value)
+    except ValueError:
+        return False
+    return True

@@ -123,6 +123,22 @@ CASES = [
         Sub(H, "boot,location", "boot,"),
         expected=[f"{H}:1: column 7 of the header has no name"],
     ),
+    # a header in another order than the values is one error, not two per row
+    case(
+        "csv-header:order",
+        Sub(H, "name,interface,ip,admin", "name,interface,admin,ip"),
+        expected=[f"{H}:1: column 'ip' holds no address, but column 'admin' holds one in every row"],
+    ),
+    case(
+        "csv-header:host-name-swapped",
+        Sub(K, "host,name,type,ip", "name,host,type,ip"),
+        expected=[
+            (
+                f"{K}:1: column 'host' names no host of {H}, but column 'name' names one in "
+                "every row"
+            )
+        ],
+    ),
     case(
         "csv-header:reserved",
         Sub(H, "boot,location", "boot,K3s"),
