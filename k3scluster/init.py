@@ -27,6 +27,9 @@ HOSTS_CSV = """\
 #   admin      the user created on the host (wheel, your ssh keys)
 #   disk       optional: serial of the disk the installer wipes (`lsblk -dno NAME,SERIAL`)
 #   boot       optional: efi (default) or bios
+#   platform   optional column: x86_64-linux (default) or aarch64-linux
+#   stateVersion  optional column: the host's system.stateVersion, when it was installed
+#              with another release than network.yaml's stateVersion
 # Further columns are yours: they reach the NixOS config as config.cluster.<host>.<column>.
 name,interface,ip,admin,disk,boot
 # node1,eno1,192.168.1.10,alice,S4EVNX0R123456,efi
@@ -49,9 +52,13 @@ NETWORK_YAML = f"""\
 # The one subnet every host and K3s node lives in: gateway/netmask.
 gateway: 192.168.1.1
 netmask: 24
+# The NixOS release the hosts run (k3scluster pins it to one nixpkgs commit), and the
+# release they are first installed with (system.stateVersion): when you upgrade, change
+# nixos and keep stateVersion as it is.
+nixos: "{DEFAULT_NIXOS_RELEASE}"
+stateVersion: "{DEFAULT_NIXOS_RELEASE}"
 # Optional (defaults shown):
 # nameservers: [8.8.8.8]
-# nixos: "{DEFAULT_NIXOS_RELEASE}"
 # k3s: {DEFAULT_K3S_VERSION}
 """
 

@@ -54,6 +54,8 @@ class Host:
     admin: str
     disk: str | None = None  # serial of the install disk, lowercased
     boot: BootMode = BootMode.EFI
+    platform: str = "x86_64-linux"  # nixpkgs.hostPlatform (hosts.csv platform)
+    state_version: str | None = None  # hosts.csv stateVersion: overrides network.yaml's
     # every column of the row (required and extra), header -> value, as read
     columns: tuple[tuple[str, str], ...] = ()
     location: Location = Location("plans/hosts.csv", 0)
@@ -88,6 +90,13 @@ class K3sNode:
 DEFAULT_NIXOS_RELEASE = "25.05"
 DEFAULT_K3S_VERSION = "v1.31.12+k3s1"
 DEFAULT_NAMESERVERS = (ipaddress.IPv4Address("8.8.8.8"),)
+# system.stateVersion of a plan that records none: the release every such plan rendered
+# before stateVersion was recorded (the default nixos then). Never change it: hosts
+# installed from those plans keep it.
+DEFAULT_STATE_VERSION = "25.05"
+DEFAULT_PLATFORM = "x86_64-linux"
+# nixpkgs.hostPlatform values a host may name (NixOS's Linux platforms with a binary cache)
+PLATFORMS = ("x86_64-linux", "aarch64-linux")
 
 
 @dataclass(frozen=True)
@@ -104,10 +113,16 @@ class Network:
     # one k3scluster.render knows for nixos_release (both set, or neither)
     nixpkgs_rev: str | None = None
     nixpkgs_sha256: str | None = None
+    # network.yaml stateVersion: the release the hosts were first installed with
+    state_version: str | None = None
 
     @property
     def prefix_length(self) -> int:
         return self.network.prefixlen
+
+    def state_version_of(self, host: Host) -> str:
+        """system.stateVersion of ``host``: its own column, network.yaml's, or the default."""
+        return host.state_version or self.state_version or DEFAULT_STATE_VERSION
 
     @property
     def k3s_image_tag(self) -> str:

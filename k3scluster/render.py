@@ -39,7 +39,7 @@ import jinja2
 from k3scluster import diagram, installer
 from k3scluster.errors import K3sClusterError
 from k3scluster.macs import agent_mac, host_macvlan_mac
-from k3scluster.model import Cluster, Host, K3sNode, K3sType
+from k3scluster.model import DEFAULT_STATE_VERSION, Cluster, Host, K3sNode, K3sType
 from k3scluster.nix import NixPath, nix_value
 from k3scluster.pins import NIXPKGS_PINS, NIXPKGS_SYSTEM, NixpkgsPin, is_commit
 
@@ -58,6 +58,8 @@ MARKER = ".k3scluster-render"
 
 
 _K3S_VERSION = re.compile(r"^v(1)\.([0-9]+)\.[0-9]+\+k3s[0-9]+$")
+# eth0, eth1, …: names the kernel gives and NixOS replaces unless predictable names are off
+_KERNEL_NIC = re.compile(r"eth[0-9]+")
 
 
 def nixpkgs_pin(cluster: Cluster) -> NixpkgsPin:
@@ -217,6 +219,7 @@ def _network_data(cluster: Cluster) -> dict[str, object]:
         "prefixLength": net.prefix_length,
         "nameservers": [str(n) for n in net.nameservers],
         "nixos": net.nixos_release,
+        "stateVersion": net.state_version or DEFAULT_STATE_VERSION,
         "k3s": net.k3s_version,
         "apiEndpoint": cluster.api_endpoint,
     }
@@ -261,10 +264,12 @@ def _host_context(cluster: Cluster, host: Host, out: Path) -> dict[str, object]:
             "nameservers": [str(n) for n in net.nameservers],
             "admin": host.admin,
             "passwordFile": f"{SECRETS_DIR}/{_passwd_key(host)}" if passwd else None,
-            "stateVersion": net.nixos_release,
+            "stateVersion": net.state_version_of(host),
             "boot": host.boot.value,
             "macAddress": host_macvlan_mac(host.name),
+            "platform": host.platform,
         },
+        "kernel_interface_names": _KERNEL_NIC.fullmatch(host.interface) is not None,
         "ssh_keys": _key_lines(cluster, host.name),
         "server": None,
         "agent": None,

@@ -11,6 +11,7 @@ import pytest
 from k3scluster import plans
 from k3scluster.errors import K3sClusterError
 from k3scluster.init import _create, init_cluster
+from k3scluster.model import DEFAULT_NIXOS_RELEASE
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, bytes | None]]:
@@ -61,6 +62,30 @@ def test_skeleton_is_valid_once_a_host_is_added(tmp_path: Path, example_src: Pat
     assert warnings == ()
     assert [h.name for h in cluster.hosts] == ["node1"] and cluster.k3s == ()
     assert cluster.secrets.token is not None
+
+
+def test_init_records_the_state_version_next_to_nixos(tmp_path: Path, example_src: Path) -> None:
+    root = tmp_path / "c"
+    init_cluster(root)
+    text = (root / "plans" / "network.yaml").read_text()
+    assert f'nixos: "{DEFAULT_NIXOS_RELEASE}"\nstateVersion: "{DEFAULT_NIXOS_RELEASE}"\n' in text
+    with (root / "plans" / "hosts.csv").open("a") as f:
+        f.write("node1,eno1,192.168.1.10,alice,,\n")
+    (root / "secrets" / "passwd").write_bytes((example_src / "secrets" / "passwd").read_bytes())
+    (root / "secrets" / "passwd").chmod(0o600)
+    (root / "secrets" / "alice.pub").write_bytes(
+        (example_src / "secrets" / "manfred.pub").read_bytes()
+    )
+    cluster, _ = plans.load_or_raise(root)
+    assert cluster.network.state_version == DEFAULT_NIXOS_RELEASE
+    # an upgrade changes nixos only: the recorded stateVersion stays, and check is quiet
+    (root / "plans" / "network.yaml").write_text(
+        text.replace(f'nixos: "{DEFAULT_NIXOS_RELEASE}"', 'nixos: "24.11"')
+    )
+    cluster, warnings = plans.load_or_raise(root)
+    assert cluster.network.nixos_release == "24.11"
+    assert cluster.network.state_version_of(cluster.hosts[0]) == DEFAULT_NIXOS_RELEASE
+    assert warnings == ()
 
 
 def test_second_run_changes_nothing(tmp_path: Path) -> None:

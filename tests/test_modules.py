@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from nixeval import LIB_STUB, container_config, module_config, nix_eval
+from nixeval import LIB_STUB, container_config, host_args, module_config, module_expr, nix_eval
 
 from k3scluster import macs, plans
 from k3scluster.model import Cluster
@@ -37,6 +37,14 @@ def out(example_dir: Path) -> Path:
 
 
 TOKEN_FILE = f"{SECRETS_DIR}/{TOKEN_KEY}"
+
+
+def warnings(result: plans.LoadResult) -> list[tuple[str, int]]:
+    return [
+        (rule, d.line)
+        for d, rule in zip(result.diagnostics, result.rules, strict=True)
+        if d.severity.value == "warning"
+    ]
 
 
 def agent_service(out: Path, host: str = "karl") -> dict[str, object]:
@@ -314,3 +322,107 @@ def _podman_network_follows_the_plans(example_dir: Path, podman: Path) -> None:
     assert "recreating" in pre_start()
     assert _network(podman)["label"] == "10.0.0.0/16,10.0.100.254,eno9"
     assert "recreating" not in pre_start()
+
+
+# -- item 6: stateVersion is recorded, never follows nixos ------------------------------
+# nixos/modules/misc/version.nix: system.stateVersion is the release first installed;
+# the containers get the host's (nixos-containers.nix evaluates their config separately).
+
+
+def _state_versions(out: Path, host: str) -> tuple[object, object]:
+    hostv = module_config(out, "base", host, ".system.stateVersion")
+    if host in ("olaf", "ulf", "rolf"):
+        return hostv, container_config(out, host, ".system.stateVersion")
+    return hostv, None
+
+
+def _set_network(example_dir: Path, old: str, new: str) -> None:
+    net = example_dir / "plans" / "network.yaml"
+    text = net.read_text()
+    assert old in text
+    net.write_text(text.replace(old, new))
+
+
+def test_changing_nixos_leaves_the_state_version_alone(example_dir: Path) -> None:
+    out = example_dir / ".k3scluster" / "render"
+    _set_network(example_dir, 'stateVersion: "25.05"', 'stateVersion: "24.11"')
+    render_to_dir(load(example_dir), out)
+    before = {h: _state_versions(out, h) for h in ("olaf", "karl")}
+    assert before == {"olaf": ("24.11", "24.11"), "karl": ("24.11", None)}
+    _set_network(example_dir, 'nixos: "25.05"', 'nixos: "24.11"')
+    cluster = load(example_dir)
+    assert cluster.network.nixos_release == "24.11"
+    render_to_dir(cluster, out)
+    assert {h: _state_versions(out, h) for h in ("olaf", "karl")} == before
+
+
+def test_a_plan_without_state_version_keeps_the_default(example_dir: Path) -> None:
+    out = example_dir / ".k3scluster" / "render"
+    _set_network(example_dir, 'stateVersion: "25.05"\n', "")
+    _set_network(example_dir, 'nixos: "25.05"', 'nixos: "24.11"')
+    result = plans.load(example_dir)
+    assert result.cluster is not None
+    render_to_dir(result.cluster, out)
+    assert _state_versions(out, "olaf") == ("25.05", "25.05")
+    assert warnings(result) == [("state-version-missing", 8)]
+
+
+def test_a_host_column_overrides_the_state_version(example_dir: Path) -> None:
+    hosts = example_dir / "plans" / "hosts.csv"
+    lines = hosts.read_text().splitlines()
+    lines[0] += ",stateVersion"
+    lines = [lines[0]] + [line + (",23.11" if line.startswith("karl,") else ",") for line in lines[1:]]
+    hosts.write_text("\n".join(lines) + "\n")
+    out = example_dir / ".k3scluster" / "render"
+    render_to_dir(load(example_dir), out)
+    assert _state_versions(out, "karl") == ("23.11", None)
+    assert _state_versions(out, "olaf") == ("25.05", "25.05")
+
+
+# -- item 4: eth<N> interfaces ------------------------------------------------------------
+# network-interfaces.nix: usePredictableInterfaceNames (default true) adds net.ifnames=0
+# to the kernel command line when false.
+
+
+def test_an_eth_interface_turns_predictable_names_off(example_dir: Path) -> None:
+    hosts = example_dir / "plans" / "hosts.csv"
+    hosts.write_text(hosts.read_text().replace("karl,eni1,", "karl,eth0,"))
+    result = plans.load(example_dir)
+    assert result.cluster is not None
+    assert warnings(result) == [("interface-eth", 5)]
+    out = example_dir / ".k3scluster" / "render"
+    render_to_dir(result.cluster, out)
+    got = nix_eval(
+        f"let h = import {out}/hosts/{{name}}.nix {host_args()}; in"
+        " h.networking.usePredictableInterfaceNames or null".replace("{name}", "karl")
+    )
+    assert got is False
+    other = nix_eval(
+        f"(import {out}/hosts/olaf.nix {host_args()}).networking.usePredictableInterfaceNames"
+        " or null"
+    )
+    assert other is None
+
+
+# -- item 3: the platform -----------------------------------------------------------------
+# nixos/modules/misc/nixpkgs.nix: hostPlatform (str or attrs, lib.systems.elaborate).
+
+
+def test_platform_defaults_to_x86_64_and_a_column_overrides_it(example_dir: Path) -> None:
+    out = example_dir / ".k3scluster" / "render"
+    render_to_dir(load(example_dir), out)
+    default = module_config(out, "base", "olaf", ".nixpkgs.hostPlatform")
+    assert default == "x86_64-linux"
+    raw = nix_eval(
+        module_expr(out, "base", "olaf") + "m.config.nixpkgs.hostPlatform.priority"
+    )
+    assert raw == 1000  # mkDefault: a hardware configuration's own value may win
+    hosts = example_dir / "plans" / "hosts.csv"
+    lines = hosts.read_text().splitlines()
+    lines = [lines[0] + ",platform"] + [
+        line + (",aarch64-linux" if line.startswith("karl,") else ",") for line in lines[1:]
+    ]
+    hosts.write_text("\n".join(lines) + "\n")
+    render_to_dir(load(example_dir), out)
+    assert module_config(out, "base", "karl", ".nixpkgs.hostPlatform") == "aarch64-linux"
+    assert module_config(out, "base", "olaf", ".nixpkgs.hostPlatform") == "x86_64-linux"

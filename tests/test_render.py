@@ -33,6 +33,9 @@ from k3scluster.render import (
 )
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "example"
+# what a hosts/<host>.nix is called with (eval-config passes modulesPath); a stand-in path
+MODULES_PATH = "/stand-in/nixpkgs/nixos/modules"
+HOST_ARGS = f'{{ modulesPath = "{MODULES_PATH}"; }}'
 REGEN = os.environ.get("K3SCLUSTER_REGEN_GOLDEN") == "1"
 
 
@@ -201,7 +204,7 @@ def test_hostile_ssh_key_comment_comes_out_literal(cluster: Cluster) -> None:
     evil = dataclasses.replace(cluster, secrets=secrets)
     out = out_of(cluster.root)
     render_to_dir(evil, out)
-    got = nix_eval(f"(import {out}/hosts/olaf.nix {{ }}).k3scluster.host.sshKeys")
+    got = nix_eval(f"(import {out}/hosts/olaf.nix {HOST_ARGS}).k3scluster.host.sshKeys")
     assert got == [line]
 
 
@@ -285,7 +288,7 @@ def test_hive_nodes(rendered: tuple[Path, dict[str, str]]) -> None:
 
 def test_host_values(rendered: tuple[Path, dict[str, str]]) -> None:
     out, _ = rendered
-    olaf = nix_eval(f'builtins.removeAttrs (import {out}/hosts/olaf.nix {{ }}) [ "imports" ]')
+    olaf = nix_eval(f'builtins.removeAttrs (import {out}/hosts/olaf.nix {HOST_ARGS}) [ "imports" ]')
     assert isinstance(olaf, dict)
     host = olaf["k3scluster"]["host"]
     assert host["interface"] == "enp0s20f0"
@@ -302,23 +305,23 @@ def test_host_values(rendered: tuple[Path, dict[str, str]]) -> None:
     agent = olaf["k3scluster"]["agent"]
     assert agent["image"] == "docker.io/rancher/k3s:v1.31.12-k3s1"
     assert agent["serverUrl"] == "https://10.0.100.10:6443"
-    ulf = nix_eval(f"(import {out}/hosts/ulf.nix {{ }}).k3scluster.server")
+    ulf = nix_eval(f"(import {out}/hosts/ulf.nix {HOST_ARGS}).k3scluster.server")
     assert isinstance(ulf, dict)
     assert ulf["clusterInit"] is False
     assert ulf["serverAddr"] == "https://10.0.100.10:6443"
-    karl = nix_eval(f"(import {out}/hosts/karl.nix {{ }}).k3scluster.host.sshKeys")
+    karl = nix_eval(f"(import {out}/hosts/karl.nix {HOST_ARGS}).k3scluster.host.sshKeys")
     assert isinstance(karl, list) and len(karl) == 1
 
 
 def test_imports_resolve_into_the_cluster_dir(rendered: tuple[Path, dict[str, str]]) -> None:
     out, _ = rendered
     root = out.parent.parent
-    imports = nix_eval(f"map toString (import {out}/hosts/olaf.nix {{ }}).imports")
+    imports = nix_eval(f"map toString (import {out}/hosts/olaf.nix {HOST_ARGS}).imports")
     assert isinstance(imports, list)
     assert str(root / "nixConfigs" / "olaf.nix") in imports
     assert str(out / "modules" / "k3s-server.nix") in imports
     extra = nix_eval(
-        f"let s = (import {out}/hosts/olaf.nix {{ }}).k3scluster.server; in"
+        f"let s = (import {out}/hosts/olaf.nix {HOST_ARGS}).k3scluster.server; in"
         " { m = builtins.mapAttrs (n: toString) s.manifests; e = map toString s.extraModules; }"
     )
     assert extra == {
@@ -326,17 +329,27 @@ def test_imports_resolve_into_the_cluster_dir(rendered: tuple[Path, dict[str, st
         "e": [str(root / "nixConfigs" / "olaf-k3s-server.nix")],
     }
     # ulf has its hardware configuration: a plain import
-    ulf = nix_eval(f"map toString (import {out}/hosts/ulf.nix {{ }}).imports")
+    ulf = nix_eval(f"map toString (import {out}/hosts/ulf.nix {HOST_ARGS}).imports")
     assert isinstance(ulf, list)
     assert str(root / "nixConfigs" / "ulf.hardware.nix") in ulf
-    # karl has none yet: imported once the deploy step has fetched it
-    karl = nix_eval(f"map toString (import {out}/hosts/karl.nix {{ }}).imports")
+    # karl has none yet: it gets what nixos-generate-config falls back to (every storage
+    # driver, redistributable firmware) until the deploy step has fetched it
+    fallback = [
+        f"{MODULES_PATH}/profiles/all-hardware.nix",
+        f"{MODULES_PATH}/installer/scan/not-detected.nix",
+    ]
+    karl = nix_eval(f"map toString (import {out}/hosts/karl.nix {HOST_ARGS}).imports")
     assert isinstance(karl, list)
-    assert not any("hardware" in p for p in karl)
+    assert karl[-2:] == fallback
+    assert str(root / "nixConfigs" / "karl.hardware.nix") not in karl
     (root / "nixConfigs" / "karl.hardware.nix").write_text("{ ... }: { }\n")
-    karl = nix_eval(f"map toString (import {out}/hosts/karl.nix {{ }}).imports")
+    karl = nix_eval(f"map toString (import {out}/hosts/karl.nix {HOST_ARGS}).imports")
     assert isinstance(karl, list)
-    assert str(root / "nixConfigs" / "karl.hardware.nix") in karl
+    assert karl[-1] == str(root / "nixConfigs" / "karl.hardware.nix")
+    assert not set(fallback) & set(karl)
+    # a host rendered with its hardware configuration needs no modulesPath
+    assert "modulesPath" not in (out / "hosts" / "ulf.nix").read_text()
+    assert nix_eval(f"builtins.length (import {out}/hosts/ulf.nix {{ }}).imports") == len(ulf)
 
 
 def test_interface_names_near_the_limit(cluster: Cluster) -> None:
@@ -371,7 +384,8 @@ def test_nixpkgs_pin_override_and_unknown_release(cluster: Cluster) -> None:
     old = dataclasses.replace(cluster.network, nixos_release="24.11")
     files = render_files(dataclasses.replace(cluster, network=old), out_of(cluster.root))
     assert NIXPKGS_PINS["24.11"].rev in files["hive.nix"]
-    assert 'stateVersion = "24.11";' in files["hosts/olaf.nix"]
+    # another release, the same stateVersion (tests/test_modules.py: item 6)
+    assert 'stateVersion = "25.05";' in files["hosts/olaf.nix"]
     unknown = dataclasses.replace(cluster.network, nixos_release="19.09")
     with pytest.raises(K3sClusterError) as exc:
         render_files(dataclasses.replace(cluster, network=unknown), out_of(cluster.root))

@@ -32,3 +32,4 @@ class Context(Diagnostics):
         self.hosts_complete = False
         self.k3s_complete = False
         self.k3s_rows: set[str] = set()  # K3s names a nixConfigs file may be named after
+        self.nixos_line = 1  # the line of network.yaml's nixos key (1 when absent)

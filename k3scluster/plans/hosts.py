@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import re
 
-from k3scluster.model import BootMode, Host, Location
+from k3scluster.model import DEFAULT_PLATFORM, PLATFORMS, BootMode, Host, Location
 from k3scluster.plans.files import HOSTS_CSV
 from k3scluster.plans.names import Names
+from k3scluster.plans.nixos import STATE_VERSION, check_state_version
 from k3scluster.plans.table import Tables
 
 HOST_REQUIRED = ("name", "interface", "ip", "admin")
-HOST_OPTIONAL = ("disk", "boot")
+# headers are lowercased: the stateVersion column is read as stateversion
+HOST_OPTIONAL = ("disk", "boot", "platform", "stateversion")
 # hosts.csv columns that cannot be used: the NixOS config gets them from elsewhere
 HOST_RESERVED = {"k3s": "config.cluster.<host>.k3s holds the host's K3s rows"}
 
@@ -105,6 +107,31 @@ class HostsReader(Tables, Names):
                 f"unknown boot mode {boot!r}",
                 "write efi or bios (empty means efi)",
             )
+        if re.fullmatch(r"eth[0-9]+", iface):
+            self.warn(
+                "interface-eth",
+                rel,
+                line,
+                f"interface {iface!r} is a kernel name: NixOS renames NICs (enp1s0, eno1, …) "
+                "unless predictable names are off, which k3scluster then turns off for this host",
+                "write the name `ip link` shows on the installed host; keep eth<N> only if you "
+                "want kernel names (with several NICs their numbers follow the probe order)",
+            )
+        platform = v.get("platform") or DEFAULT_PLATFORM
+        if platform not in PLATFORMS:
+            ok = False
+            self.error(
+                "platform",
+                rel,
+                line,
+                f"unknown platform {platform!r}",
+                f"write one of {', '.join(PLATFORMS)} (empty means {DEFAULT_PLATFORM})",
+            )
+        state_version = v.get(STATE_VERSION) or None
+        if state_version is not None and not check_state_version(
+            self, rel, line, state_version, "the stateVersion column"
+        ):
+            ok = False
         if not ok or ip is None:
             return None
         return Host(
@@ -114,6 +141,8 @@ class HostsReader(Tables, Names):
             admin=admin,
             disk=disk,
             boot=BootMode(boot),
+            platform=platform,
+            state_version=state_version,
             columns=columns,
             location=Location(rel, line),
         )

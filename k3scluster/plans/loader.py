@@ -12,6 +12,7 @@ from k3scluster.plans.k3s import K3sReader
 from k3scluster.plans.manifests import ManifestsReader
 from k3scluster.plans.network import NetworkReader
 from k3scluster.plans.nixconfigs import NixConfigsReader
+from k3scluster.plans.nixos import StateVersions
 from k3scluster.plans.secrets import SecretsReader
 from k3scluster.plans.subnet import SubnetCheck
 
@@ -24,6 +25,7 @@ class Loader(
     SecretsReader,
     NixConfigsReader,
     ManifestsReader,
+    StateVersions,
 ):
     def run(self) -> LoadResult:
         # the order matters: network.yaml sets the subnet the tables' addresses are checked
@@ -33,6 +35,7 @@ class Loader(
         network = self.read_network()
         self.check_subnet()  # before the tables: their addresses are checked against it
         hosts, host_columns = self.read_hosts()
+        self.check_state_versions(network, self.nixos_line, hosts)
         k3s, k3s_columns = self.read_k3s()
         secrets = self.read_secrets(hosts)
         nix_configs = self.read_nix_configs()

@@ -18,9 +18,11 @@ from k3scluster.model import (
 from k3scluster.pins import NIXPKGS_PINS, is_commit, is_tarball_hash
 from k3scluster.plans.files import NETWORK_YAML, Files
 from k3scluster.plans.names import Names, reserved_kind
+from k3scluster.plans.nixos import STATE_VERSION, check_state_version
 
 NETWORK_REQUIRED = ("gateway", "netmask")
-NETWORK_OPTIONAL = ("nameservers", "nixos", "k3s", "nixpkgs")
+# keys are lowercased: stateVersion is read as stateversion
+NETWORK_OPTIONAL = ("nameservers", "nixos", "k3s", "nixpkgs", "stateversion")
 
 _NIXOS = re.compile(r"^[0-9]{2}\.(05|11)$")
 _K3S_VERSION = re.compile(r"^v1\.[0-9]+\.[0-9]+\+k3s[0-9]+$")
@@ -70,6 +72,12 @@ class NetworkReader(Files, Names):
                 f"write a K3s release like k3s: {DEFAULT_K3S_VERSION} "
                 "(see github.com/k3s-io/k3s/releases)",
             )
+        self.nixos_line = keys.lines.get("nixos", 1)
+        state_version = self._scalar(rel, keys, STATE_VERSION)
+        if state_version is not None and not check_state_version(
+            self, rel, keys.lines[STATE_VERSION], state_version, "stateVersion"
+        ):
+            ok = False
         if not ok or nameservers is None or gateway is None or net is None:
             return None
         return Network(
@@ -81,6 +89,7 @@ class NetworkReader(Files, Names):
             location=Location(rel, 1),
             nixpkgs_rev=pin[0] if pin else None,
             nixpkgs_sha256=pin[1] if pin else None,
+            state_version=state_version,
         )
 
     def _network_mapping(self, rel: str) -> yaml.MappingNode | None:

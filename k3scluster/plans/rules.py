@@ -45,6 +45,12 @@ _REGISTRY: tuple[tuple[str, str, str], ...] = (
     ("ip-duplicate", ERROR, "no address is used twice (hosts, K3s nodes, gateway)"),
     ("boot-mode", ERROR, "boot is efi or bios"),
     ("disk-serial", ERROR, "a disk serial holds only characters a /dev/disk/by-id name can"),
+    ("platform", ERROR, "platform is x86_64-linux or aarch64-linux"),
+    (
+        "interface-eth",
+        WARNING,
+        "an interface is not a kernel name eth<N> (NixOS renames NICs by default)",
+    ),
     ("k3s-type", ERROR, "type is init-server, server or agent"),
     ("k3s-host-unknown", ERROR, "every K3s row names a host of hosts.csv"),
     ("k3s-host-slot", ERROR, "at most one server and one agent per host"),
@@ -79,6 +85,13 @@ _REGISTRY: tuple[tuple[str, str, str], ...] = (
         "nixpkgs, when set, is {rev: <40-hex commit>, sha256: <tarball hash>}",
     ),
     ("k3s-version", ERROR, "k3s is a version like v1.31.12+k3s1"),
+    # nixos.py: system.stateVersion (network.yaml key and hosts.csv column)
+    ("state-version", ERROR, "stateVersion (network.yaml or hosts.csv) is a release like 25.05"),
+    (
+        "state-version-missing",
+        WARNING,
+        "stateVersion is recorded when nixos is not the default stateVersion 25.05",
+    ),
     # secrets.py: secrets/
     ("token-missing", ERROR, "secrets/token exists"),
     ("token-invalid", ERROR, "the token is one line of printable characters"),

@@ -301,6 +301,27 @@ CASES = [
         expected=[f"{H}:4: unknown boot mode 'uefi'"],
     ),
     case(
+        "platform",
+        Sub(H, "name,interface,ip,admin,disk,boot,location", "name,interface,ip,admin,disk,boot,platform"),
+        Sub(H, "rack-top", "x86_64-linux"),
+        Sub(H, "rack-middle", "aarch64-linux"),
+        Sub(H, "rack-bottom", ""),
+        Sub(H, "desk", "arm64"),
+        Sub(H, "closet", ""),
+        expected=[f"{H}:5: unknown platform 'arm64'"],
+    ),
+    case(
+        "interface-eth",
+        Sub(H, "karl,eni1,", "karl,eth0,"),
+        expected=[
+            (
+                f"{H}:5: warning: interface 'eth0' is a kernel name: NixOS renames NICs "
+                "(enp1s0, eno1, …) unless predictable names are off, which k3scluster then "
+                "turns off for this host"
+            )
+        ],
+    ),
+    case(
         "disk-serial",
         Sub(H, "S4EVNX0R123456", "S4EVNX0R/123456"),
         expected=[
@@ -466,6 +487,30 @@ CASES = [
         "nixos-release",
         Sub(N, 'nixos: "25.05"', 'nixos: "21.11"'),
         expected=[f"{N}:8: k3scluster knows no nixpkgs commit for NixOS 21.11"],
+    ),
+    case(
+        "state-version",
+        Sub(N, 'stateVersion: "25.05"', "stateVersion: 25.5"),
+        expected=[f"{N}:12: stateVersion '25.5' is not a NixOS release"],
+    ),
+    case(
+        "state-version",
+        Sub(H, "name,interface,ip,admin,disk,boot,location", "name,interface,ip,admin,disk,boot,stateVersion"),
+        expected=[f"{H}:2: the stateVersion column 'rack-top' is not a NixOS release"] + [
+            f"{H}:{n}: the stateVersion column '{v}' is not a NixOS release"
+            for n, v in ((3, "rack-middle"), (4, "rack-bottom"), (5, "desk"), (6, "closet"))
+        ],
+    ),
+    case(
+        "state-version-missing",
+        Sub(N, 'stateVersion: "25.05"\n', ""),
+        Sub(N, 'nixos: "25.05"', 'nixos: "24.11"'),
+        expected=[
+            (
+                f"{N}:8: warning: nixos is 24.11 but no stateVersion is recorded: "
+                "olaf, ulf, rolf, karl, ulrich keep system.stateVersion 25.05"
+            )
+        ],
     ),
     case(
         "nixpkgs-pin",

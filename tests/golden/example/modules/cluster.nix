@@ -3,7 +3,7 @@
 #   config.cluster.<host>.<column>              every column of plans/hosts.csv
 #   config.cluster.<host>.k3s.server.<column>   the host's server row of plans/k3s.csv
 #   config.cluster.<host>.k3s.agent.<column>    the host's agent row
-#   config.clusterNetwork.{gateway,network,prefixLength,nameservers,nixos,k3s,apiEndpoint}
+#   config.clusterNetwork.{gateway,network,prefixLength,nameservers,nixos,stateVersion,k3s,apiEndpoint}
 # Values are strings as written in the plans (prefixLength is a number).
 { lib, ... }:
 let
