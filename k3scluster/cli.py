@@ -74,8 +74,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--json", action="store_true", help="print a JSON list on stdout")
     what = s.add_mutually_exclusive_group()
-    what.add_argument("--start", metavar="HOST", help="start HOST's installed VM from its disk")
-    what.add_argument("--stop", metavar="HOST", help="power HOST's VM off")
+    what.add_argument(
+        "--start", metavar="HOST", help="start HOST's installed VM from its disk (all: every VM)"
+    )
+    what.add_argument("--stop", metavar="HOST", help="power HOST's VM off (all: every VM)")
     s.set_defaults(func=cmd_vms)
     return p
 
@@ -199,14 +201,16 @@ def cmd_vms(args: argparse.Namespace) -> int:
     lab = lab_dir(render_dir)
     host = args.start or args.stop
     if host:
-        m = ctl.read_manifest(lab / host)
-        if m is None or "spec" not in m:
-            raise K3sClusterError(
-                f"stack {args.stack} has no VM {host!r} in {lab}",
-                hint=f"k3scluster vms {args.dir} --stack {args.stack} lists them",
-            )
-        spec = VmSpec(**m["spec"])
-        (ctl.vm_start if args.start else ctl.vm_stop)(spec)
+        names = [r["host"] for r in ctl.list_vms(lab)] if host == "all" else [host]
+        for name in names:
+            m = ctl.read_manifest(lab / name)
+            if m is None or "spec" not in m:
+                raise K3sClusterError(
+                    f"stack {args.stack} has no VM {name!r} in {lab}",
+                    hint=f"k3scluster vms {args.dir} --stack {args.stack} lists them",
+                )
+            spec = VmSpec(**m["spec"])
+            (ctl.vm_start if args.start else ctl.vm_stop)(spec)
         return 0
     rows = ctl.list_vms(lab)
     if args.json:

@@ -126,6 +126,39 @@ def test_golden_example(cluster: Cluster) -> None:
     )
 
 
+GOLDEN_VM = Path(__file__).resolve().parent / "golden" / "example-vm"
+
+
+def test_golden_example_as_vm_stack(cluster: Cluster) -> None:
+    """A VM stack (stack test-vms) renders the example's hosts with the .link of their VMs;
+    tests/golden/example-vm holds the files that differ from tests/golden/example."""
+    from k3scluster.lab.spec import planned_macs
+
+    out = out_of(cluster.root)
+    plain = render_files(cluster, out)
+    vm = render_files(cluster, out, planned_macs(cluster, "test-vms"))
+    files = {k: v for k, v in vm.items() if plain.get(k) != v}
+    if REGEN:
+        shutil.rmtree(GOLDEN_VM, ignore_errors=True)
+        for rel, text in files.items():
+            (GOLDEN_VM / rel).parent.mkdir(parents=True, exist_ok=True)
+            (GOLDEN_VM / rel).write_text(text, encoding="utf-8")
+    want = {
+        p.relative_to(GOLDEN_VM).as_posix(): p.read_text(encoding="utf-8")
+        for p in sorted(GOLDEN_VM.rglob("*"))
+        if p.is_file()
+    }
+    assert sorted(files) == sorted(want) == sorted(f"hosts/{h.name}.nix" for h in cluster.hosts)
+    for rel, text in want.items():
+        diff = "".join(
+            difflib.unified_diff(
+                text.splitlines(keepends=True), files[rel].splitlines(keepends=True),
+                f"golden-vm/{rel}", f"rendered/{rel}",
+            )
+        )
+        assert not diff, f"K3SCLUSTER_REGEN_GOLDEN=1 regenerates:\n{diff}"
+
+
 def test_layout(rendered: tuple[Path, dict[str, str]]) -> None:
     out, files = rendered
     for rel in [

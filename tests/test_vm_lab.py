@@ -198,7 +198,7 @@ def test_install_argv_boots_the_iso_once_with_the_serial_and_mac(
     devices = _opt(argv, "-device")
     assert f"virtio-blk-pci,drive=disk,bootindex=2,serial={s.serial}" in devices
     assert f"virtio-net-pci,netdev=net,mac={s.mac}" in devices
-    assert "ide-cd,drive=cd,bus=ide.0,bootindex=1" in devices
+    assert "ide-cd,drive=cd,bus=ide.1,bootindex=1" in devices
     assert "-no-reboot" in argv and "-daemonize" in argv
     drives = _opt(argv, "-drive")
     assert "if=pflash,format=raw,unit=0,readonly=on,file=/fw/CODE.fd" in drives
@@ -386,3 +386,17 @@ def test_vms_lists_state_ip_and_console(example_dir: Path, tmp_path: Path, capsy
     }]
     assert main([*args, "--start", "nosuch"]) == 1
     assert "has no VM 'nosuch'" in capsys.readouterr().err
+
+
+def test_vm_rendered_hosts_parse_as_nix(example_dir: Path, tmp_path: Path) -> None:
+    import subprocess
+
+    c = _load(example_dir)
+    vm = render_files(c, example_dir / ".k3scluster" / "render", lab.planned_macs(c, "s"))
+    for h in c.hosts:
+        f = tmp_path / f"{h.name}.nix"
+        f.write_text(vm[f"hosts/{h.name}.nix"])
+        proc = subprocess.run(
+            ["nix-instantiate", "--parse", str(f)], capture_output=True, text=True, check=False
+        )
+        assert proc.returncode == 0, proc.stderr

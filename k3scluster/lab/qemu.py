@@ -4,7 +4,9 @@ Why QEMU directly and not libvirt: the lab needs one bridge, one tap and one pro
 host, all of which ``ip`` and ``qemu-system-x86_64`` do without a daemon; libvirt would add
 libvirtd (and its own networks, which NAT and DHCP by default) to every user's machine and
 to CI, where there is no systemd to run it. The VM runs daemonized (``-daemonize``) with a
-pidfile and a QMP socket in its directory, so it survives ``pulumi up``.
+pidfile and a QMP socket in its directory, so it survives ``pulumi up``. The machine is
+``pc`` (i440fx): its PIIX IDE CD drive is the one every installer kernel drives, and OVMF's
+non-SMM build and SeaBIOS both run on it.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def find_ovmf(dirs: tuple[Path, ...] = FIRMWARE_DIRS) -> Ovmf:
 
 def probe_argv(qemu: str, bios: Path) -> list[str]:
     return [
-        qemu, "-accel", "kvm", "-cpu", "host", "-machine", "q35", "-m", "16",
+        qemu, "-accel", "kvm", "-cpu", "host", "-machine", "pc", "-m", "16",
         "-nodefaults", "-display", "none", "-bios", str(bios),
         "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
     ]
@@ -144,7 +146,7 @@ def vm_argv(
     argv = [
         spec.qemu,
         "-name", f"guest={spec.name},process={spec.name}",
-        "-machine", "q35",
+        "-machine", "pc",
         "-accel", accel,
         *(["-cpu", "host"] if accel == "kvm" else []),
         "-m", str(spec.memory_mib),
@@ -172,7 +174,7 @@ def vm_argv(
     if iso is not None:
         argv += [
             "-drive", f"if=none,id=cd,media=cdrom,readonly=on,format=raw,file={_opt(iso)}",
-            "-device", "ide-cd,drive=cd,bus=ide.0,bootindex=1",
+            "-device", "ide-cd,drive=cd,bus=ide.1,bootindex=1",
             "-no-reboot",
         ]
     argv += [
