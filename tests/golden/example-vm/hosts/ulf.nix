@@ -22,6 +22,7 @@
     stateVersion = "25.05";
     boot = "efi";
     macAddress = "d6:1f:ca:10:db:c5";
+    platform = "x86_64-linux";
     sshKeys = [
       "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK4pm8/PFGZcwEfmj6kTcKXF+i0WX91UdtJ7FgPI5J6a EXAMPLE-ONLY manfred (private half discarded, never a real key)"
     ];
