@@ -400,3 +400,66 @@ def test_vm_rendered_hosts_parse_as_nix(example_dir: Path, tmp_path: Path) -> No
             ["nix-instantiate", "--parse", str(f)], capture_output=True, text=True, check=False
         )
         assert proc.returncode == 0, proc.stderr
+
+
+def test_a_failed_install_shows_the_end_of_its_console_and_stays_uninstalled(
+    example_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = _spec(example_dir, tmp_path, "olaf")
+    result = tmp_path / "result" / "iso"
+    result.mkdir(parents=True)
+    (result / "nixos.iso").write_bytes(b"iso")
+    s = dataclasses.replace(s, iso_result=str(result.parent))
+    m = ctl._claim(s)
+    console = Path(s.dir) / "console.log"
+    console.write_text("an earlier boot\n")
+
+    def fake_start(spec: lab.VmSpec, argv: list[str], what: str) -> int:
+        assert "-no-reboot" in argv and f"file={result}/nixos.iso" in " ".join(argv)
+        with console.open("a") as f:
+            f.write("".join(f"line {i}\n" for i in range(100)))
+            f.write('ERROR in step "partition": no disk with serial s4evnx0r123456\n')
+        return 1
+
+    monkeypatch.setattr(ctl, "_start", fake_start)
+    monkeypatch.setattr(ctl, "_wait_gone", lambda pid, timeout: True)
+    with pytest.raises(K3sClusterError) as err:
+        ctl._install(s, m, "tcg", qemu.Ovmf(Path("/c"), Path("/v")))
+    text = str(err.value)
+    assert "host olaf: the installer failed" in text
+    assert 'ERROR in step "partition"' in text and "line 99" in text
+    assert "line 10\n" not in text and "an earlier boot" not in text  # the end, this boot's
+    assert ctl.read_manifest(Path(s.dir))["installed"] is False  # type: ignore[index]
+
+
+def test_the_kvm_probe_gives_up_after_its_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A nested KVM on which a guest hangs must cost seconds, not an install timeout."""
+    kvm = tmp_path / "kvm"
+    kvm.write_text("")
+    monkeypatch.setattr(qemu, "KVM_DEVICE", kvm)
+    hangs, exits, fails = (tmp_path / n for n in ("hangs", "exits", "fails"))
+    hangs.write_text("#!/bin/sh\nexec sleep 30\n")
+    exits.write_text(f"#!/bin/sh\nexit {qemu.PROBE_EXIT}\n")
+    fails.write_text("#!/bin/sh\necho 'error: failed to set MSR 0x10a' >&2\nexit 134\n")
+    for f in (hangs, exits, fails):
+        f.chmod(0o755)
+    ok, why = qemu.kvm_works(str(hangs), timeout=0.5)
+    assert not ok and "did not finish in 0.5 s" in why
+    assert qemu.kvm_works(str(exits)) == (True, "")
+    assert qemu.kvm_works(str(fails)) == (False, "error: failed to set MSR 0x10a")
+    monkeypatch.setattr(qemu, "KVM_DEVICE", tmp_path / "missing")
+    assert qemu.kvm_works(str(exits))[0] is False
+    # the probe's guest is a real one: a 64 KiB BIOS whose reset vector exits QEMU
+    argv = qemu.probe_argv("qemu", Path("/p.bin"))
+    assert argv[:5] == ["qemu", "-accel", "kvm", "-cpu", "host"]
+
+
+def test_the_probe_guest_exits_qemu_by_itself_under_tcg(tmp_path: Path) -> None:
+    import subprocess
+
+    bios = qemu.write_probe_bios(tmp_path / "probe.bin")
+    argv = qemu.probe_argv("qemu-system-x86_64", bios, accel="tcg")
+    proc = subprocess.run(argv, capture_output=True, timeout=60, check=False)
+    assert proc.returncode == qemu.PROBE_EXIT, proc.stderr

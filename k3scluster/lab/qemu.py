@@ -26,6 +26,7 @@ FIRMWARE_DIRS = (Path("/usr/share/qemu/firmware"), Path("/etc/qemu/firmware"))
 PROBE_CODE = bytes([0xB0, 0x31, 0xE6, 0xF4, 0xF4, 0xEB, 0xFD])
 PROBE_EXIT = 99
 PROBE_TIMEOUT = 10.0
+KVM_DEVICE = Path("/dev/kvm")
 
 
 @dataclass(frozen=True)
@@ -66,9 +67,18 @@ def find_ovmf(dirs: tuple[Path, ...] = FIRMWARE_DIRS) -> Ovmf:
     return min(candidates, key=lambda c: c[0])[1]
 
 
-def probe_argv(qemu: str, bios: Path) -> list[str]:
+def write_probe_bios(path: Path) -> Path:
+    """The probe guest: a 64 KiB BIOS image whose reset vector exits QEMU with PROBE_EXIT."""
+    image = bytearray(65536)
+    image[0xFFF0 : 0xFFF0 + len(PROBE_CODE)] = PROBE_CODE
+    path.write_bytes(bytes(image))
+    return path
+
+
+def probe_argv(qemu: str, bios: Path, accel: str = "kvm") -> list[str]:
+    cpu = ["-cpu", "host"] if accel == "kvm" else []
     return [
-        qemu, "-accel", "kvm", "-cpu", "host", "-machine", "pc", "-m", "16",
+        qemu, "-accel", accel, *cpu, "-machine", "pc", "-m", "16",
         "-nodefaults", "-display", "none", "-bios", str(bios),
         "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
     ]
@@ -77,13 +87,10 @@ def probe_argv(qemu: str, bios: Path) -> list[str]:
 def kvm_works(qemu: str, timeout: float = PROBE_TIMEOUT) -> tuple[bool, str]:
     """Run a 64 KiB guest under KVM with ``-cpu host`` (what a KVM VM runs with) and see it
     exit by itself within ``timeout``; (works, why not)."""
-    if not Path("/dev/kvm").exists():
-        return False, "/dev/kvm does not exist"
+    if not KVM_DEVICE.exists():
+        return False, f"{KVM_DEVICE} does not exist"
     with tempfile.TemporaryDirectory(prefix="k3scluster-kvm-") as tmp:
-        bios = Path(tmp) / "probe.bin"
-        image = bytearray(65536)
-        image[0xFFF0 : 0xFFF0 + len(PROBE_CODE)] = PROBE_CODE
-        bios.write_bytes(bytes(image))
+        bios = write_probe_bios(Path(tmp) / "probe.bin")
         try:
             proc = subprocess.run(
                 probe_argv(qemu, bios), capture_output=True, text=True, timeout=timeout,
