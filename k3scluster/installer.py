@@ -2,7 +2,8 @@
 
 ``render_installer`` returns the files of ``installers/<host>/`` in the render output:
 
-- ``installer.json``: the plan values the image needs (host, boot mode, disk serial), read
+- ``installer.json``: the plan values the image needs (host, boot mode, disk serial, the
+  udev rule that links the disk for GRUB, k3scluster.bootdisk), read
   by the Nix files with ``builtins.fromJSON`` so no plan string is spliced into Nix;
 - ``default.nix``: builds the ISO. It evaluates the host from ``../../hive.nix`` the way
   colmena evaluates a node (same pinned nixpkgs, ``defaults``, ``specialArgs``; colmena's
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import jinja2
 
+from .bootdisk import boot_disk_rules
 from .errors import K3sClusterError
 from .model import Cluster
 from .pins import NIXPKGS_SYSTEM
@@ -70,7 +72,13 @@ def render_installer(cluster: Cluster, host: str, out: Path) -> dict[str, str]:
             hint="hosts: " + ", ".join(x.name for x in cluster.hosts),
         ) from None
     serial = h.disk or ""
-    data = {"host": h.name, "boot": h.boot.value, "serial": serial}
+    rules = boot_disk_rules(h)
+    data = {
+        "host": h.name,
+        "boot": h.boot.value,
+        "serial": serial,
+        "udevRules": "\n".join(rules) + "\n" if rules else "",
+    }
     env = _env()
     ctx = {"host": h.name, "boot": h.boot.value, "serial": serial, "system": NIXPKGS_SYSTEM}
     base = installer_dir(h.name)

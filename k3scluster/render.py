@@ -37,6 +37,7 @@ from typing import Any, TypeVar, cast
 import jinja2
 
 from k3scluster import diagram, installer
+from k3scluster.bootdisk import boot_disk_rules
 from k3scluster.errors import K3sClusterError
 from k3scluster.macs import agent_mac, host_macvlan_mac
 from k3scluster.model import DEFAULT_STATE_VERSION, Cluster, Host, K3sNode, K3sType
@@ -271,6 +272,7 @@ def _host_context(cluster: Cluster, host: Host, out: Path) -> dict[str, object]:
         },
         "kernel_interface_names": _KERNEL_NIC.fullmatch(host.interface) is not None,
         "ssh_keys": _key_lines(cluster, host.name),
+        "boot_disk_rules": boot_disk_rules(host),
         "server": None,
         "agent": None,
     }

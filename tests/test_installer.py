@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from k3scluster import plans
+from k3scluster.bootdisk import boot_disk_rules
 from k3scluster.errors import K3sClusterError
 from k3scluster.installer import (
     INSTALLER_FILES,
@@ -70,7 +71,8 @@ def test_renders_parses_and_checks(cluster, host, tmp_path):
         assert r.returncode == 0, r.stdout
     h = cluster.host(host)
     data = json.loads(files[f"installers/{host}/installer.json"])
-    assert data == {"host": host, "boot": h.boot.value, "serial": h.disk or ""}
+    rules = "\n".join(boot_disk_rules(h)) + "\n" if boot_disk_rules(h) else ""
+    assert data == {"host": host, "boot": h.boot.value, "serial": h.disk or "", "udevRules": rules}
 
 
 @pytest.mark.parametrize("host", EXAMPLE_HOSTS)
@@ -100,13 +102,17 @@ def test_iso_module_evaluates(cluster, tmp_path):
     expr = """
       let
         names = [ "bash" "coreutils" "util-linux" "parted" "dosfstools" "e2fsprogs" "gnugrep"
-                  "gnused" "gawk" "findutils" "nixos-install-tools" ];
+                  "gnused" "gawk" "findutils" ];
+        # only these: a tool the module took from anywhere else fails the evaluation
         pkgs = builtins.listToAttrs (map (n: { name = n; value = "/nix/store/p-${n}"; }) names);
-        lib.mkForce = v: { forced = v; };
+        lib = { mkForce = v: { forced = v; }; mkIf = c: v: { _if = c; value = v; };
+                concatStringsSep = builtins.concatStringsSep; };
         m = import ./iso.nix {
           inherit pkgs lib;
-          config = { systemd.package = "/nix/store/p-systemd"; nix.package = "/nix/store/p-nix"; };
+          config = { systemd.package = "/nix/store/p-systemd"; nix.package = "/nix/store/p-nix";
+                     system.build.nixos-install = "/nix/store/p-nixos-install"; };
           k3sclusterTarget = "/nix/store/abc-nixos-system-rolf";
+          k3sclusterGrubDevices = [ "/dev/k3scluster-bootdisk" ];
         };
       in {
         store = m.isoImage.storeContents;
@@ -116,6 +122,8 @@ def test_iso_module_evaluates(cluster, tmp_path):
         nixos = m.users.users.nixos.initialHashedPassword;
         autologin = m.services.getty.autologinUser;
         host = m.networking.hostName;
+        help = m.services.getty.helpLine;
+        log = m.systemd.services.k3scluster-log;
       }
     """
     r = subprocess.run(
@@ -130,13 +138,28 @@ def test_iso_module_evaluates(cluster, tmp_path):
     assert v["store"] == ["/nix/store/abc-nixos-system-rolf"]
     unit = v["unit"]
     assert unit["wantedBy"] == ["multi-user.target"]
-    assert unit["environment"] == {"SYSTEM": "/nix/store/abc-nixos-system-rolf"}
+    assert unit["environment"] == {
+        "SYSTEM": "/nix/store/abc-nixos-system-rolf",
+        "GRUB_DEVICES": "/dev/k3scluster-bootdisk",
+    }
     sc = unit["serviceConfig"]
     assert sc["Type"] == "oneshot"
     assert sc["StandardOutput"] == "journal+console" == sc["StandardError"]
     assert sc["ExecStart"].startswith("/nix/store/p-bash/bin/bash /nix/store/")
     assert sc["ExecStart"].endswith("-system-setup.sh")
-    assert "/nix/store/p-nixos-install-tools" in unit["path"]
+    # the tools come from the image's own configuration: its nixos-install, systemd and nix
+    assert "/nix/store/p-nixos-install" in unit["path"]
+    assert "/nix/store/p-systemd" in unit["path"] and "/nix/store/p-nix" in unit["path"]
+    # nobody can log in: the help points at the log on tty8, not at journalctl
+    help_text = v["help"]["forced"]
+    assert "journalctl" not in help_text and "Alt+F8" in help_text
+    assert "remove the stick and power on" in help_text
+    log = v["log"]
+    assert log["wantedBy"] == ["multi-user.target"]
+    assert log["serviceConfig"]["TTYPath"] == "/dev/tty8"
+    assert log["serviceConfig"]["StandardOutput"] == "tty"
+    assert log["serviceConfig"]["ExecStart"].startswith("/nix/store/p-systemd/bin/journalctl ")
+    assert "--unit=system_setup.service" in log["serviceConfig"]["ExecStart"]
     assert v["ssh"] == {"forced": False}
     assert v["root"] == {"forced": "!"} and v["nixos"] == {"forced": "!"}
     assert v["autologin"] == {"forced": None}
@@ -148,7 +171,9 @@ def test_default_nix_builds_from_the_hive_with_the_minimal_installer(cluster, tm
     assert "import ../../hive.nix" in text
     assert '(pkgs.path + "/nixos/modules/installer/cd-dvd/installation-cd-minimal.nix")' in text
     assert "installer.config.system.build.isoImage" in text
-    assert "(evalNode cfg.host [ ]).config.system.build.toplevel" in text
+    assert "(evalNode cfg.host [ ]).config" in text
+    assert "target = node.system.build.toplevel;" in text
+    assert "node.boot.loader.grub.mirroredBoots" in text
 
 
 def test_unknown_host(cluster, tmp_path):

@@ -2,8 +2,10 @@
 
 The script finds disks through a by-id directory the test makes (symlinks named like
 udev's, pointing at loop devices), so it never sees the machine's disks. nixos-install
-and the reboot are skipped with SKIP_INSTALL=1, except in the re-run test where the
-missing nixos-install is the failure.
+and the poweroff are skipped with SKIP_INSTALL=1, except in the re-run test where the
+missing nixos-install is the failure, and in the install tests, which put stand-ins
+for nixos-install and poweroff first on PATH (``standins``: nixos-install cannot run
+here, and the machine must not power off).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pytest
 from loopdevices import sha256_of, unmount_under
 
 from k3scluster import plans
+from k3scluster.bootdisk import udev_rules
 from k3scluster.installer import render_installer
 
 pytestmark = pytest.mark.root
@@ -206,8 +209,15 @@ def test_rerun_after_a_failure(script, loop_factory, byid, mnt, tmp_path, bystan
     (byid / "ata-WDC_WD10EZEX-08WN4A0_WD-WCC4N1234567").symlink_to(dev)
     system = tmp_path / "system"
     system.mkdir()
+    grub = tmp_path / "bootdisk"
+    grub.symlink_to(dev)
     first = run(
-        script("rolf"), BYID_DIR=str(byid), MNT=str(mnt), SKIP_INSTALL="0", SYSTEM=str(system)
+        script("rolf"),
+        BYID_DIR=str(byid),
+        MNT=str(mnt),
+        SKIP_INSTALL="0",
+        SYSTEM=str(system),
+        GRUB_DEVICES=str(grub),
     )
     assert first.returncode != 0
     assert 'ERROR in step "install"' in first.stdout
@@ -347,6 +357,188 @@ def test_arguments_override_the_plan(script, loop_factory, byid, mnt, bystander)
 def test_installer_json_matches_script_defaults(cluster, tmp_path):
     files = render_installer(cluster, "rolf", tmp_path)
     data = json.loads(files["installers/rolf/installer.json"])
-    assert data == {"host": "rolf", "boot": "bios", "serial": "wd-wcc4n1234567"}
+    assert data["host"] == "rolf" and data["boot"] == "bios"
+    assert data["serial"] == "wd-wcc4n1234567"
+    assert data["udevRules"] == udev_rules("wd-wcc4n1234567")
     text = files["installers/rolf/system-setup.sh"]
     assert "PLAN_SERIAL=wd-wcc4n1234567\n" in text and "PLAN_BOOT=bios\n" in text
+
+
+# --- never wipe twice, power off when done ---------------------------------------------
+
+# Stand-in for nixos-install (it cannot run here): records its arguments and leaves in the
+# target what the real one leaves there (nixos-install.sh: `touch $mountPoint/etc/NIXOS`;
+# nix-env --profile $mountPoint/nix/var/nix/profiles/system --set $system).
+NIXOS_INSTALL = """#!/usr/bin/env bash
+set -eu
+echo "$*" >> "$STANDIN_LOG/nixos-install"
+root=""; system=""
+while (($#)); do
+  case "$1" in --root) root="$2"; shift ;; --system) system="$2"; shift ;; esac
+  shift
+done
+mkdir -p "$root/etc" "$root/nix/var/nix/profiles"
+touch "$root/etc/NIXOS"
+ln -sfn "$system" "$root/nix/var/nix/profiles/system-1-link"
+ln -sfn system-1-link "$root/nix/var/nix/profiles/system"
+"""
+POWEROFF = """#!/usr/bin/env bash
+echo "poweroff $*" >> "$STANDIN_LOG/poweroff"
+"""
+
+
+@pytest.fixture
+def standins(tmp_path: Path) -> dict[str, str]:
+    """Environment for a full run: stand-ins first on PATH, the poweroff recorded, a command line."""
+    bindir = tmp_path / "standin-bin"
+    bindir.mkdir()
+    logs = tmp_path / "standin-log"
+    logs.mkdir()
+    for name, text in (("nixos-install", NIXOS_INSTALL), ("poweroff-standin", POWEROFF)):
+        (bindir / name).write_text(text)
+        (bindir / name).chmod(0o755)
+    system = tmp_path / "nix-store-system-rolf"
+    system.mkdir()
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text(
+        "BOOT_IMAGE=/boot/bzImage init=/nix/store/x-init root=LABEL=nixos-minimal quiet\n"
+    )
+    return {
+        "PATH": f"{bindir}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}",
+        "STANDIN_LOG": str(logs),
+        "POWEROFF": str(bindir / "poweroff-standin"),
+        "PROC_CMDLINE": str(cmdline),
+        "SYSTEM": str(system),
+        "SKIP_INSTALL": "0",
+        "TMPDIR": str(scratch),
+    }
+
+
+def _log(env: dict[str, str], name: str) -> list[str]:
+    path = Path(env["STANDIN_LOG"]) / name
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def _reinstall(env: dict[str, str], tmp_path: Path, cmdline: str) -> dict[str, str]:
+    path = tmp_path / "cmdline-reinstall"
+    path.write_text(cmdline + "\n")
+    return dict(env, PROC_CMDLINE=str(path))
+
+
+def test_installs_powers_off_and_never_wipes_twice(
+    script, loop_factory, byid, mnt, tmp_path, bystander, standins
+):
+    dev = loop_factory(300)
+    (byid / "ata-WDC_WD10EZEX-08WN4A0_WD-WCC4N1234567").symlink_to(dev)
+    grub = tmp_path / "k3scluster-bootdisk"  # what the udev rule makes on the image
+    grub.symlink_to(dev)
+    env = dict(standins, BYID_DIR=str(byid), MNT=str(mnt), GRUB_DEVICES=str(grub))
+    first = run(script("rolf"), **env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert _log(env, "nixos-install") == [
+        f"--system {env['SYSTEM']} --root {mnt} --no-root-passwd --no-channel-copy"
+    ]
+    assert _log(env, "poweroff") == ["poweroff "]
+    assert "remove the stick, then power on" in first.stdout
+    assert f"GRUB goes to {grub} -> {dev}" in first.stdout
+    assert mounted_at(mnt) == ""  # unmounted before the poweroff
+    uuid = blkid(dev + "p1")["UUID"]
+
+    # The stick is still in and the machine boots it again: nothing may change.
+    before = sha256_of(dev)
+    second = run(script("rolf"), **env)
+    assert second.returncode == 3, second.stdout + second.stderr
+    assert 'REFUSED in step "check-installed"' in second.stdout
+    assert f"{dev} already holds an installed NixOS" in second.stdout
+    assert f"{dev}p1 (ext4, label nixos): /nix/var/nix/profiles/system -> system-1-link" in (
+        second.stdout
+    )
+    assert "add k3scluster.reinstall=1 to the kernel command line" in second.stdout
+    assert "nothing was changed" in second.stdout
+    assert sha256_of(dev) == before
+    assert len(_log(env, "nixos-install")) == 1 and len(_log(env, "poweroff")) == 1
+    assert mounted_at(mnt) == ""
+    assert not list(Path(env["TMPDIR"]).iterdir()), "the inspection mount was left behind"
+
+    # Words that merely look like the switch do not count.
+    near = _reinstall(env, tmp_path, "quiet k3scluster.reinstall=10 xk3scluster.reinstall=1")
+    assert run(script("rolf"), **near).returncode == 3
+    assert sha256_of(dev) == before
+
+    # Asked on purpose: erased and installed again.
+    again = run(
+        script("rolf"), **_reinstall(env, tmp_path, "quiet k3scluster.reinstall=1 loglevel=4")
+    )
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "k3scluster.reinstall=1 on the kernel command line: replacing" in again.stdout
+    assert blkid(dev + "p1")["UUID"] != uuid  # a new file system
+    assert len(_log(env, "nixos-install")) == 2 and len(_log(env, "poweroff")) == 2
+
+
+def test_any_file_system_with_etc_nixos_counts(script, loop_factory, byid, mnt, tmp_path, standins):
+    """Evidence is what a NixOS root holds, whatever the partition's label."""
+    dev = loop_factory(128)
+    _labelled(dev, efi=False)
+    subprocess.run(["e2label", dev + "p1", "data"], check=True)
+    subprocess.run(["mount", dev + "p1", str(mnt)], check=True)
+    (mnt / "etc").mkdir()
+    (mnt / "etc" / "NIXOS").write_text("")
+    unmount_under(mnt)
+    (byid / "ata-WDC_WD10EZEX-08WN4A0_WD-WCC4N1234567").symlink_to(dev)
+    before = sha256_of(dev)
+    r = run(script("rolf"), **dict(standins, BYID_DIR=str(byid), MNT=str(mnt)))
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert f"{dev}p1 (ext4, label data): /etc/NIXOS" in r.stdout
+    assert sha256_of(dev) == before
+    assert _log(standins, "nixos-install") == [] and _log(standins, "poweroff") == []
+
+
+def test_no_serial_refuses_an_installed_root(script, loop_factory, tmp_path, mnt, standins):
+    dev = loop_factory(128)
+    _labelled(dev, efi=False)
+    subprocess.run(["mount", dev + "p1", str(mnt)], check=True)
+    profiles = mnt / "nix" / "var" / "nix" / "profiles"
+    profiles.mkdir(parents=True)
+    (profiles / "system-4-link").symlink_to("/nix/store/abc-nixos-system-ulf-25.05")
+    (profiles / "system").symlink_to("system-4-link")
+    unmount_under(mnt)
+    bylabel = tmp_path / "by-label"
+    bylabel.mkdir()
+    (bylabel / "nixos").symlink_to(dev + "p1")
+    env = dict(standins, BYLABEL_DIR=str(bylabel), MNT=str(mnt), BOOT="bios")
+    grub = tmp_path / "grubdisk"
+    grub.symlink_to(dev)
+    env["GRUB_DEVICES"] = str(grub)
+    before = sha256_of(dev)
+    r = run(script("ulf"), **env)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "no disk serial in the plan" in r.stdout
+    assert f"{dev}p1 already holds an installed NixOS" in r.stdout
+    assert "/nix/var/nix/profiles/system -> system-4-link" in r.stdout
+    assert sha256_of(dev) == before
+    assert _log(env, "nixos-install") == []
+    r = run(script("ulf"), **_reinstall(env, tmp_path, "k3scluster.reinstall=1"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert len(_log(env, "nixos-install")) == 1 and _log(env, "poweroff") == ["poweroff "]
+
+
+def test_grub_device_checked_before_the_disk_is_erased(
+    script, loop_factory, byid, mnt, tmp_path, bystander, standins
+):
+    dev = loop_factory(64, fill=b"old data" * 1000)
+    (byid / "ata-WDC_WD10EZEX-08WN4A0_WD-WCC4N1234567").symlink_to(dev)
+    before = sha256_of(dev)
+    env = dict(standins, BYID_DIR=str(byid), MNT=str(mnt))
+    cases = {
+        str(tmp_path / "missing"): "does not exist on this machine",
+        bystander: "not the install disk",
+        "": "GRUB_DEVICES is empty",
+    }
+    for grub, why in cases.items():
+        r = run(script("rolf"), **dict(env, GRUB_DEVICES=grub))
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert 'ERROR in step "check-installed"' in r.stdout and why in r.stdout, r.stdout
+        assert sha256_of(dev) == before
+    assert _log(env, "nixos-install") == []

@@ -26,6 +26,11 @@ in
     macAddress = lib.mkOption { type = str; description = "The stable, locally administered MAC of mv-host."; };
     platform = lib.mkOption { type = str; default = "x86_64-linux"; description = "nixpkgs.hostPlatform (plans/hosts.csv platform)."; };
     boot = lib.mkOption { type = lib.types.enum [ "efi" "bios" ]; default = "efi"; description = "plans/hosts.csv boot."; };
+    bootDiskRules = lib.mkOption {
+      type = lib.types.listOf str;
+      default = [ ];
+      description = "udev rule lines that link the planned disk (plans/hosts.csv disk) as /dev/k3scluster-bootdisk.";
+    };
   };
 
   config = {
@@ -117,10 +122,16 @@ in
     # plus the one being installed stay under 400 MiB even when no two share a kernel.
     boot.loader.systemd-boot.configurationLimit = lib.mkDefault 6;
     boot.loader.efi.canTouchEfiVariables = lib.mkDefault (cfg.boot == "efi");
-    # BIOS: GRUB goes onto the disk's MBR, and NixOS must be told which disk
-    # (boot.loader.grub.device = "/dev/disk/by-id/…" in nixConfigs/<host>.nix; nixpkgs
-    # stops the build with a message until it is set).
+    # BIOS: GRUB goes onto the disk's MBR, and NixOS must be told which disk (grub.nix
+    # asserts it). The plan names the disk by its serial: a udev rule links that disk as
+    # /dev/k3scluster-bootdisk (install-grub.pl resolves the link before grub-install), and
+    # GRUB defaults to it. boot.loader.grub.device in nixConfigs/<host>.nix wins; without a
+    # serial in the plan it must be there (`check` says so).
     boot.loader.grub.enable = lib.mkDefault (cfg.boot == "bios");
+    services.udev.extraRules = lib.mkIf (cfg.bootDiskRules != [ ])
+      (lib.concatStringsSep "\n" cfg.bootDiskRules + "\n");
+    boot.loader.grub.device = lib.mkIf (cfg.boot == "bios" && cfg.bootDiskRules != [ ])
+      (lib.mkDefault "/dev/k3scluster-bootdisk");
 
     # The deploy step copies /etc/nixos/hardware-configuration.nix from the host into
     # nixConfigs/<host>.hardware.nix; an offline install (nixos-install --system) writes
