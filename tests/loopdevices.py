@@ -50,10 +50,20 @@ def unmount_device(dev: str) -> None:
 
 
 def sha256_of(dev: str) -> str:
+    """sha256 of the device's bytes as they are on the backing file.
+
+    Read with O_DIRECT (dd iflag=direct): the disk's page cache may still hold what was read
+    through it before a write went through one of its partitions (another block device,
+    another cache), so a buffered read could hash an unchanged disk differently later.
+    """
     h = hashlib.sha256()
-    with open(dev, "rb") as f:
-        while chunk := f.read(4 << 20):
+    with subprocess.Popen(
+        ["dd", f"if={dev}", "bs=4M", "iflag=direct", "status=none"], stdout=subprocess.PIPE
+    ) as proc:
+        assert proc.stdout is not None
+        while chunk := proc.stdout.read(4 << 20):
             h.update(chunk)
+    assert proc.returncode == 0, f"dd could not read {dev}"
     return h.hexdigest()
 
 

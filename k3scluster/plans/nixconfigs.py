@@ -36,9 +36,13 @@ class NixConfigsReader(Files):
         return tuple(found)
 
     def check_bios_boot_disk(self, hosts: list[Host], nix_configs: tuple[str, ...]) -> None:
-        """GRUB on BIOS needs the disk for its boot code; a serial alone cannot name it."""
+        """GRUB on BIOS needs the disk for its boot code (grub.nix asserts it).
+
+        A disk serial in the plan names it (the udev rule of k3scluster.bootdisk, GRUB's
+        default device); without one, the host's nixConfigs must set it.
+        """
         for host in hosts:
-            if host.boot is not BootMode.BIOS:
+            if host.boot is not BootMode.BIOS or host.disk:
                 continue
             texts = []
             for fname in (f"{host.name}.nix", f"{host.name}.hardware.nix"):
@@ -49,14 +53,14 @@ class NixConfigsReader(Files):
                         pass  # reported by the render step if it matters
             if any(_GRUB_DEVICE.search(t) for t in texts):
                 continue
-            serial = host.disk.upper() if host.disk else "<serial>"
-            self.warn(
+            self.error(
                 "bios-grub-device",
                 host.location.file,
                 host.location.line,
-                f"host {host.name} boots by BIOS, but nixConfigs/{host.name}.nix does not set "
-                "boot.loader.grub.device: NixOS will not build it",
-                f'add boot.loader.grub.device = "/dev/disk/by-id/ata-<model>_{serial}"; to '
-                f"nixConfigs/{host.name}.nix (`ls -l /dev/disk/by-id` on the machine, or the "
-                "installer's log, names the disk)",
+                f"host {host.name} boots by BIOS, but it has no disk serial and "
+                f"nixConfigs/{host.name}.nix does not set boot.loader.grub.device: GRUB has "
+                "no disk and NixOS will not build it",
+                "put the disk's serial in the disk column (`lsblk -do NAME,SERIAL,MODEL` on "
+                "the machine): GRUB then goes to that disk; or add boot.loader.grub.device = "
+                f'"/dev/disk/by-id/…"; to nixConfigs/{host.name}.nix',
             )

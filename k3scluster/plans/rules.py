@@ -113,8 +113,8 @@ _REGISTRY: tuple[tuple[str, str, str], ...] = (
     ),
     (
         "bios-grub-device",
-        WARNING,
-        "a BIOS host's nixConfigs tell GRUB its disk (boot.loader.grub.device)",
+        ERROR,
+        "a BIOS host has a disk serial or its nixConfigs set boot.loader.grub.device",
     ),
     # manifests.py: manifests/
     (

@@ -625,11 +625,23 @@ CASES = [
     ),
     case(
         "bios-grub-device",
+        Sub(H, "manfred,WD-WCC4N1234567,bios", "manfred,,bios"),
         Write("nixConfigs/rolf.nix", "{ ... }: { time.timeZone = \"UTC\"; }\n"),
         expected=[
-            (f"{H}:4: warning: host rolf boots by BIOS, but nixConfigs/rolf.nix does not set "
-            "boot.loader.grub.device: NixOS will not build it")
+            (f"{H}:4: host rolf boots by BIOS, but it has no disk serial and "
+            "nixConfigs/rolf.nix does not set boot.loader.grub.device: GRUB has no disk and "
+            "NixOS will not build it")
         ],
+    ),
+    # the plan's serial names GRUB's disk (/dev/k3scluster-bootdisk): nothing by hand
+    case(
+        "clean:bios-serial-names-the-grub-disk",
+        Write("nixConfigs/rolf.nix", "{ ... }: { time.timeZone = \"UTC\"; }\n"),
+    ),
+    case(
+        "clean:bios-nixconfigs-set-the-grub-disk",
+        Sub(H, "manfred,WD-WCC4N1234567,bios", "manfred,,bios"),
+        Write("nixConfigs/rolf.nix", "{ ... }: { boot.loader.grub.device = \"/dev/sda\"; }\n"),
     ),
     case(
         "manifest-name",
