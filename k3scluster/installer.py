@@ -11,7 +11,7 @@
   without the keys colmena uploads;
 - ``iso.nix``: the installer module (installation-cd-minimal + the host's system in the
   image's store + ``system_setup.service``; no sshd, no network, no password);
-- ``system-setup.sh``: the script the service runs (partition, mount, nixos-install, reboot).
+- ``system-setup.sh``: the script the service runs (partition, mount, nixos-install, poweroff).
 
 Nothing here imports pulumi and nothing here reads a secret.
 """

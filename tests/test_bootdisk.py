@@ -90,7 +90,7 @@ def _base_for(out: Path, host: str) -> dict:
     expr = f"""
       let
         {STUB_LIB}
-        hostFile = import ./hosts/{host}.nix {{ }};
+        hostFile = import ./hosts/{host}.nix {{ modulesPath = "/stub/nixos/modules"; }};
         base = import ./modules/base.nix {{ inherit lib; config.k3scluster.host =
           {{ bootDiskRules = [ ]; }} // hostFile.k3scluster.host; }};
       in {{

@@ -123,6 +123,7 @@ def test_iso_module_evaluates(cluster, tmp_path):
         autologin = m.services.getty.autologinUser;
         host = m.networking.hostName;
         help = m.services.getty.helpLine;
+        nm = m.networking.networkmanager.enable;
         log = m.systemd.services.k3scluster-log;
       }
     """
@@ -164,6 +165,7 @@ def test_iso_module_evaluates(cluster, tmp_path):
     assert v["root"] == {"forced": "!"} and v["nixos"] == {"forced": "!"}
     assert v["autologin"] == {"forced": None}
     assert v["host"] == {"forced": "rolf-installer"}
+    assert v["nm"] == {"forced": False}  # the installer profile turns NetworkManager on
 
 
 def test_default_nix_builds_from_the_hive_with_the_minimal_installer(cluster, tmp_path):

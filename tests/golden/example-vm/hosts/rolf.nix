@@ -40,6 +40,20 @@
     sshKeys = [
       "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK4pm8/PFGZcwEfmj6kTcKXF+i0WX91UdtJ7FgPI5J6a EXAMPLE-ONLY manfred (private half discarded, never a real key)"
     ];
+    # udev names the planned disk /dev/k3scluster-bootdisk (GRUB's default device);
+    # the installer image has the same rule.
+    bootDiskRules = [
+      "# k3scluster: /dev/k3scluster-bootdisk is the disk with serial wd-wcc4n1234567"
+      "# (plans/hosts.csv disk), compared case-insensitively; whole disks only."
+      "ACTION==\"remove\", GOTO=\"k3scluster_bootdisk_end\""
+      "SUBSYSTEM!=\"block\", GOTO=\"k3scluster_bootdisk_end\""
+      "ENV{DEVTYPE}!=\"disk\", GOTO=\"k3scluster_bootdisk_end\""
+      "ENV{ID_SERIAL_SHORT}==\"[wW][dD]-[wW][cC][cC]4[nN]1234567\", SYMLINK+=\"k3scluster-bootdisk\""
+      "ENV{ID_SCSI_SERIAL}==\"[wW][dD]-[wW][cC][cC]4[nN]1234567\", SYMLINK+=\"k3scluster-bootdisk\""
+      "ENV{ID_USB_SERIAL_SHORT}==\"[wW][dD]-[wW][cC][cC]4[nN]1234567\", SYMLINK+=\"k3scluster-bootdisk\""
+      "ENV{ID_SERIAL}==\"[wW][dD]-[wW][cC][cC]4[nN]1234567\", SYMLINK+=\"k3scluster-bootdisk\""
+      "LABEL=\"k3scluster_bootdisk_end\""
+    ];
   };
 
   # K3s server plans/k3s.csv:6
