@@ -75,7 +75,10 @@ class Vm(pulumi.ComponentResource):
             delete=commands.lab_ctl(args.python, "vm-delete", spec.to_json()),
             triggers=spec.replace_keys(),
             dir=args.dir,
-            opts=pulumi.ResourceOptions(parent=self, depends_on=[args.network, self.iso]),
+            # the new VM takes the old one's directory, tap and MAC: the old one goes first
+            opts=pulumi.ResourceOptions(
+                parent=self, depends_on=[args.network, self.iso], delete_before_replace=True
+            ),
         )
         console = str(Path(spec.dir) / "console.log")
         self.mac = pulumi.Output.from_input(spec.mac)
@@ -112,7 +115,7 @@ class Lab(pulumi.ComponentResource):
             delete=commands.lab_ctl(args.python, "net-down", net.to_json()),
             triggers=[net.to_json()],
             dir=args.dir,
-            opts=pulumi.ResourceOptions(parent=self),
+            opts=pulumi.ResourceOptions(parent=self, delete_before_replace=True),  # one bridge
         )
         self.vms: dict[str, Vm] = {}
         for spec in args.vms:

@@ -92,15 +92,18 @@ def nat_table(stack: str) -> str:
 
 def nat_ruleset(net: NetSpec) -> str:
     """nft script: masquerade the lab subnet out of every other interface, forward it."""
-    t = nat_table(net.stack)
-    return (
-        f"table ip {t} {{\n"
-        f"  chain post {{ type nat hook postrouting priority srcnat; "
-        f'ip saddr {net.subnet} oifname != "{net.bridge}" masquerade; }}\n'
-        f"  chain fwd {{ type filter hook forward priority filter; "
-        f'iifname "{net.bridge}" accept; oifname "{net.bridge}" ct state established,related accept; }}\n'
-        f"}}\n"
-    )
+    return f"""table ip {nat_table(net.stack)} {{
+  chain lab_postrouting {{
+    type nat hook postrouting priority srcnat;
+    ip saddr {net.subnet} oifname != "{net.bridge}" masquerade
+  }}
+  chain lab_forward {{
+    type filter hook forward priority filter;
+    iifname "{net.bridge}" accept
+    oifname "{net.bridge}" ct state established,related accept
+  }}
+}}
+"""
 
 
 def net_up(net: NetSpec) -> None:
