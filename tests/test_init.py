@@ -11,7 +11,7 @@ import pytest
 from k3scluster import plans
 from k3scluster.errors import K3sClusterError
 from k3scluster.init import _create, init_cluster
-from k3scluster.model import DEFAULT_NIXOS_RELEASE
+from k3scluster.pins import NIXPKGS_PINS
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, bytes | None]]:
@@ -68,7 +68,10 @@ def test_init_records_the_state_version_next_to_nixos(tmp_path: Path, example_sr
     root = tmp_path / "c"
     init_cluster(root)
     text = (root / "plans" / "network.yaml").read_text()
-    assert f'nixos: "{DEFAULT_NIXOS_RELEASE}"\nstateVersion: "{DEFAULT_NIXOS_RELEASE}"\n' in text
+    written = re.search(r'^nixos: "([0-9.]+)"\nstateVersion: "([0-9.]+)"\n', text, re.MULTILINE)
+    assert written is not None and written.group(1) == written.group(2)
+    release = written.group(1)
+    other = next(r for r in sorted(NIXPKGS_PINS) if r != release)
     with (root / "plans" / "hosts.csv").open("a") as f:
         f.write("node1,eno1,192.168.1.10,alice,,\n")
     (root / "secrets" / "passwd").write_bytes((example_src / "secrets" / "passwd").read_bytes())
@@ -77,14 +80,14 @@ def test_init_records_the_state_version_next_to_nixos(tmp_path: Path, example_sr
         (example_src / "secrets" / "manfred.pub").read_bytes()
     )
     cluster, _ = plans.load_or_raise(root)
-    assert cluster.network.state_version == DEFAULT_NIXOS_RELEASE
+    assert cluster.network.state_version == release
     # an upgrade changes nixos only: the recorded stateVersion stays, and check is quiet
     (root / "plans" / "network.yaml").write_text(
-        text.replace(f'nixos: "{DEFAULT_NIXOS_RELEASE}"', 'nixos: "24.11"')
+        text.replace(f'nixos: "{release}"', f'nixos: "{other}"')
     )
     cluster, warnings = plans.load_or_raise(root)
-    assert cluster.network.nixos_release == "24.11"
-    assert cluster.network.state_version_of(cluster.hosts[0]) == DEFAULT_NIXOS_RELEASE
+    assert cluster.network.nixos_release == other
+    assert cluster.network.state_version_of(cluster.hosts[0]) == release
     assert warnings == ()
 
 
