@@ -1,0 +1,356 @@
+"""Inside a VM: the planned disk serial and MAC, the planned IP, system-setup.sh on a virtio disk.
+
+Real QEMU under TCG booting the Debian test guest (tests/vmguest.py), one guest build
+shared by every test. Networking only inside a network namespace made here (a bridge
+carrying the plan's gateway address and a tap per VM), with plan addresses only.
+The disk layout the guest made is read back on this side from the image (qemu-img,
+parted, blkid at the partitions' offsets, mtools for the FAT file system this kernel cannot mount).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import vmguest as vg
+
+from k3scluster import plans
+from k3scluster.installer import render_installer
+from k3scluster.model import Cluster, Host
+
+pytestmark = pytest.mark.vm
+
+TOOLS = ("qemu-system-x86_64", "qemu-img", "grub-mkrescue", "xorriso", "mdir", "ip", "parted")
+
+
+@pytest.fixture(scope="session")
+def guest() -> vg.Guest:
+    if os.geteuid() != 0:
+        pytest.fail("the vm tests need root (QEMU taps in a network namespace)")
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    if missing:
+        pytest.fail(f"the vm tests need {', '.join(missing)}: run scripts/setup")
+    return vg.build_guest()
+
+
+@pytest.fixture(scope="module")
+def cluster(example_src_module: Path) -> Cluster:
+    result = plans.load(example_src_module)
+    assert result.cluster is not None, result.diagnostics
+    return result.cluster
+
+
+@pytest.fixture(scope="module")
+def example_src_module() -> Path:
+    return Path(__file__).resolve().parent.parent / "examples" / "cluster"
+
+
+def planned_serial(h: Host) -> str:
+    """The serial as the disk itself reports it: the hosts.csv cell, in its own case."""
+    serial = h.column_map["disk"]
+    assert serial and serial.lower() == h.disk
+    return serial
+
+
+def gateway_cidr(cluster: Cluster) -> str:
+    return f"{cluster.network.gateway}/{cluster.network.prefix_length}"
+
+
+def host_cidr(cluster: Cluster, h: Host) -> str:
+    return f"{h.ip}/{cluster.network.prefix_length}"
+
+
+def setup_script(cluster: Cluster, host: str, tmp: Path) -> str:
+    return render_installer(cluster, host, tmp)[f"installers/{host}/system-setup.sh"]
+
+
+def raw_copy(disk: Path, out: Path) -> Path:
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(disk), str(out)], check=True)
+    return out
+
+
+def digest(disk: Path, tmp: Path) -> str:
+    raw = raw_copy(disk, tmp / f"digest-{uuid.uuid4().hex}.raw")
+    try:
+        h = hashlib.sha256()
+        with open(raw, "rb") as f:
+            while chunk := f.read(4 << 20):
+                h.update(chunk)
+        return h.hexdigest()
+    finally:
+        raw.unlink()
+
+
+def parted(image: Path) -> list[list[str]]:
+    out = subprocess.run(
+        ["parted", "-s", "-m", str(image), "unit", "MiB", "print"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [line.rstrip(";").split(":") for line in out.splitlines()[1:]]
+
+
+def blkid_parts(image: Path) -> dict[int, dict[str, str]]:
+    """TYPE/LABEL of each partition's file system, probed in the image at its offset."""
+    out = subprocess.run(
+        ["parted", "-s", "-m", str(image), "unit", "B", "print"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    result = {}
+    for line in out.splitlines()[2:]:
+        number, start = line.split(":")[:2]
+        probe = subprocess.run(
+            ["blkid", "-p", "-o", "export", "-O", start.rstrip("B"), str(image)],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+        result[int(number)] = dict(x.split("=", 1) for x in probe.splitlines() if "=" in x)
+    return result
+
+
+@dataclass
+class Lab:
+    ns: str
+    taps: list[str]
+
+
+@pytest.fixture
+def lab(cluster: Cluster):
+    """A network namespace with the lab bridge (the plan's gateway) and two taps."""
+    name = f"k3st-{uuid.uuid4().hex[:8]}"
+    with vg.netns(name) as ns:
+        vg.lab_bridge(ns, gateway_cidr(cluster), ["tap0", "tap1"])
+        yield Lab(ns, ["tap0", "tap1"])
+
+
+MAC_OLAF = "52:54:00:6b:33:02"  # locally administered range QEMU uses
+
+
+def test_guest_sees_planned_serial_and_mac_and_answers_at_planned_ip(guest, cluster, lab, tmp_path):
+    olaf = cluster.host("olaf")
+    serial = planned_serial(olaf)
+    cfg = vg.GuestConfig(
+        host="olaf",
+        ip=host_cidr(cluster, olaf),
+        gateway=str(cluster.network.gateway),
+        mac=MAC_OLAF,
+        serial=serial,
+        job="serve",
+    )
+    disk = vg.make_disk(tmp_path / "olaf.qcow2", 64)
+    initrd = vg.guest_initrd(tmp_path / "initrd", config=cfg, guest=guest)
+    vm = vg.Vm(
+        tmp_path / "vm",
+        kernel=guest.kernel,
+        initrd=initrd,
+        append=vg.kernel_cmdline(cfg),
+        disks=[vg.Disk(disk, serial)],
+        nic=vg.Nic(lab.taps[0], MAC_OLAF),
+        netns=lab.ns,
+    )
+    with vm:
+        vm.wait_for(r"^K3SGUEST serving", 180)
+        text = vm.console()
+        assert f"/dev/vda serial={serial}" in vg.fact_values(text, "disk")
+        assert f"virtio-{serial} /dev/vda" in vg.fact_values(text, "byid")
+        (nic,) = vg.fact_values(text, "nic")
+        assert nic.endswith(f" mac={MAC_OLAF}")
+        assert vg.fact_values(text, "net") == [
+            f"{nic.split()[0]} ip={host_cidr(cluster, olaf)} gateway={cluster.network.gateway}"
+        ]
+        assert vg.ping_until(lab.ns, str(olaf.ip), 60), vm.tail()
+        # another plan address, with no VM behind it, does not answer: the ping tells apart
+        assert not vg.ping_until(lab.ns, str(cluster.host("ulf").ip), 2)
+        vm.powerdown()
+        assert vm.wait_exit(60) == 0
+    assert "K3SGUEST poweroff power button" in vm.console()
+
+
+def test_console_command_powers_off(guest, tmp_path):
+    cfg = vg.GuestConfig(host="rolf", job="serve")
+    initrd = vg.guest_initrd(tmp_path / "initrd", config=cfg, guest=guest)
+    vm = vg.Vm(tmp_path / "vm", kernel=guest.kernel, initrd=initrd, append=vg.kernel_cmdline(cfg))
+    with vm:
+        vm.wait_for(r"^K3SGUEST serving", 180)
+        assert vm.running()
+        vm.send("poweroff")
+        assert vm.wait_exit(60) == 0
+    assert "K3SGUEST poweroff console command" in vm.console()
+
+
+@dataclass
+class Installed:
+    host: str
+    serial: str
+    disk: Path
+    bystander: Path
+    bystander_digest: str
+    iso: Path
+    console: str
+    firmware: str
+
+
+def _install(guest, cluster, host: str, tmp: Path) -> Installed:
+    h = cluster.host(host)
+    serial = planned_serial(h)
+    cfg = vg.GuestConfig(
+        host=host,
+        serial=serial,
+        boot=h.boot.value,
+        job="install",
+        setup_script=setup_script(cluster, host, tmp),
+        setup_args=("ESP_SIZE_MIB=64",),
+    )
+    iso = vg.guest_iso(tmp / f"{host}.iso", config=cfg, guest=guest)
+    disk = vg.make_disk(tmp / f"{host}.qcow2", 300)
+    # a second disk with data and another serial: it must never change
+    bystander = vg.make_disk(tmp / "bystander.qcow2", 32)
+    subprocess.run(
+        ["qemu-io", "-c", "write -P 0x5a 0 1M", str(bystander)], check=True, capture_output=True
+    )
+    before = digest(bystander, tmp)
+    firmware = h.boot.value
+    vm = vg.Vm(
+        tmp / "install",
+        firmware=firmware,
+        iso=iso,
+        disks=[vg.Disk(bystander, "OTHER-DISK-ZZZ999"), vg.Disk(disk, serial)],
+    )
+    console = vm.run(300)
+    return Installed(host, serial, disk, bystander, before, iso, console, firmware)
+
+
+@pytest.fixture(scope="module")
+def installed_efi(guest, cluster, tmp_path_factory) -> Installed:
+    return _install(guest, cluster, "olaf", tmp_path_factory.mktemp("efi"))
+
+
+@pytest.fixture(scope="module")
+def installed_bios(guest, cluster, tmp_path_factory) -> Installed:
+    return _install(guest, cluster, "rolf", tmp_path_factory.mktemp("bios"))
+
+
+def _boots_from_disk(inst: Installed, tmp: Path) -> str:
+    vm = vg.Vm(
+        tmp / "boot",
+        firmware=inst.firmware,
+        boot="disk",
+        disks=[
+            vg.Disk(inst.bystander, "OTHER-DISK-ZZZ999"),
+            vg.Disk(inst.disk, inst.serial, boot=True),
+        ],
+    )
+    with vm:
+        vm.wait_for(r"^K3SGUEST serving", 240)
+        vm.powerdown()
+        assert vm.wait_exit(60) == 0
+    return vm.console()
+
+
+def test_system_setup_efi_in_guest(installed_efi: Installed, tmp_path):
+    inst = installed_efi
+    text = inst.console
+    assert "K3SGUEST boot host=olaf job=install firmware=efi" in text
+    # found by serial, through udev's by-id link, on the second virtio disk
+    assert f"find-disk: virtio-{inst.serial.lower()} -> /dev/vdb" in text
+    assert "install disk: /dev/vdb" in text
+    # the vfat step loop devices on this machine cannot cover (test_system_setup.py)
+    assert "mounting /dev/vdb2 at /mnt and /dev/vdb1 at /mnt/boot" in text
+    assert "K3SGUEST job install done rc=0" in text, text
+    assert digest(inst.bystander, tmp_path) == inst.bystander_digest
+
+    raw = raw_copy(inst.disk, tmp_path / "olaf.raw")
+    table = parted(raw)
+    assert table[0][5] == "gpt"
+    p1, p2 = table[1], table[2]
+    assert (p1[0], p1[1], p1[2], p1[4], p1[5]) == ("1", "1.00MiB", "65.0MiB", "fat32", "boot")
+    assert "esp" in p1[6]
+    assert (p2[0], p2[4], p2[5]) == ("2", "ext4", "nixos")
+    fs = blkid_parts(raw)
+    assert (fs[1]["TYPE"], fs[1]["LABEL"]) == ("vfat", "boot")
+    assert (fs[2]["TYPE"], fs[2]["LABEL"]) == ("ext4", "nixos")
+    # the guest wrote onto the FAT file system: the boot loader and kernel are there
+    listing = subprocess.run(
+        ["mdir", "-b", "-i", f"{raw}@@1M", "::/EFI/BOOT"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert "BOOTX64.EFI" in listing.stdout.upper(), listing.stderr
+
+
+def test_efi_disk_boots_installed_system(installed_efi: Installed, tmp_path):
+    text = _boots_from_disk(installed_efi, tmp_path)
+    assert "K3SGUEST boot host=olaf job=serve firmware=efi" in text
+
+
+def test_system_setup_bios_in_guest(installed_bios: Installed, tmp_path):
+    inst = installed_bios
+    text = inst.console
+    assert "K3SGUEST boot host=rolf job=install firmware=bios" in text
+    # hosts.csv has WD-WCC4N1234567, the plan lowercases it: matched case-insensitively
+    assert f"find-disk: virtio-{inst.serial} -> /dev/vdb" in text
+    assert "install disk: /dev/vdb" in text
+    assert "K3SGUEST job install done rc=0" in text, text
+    assert digest(inst.bystander, tmp_path) == inst.bystander_digest
+
+    raw = raw_copy(inst.disk, tmp_path / "rolf.raw")
+    table = parted(raw)
+    assert table[0][5] == "msdos"
+    assert len(table) == 2
+    assert (table[1][0], table[1][1], table[1][4]) == ("1", "1.00MiB", "ext4")
+    assert "boot" in table[1][6]
+    fs = blkid_parts(raw)
+    assert (fs[1]["TYPE"], fs[1]["LABEL"]) == ("ext4", "nixos")
+    with open(raw, "rb") as f:
+        mbr = f.read(512)
+    assert mbr[510:] == b"\x55\xaa" and mbr[:440].strip(b"\0"), "no boot code in the MBR"
+
+
+def test_bios_disk_boots_installed_system(installed_bios: Installed, tmp_path):
+    text = _boots_from_disk(installed_bios, tmp_path)
+    assert "K3SGUEST boot host=rolf job=serve firmware=bios" in text
+
+
+def test_refuses_two_disks_with_the_planned_serial(guest, cluster, tmp_path):
+    h = cluster.host("rolf")
+    serial = planned_serial(h)
+    cfg = vg.GuestConfig(
+        host="rolf",
+        serial=serial,
+        boot="bios",
+        job="install",
+        setup_script=setup_script(cluster, "rolf", tmp_path),
+    )
+    a = vg.make_disk(tmp_path / "a.qcow2", 64)
+    b = vg.make_disk(tmp_path / "b.qcow2", 64)
+    for disk, pattern in ((a, "0x61"), (b, "0x62")):
+        subprocess.run(
+            ["qemu-io", "-c", f"write -P {pattern} 0 1M", str(disk)],
+            check=True,
+            capture_output=True,
+        )
+    before = digest(a, tmp_path), digest(b, tmp_path)
+    initrd = vg.guest_initrd(tmp_path / "initrd", config=cfg, guest=guest)
+    vm = vg.Vm(
+        tmp_path / "vm",
+        kernel=guest.kernel,
+        initrd=initrd,
+        append=vg.kernel_cmdline(cfg),
+        disks=[vg.Disk(a, serial), vg.Disk(b, serial)],
+    )
+    text = vm.run(240)
+    assert "2 disks match the serial" in text
+    assert 'ERROR in step "find-disk"' in text
+    assert "K3SGUEST job install done rc=1" in text
+    assert (digest(a, tmp_path), digest(b, tmp_path)) == before

@@ -1,0 +1,182 @@
+#!/bin/sh
+# PID 1 of the k3scluster test guest (built by tests/vmguest.py; a test stand-in, not a product).
+#
+# Mounts the kernel file systems, loads the virtio/vfat/CD modules, runs udev (for
+# /dev/disk/by-id), reports what it sees to the console, brings up the NIC that has the
+# planned MAC with the planned address, then runs its job:
+#   install  run the host's rendered system-setup.sh (SKIP_INSTALL=1) against the disk it
+#            finds by serial, make the disk an "installed system" (kernel, initrd and GRUB
+#            from the boot medium, the marks of an installed NixOS), report the layout, power off
+#   serve    answer ping at the planned address until the power button (QMP system_powerdown)
+#            or the console command "poweroff"
+#   facts    report and power off
+# Every line meant for the tests starts with "K3SGUEST " (see vmguest.parse_facts).
+# The per-host values come from /etc/k3sguest/config (an extra cpio appended to the initrd);
+# "k3sguest.job=JOB" on the kernel command line overrides its JOB.
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts /run /tmp /mnt /media/cdrom
+mount -t devpts devpts /dev/pts
+ln -s /proc/self/fd /dev/fd
+ln -s fd/0 /dev/stdin
+ln -s fd/1 /dev/stdout
+ln -s fd/2 /dev/stderr
+mount -t tmpfs tmpfs /run
+mount -t tmpfs tmpfs /tmp
+exec </dev/console >/dev/console 2>&1
+
+say() { echo "K3SGUEST $*"; }
+off() {
+  say "poweroff $*"
+  sync
+  /usr/bin/umount -R /mnt 2>/dev/null
+  umount /media/cdrom 2>/dev/null
+  poweroff -f
+}
+
+HOST="" IP="" GATEWAY="" MAC="" SERIAL="" JOB=facts BOOT="" SETUP_ARGS=""
+# shellcheck disable=SC1091
+[ -f /etc/k3sguest/config ] && . /etc/k3sguest/config
+read -r cmdline </proc/cmdline
+for word in $cmdline; do
+  case "$word" in
+    k3sguest.job=*) JOB="${word#k3sguest.job=}" ;;
+  esac
+done
+say "boot host=${HOST:-?} job=$JOB firmware=$([ -d /sys/firmware/efi ] && echo efi || echo bios)"
+
+for m in virtio_pci virtio_blk virtio_net ata_piix sr_mod isofs vfat nls_cp437 nls_ascii \
+  nls_iso8859-1 button evdev; do
+  modprobe "$m" || say "error modprobe $m"
+done
+
+/lib/systemd/systemd-udevd --daemon --resolve-names=never
+udevadm trigger --type=subsystems --action=add
+udevadm trigger --type=devices --action=add
+udevadm settle --timeout=60 || say "error udevadm settle timed out"
+
+facts() {
+  for b in /sys/block/vd*; do
+    [ -e "$b" ] || continue
+    say "disk /dev/${b##*/} serial=$(cat "$b/serial" 2>/dev/null)"
+  done
+  for l in /dev/disk/by-id/virtio-*; do
+    [ -e "$l" ] || continue
+    say "byid ${l##*/} /dev/$(readlink "$l" | sed 's,.*/,,')"
+  done
+  for n in /sys/class/net/*; do
+    [ "${n##*/}" = lo ] && continue
+    say "nic ${n##*/} mac=$(cat "$n/address")"
+  done
+}
+facts
+
+# The NIC with the planned MAC gets the planned address.
+IFACE=""
+if [ -n "$MAC" ]; then
+  want=$(echo "$MAC" | tr '[:upper:]' '[:lower:]')
+  for n in /sys/class/net/*; do
+    [ "$(cat "$n/address")" = "$want" ] && IFACE="${n##*/}"
+  done
+  if [ -z "$IFACE" ]; then
+    say "error no NIC has the MAC $want"
+  fi
+fi
+ip link set lo up
+if [ -n "$IFACE" ] && [ -n "$IP" ]; then
+  ip link set "$IFACE" up
+  ip addr add "$IP" dev "$IFACE"
+  [ -n "$GATEWAY" ] && ip route add default via "$GATEWAY" dev "$IFACE"
+  say "net $IFACE ip=$IP gateway=${GATEWAY:-none}"
+fi
+
+# The power button (QMP system_powerdown) powers the guest off.
+for e in /sys/class/input/event*; do
+  [ "$(cat "$e/device/name" 2>/dev/null)" = "Power Button" ] || continue
+  (dd if="/dev/input/${e##*/}" bs=24 count=1 of=/dev/null 2>/dev/null && off "power button") &
+done
+
+# Prints the partition table and file systems of the install disk.
+layout() {
+  disk="$1"
+  parted -s -m "$disk" unit MiB print 2>/dev/null | sed "s,^,K3SGUEST parted ,"
+  for p in "$disk"[0-9]*; do
+    [ -b "$p" ] || continue
+    say "blkid $p $(blkid -p -o export "$p" | grep -E '^(TYPE|LABEL|PART_ENTRY_NAME)=' | tr '\n' ' ')"
+  done
+}
+
+install_system() {
+  root="$1"
+  mkdir -p "$root/boot" "$root/etc" "$root/nix/store" "$root/nix/var/nix/profiles"
+  if mount -t iso9660 -o ro /dev/sr0 /media/cdrom 2>/dev/null; then
+    cp /media/cdrom/boot/vmlinuz /media/cdrom/boot/initrd.img "$root/boot/"
+    umount /media/cdrom
+  else
+    say "error no boot medium in /dev/sr0: the disk gets no kernel"
+  fi
+  cat >"$root/boot/k3sguest.cfg" <<EOF
+set timeout=0
+serial --unit=0 --speed=115200
+terminal_input serial console
+terminal_output serial console
+menuentry "k3sguest $HOST (installed)" {
+  linux /boot/vmlinuz console=ttyS0,115200 panic=-1 k3sguest.job=serve
+  initrd /boot/initrd.img
+}
+EOF
+  if [ "$BOOT" = efi ]; then
+    # the ESP is mounted at $root/boot: GRUB finds it by its label "boot", files at its top
+    sed -i 's, /boot/, /,' "$root/boot/k3sguest.cfg"
+    mkdir -p "$root/boot/EFI/BOOT"
+    cp /usr/share/k3sguest/BOOTX64.EFI "$root/boot/EFI/BOOT/BOOTX64.EFI"
+  else
+    dd if=/usr/share/k3sguest/boot.img of="$DISK" bs=440 count=1 conv=notrunc 2>/dev/null
+    dd if=/usr/share/k3sguest/core.img of="$DISK" bs=512 seek=1 conv=notrunc 2>/dev/null
+  fi
+  # what an installed NixOS leaves on its root file system
+  echo "k3sguest $HOST" >"$root/etc/NIXOS"
+  mkdir -p "$root/nix/store/00000000000000000000000000000000-nixos-system-$HOST"
+  ln -sfn "/nix/store/00000000000000000000000000000000-nixos-system-$HOST" \
+    "$root/nix/var/nix/profiles/system"
+  sync
+}
+
+case "$JOB" in
+  install)
+    say "job install start"
+    rc=0
+    # shellcheck disable=SC2086
+    bash /etc/k3sguest/system-setup.sh SKIP_INSTALL=1 $SETUP_ARGS || rc=$?
+    say "setup rc=$rc"
+    DISK=""
+    for b in /sys/block/vd*; do
+      [ "$(tr '[:upper:]' '[:lower:]' <"$b/serial" 2>/dev/null)" = "$(echo "$SERIAL" | tr '[:upper:]' '[:lower:]')" ] &&
+        DISK="/dev/${b##*/}"
+    done
+    if [ "$rc" = 0 ] && /usr/bin/mountpoint -q /mnt; then
+      install_system /mnt
+      /usr/bin/umount -R /mnt
+      say "installed $DISK"
+    fi
+    [ -n "$DISK" ] && layout "$DISK"
+    say "job install done rc=$rc"
+    off "after install"
+    ;;
+  serve)
+    say "serving ${IP:-no address}"
+    while read -r line; do
+      case "$line" in
+        poweroff) off "console command" ;;
+        facts) facts ;;
+      esac
+    done </dev/console
+    # no console input (a plain file or none): wait for the power button
+    while :; do sleep 3600; done
+    ;;
+  *)
+    off "job $JOB done"
+    ;;
+esac
