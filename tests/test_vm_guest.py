@@ -21,8 +21,10 @@ import pytest
 import vmguest as vg
 
 from k3scluster import plans
-from k3scluster.installer import render_installer
+from k3scluster.installer import find_iso, render_installer
+from k3scluster.lab.spec import planned_macs
 from k3scluster.model import Cluster, Host
+from k3scluster.render import render_to_dir
 
 pytestmark = pytest.mark.vm
 
@@ -124,58 +126,6 @@ class Lab:
     taps: list[str]
 
 
-@pytest.fixture
-def lab(cluster: Cluster):
-    """A network namespace with the lab bridge (the plan's gateway) and two taps."""
-    name = f"k3st-{uuid.uuid4().hex[:8]}"
-    with vg.netns(name) as ns:
-        vg.lab_bridge(ns, gateway_cidr(cluster), ["tap0", "tap1"])
-        yield Lab(ns, ["tap0", "tap1"])
-
-
-MAC_OLAF = "52:54:00:6b:33:02"  # locally administered range QEMU uses
-
-
-def test_guest_sees_planned_serial_and_mac_and_answers_at_planned_ip(guest, cluster, lab, tmp_path):
-    olaf = cluster.host("olaf")
-    serial = planned_serial(olaf)
-    cfg = vg.GuestConfig(
-        host="olaf",
-        ip=host_cidr(cluster, olaf),
-        gateway=str(cluster.network.gateway),
-        mac=MAC_OLAF,
-        serial=serial,
-        job="serve",
-    )
-    disk = vg.make_disk(tmp_path / "olaf.qcow2", 64)
-    initrd = vg.guest_initrd(tmp_path / "initrd", config=cfg, guest=guest)
-    vm = vg.Vm(
-        tmp_path / "vm",
-        kernel=guest.kernel,
-        initrd=initrd,
-        append=vg.kernel_cmdline(cfg),
-        disks=[vg.Disk(disk, serial)],
-        nic=vg.Nic(lab.taps[0], MAC_OLAF),
-        netns=lab.ns,
-    )
-    with vm:
-        vm.wait_for(r"^K3SGUEST serving", 180)
-        text = vm.console()
-        assert f"/dev/vda serial={serial}" in vg.fact_values(text, "disk")
-        assert f"virtio-{serial} /dev/vda" in vg.fact_values(text, "byid")
-        (nic,) = vg.fact_values(text, "nic")
-        assert nic.endswith(f" mac={MAC_OLAF}")
-        assert vg.fact_values(text, "net") == [
-            f"{nic.split()[0]} ip={host_cidr(cluster, olaf)} gateway={cluster.network.gateway}"
-        ]
-        assert vg.ping_until(lab.ns, str(olaf.ip), 60), vm.tail()
-        # another plan address, with no VM behind it, does not answer: the ping tells apart
-        assert not vg.ping_until(lab.ns, str(cluster.host("ulf").ip), 2)
-        vm.powerdown()
-        assert vm.wait_exit(60) == 0
-    assert "K3SGUEST poweroff power button" in vm.console()
-
-
 def test_console_command_powers_off(guest, tmp_path):
     cfg = vg.GuestConfig(host="rolf", job="serve")
     initrd = vg.guest_initrd(tmp_path / "initrd", config=cfg, guest=guest)
@@ -230,9 +180,57 @@ def _install(guest, cluster, host: str, tmp: Path) -> Installed:
     return Installed(host, serial, disk, bystander, before, iso, console, firmware)
 
 
+STACK = "test-vms"
+NIX = Path(__file__).resolve().parent / "bin" / "nix"
+
+
 @pytest.fixture(scope="module")
-def installed_efi(guest, cluster, tmp_path_factory) -> Installed:
-    return _install(guest, cluster, "olaf", tmp_path_factory.mktemp("efi"))
+def vm_render(cluster, tmp_path_factory) -> Path:
+    """The example cluster rendered for a VM stack (NICs named by the VMs' MACs)."""
+    out = tmp_path_factory.mktemp("render") / "render"
+    render_to_dir(cluster, out, [], planned_macs(cluster, STACK))
+    return out
+
+
+@pytest.fixture(scope="module")
+def lab_module(cluster):
+    """A network namespace with the lab bridge (the plan's gateway), for a module's VMs."""
+    name = f"k3st-{uuid.uuid4().hex[:8]}"
+    with vg.netns(name) as ns:
+        vg.lab_bridge(ns, gateway_cidr(cluster), ["tap0"])
+        yield Lab(ns, ["tap0"])
+
+
+@pytest.fixture(scope="module")
+def installed_efi(guest, cluster, vm_render, lab_module, tmp_path_factory) -> Installed:
+    """olaf installed from the ISO the stand-in nix builds from the VM stack's render."""
+    tmp = tmp_path_factory.mktemp("efi")
+    link = tmp / "result-olaf"
+    r = subprocess.run(
+        [str(NIX), "--extra-experimental-features", "nix-command", "build", "--file",
+         str(vm_render / "installers" / "olaf"), "--out-link", str(link)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    iso = find_iso(link)
+    h = cluster.host("olaf")
+    serial = planned_serial(h)
+    disk = vg.make_disk(tmp / "olaf.qcow2", 1024)  # the plan's 512 MiB ESP and a root
+    bystander = vg.make_disk(tmp / "bystander.qcow2", 32)
+    subprocess.run(
+        ["qemu-io", "-c", "write -P 0x5a 0 1M", str(bystander)], check=True, capture_output=True
+    )
+    before = digest(bystander, tmp)
+    vm = vg.Vm(
+        tmp / "install",
+        firmware="efi",
+        iso=iso,
+        disks=[vg.Disk(bystander, "OTHER-DISK-ZZZ999"), vg.Disk(disk, serial)],
+        nic=vg.Nic(lab_module.taps[0], planned_macs(cluster, STACK)["olaf"]),
+        netns=lab_module.ns,
+    )
+    console = vm.run(400)
+    return Installed("olaf", serial, disk, bystander, before, iso, console, "efi")
 
 
 @pytest.fixture(scope="module")
@@ -273,7 +271,7 @@ def test_system_setup_efi_in_guest(installed_efi: Installed, tmp_path):
     table = parted(raw)
     assert table[0][5] == "gpt"
     p1, p2 = table[1], table[2]
-    assert (p1[0], p1[1], p1[2], p1[4], p1[5]) == ("1", "1.00MiB", "65.0MiB", "fat32", "boot")
+    assert (p1[0], p1[1], p1[2], p1[4], p1[5]) == ("1", "1.00MiB", "513MiB", "fat32", "boot")
     assert "esp" in p1[6]
     assert (p2[0], p2[4], p2[5]) == ("2", "ext4", "nixos")
     fs = blkid_parts(raw)
@@ -289,9 +287,40 @@ def test_system_setup_efi_in_guest(installed_efi: Installed, tmp_path):
     assert "BOOTX64.EFI" in listing.stdout.upper(), listing.stderr
 
 
-def test_efi_disk_boots_installed_system(installed_efi: Installed, tmp_path):
-    text = _boots_from_disk(installed_efi, tmp_path)
-    assert "K3SGUEST boot host=olaf job=serve firmware=efi" in text
+def test_efi_disk_boots_installed_system_at_its_planned_ip_and_nic_name(
+    installed_efi: Installed, cluster, lab_module, tmp_path
+):
+    olaf = cluster.host("olaf")
+    mac = planned_macs(cluster, STACK)["olaf"]
+    inst = installed_efi
+    vm = vg.Vm(
+        tmp_path / "boot",
+        firmware="efi",
+        boot="disk",
+        disks=[
+            vg.Disk(inst.bystander, "OTHER-DISK-ZZZ999"),
+            vg.Disk(inst.disk, inst.serial, boot=True),
+        ],
+        nic=vg.Nic(lab_module.taps[0], mac),
+        netns=lab_module.ns,
+    )
+    with vm:
+        vm.wait_for(r"^K3SGUEST serving", 240)
+        text = vm.console()
+        assert "K3SGUEST boot host=olaf job=serve firmware=efi" in text
+        assert f"/dev/vdb serial={inst.serial}" in vg.fact_values(text, "disk")
+        assert f"virtio-{inst.serial} /dev/vdb" in vg.fact_values(text, "byid")
+        # the render's .link (VM stacks) names the NIC as planned; udev applied it
+        assert vg.fact_values(text, "nic") == [f"{olaf.interface} mac={mac}"]
+        assert vg.fact_values(text, "net") == [
+            f"{olaf.interface} ip={host_cidr(cluster, olaf)} gateway={cluster.network.gateway}"
+        ]
+        assert vg.ping_until(lab_module.ns, str(olaf.ip), 60), vm.tail()
+        # another plan address, with no VM behind it, does not answer: the ping tells apart
+        assert not vg.ping_until(lab_module.ns, str(cluster.host("ulf").ip), 2)
+        vm.powerdown()
+        assert vm.wait_exit(60) == 0
+    assert "K3SGUEST poweroff power button" in vm.console()
 
 
 def test_system_setup_bios_in_guest(installed_bios: Installed, tmp_path):
@@ -354,3 +383,48 @@ def test_refuses_two_disks_with_the_planned_serial(guest, cluster, tmp_path):
     assert 'ERROR in step "find-disk"' in text
     assert "K3SGUEST job install done rc=1" in text
     assert (digest(a, tmp_path), digest(b, tmp_path)) == before
+
+
+def _reinstall_vm(guest, inst: Installed, cluster, tmp: Path, cmdline: tuple[str, ...]):
+    h = cluster.host(inst.host)
+    cfg = vg.GuestConfig(
+        host=inst.host,
+        serial=inst.serial,
+        boot=h.boot.value,
+        job="install",
+        setup_script=setup_script(cluster, inst.host, tmp),
+        setup_args=("ESP_SIZE_MIB=64",),
+        cmdline=cmdline,
+    )
+    initrd = vg.guest_initrd(tmp / "initrd", config=cfg, guest=guest, carry_system=True)
+    return vg.Vm(
+        tmp / "vm",
+        kernel=guest.kernel,
+        initrd=initrd,
+        append=vg.kernel_cmdline(cfg),
+        disks=[vg.Disk(inst.disk, inst.serial)],
+    )
+
+
+def test_refuses_to_wipe_an_installed_disk_unless_reinstall_is_asked(
+    guest, cluster, installed_bios: Installed, tmp_path
+):
+    # a copy of the installed disk: the other tests keep theirs
+    copy = tmp_path / "installed.qcow2"
+    shutil.copyfile(installed_bios.disk, copy)
+    inst = Installed(**{**installed_bios.__dict__, "disk": copy})
+    before = digest(copy, tmp_path)
+
+    text = _reinstall_vm(guest, inst, cluster, tmp_path / "again", ()).run(240)
+    assert 'REFUSED in step "check-installed"' in text, text
+    assert "already holds an installed NixOS" in text
+    assert "/nix/var/nix/profiles/system ->" in text
+    assert "K3SGUEST job install done rc=3" in text
+    assert digest(copy, tmp_path) == before
+
+    text = _reinstall_vm(
+        guest, inst, cluster, tmp_path / "reinstall", ("k3scluster.reinstall=1",)
+    ).run(240)
+    assert "k3scluster.reinstall=1 on the kernel command line: replacing" in text, text
+    assert "K3SGUEST job install done rc=0" in text
+    assert digest(copy, tmp_path) != before

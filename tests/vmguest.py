@@ -23,7 +23,7 @@ API (stable; vmlab's lab tests use it too)::
 The guest's jobs (``GuestConfig.job``, or ``k3sguest.job=`` on the kernel command line):
 ``install`` runs the rendered ``system-setup.sh`` with ``SKIP_INSTALL=1`` against the disk
 with the planned serial, then makes the disk an installed system (kernel, initrd and GRUB
-copied from the boot medium, ``/etc/NIXOS`` and a system profile link as an installed
+carried in the ISO's initrd, ``/etc/NIXOS`` and a system profile link as an installed
 NixOS has them), prints the layout and powers off; ``serve`` answers ping at the planned
 address until the power button or the console command ``poweroff``; ``facts`` reports
 and powers off. A disk installed this way boots (from the firmware, no medium) into
@@ -49,6 +49,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -109,9 +110,6 @@ MODULES = (
     "virtio_pci",
     "virtio_blk",
     "virtio_net",
-    "ata_piix",
-    "sr_mod",
-    "isofs",
     "vfat",
     "nls_cp437",
     "nls_ascii",
@@ -234,6 +232,9 @@ def build_guest() -> Guest:
             except OSError:  # another run finished the same guest first
                 if not (done / "guest.json").exists():
                     raise
+            for old in root.glob("guest-*"):  # guests of older recipes
+                if old != done:
+                    shutil.rmtree(old, ignore_errors=True)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     meta = json.loads((done / "guest.json").read_text())
@@ -249,11 +250,11 @@ def _copy_file(src: Path, dst_root: Path, rel: str) -> None:
     shutil.copy2(src, dst, follow_symlinks=True)
 
 
-def _add_binary(path: Path, root: Path, lib_path: str = "") -> None:
-    """Copy an ELF binary and the shared libraries ldd names for it into the guest."""
-    _copy_file(path, root, str(path))
-    env = dict(os.environ, LD_LIBRARY_PATH=lib_path) if lib_path else None
-    proc = subprocess.run(["ldd", str(path)], capture_output=True, text=True, env=env, check=False)
+def _add_binary(path: Path, root: Path, dest: str | None = None) -> None:
+    """Copy an ELF binary (to ``dest``, default its own path) and the shared libraries
+    ldd names for it into the guest."""
+    _copy_file(path, root, dest or str(path))
+    proc = subprocess.run(["ldd", str(path)], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         return  # static (ldd says "not a dynamic executable")
     for line in proc.stdout.splitlines():
@@ -264,6 +265,10 @@ def _add_binary(path: Path, root: Path, lib_path: str = "") -> None:
             continue
         lib = Path(m.group(1))
         _copy_file(lib, root, str(lib))
+
+
+def _ignore_hwdb(directory: str, names: list[str]) -> set[str]:
+    return {"hwdb.d"} & set(names)
 
 
 def _build(work: Path, recipe: dict[str, object]) -> None:
@@ -302,12 +307,11 @@ def _build(work: Path, recipe: dict[str, object]) -> None:
         (root / link).symlink_to(f"usr/{link}")
 
     # udev from its package: rules, the daemon (udevadm under another name)
-    udevadm = pkg / "bin" / "udevadm"
-    _add_binary(udevadm, root)
-    shutil.copy2(udevadm, root / "usr/bin/udevadm")
+    _add_binary(pkg / "bin" / "udevadm", root, "/usr/bin/udevadm")
     (root / "usr/lib/systemd").mkdir(parents=True)
     (root / "usr/lib/systemd/systemd-udevd").symlink_to("/usr/bin/udevadm")
-    shutil.copytree(pkg / "lib/udev", root / "usr/lib/udev", symlinks=True)
+    # (no hwdb: nothing here looks up vendors or models)
+    shutil.copytree(pkg / "lib/udev", root / "usr/lib/udev", symlinks=True, ignore=_ignore_hwdb)
     shutil.copytree(pkg / "lib/systemd/network", root / "usr/lib/systemd/network")
     (root / "etc/udev").mkdir(parents=True)
     shutil.copy2(pkg / "etc/udev/udev.conf", root / "etc/udev/udev.conf")
@@ -534,14 +538,33 @@ def config_cpio(config: GuestConfig) -> bytes:
     return gzip.compress(_cpio_files(files), mtime=0)
 
 
-def guest_initrd(out: Path, *, config: GuestConfig, guest: Guest | None = None) -> Path:
-    """The base initrd with the host's config appended (for a direct ``-kernel`` boot)."""
+def guest_initrd(
+    out: Path, *, config: GuestConfig, guest: Guest | None = None, carry_system: bool = False
+) -> Path:
+    """The base initrd with the host's config appended (for a direct ``-kernel`` boot).
+
+    ``carry_system`` also appends the kernel and this same initrd (without them) for the
+    ``install`` job to put on the disk; ``guest_iso`` does that.
+    """
     guest = guest or build_guest()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    system = guest.initrd.read_bytes() + config_cpio(config)
     with open(out, "wb") as f:
-        f.write(guest.initrd.read_bytes())
-        f.write(config_cpio(config))
+        f.write(system)
+        if carry_system:
+            # uncompressed: the kernel does not shrink, and unpacking stays cheap under TCG.
+            # The kernel takes an uncompressed archive only at a 4-byte aligned offset of
+            # the initrd (zeros before it are skipped)
+            f.write(b"\0" * (-len(system) % 4))
+            f.write(
+                _cpio_files(
+                    {
+                        "usr/share/k3sguest/disk/vmlinuz": (guest.kernel.read_bytes(), 0o644),
+                        "usr/share/k3sguest/disk/initrd.img": (system, 0o644),
+                    }
+                )
+            )
     return out
 
 
@@ -558,7 +581,7 @@ def guest_iso(out: Path, *, config: GuestConfig, guest: Guest | None = None) -> 
         tree = Path(tmp) / "iso"
         (tree / "boot/grub").mkdir(parents=True)
         shutil.copy2(guest.kernel, tree / "boot/vmlinuz")
-        guest_initrd(tree / "boot/initrd.img", config=config, guest=guest)
+        guest_initrd(tree / "boot/initrd.img", config=config, guest=guest, carry_system=True)
         (tree / "boot/grub/grub.cfg").write_text(
             "set timeout=0\n"
             "serial --unit=0 --speed=115200\n"
@@ -615,12 +638,23 @@ def make_disk(path: Path, size_mib: int, fmt: str = "qcow2") -> Path:
     return Path(path)
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the test process dies (no stray QEMU)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
 class Vm:
     """One QEMU guest under TCG: console logged to ``<workdir>/console.log``, QMP socket.
 
     ``boot`` is ``"cd"`` (the ISO first) or ``"disk"`` (the first disk first); with
     ``kernel``/``initrd`` QEMU boots the kernel directly. ``netns`` runs QEMU inside that
-    network namespace (where the tap must exist). Leaving the ``with`` block kills QEMU.
+    network namespace (where the tap must exist). ``machine`` is pc as in the lab
+    (k3scluster/lab/qemu.py); q35 works too: the guest reads nothing from its CD drive
+    after the boot (its kernel has no AHCI driver).
+    Leaving the ``with`` block kills QEMU.
     """
 
     def __init__(
@@ -637,6 +671,7 @@ class Vm:
         boot: str = "cd",
         memory_mib: int = 512,
         netns: str | None = None,
+        machine: str = "pc",
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -647,7 +682,7 @@ class Vm:
         self.proc: subprocess.Popen[bytes] | None = None
         argv = [
             "qemu-system-x86_64",
-            "-machine", "pc",
+            "-machine", machine,
             "-accel", "tcg",
             "-m", str(memory_mib),
             "-smp", "1",
@@ -681,7 +716,7 @@ class Vm:
             idx = ",bootindex=1" if boot == "cd" else ",bootindex=2"
             argv += [
                 "-drive", f"if=none,id=cd0,file={iso},format=raw,media=cdrom,readonly=on",
-                "-device", f"ide-cd,drive=cd0,bus=ide.1{idx}",
+                "-device", f"ide-cd,drive=cd0,bus=ide.0{idx}",
             ]  # fmt: skip
         if kernel is not None:
             argv += ["-kernel", str(kernel), "-initrd", str(initrd), "-append", append]
@@ -703,6 +738,7 @@ class Vm:
                 s.unlink()
         self.proc = subprocess.Popen(
             self.argv,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 (the tests start no threads)
             stdin=subprocess.DEVNULL,
             stdout=open(self.workdir / "qemu.out", "wb"),  # noqa: SIM115
             stderr=subprocess.STDOUT,

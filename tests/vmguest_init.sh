@@ -6,7 +6,8 @@
 # planned MAC with the planned address, then runs its job:
 #   install  run the host's rendered system-setup.sh (SKIP_INSTALL=1) against the disk it
 #            finds by serial, make the disk an "installed system" (kernel, initrd and GRUB
-#            from the boot medium, the marks of an installed NixOS), report the layout, power off
+#            carried in this initrd, the marks of an installed NixOS), report the layout,
+#            power off
 #   serve    answer ping at the planned address until the power button (QMP system_powerdown)
 #            or the console command "poweroff"
 #   facts    report and power off
@@ -17,7 +18,7 @@ export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-mkdir -p /dev/pts /run /tmp /mnt /media/cdrom
+mkdir -p /dev/pts /run /tmp /mnt
 mount -t devpts devpts /dev/pts
 ln -s /proc/self/fd /dev/fd
 ln -s fd/0 /dev/stdin
@@ -32,7 +33,6 @@ off() {
   say "poweroff $*"
   sync
   /usr/bin/umount -R /mnt 2>/dev/null
-  umount /media/cdrom 2>/dev/null
   poweroff -f
 }
 
@@ -47,8 +47,7 @@ for word in $cmdline; do
 done
 say "boot host=${HOST:-?} job=$JOB firmware=$([ -d /sys/firmware/efi ] && echo efi || echo bios)"
 
-for m in virtio_pci virtio_blk virtio_net ata_piix sr_mod isofs vfat nls_cp437 nls_ascii \
-  nls_iso8859-1 button evdev; do
+for m in virtio_pci virtio_blk virtio_net vfat nls_cp437 nls_ascii nls_iso8859-1 button evdev; do
   modprobe "$m" || say "error modprobe $m"
 done
 
@@ -83,6 +82,11 @@ if [ -n "$MAC" ]; then
   if [ -z "$IFACE" ]; then
     say "error no NIC has the MAC $want"
   fi
+elif [ -n "$IP" ]; then
+  # no MAC to expect: the one NIC there is
+  for n in /sys/class/net/*; do
+    [ "${n##*/}" = lo ] || IFACE="${n##*/}"
+  done
 fi
 ip link set lo up
 if [ -n "$IFACE" ] && [ -n "$IP" ]; then
@@ -111,11 +115,12 @@ layout() {
 install_system() {
   root="$1"
   mkdir -p "$root/boot" "$root/etc" "$root/nix/store" "$root/nix/var/nix/profiles"
-  if mount -t iso9660 -o ro /dev/sr0 /media/cdrom 2>/dev/null; then
-    cp /media/cdrom/boot/vmlinuz /media/cdrom/boot/initrd.img "$root/boot/"
-    umount /media/cdrom
+  # the installed system's kernel and initrd travel in the installer's initrd (no CD
+  # driver needed: the Debian cloud kernel has no AHCI for a q35 machine's CD drive)
+  if [ -f /usr/share/k3sguest/disk/vmlinuz ]; then
+    cp /usr/share/k3sguest/disk/vmlinuz /usr/share/k3sguest/disk/initrd.img "$root/boot/"
   else
-    say "error no boot medium in /dev/sr0: the disk gets no kernel"
+    say "error this initrd carries no system for the disk (build it with guest_iso)"
   fi
   cat >"$root/boot/k3sguest.cfg" <<EOF
 set timeout=0
