@@ -2,9 +2,9 @@
 
 Configuration (namespace ``k3scluster``; see the README, "Operating the cluster"):
 ``clusterDir`` (required; relative paths are relative to this project), ``colmena``, ``nix``, ``buildIsos``, ``runner``, ``parallel``,
-``deployUser``, ``sshIdentity``, ``sshKnownHosts``, ``renderDir``; a VM stack: ``vms`` and
-``vmMemory``, ``vmCpus``, ``vmDiskSize``, ``vmAccel``, ``vmNat``, ``vmInstallTimeout``,
-``vmBootTimeout``.
+``deployUser``, ``sshIdentity``, ``sshKnownHosts``, ``renderDir``, ``waitReady``, ``readyTimeout``,
+``kubeconfigPath``; a VM stack: ``vms`` and ``vmMemory``, ``vmCpus``, ``vmDiskSize``, ``vmAccel``,
+``vmNat``, ``vmInstallTimeout``, ``vmBootTimeout``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pulumi
 
-from k3scluster import plans
+from k3scluster import kube, plans
 from k3scluster.components.cluster import Cluster, ClusterArgs, Settings
 from k3scluster.errors import K3sClusterError
 from k3scluster.lab import spec as lab
@@ -61,6 +61,8 @@ def settings_from_config(config: pulumi.Config, stack: str) -> tuple[Path, Setti
             install_timeout=number("vmInstallTimeout", 3600),
             boot_timeout=number("vmBootTimeout", 600),
         )
+    wait_ready = config.get_bool("waitReady")
+    timeout = config.get("readyTimeout")
     settings = Settings(
         render_dir=render_dir,
         project_dir=PROJECT_DIR,
@@ -74,6 +76,10 @@ def settings_from_config(config: pulumi.Config, stack: str) -> tuple[Path, Setti
         ssh_identity=_project_path(config.get("sshIdentity")),
         ssh_known_hosts=_project_path(config.get("sshKnownHosts")),
         vm=vm,
+        wait_ready=True if wait_ready is None else wait_ready,
+        ready_timeout=kube.parse_duration(timeout, "k3scluster:readyTimeout") if timeout else 600.0,
+        kubeconfig_path=_project_path(config.get("kubeconfigPath")),
+        stack=stack,
     )
     return cluster_dir, settings
 
@@ -116,6 +122,8 @@ def main() -> None:
     pulumi.export("renderDir", component.render_dir)
     pulumi.export("apiEndpoint", component.api_endpoint)
     pulumi.export("hosts", component.hosts)
+    if component.kubeconfig_out is not None:
+        pulumi.export("kubeconfig", component.kubeconfig_out)
 
 
 main()

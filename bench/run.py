@@ -219,6 +219,7 @@ def our_config(cluster: Path) -> dict[str, str]:
         "k3scluster:clusterDir": str(cluster),
         "k3scluster:colmena": str(STANDIN),
         "k3scluster:runner": "python",
+        "k3scluster:waitReady": "false",  # no K3s behind the stand-in: gates off
     }
 
 

@@ -9,7 +9,10 @@ pulumi-command. Nothing here imports pulumi.
 from __future__ import annotations
 
 import ipaddress
+import re
 import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from k3scluster.errors import K3sClusterError
@@ -54,23 +57,24 @@ def colmena_apply(
     return argv
 
 
-def ssh_cat(
+def ssh_command(
     user: str,
     ip: ipaddress.IPv4Address,
-    path: str,
+    remote: Sequence[str],
     *,
     ssh: str = "ssh",
     identity: Path | None = None,
     known_hosts: Path | None = None,
     connect_timeout: int = 15,
 ) -> list[str]:
-    """``ssh -o BatchMode=yes … <user>@<ip> cat -- <path>``: read one file from a host.
+    """``ssh -o BatchMode=yes … <user>@<ip> REMOTE…``: run words on a host (its shell joins them).
 
     BatchMode makes ssh fail instead of asking for a password; a new host key is accepted
     and remembered (the first contact with a freshly installed host), a changed one is not.
     ``identity`` is a private key *file* (``-i FILE -o IdentitiesOnly=yes``: that key and no
     other, not the agent's); ``known_hosts`` replaces ``~/.ssh/known_hosts`` (where a new host
-    key is remembered, too). Without them ssh's own defaults apply.
+    key is remembered, too). Without them ssh's own defaults apply. ``remote`` is shell text
+    for the host's shell: callers pass fixed words or words quoted with ``shlex.quote``.
     """
     argv = [
         ssh,
@@ -83,13 +87,34 @@ def ssh_cat(
     if known_hosts is not None:
         # ssh splits UserKnownHostsFile at spaces (several files): _local_path refuses them
         argv += ["-o", "UserKnownHostsFile=" + _local_path("k3scluster:sshKnownHosts", known_hosts)]
+    target = f"{_plain_arg('user', user)}@{ipaddress.IPv4Address(ip)}"
+    return [*argv, target, *remote]
+
+
+def ssh_cat(
+    user: str,
+    ip: ipaddress.IPv4Address,
+    path: str,
+    *,
+    ssh: str = "ssh",
+    identity: Path | None = None,
+    known_hosts: Path | None = None,
+    connect_timeout: int = 15,
+) -> list[str]:
+    """``ssh … <user>@<ip> cat -- <path>``: read one file from a host (see ``ssh_command``)."""
     if not path.startswith("/"):
         raise K3sClusterError(f"remote path {path!r} must be absolute")
     # ssh joins the remote words with spaces and the user's shell on the host splits them
     # again: quote the path for that shell (a plain path stays as it is)
-    target = f"{_plain_arg('user', user)}@{ipaddress.IPv4Address(ip)}"
-    argv += [target, "cat", "--", shlex.quote(path)]
-    return argv
+    return ssh_command(
+        user,
+        ip,
+        ["cat", "--", shlex.quote(path)],
+        ssh=ssh,
+        identity=identity,
+        known_hosts=known_hosts,
+        connect_timeout=connect_timeout,
+    )
 
 
 def _local_path(setting: str, path: Path) -> str:
@@ -154,3 +179,92 @@ def lab_ctl(python: str, task: str, spec_json: str) -> list[str]:
 def notice(message: str) -> list[str]:
     """A command that only prints ``message`` (for steps whose delete must change nothing)."""
     return ["echo", message]
+
+
+@dataclass(frozen=True)
+class SshSettings:
+    """How the project's ssh logs in (the stack's deployUser, sshIdentity, sshKnownHosts)."""
+
+    user: str = "root"
+    identity: Path | None = None
+    known_hosts: Path | None = None
+
+    def task_args(self) -> list[str]:
+        """The same settings as options of ``python -m k3scluster.components.tasks``."""
+        argv = ["--ssh-user", _plain_arg("user", self.user)]
+        if self.identity is not None:
+            argv += ["--ssh-identity", str(self.identity)]
+        if self.known_hosts is not None:
+            argv += ["--ssh-known-hosts", str(self.known_hosts)]
+        return argv
+
+
+def deploy_and_check(
+    python: str,
+    host: str,
+    ip: ipaddress.IPv4Address,
+    deploy_argv: Sequence[str],
+    ssh: SshSettings,
+    *,
+    timeout: float,
+    servers: Sequence[tuple[str, ipaddress.IPv4Address]] = (),
+    agents: Sequence[str] = (),
+    api: str | None = None,
+    credentials_from: ipaddress.IPv4Address | None = None,
+) -> list[str]:
+    """Run ``deploy_argv`` (colmena), then wait for the host's health gates, then read back
+    what the host runs (``/run/current-system`` and its K3s containers).
+
+    ``servers``: (K3s name, ip) of the host's K3s server, which must answer ``/readyz``;
+    ``agents``: K3s names of its agents, which must be ``Ready`` in the API at ``api``. The
+    cluster's credentials are read over ssh from ``credentials_from`` (the init-server's host).
+    The last line of its stdout is ``k3scluster-deployed=<JSON>``.
+    """
+    argv = [
+        python, "-m", TASKS_MODULE, "deploy",
+        "--host", _plain_arg("host name", host), "--ip", str(ipaddress.IPv4Address(ip)),
+        *ssh.task_args(), "--timeout", f"{timeout:g}",
+    ]
+    for name, sip in servers:
+        argv += ["--server", f"{_plain_arg('K3s name', name)}={ipaddress.IPv4Address(sip)}"]
+    for name in agents:
+        argv += ["--agent", _plain_arg("K3s name", name)]
+    if servers or agents:
+        if api is None or credentials_from is None:
+            raise K3sClusterError(f"host {host}: health gates need the cluster's init-server")
+        argv += ["--api", api, "--credentials-from", str(ipaddress.IPv4Address(credentials_from))]
+    return [*argv, "--", *deploy_argv]
+
+
+def observe_host(
+    python: str, host: str, ip: ipaddress.IPv4Address, ssh: SshSettings, units: Sequence[str]
+) -> list[str]:
+    """Read back what a host runs now; prints ``k3scluster-observed=<JSON>`` (refresh)."""
+    argv = [
+        python, "-m", TASKS_MODULE, "observe",
+        "--host", _plain_arg("host name", host), "--ip", str(ipaddress.IPv4Address(ip)),
+        *ssh.task_args(),
+    ]
+    for unit in units:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9@._-]*", unit):
+            raise K3sClusterError(f"systemd unit {unit!r} cannot be passed on a command line")
+        argv += ["--unit", unit]
+    return argv
+
+
+def fetch_kubeconfig(
+    python: str,
+    ip: ipaddress.IPv4Address,
+    ssh: SshSettings,
+    *,
+    server: str,
+    name: str,
+    out: Path,
+) -> list[str]:
+    """Read K3s's admin kubeconfig from the init-server's host, point it at ``server``, name
+    it ``name``, write it to ``out`` (mode 0600) and print it (a secret step output)."""
+    return [
+        python, "-m", TASKS_MODULE, "kubeconfig", "--ip", str(ipaddress.IPv4Address(ip)),
+        *ssh.task_args(), "--server", server, "--name", _plain_arg("stack name", name),
+        "--out", str(out),
+    ]

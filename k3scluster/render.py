@@ -423,6 +423,11 @@ def render_files(
 # -- writing -----------------------------------------------------------------
 
 
+# files `pulumi up` writes into a render directory, kept when the tree is replaced: the
+# kubeconfig (k3scluster:kubeconfigPath defaults to <renderDir>/kubeconfig, mode 0600)
+KEPT = ("kubeconfig",)
+
+
 def write_tree(files: Mapping[str, str], out: Path) -> None:
     """Write ``files`` as the whole content of OUT, replacing an earlier render.
 
@@ -457,6 +462,9 @@ def write_tree(files: Mapping[str, str], out: Path) -> None:
         marker = tmp / MARKER
         marker.write_text("made by k3scluster render; replaced as a whole on each render\n")
         marker.chmod(0o644)
+        for keep in KEPT:  # what `pulumi up` wrote into OUT survives a render (same inode)
+            if keep not in files and (out / keep).is_file() and not (out / keep).is_symlink():
+                os.link(out / keep, tmp / keep)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             old.rmdir()

@@ -139,10 +139,11 @@ def test_one_component_per_plan_row(poisoned: Path, runner: str) -> None:
     step_type = STEP_TYPES[RUNNERS.index(runner)]
     steps = {r.name for r in m.by_type(step_type)}
     # a deploy per host, one render, hardware fetches for the hosts without a file, no ISO
-    # builds (buildIsos is off)
+    # builds (buildIsos is off), the kubeconfig (waitReady is on by default)
     assert steps == {
         *(f"{h}-deploy" for h in ("olaf", "ulf", "rolf", "karl", "ulrich")),
         "cluster-render",
+        "cluster-kubeconfig",
         *(f"cluster-{h}-hardware" for h in ("olaf", "rolf", "karl", "ulrich")),
     }
 
@@ -163,17 +164,21 @@ def test_parents(poisoned: Path, runner: str) -> None:
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
-def test_deploy_order_init_server_first(poisoned: Path, runner: str) -> None:
-    m = run_program(poisoned, runner)
+@pytest.mark.parametrize("wait_ready", ["true", "false"])
+def test_rolling_order_one_server_host_at_a_time(
+    poisoned: Path, runner: str, wait_ready: str
+) -> None:
+    m = run_program(poisoned, runner, waitReady=wait_ready)
     urn = {h: m.named(f"{h}-deploy").urn for h in ("olaf", "ulf", "rolf", "karl", "ulrich")}
     render = m.named("cluster-render").urn
     deps = {h: set(m.named(f"{h}-deploy").dependencies) for h in urn}
     # olaf holds the init-server: it waits for nothing but the render and its hardware
     assert deps["olaf"] == {render, m.named("cluster-olaf-hardware").urn}
+    # then each other server host alone, after the one before it (its gate is in its deploy)
     # ulf already has nixConfigs/ulf.hardware.nix: no fetch for it
     assert deps["ulf"] == {render, urn["olaf"]}
-    assert deps["rolf"] == {render, m.named("cluster-rolf-hardware").urn, urn["olaf"]}
-    for h in ("karl", "ulrich"):  # no server on them: after every server host
+    assert deps["rolf"] == {render, m.named("cluster-rolf-hardware").urn, urn["ulf"]}
+    for h in ("karl", "ulrich"):  # no server on them: after the whole server chain
         assert {urn["olaf"], urn["ulf"], urn["rolf"], render} <= deps[h]
         assert not ({urn["karl"], urn["ulrich"]} & deps[h])
     # the render does not wait for the hardware fetches: a failed fetch stops its host only
@@ -181,6 +186,11 @@ def test_deploy_order_init_server_first(poisoned: Path, runner: str) -> None:
     assert not set(m.named("cluster-render").dependencies) & {
         m.named(f"cluster-{h}-hardware").urn for h in ("olaf", "rolf", "karl", "ulrich")
     }
+    kubeconfig = [r for r in m.registered if r.name == "cluster-kubeconfig"]
+    if wait_ready == "true":
+        assert kubeconfig and urn["olaf"] in kubeconfig[0].dependencies
+    else:
+        assert not kubeconfig
 
 
 def _argv(reg: Registration, runner: str, which: str = "create") -> list[str]:
@@ -200,7 +210,7 @@ def _digests(reg: Registration, runner: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("runner", RUNNERS)
 def test_deploy_step_runs_colmena_for_its_host(poisoned: Path, runner: str) -> None:
-    m = run_program(poisoned, runner, colmena="/opt/colmena", parallel="2")
+    m = run_program(poisoned, runner, colmena="/opt/colmena", parallel="2", waitReady="false")
     render_dir = poisoned / ".k3scluster" / "mock"
     for host in ("olaf", "karl"):
         reg = m.named(f"{host}-deploy")
@@ -212,6 +222,64 @@ def test_deploy_step_runs_colmena_for_its_host(poisoned: Path, runner: str) -> N
         digests = _digests(reg, runner)
         assert f"file:hosts/{host}.nix" in digests
         assert digests["secret:passwd-manfred"] == _sha(POISON_HASH + "\n")
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_gates_wrap_colmena_with_the_hosts_k3s_nodes(poisoned: Path, runner: str) -> None:
+    key = poisoned / "id_test"
+    key.write_text("not read here\n")
+    m = run_program(
+        poisoned, runner, colmena="/opt/colmena", readyTimeout="90s", sshIdentity=str(key)
+    )
+    render_dir = poisoned / ".k3scluster" / "mock"
+    colmena = ["/opt/colmena", "apply", "switch", "--on", "olaf", "-f",
+               str(render_dir / "hive.nix"), "-p", "4"]
+    argv = _argv(m.named("olaf-deploy"), runner)
+    assert argv[argv.index("--") + 1 :] == colmena
+    head = argv[: argv.index("--")]
+    assert head[1:4] == ["-m", "k3scluster.components.tasks", "deploy"]
+
+    def opts(name: str) -> list[str]:
+        return [head[i + 1] for i, a in enumerate(head) if a == name]
+
+    assert opts("--host") == ["olaf"] and opts("--ip") == ["10.0.100.2"]
+    assert opts("--timeout") == ["90"]
+    assert opts("--server") == ["olaf-k3s-server=10.0.100.10"]
+    assert opts("--agent") == ["olaf-k3s-agent"]
+    assert opts("--api") == ["https://10.0.100.10:6443"]
+    assert opts("--credentials-from") == ["10.0.100.2"]  # the init-server's host
+    assert opts("--ssh-identity") == [str(key)]
+    karl = _argv(m.named("karl-deploy"), runner)
+    assert "--server" not in karl and karl[karl.index("--agent") + 1] == "karl-k3s-agent"
+    ulrich = _argv(m.named("ulrich-deploy"), runner)  # no K3s: read back, nothing to wait for
+    assert "--server" not in ulrich and "--agent" not in ulrich and "--api" not in ulrich
+    # refresh reads the host back (python runner; local.Command has no read)
+    reg = m.named("rolf-deploy")
+    if runner == "python":
+        read = reg.inputs["read"]
+        assert read[3] == "observe" and read[read.index("--ip") + 1] == "10.0.100.4"
+        assert [read[i + 1] for i, a in enumerate(read) if a == "--unit"] == [
+            "container@k3s-server.service"
+        ]
+    else:
+        assert "read" not in reg.inputs
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_kubeconfig_step_output_is_secret(poisoned: Path, runner: str) -> None:
+    m = run_program(poisoned, runner, kubeconfigPath="/tmp/k3scluster-mock-kubeconfig")
+    reg = m.named("cluster-kubeconfig")
+    argv = _argv(reg, runner)
+    assert argv[3] == "kubeconfig"
+    assert argv[argv.index("--ip") + 1] == "10.0.100.2"
+    assert argv[argv.index("--server") + 1] == "https://10.0.100.10:6443"
+    assert argv[argv.index("--name") + 1] == "mock"
+    assert argv[argv.index("--out") + 1] == "/tmp/k3scluster-mock-kubeconfig"
+    assert reg.secret_outputs == ["stdout"]
+    if runner == "command":
+        assert reg.inputs["logging"] == "stderr"  # progress shown, the kubeconfig never
+    else:
+        assert reg.inputs["wholeOutput"] is True
 
 
 def _sha(text: str) -> str:

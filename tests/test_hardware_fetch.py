@@ -201,6 +201,7 @@ class Project:
             f"  k3scluster:clusterDir: {self.cluster}\n"
             f"  k3scluster:colmena: {STANDIN}\n"
             "  k3scluster:runner: python\n"
+            "  k3scluster:waitReady: false\n"  # gates: test_health.py
             # relative to the project, as a user would write them
             f"  k3scluster:sshIdentity: ../{ssh.client_key.relative_to(base)}\n"
             f"  k3scluster:sshKnownHosts: ../{ssh.known_hosts.relative_to(base)}\n"

@@ -7,8 +7,10 @@ Children, in the order they run during ``pulumi up``:
 2. ``<name>-render``: writes the rendered tree (``k3scluster render``) — during ``up`` only,
    so a preview changes nothing on disk; it does not wait for the fetches (a failed fetch
    stops its own host only), each host's deploy does;
-3. one ``Host`` per row of hosts.csv, each deploying with colmena: the init-server's host
-   first, then the other server hosts, then the rest (hosts of one group in parallel);
+3. one ``Host`` per row of hosts.csv, each deploying with colmena in the rolling order of
+   ``health.py``: the init-server's host, then each other server host alone, each after the
+   one before has passed its health gate, then the rest in parallel;
+   ``<name>-kubeconfig`` after the init-server's host (gates on);
 4. one ``Secret`` per secret file (digest only) and, under each Host, its ``K3sServer`` /
    ``K3sAgent`` and ``InstallerIso``.
 
@@ -28,6 +30,7 @@ from pathlib import Path
 import pulumi
 
 from k3scluster import commands, diagram, installer, render
+from k3scluster.components import health
 from k3scluster.components.host import Host, HostArgs
 from k3scluster.components.iso import InstallerIsoArgs
 from k3scluster.components.secret import Secret, SecretArgs
@@ -57,6 +60,20 @@ class Settings:
     ssh_known_hosts: Path | None = None
     # a VM stack (k3scluster:vms true): its VM settings; None for every other stack
     vm: VmSettings | None = None
+    # health gates (health.py): wait for /readyz and Ready nodes after each deploy, at most
+    # ready_timeout seconds; the kubeconfig file (None: <render_dir>/kubeconfig)
+    wait_ready: bool = True
+    ready_timeout: float = 600.0
+    kubeconfig_path: Path | None = None
+    stack: str = "stack"
+
+    @property
+    def kubeconfig_file(self) -> Path:
+        return self.kubeconfig_path or self.render_dir / "kubeconfig"
+
+    @property
+    def ssh(self) -> commands.SshSettings:
+        return commands.SshSettings(self.deploy_user, self.ssh_identity, self.ssh_known_hosts)
 
     def __post_init__(self) -> None:
         if self.runner not in RUNNERS:
@@ -89,16 +106,10 @@ class ClusterArgs:
 
 
 def deploy_order(cluster: ClusterModel) -> list[list[str]]:
-    """Host names in deploy groups: [init-server's host], [other server hosts], [the rest]."""
-    init = cluster.init_server
-    first = [init.host] if init else []
-    servers = [
-        h.name
-        for h in cluster.hosts
-        if h.name not in first and cluster.server_on(h.name) is not None
-    ]
-    rest = [h.name for h in cluster.hosts if h.name not in first and h.name not in servers]
-    return [g for g in (first, servers, rest) if g]
+    """Host names in deploy groups: each server host alone (the init-server's first), then
+    the rest together (``health.rolling_order``)."""
+    chain, rest = health.rolling_order(cluster)
+    return [*([h] for h in chain), *([rest] if rest else [])]
 
 
 def _digest(inputs: Mapping[str, pulumi.Input[str]]) -> pulumi.Output[str]:
@@ -108,6 +119,11 @@ def _digest(inputs: Mapping[str, pulumi.Input[str]]) -> pulumi.Output[str]:
         # fifth of the preview's time at 200 hosts
         return pulumi.Output.from_input(render.host_digest(inputs))  # type: ignore[arg-type]
     return pulumi.Output.all(**inputs).apply(lambda known: render.host_digest(known))
+
+
+def _rec(known: Mapping[str, object], host: str) -> dict[str, object]:
+    value = known.get(f"{host}/record")
+    return value if isinstance(value, dict) else {}
 
 
 def _secret_args(cluster: ClusterModel) -> dict[str, SecretArgs]:
@@ -229,13 +245,17 @@ class Cluster(pulumi.ComponentResource):
                 ),
             )
 
-        # 3. hosts, group by group
+        # 3. hosts in the rolling order (health.py): each server host after the one before
+        # it, the rest after the whole chain has finished (or failed, --continue-on-error)
         hive = s.render_dir / "hive.nix"
         server_url = c.api_endpoint
         self.host_components: dict[str, Host] = {}
-        earlier: list[pulumi.Resource] = []
+        self.kubeconfig: pulumi.CustomResource | None = None
+        chain, _rest = health.rolling_order(c)
+        waits_for: list[pulumi.Input[pulumi.Resource]] = []
         for group in deploy_order(c):
-            deploys: list[pulumi.Resource] = []
+            if group[0] not in chain:
+                waits_for = health.settled([self.host_components[h].deploy for h in chain])
             for hname in group:
                 h = c.host(hname)
                 inputs: dict[str, pulumi.Input[str]] = dict(render.host_inputs(c, hname, files))
@@ -289,9 +309,20 @@ class Cluster(pulumi.ComponentResource):
                         nodes=c.k3s_on(hname),
                         inputs=inputs,
                         digest=_digest(inputs),
-                        deploy_argv=commands.colmena_apply(
-                            s.colmena, hive, hname, parallel=s.parallel
+                        deploy_argv=health.deploy_argv(
+                            c,
+                            hname,
+                            commands.colmena_apply(s.colmena, hive, hname, parallel=s.parallel),
+                            python=s.python,
+                            ssh=s.ssh,
+                            wait_ready=s.wait_ready,
+                            timeout=s.ready_timeout,
                         ),
+                        read_argv=health.read_argv(
+                            c, hname, python=s.python, ssh=s.ssh, runner=s.runner
+                        )
+                        if s.wait_ready
+                        else None,
                         runner=s.runner,
                         dir=workdir,
                         server_url=server_url,
@@ -300,14 +331,28 @@ class Cluster(pulumi.ComponentResource):
                             self.render,
                             *([hw] if hw else []),
                             *(self.lab.ready(hname) if self.lab else []),
-                            *earlier,
+                            *waits_for,
                         ),
                     ),
                     pulumi.ResourceOptions(parent=self),
                 )
                 self.host_components[hname] = host
-                deploys.append(host.deploy)
-            earlier = earlier + deploys
+                if hname in chain:
+                    waits_for = [host.deploy]
+                if s.wait_ready and c.init_server is not None and hname == c.init_server.host:
+                    self.kubeconfig = health.kubeconfig_step(
+                        name,
+                        c,
+                        python=s.python,
+                        ssh=s.ssh,
+                        runner=s.runner,
+                        stack=s.stack,
+                        path=str(s.kubeconfig_file),
+                        after=host.deploy,
+                        after_digest=host.args_digest,
+                        dir=workdir,
+                        parent=self,
+                    )
 
         # One Output over what is known only after up (digests, ISO results); the rest plain.
         pending = {
@@ -315,6 +360,7 @@ class Cluster(pulumi.ComponentResource):
             for hname, host in self.host_components.items()
             for key, value in (
                 ("digest", host.digest),
+                ("record", host.record),
                 ("image", host.installer.image),
                 ("sha256", host.installer.sha256),
             )
@@ -326,6 +372,12 @@ class Cluster(pulumi.ComponentResource):
                     "ip": str(c.host(hname).ip),
                     "roles": [n.type.value for n in c.k3s_on(hname)],
                     "digest": known[f"{hname}/digest"],
+                    # read back from the host after its deploy (None with waitReady false)
+                    "system": _rec(known, hname).get("system"),
+                    "units": _rec(known, hname).get("units"),
+                    "deployedAt": _rec(known, hname).get("deployedAt"),
+                    "health": _rec(known, hname).get("health")
+                    or ("not checked (waitReady false)" if not s.wait_ready else None),
                     "installer": {
                         "image": known[f"{hname}/image"],
                         "sha256": known[f"{hname}/sha256"],
@@ -335,6 +387,12 @@ class Cluster(pulumi.ComponentResource):
             }
 
         self.hosts = pulumi.Output.all(**pending).apply(hosts_output)
+        # the kubeconfig: secret (its stdout is a secret output), None when gates are off
+        self.kubeconfig_out: pulumi.Output[str] | None = (
+            pulumi.Output.secret(self.kubeconfig.stdout)  # type: ignore[attr-defined]
+            if self.kubeconfig is not None
+            else None
+        )
         self.api_endpoint = pulumi.Output.from_input(c.api_endpoint)
         self.render_dir = pulumi.Output.from_input(str(s.render_dir))
         self.register_outputs(
@@ -342,6 +400,7 @@ class Cluster(pulumi.ComponentResource):
                 "hosts": self.hosts,
                 "apiEndpoint": self.api_endpoint,
                 "renderDir": self.render_dir,
+                **({"kubeconfig": self.kubeconfig_out} if self.kubeconfig_out is not None else {}),
             }
         )
 

@@ -17,6 +17,7 @@ import pulumi
 from k3scluster import commands
 from k3scluster.components.iso import InstallerIso, InstallerIsoArgs
 from k3scluster.components.steps import step
+from k3scluster.components.tasks import DEPLOYED_PREFIX, last_json
 from k3scluster.model import Host as HostModel
 from k3scluster.model import K3sNode, K3sType
 
@@ -80,13 +81,14 @@ class HostArgs:
     # render.host_inputs: name -> sha256 (an Output where a step of this run makes the file)
     inputs: Mapping[str, pulumi.Input[str]]
     digest: pulumi.Input[str]  # render.host_digest(inputs)
-    deploy_argv: Sequence[str]  # commands.colmena_apply(...)
+    deploy_argv: Sequence[str]  # health.deploy_argv(...): colmena, and the gates
+    read_argv: Sequence[str] | None
     runner: str
     dir: str  # working directory of the steps (the project directory)
     server_url: str | None
     iso: InstallerIsoArgs
     # what the deploy waits for: the render step, the hardware fetch, earlier hosts
-    depends_on: Sequence[pulumi.Resource] = field(default=())
+    depends_on: Sequence[pulumi.Input[pulumi.Resource]] = field(default=())
 
 
 class Host(pulumi.ComponentResource):
@@ -113,6 +115,7 @@ class Host(pulumi.ComponentResource):
             ),
             inputs_digest=args.inputs,
             dir=args.dir,
+            read=args.read_argv,
             opts=pulumi.ResourceOptions(parent=self, depends_on=list(args.depends_on)),
         )
         self.nodes: list[_K3sNode] = []
@@ -126,6 +129,11 @@ class Host(pulumi.ComponentResource):
             f"{name}-installer", args.iso, pulumi.ResourceOptions(parent=self)
         )
         digest = args.digest
+        self.args_digest = digest
+        # what the deploy read back from the host (system, units, health, deployedAt)
+        self.record = self.deploy.stdout.apply(  # type: ignore[attr-defined]
+            lambda out: last_json(out, DEPLOYED_PREFIX) or {}
+        )
         self.name = pulumi.Output.from_input(h.name)
         self.ip = pulumi.Output.from_input(str(h.ip))
         self.roles = pulumi.Output.from_input([n.type.value for n in args.nodes])

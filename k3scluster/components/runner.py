@@ -8,7 +8,15 @@ cannot be had. Differences that matter:
 - ``inputs`` (name -> sha256) is a property of its own, so ``pulumi preview --diff`` shows
   which input of a step changed;
 - a failure raises with the step's host, the argv (secret values masked) and the tail of the
-  output.
+  output;
+- stderr lines that start with ``k3scluster: `` (the tasks' progress lines) go to Pulumi's log
+  while the step runs (the SDK gives a dynamic provider no log of its own: the runner talks to
+  the engine address the engine starts the provider with);
+- a step with ``read`` (an argv printing ``k3scluster-observed=<JSON>``) is read back by
+  ``pulumi refresh``: the runner compares the ``system`` seen now with the one its last run
+  recorded (``k3scluster-deployed=<JSON>`` in its stdout); when they differ the step gets a
+  ``drift`` property, so refresh shows it and the next ``up`` runs the step again. A host
+  that cannot be read is a warning, and its record is kept.
 
 Pulumi pickles the provider object into the state (with dill). ``StepProvider`` holds no
 attribute at all, and the class is pickled by reference (``k3scluster.components.runner``),
@@ -18,23 +26,40 @@ so the state carries its module name and nothing else of ours.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
+import sys
+import threading
 from typing import Any
 
 import pulumi
 from pulumi.dynamic import (
     CreateResult,
     DiffResult,
+    ReadResult,
     ResourceProvider,
     UpdateResult,
 )
 from pulumi.runtime.rpc import unwrap_rpc_secret
 
+from k3scluster.components.tasks import (
+    DEPLOYED_PREFIX,
+    OBSERVED_PREFIX,
+    PROGRESS_PREFIX,
+    last_json,
+)
+
 TAIL_CHARS = 4000
 MASK = "[secret]"
 
 # Properties whose change means an update (runs ``update``, or ``create`` when there is none).
-UPDATE_KEYS = ("create", "update", "delete", "environment", "secretEnvironment", "inputs", "dir")
+UPDATE_KEYS = (
+    "create", "update", "delete", "environment", "secretEnvironment", "inputs", "dir", "read",
+    "drift",
+)
+# Properties a run or a refresh sets (never inputs of the program).
+OUTPUT_KEYS = ("stdout", "stderr", "observed", "drift")
+
 # Properties whose change means a replacement (``delete`` then ``create``).
 REPLACE_KEYS = ("triggers",)
 
@@ -63,8 +88,43 @@ def _normal(value: Any) -> Any:
     return value
 
 
-def run_argv(props: dict[str, Any], which: str) -> dict[str, str]:
-    """Run ``props[which]`` (an argv list); return ``stdout`` / ``stderr`` tails or raise."""
+_ENGINE: list[Any] = []  # [EngineStub] once connected
+_ENGINE_LOCK = threading.Lock()
+
+
+def engine_log(message: str, severity: str = "info") -> None:
+    """A line in Pulumi's own output (``pulumi up`` shows it under the stack), or on stderr
+    when there is no engine to talk to (the mock tests)."""
+    from pulumi.runtime.proto import engine_pb2
+
+    level = {"info": engine_pb2.INFO, "warning": engine_pb2.WARNING}[severity]
+    with _ENGINE_LOCK:
+        if not _ENGINE:
+            # the engine starts every provider plugin with its own address as an argument
+            addr = next(
+                (a for a in sys.argv[1:] if re.fullmatch(r"(127\.0\.0\.1|localhost):\d+", a)),
+                None,
+            )
+            stub = None
+            if addr:
+                import grpc
+                from pulumi.runtime.proto import engine_pb2_grpc
+
+                stub = engine_pb2_grpc.EngineStub(grpc.insecure_channel(addr))
+            _ENGINE.append(stub)
+        stub = _ENGINE[0]
+    if stub is None:
+        print(message, file=sys.stderr, flush=True)
+        return
+    try:
+        stub.Log(engine_pb2.LogRequest(severity=level, message=message), timeout=10)
+    except Exception:  # noqa: BLE001 - a lost log line must not fail a deploy
+        print(message, file=sys.stderr, flush=True)
+
+
+def run_argv(props: dict[str, Any], which: str, *, check: bool = True) -> dict[str, Any]:
+    """Run ``props[which]`` (an argv list); return ``stdout`` / ``stderr`` (tails unless the
+    step keeps its whole output) and ``code``, or raise when it fails and ``check``."""
     props = _normal(props)
     argv = [str(a) for a in props[which]]
     secret_env = {k: str(v) for k, v in (props.get("secretEnvironment") or {}).items()}
@@ -75,27 +135,49 @@ def run_argv(props: dict[str, Any], which: str) -> dict[str, str]:
     host = props.get("host") or "-"
     shown = mask(" ".join(argv), secrets)
     try:
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             argv,
             cwd=props.get("dir") or None,
             env=env,
             stdin=subprocess.DEVNULL,
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
             errors="replace",
-            check=False,
         )
     except OSError as exn:
         raise StepFailed(f"host {host}: cannot run {shown}: {exn.strerror or exn}") from None
-    out = mask(proc.stdout, secrets)
-    err = mask(proc.stderr, secrets)
-    if proc.returncode != 0:
+    out_parts: list[str] = []
+
+    def read_stdout() -> None:
+        assert proc.stdout is not None
+        out_parts.append(proc.stdout.read())
+
+    reader = threading.Thread(target=read_stdout, daemon=True)
+    reader.start()
+    err_lines = []
+    assert proc.stderr is not None
+    for line in proc.stderr:  # progress lines while the step runs
+        err_lines.append(line)
+        if line.startswith(PROGRESS_PREFIX):
+            engine_log(mask(line[len(PROGRESS_PREFIX) :].rstrip("\n"), secrets))
+    reader.join()
+    code = proc.wait()
+    out = mask("".join(out_parts), secrets)
+    err = mask("".join(err_lines), secrets)
+    if code != 0 and check:
         output = tail((out + ("\n" if out and err else "") + err).strip())
         raise StepFailed(
-            f"host {host}: {which} failed with exit code {proc.returncode}: {shown}\n"
+            f"host {host}: {which} failed with exit code {code}: {shown}\n"
             f"--- last output ---\n{output}"
         )
-    return {"stdout": tail(out), "stderr": tail(err)}
+    whole = bool(props.get("wholeOutput"))
+    return {"stdout": out if whole else tail(out), "stderr": tail(err), "code": code}
+
+
+def _run(props: dict[str, Any], which: str) -> dict[str, str]:
+    result = run_argv(props, which)
+    return {"stdout": result["stdout"], "stderr": result["stderr"]}
 
 
 class StepProvider(ResourceProvider):
@@ -104,7 +186,7 @@ class StepProvider(ResourceProvider):
     serialize_as_secret_always = False
 
     def create(self, props: dict[str, Any]) -> CreateResult:
-        outs = run_argv(props, "create")
+        outs = _run(props, "create")
         return CreateResult(id_=str(props.get("name") or "step"), outs={**props, **outs})
 
     def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
@@ -118,12 +200,43 @@ class StepProvider(ResourceProvider):
         )
 
     def update(self, _id: str, _olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
-        outs = run_argv(news, "update" if news.get("update") else "create")
+        outs = _run(news, "update" if news.get("update") else "create")
         return UpdateResult(outs={**news, **outs})
 
     def delete(self, _id: str, props: dict[str, Any]) -> None:
         if props.get("delete"):
-            run_argv(props, "delete")
+            _run(props, "delete")
+
+    def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
+        """``pulumi refresh``: read the host back (steps with ``read``; others as they are)."""
+        if not props.get("read"):
+            return ReadResult(id_, props)
+        host = _normal(props.get("host")) or "-"
+        deployed = last_json(_normal(props.get("stdout")), DEPLOYED_PREFIX)
+        result = run_argv(props, "read", check=False)
+        observed = last_json(result["stdout"], OBSERVED_PREFIX)
+        if result["code"] != 0 or observed is None:
+            lines = [ln for ln in str(result["stderr"]).splitlines() if ln.strip()]
+            why = lines[-1].strip() if lines else f"exit code {result['code']}"
+            engine_log(
+                f"{host}: not reachable during refresh ({why}); its record is kept as it was",
+                "warning",
+            )
+            return ReadResult(id_, props)
+        outs = {k: v for k, v in props.items() if k != "drift"}
+        outs["observed"] = observed
+        was = (deployed or {}).get("system")
+        now = observed.get("system")
+        if was and now != was:
+            outs["drift"] = f"{host} runs {now}, but its last deploy activated {was}"
+            engine_log(f"{host}: drift: {outs['drift']}", "warning")
+        # the inputs for the next diff: the program's, plus the drift (which the program
+        # never sets, so the next `up` sees a change and runs the step again)
+        inputs = {k: v for k, v in props.items() if k not in OUTPUT_KEYS}
+        inputs.update({"stdout": None, "stderr": None})
+        if "drift" in outs:
+            inputs["drift"] = outs["drift"]
+        return ReadResult(id_, outs, inputs)
 
 
 class Step(pulumi.dynamic.Resource, module="k3scluster", name="Step"):

@@ -66,12 +66,15 @@ def step(
     inputs_digest: Mapping[str, pulumi.Input[str]] | None = None,
     dir: str | None = None,
     output_may_hold_secrets: bool = False,
+    read: Sequence[str] | None = None,
     opts: pulumi.ResourceOptions | None = None,
 ) -> pulumi.CustomResource:
     """A command step named ``name`` for ``host`` (``-`` for cluster-wide steps).
 
     Returns a resource with ``stdout`` and ``stderr`` outputs. ``output_may_hold_secrets``
-    stops the output from being logged and marks it secret.
+    marks stdout secret, keeps it whole and never logs it (stderr, the progress, still is).
+    ``read`` is the argv ``pulumi refresh`` runs to read the host back (``python`` runner
+    only: pulumi-command's local.Command has no read; see runner.py).
     """
     environment = dict(environment or {})
     secret_environment = {k: pulumi.Output.secret(v) for k, v in (secret_environment or {}).items()}
@@ -79,7 +82,7 @@ def step(
     if clash:
         raise ValueError(f"environment and secret_environment both set {sorted(clash)}")
     digests = dict(sorted((inputs_digest or {}).items()))
-    secret_outputs = ["stdout", "stderr"] if output_may_hold_secrets else []
+    secret_outputs = ["stdout"] if output_may_hold_secrets else []
 
     if runner == "command":
         cmd = pulumi_command.local
@@ -97,7 +100,7 @@ def step(
             environment=env,
             dir=dir,
             triggers=list(triggers) or None,
-            logging=cmd.Logging.NONE if output_may_hold_secrets else cmd.Logging.STDOUT_AND_STDERR,
+            logging=cmd.Logging.STDERR if output_may_hold_secrets else cmd.Logging.STDOUT_AND_STDERR,
             # Keep output of earlier runs out of the next run's environment.
             add_previous_output_in_env=False,
             opts=pulumi.ResourceOptions.merge(
@@ -116,6 +119,8 @@ def step(
             "secretEnvironment": secret_environment,
             "triggers": list(triggers),
             "dir": dir,
+            "read": list(read) if read else None,
+            "wholeOutput": output_may_hold_secrets,
         }
         props.update({k: v for k, v in optional.items() if v})
         return Step(

@@ -3,6 +3,16 @@
 - ``capture --out FILE -- ARGV…``: run ARGV, write its stdout to FILE atomically; an existing
   FILE is kept (a user's file is never overwritten).
 - ``iso --result LINK -- ARGV…``: run an ISO build (its log goes to stderr), print ``{"image": …, "sha256": …}`` as the last line.
+- ``deploy --host H --ip IP [ssh] --timeout S [--server NAME=IP] [--agent NAME] [--api URL
+  --credentials-from IP] -- ARGV…``: run the deploy ARGV (colmena), wait for the host's health
+  gates, read back what the host runs; last line ``k3scluster-deployed=<JSON>``.
+- ``observe --host H --ip IP [ssh] [--unit U]``: what the host runs now (``pulumi refresh``);
+  last line ``k3scluster-observed=<JSON>``.
+- ``kubeconfig --ip IP [ssh] --server URL --name NAME --out FILE``: K3s's admin kubeconfig from
+  the init-server's host, rewritten, written to FILE (0600) and printed.
+
+Progress lines go to stderr and start with ``k3scluster: `` (the python runner forwards them to
+Pulumi's log). Credentials stay in memory: never printed, never in an argv.
 
 Plain library code: pulumi is not imported here (the components package imports it lazily).
 """
@@ -10,14 +20,20 @@ Plain library code: pulumi is not imported here (the components package imports 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
 import hashlib
+import ipaddress
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
+from k3scluster import commands
 from k3scluster.errors import K3sClusterError
 
 CAPTURED_PREFIX = "captured-sha256="
@@ -79,6 +95,246 @@ def _iso(result: Path, argv: list[str]) -> None:
     print(json.dumps({"image": str(image), "sha256": h.hexdigest()}))
 
 
+DEPLOYED_PREFIX = "k3scluster-deployed="
+OBSERVED_PREFIX = "k3scluster-observed="
+PROGRESS_PREFIX = "k3scluster: "
+SERVER_UNIT = "container@k3s-server.service"
+AGENT_UNIT = "podman-k3s-agent.service"
+# what the host runs: the system it activated, then one line per unit "unit=state"
+_OBSERVE_SCRIPT = (
+    'readlink /run/current-system || echo "-"; for u in {units}; do '
+    'printf "%s=%s\\n" "$u" "$(systemctl is-active "$u" 2>/dev/null)"; done'
+)
+
+
+def last_json(stdout: str | None, prefix: str) -> dict[str, object] | None:
+    """The JSON object on the last line of ``stdout`` that starts with ``prefix``."""
+    for line in reversed((stdout or "").splitlines()):
+        if line.startswith(prefix):
+            try:
+                value = json.loads(line[len(prefix) :])
+            except ValueError:
+                return None
+            return value if isinstance(value, dict) else None
+    return None
+
+
+def _progress(message: str) -> None:
+    print(PROGRESS_PREFIX + message, file=sys.stderr, flush=True)
+
+
+def _ssh(args: argparse.Namespace) -> commands.SshSettings:
+    return commands.SshSettings(
+        user=args.ssh_user,
+        identity=Path(args.ssh_identity) if args.ssh_identity else None,
+        known_hosts=Path(args.ssh_known_hosts) if args.ssh_known_hosts else None,
+    )
+
+
+def _ssh_run(
+    ssh: commands.SshSettings, ip: str, remote: list[str], timeout: int = 15
+) -> subprocess.CompletedProcess[str]:
+    argv = commands.ssh_command(
+        ssh.user,
+        ipaddress.IPv4Address(ip),
+        remote,
+        identity=ssh.identity,
+        known_hosts=ssh.known_hosts,
+        connect_timeout=timeout,
+    )
+    return subprocess.run(
+        argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False
+    )
+
+
+def _ssh_error(proc: subprocess.CompletedProcess[str]) -> str:
+    lines = [ln for ln in (proc.stderr or "").splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else f"ssh exit code {proc.returncode}"
+
+
+def observe(ssh: commands.SshSettings, ip: str, units: list[str]) -> dict[str, object]:
+    """``{"system": "/nix/store/…", "units": {unit: state}}`` read from the host over ssh."""
+    script = _OBSERVE_SCRIPT.format(units=" ".join(units) or "")
+    if not units:
+        script = 'readlink /run/current-system || echo "-"'
+    proc = _ssh_run(ssh, ip, [script])
+    if proc.returncode != 0:
+        raise K3sClusterError(
+            f"cannot read what {ip} runs: {_ssh_error(proc)}",
+            hint="check that the host is up and accepts your ssh key for root",
+        )
+    lines = proc.stdout.splitlines()
+    system = lines[0].strip() if lines else "-"
+    states: dict[str, str] = {}
+    for line in lines[1:]:
+        unit, _, state = line.partition("=")
+        if unit in units:
+            states[unit] = state.strip() or "unknown"
+    return {"system": system if system.startswith("/nix/store/") else None, "units": states}
+
+
+def _credentials(
+    ssh: commands.SshSettings, ip: str, deadline: float, what: str
+) -> dict[str, Any] | None:
+    """K3s's admin kubeconfig from the host at ``ip`` (kept in memory), waiting until it exists."""
+    from k3scluster import kube
+
+    last = ""
+
+    def poll() -> kube.Check:
+        nonlocal last
+        proc = _ssh_run(ssh, ip, ["cat", "--", kube.KUBECONFIG_ON_HOST])
+        if proc.returncode == 0 and proc.stdout.strip():
+            last = proc.stdout
+            return kube.Check(True, f"admin kubeconfig read from {ip}")
+        return kube.Check(False, f"no admin kubeconfig on {ip} yet ({_ssh_error(proc)})")
+
+    check = kube.wait_until(what, poll, max(0.0, deadline - time.monotonic()), _progress)
+    if not check.ready:
+        return None
+    return kube.parse_kubeconfig(last, f"{ip}:{kube.KUBECONFIG_ON_HOST}")
+
+
+def _deploy(args: argparse.Namespace) -> None:
+
+    ssh = _ssh(args)
+    proc = subprocess.run(args.argv, stdin=subprocess.DEVNULL, check=False)
+    if proc.returncode != 0:
+        raise K3sClusterError(
+            f"`{' '.join(args.argv)}` failed with exit code {proc.returncode}"
+        )
+    servers = [s.split("=", 1) for s in args.server]
+    agents = list(args.agent)
+    timeout = float(args.timeout)
+    deadline = time.monotonic() + timeout
+    health = "ready"
+    # the kubernetes client writes the credentials' certificates and key to temporary files
+    # while it runs: keep them in a private directory (0700) removed when the gates end
+    with tempfile.TemporaryDirectory(prefix="k3scluster-gate-") as private:
+        tempfile.tempdir = private
+        try:
+            if servers or agents:
+                _gates(args, ssh, servers, agents, timeout, deadline)
+            else:
+                health = "no K3s"
+        finally:
+            tempfile.tempdir = None
+    seen = observe(ssh, args.ip, _units(servers, agents))
+    record = {
+        **seen,
+        "health": health,
+        "deployedAt": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    print(DEPLOYED_PREFIX + json.dumps(record, sort_keys=True), flush=True)
+
+
+def _gates(
+    args: argparse.Namespace,
+    ssh: commands.SshSettings,
+    servers: list[list[str]],
+    agents: list[str],
+    timeout: float,
+    deadline: float,
+) -> None:
+    from k3scluster import kube
+
+    creds = _credentials(ssh, args.credentials_from, deadline, args.host)
+    if creds is None:
+        raise K3sClusterError(
+            f"{args.host}: no admin kubeconfig at {kube.KUBECONFIG_ON_HOST} on "
+            f"{args.credentials_from} after {kube.duration(timeout)}: K3s did not start "
+            "on the init-server",
+            hint=f"look at: ssh root@{args.credentials_from} journalctl -M k3s-server -u k3s",
+        )
+    for name, sip in servers:
+        url = kube.server_url(sip)
+
+        def ready(url: str = url) -> kube.Check:
+            return kube.check_readyz(creds, url)
+
+        check = kube.wait_until(
+            f"{args.host}: {name}",
+            ready,
+            max(0.0, deadline - time.monotonic()),
+            _progress,
+        )
+        if not check.ready:
+            raise K3sClusterError(
+                f"{args.host}: K3s server {name} ({sip}) not ready after "
+                f"{kube.duration(timeout)}; last seen: {check.seen}",
+                hint=f"look at: ssh root@{args.ip} journalctl -M k3s-server -u k3s",
+            )
+    for name in agents:
+
+        def node_ready(name: str = name) -> kube.Check:
+            return kube.check_node_ready(creds, args.api, name)
+
+        check = kube.wait_until(
+            f"{args.host}: {name}",
+            node_ready,
+            max(0.0, deadline - time.monotonic()),
+            _progress,
+        )
+        if not check.ready:
+            raise K3sClusterError(
+                f"{args.host}: K3s agent {name} not Ready after {kube.duration(timeout)}; "
+                f"last seen: {check.seen}",
+                hint=f"look at: ssh root@{args.ip} podman logs k3s-agent",
+            )
+
+
+def _units(servers: list[list[str]] | list[str], agents: list[str]) -> list[str]:
+    return [*([SERVER_UNIT] if servers else []), *([AGENT_UNIT] if agents else [])]
+
+
+def _observe(args: argparse.Namespace) -> None:
+    seen = observe(_ssh(args), args.ip, list(args.unit))
+    print(OBSERVED_PREFIX + json.dumps(seen, sort_keys=True), flush=True)
+
+
+def _kubeconfig(args: argparse.Namespace) -> None:
+    from k3scluster import kube
+
+    ssh = _ssh(args)
+    proc = _ssh_run(ssh, args.ip, ["cat", "--", kube.KUBECONFIG_ON_HOST])
+    if proc.returncode != 0 or not proc.stdout.strip():
+        raise K3sClusterError(
+            f"cannot read {kube.KUBECONFIG_ON_HOST} from {args.ip}: {_ssh_error(proc)}",
+            hint=f"look at: ssh root@{args.ip} journalctl -M k3s-server -u k3s",
+        )
+    text = kube.rewrite_kubeconfig(
+        proc.stdout, args.server, args.name, f"{args.ip}:{kube.KUBECONFIG_ON_HOST}"
+    )
+    write_private(Path(args.out), text)
+    _progress(f"kubeconfig for {args.server} written to {args.out} (mode 0600)")
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def write_private(out: Path, text: str) -> None:
+    """Write ``text`` to ``out`` with mode 0600 from its first byte on, replacing it atomically."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)  # mode 0600
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _add_ssh(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ip", required=True)
+    p.add_argument("--ssh-user", default="root")
+    p.add_argument("--ssh-identity")
+    p.add_argument("--ssh-known-hosts")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m k3scluster.components.tasks")
     sub = parser.add_subparsers(dest="task", required=True)
@@ -88,12 +344,36 @@ def main(argv: list[str] | None = None) -> int:
     i = sub.add_parser("iso")
     i.add_argument("--result", type=Path, required=True)
     i.add_argument("argv", nargs="+")
+    d = sub.add_parser("deploy")
+    d.add_argument("--host", required=True)
+    _add_ssh(d)
+    d.add_argument("--timeout", type=float, required=True)
+    d.add_argument("--server", action="append", default=[])
+    d.add_argument("--agent", action="append", default=[])
+    d.add_argument("--api")
+    d.add_argument("--credentials-from")
+    d.add_argument("argv", nargs="+")
+    o = sub.add_parser("observe")
+    o.add_argument("--host", required=True)
+    _add_ssh(o)
+    o.add_argument("--unit", action="append", default=[])
+    k = sub.add_parser("kubeconfig")
+    _add_ssh(k)
+    k.add_argument("--server", required=True)
+    k.add_argument("--name", required=True)
+    k.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     try:
         if args.task == "capture":
             _capture(args.out, args.argv)
-        else:
+        elif args.task == "iso":
             _iso(args.result, args.argv)
+        elif args.task == "deploy":
+            _deploy(args)
+        elif args.task == "observe":
+            _observe(args)
+        else:
+            _kubeconfig(args)
     except K3sClusterError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -1,0 +1,153 @@
+"""After a host's deploy: the rolling order, the health gates, the kubeconfig, the drift record.
+
+- **Order** (``rolling_order``): the init-server's host, then every other server host alone,
+  each after the one before it has deployed and passed its gate; then all other hosts at once.
+  etcd keeps its quorum: never two of its members restart together.
+- **Gates** (``k3scluster:waitReady``, ``k3scluster:readyTimeout``): the deploy step runs
+  ``tasks deploy``: colmena, then it waits for the host's K3s server to answer ``/readyz`` on
+  its own IP and for the host's agent node to be ``Ready``, with the admin credentials read
+  over ssh from the init-server's host; then it reads back ``/run/current-system`` and the K3s
+  container units (the drift record; ``pulumi refresh`` reads them again with the ``python``
+  runner).
+- **kubeconfig**: one step after the init-server's host, secret stdout, a 0600 file.
+
+With ``--continue-on-error`` a failed server host stops the server hosts after it; the other
+hosts still wait for the chain to finish (``settled``), then go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import pulumi
+
+from k3scluster import commands
+from k3scluster.components.steps import step
+from k3scluster.components.tasks import AGENT_UNIT, SERVER_UNIT
+from k3scluster.model import Cluster as ClusterModel
+from k3scluster.model import K3sType
+
+
+def rolling_order(cluster: ClusterModel) -> tuple[list[str], list[str]]:
+    """(the server chain: init-server's host first, then each other server host; the rest)."""
+    init = cluster.init_server
+    chain = [init.host] if init else []
+    chain += [
+        h.name
+        for h in cluster.hosts
+        if h.name not in chain and cluster.server_on(h.name) is not None
+    ]
+    rest = [h.name for h in cluster.hosts if h.name not in chain]
+    return chain, rest
+
+
+def settled(resources: Sequence[pulumi.Resource]) -> list[pulumi.Input[pulumi.Resource]]:
+    """``depends_on`` entries that wait for every resource to finish and keep those that
+    succeeded: a failed one (``--continue-on-error``) is left out instead of failing the
+    resources that wait (the SDK skips ``None`` entries)."""
+
+    def one(res: pulumi.Resource) -> pulumi.Output[Any]:
+        async def ok() -> pulumi.Resource | None:
+            try:
+                await res.urn.future()
+            except Exception:  # noqa: BLE001 - its own failure is reported by the engine
+                return None
+            return res
+
+        known: asyncio.Future[bool] = asyncio.get_event_loop().create_future()
+        known.set_result(True)
+        return pulumi.Output(set(), asyncio.ensure_future(ok()), known)
+
+    return [one(r) for r in resources]
+
+
+def units_of(cluster: ClusterModel, host: str) -> list[str]:
+    nodes = cluster.k3s_on(host)
+    return [
+        *([SERVER_UNIT] if any(n.type.is_server for n in nodes) else []),
+        *([AGENT_UNIT] if any(n.type is K3sType.AGENT for n in nodes) else []),
+    ]
+
+
+def deploy_argv(
+    cluster: ClusterModel,
+    host: str,
+    colmena_argv: Sequence[str],
+    *,
+    python: str,
+    ssh: commands.SshSettings,
+    wait_ready: bool,
+    timeout: float,
+) -> list[str]:
+    """What the host's deploy step runs: colmena alone (gates off), or ``tasks deploy``."""
+    if not wait_ready:
+        return list(colmena_argv)
+    h = cluster.host(host)
+    nodes = cluster.k3s_on(host)
+    init = cluster.init_server
+    init_host = cluster.host(init.host) if init else None
+    return commands.deploy_and_check(
+        python,
+        host,
+        h.ip,
+        colmena_argv,
+        ssh,
+        timeout=timeout,
+        servers=[(n.name, n.ip) for n in nodes if n.type.is_server],
+        agents=[n.name for n in nodes if n.type is K3sType.AGENT],
+        api=cluster.api_endpoint,
+        credentials_from=init_host.ip if init_host else None,
+    )
+
+
+def read_argv(
+    cluster: ClusterModel, host: str, *, python: str, ssh: commands.SshSettings, runner: str
+) -> list[str] | None:
+    """What ``pulumi refresh`` runs for the host's deploy step (``python`` runner only)."""
+    if runner != "python":
+        return None
+    return commands.observe_host(python, host, cluster.host(host).ip, ssh, units_of(cluster, host))
+
+
+def kubeconfig_step(
+    name: str,
+    cluster: ClusterModel,
+    *,
+    python: str,
+    ssh: commands.SshSettings,
+    runner: str,
+    stack: str,
+    path: str,
+    after: pulumi.Resource,
+    after_digest: pulumi.Input[str],
+    dir: str,
+    parent: pulumi.Resource,
+) -> pulumi.CustomResource | None:
+    """``<name>-kubeconfig``: reads the admin kubeconfig after the init-server's host is ready."""
+    init = cluster.init_server
+    if init is None or cluster.api_endpoint is None:
+        return None
+    from pathlib import Path
+
+    argv = commands.fetch_kubeconfig(
+        python,
+        cluster.host(init.host).ip,
+        ssh,
+        server=cluster.api_endpoint,
+        name=stack,
+        out=Path(path),
+    )
+    return step(
+        f"{name}-kubeconfig",
+        runner=runner,
+        host=init.host,
+        create=argv,
+        update=argv,
+        # read again whenever the init-server's host was deployed again
+        inputs_digest={"deploy:" + init.host: after_digest, "path": path},
+        dir=dir,
+        output_may_hold_secrets=True,
+        opts=pulumi.ResourceOptions(parent=parent, depends_on=[after]),
+    )
