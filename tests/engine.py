@@ -155,6 +155,22 @@ def run_pulumi(
     when the engine ends, in an EXIT trap. Whatever ``setup`` started dies with the PID
     namespace at the latest, even when the run is killed (``unshare --kill-child``).
     """
+    cmd = _command(args, netns, setup, teardown)
+    return subprocess.run(
+        cmd,
+        cwd=cwd,
+        env=engine_env(cwd, env),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _command(
+    args: Sequence[str], netns: bool, setup: str | None, teardown: str
+) -> list[str]:
     cmd = [str(PULUMI), *args]
     if netns:
         if not netns_available():
@@ -175,13 +191,62 @@ def run_pulumi(
             ]
     elif setup is not None:
         raise ValueError("run_pulumi(setup=...) needs netns=True")
-    return subprocess.run(
-        cmd,
-        cwd=cwd,
-        env=engine_env(cwd, env),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    return cmd
+
+
+def start_pulumi(
+    args: Sequence[str],
+    cwd: Path | str,
+    env: Mapping[str, str] | None = None,
+    *,
+    setup: str | None = None,
+    teardown: str = ":",
+    out: Path,
+) -> subprocess.Popen[bytes]:
+    """Like :func:`run_pulumi` (with ``netns``), but returns at once: the running process
+    (its stdout and stderr go to ``out``), in a session of its own. :func:`engine_pid`
+    finds the engine in it."""
+    f = open(out, "wb")  # noqa: SIM115 - closed with the process
+    try:
+        return subprocess.Popen(
+            _command(args, True, setup, teardown),
+            cwd=cwd,
+            env=engine_env(cwd, env),
+            stdin=subprocess.DEVNULL,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    finally:
+        f.close()
+
+
+def _children() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(d))
+    return children
+
+
+def engine_pid(proc: subprocess.Popen[bytes]) -> int | None:
+    """The pid of the ``pulumi`` engine process below ``proc`` (None until it runs)."""
+    children = _children()
+    todo = [proc.pid]
+    while todo:
+        pid = todo.pop()
+        try:
+            with open(f"/proc/{pid}/comm") as fh:
+                if fh.read().strip() == "pulumi":
+                    return pid
+        except OSError:
+            pass
+        todo.extend(children.get(pid, []))
+    return None

@@ -29,7 +29,10 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import threading
+import time
+from pathlib import Path
 from typing import Any
 
 import pulumi
@@ -134,35 +137,45 @@ def run_argv(props: dict[str, Any], which: str, *, check: bool = True) -> dict[s
     secrets = list(secret_env.values())
     host = props.get("host") or "-"
     shown = mask(" ".join(argv), secrets)
-    try:
-        proc = subprocess.Popen(
-            argv,
-            cwd=props.get("dir") or None,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            errors="replace",
-        )
-    except OSError as exn:
-        raise StepFailed(f"host {host}: cannot run {shown}: {exn.strerror or exn}") from None
-    out_parts: list[str] = []
-
-    def read_stdout() -> None:
-        assert proc.stdout is not None
-        out_parts.append(proc.stdout.read())
-
-    reader = threading.Thread(target=read_stdout, daemon=True)
-    reader.start()
-    err_lines = []
-    assert proc.stderr is not None
-    for line in proc.stderr:  # progress lines while the step runs
-        err_lines.append(line)
-        if line.startswith(PROGRESS_PREFIX):
-            engine_log(mask(line[len(PROGRESS_PREFIX) :].rstrip("\n"), secrets))
-    reader.join()
-    code = proc.wait()
+    # The command runs in a session of its own and writes to files, not pipes: a Ctrl-C of
+    # `pulumi up` (SIGINT to the terminal's process group) or a killed engine never stops a
+    # colmena activation half-way; it finishes on its own, and the next `up` runs the step
+    # again if its end was not recorded (README, "An interrupted up").
+    with tempfile.TemporaryDirectory(prefix="k3scluster-step-") as tmp:
+        out_path, err_path = Path(tmp, "stdout"), Path(tmp, "stderr")
+        with out_path.open("wb") as out_f, err_path.open("wb") as err_f:
+            try:
+                proc = subprocess.Popen(
+                    argv,
+                    cwd=props.get("dir") or None,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out_f,
+                    stderr=err_f,
+                    start_new_session=True,
+                )
+            except OSError as exn:
+                raise StepFailed(
+                    f"host {host}: cannot run {shown}: {exn.strerror or exn}"
+                ) from None
+        err_lines: list[str] = []
+        with err_path.open("r", errors="replace") as err_r:
+            pending = ""
+            while True:  # progress lines while the step runs
+                done = proc.poll() is not None
+                pending += err_r.read()
+                *lines, pending = pending.split("\n")
+                for line in lines:
+                    err_lines.append(line + "\n")
+                    if line.startswith(PROGRESS_PREFIX):
+                        engine_log(mask(line[len(PROGRESS_PREFIX) :], secrets))
+                if done:
+                    break
+                time.sleep(0.1)
+            if pending:
+                err_lines.append(pending)
+        code = proc.returncode
+        out_parts = [out_path.read_text(errors="replace")]
     out = mask("".join(out_parts), secrets)
     err = mask("".join(err_lines), secrets)
     if code != 0 and check:
