@@ -100,7 +100,7 @@ def main() -> None:
         if settings.vm is not None:
             # refused in preview already, before anything is created (net-up checks again)
             from k3scluster.lab.netcheck import check_machine
-            from k3scluster.lab.qemu import choose_accel
+            from k3scluster.lab.qemu import choose_accel, require_tools
 
             check_machine(
                 cluster.network.network,
@@ -108,6 +108,7 @@ def main() -> None:
                 lab.link_alias(settings.vm.stack),
                 str(cluster.network.location),
             )
+            require_tools(settings.vm.qemu, settings.vm.qemu_img)
             # vmAccel auto: KVM if a short probe guest runs under it, else TCG with a warning
             accel, warning = choose_accel(settings.vm.accel, settings.vm.qemu)
             if warning:

@@ -463,3 +463,11 @@ def test_the_probe_guest_exits_qemu_by_itself_under_tcg(tmp_path: Path) -> None:
     argv = qemu.probe_argv("qemu-system-x86_64", bios, accel="tcg")
     proc = subprocess.run(argv, capture_output=True, timeout=60, check=False)
     assert proc.returncode == qemu.PROBE_EXIT, proc.stderr
+
+
+def test_missing_tools_are_named_before_anything_is_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(K3sClusterError, match="needs qemu-system-x86_64, qemu-img, ip, ping"):
+        qemu.require_tools("qemu-system-x86_64", "qemu-img")

@@ -75,6 +75,20 @@ def write_probe_bios(path: Path) -> Path:
     return path
 
 
+def require_tools(qemu: str, qemu_img: str) -> None:
+    """Raise, before anything is made, when a tool the lab runs is missing."""
+    import shutil
+
+    missing = [t for t in (qemu, qemu_img, "ip") if shutil.which(t) is None]
+    if not (shutil.which("ping") or shutil.which("busybox")):
+        missing.append("ping")
+    if missing:
+        raise K3sClusterError(
+            "a VM stack (k3scluster:vms) needs " + ", ".join(missing) + " on this machine",
+            hint="Debian: apt-get install qemu-system-x86 qemu-utils ovmf iproute2 iputils-ping",
+        )
+
+
 def probe_argv(qemu: str, bios: Path, accel: str = "kvm") -> list[str]:
     cpu = ["-cpu", "host"] if accel == "kvm" else []
     return [
