@@ -23,6 +23,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from k3scluster.model import Cluster, Host, K3sNode, K3sType
+from k3scluster.pins import k3s_package_attr
 
 SVG = "cluster.svg"
 DOT = "cluster.dot"
@@ -201,7 +202,7 @@ def _title(cluster: Cluster) -> str:
         f"NixOS {html(net.nixos_release)}",
     ]
     if cluster.k3s:
-        parts.append(f"K3s {html(net.k3s_version)}")
+        parts.append(f"K3s {html(net.k3s)}")
     return "k3scluster: " + " · ".join(parts)
 
 
@@ -296,7 +297,7 @@ def markdown(cluster: Cluster, picture: str | None = SVG) -> str:
         ("NixOS", net.nixos_release),
     ]
     if cluster.k3s:
-        network_rows.append(("K3s", net.k3s_version))
+        network_rows.append(("K3s", f"{net.k3s} (pkgs.{k3s_package_attr(net.k3s)})"))
     if init is not None and cluster.api_endpoint:
         network_rows.append(
             ("K3s API", f"{cluster.api_endpoint} (init-server {init.name} on {init.host})")

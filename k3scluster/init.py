@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from k3scluster.errors import K3sClusterError
-from k3scluster.model import DEFAULT_K3S_VERSION, DEFAULT_NIXOS_RELEASE
+from k3scluster.pins import NEWEST_NIXOS_RELEASE, NIXPKGS_PINS
 
 DIRS = ("plans", "nixConfigs", "secrets", "manifests")
 
@@ -55,11 +55,13 @@ netmask: 24
 # The NixOS release the hosts run (k3scluster pins it to one nixpkgs commit), and the
 # release they are first installed with (system.stateVersion): when you upgrade, change
 # nixos and keep stateVersion as it is.
-nixos: "{DEFAULT_NIXOS_RELEASE}"
-stateVersion: "{DEFAULT_NIXOS_RELEASE}"
-# Optional (defaults shown):
+nixos: "{NEWEST_NIXOS_RELEASE}"
+stateVersion: "{NEWEST_NIXOS_RELEASE}"
+# The K3s minor release of servers and agents alike (they run the patch level the
+# pinned nixpkgs packages). Upgrade K3s one minor release at a time.
+k3s: "{NIXPKGS_PINS[NEWEST_NIXOS_RELEASE].k3s_default}"
+# Optional (default shown):
 # nameservers: [8.8.8.8]
-# k3s: {DEFAULT_K3S_VERSION}
 """
 
 SECRETS_README = """\

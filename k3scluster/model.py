@@ -17,6 +17,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from k3scluster.pins import default_k3s_minor
+
 
 class K3sType(enum.Enum):
     INIT_SERVER = "init-server"
@@ -86,9 +88,9 @@ class K3sNode:
         return "server" if self.type.is_server else "agent"
 
 
-# Versions the project is tested against; network.yaml may override them.
+# The release of a plan without `nixos:` (plans made before `init` wrote one);
+# `k3scluster init` writes the newest pinned release (k3scluster.pins) instead.
 DEFAULT_NIXOS_RELEASE = "25.05"
-DEFAULT_K3S_VERSION = "v1.31.12+k3s1"
 DEFAULT_NAMESERVERS = (ipaddress.IPv4Address("8.8.8.8"),)
 # system.stateVersion of a plan that records none: the release every such plan rendered
 # before stateVersion was recorded (the default nixos then). Never change it: hosts
@@ -107,7 +109,8 @@ class Network:
     network: ipaddress.IPv4Network  # the subnet all plan addresses live in
     nameservers: tuple[ipaddress.IPv4Address, ...] = DEFAULT_NAMESERVERS
     nixos_release: str = DEFAULT_NIXOS_RELEASE
-    k3s_version: str = DEFAULT_K3S_VERSION
+    # network.yaml `k3s:` as the K3s minor release ("1.35"); None: the release's default
+    k3s_minor: str | None = None
     location: Location = Location("plans/network.yaml", 0)
     # network.yaml `nixpkgs: {rev, sha256}`: pins nixpkgs to another commit than the
     # one k3scluster.render knows for nixos_release (both set, or neither)
@@ -125,9 +128,9 @@ class Network:
         return host.state_version or self.state_version or DEFAULT_STATE_VERSION
 
     @property
-    def k3s_image_tag(self) -> str:
-        """The rancher/k3s image tag: ``+`` becomes ``-`` (v1.31.12+k3s1 -> v1.31.12-k3s1)."""
-        return self.k3s_version.replace("+", "-")
+    def k3s(self) -> str:
+        """The K3s minor release every server and agent runs, e.g. ``1.35``."""
+        return self.k3s_minor or default_k3s_minor(self.nixos_release)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ Layout of OUT::
     modules/cluster.nix       declares options.cluster, reads cluster.json
     modules/base.nix          every host: network, users, ssh, firewall
     modules/k3s-common.nix    K3s hosts: what server and agent share on the host
+    modules/k3s-release.nix   the cluster's K3s package and the agents' image tag from it
     modules/k3s-server.nix    K3s server in the NixOS container `k3s-server`
     modules/k3s-agent.nix     K3s agent in the podman container `k3s-agent`
     hosts/<host>.nix          the host's values and imports
@@ -42,7 +43,13 @@ from k3scluster.errors import K3sClusterError
 from k3scluster.macs import agent_mac, host_macvlan_mac
 from k3scluster.model import DEFAULT_STATE_VERSION, Cluster, Host, K3sNode, K3sType
 from k3scluster.nix import NixPath, nix_value
-from k3scluster.pins import NIXPKGS_PINS, NIXPKGS_SYSTEM, NixpkgsPin, is_commit
+from k3scluster.pins import (
+    NIXPKGS_PINS,
+    NIXPKGS_SYSTEM,
+    NixpkgsPin,
+    is_commit,
+    k3s_package_attr,
+)
 
 T = TypeVar("T")
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -52,13 +59,11 @@ TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 SECRETS_DIR = "/var/lib/k3scluster/secrets"
 TOKEN_KEY = "k3s-token"
 AGENT_NETWORK = "k3s-macvlan"
-AGENT_IMAGE = "docker.io/rancher/k3s"
 # Marker written into OUT: write_tree only ever replaces a directory that holds it
 # (or an empty one), so a wrong --out can never wipe a directory of the user's.
 MARKER = ".k3scluster-render"
 
 
-_K3S_VERSION = re.compile(r"^v(1)\.([0-9]+)\.[0-9]+\+k3s[0-9]+$")
 # eth0, eth1, …: names the kernel gives and NixOS replaces unless predictable names are off
 _KERNEL_NIC = re.compile(r"eth[0-9]+")
 
@@ -88,17 +93,6 @@ def nixpkgs_pin(cluster: Cluster) -> NixpkgsPin:
             "nixpkgs: {rev: <commit>, sha256: <hash of the unpacked tarball>}",
         )
     return pin
-
-
-def k3s_package_attr(version: str) -> str:
-    """``v1.31.12+k3s1`` -> ``k3s_1_31``: the nixpkgs attribute of that K3s minor release."""
-    m = _K3S_VERSION.match(version)
-    if not m:
-        raise K3sClusterError(
-            f"K3s version {version!r} is not like v1.31.12+k3s1",
-            "set k3s in plans/network.yaml to a K3s release tag",
-        )
-    return f"k3s_{m.group(1)}_{m.group(2)}"
 
 
 # -- rendering ---------------------------------------------------------------
@@ -221,7 +215,7 @@ def _network_data(cluster: Cluster) -> dict[str, object]:
         "nameservers": [str(n) for n in net.nameservers],
         "nixos": net.nixos_release,
         "stateVersion": net.state_version or DEFAULT_STATE_VERSION,
-        "k3s": net.k3s_version,
+        "k3s": net.k3s,
         "apiEndpoint": cluster.api_endpoint,
     }
 
@@ -275,6 +269,7 @@ def _host_context(cluster: Cluster, host: Host, out: Path) -> dict[str, object]:
         "boot_disk_rules": boot_disk_rules(host),
         "server": None,
         "agent": None,
+        "k3s": None,
     }
     init = cluster.init_server
     server = _server_on(cluster, host.name)
@@ -284,6 +279,8 @@ def _host_context(cluster: Cluster, host: Host, out: Path) -> dict[str, object]:
             "K3s rows but no init-server in plans/k3s.csv",
             "make exactly one row type init-server",
         )
+    if server or agent:
+        ctx["k3s"] = {"minor": net.k3s, "packageAttr": k3s_package_attr(net.k3s)}
     if server is not None:
         assert init is not None
         container_cfg = cluster.nix_config(server.name)
@@ -297,8 +294,6 @@ def _host_context(cluster: Cluster, host: Host, out: Path) -> dict[str, object]:
                 "serverAddr": None
                 if server.type is K3sType.INIT_SERVER
                 else f"https://{init.ip}:6443",
-                "k3sVersion": net.k3s_version,
-                "packageAttr": k3s_package_attr(net.k3s_version),
             },
             "manifests": [
                 {"name": m, "path": _rel(out, sub, cluster, f"manifests/{m}")}
@@ -322,7 +317,6 @@ def _host_context(cluster: Cluster, host: Host, out: Path) -> dict[str, object]:
                 "name": agent.name,
                 "address": str(agent.ip),
                 "serverUrl": f"https://{init.ip}:6443",
-                "image": f"{AGENT_IMAGE}:{net.k3s_image_tag}",
                 "subnet": str(net.network),
                 "macAddress": agent_mac(agent.name),
             },
@@ -380,6 +374,7 @@ MODULES = {
     "module-cluster.nix.j2": "modules/cluster.nix",
     "module-base.nix.j2": "modules/base.nix",
     "module-k3s-common.nix.j2": "modules/k3s-common.nix",
+    "module-k3s-release.nix.j2": "modules/k3s-release.nix",
     "module-k3s-server.nix.j2": "modules/k3s-server.nix",
     "module-k3s-agent.nix.j2": "modules/k3s-agent.nix",
 }
@@ -586,6 +581,7 @@ def host_inputs(cluster: Cluster, host_name: str, files: Mapping[str, str]) -> d
     used = [f"hosts/{host_name}.nix", "modules/cluster.nix", "modules/base.nix"]
     if server or agent:
         used.append("modules/k3s-common.nix")
+        used.append("modules/k3s-release.nix")
     if server:
         used.append("modules/k3s-server.nix")
     if agent:
@@ -607,7 +603,7 @@ def host_inputs(cluster: Cluster, host_name: str, files: Mapping[str, str]) -> d
         inputs["plan:init-server"] = _sha(str(init.ip))
     inputs["version:nixos"] = _sha(cluster.network.nixos_release)
     if server or agent:
-        inputs["version:k3s"] = _sha(cluster.network.k3s_version)
+        inputs["version:k3s"] = _sha(cluster.network.k3s)
     inputs["nixpkgs"] = _sha(f"{pin.rev} {pin.sha256}")
 
     nix_configs: list[str | None] = [

@@ -11,7 +11,7 @@ import pytest
 from k3scluster import plans
 from k3scluster.errors import K3sClusterError
 from k3scluster.init import _create, init_cluster
-from k3scluster.pins import NIXPKGS_PINS
+from k3scluster.pins import NEWEST_NIXOS_RELEASE, NIXPKGS_PINS
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, bytes | None]]:
@@ -62,6 +62,10 @@ def test_skeleton_is_valid_once_a_host_is_added(tmp_path: Path, example_src: Pat
     assert warnings == ()
     assert [h.name for h in cluster.hosts] == ["node1"] and cluster.k3s == ()
     assert cluster.secrets.token is not None
+    # a new plan names the newest pinned release and its K3s minor release explicitly
+    # (a plan without them keeps 25.05, which is end of life)
+    assert NEWEST_NIXOS_RELEASE == "26.05"
+    assert (cluster.network.nixos_release, cluster.network.k3s_minor) == ("26.05", "1.35")
 
 
 def test_init_records_the_state_version_next_to_nixos(tmp_path: Path, example_src: Path) -> None:

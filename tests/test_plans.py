@@ -17,12 +17,12 @@ from hypothesis import strategies as st
 from k3scluster import plans
 from k3scluster.errors import PlanError
 from k3scluster.model import (
-    DEFAULT_K3S_VERSION,
     DEFAULT_NAMESERVERS,
     DEFAULT_NIXOS_RELEASE,
     BootMode,
     K3sType,
 )
+from k3scluster.pins import NIXPKGS_PINS
 
 _spec = importlib.util.spec_from_file_location(
     "plan_cases", Path(__file__).parent / "cases" / "plans" / "cases.py"
@@ -113,7 +113,7 @@ def test_example_checks_clean(example_dir: Path) -> None:
     net = c.network
     assert str(net.network) == "10.0.100.0/24" and str(net.gateway) == "10.0.100.1"
     assert [str(n) for n in net.nameservers] == ["10.0.100.1", "8.8.8.8"]
-    assert (net.nixos_release, net.k3s_version) == ("25.05", "v1.31.12+k3s1")
+    assert (net.nixos_release, net.k3s_minor, net.k3s) == ("26.05", "1.35", "1.35")
     s = c.secrets
     assert s.token is not None and s.token.relpath == "secrets/token"
     assert s.passwd is not None and s.host_passwd == ()
@@ -155,7 +155,7 @@ def test_defaults_and_optional_files(example_dir: Path) -> None:
     assert cluster.k3s == () and cluster.manifests == ()
     assert cluster.network.prefix_length == 24
     assert [str(n) for n in cluster.network.nameservers] == ["8.8.8.8"]
-    assert cluster.network.k3s_version == plans.DEFAULT_K3S_VERSION
+    assert cluster.network.k3s_minor is None
 
 
 @pytest.mark.parametrize("mask", ["24", '"/24"', "255.255.255.0", "/24"])
@@ -360,12 +360,16 @@ def test_doc_names_every_column_key_type_and_default() -> None:
         assert re.search(rf"^\| `{key}` \| (yes|no) \|", doc, re.MULTILINE), key
     defaults = {
         "nixos": DEFAULT_NIXOS_RELEASE,
-        "k3s": DEFAULT_K3S_VERSION,
         "nameservers": "[" + ", ".join(map(str, DEFAULT_NAMESERVERS)) + "]",
     }
     for key, value in defaults.items():
         row = re.search(rf"^\| `{key}` \|.*\| `(.*)` \|$", doc, re.MULTILINE)
         assert row is not None and row.group(1) == value, key
+    # k3s has one default per release: each pin's
+    k3s_row = re.search(r"^\| `k3s` \|.*\|$", doc, re.MULTILINE)
+    assert k3s_row is not None
+    for release, pin in NIXPKGS_PINS.items():
+        assert f"`{pin.k3s_default}` on {release}" in k3s_row.group(0), release
 
 
 def test_a_semicolon_separated_table_gets_a_hint(example_dir: Path) -> None:

@@ -314,7 +314,7 @@ def test_hive_nodes(rendered: tuple[Path, dict[str, str]]) -> None:
     assert hive["rolf"]["tags"] == ["k3s-server"]
     assert hive["karl"]["tags"] == ["k3s-agent"]
     assert set(hive["karl"]["keys"]) == {"k3s-token", "passwd-manfred"}
-    pin = NIXPKGS_PINS["25.05"]
+    pin = NIXPKGS_PINS["26.05"]
     assert f'url = "{pin.url}";' in files["hive.nix"]
     assert f'sha256 = "{pin.sha256}";' in files["hive.nix"]
 
@@ -334,9 +334,11 @@ def test_host_values(rendered: tuple[Path, dict[str, str]]) -> None:
     assert len(host["sshKeys"]) == 2  # manfred.pub for all, olaf.pub for olaf
     server = olaf["k3scluster"]["server"]
     assert server["clusterInit"] is True and server["serverAddr"] is None
-    assert server["packageAttr"] == "k3s_1_31"
+    # one K3s package for the host's server and agent; no version of its own in either
+    assert olaf["k3scluster"]["k3s"] == {"packageAttr": "k3s_1_35"}
+    assert "k3sVersion" not in server and "packageAttr" not in server
     agent = olaf["k3scluster"]["agent"]
-    assert agent["image"] == "docker.io/rancher/k3s:v1.31.12-k3s1"
+    assert "image" not in agent
     assert agent["serverUrl"] == "https://10.0.100.10:6443"
     ulf = nix_eval(f"(import {out}/hosts/ulf.nix {HOST_ARGS}).k3scluster.server")
     assert isinstance(ulf, dict)
@@ -402,10 +404,29 @@ def test_interface_names_near_the_limit(cluster: Cluster) -> None:
 
 
 def test_k3s_package_attr() -> None:
-    assert k3s_package_attr("v1.31.12+k3s1") == "k3s_1_31"
-    assert k3s_package_attr("v1.32.3+k3s2") == "k3s_1_32"
-    with pytest.raises(K3sClusterError):
-        k3s_package_attr("1.31.12")
+    assert k3s_package_attr("1.31") == "k3s_1_31"
+    assert k3s_package_attr("1.35") == "k3s_1_35"
+
+
+def test_a_plan_without_nixos_and_k3s_keeps_25_05_and_k3s_1_31(example_dir: Path) -> None:
+    # plans written before init wrote nixos: and k3s: must render as they always did
+    net = example_dir / "plans" / "network.yaml"
+    text = net.read_text()
+    net.write_text(
+        "\n".join(line for line in text.splitlines() if not line.startswith(("nixos:", "k3s:")))
+    )
+    files = render_files(load(example_dir), out_of(example_dir))
+    assert NIXPKGS_PINS["25.05"].rev in files["hive.nix"]
+    assert 'k3scluster.k3s.packageAttr = "k3s_1_31";' in files["hosts/olaf.nix"]
+    assert json.loads(files["cluster.json"])["network"]["k3s"] == "1.31"
+
+
+def test_only_the_minor_of_a_k3s_tag_counts(example_dir: Path) -> None:
+    net = example_dir / "plans" / "network.yaml"
+    net.write_text(net.read_text().replace('k3s: "1.35"', "k3s: v1.35.9+k3s2"))
+    files = render_files(load(example_dir), out_of(example_dir))
+    assert 'k3scluster.k3s.packageAttr = "k3s_1_35";' in files["hosts/karl.nix"]
+    assert "1.35.9" not in "".join(files.values())
 
 
 def test_nixpkgs_pin_override_and_unknown_release(cluster: Cluster) -> None:
@@ -609,4 +630,4 @@ def test_a_nixpkgs_pin_in_network_yaml_reaches_the_hive(example_dir: Path) -> No
     net.write_text(net.read_text() + f"nixpkgs:\n  rev: {rev}\n  sha256: {sha}\n")
     hive = render_files(load(example_dir), out_of(example_dir))["hive.nix"]
     assert f"archive/{rev}.tar.gz" in hive and f'sha256 = "{sha}"' in hive
-    assert NIXPKGS_PINS["25.05"].rev not in hive
+    assert NIXPKGS_PINS["26.05"].rev not in hive

@@ -36,7 +36,7 @@ How to add a rule:
 
 from __future__ import annotations
 
-from k3scluster.model import DEFAULT_K3S_VERSION, DEFAULT_NAMESERVERS, DEFAULT_NIXOS_RELEASE
+from k3scluster.model import DEFAULT_NAMESERVERS, DEFAULT_NIXOS_RELEASE
 from k3scluster.plans.diagnostics import LoadResult
 from k3scluster.plans.files import HOSTS_CSV, K3S_CSV, NETWORK_YAML
 from k3scluster.plans.hosts import HOST_OPTIONAL, HOST_REQUIRED, HOST_RESERVED
@@ -48,7 +48,6 @@ from k3scluster.plans.rules import RULES, WARNING_RULES
 from k3scluster.plans.secrets import SSH_KEY_TYPES
 
 __all__ = [
-    "DEFAULT_K3S_VERSION",
     "DEFAULT_NAMESERVERS",
     "DEFAULT_NIXOS_RELEASE",
     "HOSTS_CSV",

@@ -9,13 +9,18 @@ from dataclasses import dataclass, field
 import yaml
 
 from k3scluster.model import (
-    DEFAULT_K3S_VERSION,
     DEFAULT_NAMESERVERS,
     DEFAULT_NIXOS_RELEASE,
     Location,
     Network,
 )
-from k3scluster.pins import NIXPKGS_PINS, is_commit, is_tarball_hash
+from k3scluster.pins import (
+    K3S_EXAMPLE,
+    NIXPKGS_PINS,
+    is_commit,
+    is_tarball_hash,
+    parse_k3s_minor,
+)
 from k3scluster.plans.files import NETWORK_YAML, Files
 from k3scluster.plans.names import Names, reserved_kind
 from k3scluster.plans.nixos import STATE_VERSION, check_state_version
@@ -25,7 +30,6 @@ NETWORK_REQUIRED = ("gateway", "netmask")
 NETWORK_OPTIONAL = ("nameservers", "nixos", "k3s", "nixpkgs", "stateversion")
 
 _NIXOS = re.compile(r"^[0-9]{2}\.(05|11)$")
-_K3S_VERSION = re.compile(r"^v1\.[0-9]+\.[0-9]+\+k3s[0-9]+$")
 _PREFIX = re.compile(r"^/?([0-9]{1,2})$")
 _SYNTAX_HINT = "fix the YAML syntax (key: value, one per line)"
 _EXAMPLE = "gateway: 192.168.1.1 and netmask: 24, one per line"
@@ -62,15 +66,16 @@ class NetworkReader(Files, Names):
         release_ok, nixos, pin = self._release(rel, keys)
         ok = ok and release_ok
         k3s = self._scalar(rel, keys, "k3s")
-        if k3s is not None and not _K3S_VERSION.match(k3s):
+        k3s_minor = parse_k3s_minor(k3s) if k3s is not None else None
+        if k3s is not None and k3s_minor is None:
             ok = False
             self.error(
                 "k3s-version",
                 rel,
                 keys.lines["k3s"],
-                f"k3s {k3s!r} is not a K3s version",
-                f"write a K3s release like k3s: {DEFAULT_K3S_VERSION} "
-                "(see github.com/k3s-io/k3s/releases)",
+                f"k3s {k3s!r} is not a K3s minor release",
+                f'write the K3s minor release like k3s: "{K3S_EXAMPLE}": servers and agents '
+                "run the patch level the pinned nixpkgs packages",
             )
         self.nixos_line = keys.lines.get("nixos", 1)
         state_version = self._scalar(rel, keys, STATE_VERSION)
@@ -85,7 +90,7 @@ class NetworkReader(Files, Names):
             network=net,
             nameservers=nameservers,
             nixos_release=nixos or DEFAULT_NIXOS_RELEASE,
-            k3s_version=k3s or DEFAULT_K3S_VERSION,
+            k3s_minor=k3s_minor,
             location=Location(rel, 1),
             nixpkgs_rev=pin[0] if pin else None,
             nixpkgs_sha256=pin[1] if pin else None,

@@ -480,12 +480,12 @@ CASES = [
     ),
     case(
         "nixos-release",
-        Sub(N, 'nixos: "25.05"', "nixos: 25.04"),
+        Sub(N, 'nixos: "26.05"', "nixos: 25.04"),
         expected=[f"{N}:8: nixos '25.04' is not a release"],
     ),
     case(
         "nixos-release",
-        Sub(N, 'nixos: "25.05"', 'nixos: "21.11"'),
+        Sub(N, 'nixos: "26.05"', 'nixos: "21.11"'),
         expected=[f"{N}:8: k3scluster knows no nixpkgs commit for NixOS 21.11"],
     ),
     case(
@@ -516,8 +516,8 @@ CASES = [
         "nixpkgs-pin",
         Sub(
             N,
-            "k3s: v1.31.12+k3s1",
-            "k3s: v1.31.12+k3s1\nnixpkgs:\n  rev: ac62194c\n  sha256: nope\n  branch: x",
+            'k3s: "1.35"',
+            'k3s: "1.35"\nnixpkgs:\n  rev: ac62194c\n  sha256: nope\n  branch: x',
         ),
         expected=[
             f"{N}:11: nixpkgs rev 'ac62194c' is not a full commit",
@@ -527,13 +527,13 @@ CASES = [
     ),
     case(
         "nixpkgs-pin",
-        Sub(N, "k3s: v1.31.12+k3s1", "k3s: v1.31.12+k3s1\nnixpkgs: [a, b]"),
+        Sub(N, 'k3s: "1.35"', 'k3s: "1.35"\nnixpkgs: [a, b]'),
         expected=[f"{N}:10: nixpkgs must be a mapping of rev and sha256"],
     ),
     case(
         "k3s-version",
-        Sub(N, "k3s: v1.31.12+k3s1", "k3s: 1.31.12"),
-        expected=[f"{N}:9: k3s '1.31.12' is not a K3s version"],
+        Sub(N, 'k3s: "1.35"', "k3s: 1.31.12"),
+        expected=[f"{N}:9: k3s '1.31.12' is not a K3s minor release"],
     ),
     case("token-missing", Remove("secrets/token"), expected=["secrets/token: missing K3s token"]),
     # no secrets/ at all is one error, not a missing token, hash and key per host

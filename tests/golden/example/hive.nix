@@ -2,13 +2,13 @@
 # The colmena hive: `colmena apply -f hive.nix [--on @k3s-server]`.
 {
   meta = {
-    # nixpkgs for NixOS 25.05, pinned to one commit (nixos-25.05 branch head ac62194c (2026-01-02)).
+    # nixpkgs for NixOS 26.05, pinned to one commit (nixos-26.05 7fc6f2c2 (2026-09-28)).
     # Imported pure: with no arguments nixpkgs would read the deploying user's
     # ~/.config/nixpkgs/{config.nix,overlays} (and colmena hands both to every node),
     # so what the hosts run would depend on who deploys.
     nixpkgs = import (builtins.fetchTarball {
-      url = "https://github.com/NixOS/nixpkgs/archive/ac62194c3917d5f474c1a844b6fd6da2db95077d.tar.gz";
-      sha256 = "0v6bd1xk8a2aal83karlvc853x44dg1n4nk08jg3dajqyy0s98np";
+      url = "https://github.com/NixOS/nixpkgs/archive/7fc6f2c20af09cdcaf48b92ec3121860139ec668.tar.gz";
+      sha256 = "0g2rpvgr8kv1c7m6ql8is57fkh92hsjmiac0rvjyw2lfijhazp3c";
     }) {
       config = { };
       overlays = [ ];

@@ -44,14 +44,16 @@
     ];
   };
 
+  # K3s 1.35 (plans/network.yaml k3s) on servers and agents alike: the servers
+  # run this package of the pinned nixpkgs, the agents its version's rancher/k3s image.
+  k3scluster.k3s.packageAttr = "k3s_1_35";
+
   # K3s server plans/k3s.csv:2
   k3scluster.server = {
     name = "olaf-k3s-server";
     address = "10.0.100.10";
     clusterInit = true;
     serverAddr = null;
-    k3sVersion = "v1.31.12+k3s1";
-    packageAttr = "k3s_1_31";
     manifests = {
       "hello.yaml" = ../../../manifests/hello.yaml;
     };
@@ -65,7 +67,6 @@
     name = "olaf-k3s-agent";
     address = "10.0.100.11";
     serverUrl = "https://10.0.100.10:6443";
-    image = "docker.io/rancher/k3s:v1.31.12-k3s1";
     subnet = "10.0.100.0/24";
     macAddress = "be:38:59:71:75:a0";
   };

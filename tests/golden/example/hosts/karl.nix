@@ -41,12 +41,15 @@
     ];
   };
 
+  # K3s 1.35 (plans/network.yaml k3s) on servers and agents alike: the servers
+  # run this package of the pinned nixpkgs, the agents its version's rancher/k3s image.
+  k3scluster.k3s.packageAttr = "k3s_1_35";
+
   # K3s agent plans/k3s.csv:7
   k3scluster.agent = {
     name = "karl-k3s-agent";
     address = "10.0.100.15";
     serverUrl = "https://10.0.100.10:6443";
-    image = "docker.io/rancher/k3s:v1.31.12-k3s1";
     subnet = "10.0.100.0/24";
     macAddress = "8e:5f:0b:e4:b1:4c";
   };

@@ -28,14 +28,16 @@
     ];
   };
 
+  # K3s 1.35 (plans/network.yaml k3s) on servers and agents alike: the servers
+  # run this package of the pinned nixpkgs, the agents its version's rancher/k3s image.
+  k3scluster.k3s.packageAttr = "k3s_1_35";
+
   # K3s server plans/k3s.csv:4
   k3scluster.server = {
     name = "ulf-k3s-server";
     address = "10.0.100.12";
     clusterInit = false;
     serverAddr = "https://10.0.100.10:6443";
-    k3sVersion = "v1.31.12+k3s1";
-    packageAttr = "k3s_1_31";
     manifests = {
       "hello.yaml" = ../../../manifests/hello.yaml;
     };
@@ -48,7 +50,6 @@
     name = "ulf-k3s-agent";
     address = "10.0.100.13";
     serverUrl = "https://10.0.100.10:6443";
-    image = "docker.io/rancher/k3s:v1.31.12-k3s1";
     subnet = "10.0.100.0/24";
     macAddress = "46:de:b8:b2:26:70";
   };

@@ -2,10 +2,12 @@
 # A K3s agent in the podman container `k3s-agent` (the rancher/k3s image), with its
 # own address on a podman macvlan network over the host's NIC. The values are set by
 # hosts/<host>.nix.
-{ config, lib, ... }:
+{ config, lib, pkgs, ... }:
 let
   host = config.k3scluster.host;
   cfg = config.k3scluster.agent;
+  # the image of the servers' K3s version, computed from the same package
+  k3s = import ./k3s-release.nix { inherit pkgs; inherit (config.k3scluster.k3s) packageAttr; };
   str = lib.types.str;
   secretsDir = "/var/lib/k3scluster/secrets";
   tokenKey = "k3s-token";
@@ -26,7 +28,6 @@ in
     name = lib.mkOption { type = str; description = "K3s name: the Kubernetes node name."; };
     address = lib.mkOption { type = str; description = "The agent's IPv4 address."; };
     serverUrl = lib.mkOption { type = str; description = "https://<init-server>:6443"; };
-    image = lib.mkOption { type = str; description = "rancher/k3s image of the K3s version."; };
     subnet = lib.mkOption { type = str; description = "The plan's subnet, for the macvlan network."; };
     macAddress = lib.mkOption { type = str; description = "The agent's stable, locally administered MAC on the macvlan network."; };
   };
@@ -34,7 +35,7 @@ in
   config = {
     virtualisation.oci-containers.backend = "podman";
     virtualisation.oci-containers.containers.k3s-agent = {
-      image = cfg.image;
+      image = k3s.image;
       cmd = [ "agent" ];
       environment = {
         K3S_URL = cfg.serverUrl;

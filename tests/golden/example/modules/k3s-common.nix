@@ -9,6 +9,10 @@
 # its ports (22, 6443, 2379-2380) in its own firewall; the agent's kubelet (10250)
 # and flannel VXLAN (8472/udp) are reached on the agent's address. The host itself
 # answers on 22 only (modules/base.nix).
-{ ... }:
+{ lib, ... }:
 {
+  options.k3scluster.k3s.packageAttr = lib.mkOption {
+    type = lib.types.str;
+    description = "The nixpkgs attribute of the cluster's K3s minor release, e.g. k3s_1_35 (see k3s-release.nix).";
+  };
 }

@@ -13,10 +13,13 @@
 # and more to go wrong on every host. The price: agentless servers are marked
 # experimental upstream (k3s discussion #7290), and servers show up in
 # `kubectl get nodes` only through their agents.
-{ config, lib, ... }:
+{ config, lib, pkgs, ... }:
 let
   host = config.k3scluster.host;
   cfg = config.k3scluster.server;
+  # The cluster's K3s package, taken from the host's (pinned) nixpkgs: the agents' image
+  # is computed from the same package (k3s-release.nix).
+  k3s = import ./k3s-release.nix { inherit pkgs; inherit (config.k3scluster.k3s) packageAttr; };
   str = lib.types.str;
   secretsDir = "/var/lib/k3scluster/secrets";
   tokenKey = "k3s-token";
@@ -37,8 +40,6 @@ in
     address = lib.mkOption { type = str; description = "The container's IPv4 address."; };
     clusterInit = lib.mkOption { type = lib.types.bool; default = false; description = "The init-server: starts the embedded etcd cluster."; };
     serverAddr = lib.mkOption { type = lib.types.nullOr str; default = null; description = "https://<init-server>:6443 on the other servers."; };
-    k3sVersion = lib.mkOption { type = str; description = "K3s version from plans/network.yaml, e.g. v1.31.12+k3s1."; };
-    packageAttr = lib.mkOption { type = str; description = "nixpkgs attribute of that K3s minor release, e.g. k3s_1_31."; };
     manifests = lib.mkOption { type = lib.types.attrsOf lib.types.path; default = { }; description = "manifests/ files, applied by every server."; };
     extraModules = lib.mkOption { type = lib.types.listOf lib.types.path; default = [ ]; description = "nixConfigs/<k3s name>.nix, imported inside the container."; };
   };
@@ -77,13 +78,7 @@ in
     };
 
     config =
-      { lib, pkgs, ... }:
-      let
-        wanted = lib.removePrefix "v" cfg.k3sVersion;
-        k3sPackage =
-          pkgs.${cfg.packageAttr}
-            or (throw "k3scluster: this nixpkgs has no pkgs.${cfg.packageAttr} for K3s ${cfg.k3sVersion} (plans/network.yaml k3s): choose a K3s minor release the pinned nixpkgs packages");
-      in
+      { lib, ... }:
       {
         imports = [ ./cluster.nix ] ++ cfg.extraModules;
 
@@ -120,7 +115,7 @@ in
         services.k3s = {
           enable = true;
           role = "server";
-          package = k3sPackage;
+          package = k3s.package;
           tokenFile = tokenFile;
           disableAgent = true;
           clusterInit = cfg.clusterInit;
@@ -130,17 +125,6 @@ in
             target = name;
           }) cfg.manifests;
         };
-
-        # nixpkgs packages one K3s per minor release: the patch level is whatever the
-        # pinned nixpkgs ships; the agents run the exact version from the image tag.
-        assertions = [
-          {
-            assertion = lib.versions.majorMinor k3sPackage.version == lib.versions.majorMinor wanted;
-            message = "k3scluster: pkgs.${cfg.packageAttr} is K3s ${k3sPackage.version}, but plans/network.yaml asks for ${wanted}";
-          }
-        ];
-        warnings = lib.optional (k3sPackage.version != wanted)
-          "k3scluster: the K3s servers run ${k3sPackage.version} (pkgs.${cfg.packageAttr} of the pinned nixpkgs), the agents ${wanted} (plans/network.yaml k3s)";
 
         system.stateVersion = host.stateVersion;
       };
