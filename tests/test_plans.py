@@ -387,3 +387,18 @@ def test_a_utf8_bom_and_crlf_lines_are_read(example_dir: Path) -> None:
     result = plans.load(example_dir)
     assert result.errors == () and result.cluster is not None
     assert [h.name for h in result.cluster.hosts] == ["olaf", "ulf", "rolf", "karl", "ulrich"]
+
+
+def test_k3s_release_is_checked_only_against_k3sclusters_own_pins(example_dir: Path) -> None:
+    net = example_dir / "plans" / "network.yaml"
+    text = net.read_text().replace('k3s: "1.35"', 'k3s: "1.31"')
+    # on 26.05 k3scluster knows nixpkgs has no k3s_1_31 ...
+    net.write_text(text)
+    got = [d.message for d in plans.load(example_dir).diagnostics]
+    assert got == ["the nixpkgs k3scluster pins for NixOS 26.05 has no pkgs.k3s_1_31 (K3s 1.31)"]
+    # ... a nixpkgs of your own may have it (then the Nix evaluation tells) ...
+    net.write_text(text + "nixpkgs:\n  rev: " + "0" * 40 + "\n  sha256: sha256-" + "A" * 43 + "=\n")
+    assert plans.load(example_dir).diagnostics == ()
+    # ... and for 25.05 k3scluster has no record of its k3s_1_XX attributes
+    net.write_text(text.replace('nixos: "26.05"', 'nixos: "25.05"'))
+    assert plans.load(example_dir).diagnostics == ()

@@ -19,6 +19,7 @@ from k3scluster.pins import (
     NIXPKGS_PINS,
     is_commit,
     is_tarball_hash,
+    k3s_package_attr,
     parse_k3s_minor,
 )
 from k3scluster.plans.files import NETWORK_YAML, Files
@@ -77,6 +78,8 @@ class NetworkReader(Files, Names):
                 f'write the K3s minor release like k3s: "{K3S_EXAMPLE}": servers and agents '
                 "run the patch level the pinned nixpkgs packages",
             )
+        elif k3s_minor is not None and pin is None:
+            ok = self._k3s_release(rel, keys, nixos or DEFAULT_NIXOS_RELEASE, k3s_minor) and ok
         self.nixos_line = keys.lines.get("nixos", 1)
         state_version = self._scalar(rel, keys, STATE_VERSION)
         if state_version is not None and not check_state_version(
@@ -260,6 +263,25 @@ class NetworkReader(Files, Names):
                 "nixpkgs: {rev: <40-hex commit>, sha256: <nix-prefetch-url --unpack hash>}",
             )
         return ok, nixos, pin
+
+    def _k3s_release(self, rel: str, keys: _Keys, release: str, minor: str) -> bool:
+        """Does k3scluster's nixpkgs pin for ``release`` package K3s ``minor``? (True: yes or
+        unknown: only pins with a record of their k3s_1_XX attributes can tell.)"""
+        known = NIXPKGS_PINS[release].k3s_minors if release in NIXPKGS_PINS else None
+        if known is None or minor in known:
+            return True
+        self.error(
+            "k3s-release",
+            rel,
+            keys.lines["k3s"],
+            f"the nixpkgs k3scluster pins for NixOS {release} has no "
+            f"pkgs.{k3s_package_attr(minor)} (K3s {minor})",
+            "use one of "
+            + ", ".join(f'k3s: "{m}"' for m in known)
+            + " (K3s upgrades one minor release at a time), another nixos:, "
+            "or pin nixpkgs yourself: nixpkgs: {rev: <commit>, sha256: <hash>}",
+        )
+        return False
 
     def parse_nixpkgs_pin(
         self, rel: str, node: yaml.Node | None, line: int

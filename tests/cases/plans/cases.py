@@ -535,6 +535,17 @@ CASES = [
         Sub(N, 'k3s: "1.35"', "k3s: 1.31.12"),
         expected=[f"{N}:9: k3s '1.31.12' is not a K3s minor release"],
     ),
+    case(
+        "k3s-release",
+        Sub(N, 'k3s: "1.35"', 'k3s: "1.31"'),
+        expected=[f"{N}:9: the nixpkgs k3scluster pins for NixOS 26.05 has no pkgs.k3s_1_31 (K3s 1.31)"],
+    ),
+    case(
+        "k3s-release",
+        Sub(N, 'nixos: "26.05"', 'nixos: "25.11"'),
+        Sub(N, 'k3s: "1.35"', "k3s: v1.35.2+k3s1"),
+        expected=[f"{N}:9: the nixpkgs k3scluster pins for NixOS 25.11 has no pkgs.k3s_1_35 (K3s 1.35)"],
+    ),
     case("token-missing", Remove("secrets/token"), expected=["secrets/token: missing K3s token"]),
     # no secrets/ at all is one error, not a missing token, hash and key per host
     case(
