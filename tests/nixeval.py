@@ -20,6 +20,7 @@ LIB_STUB = Path(__file__).resolve().parent / "nix" / "lib-stub.nix"
 PODMAN = "/stand-in/podman"
 GENERATE_CONFIG = "/stand-in/nixos-generate-config"
 MODULES_PATH = "/stand-in/nixpkgs/nixos/modules"
+K3S_VERSION = "1.35.2+k3s1"  # the stand-in K3s package's version
 
 UNWRAP = """
   unwrap = v:
@@ -62,7 +63,10 @@ let
     virtualisation.podman.package = "{podman}";
     system.build.nixos-generate-config = "{GENERATE_CONFIG}";
   }};
-  m = import {out}/modules/{module}.nix {{ inherit config lib; }};
+  # the cluster's K3s package (modules/k3s-release.nix reads its version only)
+  k3sAttr = (hostFile.k3scluster.k3s or {{ packageAttr = "k3s_none"; }}).packageAttr;
+  pkgs = {{ ${{k3sAttr}} = {{ version = "{K3S_VERSION}"; outPath = "/stand-in/k3s"; }}; }};
+  m = import {out}/modules/{module}.nix {{ inherit config lib pkgs; }};
   {UNWRAP}
 in
 """
@@ -79,16 +83,12 @@ def module_config(
     return nix_eval(module_expr(out, module, host, podman) + f"unwrap m.config{path}")
 
 
-def container_config(out: Path, host: str, path: str = "", pkgs: str = "") -> object:
+def container_config(out: Path, host: str, path: str = "", pkgs: str = "pkgs") -> object:
     """What the K3s server container's own ``config`` function defines, unwrapped.
 
     ``pkgs`` is a Nix attrset expression standing in for the container's pkgs (by
-    default one K3s package of the plan's minor release, at the plan's version).
+    default the host's stand-in, with the cluster's K3s package at K3S_VERSION).
     """
-    pkgs = pkgs or (
-        "{ ${hostFile.k3scluster.server.packageAttr} = { version = "
-        'lib.removePrefix "v" hostFile.k3scluster.server.k3sVersion; }; }'
-    )
     return nix_eval(
         module_expr(out, "k3s-server", host)
         + f"unwrap ((m.config.containers.k3s-server.config {{ inherit lib; pkgs = {pkgs}; }}){path})"

@@ -74,6 +74,7 @@ OPTIONS: dict[str, dict[str, str]] = {
     "fileSystems.<name>.options": _same("nixos/modules/tasks/filesystems.nix"),
     "system.stateVersion": _same("nixos/modules/misc/version.nix"),
     "nix.settings.trusted-users": _same("nixos/modules/config/nix.nix"),
+    "nixpkgs.hostPlatform": _same("nixos/modules/misc/nixpkgs.nix"),
     # network
     "networking.hostName": _same(NETWORK),
     "networking.useDHCP": _same(NETWORK),
@@ -82,6 +83,8 @@ OPTIONS: dict[str, dict[str, str]] = {
     "networking.defaultGateway.interface": _same(NETWORK),
     "networking.interfaces.<name>.ipv4.addresses": _same(NETWORK),
     "networking.interfaces.<name>.useDHCP": _same(NETWORK),
+    "networking.interfaces.<name>.macAddress": _same(NETWORK),
+    "networking.usePredictableInterfaceNames": _same(NETWORK),
     "networking.macvlans.<name>.interface": _same(NETWORK),
     "networking.macvlans.<name>.mode": _same(NETWORK),
     "networking.useNetworkd": _same(NETWORK),

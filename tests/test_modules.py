@@ -186,7 +186,7 @@ def test_host_firewall_opens_only_ssh(out: Path) -> None:
     base = module_config(out, "base", "olaf", ".networking.firewall")
     assert base == {"enable": True, "allowedTCPPorts": [22]}
     common = nix_eval(f"import {out}/modules/k3s-common.nix {{ lib = import {LIB_STUB}; }}")
-    assert common == {}
+    assert isinstance(common, dict) and set(common) <= {"options"}  # it sets nothing
     # the server's own ports are opened inside its network namespace
     inner = container_config(out, "olaf", ".networking.firewall")
     assert inner == {"enable": True, "allowedTCPPorts": [22, 6443, 2379, 2380]}

@@ -45,8 +45,21 @@ let
   load = p: call (import p);
 
   hostDefs = if host == null then { } else load host { };
+  # k3scluster.* as the module system would see it: the host file's values over the
+  # defaults the render's modules declare (`mkOption` above returns its arguments)
+  isOption = v: b.isAttrs v && v ? description;
+  defaultsOf = opts: b.listToAttrs (b.concatMap (n:
+    let v = opts.${n}; in
+    if isOption v then (if v ? default then [ { name = n; value = v.default; } ] else [ ])
+    else if b.isAttrs v then [ { name = n; value = defaultsOf v; } ]
+    else [ ]) (b.attrNames opts));
+  merge = l: r: l // b.mapAttrs (n: v:
+    if b.isAttrs v && l ? ${n} && b.isAttrs l.${n} then merge l.${n} v else v) r;
+  modulesOf = r: [ r ] ++ b.concatMap (p: modulesOf (load p args)) (b.filter inRender (r.imports or [ ]));
+  defaults = b.foldl' merge { }
+    (map (r: defaultsOf ((r.options or { }).k3scluster or { })) (modulesOf (load top args)));
   config = {
-    k3scluster = hostDefs.k3scluster or { };
+    k3scluster = merge defaults (hostDefs.k3scluster or { });
     system.build = { nixos-generate-config = stubPkg "nixos-generate-config"; };
     virtualisation.podman.package = stubPkg "podman";
     systemd.package = stubPkg "systemd";
