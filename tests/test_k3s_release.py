@@ -90,7 +90,7 @@ def _module(out: Path, module: str, host: str) -> str:
     """The config of modules/<module>.nix as evaluated on <host>, with the stand-in pkgs."""
     return (
         f"(import {out / 'modules' / module} {{"
-        f" config = {{ k3scluster = (import {out / 'hosts' / host} {{ }}).k3scluster; }};"
+        f" config = {{ k3scluster = (import {out / 'hosts' / host} {{ modulesPath = /stand-in; }}).k3scluster; }};"
         f" lib = {{ }}; pkgs = {STUB_PKGS}; }}).config"
     )
 

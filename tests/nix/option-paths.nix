@@ -44,7 +44,7 @@ let
   call = m: args: if b.isFunction m then m args else m;
   load = p: call (import p);
 
-  hostDefs = if host == null then { } else load host { };
+  hostDefs = if host == null then { } else load host { modulesPath = "/modules"; };
   # k3scluster.* as the module system would see it: the host file's values over the
   # defaults the render's modules declare (`mkOption` above returns its arguments)
   isOption = v: b.isAttrs v && v ? description;

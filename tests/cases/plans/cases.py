@@ -504,7 +504,7 @@ CASES = [
     case(
         "state-version-missing",
         Sub(N, 'stateVersion: "25.05"\n', ""),
-        Sub(N, 'nixos: "25.05"', 'nixos: "24.11"'),
+        Sub(N, 'nixos: "26.05"', 'nixos: "24.11"'),
         expected=[
             (
                 f"{N}:8: warning: nixos is 24.11 but no stateVersion is recorded: "
