@@ -93,6 +93,10 @@ OPTIONS: dict[str, dict[str, str]] = {
     "networking.firewall.allowedTCPPorts": _same(FIREWALL),
     "networking.firewall.allowedUDPPorts": _same(FIREWALL),
     "networking.wireless.enable": _same("nixos/modules/services/networking/wpa_supplicant.nix"),
+    "networking.networkmanager.enable": _same(
+        "nixos/modules/services/networking/networkmanager.nix"
+    ),
+    "services.udev.extraRules": _same("nixos/modules/services/hardware/udev.nix"),
     "services.resolved.enable": _same("nixos/modules/system/boot/resolved.nix"),
     "systemd.network.networks.<name>.address": _same("nixos/modules/system/boot/networkd.nix"),
     "systemd.network.networks.<name>.gateway": _same("nixos/modules/system/boot/networkd.nix"),

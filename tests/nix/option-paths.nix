@@ -75,7 +75,7 @@ let
     name = "k3s_1_${toString (i + 20)}";
     value = stubPkg "k3s" // { version = "1.${toString (i + 20)}.1+k3s1"; };
   }) 20);
-  args = { inherit config lib pkgs; name = "node"; modulesPath = "/modules"; k3sclusterTarget = "target"; };
+  args = { inherit config lib pkgs; name = "node"; modulesPath = "/modules"; k3sclusterTarget = "target"; k3sclusterGrubDevices = [ "/dev/disk/by-id/stand-in" ]; };
 
   # the definitions of one module value, and the render-dir files it imports
   defsOf = r: if r ? config || r ? options then r.config or { } else removeAttrs r [ "imports" "options" "_file" ];
