@@ -20,6 +20,9 @@ the code index, at the commits named here, which are not the pinned commits them
                19089905) say: "services.k3s now shares most of its code with
                services.rke2 … Existing configurations for either module should not be
                affected."
+  OCI          nixos/modules/virtualisation/oci-containers.nix at 035a24e7 (a version from
+               25.11 or later: it reads users.users.<n>.linger): image, cmd, environment,
+               volumes, extraOptions and backend are declared there as before.
   Every other option is declared by the same file in all four releases; the backward
   incompatibilities of rl-2511.section.md (19089905) and rl-2605.section.md (af44875a)
   rename or remove none of them (they touch boot.readOnlyNixStore, systemd.extraConfig,
