@@ -47,7 +47,8 @@ for word in $cmdline; do
 done
 say "boot host=${HOST:-?} job=$JOB firmware=$([ -d /sys/firmware/efi ] && echo efi || echo bios)"
 
-for m in virtio_pci virtio_blk virtio_net vfat nls_cp437 nls_ascii nls_iso8859-1 button evdev; do
+for m in virtio_pci virtio_blk virtio_net virtio_rng vfat nls_cp437 nls_ascii nls_iso8859-1 \
+  button evdev; do
   modprobe "$m" || say "error modprobe $m"
 done
 
