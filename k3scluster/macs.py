@@ -7,8 +7,9 @@ never be a vendor's address on the user's network. The rendered system names the
 this MAC as the plan says (a systemd ``.link``: ``render.render_files(vm_macs=…)``).
 
 The rendered hosts take theirs from here too: the host's own macvlan ``mv-host``
-(``host_macvlan_mac``) and the K3s agent container on its podman macvlan network
-(``agent_mac``). The kernel gives a new macvlan a random MAC (every boot for ``mv-host``,
+(``host_macvlan_mac``), the K3s server container's macvlan (``server_mac``: systemd-nspawn
+would derive one from the host's machine-id, new at every reinstall) and the K3s agent
+container on its podman macvlan network (``agent_mac``). The kernel gives a new macvlan a random MAC (every boot for ``mv-host``,
 every container start for the agent), which leaves stale ARP entries for the address in
 the LAN; a derived one is the same every time, on any machine that renders the plans.
 """
@@ -50,3 +51,8 @@ def host_macvlan_mac(host: str) -> str:
 def agent_mac(node: str) -> str:
     """The MAC of the K3s agent container on the podman macvlan network (its K3s name)."""
     return derived_mac("k3s-agent", node)
+
+
+def server_mac(node: str) -> str:
+    """The MAC of the K3s server container's macvlan (its K3s name)."""
+    return derived_mac("k3s-server", node)

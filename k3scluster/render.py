@@ -40,7 +40,7 @@ import jinja2
 from k3scluster import diagram, installer
 from k3scluster.bootdisk import boot_disk_rules
 from k3scluster.errors import K3sClusterError
-from k3scluster.macs import agent_mac, host_macvlan_mac
+from k3scluster.macs import agent_mac, host_macvlan_mac, server_mac
 from k3scluster.model import DEFAULT_STATE_VERSION, Cluster, Host, K3sNode, K3sType
 from k3scluster.nix import NixPath, nix_value
 from k3scluster.pins import (
@@ -294,6 +294,7 @@ def _host_context(cluster: Cluster, host: Host, out: Path) -> dict[str, object]:
                 "serverAddr": None
                 if server.type is K3sType.INIT_SERVER
                 else f"https://{init.ip}:6443",
+                "macAddress": server_mac(server.name),
             },
             "manifests": [
                 {"name": m, "path": _rel(out, sub, cluster, f"manifests/{m}")}

@@ -77,6 +77,10 @@ OPTIONS: dict[str, dict[str, str]] = {
     "fileSystems.<name>.options": _same("nixos/modules/tasks/filesystems.nix"),
     "system.stateVersion": _same("nixos/modules/misc/version.nix"),
     "nix.settings.trusted-users": _same("nixos/modules/config/nix.nix"),
+    "nix.gc.automatic": _same("nixos/modules/services/misc/nix-gc.nix"),
+    "nix.gc.dates": _same("nixos/modules/services/misc/nix-gc.nix"),
+    "nix.gc.options": _same("nixos/modules/services/misc/nix-gc.nix"),
+    "nix.optimise.automatic": _same("nixos/modules/services/misc/nix-optimise.nix"),
     "nixpkgs.hostPlatform": _same("nixos/modules/misc/nixpkgs.nix"),
     # network
     "networking.hostName": _same(NETWORK),
@@ -108,6 +112,9 @@ OPTIONS: dict[str, dict[str, str]] = {
         "nixos/modules/system/boot/networkd.nix"
     ),
     "systemd.network.networks.<name>.networkConfig.*": _same(
+        "nixos/modules/system/boot/networkd.nix"
+    ),
+    "systemd.network.networks.<name>.linkConfig.*": _same(
         "nixos/modules/system/boot/networkd.nix"
     ),
     # users and ssh

@@ -54,6 +54,7 @@
     address = "10.0.100.10";
     clusterInit = true;
     serverAddr = null;
+    macAddress = "52:35:bf:b9:7a:e2";
     manifests = {
       "hello.yaml" = ../../../manifests/hello.yaml;
     };

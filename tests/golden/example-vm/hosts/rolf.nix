@@ -66,6 +66,7 @@
     address = "10.0.100.14";
     clusterInit = false;
     serverAddr = "https://10.0.100.10:6443";
+    macAddress = "22:7c:bf:89:a8:0c";
     manifests = {
       "hello.yaml" = ../../../manifests/hello.yaml;
     };

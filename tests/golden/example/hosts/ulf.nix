@@ -38,6 +38,7 @@
     address = "10.0.100.12";
     clusterInit = false;
     serverAddr = "https://10.0.100.10:6443";
+    macAddress = "a6:af:e9:1c:6f:46";
     manifests = {
       "hello.yaml" = ../../../manifests/hello.yaml;
     };

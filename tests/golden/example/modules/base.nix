@@ -94,7 +94,16 @@ in
     } // lib.optionalAttrs (cfg.passwordFile != null) {
       hashedPasswordFile = cfg.passwordFile;
     };
-    users.users.root.openssh.authorizedKeys.keys = cfg.sshKeys;
+    users.users.root = {
+      openssh.authorizedKeys.keys = cfg.sshKeys;
+    } // lib.optionalAttrs (cfg.passwordFile != null) {
+      # The admin's password hash for root as well: with mutableUsers = false and no
+      # password root is locked, and the console's emergency shell (sulogin, after a
+      # failed mount at boot, where no sshd runs) refuses a locked root. The file arrives
+      # with the first deploy; until then (update-users-groups.pl warns that it does not
+      # exist) root stays locked as before, and every activation reads it again.
+      hashedPasswordFile = cfg.passwordFile;
+    };
 
     # Where colmena puts the secrets (deployment.keys.*.destDir): persistent and root-only.
     systemd.tmpfiles.rules = [
@@ -109,11 +118,17 @@ in
       device = "/dev/disk/by-label/nixos";
       fsType = "ext4";
     };
-    fileSystems."/boot" = lib.mkIf (cfg.boot == "efi") (lib.mkDefault {
-      device = "/dev/disk/by-label/boot";
-      fsType = "vfat";
-      options = [ "fmask=0077" "dmask=0077" ];
-    });
+    # /boot is needed only to install a new generation: nofail keeps a failed ESP
+    # (a dirty FAT that fsck refuses, a broken partition) from stopping the boot in the
+    # emergency shell of a headless host; it comes up with ssh, and a deploy then fails
+    # in bootctl, which finds no ESP at /boot, instead of installing into the root file
+    # system. The options are not defaults: a hardware configuration's /boot entry
+    # (by-uuid) replaces device and fsType and adds its own options to these.
+    fileSystems."/boot" = lib.mkIf (cfg.boot == "efi") {
+      device = lib.mkDefault "/dev/disk/by-label/boot";
+      fsType = lib.mkDefault "vfat";
+      options = [ "fmask=0077" "dmask=0077" "nofail" "x-systemd.device-timeout=10s" ];
+    };
     boot.loader.systemd-boot.enable = lib.mkDefault (cfg.boot == "efi");
     # systemd-boot copies each generation's kernel and initrd onto the ESP, which the
     # installer makes 512 MiB, and removes those of dropped generations only after
@@ -148,6 +163,17 @@ in
         mv /etc/nixos/.hardware-configuration.nix.tmp /etc/nixos/hardware-configuration.nix
       '';
     };
+
+    # The store only grows: every deploy adds a system closure. Once a week, drop the
+    # system generations older than 30 days (the running one always stays) and what
+    # nothing references any more, and hard-link identical files. Defaults only:
+    # nixConfigs/<host>.nix may set other values.
+    nix.gc = {
+      automatic = lib.mkDefault true;
+      dates = lib.mkDefault "weekly";
+      options = lib.mkDefault "--delete-older-than 30d";
+    };
+    nix.optimise.automatic = lib.mkDefault true;
 
     system.stateVersion = cfg.stateVersion;
   };

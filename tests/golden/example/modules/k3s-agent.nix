@@ -50,6 +50,18 @@ in
         # new password is rejected, so both outlive the container.
         "${state}/rancher-k3s:/var/lib/rancher/k3s"
         "${state}/rancher-node:/etc/rancher/node"
+        # The image declares these three as VOLUMEs (k3s package/Dockerfile): without a
+        # bind, podman makes anonymous volumes that `podman run --rm` deletes at every
+        # stop, and the kubelet comes back without its pod state, CNI without its IP
+        # allocations, containerd (its state is in rancher-k3s) with sandboxes whose
+        # network nobody can release. Kubelet, containerd and the pods' runc all run in
+        # the container's own mount namespace, so the volume mounts the kubelet makes
+        # under /var/lib/kubelet need no propagation to reach the pods; the binds keep
+        # podman's default (rprivate): pod mounts never leak onto the host and go away
+        # with the container, and the kubelet mounts them again when it starts.
+        "${state}/kubelet:/var/lib/kubelet"
+        "${state}/cni:/var/lib/cni"
+        "${state}/log:/var/log"
       ];
       extraOptions = [
         "--privileged"
@@ -92,10 +104,13 @@ in
       '';
 
       # Before the first deploy (a freshly installed host) there is no token yet: the
-      # agent is skipped instead of failing into its start limit, and the deploy that
-      # uploads the token starts it (switch-to-configuration starts the active targets
-      # again, and with them every unit they want that is not running). Ordered after
-      # colmena's unit for the key, which is up once the file is there.
+      # agent is skipped instead of failing into its start limit. The guard is
+      # ConditionPathExists alone: the `after` only orders the two units when both
+      # start in the same transaction, it neither pulls the key unit in nor waits for
+      # a key that is not there. It works because the deploy that uploads the token
+      # runs switch-to-configuration, which starts the active targets again and with
+      # them every unit they want that is not running: the condition is checked
+      # again then, and holds.
       unitConfig.ConditionPathExists = tokenFile;
       after = [ "${tokenKey}-key.service" ];
     };
@@ -104,6 +119,9 @@ in
       "d ${state} 0700 root root -"
       "d ${state}/rancher-k3s 0700 root root -"
       "d ${state}/rancher-node 0700 root root -"
+      "d ${state}/kubelet 0700 root root -"
+      "d ${state}/cni 0700 root root -"
+      "d ${state}/log 0755 root root -"
     ];
 
     # K3s in a container cannot load kernel modules itself.

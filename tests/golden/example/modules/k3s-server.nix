@@ -40,16 +40,19 @@ in
     address = lib.mkOption { type = str; description = "The container's IPv4 address."; };
     clusterInit = lib.mkOption { type = lib.types.bool; default = false; description = "The init-server: starts the embedded etcd cluster."; };
     serverAddr = lib.mkOption { type = lib.types.nullOr str; default = null; description = "https://<init-server>:6443 on the other servers."; };
+    macAddress = lib.mkOption { type = str; description = "The container's stable, locally administered MAC on its macvlan."; };
     manifests = lib.mkOption { type = lib.types.attrsOf lib.types.path; default = { }; description = "manifests/ files, applied by every server."; };
     extraModules = lib.mkOption { type = lib.types.listOf lib.types.path; default = [ ]; description = "nixConfigs/<k3s name>.nix, imported inside the container."; };
   };
 
   # Before the first deploy (a freshly installed host) there is no token yet: the
-  # container is skipped instead of starting a K3s that cannot join, and the deploy
-  # that uploads the token starts it (switch-to-configuration starts the active
-  # targets again, machines.target among them, and with them every unit they want
-  # that is not running). Ordered after colmena's unit for the key, which is up once
-  # the file is there.
+  # container is skipped instead of starting a K3s that cannot join. The guard is
+  # ConditionPathExists alone: the `after` only orders the two units when both start
+  # in the same transaction, it neither pulls the key unit in nor waits for a key that
+  # is not there. It works because the deploy that uploads the token runs
+  # switch-to-configuration, which starts the active targets again (machines.target
+  # among them) and with them every unit they want that is not running: the condition
+  # is checked again then, and holds.
   config.systemd.services."container@k3s-server" = {
     unitConfig.ConditionPathExists = tokenFile;
     after = [ "${tokenKey}-key.service" ];
@@ -58,12 +61,13 @@ in
   config.containers.k3s-server = {
     autoStart = true;
     # The container counts as started when its own systemd is up, and that waits for
-    # k3s.service (Type=notify, no start timeout of its own), which is ready only once
-    # etcd has a quorum: a server joining while the init-server is down, a cold start
-    # of the whole cluster or slow disks take longer than nixpkgs' default of 1min,
-    # after which the container is killed and started again, over and over. 10min
-    # fits all of these; a server still not ready then is restarted (Restart=on-failure)
-    # and a deploy waiting for it fails with that timeout instead of hanging.
+    # k3s.service (Type=notify; no start timeout inside, see below), which is ready
+    # only once etcd has a quorum: a server joining while the init-server is down, a
+    # cold start of the whole cluster or slow disks take longer than nixpkgs' default
+    # of 1min, after which the container is killed and started again, over and over.
+    # 10min fits all of these; a server still not ready then is restarted
+    # (Restart=on-failure) and a deploy waiting for it fails with that timeout instead
+    # of hanging.
     timeoutStartSec = "10min";
     privateNetwork = true;
     # Inside, the interface is mv-<nic>, which systemd-nspawn shortens when it would be
@@ -88,6 +92,11 @@ in
         services.resolved.enable = true;
         systemd.network.networks."10-k3scluster" = {
           matchConfig.Name = "mv-*";
+          # A fixed MAC: systemd-nspawn derives the macvlan's from the host's machine-id,
+          # which a reinstall makes anew (stale ARP entries for the server's address in
+          # the LAN). networkd sets [Link] MACAddress= of a .network itself; a .link file
+          # would need udev, which does not run in the container.
+          linkConfig.MACAddress = cfg.macAddress;
           address = [ "${cfg.address}/${toString host.prefixLength}" ];
           gateway = [ host.gateway ];
           dns = host.nameservers;
@@ -125,6 +134,12 @@ in
             target = name;
           }) cfg.manifests;
         };
+        # k3s.service keeps systemd's default start timeout (90s) up to NixOS 25.05
+        # (services/cluster/k3s sets none); a joining server that waits longer for etcd
+        # would be killed and restarted (Restart=always) over and over. From 25.11
+        # (services/cluster/rancher) it is 0, which mkForce overrides with the same
+        # meaning. The container's timeoutStartSec above stays the outer bound.
+        systemd.services.k3s.serviceConfig.TimeoutStartSec = lib.mkForce "infinity";
 
         system.stateVersion = host.stateVersion;
       };
