@@ -23,6 +23,12 @@ the code index, at the commits named here, which are not the pinned commits them
   OCI          nixos/modules/virtualisation/oci-containers.nix at 035a24e7 (a version from
                25.11 or later: it reads users.users.<n>.linger): image, cmd, environment,
                volumes, extraOptions and backend are declared there as before.
+  GC           nixos/modules/services/misc/nix-gc.nix (043248ac: automatic, dates, options)
+               and nix-optimise.nix (index ids 492126411 and 62235908350, an older and a
+               newer version: automatic in both; dates became `either str (listOf str)`,
+               k3scluster sets only automatic there).
+  NETWORKD     nixos/modules/system/boot/networkd.nix: a .network's linkConfig is checked
+               by sectionLink, whose fields include MACAddress in every version read.
   Every other option is declared by the same file in all four releases; the backward
   incompatibilities of rl-2511.section.md (19089905) and rl-2605.section.md (af44875a)
   rename or remove none of them (they touch boot.readOnlyNixStore, systemd.extraConfig,

@@ -125,8 +125,9 @@ def test_server_binds_the_secrets_directory_read_only(out: Path) -> None:
 
 # -- item 2: the server container's start timeout ---------------------------------------
 # nixos-containers.nix: TimeoutStartSec = cfg.timeoutStartSec (default "1min") on a
-# Type=notify unit run with --notify-ready=yes; k3s.service inside is Type=notify with
-# TimeoutStartSec=0 (services/cluster/k3s, rancher/ from 25.11).
+# Type=notify unit run with --notify-ready=yes; k3s.service inside is Type=notify, with
+# no start timeout of its own only from 25.11 (rancher/), so the container's config sets
+# one for every release (test_k3s_service_in_the_server_container_has_no_start_timeout).
 
 
 def test_server_container_waits_ten_minutes_for_k3s(out: Path) -> None:
