@@ -18,6 +18,7 @@ Layout of OUT::
     modules/k3s-common.nix    K3s hosts: what server and agent share on the host
     modules/k3s-release.nix   the cluster's K3s package and the agents' image tag from it
     modules/k3s-server.nix    K3s server in the NixOS container `k3s-server`
+    modules/k3s-server-start.sh  before each K3s server start: restart, join or init
     modules/k3s-agent.nix     K3s agent in the podman container `k3s-agent`
     hosts/<host>.nix          the host's values and imports
     installers/<host>/...     k3scluster.installer
@@ -40,6 +41,15 @@ import jinja2
 from k3scluster import diagram, installer
 from k3scluster.bootdisk import boot_disk_rules
 from k3scluster.errors import K3sClusterError
+from k3scluster.k3s_start import (
+    ENV_FILE,
+    ETCD_WAL_DIR,
+    SCRIPT_PATH,
+    SCRIPT_TEMPLATE,
+    SCRIPT_VALUES,
+    other_servers,
+    sh_value,
+)
 from k3scluster.macs import agent_mac, host_macvlan_mac, server_mac
 from k3scluster.model import DEFAULT_STATE_VERSION, Cluster, Host, K3sNode, K3sType
 from k3scluster.nix import NixPath, nix_value
@@ -106,6 +116,7 @@ def _environment() -> jinja2.Environment:
         keep_trailing_newline=True,
     )
     env.filters["nix"] = nix_value
+    env.filters["sh"] = sh_value
     return env
 
 
@@ -290,10 +301,10 @@ def _host_context(cluster: Cluster, host: Host, out: Path) -> dict[str, object]:
             "values": {
                 "name": server.name,
                 "address": str(server.ip),
+                # the planned init-server: starts a new cluster only when it has no
+                # etcd data and none of `servers` answers (k3scluster/k3s_start.py)
                 "clusterInit": server.type is K3sType.INIT_SERVER,
-                "serverAddr": None
-                if server.type is K3sType.INIT_SERVER
-                else f"https://{init.ip}:6443",
+                "servers": other_servers(cluster, server),
                 "macAddress": server_mac(server.name),
             },
             "manifests": [
@@ -396,11 +407,14 @@ def render_files(
         "secrets_dir": SECRETS_DIR,
         "token_key": TOKEN_KEY,
         "agent_network": AGENT_NETWORK,
+        "start_env": ENV_FILE,
+        "etcd_wal_dir": ETCD_WAL_DIR,
     }
     files: dict[str, str] = {}
     files["cluster.json"] = _json(cluster_data(cluster))
     for template, path in MODULES.items():
         files[path] = env.get_template(template).render(**common)
+    files[SCRIPT_PATH] = env.get_template(SCRIPT_TEMPLATE).render(**SCRIPT_VALUES)
     files["hive.nix"] = env.get_template("hive.nix.j2").render(
         **common, **_hive_context(cluster, out)
     )
@@ -585,6 +599,7 @@ def host_inputs(cluster: Cluster, host_name: str, files: Mapping[str, str]) -> d
         used.append("modules/k3s-release.nix")
     if server:
         used.append("modules/k3s-server.nix")
+        used.append(SCRIPT_PATH)
     if agent:
         used.append("modules/k3s-agent.nix")
     for rel in used:

@@ -65,7 +65,10 @@ let
   }};
   # the cluster's K3s package (modules/k3s-release.nix reads its version only)
   k3sAttr = (hostFile.k3scluster.k3s or {{ packageAttr = "k3s_none"; }}).packageAttr;
-  pkgs = {{ ${{k3sAttr}} = {{ version = "{K3S_VERSION}"; outPath = "/stand-in/k3s"; }}; }};
+  pkgs = {{
+    ${{k3sAttr}} = {{ version = "{K3S_VERSION}"; outPath = "/stand-in/k3s"; }};
+    bash = "/stand-in/bash"; curl = "/stand-in/curl"; coreutils = "/stand-in/coreutils";
+  }};
   m = import {out}/modules/{module}.nix {{ inherit config lib pkgs; }};
   {UNWRAP}
 in

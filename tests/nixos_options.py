@@ -143,6 +143,7 @@ OPTIONS: dict[str, dict[str, str]] = {
     "systemd.services.<name>.after": _same(SYSTEMD),
     "systemd.services.<name>.before": _same(SYSTEMD),
     "systemd.services.<name>.requires": _same(SYSTEMD),
+    "systemd.services.<name>.requiredBy": _same(SYSTEMD),
     "systemd.services.<name>.path": _same(SYSTEMD),
     "systemd.services.<name>.environment.*": _same(SYSTEMD),
     "systemd.services.<name>.script": _same(SYSTEMD),
@@ -164,6 +165,7 @@ OPTIONS: dict[str, dict[str, str]] = {
     "services.k3s.serverAddr": _k3s(),
     "services.k3s.clusterInit": _k3s(),
     "services.k3s.disableAgent": _k3s(),
+    "services.k3s.environmentFile": _k3s(),
     "services.k3s.manifests.<name>.source": _k3s(),
     "services.k3s.manifests.<name>.target": _k3s(),
     # the K3s agent

@@ -333,7 +333,9 @@ def test_host_values(rendered: tuple[Path, dict[str, str]]) -> None:
     assert host["passwordFile"] == "/var/lib/k3scluster/secrets/passwd-manfred"
     assert len(host["sshKeys"]) == 2  # manfred.pub for all, olaf.pub for olaf
     server = olaf["k3scluster"]["server"]
-    assert server["clusterInit"] is True and server["serverAddr"] is None
+    # the planned init-server, and whom it asks before it starts a new cluster
+    assert server["clusterInit"] is True and "serverAddr" not in server
+    assert server["servers"] == ["10.0.100.12", "10.0.100.14"]
     # one K3s package for the host's server and agent; no version of its own in either
     assert olaf["k3scluster"]["k3s"] == {"packageAttr": "k3s_1_35"}
     assert "k3sVersion" not in server and "packageAttr" not in server
@@ -343,7 +345,8 @@ def test_host_values(rendered: tuple[Path, dict[str, str]]) -> None:
     ulf = nix_eval(f"(import {out}/hosts/ulf.nix {HOST_ARGS}).k3scluster.server")
     assert isinstance(ulf, dict)
     assert ulf["clusterInit"] is False
-    assert ulf["serverAddr"] == "https://10.0.100.10:6443"
+    # a joining server asks the init-server first, then the other servers
+    assert ulf["servers"] == ["10.0.100.10", "10.0.100.14"]
     karl = nix_eval(f"(import {out}/hosts/karl.nix {HOST_ARGS}).k3scluster.host.sshKeys")
     assert isinstance(karl, list) and len(karl) == 1
 
@@ -616,7 +619,9 @@ def test_a_removed_hosts_leftover_files_redeploy_nobody(cluster: Cluster) -> Non
         k3s=tuple(n for n in cluster.k3s if n.host != "ulf"),
     )
     after = all_digests(remaining)
-    assert changed({k: v for k, v in before.items() if k != "ulf"}, after) == set()
+    # only the other servers change: they no longer ask ulf's server at start
+    # (k3scluster.servers, modules/k3s-server-start.sh); its leftover file changes nobody
+    assert changed({k: v for k, v in before.items() if k != "ulf"}, after) == {"olaf", "rolf"}
     # while a shared file (imported by anyone) still changes every host
     (cluster.root / "nixConfigs" / "common").mkdir()
     (cluster.root / "nixConfigs" / "common" / "users.nix").write_text("{ ... }: { }\n")

@@ -43,6 +43,8 @@ in
   optionalString = cond: s: if cond then s else "";
   mapAttrs = builtins.mapAttrs;
   escapeShellArg = arg: "'" + builtins.replaceStrings [ "'" ] [ "'\\''" ] (toString arg) + "'";
+  escapeShellArgs = args: builtins.concatStringsSep " " (map (arg:
+    "'" + builtins.replaceStrings [ "'" ] [ "'\\''" ] (toString arg) + "'") args);
   removePrefix = prefix: s:
     if builtins.substring 0 (builtins.stringLength prefix) s == prefix then stringsAfter prefix s else s;
   versions.majorMinor = v:

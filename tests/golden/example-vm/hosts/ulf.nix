@@ -37,7 +37,7 @@
     name = "ulf-k3s-server";
     address = "10.0.100.12";
     clusterInit = false;
-    serverAddr = "https://10.0.100.10:6443";
+    servers = [ "10.0.100.10" "10.0.100.14" ];
     macAddress = "a6:af:e9:1c:6f:46";
     manifests = {
       "hello.yaml" = ../../../manifests/hello.yaml;

@@ -53,7 +53,7 @@
     name = "olaf-k3s-server";
     address = "10.0.100.10";
     clusterInit = true;
-    serverAddr = null;
+    servers = [ "10.0.100.12" "10.0.100.14" ];
     macAddress = "52:35:bf:b9:7a:e2";
     manifests = {
       "hello.yaml" = ../../../manifests/hello.yaml;

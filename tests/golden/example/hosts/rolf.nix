@@ -65,7 +65,7 @@
     name = "rolf-k3s-server";
     address = "10.0.100.14";
     clusterInit = false;
-    serverAddr = "https://10.0.100.10:6443";
+    servers = [ "10.0.100.10" "10.0.100.12" ];
     macAddress = "22:7c:bf:89:a8:0c";
     manifests = {
       "hello.yaml" = ../../../manifests/hello.yaml;

@@ -26,6 +26,10 @@ let
   # The K3s token, uploaded by colmena to the host; the container sees the secrets
   # directory at the same path.
   tokenFile = "${secretsDir}/${tokenKey}";
+  # How K3s starts, decided before each start (./k3s-server-start.sh): the file
+  # k3s.service reads, and the directory K3s itself takes for "etcd has data here".
+  startEnv = "/run/k3scluster/k3s-start.env";
+  etcdWalDir = "/var/lib/rancher/k3s/server/db/etcd/member/wal";
   sshSettings = {
     PasswordAuthentication = false;
     KbdInteractiveAuthentication = false;
@@ -38,8 +42,8 @@ in
   options.k3scluster.server = {
     name = lib.mkOption { type = str; description = "K3s name: the container's host name."; };
     address = lib.mkOption { type = str; description = "The container's IPv4 address."; };
-    clusterInit = lib.mkOption { type = lib.types.bool; default = false; description = "The init-server: starts the embedded etcd cluster."; };
-    serverAddr = lib.mkOption { type = lib.types.nullOr str; default = null; description = "https://<init-server>:6443 on the other servers."; };
+    clusterInit = lib.mkOption { type = lib.types.bool; default = false; description = "The planned init-server: starts a new etcd cluster when it has no etcd data and no other server answers."; };
+    servers = lib.mkOption { type = lib.types.listOf str; default = [ ]; description = "The other servers' IPv4 addresses (the init-server first): a server without etcd data joins the first that answers."; };
     macAddress = lib.mkOption { type = str; description = "The container's stable, locally administered MAC on its macvlan."; };
     manifests = lib.mkOption { type = lib.types.attrsOf lib.types.path; default = { }; description = "manifests/ files, applied by every server."; };
     extraModules = lib.mkOption { type = lib.types.listOf lib.types.path; default = [ ]; description = "nixConfigs/<k3s name>.nix, imported inside the container."; };
@@ -127,8 +131,12 @@ in
           package = k3s.package;
           tokenFile = tokenFile;
           disableAgent = true;
-          clusterInit = cfg.clusterInit;
-          serverAddr = if cfg.serverAddr == null then "" else cfg.serverAddr;
+          # Neither --cluster-init nor --server in the unit: k3s-server-start decides at
+          # each start and hands K3S_CLUSTER_INIT or K3S_URL over in this file. A fixed
+          # --cluster-init made a reinstalled init-server start a second cluster.
+          clusterInit = lib.mkForce false;
+          serverAddr = lib.mkForce "";
+          environmentFile = startEnv;
           manifests = lib.mapAttrs (name: source: {
             inherit source;
             target = name;
@@ -140,6 +148,33 @@ in
         # (services/cluster/rancher) it is 0, which mkForce overrides with the same
         # meaning. The container's timeoutStartSec above stays the outer bound.
         systemd.services.k3s.serviceConfig.TimeoutStartSec = lib.mkForce "infinity";
+
+        # Before every start of k3s.service (Requires, so each restart runs it again):
+        # etcd data here -> K3s restarts its member; else another server answers
+        # /cacerts -> join it; else the planned init-server -> a new cluster; else exit 1,
+        # and systemd runs it again in 5 s. RestartMode=direct (systemd >= 254) keeps
+        # k3s.service's start waiting through those retries instead of failing it.
+        # No start timeout (oneshot): the container's timeoutStartSec bounds the wait.
+        systemd.services.k3s-server-start = {
+          description = "Decide how K3s starts: restart its etcd member, join or init";
+          before = [ "k3s.service" ];
+          requiredBy = [ "k3s.service" ];
+          after = [ "network-online.target" ];
+          wants = [ "network-online.target" ];
+          # the host's pkgs, as for K3s itself (the container has no nixpkgs of its own)
+          path = [ pkgs.curl pkgs.coreutils ];
+          script = "exec ${pkgs.bash}/bin/bash ${./k3s-server-start.sh} ${
+            lib.escapeShellArgs (
+              [ (if cfg.clusterInit then "init" else "join") startEnv etcdWalDir ] ++ cfg.servers
+            )
+          }";
+          serviceConfig = {
+            Type = "oneshot";
+            Restart = "on-failure";
+            RestartSec = "5s";
+            RestartMode = "direct";
+          };
+        };
 
         system.stateVersion = host.stateVersion;
       };

@@ -1,0 +1,49 @@
+"""The start-time decision of a K3s server: restart its etcd member, join, or init.
+
+``hosts/<init>.nix`` used to set ``clusterInit = true`` for good, so a reinstalled (or
+disk-swapped) init-server bootstrapped a second one-member cluster beside the running
+one. Now no server has --cluster-init or --server in its unit: the script rendered here
+(``modules/k3s-server-start.sh``) runs before every start of k3s.service in the server
+container and writes the environment file k3s.service reads (K3S_URL or
+K3S_CLUSTER_INIT, pkg/cli/cmds/server.go of k3s-io/k3s). ``modules/k3s-server.nix``
+passes it this server's role and the other servers' addresses.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping
+
+from k3scluster.model import Cluster, K3sNode, K3sType
+
+SCRIPT_TEMPLATE = "k3s-server-start.sh.j2"
+SCRIPT_PATH = "modules/k3s-server-start.sh"
+# where k3s.service finds the decision (a tmpfs: decided again after every boot)
+ENV_FILE = "/run/k3scluster/k3s-start.env"
+# K3s's own test for "etcd has been brought up here" (pkg/etcd/etcd.go IsInitialized:
+# walDir = <data-dir>/server/db/etcd/member/wal)
+ETCD_WAL_DIR = "/var/lib/rancher/k3s/server/db/etcd/member/wal"
+
+# the probe of each other server, and how often it is repeated before the init-server
+# starts a new cluster or a joining server gives up (systemd then starts it again)
+SCRIPT_VALUES: Mapping[str, int] = {
+    "port": 6443,
+    "connect_timeout": 3,
+    "max_time": 5,
+    "rounds": 3,
+    "pause": 5,
+}
+
+
+def sh_value(v: object) -> str:
+    """A template value as one shell word (the Jinja2 filter ``sh``)."""
+    if isinstance(v, bool) or not isinstance(v, str | int):
+        raise TypeError(f"no shell form for {type(v).__name__}: {v!r}")
+    return shlex.quote(str(v))
+
+
+def other_servers(cluster: Cluster, server: K3sNode) -> list[str]:
+    """The addresses the server asks, the planned init-server first, then plan order."""
+    servers = [n for n in cluster.k3s if n.type.is_server and n.name != server.name]
+    servers.sort(key=lambda n: n.type is not K3sType.INIT_SERVER)
+    return [str(n.ip) for n in servers]
