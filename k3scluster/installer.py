@@ -7,8 +7,9 @@
   by the Nix files with ``builtins.fromJSON`` so no plan string is spliced into Nix;
 - ``default.nix``: builds the ISO. It evaluates the host from ``../../hive.nix`` the way
   colmena evaluates a node (same pinned nixpkgs, ``defaults``, ``specialArgs``; colmena's
-  ``deployment`` options accepted and ignored) so the installed system is the deployed one,
-  without the keys colmena uploads;
+  ``deployment`` options accepted and ignored), for the host's platform. The installed system
+  is the host's configuration without colmena's own modules (key upload units, key ownership,
+  colmena's assertions), so not the very toplevel colmena deploys: the first deploy replaces it;
 - ``iso.nix``: the installer module (installation-cd-minimal + the host's system in the
   image's store + ``system_setup.service``; no sshd, no network, no password);
 - ``system-setup.sh``: the script the service runs (partition, mount, nixos-install, poweroff).

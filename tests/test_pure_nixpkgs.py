@@ -33,12 +33,29 @@ STUB_NIXPKGS = """\
 }
 """
 
-# stand-in for nixos/lib/eval-config.nix: the ISO's result says which system it got
+# Stand-in for nixos/lib/eval-config.nix: the ISO's result says which system argument it
+# got and which platform it ends up with. The platform follows the real files (read at
+# nixpkgs 02aa3c00 nixos/lib/eval-config.nix and 026ffb9e nixos/modules/misc/nixpkgs.nix):
+# a defined nixpkgs.hostPlatform decides; without it a non-null `system` argument does
+# (eval-config sets `nixpkgs.system = mkDefault system`, localSystem defaults to it);
+# with neither the evaluation fails. Only plain attribute-set modules are looked at.
 STUB_EVAL_CONFIG = """\
-args: {
+args:
+let
+  defs = builtins.concatMap
+    (m: if builtins.isAttrs m && m ? nixpkgs && m.nixpkgs ? hostPlatform
+      then [ m.nixpkgs.hostPlatform ] else [ ])
+    args.modules;
+  platform =
+    if defs != [ ] then builtins.head defs
+    else if args.system != null then args.system
+    else throw "neither nixpkgs.hostPlatform nor nixpkgs.system is set";
+in
+{
+  config.nixpkgs.hostPlatform.system = platform;
   config.system.build = {
     toplevel = "toplevel-of-the-host";
-    isoImage = { inherit (args) system; };
+    isoImage = { inherit (args) system; inherit platform; };
   };
 }
 """
@@ -89,7 +106,7 @@ def test_the_hive_imports_its_pin_pure(example_dir: Path, tmp_path: Path) -> Non
     assert got == {"config": {}, "overlays": [], "system": NIXPKGS_SYSTEM}
 
 
-def _iso(tmp_path: Path, nixpkgs_expr: str) -> object:
+def _iso(tmp_path: Path, nixpkgs_expr: str, node: str = "{ }") -> object:
     cluster = plans.load(Path(__file__).resolve().parent.parent / "examples" / "cluster").cluster
     assert cluster is not None
     host = cluster.hosts[0].name
@@ -99,13 +116,14 @@ def _iso(tmp_path: Path, nixpkgs_expr: str) -> object:
         (out / rel).write_text(text)
     _stub(tmp_path / "nixpkgs")
     # a stand-in hive: one node, meta.nixpkgs not yet imported
-    (out / "hive.nix").write_text(f"{{ meta.nixpkgs = {nixpkgs_expr}; {host} = {{ }}; }}\n")
+    (out / "hive.nix").write_text(f"{{ meta.nixpkgs = {nixpkgs_expr}; {host} = {node}; }}\n")
     return _eval(f"import {out / 'installers' / host / 'default.nix'}")
 
 
 def test_the_iso_imports_a_nixpkgs_path_pure(tmp_path: Path) -> None:
     # the stand-in refuses a call without config, overlays or system
-    assert _iso(tmp_path, str(tmp_path / "nixpkgs")) == {"system": NIXPKGS_SYSTEM}
+    node = f'{{ nixpkgs.hostPlatform = "{NIXPKGS_SYSTEM}"; }}'
+    assert _iso(tmp_path, str(tmp_path / "nixpkgs"), node)["platform"] == NIXPKGS_SYSTEM
 
 
 def test_the_iso_calls_a_nixpkgs_function_pure(tmp_path: Path) -> None:
@@ -113,4 +131,17 @@ def test_the_iso_calls_a_nixpkgs_function_pure(tmp_path: Path) -> None:
         f'(args: assert args == {{ config = {{ }}; overlays = [ ]; system = "{NIXPKGS_SYSTEM}"; }};'
         f" import {tmp_path / 'nixpkgs'} args)"
     )
-    assert _iso(tmp_path, expr) == {"system": NIXPKGS_SYSTEM}
+    node = f'{{ nixpkgs.hostPlatform = "{NIXPKGS_SYSTEM}"; }}'
+    assert _iso(tmp_path, expr, node)["platform"] == NIXPKGS_SYSTEM
+
+
+def test_the_iso_runs_on_the_hosts_platform(tmp_path: Path) -> None:
+    """An aarch64 host gets an aarch64 image, though the hive's nixpkgs is x86_64's.
+
+    The image's evaluation gets no `system` argument (eval-config.nix would make it
+    nixpkgs.system, the image's platform, since the installer profile sets none) and the
+    host's nixpkgs.hostPlatform as a module.
+    """
+    got = _iso(tmp_path, str(tmp_path / "nixpkgs"), '{ nixpkgs.hostPlatform = "aarch64-linux"; }')
+    assert NIXPKGS_SYSTEM == "x86_64-linux"
+    assert got == {"system": None, "platform": "aarch64-linux"}

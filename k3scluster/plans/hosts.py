@@ -19,6 +19,8 @@ HOST_RESERVED = {"k3s": "config.cluster.<host>.k3s holds the host's K3s rows"}
 _IFACE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 _USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 _SERIAL = re.compile(r"^[a-z0-9#+\-.:=@_]+$")
+# the only platform with BIOS boot: GRUB's i386-pc target (boot.loader.grub.device)
+BIOS_PLATFORM = "x86_64-linux"
 _RESERVED_USERS = frozenset({"root", "nobody", "daemon", "sshd", "nixbld"})
 
 
@@ -126,6 +128,17 @@ class HostsReader(Tables, Names):
                 line,
                 f"unknown platform {platform!r}",
                 f"write one of {', '.join(PLATFORMS)} (empty means {DEFAULT_PLATFORM})",
+            )
+        if boot == BootMode.BIOS.value and platform in PLATFORMS and platform != BIOS_PLATFORM:
+            ok = False
+            self.error(
+                "boot-platform",
+                rel,
+                line,
+                f"boot=bios on platform {platform!r}: BIOS boot (GRUB i386-pc) exists only "
+                f"on {BIOS_PLATFORM}",
+                f"write boot efi (or leave it empty) for a {platform} host, or correct the "
+                "platform",
             )
         state_version = v.get(STATE_VERSION) or None
         if state_version is not None and not check_state_version(

@@ -46,6 +46,7 @@ _REGISTRY: tuple[tuple[str, str, str], ...] = (
     ("boot-mode", ERROR, "boot is efi or bios"),
     ("disk-serial", ERROR, "a disk serial holds only characters a /dev/disk/by-id name can"),
     ("platform", ERROR, "platform is x86_64-linux or aarch64-linux"),
+    ("boot-platform", ERROR, "boot=bios only on platform x86_64-linux (GRUB i386-pc)"),
     (
         "interface-eth",
         WARNING,

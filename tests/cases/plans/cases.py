@@ -311,6 +311,16 @@ CASES = [
         expected=[f"{H}:5: unknown platform 'arm64'"],
     ),
     case(
+        "boot-platform",
+        Sub(H, "name,interface,ip,admin,disk,boot,location", "name,interface,ip,admin,disk,boot,platform"),
+        Sub(H, "rack-top", "aarch64-linux"),
+        Sub(H, "rack-middle", ""),
+        Sub(H, "rack-bottom", "aarch64-linux"),
+        Sub(H, "desk", "x86_64-linux"),
+        Sub(H, "closet", ""),
+        expected=[f"{H}:4: boot=bios on platform 'aarch64-linux': BIOS boot (GRUB i386-pc) exists only on x86_64-linux"],
+    ),
+    case(
         "interface-eth",
         Sub(H, "karl,eni1,", "karl,eth0,"),
         expected=[
