@@ -82,6 +82,14 @@ def parted(dev: str) -> list[list[str]]:
     return [line.rstrip(";").split(":") for line in out.splitlines()[1:]]
 
 
+def disk_flags(dev: str) -> str:
+    """The disk's own flags (`disk_set`), as `parted print` lists them."""
+    out = subprocess.run(
+        ["parted", "-s", dev, "print"], capture_output=True, text=True, check=True
+    ).stdout
+    return next(line for line in out.splitlines() if line.startswith("Disk Flags:"))
+
+
 def blkid(dev: str) -> dict[str, str]:
     out = subprocess.run(
         ["blkid", "-p", "-o", "export", dev], capture_output=True, text=True, check=False
@@ -140,12 +148,21 @@ def test_bios_layout_serial_case_insensitive(script, loop_factory, byid, mnt, by
     (byid / "ata-WDC_WD10EZEX-08WN4A0_WD-WCC4N1234567").symlink_to(dev)
     r = run(script("rolf"), BYID_DIR=str(byid), MNT=str(mnt))
     assert r.returncode == 0, r.stdout + r.stderr
+    # GPT (an msdos table stops at 2 TiB): a 1 MiB BIOS boot partition for GRUB's core
+    # image, the ext4 root labelled nixos, the protective MBR marked bootable
     table = parted(dev)
-    assert table[0][5] == "msdos"
-    assert len(table) == 2
-    assert table[1][0] == "1" and table[1][4] == "ext4" and "boot" in table[1][6]
-    assert blkid(dev + "p1")["LABEL"] == "nixos" and blkid(dev + "p1")["TYPE"] == "ext4"
-    assert mounted_at(mnt) == dev + "p1"
+    assert table[0][5] == "gpt"
+    assert len(table) == 3
+    p1, p2 = table[1], table[2]
+    assert (p1[0], p1[1], p1[2], p1[5]) == ("1", "1.00MiB", "2.00MiB", "bios")
+    assert "bios_grub" in p1[6]
+    assert (p2[0], p2[1], p2[4], p2[5]) == ("2", "2.00MiB", "ext4", "nixos")
+    assert "pmbr_boot" in disk_flags(dev)
+    # the BIOS boot partition's GPT type (what grub-install looks for)
+    assert blkid(dev + "p1")["PART_ENTRY_TYPE"] == "21686148-6449-6e6f-744e-656564454649"
+    assert "TYPE" not in blkid(dev + "p1")
+    assert blkid(dev + "p2")["LABEL"] == "nixos" and blkid(dev + "p2")["TYPE"] == "ext4"
+    assert mounted_at(mnt) == dev + "p2"
     for step in ("find-disk", "check-disk", "wipe", "partition", "mkfs", "mount"):
         assert f"] {step}: " in r.stdout
 
@@ -190,7 +207,7 @@ def test_refuses_a_mounted_disk(script, loop_factory, byid, mnt, tmp_path, bysta
     assert run(script("rolf"), BYID_DIR=str(byid), MNT=str(mnt)).returncode == 0
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    subprocess.run(["mount", dev + "p1", str(elsewhere)], check=True)
+    subprocess.run(["mount", dev + "p2", str(elsewhere)], check=True)
     try:
         (elsewhere / "data").write_text("precious")
         other_mnt = tmp_path / "mnt2"
@@ -221,12 +238,12 @@ def test_rerun_after_a_failure(script, loop_factory, byid, mnt, tmp_path, bystan
     )
     assert first.returncode != 0
     assert 'ERROR in step "install"' in first.stdout
-    assert mounted_at(mnt) == dev + "p1"  # left as it was when it failed
+    assert mounted_at(mnt) == dev + "p2"  # left as it was when it failed
     second = run(script("rolf"), BYID_DIR=str(byid), MNT=str(mnt))
     assert second.returncode == 0, second.stdout + second.stderr
     assert "unmounting what a previous run left" in second.stdout
-    assert mounted_at(mnt) == dev + "p1"
-    assert blkid(dev + "p1")["LABEL"] == "nixos"
+    assert mounted_at(mnt) == dev + "p2"
+    assert blkid(dev + "p2")["LABEL"] == "nixos"
 
 
 def test_missing_system_stops_before_the_disk(script, loop_factory, byid, mnt, bystander):
@@ -343,7 +360,7 @@ def test_arguments_override_the_plan(script, loop_factory, byid, mnt, bystander)
         check=False,
     )
     assert r.returncode == 0, r.stdout + r.stderr
-    assert parted(dev)[0][5] == "msdos"
+    assert parted(dev)[0][5] == "gpt" and parted(dev)[1][5] == "bios"
     bad = subprocess.run(
         ["bash", str(script("olaf")), "DISK=/dev/sda"],
         env=full,
@@ -444,7 +461,7 @@ def test_installs_powers_off_and_never_wipes_twice(
     assert "remove the stick, then power on" in first.stdout
     assert f"GRUB goes to {grub} -> {dev}" in first.stdout
     assert mounted_at(mnt) == ""  # unmounted before the poweroff
-    uuid = blkid(dev + "p1")["UUID"]
+    uuid = blkid(dev + "p2")["UUID"]
 
     # The stick is still in and the machine boots it again: nothing may change.
     before = sha256_of(dev)
@@ -452,7 +469,7 @@ def test_installs_powers_off_and_never_wipes_twice(
     assert second.returncode == 3, second.stdout + second.stderr
     assert 'REFUSED in step "check-installed"' in second.stdout
     assert f"{dev} already holds an installed NixOS" in second.stdout
-    assert f"{dev}p1 (ext4, label nixos): /nix/var/nix/profiles/system -> system-1-link" in (
+    assert f"{dev}p2 (ext4, label nixos): /nix/var/nix/profiles/system -> system-1-link" in (
         second.stdout
     )
     assert "add k3scluster.reinstall=1 to the kernel command line" in second.stdout
@@ -473,7 +490,7 @@ def test_installs_powers_off_and_never_wipes_twice(
     )
     assert again.returncode == 0, again.stdout + again.stderr
     assert "k3scluster.reinstall=1 on the kernel command line: replacing" in again.stdout
-    assert blkid(dev + "p1")["UUID"] != uuid  # a new file system
+    assert blkid(dev + "p2")["UUID"] != uuid  # a new file system
     assert len(_log(env, "nixos-install")) == 2 and len(_log(env, "poweroff")) == 2
 
 
@@ -542,3 +559,67 @@ def test_grub_device_checked_before_the_disk_is_erased(
         assert 'ERROR in step "check-installed"' in r.stdout and why in r.stdout, r.stdout
         assert sha256_of(dev) == before
     assert _log(env, "nixos-install") == []
+
+
+def test_no_serial_grub_device_must_hold_the_root(
+    script, loop_factory, tmp_path, mnt, bystander, standins
+):
+    """BIOS without a serial: GRUB's device is checked against the disk of the nixos partition."""
+    dev = loop_factory(128)
+    _labelled(dev, efi=False)
+    bylabel = tmp_path / "by-label"
+    bylabel.mkdir()
+    (bylabel / "nixos").symlink_to(dev + "p1")
+    env = dict(standins, BYLABEL_DIR=str(bylabel), MNT=str(mnt), BOOT="bios")
+    before = sha256_of(dev)
+    # boot.loader.grub.device names another disk (by a by-id style link): refused first
+    other = tmp_path / "ata-Other_Disk_ZZZ999"
+    other.symlink_to(bystander)
+    r = run(script("ulf"), **dict(env, GRUB_DEVICES=str(other)))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert 'ERROR in step "check-installed"' in r.stdout
+    assert f"GRUB's device {other} is {bystander}, but the root file system {dev}p1" in r.stdout
+    assert f"is on {dev} and GRUB must go to that disk" in r.stdout
+    assert mounted_at(mnt) == "" and sha256_of(dev) == before
+    assert _log(env, "nixos-install") == []
+    # the disk holding the partition, through a link: installed
+    grub = tmp_path / "grubdisk"
+    grub.symlink_to(dev)
+    r = run(script("ulf"), **dict(env, GRUB_DEVICES=f"{grub}"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"GRUB goes to {grub} -> {dev}" in r.stdout
+    assert len(_log(env, "nixos-install")) == 1
+
+
+def test_warns_when_a_bios_host_booted_the_stick_in_uefi_mode(
+    script, loop_factory, byid, mnt, tmp_path, bystander
+):
+    dev = loop_factory(64)
+    (byid / "ata-WDC_WD10EZEX-08WN4A0_WD-WCC4N1234567").symlink_to(dev)
+    efi = tmp_path / "sys-firmware-efi"
+    efi.mkdir()
+    warning = "WARNING: the plan says boot=bios but this machine booted the stick in UEFI mode"
+    r = run(script("rolf"), BYID_DIR=str(byid), MNT=str(mnt), EFI_DIR=str(efi))
+    assert r.returncode == 0, r.stdout + r.stderr  # a warning: it still installs
+    assert warning in r.stdout and f"({efi} exists)" in r.stdout
+    unmount_under(mnt)
+    r = run(
+        script("rolf"),
+        BYID_DIR=str(byid),
+        MNT=str(mnt),
+        EFI_DIR=str(tmp_path / "none"),
+        PROC_CMDLINE=str(tmp_path / "none"),
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "WARNING" not in r.stdout
+    unmount_under(mnt)
+    # the other way round stops: an EFI host whose stick booted in BIOS mode
+    r = run(
+        script("olaf"),
+        BYID_DIR=str(byid),
+        MNT=str(mnt),
+        EFI_DIR=str(tmp_path / "none"),
+        SKIP_INSTALL="0",
+        SYSTEM=str(tmp_path),
+    )
+    assert r.returncode == 1 and "booted the stick in BIOS mode" in r.stdout

@@ -324,15 +324,18 @@ def test_system_setup_bios_in_guest(installed_bios: Installed, tmp_path):
 
     raw = raw_copy(inst.disk, tmp_path / "rolf.raw")
     table = parted(raw)
-    assert table[0][5] == "msdos"
-    assert len(table) == 2
-    assert (table[1][0], table[1][1], table[1][4]) == ("1", "1.00MiB", "ext4")
-    assert "boot" in table[1][6]
+    assert table[0][5] == "gpt"
+    assert len(table) == 3
+    assert (table[1][0], table[1][1], table[1][2], table[1][5]) == ("1", "1.00MiB", "2.00MiB", "bios")
+    assert "bios_grub" in table[1][6]
+    assert (table[2][0], table[2][1], table[2][4], table[2][5]) == ("2", "2.00MiB", "ext4", "nixos")
     fs = blkid_parts(raw)
-    assert (fs[1]["TYPE"], fs[1]["LABEL"]) == ("ext4", "nixos")
+    assert (fs[2]["TYPE"], fs[2]["LABEL"]) == ("ext4", "nixos")
     with open(raw, "rb") as f:
         mbr = f.read(512)
     assert mbr[510:] == b"\x55\xaa" and mbr[:440].strip(b"\0"), "no boot code in the MBR"
+    # the protective MBR entry (type 0xee) carries the boot flag (pmbr_boot)
+    assert mbr[446 + 4] == 0xEE and mbr[446] == 0x80
 
 
 def test_bios_disk_boots_installed_system_until_the_console_says_poweroff(

@@ -113,6 +113,17 @@ layout() {
   done
 }
 
+# Writes the number $3 as 8 little-endian bytes at byte offset $2 of the file $1.
+put_le64() {
+  n="$3" esc="" i=0
+  while [ "$i" -lt 8 ]; do
+    esc="$esc\\$(printf '%03o' $((n & 255)))"
+    n=$((n >> 8)) i=$((i + 1))
+  done
+  # shellcheck disable=SC2059
+  printf "$esc" | dd of="$1" bs=1 seek="$2" conv=notrunc 2>/dev/null
+}
+
 install_system() {
   root="$1"
   mkdir -p "$root/boot" "$root/etc" "$root/nix/store" "$root/nix/var/nix/profiles"
@@ -139,8 +150,15 @@ EOF
     mkdir -p "$root/boot/EFI/BOOT"
     cp /usr/share/k3sguest/BOOTX64.EFI "$root/boot/EFI/BOOT/BOOTX64.EFI"
   else
-    dd if=/usr/share/k3sguest/boot.img of="$DISK" bs=440 count=1 conv=notrunc 2>/dev/null
-    dd if=/usr/share/k3sguest/core.img of="$DISK" bs=512 seek=1 conv=notrunc 2>/dev/null
+    # GPT: boot.img in the MBR's code area, core.img in the BIOS boot partition (partition
+    # 1), both patched where grub-install patches them: boot.img's kernel sector (offset
+    # 0x5c) and the blocklist start at the end of core.img's first sector (offset 0x1f4)
+    start="$(cat "/sys/class/block/${DISK##*/}1/start")"
+    cp /usr/share/k3sguest/boot.img /usr/share/k3sguest/core.img /tmp/
+    put_le64 /tmp/boot.img 92 "$start"
+    put_le64 /tmp/core.img 500 $((start + 1))
+    dd if=/tmp/boot.img of="$DISK" bs=440 count=1 conv=notrunc 2>/dev/null
+    dd if=/tmp/core.img of="$DISK" bs=512 seek="$start" conv=notrunc 2>/dev/null
   fi
   # what an installed NixOS leaves on its root file system
   echo "k3sguest $HOST" >"$root/etc/NIXOS"
