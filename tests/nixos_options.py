@@ -61,6 +61,7 @@ USERS = "nixos/modules/config/users-groups.nix"
 SSHD = "nixos/modules/services/networking/ssh/sshd.nix"
 SYSTEMD = "nixos/lib/systemd-unit-options.nix"
 FIREWALL = "nixos/modules/services/networking/firewall.nix"
+VM_LINKS = "nixos/modules/system/boot/networkd.nix"
 
 # option path pattern -> release -> the nixpkgs file that declares it
 OPTIONS: dict[str, dict[str, str]] = {
@@ -69,6 +70,15 @@ OPTIONS: dict[str, dict[str, str]] = {
     # boot
     "boot.kernel.sysctl.*": _same("nixos/modules/config/sysctl.nix"),
     "boot.kernelModules": _same("nixos/modules/system/boot/kernel.nix"),
+    # VM stacks only (templates/host.nix.j2 with vm): kernel.nix declares kernelParams;
+    # networkd.nix declares systemd.network.links (matchConfig/linkConfig: attrsOf unitOption)
+    # and, outside its `mkIf config.systemd.network.enable`, turns them into
+    # /etc/systemd/network/<name>.link for udev ("… honored by udev, no matter if
+    # systemd-networkd is enabled or not"), read in the code index in a version with
+    # commonConfig/mkUnit and systemd-networkd-persistent-storage (24.11 or later)
+    "boot.kernelParams": _same("nixos/modules/system/boot/kernel.nix"),
+    "systemd.network.links.<name>.matchConfig.*": _same(VM_LINKS),
+    "systemd.network.links.<name>.linkConfig.*": _same(VM_LINKS),
     "boot.loader.efi.canTouchEfiVariables": _same("nixos/modules/system/boot/loader/efi.nix"),
     "boot.loader.grub.enable": _same("nixos/modules/system/boot/loader/grub/grub.nix"),
     "boot.loader.grub.device": _same("nixos/modules/system/boot/loader/grub/grub.nix"),

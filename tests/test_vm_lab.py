@@ -199,6 +199,7 @@ def test_install_argv_boots_the_iso_once_with_the_serial_and_mac(
     assert f"virtio-blk-pci,drive=disk,bootindex=2,serial={s.serial}" in devices
     assert f"virtio-net-pci,netdev=net,mac={s.mac}" in devices
     assert "ide-cd,drive=cd,bus=ide.1,bootindex=1" in devices
+    assert "virtio-rng-pci,rng=rng" in devices
     assert "-no-reboot" in argv and "-daemonize" in argv
     drives = _opt(argv, "-drive")
     assert "if=pflash,format=raw,unit=0,readonly=on,file=/fw/CODE.fd" in drives
@@ -471,3 +472,24 @@ def test_missing_tools_are_named_before_anything_is_made(
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(K3sClusterError, match="needs qemu-system-x86_64, qemu-img, ip, ping"):
         qemu.require_tools("qemu-system-x86_64", "qemu-img")
+
+
+def test_a_vm_renders_only_options_checked_in_every_pinned_release(
+    example_dir: Path, tmp_path: Path
+) -> None:
+    from nixos_options import known
+    from test_nixos_options import _as_options, option_paths
+
+    from k3scluster.render import render_to_dir
+
+    c = _load(example_dir)
+    out = tmp_path / "render"
+    render_to_dir(c, out, vm_macs=lab.planned_macs(c, "test-vms"))
+    seen = set()
+    for host in sorted((out / "hosts").glob("*.nix")):
+        for path in option_paths(host, out, host):
+            seen.update(_as_options(path))
+    assert ("systemd", "network", "links", "10-k3scluster-vm-nic", "matchConfig", "MACAddress") in seen
+    assert ("systemd", "network", "links", "10-k3scluster-vm-nic", "linkConfig", "Name") in seen
+    assert ("boot", "kernelParams") in seen
+    assert sorted(".".join(p) for p in seen if known(p) is None) == []

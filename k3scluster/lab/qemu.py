@@ -199,6 +199,10 @@ def vm_argv(
             "-no-reboot",
         ]
     argv += [
+        # entropy from the host: a fresh guest's CRNG is not ready for seconds otherwise
+        # (under TCG every libuuid call in parted and mkfs waited ~1 s for it)
+        "-object", "rng-random,id=rng,filename=/dev/urandom",
+        "-device", "virtio-rng-pci,rng=rng",
         "-netdev", f"tap,id=net,ifname={spec.tap},script=no,downscript=no",
         "-device", f"virtio-net-pci,netdev=net,mac={spec.mac}",
         "-qmp", f"unix:{_opt(f['qmp'])},server=on,wait=off",
