@@ -391,7 +391,8 @@ def _reinstall_vm(guest, inst: Installed, cluster, tmp: Path, cmdline: tuple[str
         setup_args=("ESP_SIZE_MIB=64",),
         cmdline=cmdline,
     )
-    initrd = vg.guest_initrd(tmp / "initrd", config=cfg, guest=guest, carry_system=True)
+    # (no system to carry: these runs are about the disk already there)
+    initrd = vg.guest_initrd(tmp / "initrd", config=cfg, guest=guest)
     return vg.Vm(
         tmp / "vm",
         kernel=guest.kernel,

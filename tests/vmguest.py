@@ -34,7 +34,7 @@ The guest is cached under ``$K3SCLUSTER_TEST_CACHE`` (default
 versions it is made of and this module's and the init script's source, so a warm run
 reuses it. QEMU always runs with ``-accel tcg``: ``/dev/kvm`` on these machines is a nested
 device on which a guest hangs. Needs root (QEMU taps, loop devices) and the Debian
-packages in scripts/setup's DEBS (qemu-system-x86, qemu-utils, ovmf, busybox-static,
+packages in scripts/setup's DEBS (qemu-system-x86, qemu-utils, ovmf, busybox-static, zstd,
 grub-pc-bin, grub-efi-amd64-bin, grub-common, xorriso, mtools).
 """
 
@@ -79,6 +79,7 @@ INSTALLED = (
     "grub-pc-bin",
     "grub-efi-amd64-bin",
     "grub-common",
+    "zstd",
 )
 #: commands copied from the machine with their shared libraries (busybox provides the rest)
 COMMANDS = (
@@ -209,7 +210,7 @@ def _recipe() -> dict[str, object]:
 
 @dataclass(frozen=True)
 class Guest:
-    """The built guest: a kernel and its base initramfs (gzip'd newc cpio)."""
+    """The built guest: a kernel and its base initramfs (a zstd-compressed newc cpio)."""
 
     kernel: Path
     initrd: Path
@@ -416,9 +417,10 @@ def _build(work: Path, recipe: dict[str, object]) -> None:
     (root / "etc/group").write_text("root:x:0:\n")
     (root / "etc/mtab").symlink_to("/proc/self/mounts")
 
-    out = work / "initrd.img"
-    with open(out, "wb") as f:
-        f.write(gzip.compress(_cpio_tree(root, extra_devices=True), compresslevel=6, mtime=0))
+    # zstd: the kernel unpacks it about twice as fast as gzip under TCG
+    raw = work / "initrd.cpio"
+    raw.write_bytes(_cpio_tree(root, extra_devices=True))
+    _run(["zstd", "-q", "-10", "--rm", raw, "-o", work / "initrd.img"])
     shutil.copy2(pkg / "boot" / f"vmlinuz-{kver}", work / "vmlinuz")
     shutil.rmtree(root)
     shutil.rmtree(pkg)
