@@ -3,7 +3,7 @@
 Configuration (namespace ``k3scluster``; see the README, "Operating the cluster"):
 ``clusterDir`` (required; relative paths are relative to this project), ``colmena``, ``nix``, ``buildIsos``, ``runner``, ``parallel``,
 ``deployUser``, ``sshIdentity``, ``sshKnownHosts``, ``renderDir``, ``waitReady``, ``readyTimeout``,
-``kubeconfigPath``; a VM stack: ``vms`` and ``vmMemory``, ``vmCpus``, ``vmDiskSize``, ``vmAccel``,
+``kubeconfigPath``, ``runnerProcesses``; a VM stack: ``vms`` and ``vmMemory``, ``vmCpus``, ``vmDiskSize``, ``vmAccel``,
 ``vmNat``, ``vmInstallTimeout``, ``vmBootTimeout``.
 """
 
@@ -79,6 +79,7 @@ def settings_from_config(config: pulumi.Config, stack: str) -> tuple[Path, Setti
         wait_ready=True if wait_ready is None else wait_ready,
         ready_timeout=kube.parse_duration(timeout, "k3scluster:readyTimeout") if timeout else 600.0,
         kubeconfig_path=_project_path(config.get("kubeconfigPath")),
+        runner_processes=config.get_int("runnerProcesses"),
         stack=stack,
     )
     return cluster_dir, settings

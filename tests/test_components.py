@@ -43,6 +43,7 @@ class Registration:
     secret_outputs: list[str]
     raw: str  # the inputs as the engine would receive them, secrets still wrapped (JSON)
     inputs: dict[str, Any]  # plain
+    provider: str = ""  # the provider reference (urn::id) of a custom resource, if explicit
 
 
 class Mocks(pulumi.runtime.Mocks):
@@ -78,6 +79,7 @@ class RecordingMonitor(pmocks.MockMonitor):
                     secret_outputs=list(request.additionalSecretOutputs),
                     raw=raw,
                     inputs=rpc.deserialize_properties(request.object),
+                    provider=request.provider,
                 )
             )
         return response
@@ -280,6 +282,31 @@ def test_kubeconfig_step_output_is_secret(poisoned: Path, runner: str) -> None:
         assert reg.inputs["logging"] == "stderr"  # progress shown, the kubeconfig never
     else:
         assert reg.inputs["wholeOutput"] is True
+
+
+@pytest.mark.parametrize(("runner", "processes", "want"), [
+    ("python", None, 2),  # auto: one process per 4 hosts (5 hosts)
+    ("python", "3", 3),
+    ("python", "1", 0),  # one process: the default provider, as before
+    ("command", "3", 0),  # pulumi-command has no 4-request limit
+])
+def test_deploys_spread_over_runner_processes(
+    poisoned: Path, runner: str, processes: str | None, want: int
+) -> None:
+    m = run_program(poisoned, runner, **({"runnerProcesses": processes} if processes else {}))
+    pool = [r for r in m.registered if r.type == "pulumi:providers:pulumi-python"]
+    assert sorted(r.name for r in pool) == [f"cluster-runner-{i}" for i in range(want)]
+    deploys = [m.named(f"{h}-deploy") for h in ("olaf", "ulf", "rolf", "karl", "ulrich")]
+    if not want:
+        assert all(not r.provider for r in deploys)
+        return
+    # one resource per host, round robin over the pool in the deploy order (a reference is
+    # <provider urn>::<id>, the urn ends in the provider's name)
+    names = [r.provider.rsplit("::", 1)[0].split("::")[-1] for r in deploys]
+    assert names == [f"cluster-runner-{i % want}" for i in range(5)]
+    # everything else keeps the default provider
+    assert not m.named("cluster-render").provider
+    assert not m.named("cluster-kubeconfig").provider
 
 
 def _sha(text: str) -> str:

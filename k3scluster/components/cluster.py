@@ -66,6 +66,8 @@ class Settings:
     ready_timeout: float = 600.0
     kubeconfig_path: Path | None = None
     stack: str = "stack"
+    # python runner: provider processes the deploys spread over (None: one per 4 hosts, up to 8)
+    runner_processes: int | None = None
 
     @property
     def kubeconfig_file(self) -> Path:
@@ -80,6 +82,11 @@ class Settings:
             raise K3sClusterError(
                 f"k3scluster:runner is {self.runner!r}; it must be one of {', '.join(RUNNERS)}",
                 hint="pulumi config set k3scluster:runner command",
+            )
+        if self.runner_processes is not None and self.runner_processes < 1:
+            raise K3sClusterError(
+                f"k3scluster:runnerProcesses is {self.runner_processes}; it must be at least 1",
+                hint="pulumi config set k3scluster:runnerProcesses 4",
             )
         if self.parallel < 1:
             raise K3sClusterError(
@@ -253,6 +260,9 @@ class Cluster(pulumi.ComponentResource):
         self.kubeconfig: pulumi.CustomResource | None = None
         chain, _rest = health.rolling_order(c)
         waits_for: list[pulumi.Input[pulumi.Resource]] = []
+        pool = health.runner_pool(
+            name, s.runner, health.runner_processes(s.runner_processes, len(c.hosts)), self
+        )
         for group in deploy_order(c):
             if group[0] not in chain:
                 waits_for = health.settled([self.host_components[h].deploy for h in chain])
@@ -333,6 +343,7 @@ class Cluster(pulumi.ComponentResource):
                             *(self.lab.ready(hname) if self.lab else []),
                             *waits_for,
                         ),
+                        provider=pool[len(self.host_components) % len(pool)] if pool else None,
                     ),
                     pulumi.ResourceOptions(parent=self),
                 )

@@ -63,6 +63,37 @@ def settled(resources: Sequence[pulumi.Resource]) -> list[pulumi.Input[pulumi.Re
     return [one(r) for r in resources]
 
 
+# The SDK's dynamic-provider process serves 4 requests at a time (a gRPC server with 4 worker
+# threads, pulumi/dynamic/__main__.py), so with one process at most 4 hosts deploy at once.
+# The engine starts one process per provider *resource*: explicit `pulumi-python` providers,
+# the deploy steps spread over them, lift that to 4 per process (still bounded by
+# `pulumi up --parallel`). A resource that moves to another of them shows no change.
+WORKERS_PER_PROCESS = 4
+MAX_AUTO_PROCESSES = 8
+
+
+def runner_processes(setting: int | None, hosts: int) -> int:
+    """How many provider processes the deploy steps use (``k3scluster:runnerProcesses``)."""
+    if setting is not None:
+        return setting
+    return max(1, min(MAX_AUTO_PROCESSES, -(-hosts // WORKERS_PER_PROCESS)))
+
+
+def runner_pool(
+    name: str, runner: str, processes: int, parent: pulumi.Resource
+) -> list[pulumi.ProviderResource]:
+    """``<name>-runner-<i>``: explicit providers of the python runner ([] for one process, or
+    the command runner, whose plugin has no such limit)."""
+    if runner != "python" or processes <= 1:
+        return []
+    return [
+        pulumi.ProviderResource(
+            "pulumi-python", f"{name}-runner-{i}", {}, pulumi.ResourceOptions(parent=parent)
+        )
+        for i in range(processes)
+    ]
+
+
 def units_of(cluster: ClusterModel, host: str) -> list[str]:
     nodes = cluster.k3s_on(host)
     return [

@@ -89,6 +89,8 @@ class HostArgs:
     iso: InstallerIsoArgs
     # what the deploy waits for: the render step, the hardware fetch, earlier hosts
     depends_on: Sequence[pulumi.Input[pulumi.Resource]] = field(default=())
+    # the python runner's provider process for the deploy (health.runner_pool); None: default
+    provider: pulumi.ProviderResource | None = None
 
 
 class Host(pulumi.ComponentResource):
@@ -116,7 +118,9 @@ class Host(pulumi.ComponentResource):
             inputs_digest=args.inputs,
             dir=args.dir,
             read=args.read_argv,
-            opts=pulumi.ResourceOptions(parent=self, depends_on=list(args.depends_on)),
+            opts=pulumi.ResourceOptions(
+                parent=self, depends_on=list(args.depends_on), provider=args.provider
+            ),
         )
         self.nodes: list[_K3sNode] = []
         for node in args.nodes:
