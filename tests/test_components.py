@@ -285,7 +285,8 @@ def test_kubeconfig_step_output_is_secret(poisoned: Path, runner: str) -> None:
 
 
 @pytest.mark.parametrize(("runner", "processes", "want"), [
-    ("python", None, 2),  # auto: one process per 4 hosts (5 hosts)
+    ("python", None, 0),  # default: one process (the default provider): previews stay cheap
+    ("python", "2", 2),
     ("python", "3", 3),
     ("python", "1", 0),  # one process: the default provider, as before
     ("command", "3", 0),  # pulumi-command has no 4-request limit

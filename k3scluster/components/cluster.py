@@ -261,7 +261,7 @@ class Cluster(pulumi.ComponentResource):
         chain, _rest = health.rolling_order(c)
         waits_for: list[pulumi.Input[pulumi.Resource]] = []
         pool = health.runner_pool(
-            name, s.runner, health.runner_processes(s.runner_processes, len(c.hosts)), self
+            name, s.runner, health.runner_processes(s.runner_processes), self
         )
         for group in deploy_order(c):
             if group[0] not in chain:
