@@ -16,7 +16,8 @@ from pathlib import Path
 import pulumi
 
 from k3scluster import kube, plans
-from k3scluster.components.cluster import Cluster, ClusterArgs, Settings
+from k3scluster.components.cluster import Cluster, ClusterArgs
+from k3scluster.components.settings import Settings
 from k3scluster.errors import K3sClusterError
 from k3scluster.lab import spec as lab
 

@@ -569,3 +569,23 @@ def test_a_changed_picture_redeploys_no_host(
             assert not any("cluster.md" in k or "cluster.dot" in k for k in after[name]), name
     changed = {k for k in before["cluster-render"] if before["cluster-render"][k] != after["cluster-render"][k]}
     assert changed == {"picture:cluster.dot", "picture:cluster.md"}
+
+
+def test_cluster_and_vm_components_do_not_import_each_other() -> None:
+    """Both take ``Settings`` from ``components/settings.py``: the cluster makes its lab
+    (``vm.make_lab``), and ``vm`` no longer imports ``cluster`` back, not even for typing."""
+    import ast
+
+    def imported(module: str) -> set[str]:
+        tree = ast.parse((ROOT / "k3scluster" / "components" / f"{module}.py").read_text())
+        names: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+                names.update(f"{node.module}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+        return names
+
+    assert "k3scluster.components.cluster" not in imported("vm")
+    assert "k3scluster.components.settings" in imported("vm")

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from engine import engine_dirs, netns_available, require_engine, run_pulumi
 
-from k3scluster.components.cluster import Settings
+from k3scluster.components.settings import Settings
 from k3scluster.errors import K3sClusterError
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -12,7 +12,7 @@ from typing import Any
 _EXPORTS = {
     "Cluster": "cluster",
     "ClusterArgs": "cluster",
-    "Settings": "cluster",
+    "Settings": "settings",
     "Host": "host",
     "HostArgs": "host",
     "K3sServer": "host",

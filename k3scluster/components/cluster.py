@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import pulumi
 
@@ -34,76 +32,12 @@ from k3scluster.components import health
 from k3scluster.components.host import Host, HostArgs
 from k3scluster.components.iso import InstallerIsoArgs
 from k3scluster.components.secret import Secret, SecretArgs
-from k3scluster.components.steps import RUNNERS, step
+from k3scluster.components.settings import Settings
+from k3scluster.components.steps import step
 from k3scluster.components.tasks import captured_sha256
 from k3scluster.components.vm import make_lab
-from k3scluster.errors import K3sClusterError
-from k3scluster.lab.spec import VmSettings, planned_macs
+from k3scluster.lab.spec import planned_macs
 from k3scluster.model import Cluster as ClusterModel
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The stack's ``k3scluster:*`` configuration, resolved (see ``__main__.py``)."""
-
-    render_dir: Path
-    project_dir: Path
-    colmena: str = "colmena"
-    nix: str = "nix"
-    build_isos: bool = False
-    runner: str = "command"
-    parallel: int = 4
-    deploy_user: str = "root"
-    python: str = field(default=sys.executable)
-    # the hardware fetch's ssh: a private key file and a known_hosts file (None: ssh's own)
-    ssh_identity: Path | None = None
-    ssh_known_hosts: Path | None = None
-    # a VM stack (k3scluster:vms true): its VM settings; None for every other stack
-    vm: VmSettings | None = None
-    # health gates (health.py): wait for /readyz and Ready nodes after each deploy, at most
-    # ready_timeout seconds; the kubeconfig file (None: <render_dir>/kubeconfig)
-    wait_ready: bool = True
-    ready_timeout: float = 600.0
-    kubeconfig_path: Path | None = None
-    stack: str = "stack"
-    # python runner: provider processes the deploys spread over (None: one per 4 hosts, up to 8)
-    runner_processes: int | None = None
-
-    @property
-    def kubeconfig_file(self) -> Path:
-        return self.kubeconfig_path or self.render_dir / "kubeconfig"
-
-    @property
-    def ssh(self) -> commands.SshSettings:
-        return commands.SshSettings(self.deploy_user, self.ssh_identity, self.ssh_known_hosts)
-
-    def __post_init__(self) -> None:
-        if self.runner not in RUNNERS:
-            raise K3sClusterError(
-                f"k3scluster:runner is {self.runner!r}; it must be one of {', '.join(RUNNERS)}",
-                hint="pulumi config set k3scluster:runner command",
-            )
-        if self.runner_processes is not None and self.runner_processes < 1:
-            raise K3sClusterError(
-                f"k3scluster:runnerProcesses is {self.runner_processes}; it must be at least 1",
-                hint="pulumi config set k3scluster:runnerProcesses 4",
-            )
-        if self.parallel < 1:
-            raise K3sClusterError(
-                f"k3scluster:parallel is {self.parallel}; it must be at least 1",
-                hint="pulumi config set k3scluster:parallel 4",
-            )
-        if self.ssh_identity is not None and not self.ssh_identity.is_file():
-            raise K3sClusterError(
-                f"k3scluster:sshIdentity {self.ssh_identity} is not a file",
-                hint="name your private key file (a path, never the key): "
-                "pulumi config set k3scluster:sshIdentity ~/.ssh/id_ed25519",
-            )
-        if self.ssh_known_hosts is not None and not self.ssh_known_hosts.parent.is_dir():
-            raise K3sClusterError(
-                f"k3scluster:sshKnownHosts {self.ssh_known_hosts}: its directory does not exist",
-                hint="ssh creates the file itself, but not its directory",
-            )
 
 
 @dataclass(frozen=True)

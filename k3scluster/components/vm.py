@@ -21,17 +21,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pulumi
 
 from k3scluster import commands, installer, render
+from k3scluster.components.settings import Settings
 from k3scluster.components.steps import step
 from k3scluster.lab.spec import NetSpec, VmSpec, net_spec, vm_specs
 from k3scluster.model import Cluster as ClusterModel
-
-if TYPE_CHECKING:
-    from k3scluster.components.cluster import Settings
 
 
 @dataclass(frozen=True)
