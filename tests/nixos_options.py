@@ -176,6 +176,10 @@ OPTIONS: dict[str, dict[str, str]] = {
     "services.k3s.clusterInit": _k3s(),
     "services.k3s.disableAgent": _k3s(),
     "services.k3s.environmentFile": _k3s(),
+    # `either str (listOf str)`, flattened into ExecStart, in all four: k3s/default.nix read
+    # at index ids 321306170 (24.11: ExecStartPre activateK3sContent) and 149520763 (25.05:
+    # autoDeployCharts), rancher/default.nix at 011c1bdb (25.11, 26.05)
+    "services.k3s.extraFlags": _k3s(),
     "services.k3s.manifests.<name>.source": _k3s(),
     "services.k3s.manifests.<name>.target": _k3s(),
     # the K3s agent

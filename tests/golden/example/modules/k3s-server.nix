@@ -4,8 +4,11 @@
 #
 # Agentless server (services.k3s.disableAgent): the container runs the API server,
 # scheduler, controllers and etcd, but no kubelet, so it runs no pods; the
-# host's `k3s-agent` container (and the other agents) run the workloads, and the API
-# server reaches kubelets and pods through the agents' tunnels. A kubelet inside
+# host's `k3s-agent` container (and the other agents) run the workloads. The API
+# server reaches kubelets and pods only through the agents' tunnels, and only because
+# it runs with --egress-selector-mode=pod (see services.k3s below): under K3s's default
+# (agent) the tunnels carry only kubelet traffic, and this container, which has no
+# route to the pod network, could not reach a webhook or an aggregated API. A kubelet inside
 # systemd-nspawn would need /dev/kmsg bound in and allowed, host sysctls
 # (kernel.panic, kernel.panic_on_oops, vm.overcommit_memory) because /proc/sys is
 # read-only in the container (k3s-io/k3s#10958), the host modules overlay and
@@ -137,6 +140,19 @@ in
           clusterInit = lib.mkForce false;
           serverAddr = lib.mkForce "";
           environmentFile = startEnv;
+          # The egress selector: how the API server reaches kubelets, pods and service
+          # endpoints. An agentless server has no pod network of its own, so traffic to
+          # pods (admission webhooks, aggregated APIs such as metrics-server's, `kubectl
+          # top`, HPA) must go through the agents' tunnels: `pod` or `cluster`, not K3s's
+          # default `agent` (tunnels for kubelet ports only; K3s itself warns "Webhooks
+          # and apiserver aggregation may not function properly without an agent",
+          # pkg/cli/server/server.go validateNetworkConfiguration). `pod` rather than
+          # `cluster`: the server routes a pod address to the agent whose node it is
+          # scheduled on, and that agent lets the tunnel reach only the pods of its own
+          # node (and its host-network ports), where `cluster` lets every agent's tunnel
+          # reach the whole cluster CIDR. `pod` needs a CNI that allocates from each
+          # node's PodCIDR, as K3s's flannel does. Agents learn the mode from the server.
+          extraFlags = [ "--egress-selector-mode=pod" ];
           manifests = lib.mapAttrs (name: source: {
             inherit source;
             target = name;
