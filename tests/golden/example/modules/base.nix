@@ -61,6 +61,20 @@ in
       address = cfg.gateway;
       interface = "mv-host";
     };
+    # ARP for the host's address only on mv-host. The NIC has no address but still gets
+    # every broadcast ARP request (a macvlan passes broadcasts to its lower device too),
+    # and with the kernel's default arp_ignore=0 it answers for any local address with
+    # its own MAC: a LAN peer that caches the NIC's MAC sends its packets to the NIC,
+    # where the firewall's strict reverse-path check (checkReversePath, kept on) drops
+    # them, because the route back is via mv-host. arp_ignore=1: reply only if the target
+    # address is configured on the interface the request came in on; arp_announce=2: in
+    # the host's own requests, always the best local source address for the target (the
+    # kernel's ip-sysctl documentation; `all` counts for every interface, as the kernel
+    # takes the larger of conf/all and conf/<interface> for both). Defaults only.
+    boot.kernel.sysctl = {
+      "net.ipv4.conf.all.arp_ignore" = lib.mkDefault 1;
+      "net.ipv4.conf.all.arp_announce" = lib.mkDefault 2;
+    };
     networking.nameservers = cfg.nameservers;
 
     # ssh is the only port a host process listens on (the K3s containers have their
