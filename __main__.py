@@ -20,6 +20,7 @@ from k3scluster.components.cluster import Cluster, ClusterArgs
 from k3scluster.components.settings import Settings
 from k3scluster.errors import K3sClusterError
 from k3scluster.lab import spec as lab
+from k3scluster.stackconfig import stack_layout
 
 PROJECT_DIR = Path(__file__).resolve().parent
 
@@ -30,22 +31,12 @@ def _project_path(raw: str | None) -> Path | None:
 
 
 def settings_from_config(config: pulumi.Config, stack: str) -> tuple[Path, Settings]:
-    raw_dir = config.get("clusterDir")
-    if not raw_dir:
-        raise K3sClusterError(
-            "the stack has no k3scluster:clusterDir",
-            hint="pulumi config set k3scluster:clusterDir path/to/your/cluster",
-        )
-    cluster_dir = (PROJECT_DIR / raw_dir).resolve()
-    render_raw = config.get("renderDir")
-    render_dir = (
-        (PROJECT_DIR / render_raw).resolve()
-        if render_raw
-        else cluster_dir / ".k3scluster" / stack
-    )
+    # clusterDir, renderDir, colmena, nix, vms: read as `k3scluster build` reads them
+    layout = stack_layout(config, stack, PROJECT_DIR)
+    cluster_dir, render_dir = layout.cluster_dir, layout.render_dir
     parallel = config.get_int("parallel")
     vm = None
-    if config.get_bool("vms"):
+    if layout.vms:
 
         def number(key: str, default: int) -> int:
             value = config.get_int(key)
@@ -67,8 +58,8 @@ def settings_from_config(config: pulumi.Config, stack: str) -> tuple[Path, Setti
     settings = Settings(
         render_dir=render_dir,
         project_dir=PROJECT_DIR,
-        colmena=config.get("colmena") or "colmena",
-        nix=config.get("nix") or "nix",
+        colmena=layout.colmena,
+        nix=layout.nix,
         build_isos=bool(config.get_bool("buildIsos") or False),
         runner=config.get("runner") or "command",
         parallel=4 if parallel is None else parallel,

@@ -1,4 +1,4 @@
-"""The ``k3scluster`` command: init, check, render, boot-stick, vms — wiring only.
+"""The ``k3scluster`` command: init, check, render, build, boot-stick, vms — wiring only.
 
 Every user mistake ends as a message and a hint on stderr with exit 1 (2 for a
 wrong command line), never as a traceback; Ctrl-C ends with 130.
@@ -17,6 +17,7 @@ from k3scluster.errors import Diagnostic, K3sClusterError
 from k3scluster.init import init_cluster
 from k3scluster.model import Cluster
 from k3scluster.plans import load
+from k3scluster.stackconfig import StackFile, StackLayout, stack_layout
 
 
 def _version() -> str:
@@ -52,6 +53,34 @@ def _parser() -> argparse.ArgumentParser:
         help="render for the VM stack STACK (NICs named by the MACs of its VMs)",
     )
     s.set_defaults(func=cmd_render)
+
+    s = sub.add_parser(
+        "build",
+        help="build every host's system with colmena (no host is contacted); "
+        "say per host which packages its next deploy changes",
+    )
+    s.add_argument("dir", type=Path, metavar="DIR")
+    s.add_argument(
+        "--stack",
+        metavar="S",
+        help="render and build as the Pulumi stack S does (Pulumi.S.yaml: its render "
+        "directory, VM or hardware) and compare with what S deployed",
+    )
+    s.add_argument(
+        "--on",
+        nargs="+",
+        action="extend",
+        metavar="HOST",
+        help="build only these hosts (default: every host)",
+    )
+    s.add_argument(
+        "--project",
+        type=Path,
+        metavar="P",
+        help="the k3scluster project (Pulumi.yaml); default: the current directory if it is "
+        "one, else this checkout",
+    )
+    s.set_defaults(func=cmd_build)
 
     s = sub.add_parser("boot-stick", help="write a host's installer image to a USB stick")
     s.add_argument("dir", type=Path, metavar="DIR")
@@ -154,26 +183,128 @@ def _load_for_command(root: Path) -> Cluster | None:
     return result.cluster
 
 
+def _default_render_dir(root: Path) -> Path:
+    return root / ".k3scluster" / "render"
+
+
+def _render(cluster: Cluster, out: Path, vm_stack: str | None) -> dict[str, str]:
+    """The render of ``k3scluster render`` (and of a stack's render step): for a VM stack
+    with the NIC names of its VMs. Notices (no Graphviz) go to stderr."""
+    from k3scluster.render import render_to_dir
+
+    notices: list[str] = []
+    vm_macs = None
+    if vm_stack:
+        from k3scluster.lab.spec import planned_macs
+
+        vm_macs = planned_macs(cluster, vm_stack)
+    written = render_to_dir(cluster, out, notices, vm_macs)
+    for notice in notices:
+        print(f"k3scluster: {notice}", file=sys.stderr)
+    return written
+
+
 def cmd_render(args: argparse.Namespace) -> int:
     cluster = _load_for_command(args.dir)
     if cluster is None:
         return 1
-    from k3scluster.render import render_to_dir
-
-    out = args.out if args.out is not None else args.dir / ".k3scluster" / "render"
-    notices: list[str] = []
-    vm_macs = None
-    if args.vm_stack:
-        from k3scluster.lab.spec import planned_macs
-
-        vm_macs = planned_macs(cluster, args.vm_stack)
-    written = render_to_dir(cluster, out, notices, vm_macs)
+    out = args.out if args.out is not None else _default_render_dir(args.dir)
+    written = _render(cluster, out, args.vm_stack)
     for rel in sorted(written):
         print(f"wrote    {rel}")
     print(f"rendered {len(written)} file(s) into {out}")
-    for notice in notices:
-        print(f"k3scluster: {notice}", file=sys.stderr)
     return 0
+
+
+def _project_dir(given: Path | None) -> Path:
+    """The k3scluster project whose stack files ``--stack`` reads."""
+    if given is not None:
+        return given.resolve()
+    checkout = Path(__file__).resolve().parent.parent
+    for candidate in (Path.cwd(), checkout):
+        if (candidate / "Pulumi.yaml").is_file() and (candidate / "__main__.py").is_file():
+            return candidate.resolve()
+    raise K3sClusterError(
+        "no k3scluster project (Pulumi.yaml) in the current directory",
+        hint="run it in your k3scluster checkout, or give --project DIR",
+    )
+
+
+def _build_layout(args: argparse.Namespace) -> tuple[StackLayout, Path | None]:
+    """Where and how to build: the stack's layout with --stack, else the plain render's."""
+    root = args.dir.resolve()
+    if not args.stack:
+        return StackLayout("", root, _default_render_dir(args.dir).resolve(), "colmena",
+                           "nix", False), None
+    project = _project_dir(args.project)
+    layout = stack_layout(StackFile(project, args.stack), args.stack, project)
+    if layout.cluster_dir != root:
+        raise K3sClusterError(
+            f"stack {args.stack} deploys the cluster {layout.cluster_dir}, not {root}",
+            hint=f"k3scluster build {layout.cluster_dir} --stack {args.stack}",
+        )
+    return layout, project
+
+
+def _say(message: str) -> None:
+    """A progress line on stderr (stdout carries the results)."""
+    print(f"k3scluster: {message}", file=sys.stderr, flush=True)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from k3scluster import build
+
+    cluster = _load_for_command(args.dir)
+    if cluster is None:
+        return 1
+    layout, project = _build_layout(args)
+    names = [h.name for h in cluster.hosts]
+    hosts = [n for item in (args.on or names) for n in item.split(",") if n]
+    unknown = sorted(set(hosts) - set(names))
+    if unknown:
+        raise K3sClusterError(
+            f"--on: no host {', '.join(unknown)} in {args.dir}/plans/hosts.csv",
+            hint=f"the hosts are: {', '.join(names)}",
+        )
+    hosts = list(dict.fromkeys(hosts))
+    kind = f"VM stack {layout.stack}" if layout.vms else (
+        f"stack {layout.stack}" if layout.stack else "no stack")
+    _say(f"rendering {args.dir} into {layout.render_dir} ({kind})")
+    _render(cluster, layout.render_dir, layout.vm_stack)
+    _say(f"building {len(hosts)} host(s) with colmena (no host is contacted): "
+        f"{', '.join(hosts)}")
+    code, results = build.build_hosts(layout.colmena, layout.render_dir, hosts)
+    width = max(len(h) for h in hosts)
+    for r in results:
+        if r.ok:
+            print(f"built   {r.host.ljust(width)}  {r.system}")
+        else:
+            print(f"FAILED  {r.host.ljust(width)}  the end of its log:")
+            for line in r.log_tail:
+                print(f"          {line}")
+    failed = [r.host for r in results if not r.ok]
+    if code != 0 and not failed:
+        print(f"colmena exited with status {code} although every host was built")
+    built = [r for r in results if r.ok]
+    if built:
+        print(f"GC roots: {layout.render_dir / build.GC_ROOTS}/node-<host> (the next deploy "
+              "finds these systems in the store)")
+    if built and project is not None:
+        print(f"what the next deploy of stack {layout.stack} changes:")
+        deployed = build.deployed_systems(None, project, layout.stack)
+        if deployed.reason is not None:
+            print(f"  the deployed systems are not known: {deployed.reason}")
+        else:
+            for r in built:
+                assert r.system is not None
+                for line in build.host_changes(
+                    layout.nix, r.host, deployed.systems.get(r.host), r.system
+                ):
+                    print(f"  {line}")
+    if failed:
+        print(f"{len(failed)} of {len(hosts)} host(s) failed to build: {', '.join(failed)}")
+        return 1
+    return 0 if code == 0 else 1
 
 
 def cmd_boot_stick(args: argparse.Namespace) -> int:

@@ -57,6 +57,50 @@ def colmena_apply(
     return argv
 
 
+def colmena_build(colmena: str, hive: Path, hosts: Sequence[str]) -> list[str]:
+    """``colmena build --keep-result --no-build-on-target --on <hosts> -f <hive>``.
+
+    Builds the hosts' systems on this machine and contacts none of them:
+    ``--no-build-on-target`` overrides a ``deployment.buildOnTarget`` in a host's own
+    configuration (which would copy the derivation to the host and build there).
+    ``--keep-result`` makes each built system an indirect GC root ``.gcroots/node-<host>``
+    in the hive's directory (colmena runs ``nix-store --indirect --add-root``).
+    """
+    if not hosts:
+        raise K3sClusterError("no host to build")
+    names = ",".join(_plain_arg("host name", h) for h in hosts)
+    return [colmena, "build", "--keep-result", "--no-build-on-target", "--on", names,
+            "-f", str(hive)]
+
+
+def nix_command(nix: str, *args: str) -> list[str]:
+    """``nix --extra-experimental-features nix-command ARGS`` (the ``nix`` CLI is experimental
+    in the Nix releases Debian ships)."""
+    return [nix, "--extra-experimental-features", "nix-command", *args]
+
+
+def nix_diff_closures(nix: str, before: str, after: str) -> list[str]:
+    """``nix store diff-closures BEFORE AFTER``: the packages that change between two systems."""
+    return nix_command(nix, "store", "diff-closures", _store_path(before), _store_path(after))
+
+
+def nix_path_info(nix: str, path: str) -> list[str]:
+    """``nix path-info PATH``: succeeds when PATH is valid in the local store."""
+    return nix_command(nix, "path-info", _store_path(path))
+
+
+def _store_path(path: str) -> str:
+    if not path.startswith("/") or any(c.isspace() for c in path):
+        raise K3sClusterError(f"{path!r} is not a store path")
+    return path
+
+
+def pulumi_stack_output(pulumi: str, stack: str, name: str) -> list[str]:
+    """``pulumi stack output NAME --json --stack STACK``: one stack output, never secrets shown."""
+    return [pulumi, "stack", "output", name, "--json", "--stack", _plain_arg("stack", stack),
+            "--non-interactive"]
+
+
 def ssh_command(
     user: str,
     ip: ipaddress.IPv4Address,

@@ -436,6 +436,10 @@ def render_files(
 # files `pulumi up` writes into a render directory, kept when the tree is replaced: the
 # kubeconfig (k3scluster:kubeconfigPath defaults to <renderDir>/kubeconfig, mode 0600)
 KEPT = ("kubeconfig",)
+# `k3scluster build` (colmena --keep-result) keeps each built system as an indirect GC root
+# .gcroots/node-<host> beside hive.nix: Nix's gcroots/auto entry names that path, so the link
+# must be there again after a render, or the next garbage collection deletes the build
+GC_ROOTS = ".gcroots"
 
 
 def write_tree(files: Mapping[str, str], out: Path) -> None:
@@ -475,6 +479,7 @@ def write_tree(files: Mapping[str, str], out: Path) -> None:
         for keep in KEPT:  # what `pulumi up` wrote into OUT survives a render (same inode)
             if keep not in files and (out / keep).is_file() and not (out / keep).is_symlink():
                 os.link(out / keep, tmp / keep)
+        _copy_gc_roots(out / GC_ROOTS, tmp / GC_ROOTS)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             old.rmdir()
@@ -487,6 +492,19 @@ def write_tree(files: Mapping[str, str], out: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _copy_gc_roots(src: Path, dst: Path) -> None:
+    """The symlinks in ``src`` made again in ``dst`` (same targets); nothing else is copied."""
+    if src.is_symlink() or not src.is_dir():
+        return
+    links = [p for p in sorted(src.iterdir()) if p.is_symlink()]
+    if not links:
+        return
+    dst.mkdir()
+    dst.chmod(0o755)
+    for link in links:
+        (dst / link.name).symlink_to(os.readlink(link))
 
 
 def _mkdirs(base: Path, d: Path) -> None:
