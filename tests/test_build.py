@@ -346,3 +346,74 @@ def test_help_lists_build(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["build", "--help"]) == 0
     usage = capsys.readouterr().out
     assert "--stack S" in usage and "--on HOST [HOST ...]" in usage
+
+
+@pytest.mark.integration
+def test_build_compares_with_what_the_stack_deployed(example_dir: Path, tmp_path: Path) -> None:
+    """The stack's records read by the real engine: a stack whose ``hosts`` output is
+    imported (``pulumi stack import``), as a deploy with ``waitReady`` leaves it."""
+    from engine import engine_env, netns_available, require_engine
+
+    require_engine()
+    proj = _project(tmp_path, "hw", f"  k3scluster:clusterDir: {example_dir}\n"
+                    f"  k3scluster:colmena: {COLMENA}\n  k3scluster:nix: {NIX}\n")
+    table = tmp_path / "packages.json"
+    _packages(table, {"*": BEFORE})
+    env = engine_env(proj, {"COLMENA_PACKAGES": str(table),
+                            "COLMENA_STORE": str(tmp_path / "store")})
+    wrap = ["unshare", "-n"] if netns_available() else []
+
+    def k3scluster_build() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*wrap, sys.executable, "-m", "k3scluster", "build", str(example_dir),
+             "--stack", "hw", "--project", str(proj)],
+            cwd=proj, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+            check=False, timeout=300)
+
+    def pulumi(*args: str) -> str:
+        return subprocess.run([*wrap, "pulumi", *args, "--stack", "hw", "--non-interactive"],
+                              cwd=proj, env=env, capture_output=True, text=True,
+                              check=True).stdout
+
+    # no stack yet: built, and one line on why nothing is compared
+    r = k3scluster_build()
+    assert r.returncode == 0, r.stderr
+    assert "the deployed systems are not known: `pulumi stack output hosts` failed: " \
+        "error: no stack named 'hw' found" in r.stdout
+    render = example_dir / ".k3scluster" / "hw"
+    first = {h: os.readlink(render / ".gcroots" / f"node-{h}") for h in HOSTS}
+
+    # the stack records what olaf, ulf and rolf run; karl's deploy recorded no system
+    subprocess.run([*wrap, "pulumi", "stack", "init", "hw", "--non-interactive"], cwd=proj,
+                   env=env, capture_output=True, check=True)
+    deployment = json.loads(pulumi("stack", "export"))
+    gone = "/nix/store/00000000000000000000000000000000-nixos-system-rolf"
+    hosts = {"olaf": {"ip": "10.0.100.2", "system": first["olaf"]},
+             "ulf": {"ip": "10.0.100.3", "system": first["ulf"]},
+             "rolf": {"ip": "10.0.100.4", "system": gone},
+             "karl": {"ip": "10.0.100.5", "system": None}}
+    deployment["deployment"]["resources"] = [{
+        "urn": "urn:pulumi:hw::k3scluster::pulumi:pulumi:Stack::k3scluster-hw",
+        "custom": False, "type": "pulumi:pulumi:Stack", "outputs": {"hosts": hosts}}]
+    (tmp_path / "deployment.json").write_text(json.dumps(deployment))
+    pulumi("stack", "import", "--file", str(tmp_path / "deployment.json"))
+
+    # olaf's configuration changed (a new kernel and K3s, nano out, hello in)
+    _packages(table, {"olaf": AFTER, "*": BEFORE})
+    r = k3scluster_build()
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.splitlines()
+    i = out.index("what the next deploy of stack hw changes:")
+    report = [ln.strip() for ln in out[i + 1:]]
+    unrecorded = ("the stack records no deployed system (not deployed yet, or waitReady false): "
+                  "nothing to compare with")
+    assert report[0].startswith("olaf: 4 package(s) change, 1 only in size, ")
+    assert report[0].endswith("; the kernel changes (6.12.30 → 6.12.31): needs a reboot")
+    assert [ln.split()[0] for ln in report[1:6]] == [
+        "linux", "hello", "k3s", "nano", "nixos-system"]
+    assert report[6:] == [
+        "ulf: already runs this system (no change)",
+        f"rolf: its deployed system {gone} is not in the local store: no package diff",
+        f"karl: {unrecorded}",
+        f"ulrich: {unrecorded}",
+    ]
