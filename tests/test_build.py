@@ -417,3 +417,59 @@ def test_build_compares_with_what_the_stack_deployed(example_dir: Path, tmp_path
         f"karl: {unrecorded}",
         f"ulrich: {unrecorded}",
     ]
+
+
+# what Nix 2.8 (Debian's) printed for tests/nix/closures.nix, piped (its colours stay)
+REAL_NIX_2_8 = (
+    "hello: ∅ → 2.12.1, \x1b[31;1m+20.0 KiB\x1b[0m\n"
+    "k3s: 1.32.4+k3s1 → 1.32.5+k3s1\n"
+    "linux: 6.12.30 → 6.12.31, \x1b[31;1m+19.5 KiB\x1b[0m\n"
+    "nano: 8.4 → ∅, \x1b[32;1m-29.8 KiB\x1b[0m\n"
+)
+
+
+def test_parse_recorded_nix_output() -> None:
+    got = closures.summarise("olaf", closures.parse_diff_closures(REAL_NIX_2_8))
+    assert [(c.name, c.versions(), c.size_delta) for c in got.changes] == [
+        ("linux", "6.12.30 → 6.12.31", round(19.5 * 1024)),
+        ("hello", "∅ → 2.12.1", round(20.0 * 1024)),
+        ("k3s", "1.32.4+k3s1 → 1.32.5+k3s1", 0),
+        ("nano", "8.4 → ∅", round(-29.8 * 1024)),
+    ]
+
+
+def test_host_changes_with_the_real_nix(tmp_path: Path) -> None:
+    """The real ``nix path-info`` and ``nix store diff-closures`` on two closures built by the
+    real Nix in a store of this test's own."""
+    if not shutil.which("nix-build") or not shutil.which("nix"):
+        pytest.skip("Nix (Debian nix-bin) is not installed")
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "nix.conf").write_text("build-users-group =\nsandbox = false\nsubstituters =\n")
+    env = {**os.environ, "NIX_STORE_DIR": str(tmp_path / "store"),
+           "NIX_STATE_DIR": str(tmp_path / "state"), "NIX_LOG_DIR": str(tmp_path / "log"),
+           "NIX_CONF_DIR": str(conf)}
+
+    def built(attr: str) -> str:
+        return subprocess.run(
+            ["nix-build", str(ROOT / "tests" / "nix" / "closures.nix"), "-A", attr,
+             "--no-out-link"], env=env, capture_output=True, text=True, check=True,
+        ).stdout.strip()
+
+    before, after = built("before"), built("after")
+
+    def run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+
+    lines = build.host_changes("nix", "olaf", before, after, run=run)
+    assert lines[0] == ("olaf: 4 package(s) change, 0 only in size, +9.7 KiB in all; the kernel "
+                        "changes (6.12.30 → 6.12.31): needs a reboot")
+    assert [ln.split() for ln in lines[1:]] == [
+        ["linux", "6.12.30", "→", "6.12.31", "+19.5", "KiB"],
+        ["hello", "∅", "→", "2.12.1", "(added)", "+20.0", "KiB"],
+        ["k3s", "1.32.4+k3s1", "→", "1.32.5+k3s1"],
+        ["nano", "8.4", "→", "∅", "(removed)", "-29.8", "KiB"],
+    ]
+    gone = before[:-len("olaf-26.05")] + "rolf-26.05"
+    assert build.host_changes("nix", "rolf", gone, after, run=run) == [
+        f"rolf: its deployed system {gone} is not in the local store: no package diff"]
