@@ -7,10 +7,10 @@ Children, in the order they run during ``pulumi up``:
 2. ``<name>-render``: writes the rendered tree (``k3scluster render``) — during ``up`` only,
    so a preview changes nothing on disk; it does not wait for the fetches (a failed fetch
    stops its own host only), each host's deploy does;
-3. one ``Host`` per row of hosts.csv, each deploying with colmena in the rolling order of
-   ``health.py``: the init-server's host, then each other server host alone, each after the
-   one before has passed its health gate, then the rest in parallel;
-   ``<name>-kubeconfig`` after the init-server's host (gates on);
+3. the phases of ``k3scluster.update_plan`` in their order, each phase's steps waiting for
+   the phases before it: a ``Host`` per row of hosts.csv deploying with colmena (each server
+   host alone, the init-server's first, each after the one before passed its health gate;
+   then the rest in parallel); ``<name>-kubeconfig`` after the init-server's host (gates on);
 4. one ``Secret`` per secret file (digest only) and, under each Host, its ``K3sServer`` /
    ``K3sAgent`` and ``InstallerIso``.
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pulumi
 
@@ -37,20 +37,17 @@ from k3scluster.components.steps import step
 from k3scluster.components.tasks import captured_sha256
 from k3scluster.components.vm import make_lab
 from k3scluster.lab.spec import planned_macs
+from k3scluster.membership import Deployed
 from k3scluster.model import Cluster as ClusterModel
+from k3scluster.update_plan import Action, Phase, Wait, plan_update
 
 
 @dataclass(frozen=True)
 class ClusterArgs:
     cluster: ClusterModel
     settings: Settings
-
-
-def deploy_order(cluster: ClusterModel) -> list[list[str]]:
-    """Host names in deploy groups: each server host alone (the init-server's first), then
-    the rest together (``health.rolling_order``)."""
-    chain, rest = health.rolling_order(cluster)
-    return [*([h] for h in chain), *([rest] if rest else [])]
+    # what the stack deployed before this run (``k3scluster.membership.Deployed``)
+    deployed: Deployed = field(default_factory=Deployed)
 
 
 def _digest(inputs: Mapping[str, pulumi.Input[str]]) -> pulumi.Output[str]:
@@ -98,11 +95,13 @@ class Cluster(pulumi.ComponentResource):
         self, name: str, args: ClusterArgs, opts: pulumi.ResourceOptions | None = None
     ) -> None:
         super().__init__("k3scluster:index:Cluster", name, None, opts)
-        c, s = args.cluster, args.settings
+        self._name, self._c, self._s = name, args.cluster, args.settings
+        c, s = self._c, self._s
         # a VM stack (k3scluster:vms): its NICs named by their VM's MAC, and a lab (below)
-        vm_macs = planned_macs(c, s.vm.stack) if s.vm else None
-        files = render.render_files(c, s.render_dir, vm_macs)
-        workdir = str(s.project_dir)
+        self._vm_macs = planned_macs(c, s.vm.stack) if s.vm else None
+        self._files = render.render_files(c, s.render_dir, self._vm_macs)
+        self._file_sha = installer.file_digests(self._files)
+        self._workdir = str(s.project_dir)
 
         self.secrets = {
             rel: Secret(
@@ -110,31 +109,39 @@ class Cluster(pulumi.ComponentResource):
             )
             for rel, sa in _secret_args(c).items()
         }
+        # hosts that get a hardware fetch (1. in the module docstring)
+        self._fetch_hosts = [h.name for h in c.hosts if c.hardware_config(h.name) is None]
+        self.render = self._render_step()
+        # a VM stack's network and VMs, installed from their ISOs, before the normal path
+        self.lab = make_lab(self, name, c, s, self._files, self._file_sha, self.render)
+        self.hardware = self._hardware_steps()
 
-        # hosts that get a hardware fetch (1. below)
-        fetch_hosts = [h.name for h in c.hosts if c.hardware_config(h.name) is None]
-
-        # what hosts/<host>.nix of a host with a fetch step will be once its file exists: the
-        # render writes that from then on (until then it imports the file if it exists)
-        fetched_files = (
-            render.render_files(
-                dataclasses.replace(
-                    c,
-                    nix_configs=tuple(
-                        sorted({*c.nix_configs, *(f"{h}.hardware.nix" for h in fetch_hosts)})
-                    ),
-                ),
-                s.render_dir,
-                vm_macs,
-            )
-            if fetch_hosts
-            else files
+        # 3. the phases of the update, in order
+        self.host_components: dict[str, Host] = {}
+        self.kubeconfig: pulumi.CustomResource | None = None
+        self._pool = health.runner_pool(
+            name, s.runner, health.runner_processes(s.runner_processes), self
         )
+        self.plan = plan_update(c, args.deployed)
+        builders = {Action.DEPLOY: self._deploy_phase}
+        before: list[pulumi.Resource] = []  # the phase just before
+        earlier: list[pulumi.Resource] = []  # every phase before
+        for phase in self.plan.phases:
+            waits_for: list[pulumi.Input[pulumi.Resource]] = (
+                list(before) if phase.wait is Wait.OK else health.settled(earlier)
+            )
+            before = builders[phase.action](phase, waits_for)
+            earlier += before
 
-        # 2. the rendered tree, written during `up`
-        file_sha = installer.file_digests(files)
-        tree = dict(file_sha)
-        tree.update({f"fetch:{h}": "nixConfigs/" + h + ".hardware.nix" for h in fetch_hosts})
+        self._register()
+
+    # -- 2. the rendered tree -----------------------------------------------------------
+
+    def _render_step(self) -> pulumi.CustomResource:
+        """``<name>-render``: writes the rendered tree, during ``up`` only."""
+        c, s = self._c, self._s
+        tree = dict(self._file_sha)
+        tree.update({f"fetch:{h}": "nixConfigs/" + h + ".hardware.nix" for h in self._fetch_hosts})
         # the picture (cluster.svg/.md) re-renders when it changes; no host depends on it
         tree.update(
             {f"picture:{k}": v for k, v in installer.file_digests(diagram.sources(c)).items()}
@@ -142,14 +149,14 @@ class Cluster(pulumi.ComponentResource):
         render_argv = commands.render_tree(
             s.python, c.root, s.render_dir, s.vm.stack if s.vm else None
         )
-        self.render = step(
-            f"{name}-render",
+        return step(
+            f"{self._name}-render",
             runner=s.runner,
             host="-",
             create=render_argv,
             update=render_argv,
             inputs_digest=tree,
-            dir=workdir,
+            dir=self._workdir,
             # not after the fetch steps: a fetch that fails must stop its own host only (a
             # failed dependency fails the registration of everything that depends on it).
             # The rendered tree imports a hardware file that is not there yet once it exists
@@ -158,19 +165,18 @@ class Cluster(pulumi.ComponentResource):
             opts=pulumi.ResourceOptions(parent=self),
         )
 
-        # a VM stack's network and VMs, installed from their ISOs, before the normal path
-        self.lab = make_lab(self, name, c, s, files, file_sha, self.render)
+    # -- 1. hardware configurations the cluster directory does not have yet --------------
 
-        # 1. hardware configurations the cluster directory does not have yet
-        self.hardware: dict[str, pulumi.CustomResource] = {}
-        for h in c.hosts:
-            if c.hardware_config(h.name) is not None:
-                continue
-            out = c.root / "nixConfigs" / f"{h.name}.hardware.nix"
-            self.hardware[h.name] = step(
-                f"{name}-{h.name}-hardware",
+    def _hardware_steps(self) -> dict[str, pulumi.CustomResource]:
+        c, s = self._c, self._s
+        found: dict[str, pulumi.CustomResource] = {}
+        for hname in self._fetch_hosts:
+            h = c.host(hname)
+            out = c.root / "nixConfigs" / f"{hname}.hardware.nix"
+            found[hname] = step(
+                f"{self._name}-{hname}-hardware",
                 runner=s.runner,
-                host=h.name,
+                host=hname,
                 create=commands.fetch_hardware_config(
                     s.python,
                     s.deploy_user,
@@ -179,126 +185,154 @@ class Cluster(pulumi.ComponentResource):
                     identity=s.ssh_identity,
                     known_hosts=s.ssh_known_hosts,
                 ),
-                dir=workdir,
+                dir=self._workdir,
                 triggers=[str(h.ip)],
                 opts=pulumi.ResourceOptions(
-                    parent=self, depends_on=self.lab.ready(h.name) if self.lab else None
+                    parent=self, depends_on=self.lab.ready(hname) if self.lab else None
                 ),
             )
+        return found
 
-        # 3. hosts in the rolling order (health.py): each server host after the one before
-        # it, the rest after the whole chain has finished (or failed, --continue-on-error)
-        hive = s.render_dir / "hive.nix"
-        server_url = c.api_endpoint
-        self.host_components: dict[str, Host] = {}
-        self.kubeconfig: pulumi.CustomResource | None = None
-        chain, _rest = health.rolling_order(c)
-        waits_for: list[pulumi.Input[pulumi.Resource]] = []
-        pool = health.runner_pool(
-            name, s.runner, health.runner_processes(s.runner_processes), self
+    # -- 3. the phases --------------------------------------------------------------------
+
+    def _deploy_phase(
+        self, phase: Phase, waits_for: list[pulumi.Input[pulumi.Resource]]
+    ) -> list[pulumi.Resource]:
+        """``Action.DEPLOY``: a ``Host`` per host of the phase, all at once."""
+        made: list[pulumi.Resource] = []
+        for hname in phase.hosts:
+            host = self._host(hname, waits_for)
+            self.host_components[hname] = host
+            made.append(host.deploy)
+            init = self._c.init_server
+            if self._s.wait_ready and init is not None and hname == init.host:
+                self.kubeconfig = self._kubeconfig_step(host)
+        return made
+
+    def _host_inputs(self, hname: str) -> dict[str, pulumi.Input[str]]:
+        """``render.host_inputs``, with what a hardware fetch of this run will write."""
+        inputs: dict[str, pulumi.Input[str]] = dict(
+            render.host_inputs(self._c, hname, self._files)
         )
-        for group in deploy_order(c):
-            if group[0] not in chain:
-                waits_for = health.settled([self.host_components[h].deploy for h in chain])
-            for hname in group:
-                h = c.host(hname)
-                inputs: dict[str, pulumi.Input[str]] = dict(render.host_inputs(c, hname, files))
-                hw = self.hardware.get(hname)
-                if hw is not None:
-                    # the file does not exist yet (render gave it the digest of "absent"):
-                    # its digest is what the fetch step wrote, so that the next preview,
-                    # reading the file, agrees and shows no second change of this host
-                    key = f"nixConfig:nixConfigs/{hname}.hardware.nix"
-                    absent = str(inputs[key])
-                    inputs[key] = hw.stdout.apply(  # type: ignore[attr-defined]
-                        lambda out, absent=absent: captured_sha256(out) or absent
-                    )
-                    # likewise its rendered hosts/<host>.nix: the text that imports the file
-                    rel = f"file:hosts/{hname}.nix"
-                    before, after = str(inputs[rel]), hashlib.sha256(
-                        fetched_files[f"hosts/{hname}.nix"].encode()
-                    ).hexdigest()
-                    inputs[rel] = hw.stdout.apply(  # type: ignore[attr-defined]
-                        lambda out, before=before, after=after: (
-                            after if captured_sha256(out) else before
-                        )
-                    )
-                # the installer's rendered files, named like host_inputs names its own
-                iso_inputs = {
-                    **inputs,
-                    **{
-                        f"file:{k}": v
-                        for k, v in installer.installer_inputs(files, hname, file_sha).items()
-                    },
-                }
-                iso = InstallerIsoArgs(
-                    host=hname,
-                    inputs=iso_inputs,
-                    digest=_digest(iso_inputs),
-                    build_argv=(
-                        installer.iso_build_argv(s.nix, s.render_dir, hname)
-                        if s.build_isos and s.vm is None  # a VM stack's Vm builds it
-                        else None
-                    ),
-                    result_link=str(installer.iso_out_link(s.render_dir, hname)),
-                    python=s.python,
-                    runner=s.runner,
-                    dir=workdir,
-                    depends_on=(self.render,),
-                )
-                host = Host(
-                    hname,
-                    HostArgs(
-                        host=h,
-                        nodes=c.k3s_on(hname),
-                        inputs=inputs,
-                        digest=_digest(inputs),
-                        deploy_argv=health.deploy_argv(
-                            c,
-                            hname,
-                            commands.colmena_apply(s.colmena, hive, hname, parallel=s.parallel),
-                            python=s.python,
-                            ssh=s.ssh,
-                            wait_ready=s.wait_ready,
-                            timeout=s.ready_timeout,
-                        ),
-                        read_argv=health.read_argv(
-                            c, hname, python=s.python, ssh=s.ssh, runner=s.runner
-                        )
-                        if s.wait_ready
-                        else None,
-                        runner=s.runner,
-                        dir=workdir,
-                        server_url=server_url,
-                        iso=iso,
-                        depends_on=(
-                            self.render,
-                            *([hw] if hw else []),
-                            *(self.lab.ready(hname) if self.lab else []),
-                            *waits_for,
-                        ),
-                        provider=pool[len(self.host_components) % len(pool)] if pool else None,
-                    ),
-                    pulumi.ResourceOptions(parent=self),
-                )
-                self.host_components[hname] = host
-                if hname in chain:
-                    waits_for = [host.deploy]
-                if s.wait_ready and c.init_server is not None and hname == c.init_server.host:
-                    self.kubeconfig = health.kubeconfig_step(
-                        name,
-                        c,
-                        python=s.python,
-                        ssh=s.ssh,
-                        runner=s.runner,
-                        stack=s.stack,
-                        path=str(s.kubeconfig_file),
-                        after=host.deploy,
-                        after_digest=host.args_digest,
-                        dir=workdir,
-                        parent=self,
-                    )
+        hw = self.hardware.get(hname)
+        if hw is None:
+            return inputs
+        # the file does not exist yet (render gave it the digest of "absent"): its digest
+        # is what the fetch step wrote, so that the next preview, reading the file, agrees
+        # and shows no second change of this host
+        key = f"nixConfig:nixConfigs/{hname}.hardware.nix"
+        absent = str(inputs[key])
+        inputs[key] = hw.stdout.apply(  # type: ignore[attr-defined]
+            lambda out, absent=absent: captured_sha256(out) or absent
+        )
+        # likewise its rendered hosts/<host>.nix: the text that imports the file
+        rel = f"file:hosts/{hname}.nix"
+        before = str(inputs[rel])
+        after = hashlib.sha256(self._fetched_files()[f"hosts/{hname}.nix"].encode()).hexdigest()
+        inputs[rel] = hw.stdout.apply(  # type: ignore[attr-defined]
+            lambda out, before=before, after=after: after if captured_sha256(out) else before
+        )
+        return inputs
 
+    def _fetched_files(self) -> Mapping[str, str]:
+        """The rendered files once every fetch of this run has written its hardware file
+        (hosts/<host>.nix of a fetched host imports it from then on)."""
+        cached = getattr(self, "_fetched_cache", None)
+        if cached is None:
+            c = self._c
+            names = {*c.nix_configs, *(f"{h}.hardware.nix" for h in self._fetch_hosts)}
+            cached = render.render_files(
+                dataclasses.replace(c, nix_configs=tuple(sorted(names))),
+                self._s.render_dir,
+                self._vm_macs,
+            )
+            self._fetched_cache = cached
+        return cached
+
+    def _host(self, hname: str, waits_for: list[pulumi.Input[pulumi.Resource]]) -> Host:
+        c, s = self._c, self._s
+        h = c.host(hname)
+        inputs = self._host_inputs(hname)
+        # the installer's rendered files, named like host_inputs names its own
+        iso_inputs = {
+            **inputs,
+            **{
+                f"file:{k}": v
+                for k, v in installer.installer_inputs(self._files, hname, self._file_sha).items()
+            },
+        }
+        iso = InstallerIsoArgs(
+            host=hname,
+            inputs=iso_inputs,
+            digest=_digest(iso_inputs),
+            build_argv=(
+                installer.iso_build_argv(s.nix, s.render_dir, hname)
+                if s.build_isos and s.vm is None  # a VM stack's Vm builds it
+                else None
+            ),
+            result_link=str(installer.iso_out_link(s.render_dir, hname)),
+            python=s.python,
+            runner=s.runner,
+            dir=self._workdir,
+            depends_on=(self.render,),
+        )
+        hive = s.render_dir / "hive.nix"
+        hw = self.hardware.get(hname)
+        pool = self._pool
+        return Host(
+            hname,
+            HostArgs(
+                host=h,
+                nodes=c.k3s_on(hname),
+                inputs=inputs,
+                digest=_digest(inputs),
+                deploy_argv=health.deploy_argv(
+                    c,
+                    hname,
+                    commands.colmena_apply(s.colmena, hive, hname, parallel=s.parallel),
+                    python=s.python,
+                    ssh=s.ssh,
+                    wait_ready=s.wait_ready,
+                    timeout=s.ready_timeout,
+                ),
+                read_argv=health.read_argv(c, hname, python=s.python, ssh=s.ssh, runner=s.runner)
+                if s.wait_ready
+                else None,
+                runner=s.runner,
+                dir=self._workdir,
+                server_url=c.api_endpoint,
+                iso=iso,
+                depends_on=(
+                    self.render,
+                    *([hw] if hw else []),
+                    *(self.lab.ready(hname) if self.lab else []),
+                    *waits_for,
+                ),
+                provider=pool[len(self.host_components) % len(pool)] if pool else None,
+            ),
+            pulumi.ResourceOptions(parent=self),
+        )
+
+    def _kubeconfig_step(self, init_host: Host) -> pulumi.CustomResource | None:
+        s = self._s
+        return health.kubeconfig_step(
+            self._name,
+            self._c,
+            python=s.python,
+            ssh=s.ssh,
+            runner=s.runner,
+            stack=s.stack,
+            path=str(s.kubeconfig_file),
+            after=init_host.deploy,
+            after_digest=init_host.args_digest,
+            dir=self._workdir,
+            parent=self,
+        )
+
+    # -- 4. the outputs ---------------------------------------------------------------------
+
+    def _register(self) -> None:
+        c, s = self._c, self._s
         # One Output over what is known only after up (digests, ISO results); the rest plain.
         pending = {
             f"{hname}/{key}": value
@@ -348,4 +382,3 @@ class Cluster(pulumi.ComponentResource):
                 **({"kubeconfig": self.kubeconfig_out} if self.kubeconfig_out is not None else {}),
             }
         )
-

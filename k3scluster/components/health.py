@@ -1,8 +1,7 @@
 """After a host's deploy: the rolling order, the health gates, the kubeconfig, the drift record.
 
-- **Order** (``rolling_order``): the init-server's host, then every other server host alone,
-  each after the one before it has deployed and passed its gate; then all other hosts at once.
-  etcd keeps its quorum: never two of its members restart together.
+- **Order**: ``k3scluster.update_plan`` (the init-server's host, then every other server host
+  alone, each after the one before it has deployed and passed its gate; then the other hosts).
 - **Gates** (``k3scluster:waitReady``, ``k3scluster:readyTimeout``): the deploy step runs
   ``tasks deploy``: colmena, then it waits for the host's K3s server to answer ``/readyz`` on
   its own IP and for the host's agent node to be ``Ready``, with the admin credentials read
@@ -28,19 +27,6 @@ from k3scluster.components.steps import step
 from k3scluster.components.tasks import AGENT_UNIT, SERVER_UNIT
 from k3scluster.model import Cluster as ClusterModel
 from k3scluster.model import K3sType
-
-
-def rolling_order(cluster: ClusterModel) -> tuple[list[str], list[str]]:
-    """(the server chain: init-server's host first, then each other server host; the rest)."""
-    init = cluster.init_server
-    chain = [init.host] if init else []
-    chain += [
-        h.name
-        for h in cluster.hosts
-        if h.name not in chain and cluster.server_on(h.name) is not None
-    ]
-    rest = [h.name for h in cluster.hosts if h.name not in chain]
-    return chain, rest
 
 
 def settled(resources: Sequence[pulumi.Resource]) -> list[pulumi.Input[pulumi.Resource]]:

@@ -1,0 +1,105 @@
+"""The order of a ``pulumi up``: the cluster, what the stack deployed and the settings, in
+ordered phases. Pure: no pulumi, no network.
+
+``plan_update(cluster, deployed, settings)`` returns an ``UpdatePlan``: phases in the order
+they run. Each phase is one ``Action`` on some hosts, all of them at once, and says how it
+waits for the phases before it (``Wait``):
+
+- ``Wait.OK``: it starts when the phase just before it succeeded; a failure there stops it
+  (the server hosts: never restart the next etcd member after one that failed its gate);
+- ``Wait.SETTLED``: it starts when every phase before it has finished, succeeded or not
+  (with ``pulumi up --continue-on-error`` the other hosts go on after a failed server host).
+
+Today's phases:
+
+1. ``DEPLOY`` each server host alone, the init-server's host first, each after the one
+   before (``Wait.OK``): etcd keeps its quorum, never two members restart together;
+2. ``DEPLOY`` the other hosts, together (``Wait.SETTLED``).
+
+``components/cluster.py`` builds one set of steps per phase and reads as this list.
+
+Adding a phase (for example "leave etcd" or "drain and delete an agent" before the deploys,
+"clean a stale member" before a server host's deploy):
+
+1. add an ``Action`` member, named for what it does;
+2. emit the ``Phase`` at its place in ``plan_update`` (or in a helper it calls), with the
+   hosts it concerns and its ``Wait``; anything it needs to know goes into ``Phase.detail``
+   as plain values, decided here from the cluster, ``deployed`` and ``settings``;
+3. give ``components/cluster.py`` a builder for the action (``Cluster._builders``): it gets
+   the phase and what to wait for and returns the resources it made, which the next phase
+   waits for;
+4. add table cases to ``tests/test_update_plan.py``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from k3scluster.membership import Deployed
+from k3scluster.model import Cluster
+
+
+class Action(enum.Enum):
+    """What a phase does to each of its hosts."""
+
+    DEPLOY = "deploy"  # colmena apply for the host, then its health gates
+
+
+class Wait(enum.Enum):
+    """How a phase waits for the ones before it (see the module docstring)."""
+
+    OK = "ok"
+    SETTLED = "settled"
+
+
+@dataclass(frozen=True)
+class Phase:
+    action: Action
+    hosts: tuple[str, ...]
+    wait: Wait
+    label: str  # for people: "server host olaf", "the other hosts"
+    detail: tuple[tuple[str, str], ...] = ()  # what the action needs, as plain values
+
+
+@dataclass(frozen=True)
+class UpdateSettings:
+    """The part of the stack's settings the order depends on."""
+
+
+@dataclass(frozen=True)
+class UpdatePlan:
+    phases: tuple[Phase, ...] = field(default=())
+
+    def hosts_of(self, action: Action) -> list[str]:
+        """Every host a phase of ``action`` concerns, in phase order."""
+        return [h for p in self.phases if p.action is action for h in p.hosts]
+
+    def describe(self) -> list[str]:
+        """One line per phase, in order (for people and tests)."""
+        return [f"{p.action.value} {', '.join(p.hosts)} ({p.label})" for p in self.phases]
+
+
+def server_chain(cluster: Cluster) -> list[str]:
+    """The hosts that carry a K3s server: the init-server's host first, then hosts.csv order."""
+    init = cluster.init_server
+    chain = [init.host] if init else []
+    chain += [
+        h.name
+        for h in cluster.hosts
+        if h.name not in chain and cluster.server_on(h.name) is not None
+    ]
+    return chain
+
+
+def plan_update(
+    cluster: Cluster, deployed: Deployed, settings: UpdateSettings | None = None
+) -> UpdatePlan:
+    """The phases of a ``pulumi up`` of ``cluster`` over what ``deployed`` records."""
+    del deployed, settings  # not needed by today's phases
+    chain = server_chain(cluster)
+    phases = [Phase(Action.DEPLOY, (h,), Wait.OK, f"server host {h}") for h in chain]
+    rest = tuple(h.name for h in cluster.hosts if h.name not in chain)
+    if rest:
+        phases.append(Phase(Action.DEPLOY, rest, Wait.SETTLED, "the other hosts"))
+    return UpdatePlan(tuple(phases))
