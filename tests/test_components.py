@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import runpy
 import shlex
 import subprocess
@@ -589,3 +590,46 @@ def test_cluster_and_vm_components_do_not_import_each_other() -> None:
 
     assert "k3scluster.components.cluster" not in imported("vm")
     assert "k3scluster.components.settings" in imported("vm")
+
+
+def test_build_renders_and_builds_what_the_program_deploys(
+    poisoned: Path, tmp_path: Path
+) -> None:
+    """``k3scluster build --stack S`` and the program read the stack alike (stackconfig): the
+    same render directory and tree as the program's render step writes, and colmena builds
+    the hive its deploy steps apply, so the deploy finds the build in the store."""
+    colmena = ROOT / "tests" / "bin" / "colmena"
+    m = run_program(poisoned, "python", colmena=str(colmena))
+    deploy = _argv(m.named("olaf-deploy"), "python")
+    hive = deploy[deploy.index("-f") + 1]
+    proj = tmp_path / "project"
+    proj.mkdir()
+    (proj / "Pulumi.yaml").write_text((ROOT / "Pulumi.yaml").read_text())
+    (proj / "__main__.py").write_text("# not run by k3scluster build\n")
+    (proj / "Pulumi.mock.yaml").write_text(
+        f"config:\n  k3scluster:clusterDir: {poisoned}\n  k3scluster:colmena: {colmena}\n"
+    )
+    log = tmp_path / "colmena.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLMENA_LOG": str(log),
+           "COLMENA_STORE": str(tmp_path / "store"), "PATH": "/usr/bin:/bin"}
+    r = subprocess.run(
+        [sys.executable, "-m", "k3scluster", "build", str(poisoned), "--stack", "mock",
+         "--project", str(proj), "--on", "olaf"],
+        env=env, capture_output=True, text=True, check=False, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    (call,) = [json.loads(ln) for ln in log.read_text().splitlines()]
+    assert call["argv"][call["argv"].index("-f") + 1] == hive
+
+    def tree(d: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*"))
+                if p.is_file() and ".gcroots" not in p.parts}
+
+    render_dir = Path(hive).parent
+    built = tree(render_dir)
+    assert "hosts/olaf.nix" in built
+    # the program's render step, run as its step runs it: the very same tree
+    subprocess.run(_argv(m.named("cluster-render"), "python"), env=env, check=True,
+                   capture_output=True, cwd=ROOT)
+    assert tree(render_dir) == built
+    assert (render_dir / ".gcroots" / "node-olaf").is_symlink()
