@@ -438,25 +438,51 @@ def test_parse_recorded_nix_output() -> None:
     ]
 
 
-def test_host_changes_with_the_real_nix(tmp_path: Path) -> None:
-    """The real ``nix path-info`` and ``nix store diff-closures`` on two closures built by the
-    real Nix in a store of this test's own."""
+def _private_nix(tmp_path: Path) -> dict[str, str]:
+    """The environment of a real Nix with a store of the test's own under ``tmp_path``."""
     if not shutil.which("nix-build") or not shutil.which("nix"):
         pytest.skip("Nix (Debian nix-bin) is not installed")
     conf = tmp_path / "conf"
     conf.mkdir()
     (conf / "nix.conf").write_text("build-users-group =\nsandbox = false\nsubstituters =\n")
-    env = {**os.environ, "NIX_STORE_DIR": str(tmp_path / "store"),
-           "NIX_STATE_DIR": str(tmp_path / "state"), "NIX_LOG_DIR": str(tmp_path / "log"),
-           "NIX_CONF_DIR": str(conf)}
+    return {**os.environ, "NIX_STORE_DIR": str(tmp_path / "store"),
+            "NIX_STATE_DIR": str(tmp_path / "state"), "NIX_LOG_DIR": str(tmp_path / "log"),
+            "NIX_CONF_DIR": str(conf)}
 
-    def built(attr: str) -> str:
-        return subprocess.run(
-            ["nix-build", str(ROOT / "tests" / "nix" / "closures.nix"), "-A", attr,
-             "--no-out-link"], env=env, capture_output=True, text=True, check=True,
-        ).stdout.strip()
 
-    before, after = built("before"), built("after")
+def _nix_build(env: dict[str, str], attr: str) -> str:
+    return subprocess.run(
+        ["nix-build", str(ROOT / "tests" / "nix" / "closures.nix"), "-A", attr,
+         "--no-out-link"], env=env, capture_output=True, text=True, check=True,
+    ).stdout.strip()
+
+
+def test_gc_root_survives_a_render_and_a_garbage_collection(tmp_path: Path) -> None:
+    """The root colmena --keep-result makes (its very nix-store call), then a render of that
+    directory, then a real ``nix-store --gc``: the built system stays, an unrooted one goes."""
+    env = _private_nix(tmp_path)
+    kept, other = _nix_build(env, "after"), _nix_build(env, "before")
+    render = tmp_path / "render"
+    write_tree({"hive.nix": "{ }\n"}, render)
+    root = build.gc_root(render, "olaf")
+    subprocess.run(["nix-store", "--no-build-output", "--indirect", "--add-root", str(root),
+                    "--realise", kept], env=env, check=True, capture_output=True)
+    write_tree({"hive.nix": "{ changed = true; }\n"}, render)
+    subprocess.run(["nix-store", "--gc"], env=env, check=True, capture_output=True)
+
+    def valid(path: str) -> bool:
+        return subprocess.run(commands.nix_path_info("nix", path), env=env,
+                              capture_output=True, check=False).returncode == 0
+
+    assert valid(kept) and os.readlink(root) == kept
+    assert not valid(other)
+
+
+def test_host_changes_with_the_real_nix(tmp_path: Path) -> None:
+    """The real ``nix path-info`` and ``nix store diff-closures`` on two closures built by the
+    real Nix in a store of this test's own."""
+    env = _private_nix(tmp_path)
+    before, after = _nix_build(env, "before"), _nix_build(env, "after")
 
     def run(argv: list[str]) -> subprocess.CompletedProcess[str]:
         return subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
