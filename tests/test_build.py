@@ -254,6 +254,47 @@ def test_build_failed_host(example_dir: Path, tmp_path: Path) -> None:
     assert r.returncode == 1 and "--on: no host nobody" in r.stderr
 
 
+def _results(stdout: str) -> dict[str, tuple[str, list[str]]]:
+    """host -> (built | FAILED, the lines below it) from build's per-host report."""
+    out: dict[str, tuple[str, list[str]]] = {}
+    host = ""
+    for line in stdout.splitlines():
+        if line.startswith(("built ", "FAILED ")):
+            status, host = line.split()[:2]
+            out[host] = (status, [])
+        elif line.startswith("          ") and host:
+            out[host][1].append(line.strip())
+        else:
+            host = ""
+    return out
+
+
+def test_build_evaluation_error(example_dir: Path, tmp_path: Path) -> None:
+    error = "attribute 'k3s_1_99' missing, at /render/modules/k3s-release.nix:3:9"
+    env = {"COLMENA_STORE": str(tmp_path / "store"), "COLMENA_EVAL_ERROR": error}
+    r = _k3scluster(["build", str(example_dir), "--on", "olaf,ulf"], tmp_path, env)
+    assert r.returncode == 1
+    results = _results(r.stdout)
+    assert list(results) == ["olaf", "ulf"]
+    for status, tail in results.values():
+        # colmena labels the error with the chunk it evaluated: each host shows its end
+        assert status == "FAILED" and tail[-1] == f"[ERROR]   stderr) error: {error}"
+        assert f"(...) | error: {error}" in tail
+    assert r.stdout.splitlines()[-1] == "2 of 2 host(s) failed to build: olaf, ulf"
+    assert not (example_dir / ".k3scluster" / "render" / ".gcroots").exists()
+
+
+def test_build_without_colmena(example_dir: Path, tmp_path: Path) -> None:
+    if shutil.which("colmena", path="/usr/bin:/bin"):
+        pytest.skip("a real colmena is installed")
+    r = subprocess.run([sys.executable, "-m", "k3scluster", "build", str(example_dir)],
+                       env={**os.environ, "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+                       capture_output=True, text=True, check=False)
+    assert r.returncode == 1
+    assert "k3scluster: error: colmena: not found" in r.stderr
+    assert "pulumi config set k3scluster:colmena" in r.stderr
+
+
 def _fake_system(tmp_path: Path, host: str, packages: list[list[object]]) -> str:
     """A system the colmena stand-in builds (as tests/bin/colmena build would)."""
     table = tmp_path / f"packages-{host}-{abs(hash(json.dumps(packages)))}.json"
