@@ -10,7 +10,6 @@ Configuration (namespace ``k3scluster``; see the README, "Operating the cluster"
 from __future__ import annotations
 
 import dataclasses
-import sys
 from pathlib import Path
 
 import pulumi
@@ -53,6 +52,13 @@ def settings_from_config(config: pulumi.Config, stack: str) -> tuple[Path, Setti
             install_timeout=number("vmInstallTimeout", 3600),
             boot_timeout=number("vmBootTimeout", 600),
         )
+    # each path as the stack file writes it: what steps record (stackpaths.py)
+    recorded_as = list(layout.recorded_as)
+    for key in ("sshIdentity", "sshKnownHosts", "kubeconfigPath"):
+        raw = config.get(key)
+        local = _project_path(raw)
+        if raw and local is not None:
+            recorded_as.append((local, raw.strip()))
     wait_ready = config.get_bool("waitReady")
     timeout = config.get("readyTimeout")
     settings = Settings(
@@ -64,7 +70,6 @@ def settings_from_config(config: pulumi.Config, stack: str) -> tuple[Path, Setti
         runner=config.get("runner") or "command",
         parallel=4 if parallel is None else parallel,
         deploy_user=config.get("deployUser") or "root",
-        python=sys.executable,
         ssh_identity=_project_path(config.get("sshIdentity")),
         ssh_known_hosts=_project_path(config.get("sshKnownHosts")),
         vm=vm,
@@ -73,6 +78,7 @@ def settings_from_config(config: pulumi.Config, stack: str) -> tuple[Path, Setti
         kubeconfig_path=_project_path(config.get("kubeconfigPath")),
         runner_processes=config.get_int("runnerProcesses"),
         stack=stack,
+        recorded_as=tuple(recorded_as),
     )
     return cluster_dir, settings
 
@@ -112,7 +118,8 @@ def main() -> None:
         component = Cluster("cluster", ClusterArgs(cluster, settings))
     except K3sClusterError as err:
         raise pulumi.RunError(str(err)) from None
-    pulumi.export("clusterDir", str(cluster_dir))
+    # as the stack file writes it: every operator's preview agrees (README, "Several operators")
+    pulumi.export("clusterDir", pulumi.Config("k3scluster").require("clusterDir"))
     pulumi.export("renderDir", component.render_dir)
     pulumi.export("apiEndpoint", component.api_endpoint)
     pulumi.export("hosts", component.hosts)

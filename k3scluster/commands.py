@@ -173,28 +173,15 @@ def _local_path(setting: str, path: Path) -> str:
 
 
 def fetch_hardware_config(
-    python: str,
-    user: str,
-    ip: ipaddress.IPv4Address,
-    out: Path,
-    *,
-    ssh: str = "ssh",
-    identity: Path | None = None,
-    known_hosts: Path | None = None,
+    python: str, ip: ipaddress.IPv4Address, ssh: SshSettings, out: Path
 ) -> list[str]:
-    """Read the host's ``hardware-configuration.nix`` over ssh into ``out``, atomically."""
-    return capture_to_file(
-        python,
-        out,
-        ssh_cat(
-            user, ip, HARDWARE_CONFIG_ON_HOST, ssh=ssh, identity=identity, known_hosts=known_hosts
-        ),
-    )
-
-
-def capture_to_file(python: str, out: Path, argv: list[str]) -> list[str]:
-    """Run ``argv`` and write its stdout to ``out`` atomically (only when it succeeds)."""
-    return [python, "-m", TASKS_MODULE, "capture", "--out", str(out), "--", *argv]
+    """Read the host's ``hardware-configuration.nix`` over ssh into ``out``, atomically
+    (``tasks hardware``: the ssh command is made when the step runs, from paths the step
+    resolves then; see ``ssh_cat``)."""
+    return [
+        python, "-m", TASKS_MODULE, "hardware", "--ip", str(ipaddress.IPv4Address(ip)),
+        *ssh.task_args(), "--out", str(out),
+    ]
 
 
 def render_tree(

@@ -39,6 +39,17 @@ class StackLayout:
     colmena: str
     nix: str
     vms: bool
+    # the stack file's texts for the two directories: what steps record (stackpaths.py)
+    cluster_text: str = ""
+    render_text: str = ""
+
+    @property
+    def recorded_as(self) -> tuple[tuple[Path, str], ...]:
+        """(local directory, its text in the stack file) for ``Settings.recorded_as``."""
+        roots = [(self.cluster_dir, self.cluster_text)] if self.cluster_text else []
+        if self.render_text:
+            roots.append((self.render_dir, self.render_text))
+        return tuple(roots)
 
     @property
     def hive(self) -> Path:
@@ -59,10 +70,11 @@ def stack_layout(config: ConfigReader, stack: str, project_dir: Path) -> StackLa
             "the stack has no k3scluster:clusterDir",
             hint="pulumi config set k3scluster:clusterDir path/to/your/cluster",
         )
-    cluster_dir = (project_dir / raw_dir).resolve()
-    render_raw = config.get("renderDir")
+    raw_dir = raw_dir.strip()
+    cluster_dir = (project_dir / Path(raw_dir).expanduser()).resolve()
+    render_raw = (config.get("renderDir") or "").strip()
     render_dir = (
-        (project_dir / render_raw).resolve()
+        (project_dir / Path(render_raw).expanduser()).resolve()
         if render_raw
         else cluster_dir / ".k3scluster" / stack
     )
@@ -73,6 +85,8 @@ def stack_layout(config: ConfigReader, stack: str, project_dir: Path) -> StackLa
         colmena=config.get("colmena") or "colmena",
         nix=config.get("nix") or "nix",
         vms=bool(config.get_bool("vms")),
+        cluster_text=raw_dir,
+        render_text=render_raw,
     )
 
 

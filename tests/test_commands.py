@@ -90,25 +90,23 @@ def test_ssh_cat_refusals() -> None:
         commands.ssh_cat("root", IP, "relative/path")
 
 
-def test_fetch_hardware_config_wraps_ssh_in_the_capture_task() -> None:
-    out = Path("/c/nixConfigs/olaf.hardware.nix")
-    argv = commands.fetch_hardware_config("/py", "root", IP, out)
-    assert argv[:6] == ["/py", "-m", "k3scluster.components.tasks", "capture", "--out",
-                        "/c/nixConfigs/olaf.hardware.nix"]
-    assert argv[6] == "--"
-    assert argv[7:] == commands.ssh_cat("root", IP, commands.HARDWARE_CONFIG_ON_HOST)
-    assert argv[-4:] == ["root@10.0.100.2", "cat", "--", "/etc/nixos/hardware-configuration.nix"]
+def test_fetch_hardware_config_runs_the_hardware_task() -> None:
+    out = Path("../c/nixConfigs/olaf.hardware.nix")
+    argv = commands.fetch_hardware_config("py", IP, commands.SshSettings(), out)
+    assert argv == [
+        "py", "-m", "k3scluster.components.tasks", "hardware", "--ip", "10.0.100.2",
+        "--ssh-user", "root", "--out", "../c/nixConfigs/olaf.hardware.nix",
+    ]
 
 
-def test_fetch_hardware_config_passes_key_and_known_hosts_files() -> None:
-    key, kh = Path("/p/id_ed25519"), Path("/p/known_hosts")
-    argv = commands.fetch_hardware_config(
-        "/py", "admin", IP, Path("/c/x.hardware.nix"), identity=key, known_hosts=kh
-    )
-    assert argv[7:] == commands.ssh_cat(
-        "admin", IP, commands.HARDWARE_CONFIG_ON_HOST, identity=key, known_hosts=kh
-    )
-    assert "-i" in argv and "-o" in argv and "UserKnownHostsFile=/p/known_hosts" in argv
+def test_fetch_hardware_config_passes_key_and_known_hosts_files_as_recorded() -> None:
+    # "~" stays in the recorded argv: the task expands it for whoever runs the step
+    ssh = commands.SshSettings("admin", Path("~/.ssh/id_ed25519"), Path("../c/known_hosts"))
+    argv = commands.fetch_hardware_config("py", IP, ssh, Path("x.hardware.nix"))
+    assert argv[4:12] == [
+        "--ip", "10.0.100.2", "--ssh-user", "admin", "--ssh-identity", "~/.ssh/id_ed25519",
+        "--ssh-known-hosts", "../c/known_hosts",
+    ]
 
 
 def test_render_tree_uses_the_cli() -> None:

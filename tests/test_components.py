@@ -94,7 +94,9 @@ class RecordingMonitor(pmocks.MockMonitor):
         return found[0]
 
 
-def run_program(cluster_dir: Path, runner: str, **config: str) -> RecordingMonitor:
+def run_program(
+    cluster_dir: Path | str, runner: str, main: Path = PROGRAM, **config: str
+) -> RecordingMonitor:
     monitor = RecordingMonitor(Mocks())
     pulumi.runtime.set_mocks(
         Mocks(), project="k3scluster", stack="mock", preview=False, monitor=monitor
@@ -109,7 +111,7 @@ def run_program(cluster_dir: Path, runner: str, **config: str) -> RecordingMonit
 
     @pulumi.runtime.test
     def program() -> None:
-        runpy.run_path(str(PROGRAM), run_name="__main__")
+        runpy.run_path(str(main), run_name="__main__")
 
     program()
     return monitor

@@ -101,7 +101,6 @@ class Cluster(pulumi.ComponentResource):
         self._vm_macs = planned_macs(c, s.vm.stack) if s.vm else None
         self._files = render.render_files(c, s.render_dir, self._vm_macs)
         self._file_sha = installer.file_digests(self._files)
-        self._workdir = str(s.project_dir)
 
         self.secrets = {
             rel: Secret(
@@ -147,7 +146,7 @@ class Cluster(pulumi.ComponentResource):
             {f"picture:{k}": v for k, v in installer.file_digests(diagram.sources(c)).items()}
         )
         render_argv = commands.render_tree(
-            s.python, c.root, s.render_dir, s.vm.stack if s.vm else None
+            s.python, s.rec(c.root), s.rec(s.render_dir), s.vm.stack if s.vm else None
         )
         return step(
             f"{self._name}-render",
@@ -156,7 +155,6 @@ class Cluster(pulumi.ComponentResource):
             create=render_argv,
             update=render_argv,
             inputs_digest=tree,
-            dir=self._workdir,
             # not after the fetch steps: a fetch that fails must stop its own host only (a
             # failed dependency fails the registration of everything that depends on it).
             # The rendered tree imports a hardware file that is not there yet once it exists
@@ -177,15 +175,7 @@ class Cluster(pulumi.ComponentResource):
                 f"{self._name}-{hname}-hardware",
                 runner=s.runner,
                 host=hname,
-                create=commands.fetch_hardware_config(
-                    s.python,
-                    s.deploy_user,
-                    h.ip,
-                    out,
-                    identity=s.ssh_identity,
-                    known_hosts=s.ssh_known_hosts,
-                ),
-                dir=self._workdir,
+                create=commands.fetch_hardware_config(s.python, h.ip, s.ssh, s.rec(out)),
                 triggers=[str(h.ip)],
                 opts=pulumi.ResourceOptions(
                     parent=self, depends_on=self.lab.ready(hname) if self.lab else None
@@ -266,17 +256,16 @@ class Cluster(pulumi.ComponentResource):
             inputs=iso_inputs,
             digest=_digest(iso_inputs),
             build_argv=(
-                installer.iso_build_argv(s.nix, s.render_dir, hname)
+                installer.iso_build_argv(s.nix, s.rec(s.render_dir), hname)
                 if s.build_isos and s.vm is None  # a VM stack's Vm builds it
                 else None
             ),
-            result_link=str(installer.iso_out_link(s.render_dir, hname)),
+            result_link=str(installer.iso_out_link(s.rec(s.render_dir), hname)),
             python=s.python,
             runner=s.runner,
-            dir=self._workdir,
             depends_on=(self.render,),
         )
-        hive = s.render_dir / "hive.nix"
+        hive = s.rec(s.render_dir / "hive.nix")
         hw = self.hardware.get(hname)
         pool = self._pool
         return Host(
@@ -299,7 +288,6 @@ class Cluster(pulumi.ComponentResource):
                 if s.wait_ready
                 else None,
                 runner=s.runner,
-                dir=self._workdir,
                 server_url=c.api_endpoint,
                 iso=iso,
                 depends_on=(
@@ -322,10 +310,9 @@ class Cluster(pulumi.ComponentResource):
             ssh=s.ssh,
             runner=s.runner,
             stack=s.stack,
-            path=str(s.kubeconfig_file),
+            path=str(s.rec(s.kubeconfig_file)),
             after=init_host.deploy,
             after_digest=init_host.args_digest,
-            dir=self._workdir,
             parent=self,
         )
 
@@ -373,7 +360,7 @@ class Cluster(pulumi.ComponentResource):
             else None
         )
         self.api_endpoint = pulumi.Output.from_input(c.api_endpoint)
-        self.render_dir = pulumi.Output.from_input(str(s.render_dir))
+        self.render_dir = pulumi.Output.from_input(str(s.rec(s.render_dir)))
         self.register_outputs(
             {
                 "hosts": self.hosts,

@@ -140,7 +140,6 @@ def kubeconfig_step(
     path: str,
     after: pulumi.Resource,
     after_digest: pulumi.Input[str],
-    dir: str,
     parent: pulumi.Resource,
 ) -> pulumi.CustomResource | None:
     """``<name>-kubeconfig``: reads the admin kubeconfig after the init-server's host is ready."""
@@ -165,7 +164,6 @@ def kubeconfig_step(
         update=argv,
         # read again whenever the init-server's host was deployed again
         inputs_digest={"deploy:" + init.host: after_digest, "path": path},
-        dir=dir,
         output_may_hold_secrets=True,
         opts=pulumi.ResourceOptions(parent=parent, depends_on=[after]),
     )

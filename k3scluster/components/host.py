@@ -84,7 +84,6 @@ class HostArgs:
     deploy_argv: Sequence[str]  # health.deploy_argv(...): colmena, and the gates
     read_argv: Sequence[str] | None
     runner: str
-    dir: str  # working directory of the steps (the project directory)
     server_url: str | None
     iso: InstallerIsoArgs
     # what the deploy waits for: the render step, the hardware fetch, earlier hosts
@@ -116,7 +115,6 @@ class Host(pulumi.ComponentResource):
                 "and keeps running its last configuration"
             ),
             inputs_digest=args.inputs,
-            dir=args.dir,
             read=args.read_argv,
             opts=pulumi.ResourceOptions(
                 parent=self, depends_on=list(args.depends_on), provider=args.provider

@@ -29,7 +29,6 @@ class InstallerIsoArgs:
     result_link: str  # the build's out-link (installer.iso_out_link)
     python: str
     runner: str
-    dir: str
     depends_on: Sequence[pulumi.Resource] = field(default=())
 
 
@@ -60,7 +59,6 @@ class InstallerIso(pulumi.ComponentResource):
                 host=args.host,
                 create=argv,
                 inputs_digest=args.inputs,
-                dir=args.dir,
                 opts=pulumi.ResourceOptions(parent=self, depends_on=list(args.depends_on)),
             )
             result = self.build.stdout.apply(_result)  # type: ignore[attr-defined]

@@ -7,6 +7,8 @@ cannot be had. Differences that matter:
 - commands are argv lists run without a shell;
 - ``inputs`` (name -> sha256) is a property of its own, so ``pulumi preview --diff`` shows
   which input of a step changed;
+- an argv that starts with ``stackpaths.STEP_PYTHON`` runs with this process's own Python;
+  without ``dir`` a step runs in the provider's working directory, the project directory;
 - a failure raises with the step's host, the argv (secret values masked) and the tail of the
   output;
 - stderr lines that start with ``k3scluster: `` (the tasks' progress lines) go to Pulumi's log
@@ -51,6 +53,7 @@ from k3scluster.components.tasks import (
     PROGRESS_PREFIX,
     last_json,
 )
+from k3scluster.stackpaths import STEP_PYTHON
 
 TAIL_CHARS = 4000
 MASK = "[secret]"
@@ -130,6 +133,10 @@ def run_argv(props: dict[str, Any], which: str, *, check: bool = True) -> dict[s
     step keeps its whole output) and ``code``, or raise when it fails and ``check``."""
     props = _normal(props)
     argv = [str(a) for a in props[which]]
+    if argv and argv[0] == STEP_PYTHON:
+        # the Python of this provider process (it imports k3scluster): resolved here, on the
+        # machine that runs the step, never recorded (stackpaths.py)
+        argv[0] = sys.executable
     secret_env = {k: str(v) for k, v in (props.get("secretEnvironment") or {}).items()}
     env = dict(os.environ)
     env.update({k: str(v) for k, v in (props.get("environment") or {}).items()})

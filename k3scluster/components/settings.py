@@ -6,14 +6,14 @@
 
 from __future__ import annotations
 
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from k3scluster import commands
 from k3scluster.components.steps import RUNNERS
 from k3scluster.errors import K3sClusterError
 from k3scluster.lab.spec import VmSettings
+from k3scluster.stackpaths import STEP_PYTHON, recorded
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,8 @@ class Settings:
     runner: str = "command"
     parallel: int = 4
     deploy_user: str = "root"
-    python: str = field(default=sys.executable)
+    # how steps name the Python of k3scluster's tasks: resolved when they run (stackpaths)
+    python: str = STEP_PYTHON
     # the hardware fetch's ssh: a private key file and a known_hosts file (None: ssh's own)
     ssh_identity: Path | None = None
     ssh_known_hosts: Path | None = None
@@ -42,6 +43,14 @@ class Settings:
     stack: str = "stack"
     # python runner: provider processes the deploys spread over (None: one per 4 hosts, up to 8)
     runner_processes: int | None = None
+    # (local path, the stack file's text for it) of clusterDir, renderDir, kubeconfigPath and
+    # the ssh files: steps record a path under one of them as the stack file names it, and
+    # resolve it when they run (stackpaths.py), so that no step names one operator's paths
+    recorded_as: tuple[tuple[Path, str], ...] = ()
+
+    def rec(self, path: Path) -> Path:
+        """``path`` as steps record it (``stackpaths.recorded``)."""
+        return recorded(path, self.recorded_as)
 
     @property
     def kubeconfig_file(self) -> Path:
@@ -49,7 +58,12 @@ class Settings:
 
     @property
     def ssh(self) -> commands.SshSettings:
-        return commands.SshSettings(self.deploy_user, self.ssh_identity, self.ssh_known_hosts)
+        """The ssh settings as steps record them."""
+        return commands.SshSettings(
+            self.deploy_user,
+            self.rec(self.ssh_identity) if self.ssh_identity else None,
+            self.rec(self.ssh_known_hosts) if self.ssh_known_hosts else None,
+        )
 
     def __post_init__(self) -> None:
         if self.runner not in RUNNERS:

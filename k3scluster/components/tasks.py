@@ -2,6 +2,8 @@
 
 - ``capture --out FILE -- ARGV…``: run ARGV, write its stdout to FILE atomically; an existing
   FILE is kept (a user's file is never overwritten).
+- ``hardware --ip IP [ssh] --out FILE``: ``capture`` of the host's hardware-configuration.nix
+  read over ssh (the ssh command made here, from the paths resolved here).
 - ``iso --result LINK -- ARGV…``: run an ISO build (its log goes to stderr), print ``{"image": …, "sha256": …}`` as the last line.
 - ``deploy --host H --ip IP [ssh] --timeout S [--server NAME=IP] [--agent NAME] [--api URL
   --credentials-from IP] -- ARGV…``: run the deploy ARGV (colmena), wait for the host's health
@@ -10,6 +12,10 @@
   last line ``k3scluster-observed=<JSON>``.
 - ``kubeconfig --ip IP [ssh] --server URL --name NAME --out FILE``: K3s's admin kubeconfig from
   the init-server's host, rewritten, written to FILE (0600) and printed.
+
+Paths in the arguments are as the stack file writes them (relative to the project directory,
+the working directory of every step, or ``~/…``) and are resolved here, on the machine of whoever
+runs the step (``k3scluster.stackpaths``); so are paths in the ARGV of ``deploy`` and ``iso``.
 
 Progress lines go to stderr and start with ``k3scluster: `` (the python runner forwards them to
 Pulumi's log). Credentials stay in memory: never printed, never in an argv.
@@ -35,6 +41,7 @@ from typing import Any
 
 from k3scluster import commands
 from k3scluster.errors import K3sClusterError
+from k3scluster.stackpaths import resolve, resolve_args
 
 CAPTURED_PREFIX = "captured-sha256="
 
@@ -126,8 +133,8 @@ def _progress(message: str) -> None:
 def _ssh(args: argparse.Namespace) -> commands.SshSettings:
     return commands.SshSettings(
         user=args.ssh_user,
-        identity=Path(args.ssh_identity) if args.ssh_identity else None,
-        known_hosts=Path(args.ssh_known_hosts) if args.ssh_known_hosts else None,
+        identity=resolve(args.ssh_identity) if args.ssh_identity else None,
+        known_hosts=resolve(args.ssh_known_hosts) if args.ssh_known_hosts else None,
     )
 
 
@@ -195,10 +202,22 @@ def _credentials(
     return kube.parse_kubeconfig(last, f"{ip}:{kube.KUBECONFIG_ON_HOST}")
 
 
+def _hardware(args: argparse.Namespace) -> None:
+    ssh = _ssh(args)
+    argv = commands.ssh_cat(
+        ssh.user,
+        ipaddress.IPv4Address(args.ip),
+        commands.HARDWARE_CONFIG_ON_HOST,
+        identity=ssh.identity,
+        known_hosts=ssh.known_hosts,
+    )
+    _capture(resolve(args.out), argv)
+
+
 def _deploy(args: argparse.Namespace) -> None:
 
     ssh = _ssh(args)
-    proc = subprocess.run(args.argv, stdin=subprocess.DEVNULL, check=False)
+    proc = subprocess.run(resolve_args(args.argv), stdin=subprocess.DEVNULL, check=False)
     if proc.returncode != 0:
         raise K3sClusterError(
             f"`{' '.join(args.argv)}` failed with exit code {proc.returncode}"
@@ -305,7 +324,7 @@ def _kubeconfig(args: argparse.Namespace) -> None:
     text = kube.rewrite_kubeconfig(
         proc.stdout, args.server, args.name, f"{args.ip}:{kube.KUBECONFIG_ON_HOST}"
     )
-    write_private(Path(args.out), text)
+    write_private(resolve(args.out), text)
     _progress(f"kubeconfig for {args.server} written to {args.out} (mode 0600)")
     sys.stdout.write(text)
     sys.stdout.flush()
@@ -339,8 +358,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m k3scluster.components.tasks")
     sub = parser.add_subparsers(dest="task", required=True)
     c = sub.add_parser("capture")
-    c.add_argument("--out", type=Path, required=True)
+    c.add_argument("--out", required=True)
     c.add_argument("argv", nargs="+")
+    hw = sub.add_parser("hardware")
+    _add_ssh(hw)
+    hw.add_argument("--out", required=True)
     i = sub.add_parser("iso")
     i.add_argument("--result", type=Path, required=True)
     i.add_argument("argv", nargs="+")
@@ -365,9 +387,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.task == "capture":
-            _capture(args.out, args.argv)
+            _capture(resolve(args.out), resolve_args(args.argv))
+        elif args.task == "hardware":
+            _hardware(args)
         elif args.task == "iso":
-            _iso(args.result, args.argv)
+            _iso(resolve(args.result), resolve_args(args.argv))
         elif args.task == "deploy":
             _deploy(args)
         elif args.task == "observe":
