@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -252,6 +253,35 @@ def test_build_failed_host(example_dir: Path, tmp_path: Path) -> None:
     assert out[-1] == "1 of 2 host(s) failed to build: karl"
     r = _k3scluster(["build", str(example_dir), "--on", "nobody"], tmp_path, env)
     assert r.returncode == 1 and "--on: no host nobody" in r.stderr
+
+
+def test_build_progress_is_passed_through_while_colmena_runs(
+    example_dir: Path, tmp_path: Path
+) -> None:
+    hold = tmp_path / "hold"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{BIN}{os.pathsep}/usr/bin:/bin",
+           "COLMENA_STORE": str(tmp_path / "store"), "COLMENA_HOLD": str(hold),
+           "COLMENA_HOLD_HOSTS": "ulf"}
+    err = tmp_path / "stderr"
+    with open(err, "w") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "k3scluster", "build", str(example_dir), "--on", "olaf,ulf"],
+            env=env, stdout=subprocess.DEVNULL, stderr=f)
+    try:
+        started = Path(f"{hold}.ulf.started")
+        for _ in range(600):
+            if started.exists() and "ulf | Building ulf" in err.read_text():
+                break
+            time.sleep(0.05)
+        # colmena is still at ulf, and its lines so far are already on k3scluster's stderr
+        assert proc.poll() is None
+        text = err.read_text()
+        assert "olaf | Built" in text and "ulf | Building ulf" in text
+        assert "ulf | Built" not in text
+    finally:
+        Path(f"{hold}.release").touch()
+        assert proc.wait(timeout=60) == 0
+    assert "ulf | Built" in err.read_text()
 
 
 def _results(stdout: str) -> dict[str, tuple[str, list[str]]]:
