@@ -111,6 +111,7 @@ def make_cluster(root: Path, n: int) -> Path:
     _write(sec / "bench.pub", _ssh_public_key() + "\n")
     _write(sec / "passwd", _passwd_hash() + "\n", 0o600)
     _write(sec / "token", secrets.token_hex(32) + "\n", 0o600)
+    _write(sec / "agent-token", secrets.token_hex(32) + "\n", 0o600)
     _write(
         root / "manifests" / "hello.yaml",
         f"# {MARK}\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: bench\n",

@@ -1,4 +1,4 @@
-"""``k3scluster init DIR``: a new cluster directory with example plans and a K3s token.
+"""``k3scluster init DIR``: a new cluster directory with example plans and the K3s tokens.
 
 Never overwrites anything: every file is written to a temporary file and linked
 into place, which fails when the name exists (O_EXCL semantics). Re-running adds
@@ -69,6 +69,9 @@ SECRETS_README = """\
 
 Keep this folder private (mode 0700) and backed up; never publish it.
 - `token`: the K3s token, made by `k3scluster init`. Never change it once the cluster runs.
+  Only the K3s servers get it: whoever holds it can join as a server.
+- `agent-token`: the token the K3s agents join with, made by `k3scluster init` (run it again
+  to add one to an older cluster directory; it never replaces a file).
 - `passwd`: the password hash of the admin user on every host; `<host>passwd` for one host.
   Make one with `mkpasswd -m yescrypt` or `openssl passwd -6`.
 - `*.pub`: ssh public keys. `<host>.pub` applies to that host only, any other `.pub` to every host.
@@ -79,6 +82,7 @@ GITIGNORE = """\
 /.k3scluster/
 # Secrets: keep them out of version control (the .pub files are not secret)
 /secrets/token
+/secrets/agent-token
 /secrets/*passwd
 """
 
@@ -91,6 +95,7 @@ FILES: tuple[tuple[str, str, int], ...] = (
     (".gitignore", GITIGNORE, 0o644),
 )
 TOKEN = "secrets/token"
+AGENT_TOKEN = "secrets/agent-token"
 
 
 @dataclass(frozen=True)
@@ -126,9 +131,11 @@ def init_cluster(root: Path) -> InitResult:
             created.append(f"{d}/")
         for rel, text, mode in FILES:
             (created if _create(root / rel, text.encode(), mode) else kept).append(rel)
-        # the token last: a fresh one only when there is none
-        token = (secrets.token_hex(32) + "\n").encode()
-        (created if _create(root / TOKEN, token, 0o600) else kept).append(TOKEN)
+        # the tokens last: a fresh one only when there is none (the agent token of an
+        # older cluster directory is added; its server token is kept)
+        for rel in (TOKEN, AGENT_TOKEN):
+            token = (secrets.token_hex(32) + "\n").encode()
+            (created if _create(root / rel, token, 0o600) else kept).append(rel)
     except OSError as exc:
         raise K3sClusterError(
             f"cannot create the cluster directory {root}: {exc.strerror} ({exc.filename})",

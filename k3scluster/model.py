@@ -169,6 +169,9 @@ class Secrets:
     passwd: SecretFile | None  # secrets/passwd: for every host
     host_passwd: tuple[tuple[str, SecretFile], ...] = ()  # secrets/<host>passwd
     ssh_keys: tuple[SshKey, ...] = ()
+    # secrets/agent-token: what the agents join with (the servers get it too, as
+    # --agent-token-file); agents never see secrets/token
+    agent_token: SecretFile | None = None
 
     def passwd_for(self, host: str) -> SecretFile | None:
         return dict(self.host_passwd).get(host, self.passwd)

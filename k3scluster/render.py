@@ -68,6 +68,11 @@ TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 # unlike the default /run/keys (a tmpfs, empty after a reboot until the next deploy).
 SECRETS_DIR = "/var/lib/k3scluster/secrets"
 TOKEN_KEY = "k3s-token"
+# The agents' own token, in a directory of its own: the agent container binds that
+# directory (not the file: colmena replaces a key by renaming a new file over it), so it
+# sees nothing but this token. The server container binds both directories.
+AGENT_SECRETS_DIR = "/var/lib/k3scluster/agent-secrets"
+AGENT_TOKEN_KEY = "k3s-agent-token"
 AGENT_NETWORK = "k3s-macvlan"
 # Marker written into OUT: write_tree only ever replaces a directory that holds it
 # (or an empty one), so a wrong --out can never wipe a directory of the user's.
@@ -348,13 +353,14 @@ def _hive_context(cluster: Cluster, out: Path) -> dict[str, object]:
                     "name": _passwd_key(host),
                     "path": _rel(out, "", cluster, passwd.relpath),
                     "comment": _safe_comment(passwd.relpath),
+                    "dest_dir": SECRETS_DIR,
                 }
             )
-        if _k3s_on(cluster, host.name):
+        if _server_on(cluster, host.name) is not None:
             token = cluster.secrets.token
             if token is None:
                 raise K3sClusterError(
-                    "secrets/token is missing but the plans have K3s rows",
+                    "secrets/token is missing but the plans have K3s servers",
                     "`k3scluster init DIR` creates it; never change it once the cluster runs",
                 )
             keys.append(
@@ -362,6 +368,22 @@ def _hive_context(cluster: Cluster, out: Path) -> dict[str, object]:
                     "name": TOKEN_KEY,
                     "path": _rel(out, "", cluster, token.relpath),
                     "comment": _safe_comment(token.relpath),
+                    "dest_dir": SECRETS_DIR,
+                }
+            )
+        if _k3s_on(cluster, host.name):
+            agent_token = cluster.secrets.agent_token
+            if agent_token is None:
+                raise K3sClusterError(
+                    "secrets/agent-token is missing but the plans have K3s rows",
+                    "`k3scluster init DIR` adds it and changes nothing else",
+                )
+            keys.append(
+                {
+                    "name": AGENT_TOKEN_KEY,
+                    "path": _rel(out, "", cluster, agent_token.relpath),
+                    "comment": _safe_comment(agent_token.relpath),
+                    "dest_dir": AGENT_SECRETS_DIR,
                 }
             )
         nodes.append(
@@ -406,6 +428,8 @@ def render_files(
     common = {
         "secrets_dir": SECRETS_DIR,
         "token_key": TOKEN_KEY,
+        "agent_secrets_dir": AGENT_SECRETS_DIR,
+        "agent_token_key": AGENT_TOKEN_KEY,
         "agent_network": AGENT_NETWORK,
         "start_env": ENV_FILE,
         "etcd_wal_dir": ETCD_WAL_DIR,
@@ -624,7 +648,8 @@ def host_inputs(cluster: Cluster, host_name: str, files: Mapping[str, str]) -> d
         inputs[f"file:{rel}"] = _sha(files[rel])
     keys = sorted(
         ([_passwd_key(host)] if cluster.secrets.passwd_for(host_name) else [])
-        + ([TOKEN_KEY] if server or agent else [])
+        + ([TOKEN_KEY] if server else [])
+        + ([AGENT_TOKEN_KEY] if server or agent else [])
     )
     inputs["deployment"] = _sha(
         _json({"targetHost": str(host.ip), "tags": _tags(cluster, host_name), "keys": keys})
@@ -661,8 +686,10 @@ def host_inputs(cluster: Cluster, host_name: str, files: Mapping[str, str]) -> d
     passwd = cluster.secrets.passwd_for(host_name)
     if passwd is not None:
         inputs[f"secret:{_passwd_key(host)}"] = passwd.sha256
-    if (server or agent) and cluster.secrets.token is not None:
+    if server and cluster.secrets.token is not None:
         inputs[f"secret:{TOKEN_KEY}"] = cluster.secrets.token.sha256
+    if (server or agent) and cluster.secrets.agent_token is not None:
+        inputs[f"secret:{AGENT_TOKEN_KEY}"] = cluster.secrets.agent_token.sha256
     return dict(sorted(inputs.items()))
 
 

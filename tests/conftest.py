@@ -23,6 +23,6 @@ def example_dir(tmp_path: Path) -> Path:
     dst = tmp_path / "cluster"
     shutil.copytree(EXAMPLE, dst, ignore=shutil.ignore_patterns(".k3scluster"))
     for f in (dst / "secrets").iterdir():
-        if f.name in ("token",) or f.name.endswith("passwd"):
+        if f.name in ("token", "agent-token") or f.name.endswith("passwd"):
             f.chmod(0o600)
     return dst

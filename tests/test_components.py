@@ -121,6 +121,7 @@ def run_program(
 def poisoned(example_dir: Path) -> Path:
     """The example cluster with a recognisable token and password hash."""
     (example_dir / "secrets" / "token").write_text(POISON_TOKEN + "\n")
+    (example_dir / "secrets" / "agent-token").write_text(POISON_TOKEN + "-agent\n")
     (example_dir / "secrets" / "passwd").write_text(POISON_HASH + "\n")
     return example_dir
 
@@ -137,8 +138,8 @@ def test_one_component_per_plan_row(poisoned: Path, runner: str) -> None:
     assert counts["k3scluster:index:K3sServer"] == 3
     assert counts["k3scluster:index:K3sAgent"] == 3
     assert counts["k3scluster:index:InstallerIso"] == 5
-    # token, passwd, two public keys
-    assert counts["k3scluster:index:Secret"] == 4
+    # token, agent token, passwd, two public keys
+    assert counts["k3scluster:index:Secret"] == 5
     servers = {r.name for r in m.by_type("k3scluster:index:K3sServer")}
     assert servers == {"olaf-k3s-server", "ulf-k3s-server", "rolf-k3s-server"}
     step_type = STEP_TYPES[RUNNERS.index(runner)]
@@ -326,9 +327,9 @@ def test_no_secret_anywhere_in_the_graph(poisoned: Path, runner: str) -> None:
     for reg in m.registered:
         for poison in (POISON_TOKEN, POISON_HASH, "POISONhash"):
             assert poison not in reg.raw, (reg.name, poison)
-    # the token is known by its digest only
+    # the tokens are known by their digests only
     token = [r for r in m.by_type("k3scluster:index:Secret") if r.name.endswith("token")]
-    assert len(token) == 1
+    assert sorted(r.name for r in token) == ["cluster-secrets-agent-token", "cluster-secrets-token"]
 
 
 @pytest.mark.parametrize("runner", RUNNERS)

@@ -48,9 +48,10 @@ def test_a_fresh_clone_of_the_example_checks_without_a_warning(tmp_path: Path) -
     )
     secrets = cluster / "secrets"
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in secrets.iterdir()}
-    # private: token and password hashes; public keys and the README stay readable
+    # private: tokens and password hashes; public keys and the README stay readable
     assert modes == {
         "token": 0o600,
+        "agent-token": 0o600,
         "passwd": 0o600,
         "manfred.pub": 0o644,
         "olaf.pub": 0o644,

@@ -155,3 +155,43 @@ def test_init_on_a_file_is_a_user_error(tmp_path: Path) -> None:
     (tmp_path / "c" / "plans").write_text("")
     with pytest.raises(K3sClusterError, match="plans exists and is not a directory"):
         init_cluster(tmp_path / "c")
+
+
+# -- issue 19 item 3: the agents' own token ----------------------------------------------
+
+
+def test_init_writes_an_agent_token_of_its_own(tmp_path: Path) -> None:
+    root = tmp_path / "c"
+    result = init_cluster(root)
+    agent = root / "secrets" / "agent-token"
+    assert "secrets/agent-token" in result.created
+    assert re.fullmatch(r"[0-9a-f]{64}\n", agent.read_text())
+    assert stat.S_IMODE(agent.stat().st_mode) == 0o600
+    assert agent.read_text() != (root / "secrets" / "token").read_text()
+
+
+def test_init_adds_the_agent_token_to_an_older_cluster_and_keeps_everything_else(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "c"
+    init_cluster(root)
+    (root / "secrets" / "agent-token").unlink()  # a directory made before agent tokens
+    before = snapshot(root)
+    result = init_cluster(root)
+    assert result.created == ("secrets/agent-token",)
+    after = snapshot(root)
+    assert {k: v for k, v in after.items() if k != "secrets/agent-token"} == before
+    # a second run changes nothing, the agent token included
+    again = init_cluster(root)
+    assert again.created == () and snapshot(root) == after
+
+
+def test_check_tells_a_cluster_without_an_agent_token_what_to_do(example_dir: Path) -> None:
+    (example_dir / "secrets" / "agent-token").unlink()
+    result = plans.load(example_dir)
+    assert result.cluster is None
+    [d] = result.diagnostics
+    assert (d.file, d.severity.value) == ("secrets/agent-token", "error")
+    assert "`k3scluster init DIR` adds" in d.hint and "pulumi up" in d.hint
+    init_cluster(example_dir)
+    assert plans.load(example_dir).cluster is not None

@@ -20,7 +20,13 @@ from nixeval import LIB_STUB, container_config, host_args, module_config, module
 
 from k3scluster import macs, plans
 from k3scluster.model import Cluster
-from k3scluster.render import SECRETS_DIR, TOKEN_KEY, render_to_dir
+from k3scluster.render import (
+    AGENT_SECRETS_DIR,
+    AGENT_TOKEN_KEY,
+    SECRETS_DIR,
+    TOKEN_KEY,
+    render_to_dir,
+)
 
 
 def load(root: Path) -> Cluster:
@@ -37,6 +43,7 @@ def out(example_dir: Path) -> Path:
 
 
 TOKEN_FILE = f"{SECRETS_DIR}/{TOKEN_KEY}"
+AGENT_TOKEN_FILE = f"{AGENT_SECRETS_DIR}/{AGENT_TOKEN_KEY}"
 
 
 def warnings(result: plans.LoadResult) -> list[tuple[str, int]]:
@@ -67,20 +74,29 @@ def agent_container(out: Path, host: str = "karl") -> dict[str, object]:
 
 
 def test_key_guards_name_the_file_and_unit_colmena_makes(out: Path) -> None:
-    keys = nix_eval(f"(import {out}/hive.nix).karl.deployment.keys")
-    assert isinstance(keys, dict)
-    key = keys[TOKEN_KEY]
-    colmena_path = f"{key['destDir']}/{TOKEN_KEY}"  # options.nix: path = destDir/name
-    colmena_unit = f"{TOKEN_KEY}-key.service"  # modules.nix: "${name}-key"
+    def colmena(host: str, key: str) -> tuple[str, str]:
+        keys = nix_eval(f"(import {out}/hive.nix).{host}.deployment.keys")
+        assert isinstance(keys, dict)
+        # options.nix: path = destDir/name; modules.nix: unit "${name}-key"
+        return f"{keys[key]['destDir']}/{key}", f"{key}-key.service"
+
+    agent_path, agent_unit = colmena("karl", AGENT_TOKEN_KEY)
     agent = agent_service(out)
-    assert agent["unitConfig"] == {"ConditionPathExists": colmena_path}
-    assert agent["after"] == [colmena_unit]
+    assert agent["unitConfig"] == {"ConditionPathExists": agent_path}
+    assert agent["after"] == [agent_unit]
+    token_path, token_unit = colmena("olaf", TOKEN_KEY)
+    assert colmena("olaf", AGENT_TOKEN_KEY) == (agent_path, agent_unit)
     server = module_config(out, "k3s-server", "olaf", '.systemd.services."container@k3s-server"')
-    assert server == {"unitConfig": {"ConditionPathExists": colmena_path}, "after": [colmena_unit]}
-    # the token the units wait for is the one the containers read
-    assert colmena_path == TOKEN_FILE
+    assert server == {
+        "unitConfig": {"ConditionPathExists": [token_path, agent_path]},
+        "after": [token_unit, agent_unit],
+    }
+    # the tokens the units wait for are the ones the containers read
+    assert token_path == TOKEN_FILE and agent_path == AGENT_TOKEN_FILE
     inner = container_config(out, "olaf", ".services.k3s.tokenFile")
-    assert inner == colmena_path
+    assert inner == token_path
+    flags = container_config(out, "olaf", ".services.k3s.extraFlags")
+    assert isinstance(flags, list) and f"--agent-token-file={agent_path}" in flags
 
 
 def test_guards_never_require_the_key_unit(out: Path) -> None:
@@ -100,22 +116,27 @@ def test_guards_never_require_the_key_unit(out: Path) -> None:
 # inode, which a bind mount of the file itself would never show.
 
 
-def test_agent_binds_the_secrets_directory_read_only(out: Path) -> None:
+def test_agent_binds_the_agent_token_directory_read_only(out: Path) -> None:
+    # issue 19 item 3: only the agent token's directory, never secrets/ (server token,
+    # password hash): the container is privileged and any pod with a hostPath sees it
     c = agent_container(out)
     volumes = c["volumes"]
     assert isinstance(volumes, list)
-    secret_volumes = [v for v in volumes if str(v).startswith(SECRETS_DIR)]
-    assert secret_volumes == [f"{SECRETS_DIR}:/run/k3s-secrets:ro"]
+    secret_volumes = [v for v in volumes if "secrets" in str(v)]
+    assert secret_volumes == [f"{AGENT_SECRETS_DIR}:/run/k3s-secrets:ro"]
     env = c["environment"]
     assert isinstance(env, dict)
-    assert env["K3S_TOKEN_FILE"] == f"/run/k3s-secrets/{TOKEN_KEY}"
+    assert env["K3S_TOKEN_FILE"] == f"/run/k3s-secrets/{AGENT_TOKEN_KEY}"
 
 
 def test_server_binds_the_secrets_directory_read_only(out: Path) -> None:
     binds = module_config(out, "k3s-server", "olaf", ".containers.k3s-server.bindMounts")
     # nixos-containers.nix: bindMounts.<mountPoint> = { hostPath; isReadOnly; } becomes
     # --bind-ro=hostPath:mountPoint
-    assert binds == {SECRETS_DIR: {"hostPath": SECRETS_DIR, "isReadOnly": True}}
+    assert binds == {
+        SECRETS_DIR: {"hostPath": SECRETS_DIR, "isReadOnly": True},
+        AGENT_SECRETS_DIR: {"hostPath": AGENT_SECRETS_DIR, "isReadOnly": True},
+    }
     inner = container_config(out, "olaf")
     assert isinstance(inner, dict)
     assert inner["services"]["k3s"]["tokenFile"] == TOKEN_FILE
@@ -187,7 +208,11 @@ def test_host_firewall_opens_only_ssh(out: Path) -> None:
     base = module_config(out, "base", "olaf", ".networking.firewall")
     assert base == {"enable": True, "allowedTCPPorts": [22]}
     common = nix_eval(f"import {out}/modules/k3s-common.nix {{ lib = import {LIB_STUB}; }}")
-    assert isinstance(common, dict) and set(common) <= {"options"}  # it sets nothing
+    assert isinstance(common, dict)
+    # it opens nothing: its only setting is the agent token's directory
+    assert common.get("config") == {
+        "systemd": {"tmpfiles": {"rules": [f"d {AGENT_SECRETS_DIR} 0700 root root -"]}}
+    }
     # the server's own ports are opened inside its network namespace
     inner = container_config(out, "olaf", ".networking.firewall")
     assert inner == {"enable": True, "allowedTCPPorts": [22, 6443, 2379, 2380]}

@@ -43,8 +43,10 @@ class Project:
             ignore=shutil.ignore_patterns(".k3scluster"),
         )
         (self.cluster / "secrets" / "token").write_text(POISON_TOKEN + "\n")
+        # the agent token contains the poison too: neither may reach state, log or store
+        (self.cluster / "secrets" / "agent-token").write_text(POISON_TOKEN + "-agent\n")
         (self.cluster / "secrets" / "passwd").write_text(POISON_HASH + "\n")
-        for f in ("token", "passwd"):
+        for f in ("token", "agent-token", "passwd"):
             (self.cluster / "secrets" / f).chmod(0o600)
         for h in HOSTS:
             hw = self.cluster / "nixConfigs" / f"{h}.hardware.nix"
@@ -114,7 +116,7 @@ def test_preview_lists_every_component_and_writes_nothing(project: Project) -> N
     assert types["k3scluster:index:K3sServer"] == 3
     assert types["k3scluster:index:K3sAgent"] == 3
     assert types["k3scluster:index:InstallerIso"] == 5
-    assert types["k3scluster:index:Secret"] == 4
+    assert types["k3scluster:index:Secret"] == 5  # token, agent token, passwd, two public keys
     # five deploys and the render
     assert types["pulumi-python:dynamic/k3scluster:Step"] == 6
     assert not project.render_dir.exists()

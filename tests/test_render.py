@@ -249,6 +249,7 @@ POISON_HASH = "$6$POISONsalt$POISONHASHneverrenderme0123456789abcdefghijklmnopqr
 
 def test_secrets_appear_only_as_paths(example_dir: Path) -> None:
     (example_dir / "secrets" / "token").write_text(POISON_TOKEN + "\n")
+    (example_dir / "secrets" / "agent-token").write_text(POISON_TOKEN + "-agent\n")
     (example_dir / "secrets" / "passwd").write_text(POISON_HASH + "\n")
     (example_dir / "secrets" / "olafpasswd").write_text(POISON_HASH.replace("$6$P", "$6$Q") + "\n")
     (example_dir / "secrets" / "olafpasswd").chmod(0o600)
@@ -264,8 +265,11 @@ def test_secrets_appear_only_as_paths(example_dir: Path) -> None:
     assert isinstance(keys, dict)
     assert keys["k3s-token"]["keyFile"] == str(example_dir / "secrets" / "token")
     assert keys["passwd-manfred"]["keyFile"] == str(example_dir / "secrets" / "olafpasswd")
-    for k in keys.values():
-        assert k["destDir"] == "/var/lib/k3scluster/secrets"
+    assert keys["k3s-agent-token"]["keyFile"] == str(example_dir / "secrets" / "agent-token")
+    for name, k in keys.items():
+        # the agent token alone in a directory of its own (the agent container binds it)
+        want = "agent-secrets" if name == "k3s-agent-token" else "secrets"
+        assert k["destDir"] == f"/var/lib/k3scluster/{want}"
         assert (k["user"], k["group"], k["permissions"]) == ("root", "root", "0400")
         assert k["uploadAt"] == "pre-activation"
     assert "keyFile = toString ../../secrets/token;" in files["hive.nix"]
@@ -313,7 +317,11 @@ def test_hive_nodes(rendered: tuple[Path, dict[str, str]]) -> None:
     assert hive["ulf"]["tags"] == ["k3s-server", "k3s-agent"]
     assert hive["rolf"]["tags"] == ["k3s-server"]
     assert hive["karl"]["tags"] == ["k3s-agent"]
-    assert set(hive["karl"]["keys"]) == {"k3s-token", "passwd-manfred"}
+    # an agent-only host never receives the server token
+    assert set(hive["karl"]["keys"]) == {"k3s-agent-token", "passwd-manfred"}
+    assert set(hive["rolf"]["keys"]) == {"k3s-token", "k3s-agent-token", "passwd-manfred"}
+    assert set(hive["olaf"]["keys"]) == {"k3s-token", "k3s-agent-token", "passwd-manfred"}
+    assert set(hive["ulrich"]["keys"]) == {"passwd-manfred"}
     pin = NIXPKGS_PINS["26.05"]
     assert f'url = "{pin.url}";' in files["hive.nix"]
     assert f'sha256 = "{pin.sha256}";' in files["hive.nix"]
@@ -596,6 +604,17 @@ def test_manifests_and_token_reach_the_right_hosts(cluster: Cluster) -> None:
             cluster.secrets, token=SecretFile.from_path(cluster.root, token)
         ),
     )
+    # the server token reaches the servers only
+    assert changed(before, all_digests(c)) == {"olaf", "ulf", "rolf"}
+    before = all_digests(c)
+    agent_token = cluster.root / "secrets" / "agent-token"
+    agent_token.write_text("another-agent-token-0123456789\n")
+    c = dataclasses.replace(
+        c,
+        secrets=dataclasses.replace(
+            c.secrets, agent_token=SecretFile.from_path(cluster.root, agent_token)
+        ),
+    )
     assert changed(before, all_digests(c)) == {"olaf", "ulf", "rolf", "karl"}
 
 
@@ -603,6 +622,9 @@ def test_missing_token_with_k3s_rows_is_a_user_error(cluster: Cluster) -> None:
     c = dataclasses.replace(cluster, secrets=dataclasses.replace(cluster.secrets, token=None))
     with pytest.raises(K3sClusterError):
         render_files(c, out_of(cluster.root))
+    s = dataclasses.replace(cluster.secrets, agent_token=None)
+    with pytest.raises(K3sClusterError, match="agent-token"):
+        render_files(dataclasses.replace(cluster, secrets=s), out_of(cluster.root))
 
 
 def test_column_named_k3s_is_refused(cluster: Cluster) -> None:

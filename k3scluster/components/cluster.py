@@ -68,9 +68,13 @@ def _secret_args(cluster: ClusterModel) -> dict[str, SecretArgs]:
     s = cluster.secrets
     hosts = [h.name for h in cluster.hosts]
     found: dict[str, SecretArgs] = {}
-    if s.token is not None:
+    if s.token is not None:  # the servers only
+        servers = tuple(h for h in hosts if any(n.type.is_server for n in cluster.k3s_on(h)))
+        found[s.token.relpath] = SecretArgs("k3s-token", s.token.relpath, s.token.sha256, servers)
+    if s.agent_token is not None:  # servers and agents
         with_k3s = tuple(h for h in hosts if cluster.k3s_on(h))
-        found[s.token.relpath] = SecretArgs("k3s-token", s.token.relpath, s.token.sha256, with_k3s)
+        at = s.agent_token
+        found[at.relpath] = SecretArgs("k3s-agent-token", at.relpath, at.sha256, with_k3s)
     own = dict(s.host_passwd)
     if s.passwd is not None:
         shared = tuple(h for h in hosts if h not in own)

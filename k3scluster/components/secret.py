@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pulumi
 
-KINDS = ("k3s-token", "password-hash", "ssh-public-key")
+KINDS = ("k3s-token", "k3s-agent-token", "password-hash", "ssh-public-key")
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,8 @@ _REGISTRY: tuple[tuple[str, str, str], ...] = (
     # secrets.py: secrets/
     ("token-missing", ERROR, "secrets/token exists"),
     ("token-invalid", ERROR, "the token is one line of printable characters"),
+    ("agent-token-missing", ERROR, "secrets/agent-token exists (the agents' own K3s token)"),
+    ("agent-token-invalid", ERROR, "the agent token is one line of printable characters"),
     (
         "passwd-missing",
         ERROR,

@@ -1,4 +1,4 @@
-"""secrets/: the K3s token, password hashes (passwd, HOSTpasswd) and ssh public keys (*.pub).
+"""secrets/: the K3s token and agent token, password hashes (passwd, HOSTpasswd) and ssh public keys (*.pub).
 
 A secret's content never reaches a diagnostic: messages name the file, never what is in it.
 """
@@ -41,6 +41,7 @@ class _Found:
     """The secrets read so far, and whose password files and keys exist (even broken ones)."""
 
     token: SecretFile | None = None
+    agent_token: SecretFile | None = None
     passwd: SecretFile | None = None
     host_passwd: dict[str, SecretFile] = field(default_factory=dict)
     keys: list[SshKey] = field(default_factory=list)
@@ -74,9 +75,20 @@ class SecretsReader(Files):
                 "`k3scluster init DIR` creates it; never regenerate the token of a "
                 "cluster that exists (K3s rejects nodes with a new token)",
             )
+        if not (sdir / "agent-token").exists() and not (sdir / "agent-token").is_symlink():
+            self.error(
+                "agent-token-missing",
+                "secrets/agent-token",
+                0,
+                "missing K3s agent token (what the agents join with, so that they never hold "
+                "secrets/token, which lets its holder join as a server)",
+                "`k3scluster init DIR` adds a new one and changes nothing else; a running "
+                "cluster takes it at the next `pulumi up` (README: \"The agent token\")",
+            )
         self._check_missing(hosts, found)
         return Secrets(
             token=found.token,
+            agent_token=found.agent_token,
             passwd=found.passwd,
             host_passwd=tuple(sorted(found.host_passwd.items())),
             ssh_keys=tuple(found.keys),
@@ -152,7 +164,7 @@ class SecretsReader(Files):
         name = path.name
         rel = f"secrets/{name}"
         lname = name.lower()
-        kind = "token" if name == "token" else None
+        kind = {"token": "token", "agent-token": "agent-token"}.get(name)
         owner: str | None = None
         if kind is None and lname.endswith("passwd"):
             kind, owner = "passwd", lname[: -len("passwd")]
@@ -180,6 +192,9 @@ class SecretsReader(Files):
         if kind == "token":
             if self.check_token(rel, data):
                 found.token = SecretFile.from_path(self.root, path)
+        elif kind == "agent-token":
+            if self.check_token(rel, data, rule="agent-token-invalid"):
+                found.agent_token = SecretFile.from_path(self.root, path)
         elif kind == "passwd":
             if self.check_passwd(rel, data):
                 secret = SecretFile.from_path(self.root, path)
@@ -211,16 +226,19 @@ class SecretsReader(Files):
             )
         return data
 
-    def check_token(self, rel: str, data: bytes) -> bool:
+    def check_token(self, rel: str, data: bytes, rule: str = "token-invalid") -> bool:
         text = data.decode("utf-8", errors="replace").strip()
         if not text or not text.isprintable() or any(c.isspace() for c in text):
             self.error(
-                "token-invalid",
+                rule,
                 rel,
                 0,
                 "the token must be one line of printable characters without spaces",
                 "restore the token from your backup (`k3scluster init DIR` makes one "
-                "only for a new cluster)",
+                "only for a new cluster)"
+                if rule == "token-invalid"
+                else "delete it and run `k3scluster init DIR` for a new one (the next "
+                "`pulumi up` gives it to the servers first, then to the agents)",
             )
             return False
         return True

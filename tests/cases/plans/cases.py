@@ -557,6 +557,26 @@ CASES = [
         expected=[f"{N}:9: the nixpkgs k3scluster pins for NixOS 25.11 has no pkgs.k3s_1_35 (K3s 1.35)"],
     ),
     case("token-missing", Remove("secrets/token"), expected=["secrets/token: missing K3s token"]),
+    case(
+        "agent-token-missing",
+        Remove("secrets/agent-token"),
+        expected=[
+            (
+                "secrets/agent-token: missing K3s agent token (what the agents join with, so "
+                "that they never hold secrets/token, which lets its holder join as a server)"
+            )
+        ],
+    ),
+    case(
+        "agent-token-invalid",
+        Write("secrets/agent-token", "two words\n"),
+        expected=[
+            (
+                "secrets/agent-token: the token must be one line of printable characters "
+                "without spaces"
+            )
+        ],
+    ),
     # no secrets/ at all is one error, not a missing token, hash and key per host
     case(
         "file-missing:secrets",

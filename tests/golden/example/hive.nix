@@ -27,6 +27,14 @@
       # Secrets: `toString` of a path keeps it a plain string, so colmena reads the file on
       # this machine and uploads it over ssh; it never enters the Nix store.
       keys = {
+        "k3s-agent-token" = {
+          keyFile = toString ../../secrets/agent-token; # secrets/agent-token
+          destDir = "/var/lib/k3scluster/agent-secrets";
+          user = "root";
+          group = "root";
+          permissions = "0400";
+          uploadAt = "pre-activation";
+        };
         "k3s-token" = {
           keyFile = toString ../../secrets/token; # secrets/token
           destDir = "/var/lib/k3scluster/secrets";
@@ -58,6 +66,14 @@
       # Secrets: `toString` of a path keeps it a plain string, so colmena reads the file on
       # this machine and uploads it over ssh; it never enters the Nix store.
       keys = {
+        "k3s-agent-token" = {
+          keyFile = toString ../../secrets/agent-token; # secrets/agent-token
+          destDir = "/var/lib/k3scluster/agent-secrets";
+          user = "root";
+          group = "root";
+          permissions = "0400";
+          uploadAt = "pre-activation";
+        };
         "k3s-token" = {
           keyFile = toString ../../secrets/token; # secrets/token
           destDir = "/var/lib/k3scluster/secrets";
@@ -89,6 +105,14 @@
       # Secrets: `toString` of a path keeps it a plain string, so colmena reads the file on
       # this machine and uploads it over ssh; it never enters the Nix store.
       keys = {
+        "k3s-agent-token" = {
+          keyFile = toString ../../secrets/agent-token; # secrets/agent-token
+          destDir = "/var/lib/k3scluster/agent-secrets";
+          user = "root";
+          group = "root";
+          permissions = "0400";
+          uploadAt = "pre-activation";
+        };
         "k3s-token" = {
           keyFile = toString ../../secrets/token; # secrets/token
           destDir = "/var/lib/k3scluster/secrets";
@@ -120,9 +144,9 @@
       # Secrets: `toString` of a path keeps it a plain string, so colmena reads the file on
       # this machine and uploads it over ssh; it never enters the Nix store.
       keys = {
-        "k3s-token" = {
-          keyFile = toString ../../secrets/token; # secrets/token
-          destDir = "/var/lib/k3scluster/secrets";
+        "k3s-agent-token" = {
+          keyFile = toString ../../secrets/agent-token; # secrets/agent-token
+          destDir = "/var/lib/k3scluster/agent-secrets";
           user = "root";
           group = "root";
           permissions = "0400";

@@ -9,10 +9,13 @@ let
   # the image of the servers' K3s version, computed from the same package
   k3s = import ./k3s-release.nix { inherit pkgs; inherit (config.k3scluster.k3s) packageAttr; };
   str = lib.types.str;
-  secretsDir = "/var/lib/k3scluster/secrets";
-  tokenKey = "k3s-token";
-  tokenFile = "${secretsDir}/${tokenKey}";
-  # The secrets directory as the container sees it (bound read-only, see volumes).
+  # The agents' own token (secrets/agent-token), in a directory that holds nothing
+  # else: the agent container, privileged and reachable by any pod with a hostPath,
+  # never sees the server token or a password hash.
+  agentSecretsDir = "/var/lib/k3scluster/agent-secrets";
+  agentTokenKey = "k3s-agent-token";
+  agentTokenFile = "${agentSecretsDir}/${agentTokenKey}";
+  # That directory as the container sees it (bound read-only, see volumes).
   secretsMount = "/run/k3s-secrets";
   network = "k3s-macvlan";
   # What the podman network is made of. It is a label of the network, so that a
@@ -39,13 +42,13 @@ in
       cmd = [ "agent" ];
       environment = {
         K3S_URL = cfg.serverUrl;
-        K3S_TOKEN_FILE = "${secretsMount}/${tokenKey}";
+        K3S_TOKEN_FILE = "${secretsMount}/${agentTokenKey}";
         K3S_NODE_NAME = cfg.name;
       };
       volumes = [
         # The directory, not the file: colmena replaces a key by renaming a new file
         # over it, and a bind mount of the file would keep showing the old one.
-        "${secretsDir}:${secretsMount}:ro"
+        "${agentSecretsDir}:${secretsMount}:ro"
         # The agent's state and its node password: a node that registers again with a
         # new password is rejected, so both outlive the container.
         "${state}/rancher-k3s:/var/lib/rancher/k3s"
@@ -111,8 +114,8 @@ in
       # runs switch-to-configuration, which starts the active targets again and with
       # them every unit they want that is not running: the condition is checked
       # again then, and holds.
-      unitConfig.ConditionPathExists = tokenFile;
-      after = [ "${tokenKey}-key.service" ];
+      unitConfig.ConditionPathExists = agentTokenFile;
+      after = [ "${agentTokenKey}-key.service" ];
     };
 
     systemd.tmpfiles.rules = [

@@ -10,9 +10,16 @@
 # and flannel VXLAN (8472/udp) are reached on the agent's address. The host itself
 # answers on 22 only (modules/base.nix).
 { lib, ... }:
+let
+  agentSecretsDir = "/var/lib/k3scluster/agent-secrets";
+in
 {
   options.k3scluster.k3s.packageAttr = lib.mkOption {
     type = lib.types.str;
     description = "The nixpkgs attribute of the cluster's K3s minor release, e.g. k3s_1_35 (see k3s-release.nix).";
   };
+
+  # Where colmena puts the agent token (deployment.keys.*.destDir), root-only: bound into
+  # the agent container (nothing else is in it) and into the server container.
+  config.systemd.tmpfiles.rules = [ "d ${agentSecretsDir} 0700 root root -" ];
 }

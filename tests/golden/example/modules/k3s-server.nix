@@ -29,6 +29,11 @@ let
   # The K3s token, uploaded by colmena to the host; the container sees the secrets
   # directory at the same path.
   tokenFile = "${secretsDir}/${tokenKey}";
+  # The agents' token (K3s --agent-token-file): the servers accept it from agents, and
+  # only from agents; its directory holds nothing else (the agent container binds it).
+  agentSecretsDir = "/var/lib/k3scluster/agent-secrets";
+  agentTokenKey = "k3s-agent-token";
+  agentTokenFile = "${agentSecretsDir}/${agentTokenKey}";
   # How K3s starts, decided before each start (./k3s-server-start.sh): the file
   # k3s.service reads, and the directory K3s itself takes for "etcd has data here".
   startEnv = "/run/k3scluster/k3s-start.env";
@@ -52,17 +57,17 @@ in
     extraModules = lib.mkOption { type = lib.types.listOf lib.types.path; default = [ ]; description = "nixConfigs/<k3s name>.nix, imported inside the container."; };
   };
 
-  # Before the first deploy (a freshly installed host) there is no token yet: the
+  # Before the first deploy (a freshly installed host) there are no tokens yet: the
   # container is skipped instead of starting a K3s that cannot join. The guard is
-  # ConditionPathExists alone: the `after` only orders the two units when both start
-  # in the same transaction, it neither pulls the key unit in nor waits for a key that
-  # is not there. It works because the deploy that uploads the token runs
-  # switch-to-configuration, which starts the active targets again (machines.target
-  # among them) and with them every unit they want that is not running: the condition
-  # is checked again then, and holds.
+  # ConditionPathExists alone (both files: systemd requires every condition of a list):
+  # the `after` only orders the units when they start in the same transaction, it
+  # neither pulls the key units in nor waits for a key that is not there. It works
+  # because the deploy that uploads the tokens runs switch-to-configuration, which
+  # starts the active targets again (machines.target among them) and with them every
+  # unit they want that is not running: the condition is checked again then, and holds.
   config.systemd.services."container@k3s-server" = {
-    unitConfig.ConditionPathExists = tokenFile;
-    after = [ "${tokenKey}-key.service" ];
+    unitConfig.ConditionPathExists = [ tokenFile agentTokenFile ];
+    after = [ "${tokenKey}-key.service" "${agentTokenKey}-key.service" ];
   };
 
   config.containers.k3s-server = {
@@ -80,11 +85,16 @@ in
     # Inside, the interface is mv-<nic>, which systemd-nspawn shortens when it would be
     # longer than 15 characters: the network config below matches mv-* instead.
     macvlans = [ host.interface ];
-    # The secrets directory (the token and the admin's password hash), read-only. The
-    # directory, not single files: colmena replaces a key by renaming a new file over
-    # it, and a bind mount of the file would keep showing the old one.
+    # The secrets directories (the token and the admin's password hash; the agent
+    # token), read-only. Directories, not single files: colmena replaces a key by
+    # renaming a new file over it, and a bind mount of the file would keep showing the
+    # old one.
     bindMounts.${secretsDir} = {
       hostPath = secretsDir;
+      isReadOnly = true;
+    };
+    bindMounts.${agentSecretsDir} = {
+      hostPath = agentSecretsDir;
       isReadOnly = true;
     };
 
@@ -152,7 +162,18 @@ in
           # node (and its host-network ports), where `cluster` lets every agent's tunnel
           # reach the whole cluster CIDR. `pod` needs a CNI that allocates from each
           # node's PodCIDR, as K3s's flannel does. Agents learn the mode from the server.
-          extraFlags = [ "--egress-selector-mode=pod" ];
+          #
+          # The agents' own token, a file (never the store): agents join with it and
+          # never hold the server token, which lets its holder join as a server and read
+          # the cluster's CA keys. K3s writes it into the password file of each server at
+          # every start (pkg/daemons/control/deps genUsers: user `node`), so it can be
+          # added to a running cluster; without it, agents would join with the server
+          # token. nixpkgs has services.k3s.agentTokenFile only from 25.11: a flag here
+          # works in every pinned release.
+          extraFlags = [
+            "--egress-selector-mode=pod"
+            "--agent-token-file=${agentTokenFile}"
+          ];
           manifests = lib.mapAttrs (name: source: {
             inherit source;
             target = name;
