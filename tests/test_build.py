@@ -570,3 +570,21 @@ def test_host_changes_with_the_real_nix(tmp_path: Path) -> None:
     gone = before[:-len("olaf-26.05")] + "rolf-26.05"
     assert build.host_changes("nix", "rolf", gone, after, run=run) == [
         f"rolf: its deployed system {gone} is not in the local store: no package diff"]
+
+
+def test_build_never_imports_pulumi(example_dir: Path, tmp_path: Path) -> None:
+    """The whole `k3scluster build` (stack file, render, colmena, records) runs without the
+    pulumi package: the library stays pulumi-free; only `pulumi` the CLI is run."""
+    proj = _project(tmp_path, "hw", f"  k3scluster:clusterDir: {example_dir}\n"
+                    f"  k3scluster:colmena: {COLMENA}\n")
+    code = (
+        "import sys\nfrom k3scluster.cli import main\n"
+        f"rc = main(['build', {str(example_dir)!r}, '--stack', 'hw', '--project', "
+        f"{str(proj)!r}, '--on', 'olaf'])\n"
+        "print(rc, sorted(m for m in sys.modules if m.split('.')[0] == 'pulumi'))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                       text=True, check=False,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin",
+                            "COLMENA_STORE": str(tmp_path / "store")})
+    assert r.stdout.splitlines()[-1] == "0 []", r.stdout + r.stderr
