@@ -290,8 +290,9 @@ def cmd_build(args: argparse.Namespace) -> int:
         print(f"GC roots: {layout.render_dir / build.GC_ROOTS}/node-<host> (the next deploy "
               "finds these systems in the store)")
     if built and project is not None:
-        print(f"what the next deploy of stack {layout.stack} changes:")
+        _say(f"reading what stack {layout.stack} deployed (pulumi stack output hosts)")
         deployed = build.deployed_systems(None, project, layout.stack)
+        print(f"what the next deploy of stack {layout.stack} changes:")
         if deployed.reason is not None:
             print(f"  the deployed systems are not known: {deployed.reason}")
         else:
