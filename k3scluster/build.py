@@ -130,6 +130,25 @@ def build_hosts(
     return code, results
 
 
+def result_lines(results: Sequence[HostBuild], code: int, render_dir: Path) -> list[str]:
+    """One line per host (built and its system, or FAILED and the end of its log below it),
+    then where the GC roots are."""
+    width = max((len(r.host) for r in results), default=0)
+    lines = []
+    for r in results:
+        if r.ok:
+            lines.append(f"built   {r.host.ljust(width)}  {r.system}")
+        else:
+            lines.append(f"FAILED  {r.host.ljust(width)}  the end of its log:")
+            lines.extend(f"          {line}" for line in r.log_tail)
+    if code != 0 and all(r.ok for r in results):
+        lines.append(f"colmena exited with status {code} although every host was built")
+    if any(r.ok for r in results):
+        lines.append(f"GC roots: {render_dir / GC_ROOTS}/node-<host> (the next deploy finds "
+                     "these systems in the store)")
+    return lines
+
+
 # -- what the stack deployed ---------------------------------------------------
 
 
@@ -230,3 +249,16 @@ def host_changes(
     if boot and summary.kernel is None:  # e.g. boot.kernelParams, or the initrd's modules
         lines[0] += f"; its {', '.join(boot)} change: needs a reboot"
     return lines
+
+
+def changes_lines(
+    nix: str, built: Sequence[tuple[str, str]], deployed: Deployed, run: Runner = _run
+) -> list[str]:
+    """What the next deploy changes on each built (host, system), or why it is not known."""
+    if deployed.reason is not None:
+        return [f"the deployed systems are not known: {deployed.reason}"]
+    return [
+        line
+        for host, system in built
+        for line in host_changes(nix, host, deployed.systems.get(host), system, run)
+    ]

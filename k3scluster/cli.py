@@ -274,38 +274,19 @@ def cmd_build(args: argparse.Namespace) -> int:
     _say(f"building {len(hosts)} host(s) with colmena (no host is contacted): "
         f"{', '.join(hosts)}")
     code, results = build.build_hosts(layout.colmena, layout.render_dir, hosts)
-    width = max(len(h) for h in hosts)
-    for r in results:
-        if r.ok:
-            print(f"built   {r.host.ljust(width)}  {r.system}")
-        else:
-            print(f"FAILED  {r.host.ljust(width)}  the end of its log:")
-            for line in r.log_tail:
-                print(f"          {line}")
-    failed = [r.host for r in results if not r.ok]
-    if code != 0 and not failed:
-        print(f"colmena exited with status {code} although every host was built")
-    built = [r for r in results if r.ok]
-    if built:
-        print(f"GC roots: {layout.render_dir / build.GC_ROOTS}/node-<host> (the next deploy "
-              "finds these systems in the store)")
+    for line in build.result_lines(results, code, layout.render_dir):
+        print(line)
+    built = [(r.host, r.system) for r in results if r.system is not None]
     if built and project is not None:
         _say(f"reading what stack {layout.stack} deployed (pulumi stack output hosts)")
         deployed = build.deployed_systems(None, project, layout.stack)
         print(f"what the next deploy of stack {layout.stack} changes:")
-        if deployed.reason is not None:
-            print(f"  the deployed systems are not known: {deployed.reason}")
-        else:
-            for r in built:
-                assert r.system is not None
-                for line in build.host_changes(
-                    layout.nix, r.host, deployed.systems.get(r.host), r.system
-                ):
-                    print(f"  {line}")
+        for line in build.changes_lines(layout.nix, built, deployed):
+            print(f"  {line}")
+    failed = [r.host for r in results if not r.ok]
     if failed:
         print(f"{len(failed)} of {len(hosts)} host(s) failed to build: {', '.join(failed)}")
-        return 1
-    return 0 if code == 0 else 1
+    return 1 if failed or code != 0 else 0
 
 
 def cmd_boot_stick(args: argparse.Namespace) -> int:
