@@ -10,6 +10,7 @@ engine is built.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -327,7 +328,8 @@ def test_build_without_colmena(example_dir: Path, tmp_path: Path) -> None:
 
 def _fake_system(tmp_path: Path, host: str, packages: list[list[object]]) -> str:
     """A system the colmena stand-in builds (as tests/bin/colmena build would)."""
-    table = tmp_path / f"packages-{host}-{abs(hash(json.dumps(packages)))}.json"
+    key = hashlib.sha256(json.dumps(packages).encode()).hexdigest()[:12]
+    table = tmp_path / f"packages-{host}-{key}.json"
     _packages(table, {host: packages})
     hive_dir = tmp_path / "hive"
     hive_dir.mkdir(exist_ok=True)
