@@ -432,7 +432,8 @@ def test_build_compares_with_what_the_stack_deployed(example_dir: Path, tmp_path
                     f"  k3scluster:colmena: {COLMENA}\n  k3scluster:nix: {NIX}\n")
     table = tmp_path / "packages.json"
     _packages(table, {"*": BEFORE})
-    env = engine_env(proj, {"COLMENA_PACKAGES": str(table),
+    nix_log = tmp_path / "nix.jsonl"
+    env = engine_env(proj, {"COLMENA_PACKAGES": str(table), "NIX_STANDIN_LOG": str(nix_log),
                             "COLMENA_STORE": str(tmp_path / "store")})
     wrap = ["unshare", "-n"] if netns_available() else []
 
@@ -489,6 +490,13 @@ def test_build_compares_with_what_the_stack_deployed(example_dir: Path, tmp_path
         f"rolf: its deployed system {gone} is not in the local store: no package diff",
         f"karl: {unrecorded}",
         f"ulrich: {unrecorded}",
+    ]
+    # nix was asked about the recorded systems only, and diffed olaf's alone (ulf's is built)
+    second = os.readlink(render / ".gcroots" / "node-olaf")
+    assert [c["argv"] for c in _calls(nix_log)] == [
+        commands.nix_path_info("nix", first["olaf"])[1:],
+        commands.nix_diff_closures("nix", first["olaf"], second)[1:],
+        commands.nix_path_info("nix", gone)[1:],
     ]
 
 
