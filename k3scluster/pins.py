@@ -37,6 +37,11 @@ class NixpkgsPin:
     # The K3s minor releases (pkgs.k3s_1_XX) this commit is known to package, or None
     # when k3scluster has no record (then only the Nix evaluation can tell).
     k3s_minors: tuple[str, ...] | None = None
+    # Where k3s_minors is unknown: the newest K3s minor release this commit can package at
+    # all (a later one came out upstream after it), or None.
+    k3s_newest: str | None = None
+    # The day NixOS stopped supporting this release (ISO date), or None when unknown.
+    end_of_life: str | None = None
 
     @property
     def url(self) -> str:
@@ -76,6 +81,7 @@ NIXPKGS_PINS: dict[str, NixpkgsPin] = {
         # 1.36 came to master after the branch-off (#523995): neither is recorded.
         k3s_default="1.35",
         k3s_minors=("1.34", "1.35"),
+        end_of_life="2026-12-31",
     ),
     "25.11": NixpkgsPin(
         rev="8fd9daa3db09ced9700431c5b7ad0e8ba199b575",
@@ -86,6 +92,7 @@ NIXPKGS_PINS: dict[str, NixpkgsPin] = {
         # 2026-02-28 and left master (#505211, 2026-03-31): not recorded.
         k3s_default="1.34",
         k3s_minors=("1.33", "1.34"),
+        end_of_life="2026-06-30",
     ),
     "25.05": NixpkgsPin(
         rev="ac62194c3917d5f474c1a844b6fd6da2db95077d",
@@ -94,8 +101,11 @@ NIXPKGS_PINS: dict[str, NixpkgsPin] = {
         # files locking nixos-25.05 to it (narHash sha256-16KkgfdYqjaeRGBaYsNrhPRRENs0qzkQVUooNHtoy2w=)
         source="nixos-25.05 branch head ac62194c (2026-01-02)",
         # which k3s_1_XX this commit still has is not recorded (1.31 ended upstream on
-        # 2025-10-28); plans without `k3s:` keep the minor they always had
+        # 2025-10-28); plans without `k3s:` keep the minor they always had. 1.35 is not
+        # there: nixos-25.11, maintained longer, did not get it either (#487642, 2026-02)
         k3s_default="1.31",
+        k3s_newest="1.34",
+        end_of_life="2025-12-31",
     ),
     "24.11": NixpkgsPin(
         rev="50ab793786d9de88ee30ec4e4c24fb4236fc2674",
@@ -104,6 +114,9 @@ NIXPKGS_PINS: dict[str, NixpkgsPin] = {
         # (narHash sha256-/bVBlRpECLVzjV19t5KMdMFWSwKLtb5RyXdjz3LJT+g=)
         source="nixos-24.11 branch head 50ab7937 (2025-06-30)",
         k3s_default="1.31",
+        # Kubernetes 1.34, and so K3s 1.34, was released after this commit (2025-08-27)
+        k3s_newest="1.33",
+        end_of_life="2025-06-30",
     ),
 }
 
@@ -121,6 +134,11 @@ def parse_k3s_minor(text: str) -> str | None:
     """``1.35``, ``v1.35`` or ``v1.35.2+k3s1`` -> ``1.35``; None when it is none of these."""
     m = _K3S.match(text)
     return f"1.{m.group(1)}" if m else None
+
+
+def minor_key(minor: str) -> tuple[int, ...]:
+    """``1.35`` -> (1, 35), for comparing K3s minor releases."""
+    return tuple(int(x) for x in minor.split("."))
 
 
 def k3s_package_attr(minor: str) -> str:

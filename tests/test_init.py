@@ -86,8 +86,11 @@ def test_init_records_the_state_version_next_to_nixos(tmp_path: Path, example_sr
     cluster, _ = plans.load_or_raise(root)
     assert cluster.network.state_version == release
     # an upgrade changes nixos only: the recorded stateVersion stays, and check is quiet
+    k3s_now, k3s_other = (NIXPKGS_PINS[r].k3s_default for r in (release, other))
     (root / "plans" / "network.yaml").write_text(
-        text.replace(f'nixos: "{release}"', f'nixos: "{other}"')
+        text.replace(f'nixos: "{release}"', f'nixos: "{other}"').replace(
+            f'k3s: "{k3s_now}"', f'k3s: "{k3s_other}"'
+        )
     )
     cluster, warnings = plans.load_or_raise(root)
     assert cluster.network.nixos_release == other

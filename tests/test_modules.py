@@ -376,6 +376,7 @@ def test_changing_nixos_leaves_the_state_version_alone(example_dir: Path) -> Non
     before = {h: _state_versions(out, h) for h in ("olaf", "karl")}
     assert before == {"olaf": ("24.11", "24.11"), "karl": ("24.11", None)}
     _set_network(example_dir, 'nixos: "26.05"', 'nixos: "24.11"')
+    _set_network(example_dir, 'k3s: "1.35"', 'k3s: "1.31"')  # 24.11 cannot have 1.35
     cluster = load(example_dir)
     assert cluster.network.nixos_release == "24.11"
     render_to_dir(cluster, out)
@@ -386,6 +387,7 @@ def test_a_plan_without_state_version_keeps_the_default(example_dir: Path) -> No
     out = example_dir / ".k3scluster" / "render"
     _set_network(example_dir, 'stateVersion: "25.05"\n', "")
     _set_network(example_dir, 'nixos: "26.05"', 'nixos: "24.11"')
+    _set_network(example_dir, 'k3s: "1.35"', 'k3s: "1.31"')  # 24.11 cannot have 1.35
     result = plans.load(example_dir)
     assert result.cluster is not None
     render_to_dir(result.cluster, out)

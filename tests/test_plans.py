@@ -151,7 +151,11 @@ def test_defaults_and_optional_files(example_dir: Path) -> None:
     shutil.rmtree(example_dir / "manifests")
     (example_dir / "nixConfigs" / "olaf-k3s-server.nix").unlink()
     cluster, warnings = plans.load_or_raise(example_dir)
-    assert warnings == ()
+    # the one thing to say: what the missing nixos: means (issue 19 item 4)
+    [warning] = warnings
+    assert warning.message.startswith("no nixos: the hosts run NixOS 25.05, end of life")
+    assert 'add the line nixos: "26.05"' in warning.hint
+    assert cluster.network.nixos_release == "25.05"
     assert cluster.k3s == () and cluster.manifests == ()
     assert cluster.network.prefix_length == 24
     assert [str(n) for n in cluster.network.nameservers] == ["8.8.8.8"]

@@ -11,15 +11,18 @@ import yaml
 from k3scluster.model import (
     DEFAULT_NAMESERVERS,
     DEFAULT_NIXOS_RELEASE,
+    DEFAULT_STATE_VERSION,
     Location,
     Network,
 )
 from k3scluster.pins import (
     K3S_EXAMPLE,
+    NEWEST_NIXOS_RELEASE,
     NIXPKGS_PINS,
     is_commit,
     is_tarball_hash,
     k3s_package_attr,
+    minor_key,
     parse_k3s_minor,
 )
 from k3scluster.plans.files import NETWORK_YAML, Files
@@ -78,8 +81,11 @@ class NetworkReader(Files, Names):
                 f'write the K3s minor release like k3s: "{K3S_EXAMPLE}": servers and agents '
                 "run the patch level the pinned nixpkgs packages",
             )
-        elif k3s_minor is not None and pin is None:
-            ok = self._k3s_release(rel, keys, nixos or DEFAULT_NIXOS_RELEASE, k3s_minor) and ok
+        elif pin is None and release_ok:
+            release = nixos or DEFAULT_NIXOS_RELEASE
+            ok = self._k3s_release(rel, keys, release, k3s_minor, nixos is not None) and ok
+        if nixos is None and pin is None and release_ok:
+            self._nixos_missing(rel, k3s_minor)
         self.nixos_line = keys.lines.get("nixos", 1)
         state_version = self._scalar(rel, keys, STATE_VERSION)
         if state_version is not None and not check_state_version(
@@ -264,24 +270,66 @@ class NetworkReader(Files, Names):
             )
         return ok, nixos, pin
 
-    def _k3s_release(self, rel: str, keys: _Keys, release: str, minor: str) -> bool:
-        """Does k3scluster's nixpkgs pin for ``release`` package K3s ``minor``? (True: yes or
-        unknown: only pins with a record of their k3s_1_XX attributes can tell.)"""
-        known = NIXPKGS_PINS[release].k3s_minors if release in NIXPKGS_PINS else None
-        if known is None or minor in known:
+    def _k3s_release(
+        self, rel: str, keys: _Keys, release: str, asked: str | None, named: bool
+    ) -> bool:
+        """Does k3scluster's nixpkgs pin for ``release`` package the K3s minor release the
+        plan needs (``asked``, or the release's default without `k3s:`)? True: yes or
+        unknown (only a pin with a record of its k3s_1_XX attributes, or of the newest one
+        it can have, can tell)."""
+        pin = NIXPKGS_PINS.get(release)
+        if pin is None:
             return True
+        minor = asked or pin.k3s_default
+        known = pin.k3s_minors
+        if known is not None and minor in known:
+            return True
+        if known is None and (
+            pin.k3s_newest is None or minor_key(minor) <= minor_key(pin.k3s_newest)
+        ):
+            return True
+        why = "has no" if known is not None else "cannot have"
+        line = keys.lines.get("k3s", keys.lines.get("nixos", 1))
+        usable = (
+            "use one of " + ", ".join(f'k3s: "{m}"' for m in known) + ", another nixos:,"
+            if known is not None
+            else f'write nixos: "{NEWEST_NIXOS_RELEASE}" (or another release that has it),'
+        )
         self.error(
             "k3s-release",
             rel,
-            keys.lines["k3s"],
-            f"the nixpkgs k3scluster pins for NixOS {release} has no "
-            f"pkgs.{k3s_package_attr(minor)} (K3s {minor})",
-            "use one of "
-            + ", ".join(f'k3s: "{m}"' for m in known)
-            + " (K3s upgrades one minor release at a time), another nixos:, "
-            "or pin nixpkgs yourself: nixpkgs: {rev: <commit>, sha256: <hash>}",
+            line,
+            f"the nixpkgs k3scluster pins for NixOS {release}"
+            + ("" if named else " (no nixos: in the plan)")
+            + f" {why} pkgs.{k3s_package_attr(minor)} (K3s {minor})",
+            usable + " or pin nixpkgs yourself: nixpkgs: {rev: <commit>, sha256: <hash>}"
+            " (K3s upgrades one minor release at a time)",
         )
         return False
+
+    def _nixos_missing(self, rel: str, k3s_minor: str | None) -> None:
+        """A plan without `nixos:` silently runs DEFAULT_NIXOS_RELEASE: say which, and until
+        when NixOS supported it."""
+        pin = NIXPKGS_PINS[DEFAULT_NIXOS_RELEASE]
+        eol = f", end of life since {pin.end_of_life}" if pin.end_of_life else ""
+        k3s = (
+            f" and K3s {pin.k3s_default} (no k3s: either)" if k3s_minor is None else ""
+        )
+        self.warn(
+            "nixos-missing",
+            rel,
+            1,
+            f"no nixos: the hosts run NixOS {DEFAULT_NIXOS_RELEASE}{eol}{k3s}",
+            f'add the line nixos: "{NEWEST_NIXOS_RELEASE}" (what `k3scluster init` writes), '
+            f'and stateVersion: "{DEFAULT_STATE_VERSION}" if it is not there (the release '
+            "the hosts were installed with; never change it afterwards)"
+            + (
+                f'; with it, k3s: "{NIXPKGS_PINS[NEWEST_NIXOS_RELEASE].k3s_default}" '
+                "(K3s upgrades one minor release at a time)"
+                if k3s_minor is None
+                else ""
+            ),
+        )
 
     def parse_nixpkgs_pin(
         self, rel: str, node: yaml.Node | None, line: int

@@ -86,7 +86,12 @@ _REGISTRY: tuple[tuple[str, str, str], ...] = (
         "nixpkgs, when set, is {rev: <40-hex commit>, sha256: <tarball hash>}",
     ),
     ("k3s-version", ERROR, "k3s is a K3s minor release like 1.35 (or a tag like v1.35.2+k3s1)"),
-    ("k3s-release", ERROR, "the pinned nixpkgs packages the K3s minor release k3s names"),
+    (
+        "k3s-release",
+        ERROR,
+        "the pinned nixpkgs packages the K3s minor release the plan needs (k3s, or its default)",
+    ),
+    ("nixos-missing", WARNING, "network.yaml names the NixOS release (nixos:)"),
     # nixos.py: system.stateVersion (network.yaml key and hosts.csv column)
     ("state-version", ERROR, "stateVersion (network.yaml or hosts.csv) is a release like 25.05"),
     (

@@ -394,7 +394,7 @@ CASES = [
     ),
     case(
         "network-key-missing:gateway",
-        Write(N, "netmask: 24\n"),
+        Write(N, "netmask: 24\nnixos: \"25.05\"\n"),
         expected=[f"{N}:1: gateway is missing"],
     ),
     case(
@@ -414,12 +414,12 @@ CASES = [
     ),
     case(
         "network-key-unknown",
-        Write(N, "gateway: 10.0.100.1\nnetmask: 24\nnameserver: 1.1.1.1\n"),
+        Write(N, "gateway: 10.0.100.1\nnetmask: 24\nnameserver: 1.1.1.1\nnixos: \"25.05\"\n"),
         expected=[f"{N}:3: warning: unknown key 'nameserver' is ignored"],
     ),
     case(
         "network-key-duplicate",
-        Write(N, "gateway: 10.0.100.1\nnetmask: 24\nnetmask: 16\n"),
+        Write(N, "gateway: 10.0.100.1\nnetmask: 24\nnetmask: 16\nnixos: \"25.05\"\n"),
         expected=[f"{N}:3: 'netmask' is set twice (first at line 2)"],
     ),
     case(
@@ -429,7 +429,7 @@ CASES = [
     ),
     case(
         "network-value:nameservers",
-        Write(N, "gateway: 10.0.100.1\nnetmask: 24\nnameservers: {a: b}\n"),
+        Write(N, "gateway: 10.0.100.1\nnetmask: 24\nnameservers: {a: b}\nnixos: \"25.05\"\n"),
         expected=[f"{N}:3: nameservers must be a list of addresses"],
     ),
     case(
@@ -514,10 +514,11 @@ CASES = [
     case(
         "state-version-missing",
         Sub(N, 'stateVersion: "25.05"\n', ""),
-        Sub(N, 'nixos: "26.05"', 'nixos: "24.11"'),
+        Sub(N, 'nixos: "26.05"', 'nixos: "25.11"'),
+        Sub(N, 'k3s: "1.35"', 'k3s: "1.34"'),
         expected=[
             (
-                f"{N}:8: warning: nixos is 24.11 but no stateVersion is recorded: "
+                f"{N}:8: warning: nixos is 25.11 but no stateVersion is recorded: "
                 "olaf, ulf, rolf, karl, ulrich keep system.stateVersion 25.05"
             )
         ],
@@ -555,6 +556,39 @@ CASES = [
         Sub(N, 'nixos: "26.05"', 'nixos: "25.11"'),
         Sub(N, 'k3s: "1.35"', "k3s: v1.35.2+k3s1"),
         expected=[f"{N}:9: the nixpkgs k3scluster pins for NixOS 25.11 has no pkgs.k3s_1_35 (K3s 1.35)"],
+    ),
+    # issue 19 item 4: a plan without nixos: is told what it runs, and refused a K3s that
+    # the release it falls back to cannot have
+    case(
+        "k3s-release:no-nixos",
+        Sub(N, 'nixos: "26.05"\n', ""),
+        expected=[
+            (
+                f"{N}:1: warning: no nixos: the hosts run NixOS 25.05, end of life since "
+                "2025-12-31"
+            ),
+            (
+                f"{N}:8: the nixpkgs k3scluster pins for NixOS 25.05 (no nixos: in the plan) "
+                "cannot have pkgs.k3s_1_35 (K3s 1.35)"
+            ),
+        ],
+    ),
+    case(
+        "k3s-release:24.11",
+        Sub(N, 'nixos: "26.05"', 'nixos: "24.11"'),
+        Sub(N, 'k3s: "1.35"', 'k3s: "1.34"'),
+        expected=[f"{N}:9: the nixpkgs k3scluster pins for NixOS 24.11 cannot have pkgs.k3s_1_34 (K3s 1.34)"],
+    ),
+    case(
+        "nixos-missing",
+        Sub(N, 'nixos: "26.05"\n', ""),
+        Sub(N, 'k3s: "1.35"\n', ""),
+        expected=[
+            (
+                f"{N}:1: warning: no nixos: the hosts run NixOS 25.05, end of life since "
+                "2025-12-31 and K3s 1.31 (no k3s: either)"
+            )
+        ],
     ),
     case("token-missing", Remove("secrets/token"), expected=["secrets/token: missing K3s token"]),
     case(
