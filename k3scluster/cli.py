@@ -1,4 +1,5 @@
-"""The ``k3scluster`` command: init, check, render, build, boot-stick, vms — wiring only.
+"""The ``k3scluster`` command: init, check, render, build, boot-stick, vms, status — wiring
+only.
 
 Every user mistake ends as a message and a hint on stderr with exit 1 (2 for a
 wrong command line), never as a traceback; Ctrl-C ends with 130.
@@ -108,6 +109,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     what.add_argument("--stop", metavar="HOST", help="power HOST's VM off (all: every VM)")
     s.set_defaults(func=cmd_vms)
+
+    s = sub.add_parser(
+        "status", help="each host at a glance: up to date, drift, K3s nodes Ready (read-only)"
+    )
+    s.add_argument("dir", type=Path, metavar="DIR")
+    s.add_argument("--stack", required=True, metavar="S", help="the Pulumi stack")
+    s.add_argument(
+        "--project",
+        type=Path,
+        metavar="P",
+        help="the k3scluster project (Pulumi.yaml); default: the current directory if it is "
+        "one, else this checkout",
+    )
+    s.add_argument("--json", action="store_true", help="print a JSON object on stdout")
+    s.add_argument(
+        "--offline",
+        action="store_true",
+        help="only the stack's record and the plans: contact no host and no API",
+    )
+    s.set_defaults(func=cmd_status)
     return p
 
 
@@ -338,6 +359,55 @@ def cmd_vms(args: argparse.Namespace) -> int:
     for row in table:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=False)) + "  " + row[-1])
     return 0
+
+
+STATUS_ATTENTION = 3  # exit status of `status` when a host needs attention
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from k3scluster import probe, stackinfo, status
+
+    cluster = _load_for_command(args.dir)
+    if cluster is None:
+        return 1
+    project = _project_dir(args.project)
+    info = stackinfo.resolve(
+        StackFile(project, args.stack),
+        args.stack,
+        project,
+        stackinfo.read_outputs(args.stack, project),
+    )
+    if info.layout.cluster_dir != cluster.root.resolve():
+        raise K3sClusterError(
+            f"stack {args.stack} deploys {info.layout.cluster_dir}, not {args.dir}",
+            hint=f"k3scluster status {info.layout.cluster_dir} --stack {args.stack}",
+        )
+    if not info.hosts:
+        raise K3sClusterError(
+            f"stack {args.stack} records no hosts: it was never deployed",
+            hint="pulumi preview --diff shows what `pulumi up` would do",
+        )
+    planned = status.planned_digests(cluster, info.layout.render_dir, info.layout.vm_stack)
+    observed = nodes = None
+    notes: list[str] = []
+    if not args.offline:
+        observed = probe.observe_hosts(cluster, info.ssh)
+        nodes, notes = probe.k3s_nodes(cluster, info.kubeconfig)
+    if info.needs_reboot is None:
+        notes.append("the stack records no reboot list: REBOOT not known")
+    rows = status.host_statuses(
+        cluster,
+        planned,
+        info.hosts,
+        observed=observed,
+        nodes=nodes,
+        needs_reboot=info.needs_reboot,
+    )
+    if args.json:
+        print(json.dumps(status.to_json(args.stack, cluster.root, rows), indent=2))
+    else:
+        sys.stdout.write(status.format_table(args.stack, rows, notes))
+    return STATUS_ATTENTION if status.needs_attention(rows) else 0
 
 
 if __name__ == "__main__":

@@ -101,6 +101,12 @@ def pulumi_stack_output(pulumi: str, stack: str, name: str) -> list[str]:
             "--non-interactive"]
 
 
+def pulumi_stack_outputs(pulumi: str, stack: str) -> list[str]:
+    """``pulumi stack output --json --stack STACK``: every stack output, secrets masked."""
+    return [pulumi, "stack", "output", "--json", "--stack", _plain_arg("stack", stack),
+            "--non-interactive"]
+
+
 def ssh_command(
     user: str,
     ip: ipaddress.IPv4Address,

@@ -9,8 +9,10 @@ prints a key: messages carry URLs, node names, HTTP status and the API's own che
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,6 +144,22 @@ def check_node_ready(
     kubeconfig: dict[str, Any], server: str, node: str, timeout: float = 10
 ) -> Check:
     """Is node ``node`` ``Ready`` in the API at ``server``?"""
+    return read_node(kubeconfig, server, node, timeout).check
+
+
+@dataclass(frozen=True)
+class NodeSeen:
+    """A node as the API shows it: its Ready check, and its kubelet's version when known."""
+
+    check: Check
+    version: str | None = None
+    registered: bool = False
+
+
+def read_node(
+    kubeconfig: dict[str, Any], server: str, node: str, timeout: float = 10
+) -> NodeSeen:
+    """Node ``node`` in the API at ``server``: Ready or not (what was seen), its version."""
     try:
         from kubernetes import client
         from kubernetes.client.exceptions import ApiException
@@ -151,17 +169,42 @@ def check_node_ready(
             obj = client.CoreV1Api(api).read_node(node, _request_timeout=timeout)
         except ApiException as err:
             if err.status == 404:
-                return Check(False, f"node {node} not registered yet")
-            return Check(False, f"node {node}: API answered {err.status}")
+                return NodeSeen(Check(False, f"node {node} not registered yet"))
+            return NodeSeen(Check(False, f"node {node}: API answered {err.status}"))
     except Exception as err:  # noqa: BLE001
-        return Check(False, f"node {node}: {_short_error(err)}")
+        return NodeSeen(Check(False, f"node {node}: {_short_error(err)}"))
+    info = obj.status.node_info if obj.status else None
+    version = getattr(info, "kubelet_version", None) or None
     for cond in (obj.status.conditions if obj.status else None) or []:
         if cond.type == "Ready":
             if cond.status == "True":
-                return Check(True, f"node {node} Ready")
+                return NodeSeen(Check(True, f"node {node} Ready"), version, True)
             reason = f" ({cond.reason})" if cond.reason else ""
-            return Check(False, f"node {node} Ready={cond.status}{reason}")
-    return Check(False, f"node {node} has no Ready condition yet")
+            return NodeSeen(Check(False, f"node {node} Ready={cond.status}{reason}"), version, True)
+    return NodeSeen(Check(False, f"node {node} has no Ready condition yet"), version, True)
+
+
+def server_version(kubeconfig: dict[str, Any], server: str, timeout: float = 10) -> str | None:
+    """The ``gitVersion`` the API server at ``server`` reports (``GET /version``), or None."""
+    try:
+        from kubernetes import client
+
+        info = client.VersionApi(_client(kubeconfig, server)).get_code(_request_timeout=timeout)
+    except Exception:  # noqa: BLE001 - unknown is an answer here; readyz says why
+        return None
+    return getattr(info, "git_version", None) or None
+
+
+@contextlib.contextmanager
+def private_tempdir() -> Iterator[str]:
+    """While the kubernetes client runs it writes the credentials' certificates and key to
+    temporary files: keep them in a private directory (0700), removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="k3scluster-kube-") as private:
+        tempfile.tempdir = private
+        try:
+            yield private
+        finally:
+            tempfile.tempdir = None
 
 
 def duration(seconds: float) -> str:

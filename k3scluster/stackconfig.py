@@ -90,6 +90,17 @@ def stack_layout(config: ConfigReader, stack: str, project_dir: Path) -> StackLa
     )
 
 
+def project_path(project_dir: Path, raw: str | None) -> Path | None:
+    """A file named in the stack config (``sshIdentity``, ``sshKnownHosts``,
+    ``kubeconfigPath``): ``~`` expanded, relative to the project."""
+    return (project_dir / Path(raw).expanduser()).resolve() if raw else None
+
+
+def kubeconfig_file(render_dir: Path, configured: Path | None) -> Path:
+    """Where ``up`` writes the kubeconfig: ``kubeconfigPath``, else ``<renderDir>/kubeconfig``."""
+    return configured or render_dir / "kubeconfig"
+
+
 def _plain(value: object) -> str | None:
     """A config value as Pulumi's ``Config.get`` returns it (YAML scalars as their text)."""
     if value is None:

@@ -168,10 +168,36 @@ def run_pulumi(
     )
 
 
+def run_in_namespace(
+    argv: Sequence[str],
+    cwd: Path | str,
+    env: Mapping[str, str] | None = None,
+    *,
+    timeout: float = 600,
+    setup: str | None = None,
+    teardown: str = ":",
+) -> subprocess.CompletedProcess[str]:
+    """Like :func:`run_pulumi`, but runs ``argv`` (any command: one that calls ``pulumi`` finds
+    the engine on PATH, with the same environment) in the namespaces ``setup`` prepared."""
+    return subprocess.run(
+        _wrap(list(argv), True, setup, teardown),
+        cwd=cwd,
+        env=engine_env(cwd, env),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def _command(
     args: Sequence[str], netns: bool, setup: str | None, teardown: str
 ) -> list[str]:
-    cmd = [str(PULUMI), *args]
+    return _wrap([str(PULUMI), *args], netns, setup, teardown)
+
+
+def _wrap(cmd: list[str], netns: bool, setup: str | None, teardown: str) -> list[str]:
     if netns:
         if not netns_available():
             raise RuntimeError(

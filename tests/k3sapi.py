@@ -2,10 +2,12 @@
 """A stand-in for the K3s API, for tests only (no K3s can run here).
 
 It answers, over HTTPS with a throwaway CA and only to clients holding a certificate of the
-throwaway client CA (as K3s's API server does), exactly two things:
+throwaway client CA (as K3s's API server does), exactly three things:
 
 - ``GET /readyz[?verbose]`` on each address it listens on;
-- ``GET /api/v1/nodes/<name>`` (a node object with its ``Ready`` condition).
+- ``GET /version`` (``gitVersion`` is the script's ``version``, default :data:`VERSION`);
+- ``GET /api/v1/nodes/<name>`` (a node object with its ``Ready`` condition, and the script's
+  ``version`` as its kubelet's).
 
 What it answers comes from a JSON script the test writes (and may rewrite at any time; it is
 read on every request)::
@@ -41,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 PORT = 6443
+VERSION = "v1.35.2+k3s1"
 _LOCK = threading.Lock()
 _COUNTS: dict[str, int] = {}
 
@@ -150,6 +153,15 @@ class Handler(BaseHTTPRequestHandler):
             status = int(_next("readyz", self.server.addr, entries))
             self._send(status, READYZ_OK if status == 200 else READYZ_FAILING)
             return
+        version = str(script.get("version") or VERSION)
+        if path in ("/version", "/version/"):  # the python client asks for /version/
+            major, minor = version.lstrip("v").split(".")[:2]
+            info = {"major": major, "minor": minor, "gitVersion": version,
+                    "gitCommit": "0" * 40, "gitTreeState": "clean",
+                    "buildDate": "2026-01-01T00:00:00Z", "goVersion": "go1.25",
+                    "compiler": "gc", "platform": "linux/amd64"}
+            self._send(200, json.dumps(info), "application/json")
+            return
         prefix = "/api/v1/nodes/"
         if path.startswith(prefix):
             name = path[len(prefix):]
@@ -166,7 +178,12 @@ class Handler(BaseHTTPRequestHandler):
                 "status": {"conditions": [{
                     "type": "Ready", "status": state,
                     "reason": "KubeletReady" if state == "True" else "KubeletNotReady",
-                }]},
+                }], "nodeInfo": {
+                    "architecture": "amd64", "bootID": "b", "containerRuntimeVersion":
+                    "containerd://2.0.0", "kernelVersion": "6.12.0", "kubeProxyVersion": "",
+                    "kubeletVersion": version, "machineID": "m", "operatingSystem": "linux",
+                    "osImage": "K3s", "systemUUID": "u",
+                }},
             }
             self._send(200, json.dumps(node), "application/json")
             return

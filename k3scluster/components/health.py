@@ -24,9 +24,9 @@ import pulumi
 
 from k3scluster import commands
 from k3scluster.components.steps import step
-from k3scluster.components.tasks import AGENT_UNIT, SERVER_UNIT
 from k3scluster.model import Cluster as ClusterModel
 from k3scluster.model import K3sType
+from k3scluster.probe import units_of
 
 
 def settled(resources: Sequence[pulumi.Resource]) -> list[pulumi.Input[pulumi.Resource]]:
@@ -78,14 +78,6 @@ def runner_pool(
             "pulumi-python", f"{name}-runner-{i}", {}, pulumi.ResourceOptions(parent=parent)
         )
         for i in range(processes)
-    ]
-
-
-def units_of(cluster: ClusterModel, host: str) -> list[str]:
-    nodes = cluster.k3s_on(host)
-    return [
-        *([SERVER_UNIT] if any(n.type.is_server for n in nodes) else []),
-        *([AGENT_UNIT] if any(n.type is K3sType.AGENT for n in nodes) else []),
     ]
 
 

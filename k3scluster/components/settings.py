@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from k3scluster import commands
+from k3scluster import commands, stackconfig
 from k3scluster.components.steps import RUNNERS
 from k3scluster.errors import K3sClusterError
 from k3scluster.lab.spec import VmSettings
@@ -54,7 +54,7 @@ class Settings:
 
     @property
     def kubeconfig_file(self) -> Path:
-        return self.kubeconfig_path or self.render_dir / "kubeconfig"
+        return stackconfig.kubeconfig_file(self.render_dir, self.kubeconfig_path)
 
     @property
     def ssh(self) -> commands.SshSettings:

@@ -159,12 +159,14 @@ def _ssh_error(proc: subprocess.CompletedProcess[str]) -> str:
     return lines[-1].strip() if lines else f"ssh exit code {proc.returncode}"
 
 
-def observe(ssh: commands.SshSettings, ip: str, units: list[str]) -> dict[str, object]:
+def observe(
+    ssh: commands.SshSettings, ip: str, units: list[str], timeout: int = 15
+) -> dict[str, object]:
     """``{"system": "/nix/store/…", "units": {unit: state}}`` read from the host over ssh."""
     script = _OBSERVE_SCRIPT.format(units=" ".join(units) or "")
     if not units:
         script = 'readlink /run/current-system || echo "-"'
-    proc = _ssh_run(ssh, ip, [script])
+    proc = _ssh_run(ssh, ip, [script], timeout)
     if proc.returncode != 0:
         raise K3sClusterError(
             f"cannot read what {ip} runs: {_ssh_error(proc)}",
@@ -227,17 +229,14 @@ def _deploy(args: argparse.Namespace) -> None:
     timeout = float(args.timeout)
     deadline = time.monotonic() + timeout
     health = "ready"
-    # the kubernetes client writes the credentials' certificates and key to temporary files
-    # while it runs: keep them in a private directory (0700) removed when the gates end
-    with tempfile.TemporaryDirectory(prefix="k3scluster-gate-") as private:
-        tempfile.tempdir = private
-        try:
-            if servers or agents:
-                _gates(args, ssh, servers, agents, timeout, deadline)
-            else:
-                health = "no K3s"
-        finally:
-            tempfile.tempdir = None
+    from k3scluster import kube
+
+    # the kubernetes client's temporary files (credentials) stay in a private directory
+    with kube.private_tempdir():
+        if servers or agents:
+            _gates(args, ssh, servers, agents, timeout, deadline)
+        else:
+            health = "no K3s"
     seen = observe(ssh, args.ip, _units(servers, agents))
     record = {
         **seen,

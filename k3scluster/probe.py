@@ -1,0 +1,99 @@
+"""Look at a running cluster without changing it: what each host runs, what the K3s API says.
+
+Used by ``k3scluster status``. Over ssh it runs only ``readlink /run/current-system`` and
+``systemctl is-active`` (the same read ``pulumi refresh`` does, ``tasks.observe``); against
+the API only GETs (``/readyz``, ``/version``, one Node each) with the kubeconfig file that
+``pulumi up`` wrote. Hosts and nodes are asked in parallel, each with a short timeout; one that
+does not answer is reported, never waited for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+from k3scluster import commands, kube
+from k3scluster.components.tasks import AGENT_UNIT, SERVER_UNIT, observe
+from k3scluster.errors import K3sClusterError
+from k3scluster.model import Cluster, K3sType
+from k3scluster.status import NodeState, Observed
+
+SSH_TIMEOUT = 5  # seconds for ssh to connect
+API_TIMEOUT = 5.0  # seconds per API request
+
+T = TypeVar("T")
+
+
+def _parallel(names: Sequence[str], one: Callable[[str], T]) -> dict[str, T]:
+    if not names:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(16, len(names))) as pool:
+        return dict(zip(names, pool.map(one, names), strict=True))
+
+
+def units_of(cluster: Cluster, host: str) -> list[str]:
+    nodes = cluster.k3s_on(host)
+    return [
+        *([SERVER_UNIT] if any(n.type.is_server for n in nodes) else []),
+        *([AGENT_UNIT] if any(n.type is K3sType.AGENT for n in nodes) else []),
+    ]
+
+
+def observe_hosts(
+    cluster: Cluster, ssh: commands.SshSettings, timeout: int = SSH_TIMEOUT
+) -> dict[str, Observed]:
+    """host -> what it runs now (or why it could not be read)."""
+
+    def one(name: str) -> Observed:
+        try:
+            seen = observe(ssh, str(cluster.host(name).ip), units_of(cluster, name), timeout)
+        except K3sClusterError as err:
+            return Observed(False, error=str(err).split(": ", 1)[-1].split("\n")[0])
+        system = seen.get("system")
+        units = seen.get("units")
+        return Observed(
+            True,
+            system=system if isinstance(system, str) else None,
+            units=dict(units) if isinstance(units, dict) else {},
+        )
+
+    return _parallel([h.name for h in cluster.hosts], one)
+
+
+def _unknown(cluster: Cluster, seen: str) -> dict[str, NodeState]:
+    return {n.name: NodeState(n.name, n.type.value, None, seen) for n in cluster.k3s}
+
+
+def k3s_nodes(
+    cluster: Cluster, kubeconfig: Path | None, timeout: float = API_TIMEOUT
+) -> tuple[dict[str, NodeState], list[str]]:
+    """node name -> its state in the API, and notes (why nothing could be asked)."""
+    if not cluster.k3s:
+        return {}, []
+    if kubeconfig is None or not kubeconfig.is_file():
+        note = (
+            f"no kubeconfig at {kubeconfig}: K3s nodes not checked (it is written by "
+            "`pulumi up` with k3scluster:waitReady true)"
+        )
+        return _unknown(cluster, "not checked (no kubeconfig)"), [note]
+    try:
+        creds = kube.parse_kubeconfig(kubeconfig.read_text(), str(kubeconfig))
+    except OSError as err:
+        return _unknown(cluster, "not checked"), [f"cannot read {kubeconfig}: {err.strerror}"]
+    api = str(creds["clusters"][0]["cluster"].get("server") or cluster.api_endpoint or "")
+
+    def one(name: str) -> NodeState:
+        node = next(n for n in cluster.k3s if n.name == name)
+        if node.type.is_server:
+            url = kube.server_url(str(node.ip))
+            check = kube.check_readyz(creds, url, timeout)
+            version = kube.server_version(creds, url, timeout) if check.ready else None
+            return NodeState(name, node.type.value, check.ready, f"{name}: {check.seen}", version)
+        seen = kube.read_node(creds, api, name, timeout)
+        return NodeState(name, node.type.value, seen.check.ready, seen.check.seen, seen.version)
+
+    with kube.private_tempdir():
+        return _parallel([n.name for n in cluster.k3s], one), []
+

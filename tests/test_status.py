@@ -1,0 +1,260 @@
+"""``k3scluster status``: the rows (pure), and the command against a stack after a real ``up``.
+
+The engine test reuses test_health.py's lab: the real engine, runner ``python``, the colmena
+stand-in, a real sshd per host (its ``/run/current-system`` a link the test repoints) and the
+K3s API stand-in ``tests/k3sapi.py`` (real ``kubernetes`` client), all inside namespaces of
+the test's own with only loopback: no packet leaves the machine. ``status`` itself runs in
+those namespaces too (``engine.run_in_namespace``) and reads the stack with the same engine.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from engine import netns_available, require_engine, run_in_namespace
+from test_health import AGENTS, HOSTS, SERVERS, SSHD, STACK, Lab, Project, system_path
+
+from k3scluster import status
+from k3scluster.plans import load_or_raise
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "cluster"
+
+
+@pytest.fixture(scope="module")
+def example() -> Any:
+    cluster, _ = load_or_raise(EXAMPLE)
+    return cluster
+
+
+def _deployed(example: Any, planned: dict[str, str]) -> dict[str, dict[str, Any]]:
+    return {
+        h: {"ip": str(example.host(h).ip), "roles": [], "digest": d, "system": system_path(h),
+            "deployedAt": "2026-12-06T07:00:00Z", "health": "ready"}
+        for h, d in planned.items()
+    }
+
+
+def _nodes(example: Any, **ready: bool) -> dict[str, status.NodeState]:
+    return {
+        n.name: status.NodeState(n.name, n.type.value, ready.get(n.name, True),
+                                 f"node {n.name} Ready={ready.get(n.name, True)}",
+                                 "v1.35.2+k3s1")
+        for n in example.k3s
+    }
+
+
+def _observed(example: Any, **systems: str | None) -> dict[str, status.Observed]:
+    out = {}
+    for h in example.hosts:
+        sys_ = systems.get(h.name, system_path(h.name))
+        out[h.name] = (status.Observed(True, sys_, {}) if sys_ is not None
+                       else status.Observed(False, error="connection refused"))
+    return out
+
+
+def test_the_planned_digest_is_the_deploys_own_and_follows_the_plan(example: Any,
+                                                                     tmp_path: Path) -> None:
+    a = status.planned_digests(example, tmp_path / "r", None)
+    assert sorted(a) == sorted(HOSTS)
+    assert all(re.fullmatch(r"[0-9a-f]{64}", d) for d in a.values())
+    # a VM stack's render names the NICs by the VMs' MACs: other digests
+    vm = status.planned_digests(example, tmp_path / "r", "test-vms")
+    assert all(vm[h] != a[h] for h in a)
+    # the render directory is part of the hive's paths (relative to the cluster directory)
+    assert status.planned_digests(example, tmp_path / "a" / "b", None) != a
+
+
+def test_rows_up_to_date_changed_not_deployed_removed(example: Any, tmp_path: Path) -> None:
+    planned = status.planned_digests(example, tmp_path, None)
+    deployed = _deployed(example, planned)
+    deployed["ulrich"]["digest"] = "0" * 64  # the plan changed since
+    del deployed["karl"]  # its deploy never ran
+    deployed["gone"] = {"ip": "10.0.100.9", "roles": ["agent"], "digest": "1" * 64}
+    rows = {r.host: r for r in status.host_statuses(
+        example, planned, deployed, observed=_observed(example), nodes=_nodes(example))}
+    assert [h for h in rows] == [*HOSTS, "gone"]
+    assert rows["olaf"].plan == status.UP_TO_DATE and rows["olaf"].attention == ()
+    assert rows["olaf"].roles == ("init-server", "agent")
+    assert rows["ulrich"].plan == status.CHANGED
+    assert "`pulumi up` redeploys it" in rows["ulrich"].attention[0]
+    assert rows["karl"].plan == status.NOT_DEPLOYED
+    assert rows["gone"].plan == status.NOT_IN_PLANS and rows["gone"].ip == "10.0.100.9"
+    assert status.needs_attention(rows.values())
+
+
+def test_rows_drift_unreachable_not_ready_reboot(example: Any, tmp_path: Path) -> None:
+    planned = status.planned_digests(example, tmp_path, None)
+    rows = {r.host: r for r in status.host_statuses(
+        example, planned, _deployed(example, planned),
+        observed={**_observed(example, rolf=system_path("rolf", 1), karl=None),
+                  "olaf": status.Observed(True, system_path("olaf"), {
+                      "container@k3s-server.service": "activating",
+                      "podman-k3s-agent.service": "unknown"}),
+                  "ulf": status.Observed(True, system_path("ulf"), {
+                      "container@k3s-server.service": "failed"})},
+        nodes=_nodes(example, **{"ulf-k3s-agent": False}),
+        needs_reboot=frozenset({"ulrich"}))}
+    assert rows["rolf"].drift is True and rows["rolf"].running == system_path("rolf", 1)
+    assert f"runs {system_path('rolf', 1)}, but its last deploy activated " \
+           f"{system_path('rolf')}" in rows["rolf"].attention[0]
+    assert rows["karl"].reachable is False and rows["karl"].drift is None
+    assert rows["karl"].attention == ("not reachable over ssh (connection refused)",)
+    assert rows["ulf"].attention == ("container@k3s-server.service is failed",
+                                     "node ulf-k3s-agent Ready=False")  # what the API said
+    assert rows["ulrich"].needs_reboot is True and "needs a reboot" in rows["ulrich"].attention[0]
+    assert rows["olaf"].needs_reboot is False and rows["olaf"].attention == ()
+    table = status.format_table("s", list(rows.values()))
+    assert "stack s: 4 of 5 host(s) need attention" in table
+    assert max(len(line) for line in table.splitlines()[:6]) <= 130
+
+
+def test_offline_rows_know_nothing_they_did_not_ask(example: Any, tmp_path: Path) -> None:
+    planned = status.planned_digests(example, tmp_path, None)
+    rows = status.host_statuses(example, planned, _deployed(example, planned))
+    assert all(r.reachable is None and r.drift is None and r.needs_reboot is None for r in rows)
+    assert all(n.ready is None and n.seen == "not asked" for r in rows for n in r.nodes)
+    assert not status.needs_attention(rows)
+    assert status.format_table("s", rows).endswith("stack s: all 5 host(s) up to date\n")
+
+
+def test_the_json_schema_is_the_documented_one(example: Any, tmp_path: Path) -> None:
+    planned = status.planned_digests(example, tmp_path, None)
+    doc = status.to_json("s", EXAMPLE, status.host_statuses(
+        example, planned, _deployed(example, planned), observed=_observed(example),
+        nodes=_nodes(example)))
+    assert tuple(doc) == status.JSON_FIELDS["document"]
+    assert all(tuple(h) == status.JSON_FIELDS["host"] for h in doc["hosts"])
+    assert all(tuple(n) == status.JSON_FIELDS["k3s"] for h in doc["hosts"] for n in h["k3s"])
+    # README documents every field, in a table of its own
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### `k3scluster status"):]
+    section = section[: section.index("\n## ")]
+    documented = set(re.findall(r"^\| `([A-Za-z0-9]+)`", section, re.MULTILINE))
+    assert documented == {*status.JSON_FIELDS["document"], *status.JSON_FIELDS["host"]}
+
+
+# --- the command against a stack after `up` --------------------------------------------------
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Lab:
+    require_engine()
+    if not netns_available():
+        pytest.skip("needs root, unshare and ip for a loopback-only network namespace")
+    if not SSHD.is_file() or not shutil.which("ssh") or not shutil.which("openssl"):
+        pytest.skip("needs OpenSSH (ssh, /usr/sbin/sshd) and openssl")
+    return Lab(tmp_path)
+
+
+def _status(p: Project, lab: Lab, *extra: str, down: tuple[str, ...] = ()) -> Any:
+    return run_in_namespace(
+        [sys.executable, "-m", "k3scluster", "status", str(p.cluster), "--stack", STACK,
+         "--project", str(p.dir), *extra],
+        cwd=p.dir, setup=lab.setup(down), timeout=300,
+    )
+
+
+@pytest.mark.integration
+@pytest.mark.root
+def test_status_after_up_then_a_changed_plan_drift_and_an_unreachable_host(
+    lab: Lab, tmp_path: Path
+) -> None:
+    p = Project(tmp_path, lab)
+    r = p.up()
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
+    state = p.state_text()
+
+    # right after up: everything up to date, read from the hosts and the API
+    r = _status(p, lab, "--json")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    doc = json.loads(r.stdout)
+    assert doc["ok"] is True and doc["stack"] == STACK
+    hosts = {h["host"]: h for h in doc["hosts"]}
+    assert list(hosts) == list(HOSTS)
+    for name, h in hosts.items():
+        assert h["plan"] == "up to date" and h["attention"] == [], h
+        assert h["deployedDigest"] == h["plannedDigest"] == p.outputs()["hosts"][name]["digest"]
+        assert h["reachable"] is True and h["drift"] is False
+        assert h["system"] == h["running"] == system_path(name)
+        assert h["deployedAt"].endswith("Z")
+    assert hosts["olaf"]["roles"] == ["init-server", "agent"]
+    olaf_k3s = {n["name"]: n for n in hosts["olaf"]["k3s"]}
+    assert olaf_k3s["olaf-k3s-server"]["ready"] is True
+    assert olaf_k3s["olaf-k3s-server"]["version"] == "v1.35.2+k3s1"  # GET /version
+    assert olaf_k3s["olaf-k3s-agent"] == {"name": "olaf-k3s-agent", "role": "agent",
+                                          "ready": True, "seen": "node olaf-k3s-agent Ready",
+                                          "version": "v1.35.2+k3s1"}
+    assert hosts["ulrich"]["k3s"] == []
+
+    # a changed plan (ulrich), drift (rolf runs another system), karl switched off and its
+    # agent NotReady
+    (p.cluster / "nixConfigs" / "ulrich.nix").write_text("{ ... }: { }\n# changed\n")
+    lab.repoint("rolf", system_path("rolf", 1))
+    lab.set_api(readyz={ip: ["200"] for _, ip in SERVERS.values()},
+                nodes={**{n: ["True"] for n in AGENTS.values()}, "karl-k3s-agent": ["False"]})
+    r = _status(p, lab, down=("karl",))
+    assert r.returncode == 3, r.stdout + r.stderr
+    out = r.stdout
+    lines = {ln.split()[0]: ln for ln in out.splitlines()[1:6]}
+    assert "up to date" in lines["olaf"] and "changed" in lines["ulrich"]
+    assert "DRIFT" in lines["rolf"] and "unreachable" in lines["karl"]
+    assert "ulrich: its plan changed since its last deploy: `pulumi up` redeploys it" in out
+    assert f"rolf: runs {system_path('rolf', 1)}, but its last deploy activated " \
+           f"{system_path('rolf')}" in out
+    assert "karl: not reachable over ssh (" in out
+    assert "karl: node karl-k3s-agent Ready=False (KubeletNotReady)" in out
+    assert "stack gates: 3 of 5 host(s) need attention" in out
+    assert not any(ln.startswith(("olaf:", "ulf:")) for ln in out.splitlines())
+
+    # it changed nothing: the state, the hosts, colmena untouched; the kubeconfig's key never
+    # printed (the secret output is read as "[secret]")
+    assert p.state_text() == state
+    assert len(p.colmena_calls()) == 5
+    key = (lab.pki / "client.key").read_text()
+    assert "".join(key.splitlines()[1:-1]) not in out + r.stderr
+
+    # offline: no host and no API asked, only the record and the plans
+    before = len(lab.api_requests())
+    r = _status(p, lab, "--offline", "--json")
+    assert r.returncode == 3, r.stderr
+    doc = json.loads(r.stdout)
+    assert [h["host"] for h in doc["hosts"] if h["attention"]] == ["ulrich"]
+    assert len(lab.api_requests()) == before
+
+
+def test_the_stack_settings_resolve_like_the_program(tmp_path: Path) -> None:
+    from k3scluster import stackinfo
+    from k3scluster.stackconfig import StackFile
+
+    project = tmp_path / "p"
+    project.mkdir()
+    shutil.copy(ROOT / "Pulumi.yaml", project)
+    (project / "Pulumi.st.yaml").write_text(
+        "config:\n  k3scluster:clusterDir: ../c\n  k3scluster:vms: true\n"
+        "  k3scluster:sshIdentity: keys/id\n  k3scluster:deployUser: admin\n"
+    )
+    outputs = {"hosts": {"olaf": {"digest": "d"}}, "kubeconfig": "[secret]",
+               "needsReboot": ["olaf"]}
+    info = stackinfo.resolve(StackFile(project, "st"), "st", project, outputs)
+    assert info.layout.cluster_dir == (tmp_path / "c").resolve()
+    assert info.layout.render_dir == (tmp_path / "c").resolve() / ".k3scluster" / "st"
+    assert info.layout.vm_stack == "st"
+    assert info.ssh.user == "admin" and info.ssh.identity == (project / "keys" / "id")
+    assert info.kubeconfig == info.layout.render_dir / "kubeconfig"
+    assert info.needs_reboot == frozenset({"olaf"})
+    assert stackinfo.StackInfo(info.layout, {}).needs_reboot is None
+
+
+def test_status_outside_a_project_is_a_clear_error(tmp_path: Path, capsys: Any) -> None:
+    from k3scluster.cli import main
+
+    code = main(["status", str(EXAMPLE), "--stack", "x", "--project", str(tmp_path)])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "Pulumi.yaml does not exist" in err and "--project" in err
