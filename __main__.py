@@ -9,7 +9,6 @@ Configuration (namespace ``k3scluster``; see the README, "Operating the cluster"
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pulumi
@@ -19,14 +18,14 @@ from k3scluster.components.cluster import Cluster, ClusterArgs
 from k3scluster.components.settings import Settings
 from k3scluster.errors import K3sClusterError
 from k3scluster.lab import spec as lab
-from k3scluster.stackconfig import stack_layout
+from k3scluster.stackconfig import project_path, stack_layout
 
 PROJECT_DIR = Path(__file__).resolve().parent
 
 
 def _project_path(raw: str | None) -> Path | None:
     """A file named in the stack config: ``~`` expanded, relative to this project."""
-    return (PROJECT_DIR / Path(raw).expanduser()).resolve() if raw else None
+    return project_path(PROJECT_DIR, raw)
 
 
 def settings_from_config(config: pulumi.Config, stack: str) -> tuple[Path, Settings]:
@@ -99,7 +98,7 @@ def main() -> None:
         if settings.vm is not None:
             # refused in preview already, before anything is created (net-up checks again)
             from k3scluster.lab.netcheck import check_machine
-            from k3scluster.lab.qemu import choose_accel, require_tools
+            from k3scluster.lab.qemu import require_tools
 
             check_machine(
                 cluster.network.network,
@@ -108,13 +107,8 @@ def main() -> None:
                 str(cluster.network.location),
             )
             require_tools(settings.vm.qemu, settings.vm.qemu_img)
-            # vmAccel auto: KVM if a short probe guest runs under it, else TCG with a warning
-            accel, warning = choose_accel(settings.vm.accel, settings.vm.qemu)
-            if warning:
-                pulumi.log.warn(warning)
-            settings = dataclasses.replace(
-                settings, vm=dataclasses.replace(settings.vm, accel=accel)
-            )
+            # vmAccel auto is resolved when a VM starts (`ctl vm-up` runs the KVM probe), not
+            # here: a preview starts no QEMU, and the probe's answer is not part of the spec
         component = Cluster("cluster", ClusterArgs(cluster, settings))
     except K3sClusterError as err:
         raise pulumi.RunError(str(err)) from None

@@ -1,5 +1,5 @@
-"""The ``k3scluster`` command: init, check, render, build, boot-stick, vms, status — wiring
-only.
+"""The ``k3scluster`` command: init, check, render, build, boot-stick, vms, status, summary —
+wiring only.
 
 Every user mistake ends as a message and a hint on stderr with exit 1 (2 for a
 wrong command line), never as a traceback; Ctrl-C ends with 130.
@@ -129,6 +129,20 @@ def _parser() -> argparse.ArgumentParser:
         help="only the stack's record and the plans: contact no host and no API",
     )
     s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser(
+        "summary", help="what `pulumi up` would do, host by host, from `pulumi preview --json`"
+    )
+    s.add_argument("dir", type=Path, metavar="DIR")
+    s.add_argument("--stack", required=True, metavar="S", help="the Pulumi stack previewed")
+    s.add_argument(
+        "--preview",
+        type=Path,
+        default=Path("-"),
+        metavar="FILE",
+        help="the output of `pulumi preview --json` (default -: standard input)",
+    )
+    s.set_defaults(func=cmd_summary)
     return p
 
 
@@ -408,6 +422,29 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(status.format_table(args.stack, rows, notes))
     return STATUS_ATTENTION if status.needs_attention(rows) else 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from k3scluster.summary import summarize
+
+    cluster = _load_for_command(args.dir)
+    if cluster is None:
+        return 1
+    where = "standard input" if str(args.preview) == "-" else str(args.preview)
+    try:
+        text = sys.stdin.read() if str(args.preview) == "-" else args.preview.read_text()
+        preview = json.loads(text)
+    except OSError as err:
+        raise K3sClusterError(f"cannot read {where}: {err.strerror}") from None
+    except json.JSONDecodeError:
+        raise K3sClusterError(
+            f"{where} is not the JSON of `pulumi preview --json`",
+            hint="pulumi preview --json --stack S > preview.json",
+        ) from None
+    if not isinstance(preview, dict):
+        raise K3sClusterError(f"{where} is not the JSON of `pulumi preview --json`")
+    sys.stdout.write(summarize(args.stack, cluster, preview))
+    return 0
 
 
 if __name__ == "__main__":
