@@ -20,8 +20,8 @@ from k3scluster.errors import K3sClusterError
 from k3scluster.model import Cluster, K3sType
 from k3scluster.status import NodeState, Observed
 
-SSH_TIMEOUT = 5  # seconds for ssh to connect
-API_TIMEOUT = 5.0  # seconds per API request
+SSH_TIMEOUT = 10  # seconds for ssh to connect
+API_TIMEOUT = 10.0  # seconds per API request
 
 T = TypeVar("T")
 
