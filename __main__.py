@@ -14,6 +14,7 @@ from pathlib import Path
 import pulumi
 
 from k3scluster import kube, plans
+from k3scluster.components import deployed
 from k3scluster.components.cluster import Cluster, ClusterArgs
 from k3scluster.components.settings import Settings
 from k3scluster.errors import K3sClusterError
@@ -109,7 +110,16 @@ def main() -> None:
             require_tools(settings.vm.qemu, settings.vm.qemu_img)
             # vmAccel auto is resolved when a VM starts (`ctl vm-up` runs the KVM probe), not
             # here: a preview starts no QEMU, and the probe's answer is not part of the spec
-        component = Cluster("cluster", ClusterArgs(cluster, settings))
+        # what this stack's last runs deployed: the order of the update depends on it
+        steps = deployed.step_inputs(
+            deployed.read_stack_resources(
+                deployed.stack_name(
+                    pulumi.get_organization(), pulumi.get_project(), pulumi.get_stack()
+                )
+            )
+        )
+        versions = deployed.host_versions(steps, [h.name for h in cluster.hosts])
+        component = Cluster("cluster", ClusterArgs(cluster, settings, versions=versions))
     except K3sClusterError as err:
         raise pulumi.RunError(str(err)) from None
     # as the stack file writes it: every operator's preview agrees (README, "Several operators")

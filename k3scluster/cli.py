@@ -53,6 +53,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="STACK",
         help="render for the VM stack STACK (NICs named by the MACs of its VMs)",
     )
+    s.add_argument(
+        "--hold-agent",
+        action="append",
+        default=[],
+        metavar="HOST=MINOR",
+        help="also write servers-first/HOST.nix, a hive that keeps HOST's K3s agent at K3s "
+        "MINOR (pulumi up passes it during a K3s minor upgrade: servers move first)",
+    )
     s.set_defaults(func=cmd_render)
 
     s = sub.add_parser(
@@ -222,7 +230,12 @@ def _default_render_dir(root: Path) -> Path:
     return root / ".k3scluster" / "render"
 
 
-def _render(cluster: Cluster, out: Path, vm_stack: str | None) -> dict[str, str]:
+def _render(
+    cluster: Cluster,
+    out: Path,
+    vm_stack: str | None,
+    held_agents: dict[str, str] | None = None,
+) -> dict[str, str]:
     """The render of ``k3scluster render`` (and of a stack's render step): for a VM stack
     with the NIC names of its VMs. Notices (no Graphviz) go to stderr."""
     from k3scluster.render import render_to_dir
@@ -233,10 +246,29 @@ def _render(cluster: Cluster, out: Path, vm_stack: str | None) -> dict[str, str]
         from k3scluster.lab.spec import planned_macs
 
         vm_macs = planned_macs(cluster, vm_stack)
-    written = render_to_dir(cluster, out, notices, vm_macs)
+    written = render_to_dir(cluster, out, notices, vm_macs, held_agents)
     for notice in notices:
         print(f"k3scluster: {notice}", file=sys.stderr)
     return written
+
+
+def _held_agents(cluster: Cluster, given: list[str]) -> dict[str, str] | None:
+    """``--hold-agent HOST=MINOR`` values; None (after printing why) when one is wrong."""
+    from k3scluster.pins import parse_k3s_minor
+
+    held: dict[str, str] = {}
+    for item in given:
+        host, _, minor = item.partition("=")
+        parsed = parse_k3s_minor(minor)
+        if parsed is None or cluster.agent_on(host) is None:
+            print(
+                f"error: --hold-agent {item!r}: want HOST=MINOR, a host with a K3s agent in "
+                "the plans and a K3s minor release (1.34)",
+                file=sys.stderr,
+            )
+            return None
+        held[host] = parsed
+    return held
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -244,7 +276,10 @@ def cmd_render(args: argparse.Namespace) -> int:
     if cluster is None:
         return 1
     out = args.out if args.out is not None else _default_render_dir(args.dir)
-    written = _render(cluster, out, args.vm_stack)
+    held = _held_agents(cluster, args.hold_agent)
+    if held is None:
+        return 1
+    written = _render(cluster, out, args.vm_stack, held)
     for rel in sorted(written):
         print(f"wrote    {rel}")
     print(f"rendered {len(written)} file(s) into {out}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import shlex
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,12 +191,20 @@ def fetch_hardware_config(
 
 
 def render_tree(
-    python: str, cluster_dir: Path, out: Path, vm_stack: str | None = None
+    python: str,
+    cluster_dir: Path,
+    out: Path,
+    vm_stack: str | None = None,
+    held_agents: Mapping[str, str] | None = None,
 ) -> list[str]:
-    """``k3scluster render DIR --out OUT [--vm-stack S]``: load the plans again and write the
-    rendered tree (for a VM stack: with the .link files of its VMs)."""
+    """``k3scluster render DIR --out OUT [--vm-stack S] [--hold-agent HOST=MINOR…]``: load the
+    plans again and write the rendered tree (for a VM stack: with the .link files of its
+    VMs; during a K3s minor upgrade: the hives that keep those hosts' agents back)."""
     argv = [python, "-m", "k3scluster", "render", str(cluster_dir), "--out", str(out)]
-    return argv + (["--vm-stack", vm_stack] if vm_stack else [])
+    argv += ["--vm-stack", vm_stack] if vm_stack else []
+    for host, minor in sorted((held_agents or {}).items()):
+        argv += ["--hold-agent", f"{_plain_arg('host name', host)}={_plain_arg('K3s', minor)}"]
+    return argv
 
 
 def build_iso(python: str, result: Path, argv: list[str]) -> list[str]:

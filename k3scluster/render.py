@@ -415,13 +415,18 @@ MODULES = {
 
 
 def render_files(
-    cluster: Cluster, out: Path, vm_macs: Mapping[str, str] | None = None
+    cluster: Cluster,
+    out: Path,
+    vm_macs: Mapping[str, str] | None = None,
+    held_agents: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """Every file of the render, as relative path under OUT -> text. Pure.
 
     ``out`` is used only to compute the relative paths from the rendered files back
     into the cluster directory (nixConfigs, manifests, secrets). ``vm_macs`` (host -> MAC,
     VM stacks only) gives each host a systemd ``.link`` that names its VM NIC as planned.
+    ``held_agents`` (host -> K3s minor, during a K3s minor upgrade): a
+    ``servers-first/<host>.nix`` hive for each, keeping its agent at that release.
     """
     out = Path(out)
     env = _environment()
@@ -451,7 +456,24 @@ def render_files(
         for rel, text in installer.render_installer(cluster, host.name, out).items():
             path = rel if rel.startswith("installers/") else f"installers/{host.name}/{rel}"
             files[path] = text
+    for host_name, minor in sorted((held_agents or {}).items()):
+        files[servers_first_path(host_name)] = servers_first_hive(
+            host_name, k3s_package_attr(minor)
+        )
     return dict(sorted(files.items()))
+
+
+def servers_first_path(host: str) -> str:
+    """Where ``servers_first_hive`` of ``host`` is rendered, under OUT."""
+    return f"servers-first/{host}.nix"
+
+
+def servers_first_hive(host: str, package_attr: str) -> str:
+    """``servers-first/<host>.nix``: hive.nix with ``host``'s agent kept at ``package_attr``
+    (``k3s_1_34``), for the deploy that moves the host's K3s server before its agent."""
+    return _environment().get_template("hive-servers-first.nix.j2").render(
+        hive=NixPath("../hive.nix"), host=host, package_attr=package_attr
+    )
 
 
 # -- writing -----------------------------------------------------------------
@@ -546,12 +568,13 @@ def render_to_dir(
     out: Path,
     notices: list[str] | None = None,
     vm_macs: Mapping[str, str] | None = None,
+    held_agents: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """Render and write OUT, with the picture of the cluster (k3scluster.diagram); returns
     what was written. A picture that cannot be drawn adds a line to ``notices`` and never
     stops the render. The picture's files are not in ``render_files``: no host depends on
     them."""
-    files = render_files(cluster, out, vm_macs)
+    files = render_files(cluster, out, vm_macs, held_agents)
     pictures, notice = diagram.picture_files(cluster, Path(out))
     if notice is not None and notices is not None:
         notices.append(notice)

@@ -12,9 +12,15 @@ waits for the phases before it (``Wait``):
 
 Today's phases:
 
-1. ``DEPLOY`` each server host alone, the init-server's host first, each after the one
-   before (``Wait.OK``): etcd keeps its quorum, never two members restart together;
-2. ``DEPLOY`` the other hosts, together (``Wait.SETTLED``).
+1. each server host alone, the init-server's host first, each after the one before
+   (``Wait.OK``): etcd keeps its quorum, never two members restart together. During a K3s
+   minor upgrade (``versions``: what the hosts' last deploys ran) a server host that also
+   carries an agent on the older release gets ``DEPLOY_SERVER_FIRST``: its server moves,
+   its agent keeps the release it runs; otherwise ``DEPLOY``;
+2. ``DEPLOY`` the other hosts, and the server hosts that kept their agent back, together.
+   They wait with ``Wait.SETTLED``, except during a K3s minor upgrade: then with
+   ``Wait.OK`` on the last server host, so no agent moves to the new release unless every
+   server runs it (Kubernetes' version skew policy: no kubelet newer than any API server).
 
 ``components/cluster.py`` builds one set of steps per phase and reads as this list.
 
@@ -34,6 +40,7 @@ Adding a phase (for example "leave etcd" or "drain and delete an agent" before t
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from k3scluster.membership import Deployed
@@ -44,6 +51,8 @@ class Action(enum.Enum):
     """What a phase does to each of its hosts."""
 
     DEPLOY = "deploy"  # colmena apply for the host, then its health gates
+    # the same with the host's agent kept at the K3s release it runs (detail "agent-k3s")
+    DEPLOY_SERVER_FIRST = "deploy-server-first"
 
 
 class Wait(enum.Enum):
@@ -68,6 +77,24 @@ class UpdateSettings:
 
 
 @dataclass(frozen=True)
+class HostVersions:
+    """The K3s minor releases a host's last deploys ran (None: no such node, or unknown)."""
+
+    server: str | None = None
+    agent: str | None = None
+
+
+def minor_key(minor: str) -> tuple[int, ...]:
+    """``1.35`` -> ``(1, 35)``, for ordering minor releases."""
+    return tuple(int(x) for x in minor.split("."))
+
+
+def older(a: str | None, b: str) -> bool:
+    """``a`` is a known minor release older than ``b``."""
+    return a is not None and minor_key(a) < minor_key(b)
+
+
+@dataclass(frozen=True)
 class UpdatePlan:
     phases: tuple[Phase, ...] = field(default=())
 
@@ -78,6 +105,14 @@ class UpdatePlan:
     def describe(self) -> list[str]:
         """One line per phase, in order (for people and tests)."""
         return [f"{p.action.value} {', '.join(p.hosts)} ({p.label})" for p in self.phases]
+
+    def held_agents(self) -> dict[str, str]:
+        """host -> the K3s minor its agent keeps while the servers move (DEPLOY_SERVER_FIRST)."""
+        return {
+            p.hosts[0]: dict(p.detail)["agent-k3s"]
+            for p in self.phases
+            if p.action is Action.DEPLOY_SERVER_FIRST
+        }
 
 
 def server_chain(cluster: Cluster) -> list[str]:
@@ -93,13 +128,42 @@ def server_chain(cluster: Cluster) -> list[str]:
 
 
 def plan_update(
-    cluster: Cluster, deployed: Deployed, settings: UpdateSettings | None = None
+    cluster: Cluster,
+    deployed: Deployed,
+    settings: UpdateSettings | None = None,
+    versions: Mapping[str, HostVersions] | None = None,
 ) -> UpdatePlan:
-    """The phases of a ``pulumi up`` of ``cluster`` over what ``deployed`` records."""
+    """The phases of a ``pulumi up`` of ``cluster`` over what ``deployed`` records and the
+    K3s releases the hosts' last deploys ran (``versions``, host -> ``HostVersions``)."""
     del deployed, settings  # not needed by today's phases
+    versions = versions or {}
+    target = cluster.network.k3s
     chain = server_chain(cluster)
-    phases = [Phase(Action.DEPLOY, (h,), Wait.OK, f"server host {h}") for h in chain]
-    rest = tuple(h.name for h in cluster.hosts if h.name not in chain)
+    upgrading = any(older(v.server, target) for v in versions.values())
+    phases: list[Phase] = []
+    held: list[str] = []
+    for h in chain:
+        agent_k3s = versions.get(h, HostVersions()).agent
+        if cluster.agent_on(h) is not None and older(agent_k3s, target):
+            assert agent_k3s is not None
+            held.append(h)
+            phases.append(
+                Phase(
+                    Action.DEPLOY_SERVER_FIRST,
+                    (h,),
+                    Wait.OK,
+                    f"server host {h}: its server to K3s {target}, its agent kept at "
+                    f"{agent_k3s} until every server runs {target}",
+                    (("agent-k3s", agent_k3s),),
+                )
+            )
+        else:
+            phases.append(Phase(Action.DEPLOY, (h,), Wait.OK, f"server host {h}"))
+    rest = tuple(h.name for h in cluster.hosts if h.name not in chain or h.name in held)
     if rest:
-        phases.append(Phase(Action.DEPLOY, rest, Wait.SETTLED, "the other hosts"))
+        if upgrading or held:
+            label = f"the agents and other hosts, after every server runs K3s {target}"
+            phases.append(Phase(Action.DEPLOY, rest, Wait.OK if chain else Wait.SETTLED, label))
+        else:
+            phases.append(Phase(Action.DEPLOY, rest, Wait.SETTLED, "the other hosts"))
     return UpdatePlan(tuple(phases))

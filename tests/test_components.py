@@ -95,11 +95,17 @@ class RecordingMonitor(pmocks.MockMonitor):
 
 
 def run_program(
-    cluster_dir: Path | str, runner: str, main: Path = PROGRAM, **config: str
+    cluster_dir: Path | str,
+    runner: str,
+    main: Path = PROGRAM,
+    mocks: pulumi.runtime.Mocks | None = None,
+    **config: str,
 ) -> RecordingMonitor:
-    monitor = RecordingMonitor(Mocks())
+    """Runs the program under ``mocks`` (default: ``Mocks``, a stack with no state)."""
+    mocks = mocks or Mocks()
+    monitor = RecordingMonitor(mocks)
     pulumi.runtime.set_mocks(
-        Mocks(), project="k3scluster", stack="mock", preview=False, monitor=monitor
+        mocks, project="k3scluster", stack="mock", preview=False, monitor=monitor
     )
     pulumi.runtime.set_all_config(
         {

@@ -14,7 +14,14 @@ import pytest
 
 from k3scluster.membership import Deployed, deployed_from_records, host_record
 from k3scluster.model import Cluster, Host, K3sNode, K3sType, Network, Secrets
-from k3scluster.update_plan import Action, UpdateSettings, Wait, plan_update, server_chain
+from k3scluster.update_plan import (
+    Action,
+    HostVersions,
+    UpdateSettings,
+    Wait,
+    plan_update,
+    server_chain,
+)
 
 A = ipaddress.IPv4Address
 T = {"i": K3sType.INIT_SERVER, "s": K3sType.SERVER, "a": K3sType.AGENT}
@@ -62,6 +69,32 @@ class Case:
     waits: list[Wait]
     deployed: Deployed = field(default_factory=Deployed)
     settings: UpdateSettings = field(default_factory=UpdateSettings)
+    versions: dict[str, HostVersions] = field(default_factory=dict)
+
+
+def ran(c: Cluster, server: str | None, agent: str | None = None) -> dict[str, HostVersions]:
+    """Every K3s host of ``c`` as deployed with these releases (agent: like the server)."""
+    agent = agent or server
+    return {
+        h.name: HostVersions(
+            server if c.server_on(h.name) else None, agent if c.agent_on(h.name) else None
+        )
+        for h in c.hosts
+        if c.k3s_on(h.name)
+    }
+
+
+BIG_134 = cluster(BIG_HOSTS, BIG, k3s="1.34")
+BIG_135 = cluster(BIG_HOSTS, BIG, k3s="1.35")
+UPGRADE = [
+    ("deploy-server-first anna (server host anna: its server to K3s 1.35, its agent kept at "
+    "1.34 until every server runs 1.35)"),
+    ("deploy-server-first bert (server host bert: its server to K3s 1.35, its agent kept at "
+    "1.34 until every server runs 1.35)"),
+    "deploy carla (server host carla)",
+    ("deploy anna, bert, dora, emil, nokube (the agents and other hosts, after every server "
+    "runs K3s 1.35)"),
+]
 
 
 CASES = [
@@ -103,9 +136,79 @@ CASES = [
 ]
 
 
+CASES += [
+    Case(
+        "K3s minor upgrade: server hosts first with their agents kept back, then the agents",
+        BIG_135,
+        UPGRADE,
+        [Wait.OK, Wait.OK, Wait.OK, Wait.OK],
+        deployed=deployed_of(BIG_134),
+        versions=ran(BIG_134, "1.34"),
+    ),
+    Case(
+        "the upgrade failed after anna's first pass: anna's agent is still held back",
+        BIG_135,
+        UPGRADE,
+        [Wait.OK, Wait.OK, Wait.OK, Wait.OK],
+        versions={**ran(BIG_134, "1.34"), "anna": HostVersions("1.35", "1.34")},
+    ),
+    Case(
+        "the servers all moved, the agents did not: the agents move, nothing is held back",
+        BIG_135,
+        [
+            "deploy anna (server host anna)",
+            "deploy bert (server host bert)",
+            "deploy carla (server host carla)",
+            "deploy dora, emil, nokube (the other hosts)",
+        ],
+        [Wait.OK, Wait.OK, Wait.OK, Wait.SETTLED],
+        versions={
+            **ran(BIG_134, "1.35", "1.34"),
+            "anna": HostVersions("1.35", "1.35"),
+            "bert": HostVersions("1.35", "1.35"),
+        },
+    ),
+    Case(
+        "every host already runs the plans' release",
+        BIG_135,
+        [
+            "deploy anna (server host anna)",
+            "deploy bert (server host bert)",
+            "deploy carla (server host carla)",
+            "deploy dora, emil, nokube (the other hosts)",
+        ],
+        [Wait.OK, Wait.OK, Wait.OK, Wait.SETTLED],
+        versions=ran(BIG_135, "1.35"),
+    ),
+    Case(
+        "a state from before the releases were recorded: nothing known, nothing held",
+        BIG_135,
+        [
+            "deploy anna (server host anna)",
+            "deploy bert (server host bert)",
+            "deploy carla (server host carla)",
+            "deploy dora, emil, nokube (the other hosts)",
+        ],
+        [Wait.OK, Wait.OK, Wait.OK, Wait.SETTLED],
+        deployed=deployed_of(BIG_134),
+    ),
+    Case(
+        "upgrade without agents on server hosts: the agents still wait for every server",
+        cluster(["a", "b", "c"], [("a", "i"), ("b", "s"), ("c", "a")], k3s="1.35"),
+        [
+            "deploy a (server host a)",
+            "deploy b (server host b)",
+            "deploy c (the agents and other hosts, after every server runs K3s 1.35)",
+        ],
+        [Wait.OK, Wait.OK, Wait.OK],
+        versions={"a": HostVersions("1.34"), "b": HostVersions("1.34"), "c": HostVersions(None, "1.34")},
+    ),
+]
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_update_plan(case: Case) -> None:
-    plan = plan_update(case.plans, case.deployed, case.settings)
+    plan = plan_update(case.plans, case.deployed, case.settings, case.versions)
     assert plan.describe() == case.want
     assert [p.wait for p in plan.phases] == case.waits
 
@@ -116,3 +219,21 @@ def test_every_host_is_deployed_exactly_once_and_servers_before_the_rest() -> No
     deployed = plan.hosts_of(Action.DEPLOY)
     assert sorted(deployed) == sorted(BIG_HOSTS)
     assert deployed[:3] == server_chain(c) == ["anna", "bert", "carla"]
+
+
+def test_at_no_moment_an_agent_runs_a_newer_minor_than_a_server() -> None:
+    """Walk the phases of an upgrade in order: after each, every agent's release is at most
+    every server's (the servers-first pass keeps a host's agent back)."""
+    plan = plan_update(BIG_135, Deployed(), None, ran(BIG_134, "1.34"))
+    servers = {h: "1.34" for h in ("anna", "bert", "carla")}
+    agents = {h: "1.34" for h in ("anna", "bert", "dora", "emil")}
+    held = plan.held_agents()
+    assert held == {"anna": "1.34", "bert": "1.34"}
+    for phase in plan.phases:
+        for h in phase.hosts:
+            if h in servers:
+                servers[h] = "1.35"
+            if h in agents:
+                agents[h] = held[h] if phase.action is Action.DEPLOY_SERVER_FIRST else "1.35"
+        assert max(agents.values()) <= min(servers.values()), phase
+    assert set(servers.values()) == set(agents.values()) == {"1.35"}

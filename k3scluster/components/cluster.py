@@ -29,6 +29,7 @@ import pulumi
 
 from k3scluster import commands, diagram, installer, render
 from k3scluster.components import health
+from k3scluster.components.deployed import K3S_AGENT_INPUT, K3S_SERVER_INPUT
 from k3scluster.components.host import Host, HostArgs
 from k3scluster.components.iso import InstallerIsoArgs
 from k3scluster.components.secret import Secret, SecretArgs
@@ -39,7 +40,7 @@ from k3scluster.components.vm import make_lab
 from k3scluster.lab.spec import planned_macs
 from k3scluster.membership import Deployed
 from k3scluster.model import Cluster as ClusterModel
-from k3scluster.update_plan import Action, Phase, Wait, plan_update
+from k3scluster.update_plan import Action, HostVersions, Phase, Wait, plan_update
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,8 @@ class ClusterArgs:
     settings: Settings
     # what the stack deployed before this run (``k3scluster.membership.Deployed``)
     deployed: Deployed = field(default_factory=Deployed)
+    # host -> the K3s releases its last deploys ran (components/deployed.py)
+    versions: Mapping[str, HostVersions] = field(default_factory=dict)
 
 
 def _digest(inputs: Mapping[str, pulumi.Input[str]]) -> pulumi.Output[str]:
@@ -103,7 +106,11 @@ class Cluster(pulumi.ComponentResource):
         c, s = self._c, self._s
         # a VM stack (k3scluster:vms): its NICs named by their VM's MAC, and a lab (below)
         self._vm_macs = planned_macs(c, s.vm.stack) if s.vm else None
-        self._files = render.render_files(c, s.render_dir, self._vm_macs)
+        # the order of the update (k3scluster.update_plan): what the render writes depends
+        # on it (the servers-first hives of a K3s minor upgrade)
+        self.plan = plan_update(c, args.deployed, versions=args.versions)
+        self._held = self.plan.held_agents()
+        self._files = render.render_files(c, s.render_dir, self._vm_macs, self._held)
         self._file_sha = installer.file_digests(self._files)
 
         self.secrets = {
@@ -125,8 +132,10 @@ class Cluster(pulumi.ComponentResource):
         self._pool = health.runner_pool(
             name, s.runner, health.runner_processes(s.runner_processes), self
         )
-        self.plan = plan_update(c, args.deployed)
-        builders = {Action.DEPLOY: self._deploy_phase}
+        builders = {
+            Action.DEPLOY: self._deploy_phase,
+            Action.DEPLOY_SERVER_FIRST: self._server_first_phase,
+        }
         before: list[pulumi.Resource] = []  # the phase just before
         earlier: list[pulumi.Resource] = []  # every phase before
         for phase in self.plan.phases:
@@ -150,7 +159,11 @@ class Cluster(pulumi.ComponentResource):
             {f"picture:{k}": v for k, v in installer.file_digests(diagram.sources(c)).items()}
         )
         render_argv = commands.render_tree(
-            s.python, s.rec(c.root), s.rec(s.render_dir), s.vm.stack if s.vm else None
+            s.python,
+            s.rec(c.root),
+            s.rec(s.render_dir),
+            s.vm.stack if s.vm else None,
+            self._held,
         )
         return step(
             f"{self._name}-render",
@@ -202,6 +215,62 @@ class Cluster(pulumi.ComponentResource):
             if self._s.wait_ready and init is not None and hname == init.host:
                 self.kubeconfig = self._kubeconfig_step(host)
         return made
+
+    def _server_first_phase(
+        self, phase: Phase, waits_for: list[pulumi.Input[pulumi.Resource]]
+    ) -> list[pulumi.Resource]:
+        """``Action.DEPLOY_SERVER_FIRST``: ``<host>-servers-first``, the host deployed from
+        ``servers-first/<host>.nix``: its K3s server moves to the cluster's release, its
+        agent keeps the one it runs (``agent-k3s``); its gates as for any deploy."""
+        c, s = self._c, self._s
+        (hname,) = phase.hosts
+        rel = render.servers_first_path(hname)
+        inputs = {
+            **self._host_inputs(hname),
+            f"file:{rel}": self._file_sha[rel],
+            **self._versions_inputs(hname, agent=dict(phase.detail)["agent-k3s"]),
+        }
+        argv = health.deploy_argv(
+            c,
+            hname,
+            commands.colmena_apply(
+                s.colmena, s.rec(s.render_dir / rel), hname, parallel=s.parallel
+            ),
+            python=s.python,
+            ssh=s.ssh,
+            wait_ready=s.wait_ready,
+            timeout=s.ready_timeout,
+        )
+        hw = self.hardware.get(hname)
+        made = step(
+            f"{hname}-servers-first",
+            runner=s.runner,
+            host=hname,
+            create=argv,
+            update=argv,
+            inputs_digest=inputs,
+            opts=pulumi.ResourceOptions(
+                parent=self,
+                depends_on=[
+                    self.render,
+                    *([hw] if hw else []),
+                    *(self.lab.ready(hname) if self.lab else []),
+                    *waits_for,
+                ],
+            ),
+        )
+        return [made]
+
+    def _versions_inputs(self, hname: str, agent: str | None = None) -> dict[str, str]:
+        """``k3s:server``/``k3s:agent``: the K3s minor release the host's deploy carries
+        (plain: ``preview --diff`` shows them, and the next run reads them back)."""
+        c = self._c
+        found: dict[str, str] = {}
+        if c.server_on(hname) is not None:
+            found[K3S_SERVER_INPUT] = c.network.k3s
+        if c.agent_on(hname) is not None:
+            found[K3S_AGENT_INPUT] = agent or c.network.k3s
+        return found
 
     def _host_inputs(self, hname: str) -> dict[str, pulumi.Input[str]]:
         """``render.host_inputs``, with what a hardware fetch of this run will write."""
@@ -277,7 +346,8 @@ class Cluster(pulumi.ComponentResource):
             HostArgs(
                 host=h,
                 nodes=c.k3s_on(hname),
-                inputs=inputs,
+                # the deploy also carries the K3s releases (not in the digest of the system)
+                inputs={**inputs, **self._versions_inputs(hname)},
                 digest=_digest(inputs),
                 deploy_argv=health.deploy_argv(
                     c,

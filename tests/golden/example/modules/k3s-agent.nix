@@ -6,8 +6,14 @@
 let
   host = config.k3scluster.host;
   cfg = config.k3scluster.agent;
-  # the image of the servers' K3s version, computed from the same package
-  k3s = import ./k3s-release.nix { inherit pkgs; inherit (config.k3scluster.k3s) packageAttr; };
+  # the image of the servers' K3s version, computed from the same package; during a K3s
+  # minor upgrade, until every server runs the new release, the one this agent ran
+  # (k3sPackageAttr, set only by hive-servers-first.nix; `or`: absent in a bare config)
+  heldAttr = cfg.k3sPackageAttr or null;
+  k3s = import ./k3s-release.nix {
+    inherit pkgs;
+    packageAttr = if heldAttr != null then heldAttr else config.k3scluster.k3s.packageAttr;
+  };
   str = lib.types.str;
   # The agents' own token (secrets/agent-token), in a directory that holds nothing
   # else: the agent container, privileged and reachable by any pod with a hostPath,
@@ -33,6 +39,11 @@ in
     serverUrl = lib.mkOption { type = str; description = "https://<init-server>:6443"; };
     subnet = lib.mkOption { type = str; description = "The plan's subnet, for the macvlan network."; };
     macAddress = lib.mkOption { type = str; description = "The agent's stable, locally administered MAC on the macvlan network."; };
+    k3sPackageAttr = lib.mkOption {
+      type = lib.types.nullOr str;
+      default = null;
+      description = "The K3s release the agent keeps while the servers move to a new minor release (pkgs attribute, e.g. k3s_1_34); null: the cluster's, k3scluster.k3s.packageAttr.";
+    };
   };
 
   config = {

@@ -2,8 +2,13 @@
 # The cluster's one K3s version (plans/network.yaml k3s chooses the minor release):
 # pkgs.<packageAttr> of the pinned nixpkgs, at whatever patch level that nixpkgs ships.
 # The K3s servers run this package; the agents run the rancher/k3s image of exactly
-# its version (image tags replace `+` with `-`: 1.35.2+k3s1 -> v1.35.2-k3s1), so no
-# kubelet is ever newer than the API server.
+# its version (image tags replace `+` with `-`: 1.35.2+k3s1 -> v1.35.2-k3s1). When
+# every host is deployed, servers and agents run one version. During a K3s minor
+# upgrade they do not: `pulumi up` moves every server first, one host at a time, and
+# on a host that also carries an agent, that agent keeps the minor release it runs
+# (k3scluster.agent.k3sPackageAttr, set by hive-servers-first.nix) until every server
+# runs the new one; then the agents move. So no kubelet is newer than any API server
+# (Kubernetes' version skew policy) as long as the servers' deploys succeed in order.
 #
 # Only `.version` is read for the image: a plain string of the package's attributes
 # (no store path in it), so a host with only an agent evaluates the package but never

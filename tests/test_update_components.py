@@ -1,0 +1,172 @@
+"""The update's order in the Pulumi program's resource graph (Pulumi's mocks, both runners),
+with what the stack deployed before read from a stand-in of the engine's state.
+
+The engine's ``pulumi:pulumi:readStackResourceOutputs`` is answered by the mocks with deploy
+steps in the shape each runner records them (``components/deployed.py`` reads them back).
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pulumi
+import pytest
+from test_components import (
+    POISON_HASH,
+    POISON_TOKEN,
+    STEP_TYPES,
+    Mocks,
+    RecordingMonitor,
+    Registration,
+    run_program,
+)
+
+from k3scluster.components import deployed
+from k3scluster.components.steps import digest_environment
+
+RUNNERS = ["command", "python"]
+HOSTS = ("olaf", "ulf", "rolf", "karl", "ulrich")
+
+
+def recorded_step(runner: str, host: str, inputs: dict[str, str]) -> tuple[str, dict[str, Any]]:
+    """A deploy step as the state of ``runner`` records it: urn -> {type, outputs}."""
+    typ = STEP_TYPES[RUNNERS.index(runner)]
+    urn = f"urn:pulumi:mock::k3scluster::k3scluster:index:Cluster$k3scluster:index:Host${typ}::{host}-deploy"
+    if runner == "python":
+        outputs: dict[str, Any] = {"host": host, "create": ["colmena"], "inputs": inputs, "stdout": ""}
+    else:
+        outputs = {"create": "colmena", "environment": digest_environment(inputs), "stdout": ""}
+    return urn, {"type": typ, "outputs": outputs}
+
+
+class StateMocks(Mocks):
+    """Mocks whose engine answers readStackResourceOutputs with ``resources``."""
+
+    def __init__(self, resources: dict[str, Any]) -> None:
+        self.resources = resources
+        self.asked: list[dict[str, Any]] = []
+
+    def call(self, args: pulumi.runtime.MockCallArgs) -> tuple[dict, list]:
+        if args.token == "pulumi:pulumi:readStackResourceOutputs":
+            self.asked.append(dict(args.args))
+            return {"name": args.args.get("stackName"), "outputs": self.resources}, []
+        return {}, []
+
+
+def run_with_state(
+    cluster_dir: Path, runner: str, resources: dict[str, Any], **config: str
+) -> tuple[RecordingMonitor, StateMocks]:
+    mocks = StateMocks(resources)
+    return run_program(cluster_dir, runner, mocks=mocks, **config), mocks
+
+
+@pytest.fixture
+def poisoned(example_dir: Path) -> Path:
+    (example_dir / "secrets" / "token").write_text(POISON_TOKEN + "\n")
+    (example_dir / "secrets" / "passwd").write_text(POISON_HASH + "\n")
+    return example_dir
+
+
+def _argv(reg: Registration, runner: str) -> list[str]:
+    value = reg.inputs["create"]
+    return shlex.split(value) if runner == "command" else list(value)
+
+
+def _inputs(reg: Registration, runner: str) -> dict[str, str]:
+    return deployed.recorded_inputs(reg.type, reg.inputs)
+
+
+def _deployed_at(runner: str, minor: str) -> dict[str, Any]:
+    state: dict[str, Any] = {}
+    for host in HOSTS:
+        versions = {}
+        if host in ("olaf", "ulf", "rolf"):
+            versions["k3s:server"] = minor
+        if host in ("olaf", "ulf", "karl"):
+            versions["k3s:agent"] = minor
+        urn, rec = recorded_step(runner, host, {"file:hosts/x.nix": "ab", **versions})
+        state[urn] = rec
+    return state
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_the_state_is_read_from_the_stack_itself(poisoned: Path, runner: str) -> None:
+    _, mocks = run_with_state(poisoned, runner, {})
+    assert mocks.asked == [{"stackName": "organization/k3scluster/mock"}]
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_deploys_carry_their_k3s_releases(poisoned: Path, runner: str) -> None:
+    m, _ = run_with_state(poisoned, runner, _deployed_at(runner, "1.35"))
+    got = {h: _inputs(m.named(f"{h}-deploy"), runner) for h in HOSTS}
+    assert (got["olaf"]["k3s:server"], got["olaf"]["k3s:agent"]) == ("1.35", "1.35")
+    assert got["rolf"]["k3s:server"] == "1.35" and "k3s:agent" not in got["rolf"]
+    assert got["karl"]["k3s:agent"] == "1.35" and "k3s:server" not in got["karl"]
+    assert "k3s:server" not in got["ulrich"] and "k3s:agent" not in got["ulrich"]
+    # nothing to hold back: no servers-first step, and the render is the plain one
+    names = {r.name for r in m.registered}
+    assert not {n for n in names if n.endswith("-servers-first")}
+    assert "--hold-agent" not in _argv(m.named("cluster-render"), runner)
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_a_minor_upgrade_moves_every_server_before_any_agent(
+    poisoned: Path, runner: str
+) -> None:
+    # the stack ran K3s 1.34 everywhere; the plans say 1.35
+    m, _ = run_with_state(poisoned, runner, _deployed_at(runner, "1.34"))
+    render = m.named("cluster-render")
+    argv = _argv(render, runner)
+    holds = [argv[i + 1] for i, a in enumerate(argv) if a == "--hold-agent"]
+    assert holds == ["olaf=1.34", "ulf=1.34"]  # the server hosts that carry an agent
+    first = {h: m.named(f"{h}-servers-first") for h in ("olaf", "ulf")}
+    deploy = {h: m.named(f"{h}-deploy") for h in HOSTS}
+    render_dir = poisoned / ".k3scluster" / "mock"
+    for h, reg in first.items():
+        a = _argv(reg, runner)
+        colmena = a[a.index("--") + 1 :]
+        assert colmena[colmena.index("-f") + 1] == str(render_dir / "servers-first" / f"{h}.nix")
+        assert colmena[colmena.index("--on") + 1] == h
+        ins = _inputs(reg, runner)
+        assert (ins["k3s:server"], ins["k3s:agent"]) == ("1.35", "1.34")
+        assert f"file:servers-first/{h}.nix" in ins
+        # its gates are a deploy's: the server's /readyz and the (old) agent's Ready
+        assert f"{h}-k3s-agent" in a and "--server" in a
+        assert render.urn in reg.dependencies
+    # the chain: olaf's first pass, ulf's first pass, rolf (no agent: its one deploy)
+    assert deploy["olaf"].urn not in first["ulf"].dependencies
+    assert first["olaf"].urn in first["ulf"].dependencies
+    assert first["ulf"].urn in deploy["rolf"].dependencies
+    # then the agents: olaf and ulf again (from hive.nix) and karl, strictly after the
+    # last server host (a failed server stops them), and ulrich with them
+    for h in ("olaf", "ulf", "karl", "ulrich"):
+        assert deploy["rolf"].urn in deploy[h].dependencies, h
+        assert _inputs(deploy[h], runner).get("k3s:agent", "1.35") == "1.35"
+
+
+def test_host_versions_take_the_newer_of_a_hosts_two_steps() -> None:
+    steps = {
+        # the servers-first pass ran, the deploy after it failed (it keeps its old inputs)
+        "olaf-servers-first": {"k3s:server": "1.35", "k3s:agent": "1.34"},
+        "olaf-deploy": {"k3s:server": "1.34", "k3s:agent": "1.34"},
+        "karl-deploy": {"k3s:agent": "1.9"},
+        "ulrich-deploy": {"file:hosts/ulrich.nix": "ab"},  # no K3s
+        "rolf-deploy": {"k3s:server": "1.10"},
+    }
+    got = deployed.host_versions(steps, ["olaf", "karl", "ulrich", "rolf", "new"])
+    assert got == {
+        "olaf": deployed.HostVersions("1.35", "1.34"),
+        "karl": deployed.HostVersions(None, "1.9"),
+        "rolf": deployed.HostVersions("1.10", None),  # 1.10 is newer than 1.9: numbers
+    }
+
+
+def test_step_inputs_are_read_from_either_runners_state() -> None:
+    inputs = {"k3s:agent": "1.34", "file:hosts/olaf.nix": "ab"}
+    for runner in RUNNERS:
+        urn, rec = recorded_step(runner, "olaf", inputs)
+        assert deployed.step_inputs({urn: rec}) == {"olaf-deploy": inputs}
+    # other resources are left out
+    assert deployed.step_inputs({"urn:x::cluster": {"type": "k3scluster:index:Host"}}) == {}

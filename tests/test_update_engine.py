@@ -1,0 +1,105 @@
+"""Updates under the real engine (.tools/bin/pulumi), offline, with the colmena stand-in.
+
+The example cluster: three servers (olaf, the init-server, and ulf carry an agent too; rolf
+has none), an agent on a host of its own (karl) and a host without K3s (ulrich). The stand-in
+records every deploy in order, with the hive it was given and the K3s releases that hive
+gives the host (tests/bin/colmena, ``k3s``), so the order and the version each deploy carries
+are read from what colmena was asked to do. Runs in a loopback-only network namespace.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+from test_pulumi_integration import Project, changes
+
+pytestmark = [pytest.mark.integration, pytest.mark.root]
+
+
+@pytest.fixture
+def project(tmp_path: Any) -> Project:
+    from engine import netns_available, require_engine
+
+    require_engine()
+    if not netns_available():
+        pytest.skip("needs root, unshare and ip for a loopback-only network namespace")
+    return Project(tmp_path)
+
+
+def set_k3s(project: Project, minor: str) -> None:
+    net = project.cluster / "plans" / "network.yaml"
+    net.write_text(re.sub(r'(?m)^k3s: .*$', f'k3s: "{minor}"', net.read_text()))
+
+
+def deploys(project: Project, since: int = 0) -> list[dict[str, Any]]:
+    return [c for c in project.colmena_calls()[since:] if c["argv"][0] == "apply"]
+
+
+def test_a_k3s_minor_upgrade_moves_every_server_before_any_agent(project: Project) -> None:
+    set_k3s(project, "1.34")
+    project.up()
+    first = deploys(project)
+    assert all(c["k3s"]["agent"] in ("k3s_1_34", None) for c in first)
+
+    set_k3s(project, "1.35")
+    plan = project.preview()
+    got = changes(plan)
+    # the first pass of the server hosts that carry an agent is a step of its own
+    assert got["olaf-servers-first"] == "create" and got["ulf-servers-first"] == "create"
+    assert got["cluster-render"] == "update"
+    for h in ("olaf", "ulf", "rolf", "karl"):
+        assert got[f"{h}-deploy"] == "update", h
+    # the preview names the release each deploy carries
+    step = next(s for s in plan["steps"] if s["urn"].endswith("::olaf-servers-first"))
+    assert step["newState"]["inputs"]["inputs"]["k3s:agent"] == "1.34"
+    assert step["newState"]["inputs"]["inputs"]["k3s:server"] == "1.35"
+
+    before = len(project.colmena_calls())
+    project.up()
+    calls = deploys(project, before)
+    seen = [
+        (c["hosts"][0], c["argv"][c["argv"].index("-f") + 1].split("/")[-2:], c["k3s"])
+        for c in calls
+    ]
+    release = "k3s_1_35"
+    # 1. the server hosts one at a time, the init-server's first; agents kept at 1.34
+    assert seen[:3] == [
+        ("olaf", ["servers-first", "olaf.nix"], {"release": release, "agent": "k3s_1_34"}),
+        ("ulf", ["servers-first", "ulf.nix"], {"release": release, "agent": "k3s_1_34"}),
+        ("rolf", [project.render_dir.name, "hive.nix"], {"release": release, "agent": release}),
+    ]
+    # 2. then the agents move: olaf and ulf again, karl; ulrich (no K3s) with them
+    rest = {h: (f, k) for h, f, k in seen[3:]}
+    assert sorted(rest) == ["karl", "olaf", "ulf", "ulrich"]
+    for h in ("olaf", "ulf", "karl"):
+        assert rest[h] == ([project.render_dir.name, "hive.nix"],
+                           {"release": release, "agent": release}), h
+    # no agent deploy started before the last server host's deploy ended
+    last_server = calls[2]["end"]
+    assert all(c["start"] >= last_server for c in calls[3:])
+    # at no moment a kubelet newer than an API server: replay the deploys in order
+    servers = {"olaf": "k3s_1_34", "ulf": "k3s_1_34", "rolf": "k3s_1_34"}
+    agents = {"olaf": "k3s_1_34", "ulf": "k3s_1_34", "karl": "k3s_1_34"}
+    for h, _, k3s in seen:
+        if h in servers:
+            servers[h] = k3s["release"]
+        if h in agents:
+            agents[h] = k3s["agent"]
+        assert max(agents.values()) <= min(servers.values()), (h, servers, agents)
+
+    # the next run: the first-pass steps and hives go, nothing is deployed
+    after = project.preview()
+    assert changes(after) == {
+        "olaf-servers-first": "delete",
+        "ulf-servers-first": "delete",
+        "cluster-render": "update",
+    }
+    before = len(project.colmena_calls())
+    project.up()
+    assert deploys(project, before) == []
+    assert not (project.render_dir / "servers-first").exists()
+    assert changes(project.preview()) == {}
+
+
