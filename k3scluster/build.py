@@ -7,20 +7,18 @@ host what its next deploy changes.
    counts as built when colmena made that link anew during this run, and its system is the
    link's target. A render keeps the links (``render.GC_ROOTS``), so ``pulumi up``'s own
    render does not drop them and its ``colmena apply`` finds the system already in the store.
-2. Per built host whose deployed system the stack records (``pulumi stack output hosts``:
-   ``system``) and the local store holds: ``nix store diff-closures <deployed> <built>``,
-   summarised (``closures``), and whether the kernel, initrd or kernel parameters differ
-   (then the host needs a reboot to run the new system).
+2. Per built host whose deployed system the stack records (its output ``hosts``: ``system``,
+   read by ``stackinfo.read_outputs``) and the local store holds: ``nix store diff-closures
+   <deployed> <built>``, summarised (``closures``), and whether the kernel, initrd or kernel
+   parameters differ (then the host needs a reboot to run the new system).
 
 Nothing here imports pulumi; the ``pulumi`` CLI is run only to read the stack's outputs.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -28,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from k3scluster import closures, commands
+from k3scluster import closures, commands, stackinfo
 from k3scluster.errors import K3sClusterError
 from k3scluster.render import GC_ROOTS
 
@@ -161,41 +159,27 @@ class Deployed:
     reason: str | None = None
 
 
-def parse_hosts_output(text: str) -> dict[str, str | None]:
-    """``pulumi stack output hosts --json`` → host → the system its last deploy activated."""
-    try:
-        data = json.loads(text)
-    except ValueError as exn:
-        raise K3sClusterError(f"the stack output `hosts` is not JSON: {exn}") from None
-    if not isinstance(data, dict):
+def recorded_systems(hosts: object) -> dict[str, str | None]:
+    """The stack output ``hosts`` → host → the system its last deploy activated (None when
+    that deploy recorded none)."""
+    if not isinstance(hosts, Mapping):
         raise K3sClusterError("the stack output `hosts` is not a JSON object")
     out: dict[str, str | None] = {}
-    for host, rec in data.items():
-        system = rec.get("system") if isinstance(rec, dict) else None
+    for host, rec in hosts.items():
+        system = rec.get("system") if isinstance(rec, Mapping) else None
         out[str(host)] = system if isinstance(system, str) and system.startswith("/") else None
     return out
 
 
-def deployed_systems(pulumi: str | None, project_dir: Path, stack: str) -> Deployed:
-    """The stack's records, read with ``pulumi stack output hosts --json`` in the project."""
-    exe = shutil.which(pulumi or "pulumi")
-    if exe is None:
-        return Deployed({}, "pulumi is not on PATH (source scripts/env.sh)")
-    proc = subprocess.run(
-        commands.pulumi_stack_output(exe, stack, "hosts"),
-        cwd=project_dir,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
-        return Deployed({}, f"`pulumi stack output hosts` failed: {last}")
+def deployed_systems(project_dir: Path, stack: str) -> Deployed:
+    """The stack's records (``stackinfo.read_outputs``: ``pulumi stack output --json``)."""
     try:
-        return Deployed(parse_hosts_output(proc.stdout))
+        outputs = stackinfo.read_outputs(stack, project_dir)
+        if "hosts" not in outputs:
+            return Deployed({}, f"stack {stack} records no hosts: it was never deployed")
+        return Deployed(recorded_systems(outputs["hosts"]))
     except K3sClusterError as exn:
-        return Deployed({}, str(exn))
+        return Deployed({}, str(exn).splitlines()[0])
 
 
 # -- what changes ------------------------------------------------------------------------

@@ -348,8 +348,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         print(line)
     built = [(r.host, r.system) for r in results if r.system is not None]
     if built and project is not None:
-        _say(f"reading what stack {layout.stack} deployed (pulumi stack output hosts)")
-        deployed = build.deployed_systems(None, project, layout.stack)
+        _say(f"reading what stack {layout.stack} deployed (pulumi stack output)")
+        deployed = build.deployed_systems(project, layout.stack)
         print(f"what the next deploy of stack {layout.stack} changes:")
         for line in build.changes_lines(layout.nix, built, deployed):
             print(f"  {line}")

@@ -95,12 +95,6 @@ def _store_path(path: str) -> str:
     return path
 
 
-def pulumi_stack_output(pulumi: str, stack: str, name: str) -> list[str]:
-    """``pulumi stack output NAME --json --stack STACK``: one stack output, never secrets shown."""
-    return [pulumi, "stack", "output", name, "--json", "--stack", _plain_arg("stack", stack),
-            "--non-interactive"]
-
-
 def pulumi_stack_outputs(pulumi: str, stack: str) -> list[str]:
     """``pulumi stack output --json --stack STACK``: every stack output, secrets masked."""
     return [pulumi, "stack", "output", "--json", "--stack", _plain_arg("stack", stack),

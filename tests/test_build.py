@@ -129,13 +129,13 @@ def test_colmena_log_per_host() -> None:
         "olaf | Built \"/nix/store/a\"", "[ERROR] Failed to build karl - Last 1 lines of logs:")
 
 
-def test_stack_output_hosts() -> None:
-    text = json.dumps({"olaf": {"ip": "10.0.100.2", "system": "/nix/store/a-nixos-system-olaf"},
-                       "karl": {"ip": "10.0.100.5", "system": None}})
-    assert build.parse_hosts_output(text) == {"olaf": "/nix/store/a-nixos-system-olaf",
-                                              "karl": None}
+def test_recorded_systems() -> None:
+    hosts = {"olaf": {"ip": "10.0.100.2", "system": "/nix/store/a-nixos-system-olaf"},
+             "karl": {"ip": "10.0.100.5", "system": None}, "rolf": "?"}
+    assert build.recorded_systems(hosts) == {"olaf": "/nix/store/a-nixos-system-olaf",
+                                             "karl": None, "rolf": None}
     with pytest.raises(K3sClusterError):
-        build.parse_hosts_output("[]")
+        build.recorded_systems([])
 
 
 # -- the render keeps the GC roots ------------------------------------------------------
@@ -452,7 +452,7 @@ def test_build_compares_with_what_the_stack_deployed(example_dir: Path, tmp_path
     # no stack yet: built, and one line on why nothing is compared
     r = k3scluster_build()
     assert r.returncode == 0, r.stderr
-    assert "the deployed systems are not known: `pulumi stack output hosts` failed: " \
+    assert "the deployed systems are not known: `pulumi stack output --stack hw` failed: " \
         "error: no stack named 'hw' found" in r.stdout
     render = example_dir / ".k3scluster" / "hw"
     first = {h: os.readlink(render / ".gcroots" / f"node-{h}") for h in HOSTS}
