@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pulumi
 
-from k3scluster import kube, plans
+from k3scluster import kube, plans, records
 from k3scluster.components import deployed
 from k3scluster.components.cluster import Cluster, ClusterArgs
 from k3scluster.components.settings import Settings
@@ -111,14 +111,14 @@ def main() -> None:
             # vmAccel auto is resolved when a VM starts (`ctl vm-up` runs the KVM probe), not
             # here: a preview starts no QEMU, and the probe's answer is not part of the spec
         # what this stack's last runs deployed: the order of the update depends on it
-        steps = deployed.step_inputs(
+        steps = records.step_inputs(
             deployed.read_stack_resources(
                 deployed.stack_name(
                     pulumi.get_organization(), pulumi.get_project(), pulumi.get_stack()
                 )
             )
         )
-        versions = deployed.host_versions(steps, [h.name for h in cluster.hosts])
+        versions = records.host_versions(steps, [h.name for h in cluster.hosts])
         component = Cluster("cluster", ClusterArgs(cluster, settings, versions=versions))
     except K3sClusterError as err:
         raise pulumi.RunError(str(err)) from None

@@ -43,6 +43,19 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("check", help="check the plans; list every problem with FILE:LINE")
     s.add_argument("dir", type=Path, metavar="DIR")
     s.add_argument("--json", action="store_true", help="print a JSON object on stdout")
+    s.add_argument(
+        "--stack",
+        metavar="S",
+        help="also check the change against what the Pulumi stack S deployed (K3s moves one "
+        "minor release at a time)",
+    )
+    s.add_argument(
+        "--project",
+        type=Path,
+        metavar="P",
+        help="the k3scluster project (Pulumi.yaml) of --stack; default: the current directory "
+        "if it is one, else this checkout",
+    )
     s.set_defaults(func=cmd_check)
 
     s = sub.add_parser("render", help="write the NixOS configurations and a picture of the cluster")
@@ -192,15 +205,43 @@ def _summary(diags: Sequence[Diagnostic]) -> tuple[int, int]:
     return errors, len(diags) - errors
 
 
+def _check_against_stack(cluster: Cluster, stack: str, project: Path | None) -> str | None:
+    """What is wrong with moving ``stack``'s deployed cluster to ``cluster`` (None: nothing)."""
+    from k3scluster import records
+    from k3scluster.update_plan import check_k3s_step
+
+    steps = records.step_inputs(records.read_export(None, _project_dir(project), stack))
+    versions = records.host_versions(steps, records.deployed_hosts(steps))
+    try:
+        check_k3s_step(cluster, versions)
+    except K3sClusterError as err:
+        return str(err)
+    return None
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     result = load(args.dir)
     errors, warnings = _summary(result.diagnostics)
+    against = (
+        _check_against_stack(result.cluster, args.stack, args.project)
+        if args.stack and result.cluster is not None
+        else None
+    )
     if args.json:
-        out = {"ok": result.ok, "diagnostics": [d.to_json() for d in result.diagnostics]}
+        ok = result.ok and against is None
+        out: dict[str, object] = {
+            "ok": ok,
+            "diagnostics": [d.to_json() for d in result.diagnostics],
+        }
+        if args.stack:
+            out["stack"] = {"name": args.stack, "error": against}
         print(json.dumps(out, indent=2))
-        return 0 if result.ok else 1
+        return 0 if ok else 1
     for d in result.diagnostics:
         print(d)
+    if against is not None:
+        print(f"error: stack {args.stack}: {against}")
+        return 1
     if result.cluster is not None:
         c = result.cluster
         print(

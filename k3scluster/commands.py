@@ -95,6 +95,11 @@ def _store_path(path: str) -> str:
     return path
 
 
+def pulumi_stack_export(pulumi: str, stack: str) -> list[str]:
+    """``pulumi stack export --stack STACK``: the stack's state, secrets left encrypted."""
+    return [pulumi, "stack", "export", "--stack", _plain_arg("stack", stack), "--non-interactive"]
+
+
 def pulumi_stack_outputs(pulumi: str, stack: str) -> list[str]:
     """``pulumi stack output --json --stack STACK``: every stack output, secrets masked."""
     return [pulumi, "stack", "output", "--json", "--stack", _plain_arg("stack", stack),

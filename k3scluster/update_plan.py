@@ -43,6 +43,7 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from k3scluster.errors import K3sClusterError
 from k3scluster.membership import Deployed
 from k3scluster.model import Cluster
 
@@ -127,6 +128,49 @@ def server_chain(cluster: Cluster) -> list[str]:
     return chain
 
 
+def between(a: str, b: str) -> list[str]:
+    """The minor releases strictly between ``a`` and ``b`` (same major): 1.33, 1.36 -> 1.34, 1.35."""
+    (ma, na), (_, nb) = minor_key(a)[:2], minor_key(b)[:2]
+    lo, hi = sorted((na, nb))
+    return [f"{ma}.{n}" for n in range(lo + 1, hi)]
+
+
+def check_k3s_step(cluster: Cluster, versions: Mapping[str, HostVersions]) -> None:
+    """Refuse a K3s change of more than one minor release, or back to an older one.
+
+    ``versions``: what the hosts' last deploys ran; the oldest of them is where the cluster
+    is (a half-done upgrade counts by its agents). Kubernetes and K3s support an upgrade by one
+    minor release at a time, and no downgrade."""
+    target = cluster.network.k3s
+    ran = [m for v in versions.values() for m in (v.server, v.agent) if m]
+    if not ran:
+        return
+    oldest = min(ran, key=minor_key)
+    newest = max(ran, key=minor_key)
+    where = f"{cluster.network.location.file}"
+    chosen = (
+        f'k3s: "{target}"'
+        if cluster.network.k3s_minor
+        else f'no k3s:, so NixOS {cluster.network.nixos_release}\'s default K3s {target}'
+    )
+    if minor_key(newest) > minor_key(target):
+        raise K3sClusterError(
+            f"{where}: {chosen} would move K3s back from {newest} to {target}; K3s has no "
+            "downgrade (its datastore may already hold the newer release's data)",
+            hint=f'set k3s: "{newest}" in {where}',
+        )
+    skipped = between(oldest, target)
+    if minor_key(target) > minor_key(oldest) and skipped:
+        steps = " -> ".join([oldest, *skipped, target])
+        raise K3sClusterError(
+            f"{where}: {chosen} would move K3s from {oldest} to {target}, past "
+            f"{', '.join(skipped)}; Kubernetes supports one minor release at a time",
+            hint=f'go {steps}: set k3s: "{skipped[0]}" in {where}, `pulumi up`, then the next'
+            + ("" if cluster.network.k3s_minor else
+               " (a plan without k3s: takes its NixOS release's default; write k3s: to keep it)"),
+        )
+
+
 def plan_update(
     cluster: Cluster,
     deployed: Deployed,
@@ -137,6 +181,7 @@ def plan_update(
     K3s releases the hosts' last deploys ran (``versions``, host -> ``HostVersions``)."""
     del deployed, settings  # not needed by today's phases
     versions = versions or {}
+    check_k3s_step(cluster, versions)
     target = cluster.network.k3s
     chain = server_chain(cluster)
     upgrading = any(older(v.server, target) for v in versions.values())

@@ -23,7 +23,7 @@ from test_components import (
     run_program,
 )
 
-from k3scluster.components import deployed
+from k3scluster import records
 from k3scluster.components.steps import digest_environment
 
 RUNNERS = ["command", "python"]
@@ -75,7 +75,7 @@ def _argv(reg: Registration, runner: str) -> list[str]:
 
 
 def _inputs(reg: Registration, runner: str) -> dict[str, str]:
-    return deployed.recorded_inputs(reg.type, reg.inputs)
+    return records.recorded_inputs(reg.type, reg.inputs)
 
 
 def _deployed_at(runner: str, minor: str) -> dict[str, Any]:
@@ -155,11 +155,11 @@ def test_host_versions_take_the_newer_of_a_hosts_two_steps() -> None:
         "ulrich-deploy": {"file:hosts/ulrich.nix": "ab"},  # no K3s
         "rolf-deploy": {"k3s:server": "1.10"},
     }
-    got = deployed.host_versions(steps, ["olaf", "karl", "ulrich", "rolf", "new"])
+    got = records.host_versions(steps, ["olaf", "karl", "ulrich", "rolf", "new"])
     assert got == {
-        "olaf": deployed.HostVersions("1.35", "1.34"),
-        "karl": deployed.HostVersions(None, "1.9"),
-        "rolf": deployed.HostVersions("1.10", None),  # 1.10 is newer than 1.9: numbers
+        "olaf": records.HostVersions("1.35", "1.34"),
+        "karl": records.HostVersions(None, "1.9"),
+        "rolf": records.HostVersions("1.10", None),  # 1.10 is newer than 1.9: numbers
     }
 
 
@@ -167,6 +167,6 @@ def test_step_inputs_are_read_from_either_runners_state() -> None:
     inputs = {"k3s:agent": "1.34", "file:hosts/olaf.nix": "ab"}
     for runner in RUNNERS:
         urn, rec = recorded_step(runner, "olaf", inputs)
-        assert deployed.step_inputs({urn: rec}) == {"olaf-deploy": inputs}
+        assert records.step_inputs([(urn, rec["type"], rec["outputs"])]) == {"olaf-deploy": inputs}
     # other resources are left out
-    assert deployed.step_inputs({"urn:x::cluster": {"type": "k3scluster:index:Host"}}) == {}
+    assert records.step_inputs([("urn:x::cluster", "k3scluster:index:Host", {})]) == {}

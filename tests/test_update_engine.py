@@ -10,10 +10,12 @@ are read from what colmena was asked to do. Runs in a loopback-only network name
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from typing import Any
 
 import pytest
-from test_pulumi_integration import Project, changes
+from test_pulumi_integration import STACK, Project, changes
 
 pytestmark = [pytest.mark.integration, pytest.mark.root]
 
@@ -103,3 +105,45 @@ def test_a_k3s_minor_upgrade_moves_every_server_before_any_agent(project: Projec
     assert changes(project.preview()) == {}
 
 
+
+
+def set_release(project: Project, nixos: str, k3s: str | None) -> None:
+    net = project.cluster / "plans" / "network.yaml"
+    text = re.sub(r'(?m)^nixos: .*$', f'nixos: "{nixos}"', net.read_text())
+    text = re.sub(r"(?m)^k3s: .*\n", "", text)
+    text += "" if k3s is None else f'k3s: "{k3s}"\n'
+    net.write_text(text)
+
+
+def check_with_stack(project: Project) -> subprocess.CompletedProcess[str]:
+    from engine import ROOT, engine_env
+
+    return subprocess.run(
+        ["unshare", "-n", sys.executable, "-m", "k3scluster", "check", str(project.cluster),
+         "--stack", STACK, "--project", str(project.dir)],
+        cwd=ROOT, env=engine_env(project.dir), capture_output=True, text=True, check=False,
+    )
+
+
+def test_a_jump_of_two_k3s_minors_is_refused_by_preview_and_check(project: Project) -> None:
+    set_release(project, "25.11", "1.33")
+    project.up()
+    assert check_with_stack(project).returncode == 0
+    # NixOS 26.05 without k3s: would take its default, 1.35: two minors at once
+    set_release(project, "26.05", None)
+    before = len(project.colmena_calls())
+    r = project.pulumi("preview", "--stack", STACK)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0
+    assert "would move K3s from 1.33 to 1.35, past 1.34" in out, out[-3000:]
+    assert 'k3s: "1.34"' in out
+    r = project.up(ok=False)
+    assert r.returncode != 0 and len(project.colmena_calls()) == before  # nothing deployed
+    got = check_with_stack(project)
+    assert got.returncode == 1, got.stdout + got.stderr
+    assert "stack it: plans/network.yaml: no k3s:, so NixOS 26.05's default K3s 1.35" in got.stdout
+    assert "past 1.34" in got.stdout
+    # one minor at a time passes
+    set_release(project, "26.05", "1.34")
+    assert check_with_stack(project).returncode == 0
+    project.up()

@@ -237,3 +237,56 @@ def test_at_no_moment_an_agent_runs_a_newer_minor_than_a_server() -> None:
                 agents[h] = held[h] if phase.action is Action.DEPLOY_SERVER_FIRST else "1.35"
         assert max(agents.values()) <= min(servers.values()), phase
     assert set(servers.values()) == set(agents.values()) == {"1.35"}
+
+
+def _net(c: Cluster, k3s: str | None, nixos: str = "26.05") -> Cluster:
+    import dataclasses
+
+    return dataclasses.replace(
+        c, network=dataclasses.replace(c.network, k3s_minor=k3s, nixos_release=nixos)
+    )
+
+
+STEP_CASES = [
+    # (id, plans' k3s, nixos, deployed server, deployed agent, error words or None)
+    ("one minor up", "1.35", "26.05", "1.34", "1.34", None),
+    ("nothing changes", "1.35", "26.05", "1.35", "1.35", None),
+    ("nothing recorded", "1.35", "26.05", None, None, None),
+    ("two minors up", "1.35", "26.05", "1.33", "1.33", ["from 1.33 to 1.35", "past 1.34",
+                                                         "1.33 -> 1.34 -> 1.35", 'k3s: "1.34"']),
+    ("three minors up", "1.36", "26.05", "1.33", "1.33", ["past 1.34, 1.35",
+                                                           "1.33 -> 1.34 -> 1.35 -> 1.36"]),
+    ("agents left behind by a failed upgrade", "1.35", "26.05", "1.34", "1.33",
+     ["from 1.33 to 1.35"]),
+    ("a NixOS change without k3s: takes its default", None, "26.05", "1.33", "1.33",
+     ["no k3s:, so NixOS 26.05's default K3s 1.35", "from 1.33 to 1.35", "write k3s:"]),
+    ("a downgrade", "1.34", "26.05", "1.35", "1.35", ["back from 1.35 to 1.34", "no downgrade"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("k3s", "nixos", "server", "agent", "words"),
+    [c[1:] for c in STEP_CASES],
+    ids=[c[0] for c in STEP_CASES],
+)
+def test_k3s_moves_one_minor_release_at_a_time(
+    k3s: str | None, nixos: str, server: str | None, agent: str | None,
+    words: list[str] | None,
+) -> None:
+    from k3scluster.errors import K3sClusterError
+
+    plans = _net(cluster(BIG_HOSTS, BIG), k3s, nixos)
+    versions = {
+        h: HostVersions(server if plans.server_on(h) else None, agent if plans.agent_on(h) else None)
+        for h in BIG_HOSTS
+        if plans.k3s_on(h) and (server or agent)
+    }
+    if words is None:
+        plan_update(plans, Deployed(), None, versions)
+        return
+    with pytest.raises(K3sClusterError) as err:
+        plan_update(plans, Deployed(), None, versions)
+    text = str(err.value)
+    assert text.startswith("plans/network.yaml: ")
+    for w in words:
+        assert w in text, (w, text)

@@ -29,7 +29,6 @@ import pulumi
 
 from k3scluster import commands, diagram, installer, render
 from k3scluster.components import health
-from k3scluster.components.deployed import K3S_AGENT_INPUT, K3S_SERVER_INPUT
 from k3scluster.components.host import Host, HostArgs
 from k3scluster.components.iso import InstallerIsoArgs
 from k3scluster.components.secret import Secret, SecretArgs
@@ -40,6 +39,7 @@ from k3scluster.components.vm import make_lab
 from k3scluster.lab.spec import planned_macs
 from k3scluster.membership import Deployed
 from k3scluster.model import Cluster as ClusterModel
+from k3scluster.records import K3S_AGENT_INPUT, K3S_SERVER_INPUT
 from k3scluster.update_plan import Action, HostVersions, Phase, Wait, plan_update
 
 

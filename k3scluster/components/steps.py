@@ -26,11 +26,12 @@ import pulumi
 import pulumi_command
 
 from k3scluster.components.runner import Step
+from k3scluster.records import DIGEST_ENV_PREFIX
 
 RUNNERS = ("command", "python")
 # local.Command has no free-form input; each digest becomes an environment variable with this
-# prefix, so `pulumi preview --diff` names the input that changed (environment.K3SCLUSTER_IN_…).
-DIGEST_ENV_PREFIX = "K3SCLUSTER_IN_"
+# prefix (k3scluster.records reads them back), so `pulumi preview --diff` names the input that
+# changed (environment.K3SCLUSTER_IN_…).
 
 
 def digest_environment(inputs_digest: Mapping[str, pulumi.Input[str]]) -> dict[str, Any]:

@@ -1,0 +1,126 @@
+"""What a stack's state records of its deploy steps, read back. No pulumi import.
+
+Every deploy step records its inputs (``inputs_digest``: name -> digest or plain value) in its
+state: the python runner as the property ``inputs``, pulumi-command's ``local.Command`` as
+environment variables ``K3SCLUSTER_IN_<name>`` whose value is ``<name>=<value>``
+(``components/steps.py``). Two readers hand the state's resources here: the Pulumi program
+(``components/deployed.py``, through the engine) and ``k3scluster check --stack``
+(``read_export``: ``pulumi stack export`` run in the project; no secret is decrypted).
+
+From them: the K3s minor releases each host's last deploys carried (``host_versions``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from k3scluster import commands
+from k3scluster.errors import K3sClusterError
+from k3scluster.update_plan import HostVersions, minor_key
+
+# local.Command has no free-form input: each digest is an environment variable with this prefix
+DIGEST_ENV_PREFIX = "K3SCLUSTER_IN_"
+COMMAND_TYPE = "command:local:Command"
+PYTHON_STEP_TYPE = "pulumi-python:dynamic/k3scluster:Step"
+STEP_TYPES = (COMMAND_TYPE, PYTHON_STEP_TYPE)
+K3S_SERVER_INPUT = "k3s:server"
+K3S_AGENT_INPUT = "k3s:agent"
+# the steps that deploy a host: <host>-deploy, and <host>-servers-first during a K3s upgrade
+DEPLOY_SUFFIX = "-deploy"
+SERVERS_FIRST_SUFFIX = "-servers-first"
+
+
+def recorded_inputs(type_: str, outputs: Mapping[str, Any]) -> dict[str, str]:
+    """A step's ``inputs_digest`` as its state records it (either runner)."""
+    if type_ == PYTHON_STEP_TYPE:
+        got = outputs.get("inputs")
+        return {str(k): str(v) for k, v in got.items()} if isinstance(got, Mapping) else {}
+    env = outputs.get("environment")
+    if not isinstance(env, Mapping):
+        return {}
+    found: dict[str, str] = {}
+    for key, value in env.items():
+        if str(key).startswith(DIGEST_ENV_PREFIX) and isinstance(value, str) and "=" in value:
+            name, _, digest = value.partition("=")
+            found[name] = digest
+    return found
+
+
+def step_inputs(resources: Iterable[tuple[str, str, Mapping[str, Any]]]) -> dict[str, dict[str, str]]:
+    """step name -> its recorded inputs, from (urn, type, outputs) of a state's resources."""
+    found: dict[str, dict[str, str]] = {}
+    for urn, type_, outputs in resources:
+        if type_ in STEP_TYPES and isinstance(outputs, Mapping):
+            found[urn.rsplit("::", 1)[-1]] = recorded_inputs(type_, outputs)
+    return found
+
+
+def from_export(text: str) -> list[tuple[str, str, Mapping[str, Any]]]:
+    """(urn, type, outputs) of every resource in ``pulumi stack export`` output."""
+    try:
+        data = json.loads(text)
+    except ValueError as exn:
+        raise K3sClusterError(f"`pulumi stack export` printed no JSON: {exn}") from None
+    deployment = data.get("deployment") if isinstance(data, dict) else None
+    resources = (deployment or {}).get("resources") or []
+    return [
+        (str(r.get("urn", "")), str(r.get("type", "")), r.get("outputs") or {})
+        for r in resources
+        if isinstance(r, dict)
+    ]
+
+
+def read_export(pulumi: str | None, project_dir: Path, stack: str) -> list[tuple[str, str, Mapping[str, Any]]]:
+    """The resources of ``stack`` (``pulumi stack export``, secrets left encrypted)."""
+    exe = shutil.which(pulumi or "pulumi")
+    if exe is None:
+        raise K3sClusterError(
+            "pulumi is not on PATH: the stack's state cannot be read",
+            hint="source scripts/env.sh first",
+        )
+    proc = subprocess.run(
+        commands.pulumi_stack_export(exe, stack),
+        cwd=project_dir,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+        raise K3sClusterError(
+            f"`pulumi stack export --stack {stack}` failed in {project_dir}: {last}",
+            hint="is the stack's name right (pulumi stack ls)?",
+        )
+    return from_export(proc.stdout)
+
+
+def _newest(*minors: str | None) -> str | None:
+    known = [m for m in minors if m]
+    return max(known, key=minor_key) if known else None
+
+
+def host_versions(
+    steps: Mapping[str, Mapping[str, str]], hosts: Iterable[str]
+) -> dict[str, HostVersions]:
+    """host -> the K3s releases its last deploys carried (the newer of its two steps: the
+    servers-first step runs before the deploy of the same run, and a failed step keeps the
+    inputs of its last success). Hosts without a record are left out."""
+    found: dict[str, HostVersions] = {}
+    for host in hosts:
+        recs = [steps.get(host + DEPLOY_SUFFIX) or {}, steps.get(host + SERVERS_FIRST_SUFFIX) or {}]
+        server = _newest(*(r.get(K3S_SERVER_INPUT) for r in recs))
+        agent = _newest(*(r.get(K3S_AGENT_INPUT) for r in recs))
+        if server or agent:
+            found[host] = HostVersions(server=server, agent=agent)
+    return found
+
+
+def deployed_hosts(steps: Mapping[str, Mapping[str, str]]) -> list[str]:
+    """Every host a deploy step of the state is for (hosts that left the plans included)."""
+    return sorted({n[: -len(DEPLOY_SUFFIX)] for n in steps if n.endswith(DEPLOY_SUFFIX)})
