@@ -92,7 +92,6 @@ OPTIONS: dict[str, dict[str, str]] = {
     "fileSystems.<name>.fsType": _same("nixos/modules/tasks/filesystems.nix"),
     "fileSystems.<name>.options": _same("nixos/modules/tasks/filesystems.nix"),
     "system.stateVersion": _same("nixos/modules/misc/version.nix"),
-    "nix.settings.trusted-users": _same("nixos/modules/config/nix.nix"),
     "nix.gc.automatic": _same("nixos/modules/services/misc/nix-gc.nix"),
     "nix.gc.dates": _same("nixos/modules/services/misc/nix-gc.nix"),
     "nix.gc.options": _same("nixos/modules/services/misc/nix-gc.nix"),

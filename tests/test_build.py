@@ -400,7 +400,7 @@ def test_build_vm_stack_renders_as_the_stack(example_dir: Path, tmp_path: Path) 
     assert r.returncode == 0, r.stderr
     assert os.readlink(render / ".gcroots" / "node-olaf").endswith("-nixos-system-olaf")
     # the VM stack's render: the NIC named by the VM's MAC
-    assert "matchConfig.MACAddress" in (render / "hosts" / "olaf.nix").read_text()
+    assert "PermanentMACAddress" in (render / "hosts" / "olaf.nix").read_text()
     assert "the deployed systems are not known: pulumi is not on PATH" in r.stdout
     other = tmp_path / "other"
     shutil.copytree(example_dir, other, ignore=shutil.ignore_patterns(".k3scluster"))

@@ -139,6 +139,13 @@ def test_iso_module_evaluates(cluster, tmp_path):
     assert v["store"] == ["/nix/store/abc-nixos-system-rolf"]
     unit = v["unit"]
     assert unit["wantedBy"] == ["multi-user.target"]
+    # issue 19 item 6: no deprecated systemd-udev-settle.service; the script settles udev
+    # itself before it looks for the disk
+    assert unit["after"] == ["local-fs.target", "systemd-udevd.service"]
+    assert "wants" not in unit and "requires" not in unit
+    script = (base / "system-setup.sh").read_text()
+    settle = script.index("udevadm settle --timeout=120")
+    assert script.index('step find-disk "') < settle < script.index('for link in "$BYID_DIR"/*')
     assert unit["environment"] == {
         "SYSTEM": "/nix/store/abc-nixos-system-rolf",
         "GRUB_DEVICES": "/dev/k3scluster-bootdisk",

@@ -566,7 +566,6 @@ def test_every_image_volume_is_bound_to_a_state_directory(out: Path) -> None:
 def test_the_store_is_collected_weekly_by_default(out: Path) -> None:
     nix = module_config(out, "base", "ulrich", ".nix")
     assert nix == {
-        "settings": {"trusted-users": ["root"]},
         "gc": {"automatic": True, "dates": "weekly", "options": "--delete-older-than 30d"},
         "optimise": {"automatic": True},
     }

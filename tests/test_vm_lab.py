@@ -300,7 +300,9 @@ def test_vm_render_names_each_nic_by_its_vm_mac(example_dir: Path) -> None:
     for h in c.hosts:
         text = vm[f"hosts/{h.name}.nix"]
         assert 'systemd.network.links."10-k3scluster-vm-nic"' in text
-        assert f'matchConfig.MACAddress = "{macs.vm_mac("test-vms", h.name)}";' in text
+        # issue 19 item 6: the permanent address and Type=ether (systemd.link(5))
+        assert f'PermanentMACAddress = "{macs.vm_mac("test-vms", h.name)}";' in text
+        assert 'Type = "ether";' in text and "matchConfig.MACAddress" not in text
         assert f'linkConfig.Name = "{h.interface}";' in text
         assert "systemd.network.links" not in plain[f"hosts/{h.name}.nix"]
     # only the host files differ; the installers build from them
@@ -489,7 +491,8 @@ def test_a_vm_renders_only_options_checked_in_every_pinned_release(
     for host in sorted((out / "hosts").glob("*.nix")):
         for path in option_paths(host, out, host):
             seen.update(_as_options(path))
-    assert ("systemd", "network", "links", "10-k3scluster-vm-nic", "matchConfig", "MACAddress") in seen
+    link = ("systemd", "network", "links", "10-k3scluster-vm-nic", "matchConfig")
+    assert (*link, "PermanentMACAddress") in seen and (*link, "Type") in seen
     assert ("systemd", "network", "links", "10-k3scluster-vm-nic", "linkConfig", "Name") in seen
     assert ("boot", "kernelParams") in seen
     assert sorted(".".join(p) for p in seen if known(p) is None) == []

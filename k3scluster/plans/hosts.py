@@ -147,6 +147,10 @@ class HostsReader(Tables, Names):
             ok = False
         if not ok or ip is None:
             return None
+        # an empty boot or platform means its default: the columns (cluster.json's
+        # config.cluster.<host>.<column>, cluster.md) say what the host gets, not ""
+        effective = {"boot": boot, "platform": platform}
+        columns = tuple((k, effective.get(k) or val) for k, val in columns)
         return Host(
             name=v["name"],
             interface=iface,

@@ -75,8 +75,14 @@
   # VM stack only (k3scluster:vms): the VM's virtio NIC has the MAC the stack derives for
   # this host, and udev names it as planned (a .link works with scripted networking too),
   # so this configuration runs in the VM as on the machine. The lab logs the serial console.
+  # Matched by the permanent (hardware) address and Type=ether, as systemd.link(5) asks of
+  # a renaming .link: the current MAC is shared by a bridge, VLAN or bond made over the NIC
+  # (they would be renamed too) and changes when something sets another MAC on the NIC.
   systemd.network.links."10-k3scluster-vm-nic" = {
-    matchConfig.MACAddress = "92:93:e9:7b:4d:a7";
+    matchConfig = {
+      PermanentMACAddress = "92:93:e9:7b:4d:a7";
+      Type = "ether";
+    };
     linkConfig.Name = "enp0s20f0";
   };
   boot.kernelParams = [ "console=tty0" "console=ttyS0,115200n8" ];

@@ -77,8 +77,14 @@
   # VM stack only (k3scluster:vms): the VM's virtio NIC has the MAC the stack derives for
   # this host, and udev names it as planned (a .link works with scripted networking too),
   # so this configuration runs in the VM as on the machine. The lab logs the serial console.
+  # Matched by the permanent (hardware) address and Type=ether, as systemd.link(5) asks of
+  # a renaming .link: the current MAC is shared by a bridge, VLAN or bond made over the NIC
+  # (they would be renamed too) and changes when something sets another MAC on the NIC.
   systemd.network.links."10-k3scluster-vm-nic" = {
-    matchConfig.MACAddress = "e6:b6:35:73:fa:8a";
+    matchConfig = {
+      PermanentMACAddress = "e6:b6:35:73:fa:8a";
+      Type = "ether";
+    };
     linkConfig.Name = "eno2";
   };
   boot.kernelParams = [ "console=tty0" "console=ttyS0,115200n8" ];

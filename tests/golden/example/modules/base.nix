@@ -96,7 +96,8 @@ in
         PermitRootLogin = "prohibit-password";
       };
     };
-    nix.settings.trusted-users = [ "root" ];
+    # colmena copies closures as root, whom nix.settings.trusted-users trusts by default
+    # (nixos/modules/config/nix.nix): nothing to set.
 
     # Users come only from this configuration; the admin's password hash is a file that
     # colmena uploads before activation (never in the Nix store).
