@@ -483,8 +483,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not args.offline:
         observed = probe.observe_hosts(cluster, info.ssh)
         nodes, notes = probe.k3s_nodes(cluster, info.kubeconfig)
-    if info.needs_reboot is None:
-        notes.append("the stack records no reboot list: REBOOT not known")
+    if args.offline and info.needs_reboot is None:
+        notes.append("offline, and the stack records no reboot list: REBOOT not known")
     rows = status.host_statuses(
         cluster,
         planned,

@@ -48,15 +48,19 @@ def observe_hosts(
 
     def one(name: str) -> Observed:
         try:
-            seen = observe(ssh, str(cluster.host(name).ip), units_of(cluster, name), timeout)
+            seen = observe(
+                ssh, str(cluster.host(name).ip), units_of(cluster, name), timeout, boot=True
+            )
         except K3sClusterError as err:
             return Observed(False, error=str(err).split(": ", 1)[-1].split("\n")[0])
         system = seen.get("system")
         units = seen.get("units")
+        reboot = seen.get("reboot")
         return Observed(
             True,
             system=system if isinstance(system, str) else None,
             units=dict(units) if isinstance(units, dict) else {},
+            reboot=tuple(str(r) for r in reboot) if isinstance(reboot, list) else None,
         )
 
     return _parallel([h.name for h in cluster.hosts], one)

@@ -55,6 +55,9 @@ class Observed:
     system: str | None = None
     units: Mapping[str, str] = field(default_factory=dict)
     error: str | None = None
+    # what differs between the system it booted and the one it runs (kernel, initrd,
+    # kernel-params; () nothing: no reboot needed); None: it could not tell
+    reboot: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,7 @@ class HostStatus:
     drift: bool | None  # None: not known
     units: Mapping[str, str] | None
     nodes: tuple[NodeState, ...]
-    needs_reboot: bool | None  # None: the stack records no reboot list
+    needs_reboot: bool | None  # None: neither the host nor the stack could tell
     deployed_at: str | None
     health: str | None  # what the last deploy's gates said
     attention: tuple[str, ...]
@@ -167,8 +170,25 @@ def _attention(
         if n.ready is False:
             why.append(n.seen)
     if needs_reboot:
-        why.append("needs a reboot (its kernel, initrd or kernel parameters changed)")
+        changed = ", ".join(seen.reboot) if seen is not None and seen.reboot else ""
+        why.append(
+            f"needs a reboot (its {changed} changed since it booted)"
+            if changed
+            else "needs a reboot (the stack lists it)"
+        )
     return tuple(why)
+
+
+def _needs_reboot(
+    host: str, listed: frozenset[str] | None, seen: Observed | None
+) -> bool | None:
+    """True when the host itself (booted against current system) or the stack's reboot list
+    says so; None when neither could tell."""
+    own = None if seen is None or not seen.reachable or seen.reboot is None else bool(seen.reboot)
+    stack = None if listed is None else host in listed
+    if own is None and stack is None:
+        return None
+    return bool(own) or bool(stack)
 
 
 def host_statuses(
@@ -199,7 +219,7 @@ def host_statuses(
             or NodeState(n.name, n.type.value, None, "not asked" if nodes is None else "unknown")
             for n in k3s_nodes
         )
-        reboot = None if needs_reboot is None else name in needs_reboot
+        reboot = _needs_reboot(name, needs_reboot, seen)
         rows.append(
             HostStatus(
                 host=name,

@@ -115,6 +115,34 @@ def test_rows_drift_unreachable_not_ready_reboot(example: Any, tmp_path: Path) -
     assert max(len(line) for line in table.splitlines()[:6]) <= 130
 
 
+def test_a_host_that_booted_another_kernel_needs_a_reboot(example: Any, tmp_path: Path) -> None:
+    planned = status.planned_digests(example, tmp_path, None)
+    seen = {
+        **_observed(example),
+        "olaf": status.Observed(True, system_path("olaf"), {}, reboot=("kernel", "initrd")),
+        "ulf": status.Observed(True, system_path("ulf"), {}, reboot=()),
+    }
+    rows = {r.host: r for r in status.host_statuses(
+        example, planned, _deployed(example, planned), observed=seen, nodes=_nodes(example))}
+    assert rows["olaf"].needs_reboot is True
+    assert rows["olaf"].attention == ("needs a reboot (its kernel, initrd changed since it booted)",)
+    assert rows["ulf"].needs_reboot is False and rows["ulf"].attention == ()
+    assert rows["rolf"].needs_reboot is None  # it could not tell, and the stack has no list
+    # the stack's list counts too, with the host's own answer
+    rows = {r.host: r for r in status.host_statuses(
+        example, planned, _deployed(example, planned), observed=seen, nodes=_nodes(example),
+        needs_reboot=frozenset({"rolf"}))}
+    assert rows["rolf"].needs_reboot is True and rows["ulf"].needs_reboot is False
+    assert rows["rolf"].attention == ("needs a reboot (the stack lists it)",)
+
+
+def test_the_boot_check_reads_what_build_calls_the_boot_entries() -> None:
+    from k3scluster.build import BOOT_FILES
+    from k3scluster.components.tasks import BOOT_ENTRIES
+
+    assert BOOT_ENTRIES == BOOT_FILES
+
+
 def test_offline_rows_know_nothing_they_did_not_ask(example: Any, tmp_path: Path) -> None:
     planned = status.planned_digests(example, tmp_path, None)
     rows = status.host_statuses(example, planned, _deployed(example, planned))
@@ -150,6 +178,17 @@ def lab(tmp_path: Path) -> Lab:
     if not SSHD.is_file() or not shutil.which("ssh") or not shutil.which("openssl"):
         pytest.skip("needs OpenSSH (ssh, /usr/sbin/sshd) and openssl")
     return Lab(tmp_path)
+
+
+def _system_dir(base: Path, name: str, kernel: str) -> Path:
+    """A stand-in NixOS system directory: kernel and initrd links, kernel-params."""
+    d = base / name
+    d.mkdir()
+    for f, target in (("kernel", kernel), ("initrd", "initrd-1")):
+        (base / target).touch()
+        (d / f).symlink_to(base / target)
+    (d / "kernel-params").write_text("init=/nix/store/x/init loglevel=4")
+    return d
 
 
 def _status(p: Project, lab: Lab, *extra: str, down: tuple[str, ...] = ()) -> Any:
@@ -195,6 +234,10 @@ def test_status_after_up_then_a_changed_plan_drift_and_an_unreachable_host(
     # a changed plan (ulrich), drift (rolf runs another system), karl switched off and its
     # agent NotReady
     (p.cluster / "nixConfigs" / "ulrich.nix").write_text("{ ... }: { }\n# changed\n")
+    # ulrich was switched to a system with another kernel than the one it booted
+    booted, current = _system_dir(tmp_path, "booted", "k1"), _system_dir(tmp_path, "new", "k2")
+    (lab.hosts["ulrich"] / "run" / "booted-system").symlink_to(booted)
+    lab.repoint("ulrich", str(current))
     lab.repoint("rolf", system_path("rolf", 1))
     lab.set_api(readyz={ip: ["200"] for _, ip in SERVERS.values()},
                 nodes={**{n: ["True"] for n in AGENTS.values()}, "karl-k3s-agent": ["False"]})
@@ -209,6 +252,7 @@ def test_status_after_up_then_a_changed_plan_drift_and_an_unreachable_host(
            f"{system_path('rolf')}" in out
     assert "karl: not reachable over ssh (" in out
     assert "karl: node karl-k3s-agent Ready=False (KubeletNotReady)" in out
+    assert "ulrich: needs a reboot (its kernel changed since it booted)" in out
     assert "stack gates: 3 of 5 host(s) need attention" in out
     assert not any(ln.startswith(("olaf:", "ulf:")) for ln in out.splitlines())
 

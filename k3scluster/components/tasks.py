@@ -159,13 +159,35 @@ def _ssh_error(proc: subprocess.CompletedProcess[str]) -> str:
     return lines[-1].strip() if lines else f"ssh exit code {proc.returncode}"
 
 
+# What the host booted against what it runs: the kernel and initrd (store paths) and the kernel
+# parameters (a file) of /run/booted-system and /run/current-system (build.BOOT_FILES); one
+# line "reboot:<name>" per difference, then "reboot-checked" (missing when either system has no
+# kernel: not a NixOS host as far as this can tell)
+BOOT_ENTRIES = ("kernel", "initrd", "kernel-params")
+_BOOT_SCRIPT = (
+    'b=/run/booted-system c=/run/current-system; if [ -e "$b/kernel" ] && [ -e "$c/kernel" ]; '
+    'then for f in kernel initrd; do [ "$(readlink -f "$b/$f")" = "$(readlink -f "$c/$f")" ] '
+    '|| echo "reboot:$f"; done; cmp -s "$b/kernel-params" "$c/kernel-params" '
+    '|| echo "reboot:kernel-params"; echo reboot-checked; fi'
+)
+
+
 def observe(
-    ssh: commands.SshSettings, ip: str, units: list[str], timeout: int = 15
+    ssh: commands.SshSettings,
+    ip: str,
+    units: list[str],
+    timeout: int = 15,
+    *,
+    boot: bool = False,
 ) -> dict[str, object]:
-    """``{"system": "/nix/store/…", "units": {unit: state}}`` read from the host over ssh."""
+    """``{"system": "/nix/store/…", "units": {unit: state}}`` read from the host over ssh;
+    with ``boot`` also ``"reboot"``: what changed since the host booted (kernel, initrd,
+    kernel-params; [] nothing), or None when it cannot tell."""
     script = _OBSERVE_SCRIPT.format(units=" ".join(units) or "")
     if not units:
         script = 'readlink /run/current-system || echo "-"'
+    if boot:
+        script += "; " + _BOOT_SCRIPT
     proc = _ssh_run(ssh, ip, [script], timeout)
     if proc.returncode != 0:
         raise K3sClusterError(
@@ -179,7 +201,14 @@ def observe(
         unit, _, state = line.partition("=")
         if unit in units:
             states[unit] = state.strip() or "unknown"
-    return {"system": system if system.startswith("/nix/store/") else None, "units": states}
+    seen: dict[str, object] = {
+        "system": system if system.startswith("/nix/store/") else None,
+        "units": states,
+    }
+    if boot:
+        changed = [ln[len("reboot:") :] for ln in lines if ln.startswith("reboot:")]
+        seen["reboot"] = changed if "reboot-checked" in lines else None
+    return seen
 
 
 def _credentials(
