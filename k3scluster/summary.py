@@ -46,24 +46,28 @@ def _name(step: Mapping[str, Any]) -> str:
     return str(step.get("urn", "")).rsplit("::", 1)[-1]
 
 
-def _step_inputs(step: Mapping[str, Any], which: str) -> Mapping[str, Any]:
+def _step_inputs(step: Mapping[str, Any], which: str, prop: str) -> Mapping[str, Any]:
     state = step.get(which) or {}
     inputs = (state.get("inputs") or {}) if isinstance(state, dict) else {}
-    nested = inputs.get("inputs")
+    nested = inputs.get(prop)
     return nested if isinstance(nested, dict) else {}
 
 
 def changed_inputs(step: Mapping[str, Any]) -> list[str]:
-    """The names of a step's inputs whose digests differ between its old and new state."""
-    old, new = _step_inputs(step, "oldState"), _step_inputs(step, "newState")
-    return sorted(k for k in {*old, *new} if old.get(k) != new.get(k))
+    """What changed in a step, old against new state: plan values a step shows in clear
+    (its ``plan``) as ``name old -> new``, then the names of its inputs whose digests differ."""
+    out = []
+    old, new = _step_inputs(step, "oldState", "plan"), _step_inputs(step, "newState", "plan")
+    for k in sorted({*old, *new}):
+        if old.get(k) != new.get(k):
+            out.append(f"{k} {old.get(k, '-')} -> {new.get(k, '-')}")
+    old, new = _step_inputs(step, "oldState", "inputs"), _step_inputs(step, "newState", "inputs")
+    out += sorted(k for k in {*old, *new} if old.get(k) != new.get(k))
+    return out
 
 
 def _why(step: Mapping[str, Any], limit: int = 3) -> str:
-    names = changed_inputs(step)
-    if not names:
-        reasons = [str(r) for r in step.get("diffReasons") or []]
-        names = reasons
+    names = changed_inputs(step) or [str(r) for r in step.get("diffReasons") or []]
     if not names:
         return ""
     shown = ", ".join(n.split(":", 1)[-1] for n in names[:limit])

@@ -64,6 +64,9 @@ def test_the_summary_says_what_up_does_to_each_host() -> None:
         _step("olaf-deploy", "update", {"nixConfig:nixConfigs/olaf.nix": "a", "x": "1"},
               {"nixConfig:nixConfigs/olaf.nix": "b", "x": "1"}),
         _step("ulf-deploy", "same"),
+        {**_step("rolf-deploy", "update"),  # a plan value shown in clear (the step's plan)
+         "oldState": {"inputs": {"plan": {"ip": "10.0.100.4", "roles": "server"}}},
+         "newState": {"inputs": {"plan": {"ip": "10.0.100.9", "roles": "server"}}}},
         _step("cluster-karl-hardware", "create"),
         _step("karl-deploy", "create"),
         _step("gone-deploy", "delete"),
@@ -73,10 +76,11 @@ def test_the_summary_says_what_up_does_to_each_host() -> None:
     assert plans["olaf"].actions == ("redeploy (nixConfigs/olaf.nix changed)",)
     assert plans["olaf"].ip == "10.0.100.2" and plans["olaf"].roles == ("init-server", "agent")
     assert plans["ulf"].actions == ()
+    assert plans["rolf"].actions == ("redeploy (ip 10.0.100.4 -> 10.0.100.9 changed)",)
     assert plans["karl"].actions == ("fetch hardware config (ssh)", "first deploy")
     assert plans["gone"].actions[0].startswith("forget it (the machine is not wiped")
     text = summarize("s", cluster, {"steps": steps})
-    assert "3 of 6 host(s) would change; nothing has been done yet" in text
+    assert "4 of 6 host(s) would change; nothing has been done yet" in text
     assert "  ulf     10.0.100.3  server,agent       nothing" in text
 
 
