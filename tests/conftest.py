@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,3 +28,48 @@ def example_dir(tmp_path: Path) -> Path:
         if f.name in ("token", "agent-token") or f.name.endswith("passwd"):
             f.chmod(0o600)
     return dst
+
+
+# --- a real Kubernetes API server and etcd (tests/kubeapi.py, tests/etcdcluster.py) ----------
+def _need_namespaces() -> None:
+    import netns
+
+    why = netns.available()
+    if why:
+        pytest.skip(f"real kube-apiserver/etcd in a network namespace: {why}")
+
+
+@pytest.fixture(scope="session")
+def kube_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real etcd + kube-apiserver + kube-controller-manager in a network namespace holding
+    10.0.100.10-12, the API at https://10.0.100.10:6443 (see tests/kubeapi.py)."""
+    _need_namespaces()
+    import kubeapi
+
+    api = kubeapi.start(tmp_path_factory.mktemp("kubeapi"))
+    try:
+        yield api
+    finally:
+        api.stop()
+
+
+@pytest.fixture
+def kube(kube_api: Any) -> Iterator[Any]:
+    """``kube_api`` with the test's thread inside its network namespace for the whole test."""
+    with kube_api.ns.entered():
+        yield kube_api
+
+
+@pytest.fixture
+def etcd_cluster(tmp_path: Path) -> Iterator[Any]:
+    """Three real etcd members olaf, sven, erik at 10.0.100.10-12 (see tests/etcdcluster.py)."""
+    _need_namespaces()
+    from etcdcluster import EtcdCluster
+
+    c = EtcdCluster.launch(
+        tmp_path / "etcd", {"olaf": "10.0.100.10", "sven": "10.0.100.11", "erik": "10.0.100.12"}
+    )
+    try:
+        yield c
+    finally:
+        c.shutdown()
