@@ -113,6 +113,17 @@ class Check:
     seen: str
 
 
+def _unreachable_errors() -> tuple[type[BaseException], ...]:
+    """What a poll may meet while the API is not up (yet): an HTTP error status, a refused or
+    dropped connection, TLS, a timeout, a kubeconfig the client cannot use. A programming
+    error (AttributeError, TypeError, ...) is none of these: it propagates."""
+    import urllib3
+    from kubernetes.client.exceptions import OpenApiException
+    from kubernetes.config.config_exception import ConfigException
+
+    return (OpenApiException, urllib3.exceptions.HTTPError, OSError, ConfigException)
+
+
 def _short_error(err: BaseException) -> str:
     text = " ".join(str(err).split())
     for marker in ("Connection refused", "timed out", "No route to host", "CERTIFICATE_VERIFY"):
@@ -123,6 +134,7 @@ def _short_error(err: BaseException) -> str:
 
 def check_readyz(kubeconfig: dict[str, Any], server: str, timeout: float = 10) -> Check:
     """``GET <server>/readyz?verbose`` with the cluster's credentials."""
+    unreachable = _unreachable_errors()
     try:
         api = _client(kubeconfig, server)
         method, url, headers, body, post = api.param_serialize(
@@ -131,7 +143,7 @@ def check_readyz(kubeconfig: dict[str, Any], server: str, timeout: float = 10) -
         resp = api.call_api(method, url, headers, body, post, _request_timeout=timeout)
         resp.read()
         status, text = resp.status, (resp.data or b"").decode(errors="replace")
-    except Exception as err:  # noqa: BLE001 - any failure is "not ready yet", shown to the user
+    except unreachable as err:  # "not ready yet", shown to the user
         return Check(False, f"/readyz: {_short_error(err)}")
     if status == 200:
         return Check(True, "/readyz 200")
@@ -160,6 +172,7 @@ def read_node(
     kubeconfig: dict[str, Any], server: str, node: str, timeout: float = 10
 ) -> NodeSeen:
     """Node ``node`` in the API at ``server``: Ready or not (what was seen), its version."""
+    unreachable = _unreachable_errors()
     try:
         from kubernetes import client
         from kubernetes.client.exceptions import ApiException
@@ -171,7 +184,7 @@ def read_node(
             if err.status == 404:
                 return NodeSeen(Check(False, f"node {node} not registered yet"))
             return NodeSeen(Check(False, f"node {node}: API answered {err.status}"))
-    except Exception as err:  # noqa: BLE001
+    except unreachable as err:
         return NodeSeen(Check(False, f"node {node}: {_short_error(err)}"))
     info = obj.status.node_info if obj.status else None
     version = getattr(info, "kubelet_version", None) or None
@@ -186,11 +199,12 @@ def read_node(
 
 def server_version(kubeconfig: dict[str, Any], server: str, timeout: float = 10) -> str | None:
     """The ``gitVersion`` the API server at ``server`` reports (``GET /version``), or None."""
+    unreachable = _unreachable_errors()
     try:
         from kubernetes import client
 
         info = client.VersionApi(_client(kubeconfig, server)).get_code(_request_timeout=timeout)
-    except Exception:  # noqa: BLE001 - unknown is an answer here; readyz says why
+    except unreachable:  # unknown is an answer here; readyz says why
         return None
     return getattr(info, "git_version", None) or None
 

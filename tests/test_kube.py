@@ -125,3 +125,41 @@ def test_write_private_is_0600_and_replaces(tmp_path) -> None:
     assert target.read_text() == "two"
     assert target.stat().st_mode & 0o777 == 0o600
     assert [p.name for p in target.parent.iterdir()] == ["kubeconfig"]
+
+
+def _kubeconfig() -> dict:
+    return yaml.safe_load(K3S_YAML)
+
+
+def test_a_client_too_old_for_the_readyz_call_is_an_error_not_a_server_not_ready(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from kubernetes.client import ApiClient
+
+    # kubernetes < 37 has no ApiClient.param_serialize (pyproject.toml asks for >= 37)
+    monkeypatch.delattr(ApiClient, "param_serialize")
+    with pytest.raises(AttributeError, match="param_serialize"):
+        kube.check_readyz(_kubeconfig(), "https://127.0.0.1:6443")
+
+
+def test_a_programming_error_in_the_node_check_propagates(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubernetes.client import CoreV1Api
+
+    def broken(*_a: object, **_k: object) -> None:
+        raise TypeError("read_node() got an unexpected keyword argument")
+
+    monkeypatch.setattr(CoreV1Api, "read_node", broken)
+    with pytest.raises(TypeError):
+        kube.check_node_ready(_kubeconfig(), "https://127.0.0.1:6443", "olaf")
+
+
+def test_an_api_error_status_is_still_not_ready(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubernetes.client import CoreV1Api
+    from kubernetes.client.exceptions import ApiException
+
+    def unavailable(*_a: object, **_k: object) -> None:
+        raise ApiException(status=503, reason="Service Unavailable")
+
+    monkeypatch.setattr(CoreV1Api, "read_node", unavailable)
+    assert kube.check_node_ready(_kubeconfig(), "https://127.0.0.1:6443", "olaf") == kube.Check(
+        False, "node olaf: API answered 503")
