@@ -278,3 +278,275 @@ def wait_until(
         if elapsed >= timeout:
             return check
         sleep(min(interval, max(0.0, timeout - elapsed)) or interval)
+
+
+# --- day 2: cordon, drain, delete (the rules of `kubectl drain`, k8s.io/kubectl pkg/drain) ---
+DRAIN_RETRY_DELAY = 5.0  # kubectl drain's EvictErrorRetryDelay
+MIRROR_POD_ANNOTATION = "kubernetes.io/config.mirror"
+NODE_PASSWORD_NAMESPACE = "kube-system"
+
+
+def node_password_secret(node: str) -> str:
+    """The secret in which K3s servers keep an agent's node password (k3s pkg/nodepassword)."""
+    return f"{node}.node-password.k3s"
+
+
+def _core(kubeconfig: dict[str, Any], server: str) -> Any:
+    from kubernetes import client
+
+    return client.CoreV1Api(_client(kubeconfig, server))
+
+
+def _api_error(what: str, err: Any) -> K3sClusterError:
+    reason = f"{err.status} {err.reason}" if getattr(err, "status", None) else _short_error(err)
+    return K3sClusterError(f"{what}: the API answered {reason}")
+
+
+def _set_unschedulable(kubeconfig: dict[str, Any], server: str, node: str, value: bool) -> bool:
+    """Sets ``spec.unschedulable``; returns whether it changed. A missing node is an error."""
+    from kubernetes.client.exceptions import ApiException
+
+    core = _core(kubeconfig, server)
+    verb = "cordon" if value else "uncordon"
+    try:
+        obj = core.read_node(node)
+        if bool(obj.spec and obj.spec.unschedulable) == value:
+            return False
+        core.patch_node(node, {"spec": {"unschedulable": value or None}})
+    except ApiException as err:
+        if err.status == 404:
+            raise K3sClusterError(f"cannot {verb} node {node}: it is not in the cluster") from None
+        raise _api_error(f"cannot {verb} node {node}", err) from None
+    return True
+
+
+def cordon(kubeconfig: dict[str, Any], server: str, node: str) -> bool:
+    """Marks ``node`` unschedulable. Returns True only when THIS call cordoned it: a node
+    that was already cordoned (by hand, or by an earlier run) returns False, and the caller
+    must then leave it cordoned (never :func:`uncordon` what it did not cordon)."""
+    return _set_unschedulable(kubeconfig, server, node, True)
+
+
+def uncordon(kubeconfig: dict[str, Any], server: str, node: str) -> bool:
+    """Marks ``node`` schedulable again; returns whether it was cordoned."""
+    return _set_unschedulable(kubeconfig, server, node, False)
+
+
+@dataclass(frozen=True)
+class DrainResult:
+    evicted: list[str]  # namespace/name of each pod evicted (and gone)
+    left: list[str]  # DaemonSet and mirror pods, left on the node as kubectl drain leaves them
+
+
+def _controller_of(pod: Any) -> Any:
+    for ref in pod.metadata.owner_references or []:
+        if ref.controller:
+            return ref
+    return None
+
+
+def _finished(pod: Any) -> bool:
+    return bool(pod.status and pod.status.phase in ("Succeeded", "Failed"))
+
+
+def _classify(apps: Any, pod: Any) -> tuple[str, str]:
+    """kubectl drain's pod filters with ``--ignore-daemonsets --delete-emptydir-data`` (and
+    without ``--force``), in its order: ``("evict", "")``, ``("leave", why)`` or
+    ``("refuse", why)`` (kubectl: an error that stops the drain before it evicts anything)."""
+    from kubernetes.client.exceptions import ApiException
+
+    ref = _controller_of(pod)
+    daemon = ref is not None and ref.kind == "DaemonSet" and ref.api_version == "apps/v1"
+    if daemon and not _finished(pod):
+        try:
+            apps.read_namespaced_daemon_set(ref.name, pod.metadata.namespace)
+        except ApiException as err:
+            if err.status == 404:
+                return "refuse", f"its DaemonSet {ref.name} is gone"
+            return "refuse", f"its DaemonSet {ref.name}: the API answered {err.status}"
+        return "leave", "DaemonSet-managed"
+    if MIRROR_POD_ANNOTATION in (pod.metadata.annotations or {}):
+        return "leave", "mirror pod"
+    # Pods with emptyDir volumes are evicted (--delete-emptydir-data): their data goes.
+    if not _finished(pod) and ref is None:
+        return "refuse", "declares no controller (kubectl drain needs --force for it)"
+    return "evict", ""
+
+
+def _pods_on(core: Any, node: str) -> list[Any]:
+    pods: list[Any] = []
+    token = None
+    while True:
+        page = core.list_pod_for_all_namespaces(
+            field_selector=f"spec.nodeName={node}", limit=500, _continue=token
+        )
+        pods.extend(page.items)
+        token = page.metadata._continue if page.metadata else None
+        if not token:
+            return pods
+
+
+def drain(
+    kubeconfig: dict[str, Any],
+    server: str,
+    node: str,
+    timeout: float,
+    progress: Callable[[str], None] = lambda _: None,
+    *,
+    retry_delay: float = DRAIN_RETRY_DELAY,
+    poll: float = 1.0,
+    report_every: float = 10.0,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> DrainResult:
+    """Evicts the pods on ``node`` as ``kubectl drain --ignore-daemonsets
+    --delete-emptydir-data --timeout`` does, and waits until they are gone.
+
+    Does not cordon: call :func:`cordon` first. DaemonSet and mirror pods stay. A pod that
+    declares no controller, or whose DaemonSet is gone, stops the drain before anything is
+    evicted. Evictions go through the Eviction API, so PodDisruptionBudgets hold: a refused
+    eviction (429) is retried every ``retry_delay`` s; when ``timeout`` s have passed, the
+    drain fails naming the pods that would not go and why.
+    """
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    api = _client(kubeconfig, server)
+    core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
+    try:
+        pods = _pods_on(core, node)
+        plan = [(pod, *_classify(apps, pod)) for pod in pods]
+    except ApiException as err:
+        raise _api_error(f"cannot list the pods on node {node}", err) from None
+    refused = [f"{p.metadata.namespace}/{p.metadata.name} ({why})" for p, v, why in plan
+               if v == "refuse"]
+    if refused:
+        raise K3sClusterError(
+            f"cannot drain node {node}: {', '.join(refused)}",
+            hint="give those pods a controller (a Deployment, StatefulSet, Job...) or delete "
+            "them, then run again",
+        )
+    left = [f"{p.metadata.namespace}/{p.metadata.name}" for p, v, _ in plan if v == "leave"]
+    todo = {f"{p.metadata.namespace}/{p.metadata.name}": p for p, v, _ in plan if v == "evict"}
+    if not todo:
+        progress(f"drain {node}: no pods to evict")
+        return DrainResult([], left)
+    progress(f"drain {node}: evicting {len(todo)} pod(s): {', '.join(todo)}")
+    start = clock()
+    blocked: dict[str, str] = {}  # pod -> the API's answer to its last eviction
+    evicted: dict[str, Any] = {}  # pod -> its uid at eviction
+    gone: list[str] = []
+    next_try = start
+    last_waiting, last_report = "", 0.0
+    while True:
+        now = clock()
+        if now >= next_try:
+            for key, pod in todo.items():
+                if key in evicted or key in gone:
+                    continue
+                answer = _evict(core, pod)
+                if answer is None:
+                    evicted[key] = pod.metadata.uid
+                    blocked.pop(key, None)
+                elif answer == "gone":
+                    gone.append(key)
+                    blocked.pop(key, None)
+                else:
+                    blocked[key] = answer
+            next_try = clock() + retry_delay
+        for key, uid in list(evicted.items()):
+            if _pod_gone(core, todo[key], uid):
+                del evicted[key]
+                gone.append(key)
+        if len(gone) == len(todo):
+            progress(f"drain {node}: {len(gone)} pod(s) evicted after {duration(clock() - start)}")
+            return DrainResult(sorted(gone), left)
+        elapsed = clock() - start
+        if elapsed >= timeout:
+            why = [f"{k} (eviction refused: {a})" for k, a in sorted(blocked.items())]
+            why += [f"{k} (evicted, still terminating)" for k in sorted(evicted)]
+            raise K3sClusterError(
+                f"draining node {node} timed out after {duration(timeout)}; pods that did not "
+                f"go: {', '.join(why)}",
+                hint="a PodDisruptionBudget allows no disruption now (kubectl get pdb -A), or a "
+                "pod does not terminate; fix that and run again, or raise k3scluster:drainTimeout",
+            )
+        waiting = ", ".join(sorted(blocked) + sorted(evicted))
+        if waiting != last_waiting or elapsed - last_report >= report_every:
+            progress(f"drain {node}: waiting on {waiting} ({duration(elapsed)} of "
+                     f"{duration(timeout)})")
+            last_waiting, last_report = waiting, elapsed
+        sleep(max(0.0, min(poll, timeout - elapsed)))
+
+
+def _evict(core: Any, pod: Any) -> str | None:
+    """One eviction: None (accepted), "gone" (no such pod any more), else the API's refusal
+    to retry (429: a PodDisruptionBudget; 403 in a terminating namespace). Anything else
+    stops the drain."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    md = pod.metadata
+    body = client.V1Eviction(metadata=client.V1ObjectMeta(name=md.name, namespace=md.namespace))
+    try:
+        core.create_namespaced_pod_eviction(md.name, md.namespace, body)
+    except ApiException as err:
+        if err.status == 404:
+            return "gone"
+        if err.status == 429:
+            return _api_message(err) or "429 Too Many Requests"
+        if err.status == 403 and "NamespaceTerminating" in (err.body or ""):
+            return None if md.deletion_timestamp else "namespace terminating"
+        raise _api_error(f"cannot evict pod {md.namespace}/{md.name}", err) from None
+    return None
+
+
+def _api_message(err: Any) -> str:
+    import json
+
+    try:
+        return str(json.loads(err.body).get("message") or "")
+    except (TypeError, ValueError, AttributeError):
+        return ""
+
+
+def _pod_gone(core: Any, pod: Any, uid: str) -> bool:
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        now = core.read_namespaced_pod(pod.metadata.name, pod.metadata.namespace)
+    except ApiException as err:
+        if err.status == 404:
+            return True
+        raise _api_error(f"cannot read pod {pod.metadata.namespace}/{pod.metadata.name}",
+                         err) from None
+    return bool(now.metadata.uid != uid)
+
+
+def _delete_if_there(what: str, delete: Callable[[], Any]) -> bool:
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        delete()
+    except ApiException as err:
+        if err.status == 404:
+            return False
+        raise _api_error(f"cannot delete {what}", err) from None
+    return True
+
+
+def delete_node(kubeconfig: dict[str, Any], server: str, node: str) -> bool:
+    """Deletes the Node object ``node``; False when there was none (nothing to do)."""
+    core = _core(kubeconfig, server)
+    return _delete_if_there(f"node {node}", lambda: core.delete_node(node))
+
+
+def delete_node_password_secret(kubeconfig: dict[str, Any], server: str, node: str) -> bool:
+    """Deletes K3s's ``<node>.node-password.k3s`` secret in kube-system, so that a
+    reinstalled agent with a new node password is accepted; False when there was none."""
+    core = _core(kubeconfig, server)
+    name = node_password_secret(node)
+    return _delete_if_there(
+        f"secret {NODE_PASSWORD_NAMESPACE}/{name}",
+        lambda: core.delete_namespaced_secret(name, NODE_PASSWORD_NAMESPACE),
+    )

@@ -1,0 +1,281 @@
+"""k3scluster.kube's day-2 calls against a real kube-apiserver (tests/kubeapi.py).
+
+Cordon, drain through the Eviction API (PodDisruptionBudgets computed by the real disruption
+controller in kube-controller-manager), Node and node-password deletion. There is no kubelet:
+``kube.kubelet()`` runs the stand-in thread of tests/kubeapi.py (pods bound to a node become
+Running and Ready; terminating ones are finalized), and tests that need a pod stuck
+terminating run without it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from typing import Any
+
+import pytest
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from k3scluster import kube as kubelib
+from k3scluster.errors import K3sClusterError
+
+pytestmark = pytest.mark.root
+_N = itertools.count()
+
+
+def _name(prefix: str) -> str:
+    return f"{prefix}-{next(_N)}-{int(time.time() * 1000) % 100000}"
+
+
+def _until(what: str, cond: Any, timeout: float = 30) -> Any:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        got = cond()
+        if got:
+            return got
+        time.sleep(0.2)
+    raise AssertionError(f"{what}: not within {timeout} s")
+
+
+def _node(core: Any, unschedulable: bool = False) -> str:
+    name = _name("node")
+    core.create_node(client.V1Node(metadata=client.V1ObjectMeta(name=name),
+                                   spec=client.V1NodeSpec(unschedulable=unschedulable or None)))
+    return name
+
+
+def _namespace(core: Any) -> str:
+    ns = _name("ns")
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
+    # Pod admission needs the namespace's default ServiceAccount, which the real
+    # serviceaccount controller makes.
+    _until("default ServiceAccount", lambda: any(
+        sa.metadata.name == "default" for sa in core.list_namespaced_service_account(ns).items))
+    return ns
+
+
+def _owner(kind: str, name: str, uid: str = "00000000-0000-0000-0000-000000000001") -> Any:
+    return client.V1OwnerReference(api_version="apps/v1", kind=kind, name=name, uid=uid,
+                                   controller=True)
+
+
+def _pod(core: Any, ns: str, node: str, *, owner: Any = None, labels: dict[str, str] | None = None,
+         annotations: dict[str, str] | None = None, empty_dir: bool = False) -> str:
+    name = _name("pod")
+    volumes = [client.V1Volume(name="scratch", empty_dir=client.V1EmptyDirVolumeSource())] \
+        if empty_dir else None
+    core.create_namespaced_pod(ns, client.V1Pod(
+        metadata=client.V1ObjectMeta(name=name, labels=labels, annotations=annotations,
+                                     owner_references=[owner] if owner else None),
+        spec=client.V1PodSpec(node_name=node, volumes=volumes,
+                              containers=[client.V1Container(name="c", image="busybox")]),
+    ))
+    return name
+
+
+def _replicated(core: Any, ns: str, node: str, **kw: Any) -> str:
+    return _pod(core, ns, node, owner=_owner("ReplicaSet", "web"), **kw)
+
+
+def _exists(core: Any, ns: str, name: str) -> bool:
+    try:
+        core.read_namespaced_pod(name, ns)
+    except ApiException as err:
+        if err.status == 404:
+            return False
+        raise
+    return True
+
+
+def _running(core: Any, ns: str, name: str) -> bool:
+    p = core.read_namespaced_pod(name, ns)
+    return bool(p.status and p.status.phase == "Running")
+
+
+def _daemonset(kube: Any, ns: str) -> Any:
+    apps = client.AppsV1Api(kube.api_client())
+    sel = {"app": "agent"}
+    return apps.create_namespaced_daemon_set(ns, client.V1DaemonSet(
+        metadata=client.V1ObjectMeta(name="agent"),
+        spec=client.V1DaemonSetSpec(
+            selector=client.V1LabelSelector(match_labels=sel),
+            template=client.V1PodTemplateSpec(
+                metadata=client.V1ObjectMeta(labels=sel),
+                spec=client.V1PodSpec(containers=[client.V1Container(name="c",
+                                                                     image="busybox")])),
+        ),
+    ))
+
+
+def _pdb(kube: Any, ns: str, labels: dict[str, str], min_available: int) -> str:
+    policy = client.PolicyV1Api(kube.api_client())
+    name = _name("pdb")
+    policy.create_namespaced_pod_disruption_budget(ns, client.V1PodDisruptionBudget(
+        metadata=client.V1ObjectMeta(name=name),
+        spec=client.V1PodDisruptionBudgetSpec(
+            min_available=min_available, selector=client.V1LabelSelector(match_labels=labels)),
+    ))
+    return name
+
+
+def _pdb_status(kube: Any, ns: str, name: str) -> Any:
+    return client.PolicyV1Api(kube.api_client()).read_namespaced_pod_disruption_budget(
+        name, ns).status
+
+
+# --- cordon ------------------------------------------------------------------------------------
+def test_cordon_says_whether_this_call_cordoned_and_uncordon_undoes_it(kube: Any) -> None:
+    core = kube.core()
+    node = _node(core)
+    assert kubelib.cordon(kube.kubeconfig, kube.server, node) is True
+    assert core.read_node(node).spec.unschedulable is True
+    assert kubelib.cordon(kube.kubeconfig, kube.server, node) is False
+    assert kubelib.uncordon(kube.kubeconfig, kube.server, node) is True
+    assert not core.read_node(node).spec.unschedulable
+    assert kubelib.uncordon(kube.kubeconfig, kube.server, node) is False
+
+
+def test_a_node_cordoned_by_hand_is_not_claimed_and_a_drain_leaves_it_cordoned(kube: Any) -> None:
+    core = kube.core()
+    node = _node(core, unschedulable=True)
+    assert kubelib.cordon(kube.kubeconfig, kube.server, node) is False
+    kubelib.drain(kube.kubeconfig, kube.server, node, timeout=10)
+    assert core.read_node(node).spec.unschedulable is True
+
+
+def test_cordon_of_a_node_that_is_not_there_is_a_clear_error(kube: Any) -> None:
+    with pytest.raises(K3sClusterError, match="cannot cordon node nosuch: it is not in the"):
+        kubelib.cordon(kube.kubeconfig, kube.server, "nosuch")
+
+
+# --- drain -------------------------------------------------------------------------------------
+def test_drain_evicts_what_kubectl_drain_evicts_and_leaves_daemonset_and_mirror_pods(
+    kube: Any,
+) -> None:
+    core = kube.core()
+    ns, node, other = _namespace(core), _node(core), _node(core)
+    ds = _daemonset(kube, ns)
+    web = _replicated(core, ns, node)
+    scratch = _replicated(core, ns, node, empty_dir=True)  # --delete-emptydir-data
+    agent = _pod(core, ns, node, owner=_owner("DaemonSet", "agent", ds.metadata.uid))
+    mirror = _pod(core, ns, node, annotations={kubelib.MIRROR_POD_ANNOTATION: "x"})
+    elsewhere = _replicated(core, ns, other)
+    lines: list[str] = []
+    with kube.kubelet():
+        _until("pods running", lambda: all(_running(core, ns, p) for p in (web, scratch, agent)))
+        result = kubelib.drain(kube.kubeconfig, kube.server, node, timeout=60,
+                               progress=lines.append, retry_delay=0.5, poll=0.2)
+    assert result.evicted == sorted([f"{ns}/{web}", f"{ns}/{scratch}"])
+    assert sorted(result.left) == sorted([f"{ns}/{agent}", f"{ns}/{mirror}"])
+    assert not _exists(core, ns, web) and not _exists(core, ns, scratch)
+    assert _exists(core, ns, agent) and _exists(core, ns, mirror)
+    assert _exists(core, ns, elsewhere)
+    assert any("evicting 2 pod(s)" in ln for ln in lines)
+
+
+def test_drain_refuses_pods_without_controller_before_evicting_anything(kube: Any) -> None:
+    core = kube.core()
+    ns, node = _namespace(core), _node(core)
+    web = _replicated(core, ns, node)
+    bare = _pod(core, ns, node)
+    orphan = _pod(core, ns, node, owner=_owner("DaemonSet", "deleted-ds"))
+    with pytest.raises(K3sClusterError) as err:
+        kubelib.drain(kube.kubeconfig, kube.server, node, timeout=10)
+    msg = str(err.value)
+    assert f"{ns}/{bare} (declares no controller" in msg
+    assert f"{ns}/{orphan} (its DaemonSet deleted-ds is gone)" in msg
+    assert web not in msg
+    assert _exists(core, ns, web)  # nothing was evicted
+
+
+def test_a_pod_disruption_budget_blocks_the_drain_until_the_timeout_naming_the_pod(
+    kube: Any,
+) -> None:
+    core = kube.core()
+    ns, node = _namespace(core), _node(core)
+    labels = {"app": "db"}
+    db = _replicated(core, ns, node, labels=labels)
+    pdb = _pdb(kube, ns, labels, min_available=1)
+    with kube.kubelet():
+        _until("the disruption controller counts the pod", lambda: (
+            (s := _pdb_status(kube, ns, pdb)) and s.current_healthy == 1
+            and s.observed_generation == 1))
+        with pytest.raises(K3sClusterError) as err:
+            kubelib.drain(kube.kubeconfig, kube.server, node, timeout=3, retry_delay=0.5,
+                          poll=0.2)
+    msg = str(err.value)
+    assert f"draining node {node} timed out after 3s" in msg
+    assert f"{ns}/{db} (eviction refused: Cannot evict pod as it would violate the pod's " \
+           "disruption budget." in msg
+    assert _exists(core, ns, db)
+
+
+def test_a_refused_eviction_is_retried_until_the_budget_allows_it(kube: Any) -> None:
+    core = kube.core()
+    ns, node, other = _namespace(core), _node(core), _node(core)
+    labels = {"app": "db"}
+    db = _replicated(core, ns, node, labels=labels)
+    pdb = _pdb(kube, ns, labels, min_available=1)
+    lines: list[str] = []
+    with kube.kubelet():
+        _until("budget computed", lambda: (s := _pdb_status(kube, ns, pdb))
+               and s.current_healthy == 1 and s.disruptions_allowed == 0)
+        result: list[Any] = []
+        t = threading.Thread(target=lambda: result.append(kubelib.drain(
+            kube.kubeconfig, kube.server, node, timeout=60, progress=lines.append,
+            retry_delay=0.5, poll=0.2)))
+        with kube.ns.entered():  # the thread starts in the test's namespace
+            t.start()
+        _until("a refused eviction", lambda: any("waiting on" in ln for ln in lines))
+        assert t.is_alive()
+        assert core.read_namespaced_pod(db, ns).metadata.deletion_timestamp is None  # refused
+        _replicated(core, ns, other, labels=labels)  # a second replica: one may go now
+        t.join(60)
+    assert result and result[0].evicted == [f"{ns}/{db}"]
+    assert not _exists(core, ns, db)
+
+
+def test_drain_waits_until_the_evicted_pods_are_gone(kube: Any) -> None:
+    core = kube.core()
+    ns, node = _namespace(core), _node(core)
+    web = _replicated(core, ns, node)
+    core.patch_namespaced_pod_status(web, ns, {"status": {"phase": "Running"}})
+    # No kubelet stand-in: the evicted pod stays terminating.
+    with pytest.raises(K3sClusterError) as err:
+        kubelib.drain(kube.kubeconfig, kube.server, node, timeout=2, poll=0.2)
+    assert f"{ns}/{web} (evicted, still terminating)" in str(err.value)
+    assert core.read_namespaced_pod(web, ns).metadata.deletion_timestamp is not None
+    with kube.kubelet():  # now a kubelet finishes it: the drain returns
+        assert kubelib.drain(kube.kubeconfig, kube.server, node, timeout=30,
+                             poll=0.2).evicted == [f"{ns}/{web}"]
+
+
+def test_drain_of_an_empty_node_returns_at_once(kube: Any) -> None:
+    node = _node(kube.core())
+    assert kubelib.drain(kube.kubeconfig, kube.server, node, timeout=1) == kubelib.DrainResult(
+        [], [])
+
+
+# --- deletion ----------------------------------------------------------------------------------
+def test_delete_node_and_its_password_secret_and_again_is_fine(kube: Any) -> None:
+    core = kube.core()
+    node = _node(core)
+    secret = f"{node}.node-password.k3s"
+    core.create_namespaced_secret("kube-system", client.V1Secret(
+        metadata=client.V1ObjectMeta(name=secret), string_data={"hash": "x"}))
+    keep = _node(core)
+    core.create_namespaced_secret("kube-system", client.V1Secret(
+        metadata=client.V1ObjectMeta(name=f"{keep}.node-password.k3s"),
+        string_data={"hash": "y"}))
+    assert kubelib.delete_node_password_secret(kube.kubeconfig, kube.server, node) is True
+    assert kubelib.delete_node(kube.kubeconfig, kube.server, node) is True
+    with pytest.raises(ApiException) as gone:
+        core.read_namespaced_secret(secret, "kube-system")
+    assert gone.value.status == 404
+    _until("node gone", lambda: node not in [n.metadata.name for n in core.list_node().items])
+    assert kubelib.delete_node_password_secret(kube.kubeconfig, kube.server, node) is False
+    assert kubelib.delete_node(kube.kubeconfig, kube.server, node) is False
+    core.read_node(keep)
+    core.read_namespaced_secret(f"{keep}.node-password.k3s", "kube-system")
