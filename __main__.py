@@ -3,7 +3,7 @@
 Configuration (namespace ``k3scluster``; see the README, "Operating the cluster"):
 ``clusterDir`` (required; relative paths are relative to this project), ``colmena``, ``nix``, ``buildIsos``, ``runner``, ``parallel``,
 ``deployUser``, ``sshIdentity``, ``sshKnownHosts``, ``renderDir``, ``waitReady``, ``readyTimeout``,
-``kubeconfigPath``, ``runnerProcesses``; a VM stack: ``vms`` and ``vmMemory``, ``vmCpus``, ``vmDiskSize``, ``vmAccel``,
+``kubeconfigPath``, ``runnerProcesses``, ``maxUnavailable``, ``drainTimeout``; a VM stack: ``vms`` and ``vmMemory``, ``vmCpus``, ``vmDiskSize``, ``vmAccel``,
 ``vmNat``, ``vmInstallTimeout``, ``vmBootTimeout``.
 """
 
@@ -61,6 +61,8 @@ def settings_from_config(config: pulumi.Config, stack: str) -> tuple[Path, Setti
             recorded_as.append((local, raw.strip()))
     wait_ready = config.get_bool("waitReady")
     timeout = config.get("readyTimeout")
+    max_unavailable = config.get_int("maxUnavailable")
+    drain = config.get("drainTimeout")
     settings = Settings(
         render_dir=render_dir,
         project_dir=PROJECT_DIR,
@@ -77,6 +79,8 @@ def settings_from_config(config: pulumi.Config, stack: str) -> tuple[Path, Setti
         ready_timeout=kube.parse_duration(timeout, "k3scluster:readyTimeout") if timeout else 600.0,
         kubeconfig_path=_project_path(config.get("kubeconfigPath")),
         runner_processes=config.get_int("runnerProcesses"),
+        max_unavailable=1 if max_unavailable is None else max_unavailable,
+        drain_timeout=kube.parse_duration(drain, "k3scluster:drainTimeout") if drain else 600.0,
         stack=stack,
         recorded_as=tuple(recorded_as),
     )

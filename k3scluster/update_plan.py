@@ -2,13 +2,14 @@
 ordered phases. Pure: no pulumi, no network.
 
 ``plan_update(cluster, deployed, settings)`` returns an ``UpdatePlan``: phases in the order
-they run. Each phase is one ``Action`` on some hosts, all of them at once, and says how it
-waits for the phases before it (``Wait``):
+they run. Each phase is one ``Action`` on some hosts, all of them at once, and says which
+earlier phases it waits for (``Phase.after``: indices; by default the one just before for
+``Wait.OK``, every one before for ``Wait.SETTLED``) and how (``Wait``):
 
-- ``Wait.OK``: it starts when the phase just before it succeeded; a failure there stops it
-  (the server hosts: never restart the next etcd member after one that failed its gate);
-- ``Wait.SETTLED``: it starts when every phase before it has finished, succeeded or not
-  (with ``pulumi up --continue-on-error`` the other hosts go on after a failed server host).
+- ``Wait.OK``: it starts when those phases succeeded; a failure there stops it (the server
+  hosts: never restart the next etcd member after one that failed its gate);
+- ``Wait.SETTLED``: it starts when those phases have finished, succeeded or not (with
+  ``pulumi up --continue-on-error`` the other hosts go on after a failed server host).
 
 Today's phases:
 
@@ -17,10 +18,18 @@ Today's phases:
    minor upgrade (``versions``: what the hosts' last deploys ran) a server host that also
    carries an agent on the older release gets ``DEPLOY_SERVER_FIRST``: its server moves,
    its agent keeps the release it runs; otherwise ``DEPLOY``;
-2. ``DEPLOY`` the other hosts, and the server hosts that kept their agent back, together.
-   They wait with ``Wait.SETTLED``, except during a K3s minor upgrade: then with
-   ``Wait.OK`` on the last server host, so no agent moves to the new release unless every
-   server runs it (Kubernetes' version skew policy: no kubelet newer than any API server).
+2. ``DEPLOY`` the hosts with an agent that are left (agent-only hosts, and the server hosts
+   that kept their agent back), at most ``UpdateSettings.max_unavailable`` at a time
+   (``k3scluster:maxUnavailable``), each batch after the one before (``Wait.OK``: a failed
+   agent host stops the rolling). The first batch waits for the server hosts with
+   ``Wait.SETTLED``, except during a K3s minor upgrade: then with ``Wait.OK`` on the last
+   server host, so no agent moves to the new release unless every server runs it
+   (Kubernetes' version skew policy: no kubelet newer than any API server);
+3. ``DEPLOY`` the hosts without a K3s agent that are left (no K3s at all), together, after
+   the server hosts (``Wait.SETTLED``), alongside the agent batches.
+
+Every deploy of a host with an agent drains it first when the deploy would restart it
+(``drain_node``; the deploy step decides with colmena's dry activation, see tasks.py).
 
 ``components/cluster.py`` builds one set of steps per phase and reads as this list.
 
@@ -70,11 +79,21 @@ class Phase:
     wait: Wait
     label: str  # for people: "server host olaf", "the other hosts"
     detail: tuple[tuple[str, str], ...] = ()  # what the action needs, as plain values
+    # the indices of the phases it waits for; None: the one before (OK), all before (SETTLED)
+    after: tuple[int, ...] | None = None
+
+    def waits_for(self, index: int) -> tuple[int, ...]:
+        """The indices of the phases this one (at ``index``) waits for."""
+        if self.after is not None:
+            return self.after
+        return (index - 1,) if self.wait is Wait.OK and index else tuple(range(index))
 
 
 @dataclass(frozen=True)
 class UpdateSettings:
     """The part of the stack's settings the order depends on."""
+
+    max_unavailable: int = 1  # agent hosts deployed at once (k3scluster:maxUnavailable)
 
 
 @dataclass(frozen=True)
@@ -179,7 +198,8 @@ def plan_update(
 ) -> UpdatePlan:
     """The phases of a ``pulumi up`` of ``cluster`` over what ``deployed`` records and the
     K3s releases the hosts' last deploys ran (``versions``, host -> ``HostVersions``)."""
-    del deployed, settings  # not needed by today's phases
+    del deployed  # not needed by today's phases
+    settings = settings or UpdateSettings()
     versions = versions or {}
     check_k3s_step(cluster, versions)
     target = cluster.network.k3s
@@ -204,11 +224,29 @@ def plan_update(
             )
         else:
             phases.append(Phase(Action.DEPLOY, (h,), Wait.OK, f"server host {h}"))
-    rest = tuple(h.name for h in cluster.hosts if h.name not in chain or h.name in held)
-    if rest:
-        if upgrading or held:
-            label = f"the agents and other hosts, after every server runs K3s {target}"
-            phases.append(Phase(Action.DEPLOY, rest, Wait.OK if chain else Wait.SETTLED, label))
-        else:
-            phases.append(Phase(Action.DEPLOY, rest, Wait.SETTLED, "the other hosts"))
+    servers = tuple(range(len(phases)))
+    rest = [h.name for h in cluster.hosts if h.name not in chain or h.name in held]
+    agents = [h for h in rest if cluster.agent_on(h) is not None]
+    n = settings.max_unavailable
+    batches = [tuple(agents[i : i + n]) for i in range(0, len(agents), n)]
+    strict = (upgrading or bool(held)) and bool(servers)
+    after, wait = (servers[-1:], Wait.OK) if strict else (servers, Wait.SETTLED)
+    for k, batch in enumerate(batches, 1):
+        label = f"agent hosts {k} of {len(batches)}, at most {n} at a time"
+        if strict:
+            label += f", after every server runs K3s {target}"
+        phases.append(Phase(Action.DEPLOY, batch, wait, label, after=after))
+        after, wait = (len(phases) - 1,), Wait.OK
+    # alongside the agent batches, not after them: they wait for the server hosts only
+    others = tuple(h for h in rest if cluster.agent_on(h) is None)
+    if others:
+        phases.append(
+            Phase(Action.DEPLOY, others, Wait.SETTLED, "the hosts without an agent", after=servers)
+        )
     return UpdatePlan(tuple(phases))
+
+
+def drain_node(cluster: Cluster, host: str) -> str | None:
+    """The K3s agent a deploy of ``host`` drains first (when the deploy would restart it)."""
+    agent = cluster.agent_on(host)
+    return agent.name if agent is not None else None

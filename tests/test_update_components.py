@@ -139,11 +139,15 @@ def test_a_minor_upgrade_moves_every_server_before_any_agent(
     assert deploy["olaf"].urn not in first["ulf"].dependencies
     assert first["olaf"].urn in first["ulf"].dependencies
     assert first["ulf"].urn in deploy["rolf"].dependencies
-    # then the agents: olaf and ulf again (from hive.nix) and karl, strictly after the
-    # last server host (a failed server stops them), and ulrich with them
-    for h in ("olaf", "ulf", "karl", "ulrich"):
-        assert deploy["rolf"].urn in deploy[h].dependencies, h
-        assert _inputs(deploy[h], runner).get("k3s:agent", "1.35") == "1.35"
+    # then the agents, one host at a time (maxUnavailable 1): olaf and ulf again (from
+    # hive.nix), then karl; the first strictly after the last server host (a failed server
+    # stops them); ulrich (no K3s) after the server hosts
+    assert deploy["rolf"].urn in deploy["olaf"].dependencies
+    assert deploy["olaf"].urn in deploy["ulf"].dependencies
+    assert deploy["ulf"].urn in deploy["karl"].dependencies
+    assert deploy["rolf"].urn in deploy["ulrich"].dependencies
+    for h in ("olaf", "ulf", "karl"):
+        assert _inputs(deploy[h], runner)["k3s:agent"] == "1.35"
 
 
 def test_host_versions_take_the_newer_of_a_hosts_two_steps() -> None:
@@ -170,3 +174,46 @@ def test_step_inputs_are_read_from_either_runners_state() -> None:
         assert records.step_inputs([(urn, rec["type"], rec["outputs"])]) == {"olaf-deploy": inputs}
     # other resources are left out
     assert records.step_inputs([("urn:x::cluster", "k3scluster:index:Host", {})]) == {}
+
+
+def add_agent_hosts(cluster_dir: Path, names: list[str]) -> None:
+    """More agent-only hosts in the example (hosts.csv, k3s.csv, a hardware file each)."""
+    hosts = cluster_dir / "plans" / "hosts.csv"
+    k3s = cluster_dir / "plans" / "k3s.csv"
+    for i, name in enumerate(names):
+        with hosts.open("a") as f:
+            f.write(f"{name},eno1,10.0.100.{30 + i},manfred,,efi,shelf\n")
+        with k3s.open("a") as f:
+            f.write(f"{name},{name}-k3s-agent,agent,10.0.100.{60 + i}\n")
+        (cluster_dir / "nixConfigs" / f"{name}.hardware.nix").write_text("{ ... }: { }\n")
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+@pytest.mark.parametrize(("max_unavailable", "batches"), [
+    (None, [["karl"], ["anton"], ["bruno"], ["carl"]]),
+    ("2", [["karl", "anton"], ["bruno", "carl"]]),
+    ("4", [["karl", "anton", "bruno", "carl"]]),
+])
+def test_agent_hosts_move_at_most_max_unavailable_at_a_time(
+    poisoned: Path, runner: str, max_unavailable: str | None, batches: list[list[str]]
+) -> None:
+    add_agent_hosts(poisoned, ["anton", "bruno", "carl"])
+    config = {"maxUnavailable": max_unavailable} if max_unavailable else {}
+    m, _ = run_with_state(poisoned, runner, {}, **config)
+    urn = {h: m.named(f"{h}-deploy").urn for h in [*HOSTS, "anton", "bruno", "carl"]}
+    deps = {h: set(m.named(f"{h}-deploy").dependencies) for h in urn}
+    chain = {urn["olaf"], urn["ulf"], urn["rolf"]}
+    agents = [h for b in batches for h in b]
+    for k, batch in enumerate(batches):
+        for h in batch:
+            others = {urn[a] for a in agents if a != h}
+            if k == 0:  # the first batch waits for the server hosts (all of them, settled)
+                assert chain <= deps[h] and not (deps[h] & others), h
+            else:  # each later batch waits for the whole batch before it, and nothing else
+                assert deps[h] & (others | chain) == {urn[a] for a in batches[k - 1]}, h
+    assert chain <= deps["ulrich"] and not ({urn[a] for a in agents} & deps["ulrich"])
+
+
+def test_max_unavailable_below_one_is_refused(poisoned: Path) -> None:
+    with pytest.raises(Exception, match="maxUnavailable is 0; it must be at least 1"):
+        run_with_state(poisoned, "python", {}, maxUnavailable="0")

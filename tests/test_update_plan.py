@@ -66,7 +66,7 @@ class Case:
     id: str
     plans: Cluster
     want: list[str]  # UpdatePlan.describe()
-    waits: list[Wait]
+    waits: list[tuple[Wait, tuple[int, ...]]]  # each phase: how, and for which phases
     deployed: Deployed = field(default_factory=Deployed)
     settings: UpdateSettings = field(default_factory=UpdateSettings)
     versions: dict[str, HostVersions] = field(default_factory=dict)
@@ -84,64 +84,93 @@ def ran(c: Cluster, server: str | None, agent: str | None = None) -> dict[str, H
     }
 
 
+OK, SETTLED = Wait.OK, Wait.SETTLED
 BIG_134 = cluster(BIG_HOSTS, BIG, k3s="1.34")
 BIG_135 = cluster(BIG_HOSTS, BIG, k3s="1.35")
+CHAIN = [
+    "deploy anna (server host anna)",
+    "deploy bert (server host bert)",
+    "deploy carla (server host carla)",
+]
+CHAIN_WAITS = [(OK, ()), (OK, (0,)), (OK, (1,))]
+# BIG, nothing special: nokube with the first batch, dora and emil one at a time
+PLAIN = [
+    *CHAIN,
+    "deploy dora (agent hosts 1 of 2, at most 1 at a time)",
+    "deploy emil (agent hosts 2 of 2, at most 1 at a time)",
+    "deploy nokube (the hosts without an agent)",
+]
+PLAIN_WAITS = [*CHAIN_WAITS, (SETTLED, (0, 1, 2)), (OK, (3,)), (SETTLED, (0, 1, 2))]
+AFTER = ", after every server runs K3s 1.35"
 UPGRADE = [
     ("deploy-server-first anna (server host anna: its server to K3s 1.35, its agent kept at "
     "1.34 until every server runs 1.35)"),
     ("deploy-server-first bert (server host bert: its server to K3s 1.35, its agent kept at "
     "1.34 until every server runs 1.35)"),
     "deploy carla (server host carla)",
-    ("deploy anna, bert, dora, emil, nokube (the agents and other hosts, after every server "
-    "runs K3s 1.35)"),
+    f"deploy anna (agent hosts 1 of 4, at most 1 at a time{AFTER})",
+    f"deploy bert (agent hosts 2 of 4, at most 1 at a time{AFTER})",
+    f"deploy dora (agent hosts 3 of 4, at most 1 at a time{AFTER})",
+    f"deploy emil (agent hosts 4 of 4, at most 1 at a time{AFTER})",
+    "deploy nokube (the hosts without an agent)",
 ]
+# the first agent batch waits strictly for the last server host: a failed server stops it
+UPGRADE_WAITS = [*CHAIN_WAITS, (OK, (2,)), (OK, (3,)), (OK, (4,)), (OK, (5,)),
+                 (SETTLED, (0, 1, 2))]
 
 
 CASES = [
     Case(
-        "new-cluster: init-server's host first, then each server host in hosts.csv order",
+        "new cluster: init-server's host first, each server host in hosts.csv order, then "
+        "the agent hosts one at a time",
         cluster(BIG_HOSTS, BIG),
-        [
-            "deploy anna (server host anna)",
-            "deploy bert (server host bert)",
-            "deploy carla (server host carla)",
-            "deploy dora, emil, nokube (the other hosts)",
-        ],
-        [Wait.OK, Wait.OK, Wait.OK, Wait.SETTLED],
+        PLAIN,
+        PLAIN_WAITS,
     ),
     Case(
         "running cluster, nothing changes in the order",
         cluster(BIG_HOSTS, BIG),
-        [
-            "deploy anna (server host anna)",
-            "deploy bert (server host bert)",
-            "deploy carla (server host carla)",
-            "deploy dora, emil, nokube (the other hosts)",
-        ],
-        [Wait.OK, Wait.OK, Wait.OK, Wait.SETTLED],
+        PLAIN,
+        PLAIN_WAITS,
         deployed=deployed_of(cluster(BIG_HOSTS, BIG)),
+    ),
+    Case(
+        "maxUnavailable 2: the agent hosts two at a time",
+        cluster(BIG_HOSTS + ["fritz", "gerd"], [*BIG, ("fritz", "a"), ("gerd", "a")]),
+        [
+            *CHAIN,
+            "deploy dora, emil (agent hosts 1 of 2, at most 2 at a time)",
+            "deploy fritz, gerd (agent hosts 2 of 2, at most 2 at a time)",
+            "deploy nokube (the hosts without an agent)",
+        ],
+        PLAIN_WAITS,
+        settings=UpdateSettings(max_unavailable=2),
+    ),
+    Case(
+        "maxUnavailable larger than the agent hosts: one batch",
+        cluster(BIG_HOSTS, BIG),
+        [*CHAIN, "deploy dora, emil (agent hosts 1 of 1, at most 5 at a time)",
+         "deploy nokube (the hosts without an agent)"],
+        [*CHAIN_WAITS, (SETTLED, (0, 1, 2)), (SETTLED, (0, 1, 2))],
+        settings=UpdateSettings(max_unavailable=5),
     ),
     Case(
         "no K3s at all: one phase",
         cluster(["a", "b"], []),
-        ["deploy a, b (the other hosts)"],
-        [Wait.SETTLED],
+        ["deploy a, b (the hosts without an agent)"],
+        [(SETTLED, ())],
     ),
     Case(
         "servers only",
         cluster(["a", "b"], [("b", "i"), ("a", "s")]),
         ["deploy b (server host b)", "deploy a (server host a)"],
-        [Wait.OK, Wait.OK],
+        [(OK, ()), (OK, (0,))],
     ),
-]
-
-
-CASES += [
     Case(
         "K3s minor upgrade: server hosts first with their agents kept back, then the agents",
         BIG_135,
         UPGRADE,
-        [Wait.OK, Wait.OK, Wait.OK, Wait.OK],
+        UPGRADE_WAITS,
         deployed=deployed_of(BIG_134),
         versions=ran(BIG_134, "1.34"),
     ),
@@ -149,19 +178,14 @@ CASES += [
         "the upgrade failed after anna's first pass: anna's agent is still held back",
         BIG_135,
         UPGRADE,
-        [Wait.OK, Wait.OK, Wait.OK, Wait.OK],
+        UPGRADE_WAITS,
         versions={**ran(BIG_134, "1.34"), "anna": HostVersions("1.35", "1.34")},
     ),
     Case(
         "the servers all moved, the agents did not: the agents move, nothing is held back",
         BIG_135,
-        [
-            "deploy anna (server host anna)",
-            "deploy bert (server host bert)",
-            "deploy carla (server host carla)",
-            "deploy dora, emil, nokube (the other hosts)",
-        ],
-        [Wait.OK, Wait.OK, Wait.OK, Wait.SETTLED],
+        PLAIN,
+        PLAIN_WAITS,
         versions={
             **ran(BIG_134, "1.35", "1.34"),
             "anna": HostVersions("1.35", "1.35"),
@@ -171,25 +195,15 @@ CASES += [
     Case(
         "every host already runs the plans' release",
         BIG_135,
-        [
-            "deploy anna (server host anna)",
-            "deploy bert (server host bert)",
-            "deploy carla (server host carla)",
-            "deploy dora, emil, nokube (the other hosts)",
-        ],
-        [Wait.OK, Wait.OK, Wait.OK, Wait.SETTLED],
+        PLAIN,
+        PLAIN_WAITS,
         versions=ran(BIG_135, "1.35"),
     ),
     Case(
         "a state from before the releases were recorded: nothing known, nothing held",
         BIG_135,
-        [
-            "deploy anna (server host anna)",
-            "deploy bert (server host bert)",
-            "deploy carla (server host carla)",
-            "deploy dora, emil, nokube (the other hosts)",
-        ],
-        [Wait.OK, Wait.OK, Wait.OK, Wait.SETTLED],
+        PLAIN,
+        PLAIN_WAITS,
         deployed=deployed_of(BIG_134),
     ),
     Case(
@@ -198,10 +212,12 @@ CASES += [
         [
             "deploy a (server host a)",
             "deploy b (server host b)",
-            "deploy c (the agents and other hosts, after every server runs K3s 1.35)",
+            f"deploy c (agent hosts 1 of 1, at most 1 at a time{AFTER})",
         ],
-        [Wait.OK, Wait.OK, Wait.OK],
-        versions={"a": HostVersions("1.34"), "b": HostVersions("1.34"), "c": HostVersions(None, "1.34")},
+        [(OK, ()), (OK, (0,)), (OK, (1,))],
+        versions={
+            "a": HostVersions("1.34"), "b": HostVersions("1.34"), "c": HostVersions(None, "1.34")
+        },
     ),
 ]
 
@@ -210,7 +226,7 @@ CASES += [
 def test_update_plan(case: Case) -> None:
     plan = plan_update(case.plans, case.deployed, case.settings, case.versions)
     assert plan.describe() == case.want
-    assert [p.wait for p in plan.phases] == case.waits
+    assert [(p.wait, p.waits_for(i)) for i, p in enumerate(plan.phases)] == case.waits
 
 
 def test_every_host_is_deployed_exactly_once_and_servers_before_the_rest() -> None:

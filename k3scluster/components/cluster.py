@@ -40,7 +40,14 @@ from k3scluster.lab.spec import planned_macs
 from k3scluster.membership import Deployed
 from k3scluster.model import Cluster as ClusterModel
 from k3scluster.records import K3S_AGENT_INPUT, K3S_SERVER_INPUT
-from k3scluster.update_plan import Action, HostVersions, Phase, Wait, plan_update
+from k3scluster.update_plan import (
+    Action,
+    HostVersions,
+    Phase,
+    UpdateSettings,
+    Wait,
+    plan_update,
+)
 
 
 @dataclass(frozen=True)
@@ -108,7 +115,9 @@ class Cluster(pulumi.ComponentResource):
         self._vm_macs = planned_macs(c, s.vm.stack) if s.vm else None
         # the order of the update (k3scluster.update_plan): what the render writes depends
         # on it (the servers-first hives of a K3s minor upgrade)
-        self.plan = plan_update(c, args.deployed, versions=args.versions)
+        self.plan = plan_update(
+            c, args.deployed, UpdateSettings(max_unavailable=s.max_unavailable), args.versions
+        )
         self._held = self.plan.held_agents()
         self._files = render.render_files(c, s.render_dir, self._vm_macs, self._held)
         self._file_sha = installer.file_digests(self._files)
@@ -136,14 +145,13 @@ class Cluster(pulumi.ComponentResource):
             Action.DEPLOY: self._deploy_phase,
             Action.DEPLOY_SERVER_FIRST: self._server_first_phase,
         }
-        before: list[pulumi.Resource] = []  # the phase just before
-        earlier: list[pulumi.Resource] = []  # every phase before
-        for phase in self.plan.phases:
+        made: list[list[pulumi.Resource]] = []  # each phase's steps, in order
+        for i, phase in enumerate(self.plan.phases):
+            after = [r for k in phase.waits_for(i) for r in made[k]]
             waits_for: list[pulumi.Input[pulumi.Resource]] = (
-                list(before) if phase.wait is Wait.OK else health.settled(earlier)
+                list(after) if phase.wait is Wait.OK else health.settled(after)
             )
-            before = builders[phase.action](phase, waits_for)
-            earlier += before
+            made.append(builders[phase.action](phase, waits_for))
 
         self._register()
 

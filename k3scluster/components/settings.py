@@ -47,6 +47,9 @@ class Settings:
     # the ssh files: steps record a path under one of them as the stack file names it, and
     # resolve it when they run (stackpaths.py), so that no step names one operator's paths
     recorded_as: tuple[tuple[Path, str], ...] = ()
+    # updates (k3scluster.update_plan): agent hosts deployed at once; how long a drain may take
+    max_unavailable: int = 1
+    drain_timeout: float = 600.0
 
     def rec(self, path: Path) -> Path:
         """``path`` as steps record it (``stackpaths.recorded``)."""
@@ -75,6 +78,11 @@ class Settings:
             raise K3sClusterError(
                 f"k3scluster:runnerProcesses is {self.runner_processes}; it must be at least 1",
                 hint="pulumi config set k3scluster:runnerProcesses 4",
+            )
+        if self.max_unavailable < 1:
+            raise K3sClusterError(
+                f"k3scluster:maxUnavailable is {self.max_unavailable}; it must be at least 1",
+                hint="pulumi config set k3scluster:maxUnavailable 1",
             )
         if self.parallel < 1:
             raise K3sClusterError(
