@@ -302,3 +302,33 @@ def test_status_outside_a_project_is_a_clear_error(tmp_path: Path, capsys: Any) 
     assert code == 1
     err = capsys.readouterr().err
     assert "Pulumi.yaml does not exist" in err and "--project" in err
+
+
+
+@pytest.mark.parametrize("vms", ["false", "true"])
+def test_the_planned_digest_is_the_one_the_program_exports(
+    example_dir: Path, vms: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """status.planned_digests against the `hosts` output of the Pulumi program itself (mocks),
+    for a hardware stack and a VM stack: one rule, so "up to date" means what `up` means."""
+    import test_components
+    from pulumi.runtime import rpc
+
+    from k3scluster.lab import netcheck
+
+    monkeypatch.setattr(netcheck, "check_machine", lambda *a: None)
+    outputs: dict[str, Any] = {}
+
+    def keep(self: Any, request: Any) -> Any:
+        outputs[request.urn] = rpc.deserialize_properties(request.outputs)
+        return type(self).__mro__[1].RegisterResourceOutputs(self, request)
+
+    monkeypatch.setattr(test_components.RecordingMonitor, "RegisterResourceOutputs", keep,
+                        raising=False)
+    test_components.run_program(example_dir, "python", vms=vms, vmAccel="tcg")
+    # the Cluster component's `hosts` (what the program exports as the stack output `hosts`)
+    hosts = next(o["hosts"] for u, o in outputs.items() if u.endswith("Cluster::cluster"))
+    cluster, _ = load_or_raise(example_dir)
+    planned = status.planned_digests(
+        cluster, example_dir / ".k3scluster" / "mock", "mock" if vms == "true" else None)
+    assert {h: v["digest"] for h, v in hosts.items()} == planned
