@@ -62,6 +62,7 @@ class NetNS:
 
     @classmethod
     def create(cls, addresses: Sequence[str] = ()) -> NetNS:
+        _remove_stale()
         ns = cls(f"k3sct-{os.getpid()}-{next(_COUNTER)}")
         _ip("netns", "add", ns.name)
         try:
@@ -126,6 +127,28 @@ class NetNS:
 
     def delete(self) -> None:
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True, check=False)
+
+
+def _remove_stale() -> None:
+    """Namespaces of an earlier test run that was killed (its pid is gone): the servers it
+    started in them are killed and the namespaces removed."""
+    import signal
+
+    for p in Path("/run/netns").glob("k3sct-*-*"):
+        pid = int(p.name.split("-")[1])
+        try:
+            os.kill(pid, 0)
+            continue  # its test run is alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        pids = subprocess.run(["ip", "netns", "pids", p.name], capture_output=True, text=True,
+                              check=False)
+        for left in pids.stdout.split():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(left), signal.SIGKILL)
+        subprocess.run(["ip", "netns", "del", p.name], capture_output=True, check=False)
 
 
 def stop(proc: subprocess.Popen[bytes], grace: float = 5) -> None:
