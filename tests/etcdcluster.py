@@ -223,13 +223,13 @@ class EtcdCluster:
 
     def join(self, host: str, via: str) -> None:
         """What K3s does when a server with an empty data dir joins: ``member add`` a new
-        ``<host>-<hex>`` through ``via`` (retried for 30 s while etcd answers "unhealthy
+        ``<host>-<hex>`` through ``via`` (retried for 15 s while etcd answers "unhealthy
         cluster"), then start it with the cluster's members. Raises with etcdctl's answer
         when the add is refused."""
         m = self.hosts[host]
         self.wipe(host)
         m.name = f"{host}-{secrets.token_hex(4)}"
-        end = time.monotonic() + 30
+        end = time.monotonic() + 15
         while True:  # etcd refuses an add until its members were connected for 5 s
             r = self.etcdctl(via, "member", "add", m.name, f"--peer-urls=https://{m.ip}:2380",
                              "-w", "json")

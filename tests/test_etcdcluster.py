@@ -44,6 +44,15 @@ def test_a_stopped_member_stays_listed_until_removed_and_rejoins_under_a_new_nam
     assert c.hosts["erik"].name in names and old not in names and len(names) == 3
 
 
+def test_a_wiped_member_cannot_rejoin_while_its_stale_member_is_listed(etcd_cluster: Any) -> None:
+    c = etcd_cluster
+    c.wipe("erik")
+    # a fourth member would need 3 of 4 for a quorum, and only 2 run: etcd refuses the add
+    with pytest.raises(RuntimeError, match="etcdserver: unhealthy cluster"):
+        c.join("erik", via="olaf")
+    assert len(c.members(via="olaf")) == 3
+
+
 def c_bin(name: str) -> Any:
     from kubeapi import BIN
 
