@@ -140,7 +140,6 @@ def _plan_state(deployed: Mapping[str, Any] | None, planned: str | None) -> str:
 
 
 def _attention(
-    host: str,
     plan: str,
     drift: bool | None,
     system: str | None,
@@ -239,7 +238,7 @@ def host_statuses(
                 needs_reboot=reboot,
                 deployed_at=_str((rec or {}).get("deployedAt")),
                 health=_str((rec or {}).get("health")),
-                attention=_attention(name, plan, drift, system, running, seen, states, reboot),
+                attention=_attention(plan, drift, system, running, seen, states, reboot),
             )
         )
     return rows
