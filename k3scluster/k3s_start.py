@@ -1,4 +1,5 @@
-"""The start-time decision of a K3s server: restart its etcd member, join, or init.
+"""The start-time decisions of K3s: a server restarts its etcd member, joins, or inits; an
+agent registers with the first server that answers.
 
 ``hosts/<init>.nix`` used to set ``clusterInit = true`` for good, so a reinstalled (or
 disk-swapped) init-server bootstrapped a second one-member cluster beside the running
@@ -40,6 +41,20 @@ def sh_value(v: object) -> str:
     if isinstance(v, bool) or not isinstance(v, str | int):
         raise TypeError(f"no shell form for {type(v).__name__}: {v!r}")
     return shlex.quote(str(v))
+
+
+# The agent's choice (modules/k3s-agent-start.sh, run before each start of its container):
+# the first server that answers, written as K3S_URL for `podman run --env-file`
+AGENT_SCRIPT_TEMPLATE = "k3s-agent-start.sh.j2"
+AGENT_SCRIPT_PATH = "modules/k3s-agent-start.sh"
+AGENT_ENV_FILE = "/run/k3scluster/k3s-agent.env"
+
+
+def registration_servers(cluster: Cluster) -> list[str]:
+    """The addresses an agent asks, in order: the planned init-server, then plan order."""
+    servers = [n for n in cluster.k3s if n.type.is_server]
+    servers.sort(key=lambda n: n.type is not K3sType.INIT_SERVER)
+    return [str(n.ip) for n in servers]
 
 
 def other_servers(cluster: Cluster, server: K3sNode) -> list[str]:

@@ -20,6 +20,7 @@ Layout of OUT::
     modules/k3s-server.nix    K3s server in the NixOS container `k3s-server`
     modules/k3s-server-start.sh  before each K3s server start: restart, join or init
     modules/k3s-agent.nix     K3s agent in the podman container `k3s-agent`
+    modules/k3s-agent-start.sh   before each K3s agent start: the server it registers with
     hosts/<host>.nix          the host's values and imports
     installers/<host>/...     k3scluster.installer
 """
@@ -42,12 +43,16 @@ from k3scluster import diagram, installer
 from k3scluster.bootdisk import boot_disk_rules
 from k3scluster.errors import K3sClusterError
 from k3scluster.k3s_start import (
+    AGENT_ENV_FILE,
+    AGENT_SCRIPT_PATH,
+    AGENT_SCRIPT_TEMPLATE,
     ENV_FILE,
     ETCD_WAL_DIR,
     SCRIPT_PATH,
     SCRIPT_TEMPLATE,
     SCRIPT_VALUES,
     other_servers,
+    registration_servers,
     sh_value,
 )
 from k3scluster.macs import agent_mac, host_macvlan_mac, server_mac
@@ -333,7 +338,8 @@ def _host_context(cluster: Cluster, host: Host, out: Path) -> dict[str, object]:
             "values": {
                 "name": agent.name,
                 "address": str(agent.ip),
-                "serverUrl": f"https://{init.ip}:6443",
+                # where it registers: the first of these that answers (k3s-agent-start.sh)
+                "servers": registration_servers(cluster),
                 "subnet": str(net.network),
                 "macAddress": agent_mac(agent.name),
             },
@@ -437,6 +443,7 @@ def render_files(
         "agent_token_key": AGENT_TOKEN_KEY,
         "agent_network": AGENT_NETWORK,
         "start_env": ENV_FILE,
+        "agent_start_env": AGENT_ENV_FILE,
         "etcd_wal_dir": ETCD_WAL_DIR,
     }
     files: dict[str, str] = {}
@@ -444,6 +451,7 @@ def render_files(
     for template, path in MODULES.items():
         files[path] = env.get_template(template).render(**common)
     files[SCRIPT_PATH] = env.get_template(SCRIPT_TEMPLATE).render(**SCRIPT_VALUES)
+    files[AGENT_SCRIPT_PATH] = env.get_template(AGENT_SCRIPT_TEMPLATE).render(**SCRIPT_VALUES)
     files["hive.nix"] = env.get_template("hive.nix.j2").render(
         **common, **_hive_context(cluster, out)
     )
@@ -667,6 +675,7 @@ def host_inputs(cluster: Cluster, host_name: str, files: Mapping[str, str]) -> d
         used.append(SCRIPT_PATH)
     if agent:
         used.append("modules/k3s-agent.nix")
+        used.append(AGENT_SCRIPT_PATH)
     for rel in used:
         inputs[f"file:{rel}"] = _sha(files[rel])
     keys = sorted(

@@ -1,4 +1,5 @@
-"""Runs one case of modules/k3s-server-start.sh against stand-in K3s servers (tests only).
+"""Runs one case of modules/k3s-server-start.sh or k3s-agent-start.sh against stand-in K3s
+servers (tests only).
 
 Called by tests/test_k3s_start.py inside a network namespace it made (``unshare -n``):
 nothing here reaches the machine's network. The stand-ins are real HTTPS servers (Python
@@ -12,8 +13,9 @@ bash and the real curl and coreutils. What a stand-in does, per address:
   down   nothing listens
 
 Input (argv[1], JSON): {"script", "role", "servers": [[ip, kind], ...], "wal": bool,
-"stale_env": bool}. Output (stdout, JSON): {"rc", "env" (file text or null), "stdout",
-"stderr"}.
+"stale_env": bool}; role "agent" runs modules/k3s-agent-start.sh (ENV_FILE SERVER_IP...)
+instead of the server's script. Output (stdout, JSON): {"rc", "env" (file text or null),
+"stdout", "stderr"}.
 """
 
 from __future__ import annotations
@@ -109,7 +111,10 @@ def main() -> None:
         if case.get("stale_env"):
             env_file.parent.mkdir(parents=True)
             env_file.write_text("K3S_CLUSTER_INIT=true\n")
-        argv = ["bash", case["script"], case["role"], str(env_file), str(wal)]
+        if case["role"] == "agent":
+            argv = ["bash", case["script"], str(env_file)]
+        else:
+            argv = ["bash", case["script"], case["role"], str(env_file), str(wal)]
         argv += [ip for ip, _ in case["servers"]]
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
         print(

@@ -349,7 +349,9 @@ def test_host_values(rendered: tuple[Path, dict[str, str]]) -> None:
     assert "k3sVersion" not in server and "packageAttr" not in server
     agent = olaf["k3scluster"]["agent"]
     assert "image" not in agent
-    assert agent["serverUrl"] == "https://10.0.100.10:6443"
+    # every server, the init-server first: the agent registers with the first that answers
+    assert agent["servers"] == ["10.0.100.10", "10.0.100.12", "10.0.100.14"]
+    assert "serverUrl" not in agent
     ulf = nix_eval(f"(import {out}/hosts/ulf.nix {HOST_ARGS}).k3scluster.server")
     assert isinstance(ulf, dict)
     assert ulf["clusterInit"] is False
@@ -641,9 +643,14 @@ def test_a_removed_hosts_leftover_files_redeploy_nobody(cluster: Cluster) -> Non
         k3s=tuple(n for n in cluster.k3s if n.host != "ulf"),
     )
     after = all_digests(remaining)
-    # only the other servers change: they no longer ask ulf's server at start
-    # (k3scluster.servers, modules/k3s-server-start.sh); its leftover file changes nobody
-    assert changed({k: v for k, v in before.items() if k != "ulf"}, after) == {"olaf", "rolf"}
+    # only the K3s hosts change: the other servers and the agents no longer ask ulf's
+    # server at start (modules/k3s-server-start.sh, k3s-agent-start.sh); its leftover
+    # file changes nobody
+    assert changed({k: v for k, v in before.items() if k != "ulf"}, after) == {
+        "olaf",
+        "rolf",
+        "karl",
+    }
     # while a shared file (imported by anyone) still changes every host
     (cluster.root / "nixConfigs" / "common").mkdir()
     (cluster.root / "nixConfigs" / "common" / "users.nix").write_text("{ ... }: { }\n")

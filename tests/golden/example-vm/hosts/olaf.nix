@@ -67,7 +67,7 @@
   k3scluster.agent = {
     name = "olaf-k3s-agent";
     address = "10.0.100.11";
-    serverUrl = "https://10.0.100.10:6443";
+    servers = [ "10.0.100.10" "10.0.100.12" "10.0.100.14" ];
     subnet = "10.0.100.0/24";
     macAddress = "be:38:59:71:75:a0";
   };

@@ -50,7 +50,7 @@
   k3scluster.agent = {
     name = "ulf-k3s-agent";
     address = "10.0.100.13";
-    serverUrl = "https://10.0.100.10:6443";
+    servers = [ "10.0.100.10" "10.0.100.12" "10.0.100.14" ];
     subnet = "10.0.100.0/24";
     macAddress = "46:de:b8:b2:26:70";
   };

@@ -49,7 +49,7 @@
   k3scluster.agent = {
     name = "karl-k3s-agent";
     address = "10.0.100.15";
-    serverUrl = "https://10.0.100.10:6443";
+    servers = [ "10.0.100.10" "10.0.100.12" "10.0.100.14" ];
     subnet = "10.0.100.0/24";
     macAddress = "8e:5f:0b:e4:b1:4c";
   };

@@ -28,6 +28,9 @@ let
   # change of subnet, gateway or NIC in the plans makes preStart recreate it.
   networkSpec = "${cfg.subnet},${host.gateway},${host.interface}";
   state = "/var/lib/k3scluster/agent";
+  # Where the agent registers, decided before each start (./k3s-agent-start.sh): K3S_URL
+  # in this file, which `podman run --env-file` reads.
+  startEnv = "/run/k3scluster/k3s-agent.env";
   podman = "${config.virtualisation.podman.package}/bin/podman";
 in
 {
@@ -36,7 +39,7 @@ in
   options.k3scluster.agent = {
     name = lib.mkOption { type = str; description = "K3s name: the Kubernetes node name."; };
     address = lib.mkOption { type = str; description = "The agent's IPv4 address."; };
-    serverUrl = lib.mkOption { type = str; description = "https://<init-server>:6443"; };
+    servers = lib.mkOption { type = lib.types.listOf str; description = "The servers' IPv4 addresses, the init-server first: the agent registers with the first that answers."; };
     subnet = lib.mkOption { type = str; description = "The plan's subnet, for the macvlan network."; };
     macAddress = lib.mkOption { type = str; description = "The agent's stable, locally administered MAC on the macvlan network."; };
     k3sPackageAttr = lib.mkOption {
@@ -52,7 +55,6 @@ in
       image = k3s.image;
       cmd = [ "agent" ];
       environment = {
-        K3S_URL = cfg.serverUrl;
         K3S_TOKEN_FILE = "${secretsMount}/${agentTokenKey}";
         K3S_NODE_NAME = cfg.name;
       };
@@ -85,6 +87,8 @@ in
         # for the agent's address in the LAN.
         "--mac-address=${cfg.macAddress}"
         "--hostname=${cfg.name}"
+        # K3S_URL: the server that answered before this start (preStart below)
+        "--env-file=${startEnv}"
         "--tmpfs=/run"
         "--tmpfs=/var/run"
         # podman caps a container at 2048 processes by default; this container is a
@@ -127,6 +131,33 @@ in
       # again then, and holds.
       unitConfig.ConditionPathExists = agentTokenFile;
       after = [ "${agentTokenKey}-key.service" ];
+    };
+
+    # Before every start of the agent container (Requires, so each restart, Restart=always
+    # included, runs it again): the server to register with, the first of the plan's
+    # servers (the init-server first) that answers /cacerts, as K3S_URL in startEnv. None
+    # answers -> exit 1, and systemd runs it again in 5 s; RestartMode=direct (systemd >=
+    # 254) keeps the container's start waiting through those retries instead of failing
+    # it. A new or reinstalled agent so joins while the init-server is down, as long as
+    # another server is up. The same guard as the container: nothing to decide before
+    # the first deploy has brought the agent token.
+    systemd.services.k3s-agent-start = {
+      description = "Decide which K3s server the agent registers with";
+      before = [ "podman-k3s-agent.service" ];
+      requiredBy = [ "podman-k3s-agent.service" ];
+      after = [ "network-online.target" ];
+      wants = [ "network-online.target" ];
+      unitConfig.ConditionPathExists = agentTokenFile;
+      path = [ pkgs.curl pkgs.coreutils ];
+      script = "exec ${pkgs.bash}/bin/bash ${./k3s-agent-start.sh} ${
+        lib.escapeShellArgs ([ startEnv ] ++ cfg.servers)
+      }";
+      serviceConfig = {
+        Type = "oneshot";
+        Restart = "on-failure";
+        RestartSec = "5s";
+        RestartMode = "direct";
+      };
     };
 
     systemd.tmpfiles.rules = [
