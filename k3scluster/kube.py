@@ -1,10 +1,20 @@
-"""The cluster's API after a deploy: the kubeconfig, and the health gates' checks.
+"""The cluster's API after a deploy: the kubeconfig, the health gates' checks, and day 2.
 
 Plain library code (no pulumi). The client is the real ``kubernetes`` Python client; the
 credentials are the admin kubeconfig K3s writes on every server
 (``/etc/rancher/k3s/k3s.yaml`` inside the ``k3s-server`` container, which is
 :data:`KUBECONFIG_ON_HOST` on the host), read over ssh and kept in memory. Nothing here ever
 prints a key: messages carry URLs, node names, HTTP status and the API's own check lines.
+
+Day 2 (each takes ``kubeconfig, server, node``; errors are :class:`K3sClusterError`):
+
+- :func:`cordon` -> True only when this call cordoned the node (uncordon only then);
+  :func:`uncordon`;
+- :func:`drain` (``timeout``, ``progress``) -> :class:`DrainResult`: ``kubectl drain
+  --ignore-daemonsets --delete-emptydir-data`` through the Eviction API, waiting until the
+  evicted pods are gone; it does not cordon;
+- :func:`delete_node`, :func:`delete_node_password_secret` -> False when there was nothing
+  to delete.
 """
 
 from __future__ import annotations
@@ -469,7 +479,7 @@ def drain(
                 f"draining node {node} timed out after {duration(timeout)}; pods that did not "
                 f"go: {', '.join(why)}",
                 hint="a PodDisruptionBudget allows no disruption now (kubectl get pdb -A), or a "
-                "pod does not terminate; fix that and run again, or raise k3scluster:drainTimeout",
+                "pod does not terminate; fix that and run again, or allow the drain more time",
             )
         waiting = ", ".join(sorted(blocked) + sorted(evicted))
         if waiting != last_waiting or elapsed - last_report >= report_every:
@@ -487,7 +497,8 @@ def _evict(core: Any, pod: Any) -> str | None:
     from kubernetes.client.exceptions import ApiException
 
     md = pod.metadata
-    body = client.V1Eviction(metadata=client.V1ObjectMeta(name=md.name, namespace=md.namespace))
+    body = client.V1Eviction(api_version="policy/v1", kind="Eviction",
+                             metadata=client.V1ObjectMeta(name=md.name, namespace=md.namespace))
     try:
         core.create_namespaced_pod_eviction(md.name, md.namespace, body)
     except ApiException as err:

@@ -247,9 +247,19 @@ def test_drain_waits_until_the_evicted_pods_are_gone(kube: Any) -> None:
         kubelib.drain(kube.kubeconfig, kube.server, node, timeout=2, poll=0.2)
     assert f"{ns}/{web} (evicted, still terminating)" in str(err.value)
     assert core.read_namespaced_pod(web, ns).metadata.deletion_timestamp is not None
-    with kube.kubelet():  # now a kubelet finishes it: the drain returns
-        assert kubelib.drain(kube.kubeconfig, kube.server, node, timeout=30,
-                             poll=0.2).evicted == [f"{ns}/{web}"]
+    # Again, with time enough: the drain waits on the terminating pod until a kubelet
+    # finishes it, and only then returns.
+    result: list[Any] = []
+    t = threading.Thread(target=lambda: result.append(kubelib.drain(
+        kube.kubeconfig, kube.server, node, timeout=60, poll=0.2)))
+    with kube.ns.entered():
+        t.start()
+    t.join(2)
+    assert t.is_alive() and not result
+    with kube.kubelet():
+        t.join(60)
+    assert result and result[0].evicted == [f"{ns}/{web}"]
+    assert not _exists(core, ns, web)
 
 
 def test_drain_of_an_empty_node_returns_at_once(kube: Any) -> None:
