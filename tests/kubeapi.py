@@ -40,6 +40,9 @@ The :class:`KubeAPI` object::
     api.pki          the directory of the CA and certificates (server-ca.crt, client.crt, ...)
     api.core()       a kubernetes CoreV1Api (use it inside the namespace)
     api.kubelet()    context manager: the kubelet stand-in thread runs for the block
+    api.add_node(name, ready=True, version="v1.35.4+k3s1", labels=None)
+                     a Node as a K3s agent's kubelet registers it (Ready, kubeletVersion);
+                     api.set_node_status(name, ready=..., version=...) changes both later
 
 A test that needs other addresses starts its own with :func:`start` (about 10-20 s).
 """
@@ -146,6 +149,32 @@ class KubeAPI:
         from kubernetes import client
 
         return client.CoreV1Api(self.api_client())
+
+    def add_node(self, name: str, *, ready: bool = True, version: str = "v1.35.4+k3s1",
+                 labels: dict[str, str] | None = None) -> None:
+        """Registers Node ``name`` with a Ready condition and a kubelet version, as a K3s
+        agent's kubelet does (it stands in for that registration). Call it inside the
+        namespace."""
+        from kubernetes import client
+
+        core = self.core()
+        core.create_node(client.V1Node(metadata=client.V1ObjectMeta(name=name, labels=labels)))
+        self.set_node_status(name, ready=ready, version=version)
+
+    def set_node_status(self, name: str, *, ready: bool = True,
+                        version: str = "v1.35.4+k3s1") -> None:
+        """Node ``name``'s Ready condition and kubelet version, as its kubelet reports them."""
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        info = {k: "" for k in ("machineID", "systemUUID", "bootID", "kernelVersion",
+                                "osImage", "containerRuntimeVersion", "kubeProxyVersion",
+                                "operatingSystem", "architecture")}
+        info.update(kubeletVersion=version, operatingSystem="linux", architecture="amd64")
+        self.core().patch_node_status(name, {"status": {
+            "conditions": [{"type": "Ready", "status": "True" if ready else "False",
+                            "reason": "KubeletReady" if ready else "KubeletNotReady",
+                            "lastHeartbeatTime": now, "lastTransitionTime": now}],
+            "nodeInfo": info,
+        }})
 
     def log_tail(self, name: str, lines: int = 30) -> str:
         p = self.logs / f"{name}.log"
