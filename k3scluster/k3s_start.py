@@ -50,6 +50,13 @@ AGENT_SCRIPT_PATH = "modules/k3s-agent-start.sh"
 AGENT_ENV_FILE = "/run/k3scluster/k3s-agent.env"
 
 
+# Removes the links of manifests that left the plans (modules/k3s-manifests-prune.sh)
+PRUNE_TEMPLATE = "k3s-manifests-prune.sh.j2"
+PRUNE_PATH = "modules/k3s-manifests-prune.sh"
+# where services.k3s.manifests links the manifests (nixpkgs' k3s module)
+MANIFEST_DIR = "/var/lib/rancher/k3s/server/manifests"
+
+
 def registration_servers(cluster: Cluster) -> list[str]:
     """The addresses an agent asks, in order: the planned init-server, then plan order."""
     servers = [n for n in cluster.k3s if n.type.is_server]

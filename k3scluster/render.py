@@ -48,6 +48,9 @@ from k3scluster.k3s_start import (
     AGENT_SCRIPT_TEMPLATE,
     ENV_FILE,
     ETCD_WAL_DIR,
+    MANIFEST_DIR,
+    PRUNE_PATH,
+    PRUNE_TEMPLATE,
     SCRIPT_PATH,
     SCRIPT_TEMPLATE,
     SCRIPT_VALUES,
@@ -82,6 +85,8 @@ AGENT_NETWORK = "k3s-macvlan"
 # Marker written into OUT: write_tree only ever replaces a directory that holds it
 # (or an empty one), so a wrong --out can never wipe a directory of the user's.
 MARKER = ".k3scluster-render"
+# the manifests/ file names of the render (read back by removed_manifests)
+MANIFEST_LIST = "manifests.json"
 
 
 # eth0, eth1, …: names the kernel gives and NixOS replaces unless predictable names are off
@@ -443,6 +448,7 @@ def render_files(
         "agent_token_key": AGENT_TOKEN_KEY,
         "agent_network": AGENT_NETWORK,
         "start_env": ENV_FILE,
+        "manifest_dir": MANIFEST_DIR,
         "agent_start_env": AGENT_ENV_FILE,
         "etcd_wal_dir": ETCD_WAL_DIR,
     }
@@ -452,6 +458,10 @@ def render_files(
         files[path] = env.get_template(template).render(**common)
     files[SCRIPT_PATH] = env.get_template(SCRIPT_TEMPLATE).render(**SCRIPT_VALUES)
     files[AGENT_SCRIPT_PATH] = env.get_template(AGENT_SCRIPT_TEMPLATE).render(**SCRIPT_VALUES)
+    files[PRUNE_PATH] = env.get_template(PRUNE_TEMPLATE).render()
+    # the manifests of this render: the next preview and up compare with it (a manifest
+    # that left the plans leaves its objects in the cluster: they say so). No host uses it.
+    files[MANIFEST_LIST] = _json(sorted(cluster.manifests))
     files["hive.nix"] = env.get_template("hive.nix.j2").render(
         **common, **_hive_context(cluster, out)
     )
@@ -481,6 +491,29 @@ def servers_first_hive(host: str, package_attr: str) -> str:
     (``k3s_1_34``), for the deploy that moves the host's K3s server before its agent."""
     return _environment().get_template("hive-servers-first.nix.j2").render(
         hive=NixPath("../hive.nix"), host=host, package_attr=package_attr
+    )
+
+
+def removed_manifests(cluster: Cluster, out: Path) -> list[str]:
+    """manifests/ files the render at ``out`` had and the plans no longer have.
+
+    Their links leave the servers with the next deploy (k3s-manifests-prune.sh), but K3s
+    deletes nothing it applied: the user must remove their objects. Empty when there is no
+    earlier render (or it predates the list)."""
+    try:
+        before = json.loads((Path(out) / MANIFEST_LIST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    if not isinstance(before, list):
+        return []
+    return sorted({str(m) for m in before} - set(cluster.manifests))
+
+
+def removed_manifest_warning(name: str) -> str:
+    return (
+        f"manifests/{name} is no longer in the plans: the next deploy removes its link from "
+        "every K3s server, but K3s deletes nothing it applied: its objects stay in the "
+        f"cluster. Delete them yourself (`kubectl delete -f <a copy of {name}>`)."
     )
 
 
@@ -673,6 +706,7 @@ def host_inputs(cluster: Cluster, host_name: str, files: Mapping[str, str]) -> d
     if server:
         used.append("modules/k3s-server.nix")
         used.append(SCRIPT_PATH)
+        used.append(PRUNE_PATH)
     if agent:
         used.append("modules/k3s-agent.nix")
         used.append(AGENT_SCRIPT_PATH)

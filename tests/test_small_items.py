@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import shlex
+import subprocess
 from pathlib import Path
 
-from nixeval import module_config
+import pulumi
+import pytest
+from nixeval import container_config, module_config
 
 from k3scluster import diagram, plans
 from k3scluster.model import Cluster
-from k3scluster.render import cluster_data, render_to_dir
+from k3scluster.render import cluster_data, removed_manifests, render_to_dir
 
 
 def load(root: Path) -> Cluster:
@@ -48,3 +52,81 @@ def test_trusted_users_is_left_at_nixos_default(example_dir: Path) -> None:
     render_to_dir(load(example_dir), out)
     nix = module_config(out, "base", "ulrich", ".nix")
     assert isinstance(nix, dict) and "settings" not in nix
+
+
+# -- a manifest that leaves the plans ------------------------------------------------------
+# nixpkgs' k3s module links each services.k3s.manifests entry into the manifests directory
+# (tmpfiles L+ from 25.05, ExecStartPre in 24.11) and never removes a link; K3s deletes
+# nothing it applied when a file goes (its docs: packaged components, "deleting manifest
+# files will not remove ... the resources", also in the option's description).
+
+
+def _prune(tmp_path: Path, planned: list[str]) -> tuple[subprocess.CompletedProcess[str], Path]:
+    from k3scluster.k3s_start import PRUNE_TEMPLATE
+    from k3scluster.render import _environment
+
+    script = tmp_path / "prune.sh"
+    script.write_text(_environment().get_template(PRUNE_TEMPLATE).render())
+    d = tmp_path / "manifests"
+    d.mkdir()
+    (d / "hello.yaml").symlink_to("/nix/store/aaaa-hello.yaml")  # planned
+    (d / "gone.yaml").symlink_to("/nix/store/bbbb-gone.yaml")  # left the plans, dangles
+    (d / "coredns.yaml").write_text("kind: List\n")  # K3s's own, a regular file
+    (d / "mine.yaml").symlink_to(tmp_path / "elsewhere.yaml")  # not NixOS's: left alone
+    proc = subprocess.run(
+        ["bash", str(script), str(d), *planned], capture_output=True, text=True, check=False
+    )
+    return proc, d
+
+
+def test_the_link_of_a_removed_manifest_goes_and_the_journal_says_what_stays(
+    tmp_path: Path,
+) -> None:
+    proc, d = _prune(tmp_path, ["hello.yaml"])
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in d.iterdir()) == ["coredns.yaml", "hello.yaml", "mine.yaml"]
+    assert proc.stdout == (
+        "manifests/gone.yaml is no longer in the plans: its link is removed; the objects it "
+        "made stay in the cluster (delete them with kubectl delete -f <a copy of it>)\n"
+    )
+    # nothing planned is touched, and a second run finds nothing
+    again = subprocess.run(
+        ["bash", str(tmp_path / "prune.sh"), str(d), "hello.yaml"],
+        capture_output=True, text=True, check=False,
+    )
+    assert (again.returncode, again.stdout) == (0, "")
+
+
+def test_the_prune_unit_runs_before_k3s_with_the_planned_names(example_dir: Path) -> None:
+    out = example_dir / ".k3scluster" / "render"
+    render_to_dir(load(example_dir), out)
+    unit = container_config(out, "olaf", ".systemd.services.k3s-manifests-prune")
+    assert isinstance(unit, dict)
+    assert unit["before"] == ["k3s.service"] and unit["wantedBy"] == ["multi-user.target"]
+    assert unit["serviceConfig"] == {"Type": "oneshot", "RemainAfterExit": True}
+    argv = shlex.split(str(unit["script"]))
+    assert argv[2].endswith("-k3s-manifests-prune.sh")
+    assert argv[3:] == ["/var/lib/rancher/k3s/server/manifests", "hello.yaml"]
+    # the names it keeps are the links nixpkgs makes (target = the file's name)
+    manifests = container_config(out, "olaf", ".services.k3s.manifests")
+    assert isinstance(manifests, dict)
+    assert [m["target"] for m in manifests.values()] == argv[4:]
+
+
+def test_preview_and_up_warn_about_a_manifest_that_left_the_plans(
+    example_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_components import run_program
+
+    render_dir = example_dir / ".k3scluster" / "mock"
+    render_to_dir(load(example_dir), render_dir)  # the last render had hello.yaml
+    (example_dir / "manifests" / "hello.yaml").unlink()
+    said: list[str] = []
+    monkeypatch.setattr(pulumi.log, "warn", lambda msg, *a, **k: said.append(str(msg)))
+    run_program(example_dir, "python", renderDir=str(render_dir), waitReady="false")
+    gone = [m for m in said if m.startswith("manifests/hello.yaml is no longer in the plans")]
+    assert len(gone) == 1 and "its objects stay in the cluster" in gone[0]
+    # once a render without it is written (the up), nothing more is said
+    assert removed_manifests(load(example_dir), render_dir) == ["hello.yaml"]
+    render_to_dir(load(example_dir), render_dir)
+    assert removed_manifests(load(example_dir), render_dir) == []

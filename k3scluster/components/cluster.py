@@ -120,6 +120,10 @@ class Cluster(pulumi.ComponentResource):
         )
         self._held = self.plan.held_agents()
         self._files = render.render_files(c, s.render_dir, self._vm_macs, self._held)
+        # a manifest that left the plans since the last render: its objects stay in the
+        # cluster (preview and up say so until the render that drops it)
+        for gone in render.removed_manifests(c, s.render_dir):
+            pulumi.log.warn(render.removed_manifest_warning(gone))
         self._file_sha = installer.file_digests(self._files)
 
         self.secrets = {

@@ -38,6 +38,7 @@ let
   # k3s.service reads, and the directory K3s itself takes for "etcd has data here".
   startEnv = "/run/k3scluster/k3s-start.env";
   etcdWalDir = "/var/lib/rancher/k3s/server/db/etcd/member/wal";
+  manifestDir = "/var/lib/rancher/k3s/server/manifests";
   sshSettings = {
     PasswordAuthentication = false;
     KbdInteractiveAuthentication = false;
@@ -210,6 +211,27 @@ in
             Restart = "on-failure";
             RestartSec = "5s";
             RestartMode = "direct";
+          };
+        };
+
+        # The links of manifests that left the plans, removed (./k3s-manifests-prune.sh);
+        # nixpkgs links each planned one but never removes one. At every boot and,
+        # because its arguments (the planned names) change with them, at every
+        # activation that changes the manifests (a oneshot that stays active is
+        # restarted by switch-to-configuration when it changed). Before k3s.service, so
+        # K3s never reads a link that dangles.
+        systemd.services.k3s-manifests-prune = {
+          description = "Remove the links of manifests no longer in the plans";
+          wantedBy = [ "multi-user.target" ];
+          before = [ "k3s.service" ];
+          after = [ "systemd-tmpfiles-setup.service" ];
+          path = [ pkgs.coreutils ];
+          script = "exec ${pkgs.bash}/bin/bash ${./k3s-manifests-prune.sh} ${
+            lib.escapeShellArgs ([ manifestDir ] ++ builtins.attrNames cfg.manifests)
+          }";
+          serviceConfig = {
+            Type = "oneshot";
+            RemainAfterExit = true;
           };
         };
 
