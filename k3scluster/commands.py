@@ -115,11 +115,15 @@ def ssh_command(
     identity: Path | None = None,
     known_hosts: Path | None = None,
     connect_timeout: int = 15,
+    remember_host_keys: bool = True,
 ) -> list[str]:
     """``ssh -o BatchMode=yes … <user>@<ip> REMOTE…``: run words on a host (its shell joins them).
 
     BatchMode makes ssh fail instead of asking for a password; a new host key is accepted
     and remembered (the first contact with a freshly installed host), a changed one is not.
+    ``remember_host_keys`` False (a read-only look, ``k3scluster status``): only a host whose
+    key is known already is accepted, and no known_hosts file is written
+    (``StrictHostKeyChecking=yes``, ``UpdateHostKeys=no``).
     ``identity`` is a private key *file* (``-i FILE -o IdentitiesOnly=yes``: that key and no
     other, not the agent's); ``known_hosts`` replaces ``~/.ssh/known_hosts`` (where a new host
     key is remembered, too). Without them ssh's own defaults apply. ``remote`` is shell text
@@ -129,7 +133,11 @@ def ssh_command(
         ssh,
         "-o", "BatchMode=yes",
         "-o", f"ConnectTimeout={connect_timeout}",
-        "-o", "StrictHostKeyChecking=accept-new",
+        *(
+            ["-o", "StrictHostKeyChecking=accept-new"]
+            if remember_host_keys
+            else ["-o", "StrictHostKeyChecking=yes", "-o", "UpdateHostKeys=no"]
+        ),
     ]
     if identity is not None:
         argv += ["-i", _local_path("k3scluster:sshIdentity", identity), "-o", "IdentitiesOnly=yes"]
@@ -232,6 +240,9 @@ class SshSettings:
     user: str = "root"
     identity: Path | None = None
     known_hosts: Path | None = None
+    # False for a read-only look (status): a host with an unknown key is refused, and no
+    # known_hosts file is written (not passed to the tasks: a deploy remembers new keys)
+    remember_host_keys: bool = True
 
     def task_args(self) -> list[str]:
         """The same settings as options of ``python -m k3scluster.components.tasks``."""

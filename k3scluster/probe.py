@@ -3,8 +3,10 @@
 Used by ``k3scluster status``. Over ssh it runs only ``readlink /run/current-system`` and
 ``systemctl is-active`` (the same read ``pulumi refresh`` does, ``tasks.observe``); against
 the API only GETs (``/readyz``, ``/version``, one Node each) with the kubeconfig file that
-``pulumi up`` wrote. Hosts and nodes are asked in parallel, each with a short timeout; one that
-does not answer is reported, never waited for.
+``pulumi up`` wrote. Hosts and nodes are asked in parallel, each with a short timeout (an
+ssh session as a whole: ``tasks.SSH_SESSION_FACTOR`` times it); one that does not answer is
+reported, never waited for. ssh accepts only host keys known already and writes no known_hosts
+file (``SshSettings.remember_host_keys`` False, set by ``stackinfo``).
 """
 
 from __future__ import annotations

@@ -61,6 +61,7 @@ def resolve(
         user=config.get("deployUser") or "root",
         identity=project_path(project_dir, config.get("sshIdentity")),
         known_hosts=project_path(project_dir, config.get("sshKnownHosts")),
+        remember_host_keys=False,  # status looks: it never writes a known_hosts file
     )
     kubeconfig = kubeconfig_file(
         layout.render_dir, project_path(project_dir, config.get("kubeconfigPath"))

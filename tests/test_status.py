@@ -332,3 +332,66 @@ def test_the_planned_digest_is_the_one_the_program_exports(
     planned = status.planned_digests(
         cluster, example_dir / ".k3scluster" / "mock", "mock" if vms == "true" else None)
     assert {h: v["digest"] for h, v in hosts.items()} == planned
+
+
+# --- what status's ssh does to a host, and to this machine --------------------------------
+
+_OBSERVE = """
+import json, sys
+from pathlib import Path
+from k3scluster import probe, stackinfo
+from k3scluster.plans import load_or_raise
+from k3scluster.stackconfig import StackFile
+project = Path(sys.argv[1])
+info = stackinfo.resolve(StackFile(project, "st"), "st", project, {})
+cluster, _ = load_or_raise(info.layout.cluster_dir)
+seen = probe.observe_hosts(cluster, info.ssh, timeout=int(sys.argv[2]))
+print(json.dumps({h: [o.reachable, o.system, o.error] for h, o in seen.items()}))
+"""
+
+
+def _observe_as_status(lab: Lab, tmp_path: Path, known_hosts: Path, timeout: int = 10) -> Any:
+    """probe.observe_hosts with the ssh settings status resolves from a stack file, run in
+    the lab's namespaces (real sshd per host, only loopback)."""
+    project = tmp_path / "p"
+    if not project.exists():
+        project.mkdir()
+        shutil.copy(ROOT / "Pulumi.yaml", project)
+        (project / "Pulumi.st.yaml").write_text(
+            f"config:\n  k3scluster:clusterDir: {EXAMPLE}\n"
+            f"  k3scluster:sshIdentity: {lab.client_key}\n"
+            f"  k3scluster:sshKnownHosts: {known_hosts}\n"
+        )
+    r = run_in_namespace([sys.executable, "-c", _OBSERVE, str(project), str(timeout)],
+                         cwd=tmp_path, setup=lab.setup(), timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:] + lab.sshd_logs()[-3000:]
+    return json.loads(r.stdout.splitlines()[-1])
+
+
+@pytest.mark.integration
+@pytest.mark.root
+def test_status_ssh_never_writes_known_hosts_and_refuses_unknown_keys(
+    lab: Lab, tmp_path: Path
+) -> None:
+    known = tmp_path / "known_hosts"
+    seen = _observe_as_status(lab, tmp_path, known)
+    assert all(r[0] is False and "Host key verification failed" in r[2] for r in seen.values()), seen
+    assert not known.exists()  # a deploy would have remembered the keys; status did not
+    key = " ".join(lab.host_key.with_suffix(".pub").read_text().split()[:2])
+    known.write_text("".join(f"{ip} {key}\n" for ip in HOSTS.values()))
+    before = known.read_text()
+    seen = _observe_as_status(lab, tmp_path, known)
+    assert {h: r[:2] for h, r in seen.items()} == {h: [True, system_path(h)] for h in HOSTS}
+    assert known.read_text() == before
+
+
+@pytest.mark.integration
+@pytest.mark.root
+def test_status_gives_up_a_host_that_answers_ssh_then_hangs(lab: Lab, tmp_path: Path) -> None:
+    known = tmp_path / "known_hosts"
+    key = " ".join(lab.host_key.with_suffix(".pub").read_text().split()[:2])
+    known.write_text("".join(f"{ip} {key}\n" for ip in HOSTS.values()))
+    # every host logs the key in, then runs `sleep 600` instead of what ssh asked for
+    lab.authorized.write_text('command="sleep 600" ' + lab.authorized.read_text())
+    seen = _observe_as_status(lab, tmp_path, known, timeout=2)
+    assert all(r[0] is False and "no answer within 6 s" in r[2] for r in seen.values()), seen

@@ -138,9 +138,15 @@ def _ssh(args: argparse.Namespace) -> commands.SshSettings:
     )
 
 
+SSH_SESSION_FACTOR = 3  # a whole ssh session: at most this many times its connect timeout
+
+
 def _ssh_run(
     ssh: commands.SshSettings, ip: str, remote: list[str], timeout: int = 15
 ) -> subprocess.CompletedProcess[str]:
+    """``remote`` on the host over ssh; ``timeout`` bounds the connection, and three times it
+    the whole session (a host that accepts the connection and then hangs is given up, with
+    exit code 255 and a message, as ssh gives up a host it cannot reach)."""
     argv = commands.ssh_command(
         ssh.user,
         ipaddress.IPv4Address(ip),
@@ -148,10 +154,18 @@ def _ssh_run(
         identity=ssh.identity,
         known_hosts=ssh.known_hosts,
         connect_timeout=timeout,
+        remember_host_keys=ssh.remember_host_keys,
     )
-    return subprocess.run(
-        argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False
-    )
+    limit = SSH_SESSION_FACTOR * timeout
+    try:
+        return subprocess.run(
+            argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False,
+            timeout=limit,
+        )
+    except subprocess.TimeoutExpired:  # run() killed ssh
+        return subprocess.CompletedProcess(
+            argv, 255, "", f"ssh to {ip}: no answer within {limit} s\n"
+        )
 
 
 def _ssh_error(proc: subprocess.CompletedProcess[str]) -> str:
