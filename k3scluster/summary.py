@@ -55,14 +55,15 @@ def _step_inputs(step: Mapping[str, Any], which: str, prop: str) -> Mapping[str,
 
 def changed_inputs(step: Mapping[str, Any]) -> list[str]:
     """What changed in a step, old against new state: plan values a step shows in clear
-    (its ``plan``) as ``name old -> new``, then the names of its inputs whose digests differ."""
+    (its ``plan``) as ``name old -> new``, then the inputs whose digests differ, each named
+    without its kind (``nixConfig:nixConfigs/olaf.nix`` -> ``nixConfigs/olaf.nix``)."""
     out = []
     old, new = _step_inputs(step, "oldState", "plan"), _step_inputs(step, "newState", "plan")
     for k in sorted({*old, *new}):
         if old.get(k) != new.get(k):
             out.append(f"{k} {old.get(k, '-')} -> {new.get(k, '-')}")
     old, new = _step_inputs(step, "oldState", "inputs"), _step_inputs(step, "newState", "inputs")
-    out += sorted(k for k in {*old, *new} if old.get(k) != new.get(k))
+    out += sorted(k.split(":", 1)[-1] for k in {*old, *new} if old.get(k) != new.get(k))
     return out
 
 
@@ -70,7 +71,7 @@ def _why(step: Mapping[str, Any], limit: int = 3) -> str:
     names = changed_inputs(step) or [str(r) for r in step.get("diffReasons") or []]
     if not names:
         return ""
-    shown = ", ".join(n.split(":", 1)[-1] for n in names[:limit])
+    shown = ", ".join(names[:limit])
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
     return f" ({shown}{more} changed)"
 
