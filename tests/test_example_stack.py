@@ -66,7 +66,8 @@ def test_the_summary_says_what_up_does_to_each_host() -> None:
         _step("ulf-deploy", "same"),
         {**_step("rolf-deploy", "update"),  # a plan value shown in clear (the step's plan)
          "oldState": {"inputs": {"plan": {"ip": "10.0.100.4", "roles": "server"}}},
-         "newState": {"inputs": {"plan": {"ip": "10.0.100.9", "roles": "server"}}}},
+         "newState": {"inputs": {"plan": {"ip": "10.0.100.9", "roles": "server",
+                                          "zone": "rack:2"}}}},
         _step("cluster-karl-hardware", "create"),
         _step("karl-deploy", "create"),
         _step("gone-deploy", "delete"),
@@ -76,7 +77,9 @@ def test_the_summary_says_what_up_does_to_each_host() -> None:
     assert plans["olaf"].actions == ("redeploy (nixConfigs/olaf.nix changed)",)
     assert plans["olaf"].ip == "10.0.100.2" and plans["olaf"].roles == ("init-server", "agent")
     assert plans["ulf"].actions == ()
-    assert plans["rolf"].actions == ("redeploy (ip 10.0.100.4 -> 10.0.100.9 changed)",)
+    # a plan value is shown as it is, a ":" in it too
+    assert plans["rolf"].actions == ("redeploy (ip 10.0.100.4 -> 10.0.100.9, "
+                                     "zone - -> rack:2 changed)",)
     assert plans["karl"].actions == ("fetch hardware config (ssh)", "first deploy")
     assert plans["gone"].actions[0].startswith("forget it (the machine is not wiped")
     text = summarize("s", cluster, {"steps": steps})
@@ -163,3 +166,13 @@ def _preview_and_summary(project: Path, tmp_path: Path) -> None:
            "on this machine" in lines
     assert lines[-1] == "5 of 5 host(s) would change; nothing has been done yet " \
                         "(`pulumi up` does it)."
+    # the README shows this summary: its lines are these (a "…" stands for what it leaves out)
+    readme = (ROOT / "README.md").read_text()
+    sample = readme[readme.index("Summary of the preview of stack test-vms:"):]
+    sample = sample[: sample.index("```")].splitlines()
+    for line in sample:
+        if "…" in line:
+            head = line[: line.index("…")]
+            assert line.strip() == "…" or any(ln.startswith(head) for ln in lines), (line, s.stdout)
+        else:
+            assert line in lines, (line, s.stdout)
