@@ -78,8 +78,8 @@ def test_the_summary_says_what_up_does_to_each_host() -> None:
     assert plans["olaf"].ip == "10.0.100.2" and plans["olaf"].roles == ("init-server", "agent")
     assert plans["ulf"].actions == ()
     # a plan value is shown as it is, a ":" in it too
-    assert plans["rolf"].actions == ("redeploy (ip 10.0.100.4 -> 10.0.100.9, "
-                                     "zone - -> rack:2 changed)",)
+    rolf = "redeploy (ip 10.0.100.4 -> 10.0.100.9, zone - -> rack:2 changed)"
+    assert plans["rolf"].actions == (rolf,)
     assert plans["karl"].actions == ("fetch hardware config (ssh)", "first deploy")
     assert plans["gone"].actions[0].startswith("forget it (the machine is not wiped")
     text = summarize("s", cluster, {"steps": steps})
