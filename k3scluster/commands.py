@@ -264,15 +264,16 @@ def deploy_and_check(
     timeout: float,
     servers: Sequence[tuple[str, ipaddress.IPv4Address]] = (),
     agents: Sequence[str] = (),
-    api: str | None = None,
-    credentials_from: ipaddress.IPv4Address | None = None,
+    api: Sequence[str] = (),
+    credentials_from: Sequence[ipaddress.IPv4Address] = (),
 ) -> list[str]:
     """Run ``deploy_argv`` (colmena), then wait for the host's health gates, then read back
     what the host runs (``/run/current-system`` and its K3s containers).
 
     ``servers``: (K3s name, ip) of the host's K3s server, which must answer ``/readyz``;
-    ``agents``: K3s names of its agents, which must be ``Ready`` in the API at ``api``. The
-    cluster's credentials are read over ssh from ``credentials_from`` (the init-server's host).
+    ``agents``: K3s names of its agents, which must be ``Ready`` in the API (``api``: the
+    servers' URLs, asked in turn). The cluster's credentials are read over ssh from the first
+    of ``credentials_from`` (the server hosts, the init-server's first) that has them.
     The last line of its stdout is ``k3scluster-deployed=<JSON>``.
     """
     argv = [
@@ -285,9 +286,12 @@ def deploy_and_check(
     for name in agents:
         argv += ["--agent", _plain_arg("K3s name", name)]
     if servers or agents:
-        if api is None or credentials_from is None:
-            raise K3sClusterError(f"host {host}: health gates need the cluster's init-server")
-        argv += ["--api", api, "--credentials-from", str(ipaddress.IPv4Address(credentials_from))]
+        if not api or not credentials_from:
+            raise K3sClusterError(f"host {host}: health gates need the cluster's servers")
+        for url in api:
+            argv += ["--api", url]
+        for cip in credentials_from:
+            argv += ["--credentials-from", str(ipaddress.IPv4Address(cip))]
     return [*argv, "--", *deploy_argv]
 
 
@@ -315,11 +319,17 @@ def fetch_kubeconfig(
     server: str,
     name: str,
     out: Path,
+    also: Sequence[ipaddress.IPv4Address] = (),
 ) -> list[str]:
-    """Read K3s's admin kubeconfig from the init-server's host, point it at ``server``, name
-    it ``name``, write it to ``out`` (mode 0600) and print it (a secret step output)."""
-    return [
+    """Read K3s's admin kubeconfig from the init-server's host (or, when it cannot be read
+    there, from the first of the other server hosts ``also`` that has it), point it at
+    ``server``, name it ``name``, write it to ``out`` (mode 0600) and print it (a secret
+    step output)."""
+    argv = [
         python, "-m", TASKS_MODULE, "kubeconfig", "--ip", str(ipaddress.IPv4Address(ip)),
         *ssh.task_args(), "--server", server, "--name", _plain_arg("stack name", name),
         "--out", str(out),
     ]
+    for other in also:
+        argv += ["--also", str(ipaddress.IPv4Address(other))]
+    return argv

@@ -176,6 +176,9 @@ class NodeSeen:
     check: Check
     version: str | None = None
     registered: bool = False
+    # the API at that address answered about the node (False: unreachable, or an error
+    # status other than 404: another server may answer)
+    answered: bool = True
 
 
 def read_node(
@@ -193,9 +196,9 @@ def read_node(
         except ApiException as err:
             if err.status == 404:
                 return NodeSeen(Check(False, f"node {node} not registered yet"))
-            return NodeSeen(Check(False, f"node {node}: API answered {err.status}"))
+            return NodeSeen(Check(False, f"node {node}: API answered {err.status}"), answered=False)
     except unreachable as err:
-        return NodeSeen(Check(False, f"node {node}: {_short_error(err)}"))
+        return NodeSeen(Check(False, f"node {node}: {_short_error(err)}"), answered=False)
     info = obj.status.node_info if obj.status else None
     version = getattr(info, "kubelet_version", None) or None
     for cond in (obj.status.conditions if obj.status else None) or []:

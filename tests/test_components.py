@@ -258,8 +258,9 @@ def test_gates_wrap_colmena_with_the_hosts_k3s_nodes(poisoned: Path, runner: str
     assert opts("--timeout") == ["90"]
     assert opts("--server") == ["olaf-k3s-server=10.0.100.10"]
     assert opts("--agent") == ["olaf-k3s-agent"]
-    assert opts("--api") == ["https://10.0.100.10:6443"]
-    assert opts("--credentials-from") == ["10.0.100.2"]  # the init-server's host
+    # every server's API and host, the init-server's first (issue 19 item 5)
+    assert opts("--api") == [f"https://10.0.100.{i}:6443" for i in (10, 12, 14)]
+    assert opts("--credentials-from") == ["10.0.100.2", "10.0.100.3", "10.0.100.4"]
     assert opts("--ssh-identity") == [str(key)]
     karl = _argv(m.named("karl-deploy"), runner)
     assert "--server" not in karl and karl[karl.index("--agent") + 1] == "karl-k3s-agent"

@@ -25,7 +25,7 @@ import pulumi
 from k3scluster import commands
 from k3scluster.components.steps import step
 from k3scluster.model import Cluster as ClusterModel
-from k3scluster.model import K3sType
+from k3scluster.model import K3sNode, K3sType
 from k3scluster.probe import units_of
 
 
@@ -96,8 +96,7 @@ def deploy_argv(
         return list(colmena_argv)
     h = cluster.host(host)
     nodes = cluster.k3s_on(host)
-    init = cluster.init_server
-    init_host = cluster.host(init.host) if init else None
+    servers = server_order(cluster)
     return commands.deploy_and_check(
         python,
         host,
@@ -107,9 +106,21 @@ def deploy_argv(
         timeout=timeout,
         servers=[(n.name, n.ip) for n in nodes if n.type.is_server],
         agents=[n.name for n in nodes if n.type is K3sType.AGENT],
-        api=cluster.api_endpoint,
-        credentials_from=init_host.ip if init_host else None,
+        # every server, the init-server first: the gates ask the next when one is down
+        api=[kube_url(n.ip) for n in servers],
+        credentials_from=list(dict.fromkeys(cluster.host(n.host).ip for n in servers)),
     )
+
+
+def server_order(cluster: ClusterModel) -> list[K3sNode]:
+    """The K3s servers, the planned init-server first, then in plan order."""
+    servers = [n for n in cluster.k3s if n.type.is_server]
+    return sorted(servers, key=lambda n: n.type is not K3sType.INIT_SERVER)
+
+
+def kube_url(ip: object) -> str:
+    """The API URL of a K3s server at ``ip`` (what the kubeconfig names for the init-server)."""
+    return f"https://{ip}:6443"
 
 
 def read_argv(
@@ -140,13 +151,20 @@ def kubeconfig_step(
         return None
     from pathlib import Path
 
+    init_ip = cluster.host(init.host).ip
     argv = commands.fetch_kubeconfig(
         python,
-        cluster.host(init.host).ip,
+        init_ip,
         ssh,
         server=cluster.api_endpoint,
         name=stack,
         out=Path(path),
+        # read from another server host when the init-server's cannot be read
+        also=[
+            ip
+            for ip in dict.fromkeys(cluster.host(n.host).ip for n in server_order(cluster))
+            if ip != init_ip
+        ],
     )
     return step(
         f"{name}-kubeconfig",

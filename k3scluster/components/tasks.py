@@ -5,13 +5,15 @@
 - ``hardware --ip IP [ssh] --out FILE``: ``capture`` of the host's hardware-configuration.nix
   read over ssh (the ssh command made here, from the paths resolved here).
 - ``iso --result LINK -- ARGV…``: run an ISO build (its log goes to stderr), print ``{"image": …, "sha256": …}`` as the last line.
-- ``deploy --host H --ip IP [ssh] --timeout S [--server NAME=IP] [--agent NAME] [--api URL
-  --credentials-from IP] -- ARGV…``: run the deploy ARGV (colmena), wait for the host's health
-  gates, read back what the host runs; last line ``k3scluster-deployed=<JSON>``.
+- ``deploy --host H --ip IP [ssh] --timeout S [--server NAME=IP] [--agent NAME] [--api URL…
+  --credentials-from IP…] -- ARGV…``: run the deploy ARGV (colmena), wait for the host's health
+  gates (the API and the credentials: each server, host, in turn), read back what the host
+  runs; last line ``k3scluster-deployed=<JSON>``.
 - ``observe --host H --ip IP [ssh] [--unit U]``: what the host runs now (``pulumi refresh``);
   last line ``k3scluster-observed=<JSON>``.
-- ``kubeconfig --ip IP [ssh] --server URL --name NAME --out FILE``: K3s's admin kubeconfig from
-  the init-server's host, rewritten, written to FILE (0600) and printed.
+- ``kubeconfig --ip IP [--also IP…] [ssh] --server URL --name NAME --out FILE``: K3s's admin
+  kubeconfig from the init-server's host (else the first ``--also`` server host that has it),
+  rewritten, written to FILE (0600) and printed.
 
 Paths in the arguments are as the stack file writes them (relative to the project directory,
 the working directory of every step, or ``~/…``) and are resolved here, on the machine of whoever
@@ -226,25 +228,45 @@ def observe(
 
 
 def _credentials(
-    ssh: commands.SshSettings, ip: str, deadline: float, what: str
+    ssh: commands.SshSettings, ips: list[str], deadline: float, what: str
 ) -> dict[str, Any] | None:
-    """K3s's admin kubeconfig from the host at ``ip`` (kept in memory), waiting until it exists."""
+    """K3s's admin kubeconfig (kept in memory) from the first host of ``ips`` (the server
+    hosts, the init-server's first) that has it, asking each in turn until one has."""
     from k3scluster import kube
 
-    last = ""
+    last, where = "", ""
 
     def poll() -> kube.Check:
-        nonlocal last
-        proc = _ssh_run(ssh, ip, ["cat", "--", kube.KUBECONFIG_ON_HOST])
-        if proc.returncode == 0 and proc.stdout.strip():
-            last = proc.stdout
-            return kube.Check(True, f"admin kubeconfig read from {ip}")
-        return kube.Check(False, f"no admin kubeconfig on {ip} yet ({_ssh_error(proc)})")
+        nonlocal last, where
+        missing = []
+        for ip in ips:
+            proc = _ssh_run(ssh, ip, ["cat", "--", kube.KUBECONFIG_ON_HOST])
+            if proc.returncode == 0 and proc.stdout.strip():
+                last, where = proc.stdout, ip
+                return kube.Check(True, f"admin kubeconfig read from {ip}")
+            missing.append(f"{ip}: {_ssh_error(proc)}")
+        return kube.Check(False, "no admin kubeconfig yet (" + "; ".join(missing) + ")")
 
     check = kube.wait_until(what, poll, max(0.0, deadline - time.monotonic()), _progress)
     if not check.ready:
         return None
-    return kube.parse_kubeconfig(last, f"{ip}:{kube.KUBECONFIG_ON_HOST}")
+    return kube.parse_kubeconfig(last, f"{where}:{kube.KUBECONFIG_ON_HOST}")
+
+
+def first_answer(apis: list[str], read: Any) -> Any:
+    """``read(url)`` (a ``kube.NodeSeen``) of each API URL in turn: the check of the first
+    server that answers about the node (they share one datastore, so its answer is the
+    cluster's); when none answers, what each said. A server that is down (the init-server's
+    host, say) so hides nothing."""
+    from k3scluster import kube
+
+    seen = []
+    for url in apis:
+        got = read(url)
+        if got.answered:
+            return got.check
+        seen.append(f"{url}: {got.check.seen}")
+    return kube.Check(False, "; ".join(seen))
 
 
 def _hardware(args: argparse.Namespace) -> None:
@@ -299,13 +321,13 @@ def _gates(
 ) -> None:
     from k3scluster import kube
 
-    creds = _credentials(ssh, args.credentials_from, deadline, args.host)
+    creds = _credentials(ssh, list(args.credentials_from), deadline, args.host)
     if creds is None:
+        asked = ", ".join(args.credentials_from)
         raise K3sClusterError(
-            f"{args.host}: no admin kubeconfig at {kube.KUBECONFIG_ON_HOST} on "
-            f"{args.credentials_from} after {kube.duration(timeout)}: K3s did not start "
-            "on the init-server",
-            hint=f"look at: ssh root@{args.credentials_from} journalctl -M k3s-server -u k3s",
+            f"{args.host}: no admin kubeconfig at {kube.KUBECONFIG_ON_HOST} on any server "
+            f"host ({asked}) after {kube.duration(timeout)}: K3s did not start on any server",
+            hint=f"look at: ssh root@{args.credentials_from[0]} journalctl -M k3s-server -u k3s",
         )
     for name, sip in servers:
         url = kube.server_url(sip)
@@ -328,7 +350,8 @@ def _gates(
     for name in agents:
 
         def node_ready(name: str = name) -> kube.Check:
-            return kube.check_node_ready(creds, args.api, name)
+            # asked of each server in turn: the init-server's host may be the one down
+            return first_answer(list(args.api), lambda url: kube.read_node(creds, url, name))
 
         check = kube.wait_until(
             f"{args.host}: {name}",
@@ -357,14 +380,20 @@ def _kubeconfig(args: argparse.Namespace) -> None:
     from k3scluster import kube
 
     ssh = _ssh(args)
-    proc = _ssh_run(ssh, args.ip, ["cat", "--", kube.KUBECONFIG_ON_HOST])
-    if proc.returncode != 0 or not proc.stdout.strip():
+    failed = []
+    for ip in [args.ip, *args.also]:  # the init-server's host, then the other server hosts
+        proc = _ssh_run(ssh, ip, ["cat", "--", kube.KUBECONFIG_ON_HOST])
+        if proc.returncode == 0 and proc.stdout.strip():
+            break
+        failed.append(f"{ip}: {_ssh_error(proc)}")
+        _progress(f"cannot read {kube.KUBECONFIG_ON_HOST} from {ip}; asking the next server host")
+    else:
         raise K3sClusterError(
-            f"cannot read {kube.KUBECONFIG_ON_HOST} from {args.ip}: {_ssh_error(proc)}",
+            f"cannot read {kube.KUBECONFIG_ON_HOST} from any server host ({'; '.join(failed)})",
             hint=f"look at: ssh root@{args.ip} journalctl -M k3s-server -u k3s",
         )
     text = kube.rewrite_kubeconfig(
-        proc.stdout, args.server, args.name, f"{args.ip}:{kube.KUBECONFIG_ON_HOST}"
+        proc.stdout, args.server, args.name, f"{ip}:{kube.KUBECONFIG_ON_HOST}"
     )
     write_private(resolve(args.out), text)
     _progress(f"kubeconfig for {args.server} written to {args.out} (mode 0600)")
@@ -414,8 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--timeout", type=float, required=True)
     d.add_argument("--server", action="append", default=[])
     d.add_argument("--agent", action="append", default=[])
-    d.add_argument("--api")
-    d.add_argument("--credentials-from")
+    d.add_argument("--api", action="append", default=[])
+    d.add_argument("--credentials-from", action="append", default=[])
     d.add_argument("argv", nargs="+")
     o = sub.add_parser("observe")
     o.add_argument("--host", required=True)
@@ -423,6 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--unit", action="append", default=[])
     k = sub.add_parser("kubeconfig")
     _add_ssh(k)
+    k.add_argument("--also", action="append", default=[])
     k.add_argument("--server", required=True)
     k.add_argument("--name", required=True)
     k.add_argument("--out", required=True)
