@@ -27,12 +27,11 @@ from pathlib import Path
 from typing import TextIO
 
 from k3scluster import closures, commands, stackinfo
+from k3scluster.components.tasks import BOOT_FILES
 from k3scluster.errors import K3sClusterError
 from k3scluster.render import GC_ROOTS
 
 LOG_TAIL = 12
-# what decides whether a NixOS system needs a reboot: the toplevel's boot entries
-BOOT_FILES = ("kernel", "initrd", "kernel-params")
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # colmena's plain progress line: "<label right-aligned> | <text>" (src/progress/plain.rs)

@@ -136,11 +136,46 @@ def test_a_host_that_booted_another_kernel_needs_a_reboot(example: Any, tmp_path
     assert rows["rolf"].attention == ("needs a reboot (the stack lists it)",)
 
 
-def test_the_boot_check_reads_what_build_calls_the_boot_entries() -> None:
-    from k3scluster.build import BOOT_FILES
-    from k3scluster.components.tasks import BOOT_ENTRIES
+@pytest.mark.parametrize(
+    "case",
+    ["same", "kernel", "initrd+params", "params only in one"],
+)
+def test_the_hosts_boot_check_is_builds_rule(tmp_path: Path, case: str) -> None:
+    """tasks.boot_script (run on the host by status) answers as build.boot_changes (which
+    compares a deployed and a built system here), on stand-in system directories."""
+    import subprocess
 
-    assert BOOT_ENTRIES == BOOT_FILES
+    from k3scluster.build import boot_changes
+    from k3scluster.components.tasks import boot_script
+
+    store = tmp_path / "store"
+    store.mkdir()
+    for f in ("k1", "k2", "i1", "i2"):
+        (store / f).touch()
+
+    def system(name: str, kernel: str, initrd: str, params: str | None) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "kernel").symlink_to(kernel)
+        (d / "initrd").symlink_to(store / initrd)
+        if params is not None:
+            (d / "kernel-params").write_text(params)
+        return d
+
+    k1 = str(store / "k1")
+    other = {
+        "same": (k1, "i1", "loglevel=4"),
+        "kernel": (str(store / "k2"), "i1", "loglevel=4"),
+        "initrd+params": (k1, "i2", "loglevel=7"),
+        "params only in one": (k1, "i1", None),
+    }[case]
+    booted = system("booted", k1, "i1", "loglevel=4")
+    current = system("current", *other)
+    out = subprocess.run(["sh", "-c", boot_script(str(booted), str(current))],
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out[-1] == "reboot-checked"
+    assert [ln.removeprefix("reboot:") for ln in out[:-1]] == boot_changes(str(booted),
+                                                                           str(current))
 
 
 def test_offline_rows_know_nothing_they_did_not_ask(example: Any, tmp_path: Path) -> None:

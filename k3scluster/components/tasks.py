@@ -175,17 +175,25 @@ def _ssh_error(proc: subprocess.CompletedProcess[str]) -> str:
     return lines[-1].strip() if lines else f"ssh exit code {proc.returncode}"
 
 
-# What the host booted against what it runs: the kernel and initrd (store paths) and the kernel
-# parameters (a file) of /run/booted-system and /run/current-system (build.BOOT_FILES); one
-# line "reboot:<name>" per difference, then "reboot-checked" (missing when either system has no
-# kernel: not a NixOS host as far as this can tell)
-BOOT_ENTRIES = ("kernel", "initrd", "kernel-params")
-_BOOT_SCRIPT = (
-    'b=/run/booted-system c=/run/current-system; if [ -e "$b/kernel" ] && [ -e "$c/kernel" ]; '
-    'then for f in kernel initrd; do [ "$(readlink -f "$b/$f")" = "$(readlink -f "$c/$f")" ] '
-    '|| echo "reboot:$f"; done; cmp -s "$b/kernel-params" "$c/kernel-params" '
-    '|| echo "reboot:kernel-params"; echo reboot-checked; fi'
-)
+# What decides whether a NixOS system needs a reboot: the toplevel's boot entries (the kernel
+# and initrd links, the kernel-params file). One rule, two readers: ``build.boot_changes``
+# compares two systems here, :func:`boot_script` a host's booted and current systems on the
+# host. An entry differs when it is readable in both and its link target (a link) or its text
+# (a file) is not the same.
+BOOT_FILES = ("kernel", "initrd", "kernel-params")
+
+
+def boot_script(booted: str = "/run/booted-system", current: str = "/run/current-system") -> str:
+    """Shell: one line ``reboot:<entry>`` per boot entry that differs between ``booted`` and
+    ``current``, then ``reboot-checked`` (missing when either has no kernel: not a NixOS
+    system as far as this can tell)."""
+    entries = " ".join(BOOT_FILES)
+    return (
+        'e() { if [ -L "$1" ]; then readlink "$1"; else cat "$1"; fi 2>/dev/null; }; '
+        f'b={booted} c={current}; if [ -e "$b/kernel" ] && [ -e "$c/kernel" ]; then '
+        f'for f in {entries}; do x=$(e "$b/$f") && y=$(e "$c/$f") && [ "$x" != "$y" ] '
+        '&& echo "reboot:$f"; done; echo reboot-checked; fi'
+    )
 
 
 def observe(
@@ -203,7 +211,7 @@ def observe(
     if not units:
         script = 'readlink /run/current-system || echo "-"'
     if boot:
-        script += "; " + _BOOT_SCRIPT
+        script += "; " + boot_script()
     proc = _ssh_run(ssh, ip, [script], timeout)
     if proc.returncode != 0:
         raise K3sClusterError(
