@@ -496,3 +496,31 @@ def test_a_vm_renders_only_options_checked_in_every_pinned_release(
     assert ("systemd", "network", "links", "10-k3scluster-vm-nic", "linkConfig", "Name") in seen
     assert ("boot", "kernelParams") in seen
     assert sorted(".".join(p) for p in seen if known(p) is None) == []
+
+
+@pytest.mark.parametrize(("setting", "works", "expected"), [
+    ("auto", True, "kvm"), ("auto", False, "tcg"), ("tcg", True, "tcg"), ("kvm", True, "kvm"),
+    ("kvm", False, None),
+])
+def test_vm_up_resolves_vm_accel_as_the_program_did(
+    example_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    setting: str, works: bool, expected: str | None,
+) -> None:
+    """The program no longer probes KVM (a preview starts no QEMU): ctl resolves vmAccel when
+    a VM starts, and `kvm` where KVM does not work is the clear error the preview gave."""
+    calls: list[str] = []
+
+    def probe(q: str, timeout: float = 0) -> tuple[bool, str]:
+        calls.append(q)
+        return works, "" if works else "/dev/kvm does not exist"
+
+    monkeypatch.setattr(qemu, "kvm_works", probe)
+    s = dataclasses.replace(_spec(example_dir, tmp_path, "olaf"), accel=setting)
+    m: dict[str, object] = {}
+    if expected is None:
+        with pytest.raises(K3sClusterError, match="vmAccel is kvm, but KVM does not work"):
+            ctl._accel(s, m)
+        assert "accel" not in m
+        return
+    assert ctl._accel(s, m) == expected and m["accel"] == expected
+    assert calls == ([] if setting == "tcg" else [s.qemu])

@@ -355,13 +355,13 @@ def _ping(ip: str) -> bool:
 
 
 def _accel(spec: VmSpec, m: dict[str, Any]) -> str:
-    """The program resolves vmAccel (auto probes KVM there); ``auto`` is resolved here only
-    for a spec written by hand."""
-    accel = spec.accel
-    if accel == "auto":
-        accel, warning = qemu.choose_accel(spec.accel, spec.qemu)
-        if warning:
-            print(f"warning: host {spec.host}: {warning}", file=sys.stderr, flush=True)
+    """``k3scluster:vmAccel`` for this start, checked here by the KVM probe (the program
+    leaves it as it is, so a preview starts no QEMU): ``auto`` resolved, ``kvm`` refused with a
+    clear error when KVM does not work here, before a VM is started. The answer is kept in the
+    manifest, which a later ``vm-start`` reuses."""
+    accel, warning = qemu.choose_accel(spec.accel, spec.qemu)
+    if warning:
+        print(f"warning: host {spec.host}: {warning}", file=sys.stderr, flush=True)
     m["accel"] = accel
     return accel
 
