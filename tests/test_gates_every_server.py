@@ -113,3 +113,39 @@ def test_the_kubeconfig_is_read_from_the_next_server_host_when_needed(program: o
     assert _opts(argv, "--ip") == ["10.0.100.2"]  # the init-server's host first
     assert _opts(argv, "--also") == ["10.0.100.3", "10.0.100.4"]
     assert _opts(argv, "--server") == ["https://10.0.100.10:6443"]
+
+
+# -- with the real engine, sshd per host (tests/test_health.py's lab) -----------------------
+
+
+@pytest.mark.integration
+@pytest.mark.root
+def test_up_reads_the_credentials_and_the_kubeconfig_from_the_next_server_host(
+    tmp_path: Path,
+) -> None:
+    import shutil as _shutil
+
+    import test_health as th
+    from engine import netns_available, require_engine
+
+    from k3scluster import kube
+
+    require_engine()
+    if not netns_available() or not th.SSHD.is_file() or not _shutil.which("ssh"):
+        pytest.skip("needs root, unshare, ip and OpenSSH")
+    lab = th.Lab(tmp_path)
+    # the init-server's host holds no admin kubeconfig (its K3s not up, or its disk new):
+    # ulf's, the next server host, does
+    olaf_kc = lab.hosts["olaf"] / "var-lib" / kube.KUBECONFIG_ON_HOST.removeprefix("/var/lib/")
+    olaf_kc.unlink()
+    p = th.Project(tmp_path, lab, readyTimeout="20s")
+    r = p.up()
+    text = th._text(r)
+    assert r.returncode == 0, text[-6000:] + lab.sshd_logs()[-3000:]
+    assert p.deployed()[:3] == th.CHAIN
+    # the kubeconfig came from ulf's host, still pointed at the init-server's API
+    assert f"cannot read {kube.KUBECONFIG_ON_HOST} from 10.0.100.2; asking the next" in text
+    kubeconfig = p.render_dir / "kubeconfig"
+    data = kube.parse_kubeconfig(kubeconfig.read_text(), str(kubeconfig))
+    assert data["clusters"][0]["cluster"]["server"] == "https://10.0.100.10:6443"
+    assert "Accepted publickey" in (lab.hosts["ulf"] / "sshd.log").read_text()
