@@ -7,10 +7,11 @@ kernel networking in two network namespaces each test makes and removes:
             modules/base.nix sets it up; the sysctls modules/base.nix renders (read from
             the render, not restated here); and the strict reverse-path check NixOS's
             firewall installs with checkReversePath = true (networking.firewall, the
-            nftables form of nixos/modules/services/networking/firewall-nftables.nix:
-            a prerouting chain at priority mangle + 10, policy drop, that accepts DHCPv4 and
-            `fib saddr . mark . iif oif exists`; the iptables form, `-m rpfilter --validmark`
-            in mangle PREROUTING, makes the same check).
+            nftables form of nixos/modules/services/networking/firewall-nftables.nix, read
+            at 040b4eb6: a prerouting chain at priority mangle + 10, policy drop, that
+            accepts DHCPv4 and `fib saddr . mark . iif oif exists`, the `. iif` being there
+            unless checkReversePath = "loose"; the iptables form, firewall-iptables.nix's
+            `-m rpfilter --validmark` in mangle PREROUTING, makes the same check).
 
 `arping` (Debian iputils-arping) sends one broadcast request from the peer; every answer
 is one line with the replying MAC.

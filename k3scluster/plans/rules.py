@@ -104,6 +104,7 @@ _REGISTRY: tuple[tuple[str, str, str], ...] = (
     ("token-invalid", ERROR, "the token is one line of printable characters"),
     ("agent-token-missing", ERROR, "secrets/agent-token exists (the agents' own K3s token)"),
     ("agent-token-invalid", ERROR, "the agent token is one line of printable characters"),
+    ("agent-token-same", WARNING, "the agent token is not the server token"),
     (
         "passwd-missing",
         ERROR,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 import re
 import stat
@@ -42,6 +43,8 @@ class _Found:
 
     token: SecretFile | None = None
     agent_token: SecretFile | None = None
+    # each token's value as K3s reads it (surrounding whitespace stripped), as a digest
+    token_values: dict[str, str] = field(default_factory=dict)
     passwd: SecretFile | None = None
     host_passwd: dict[str, SecretFile] = field(default_factory=dict)
     keys: list[SshKey] = field(default_factory=list)
@@ -84,6 +87,16 @@ class SecretsReader(Files):
                 "secrets/token, which lets its holder join as a server)",
                 "`k3scluster init DIR` adds a new one and changes nothing else; a running "
                 "cluster takes it at the next `pulumi up` (README: \"The agent token\")",
+            )
+        values = found.token_values
+        if "token" in values and values.get("token") == values.get("agent-token"):
+            self.warn(
+                "agent-token-same",
+                "secrets/agent-token",
+                0,
+                "is the same as secrets/token: the agents hold the server token after all",
+                "delete secrets/agent-token and run `k3scluster init DIR` for a new one; the "
+                "next `pulumi up` gives it to the servers first, then to the agents",
             )
         self._check_missing(hosts, found)
         return Secrets(
@@ -192,9 +205,11 @@ class SecretsReader(Files):
         if kind == "token":
             if self.check_token(rel, data):
                 found.token = SecretFile.from_path(self.root, path)
+                found.token_values[kind] = hashlib.sha256(data.strip()).hexdigest()
         elif kind == "agent-token":
             if self.check_token(rel, data, rule="agent-token-invalid"):
                 found.agent_token = SecretFile.from_path(self.root, path)
+                found.token_values[kind] = hashlib.sha256(data.strip()).hexdigest()
         elif kind == "passwd":
             if self.check_passwd(rel, data):
                 secret = SecretFile.from_path(self.root, path)

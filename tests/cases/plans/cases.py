@@ -602,6 +602,17 @@ CASES = [
         ],
     ),
     case(
+        "agent-token-same",
+        # the server token's value (without its newline: K3s strips it)
+        Write("secrets/agent-token", "EXAMPLE-TOKEN-replace-me-with-k3scluster-init-0123456789abcdef"),
+        expected=[
+            (
+                "secrets/agent-token: warning: is the same as secrets/token: the agents hold "
+                "the server token after all"
+            )
+        ],
+    ),
+    case(
         "agent-token-invalid",
         Write("secrets/agent-token", "two words\n"),
         expected=[
