@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import k3sapi
 import pytest
 from engine import netns_available, require_engine, run_in_namespace
 from test_health import AGENTS, HOSTS, SERVERS, SSHD, STACK, Lab, Project, system_path
@@ -247,6 +248,7 @@ def test_status_after_up_then_a_changed_plan_drift_and_an_unreachable_host(
     # right after up: everything up to date, read from the hosts and the API
     r = _status(p, lab, "--json")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    first = r.stdout + r.stderr
     doc = json.loads(r.stdout)
     assert doc["ok"] is True and doc["stack"] == STACK
     hosts = {h["host"]: h for h in doc["hosts"]}
@@ -295,8 +297,12 @@ def test_status_after_up_then_a_changed_plan_drift_and_an_unreachable_host(
     # printed (the secret output is read as "[secret]")
     assert p.state_text() == state
     assert len(p.colmena_calls()) == 5
+    printed = first + out + r.stderr
+    # the key as the kubeconfig file holds it (base64 of the PEM), and as a PEM body
+    assert k3sapi.client_key_data(lab.pki) in (p.render_dir / "kubeconfig").read_text()
+    assert k3sapi.client_key_data(lab.pki) not in printed
     key = (lab.pki / "client.key").read_text()
-    assert "".join(key.splitlines()[1:-1]) not in out + r.stderr
+    assert "".join(key.splitlines()[1:-1]) not in printed
 
     # offline: no host and no API asked, only the record and the plans
     before = len(lab.api_requests())
