@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import TypeVar
 
 from k3scluster import commands, kube
-from k3scluster.components.tasks import AGENT_UNIT, SERVER_UNIT, observe
+from k3scluster.components.tasks import AGENT_UNIT, SERVER_UNIT, first_answering, observe
 from k3scluster.errors import K3sClusterError
-from k3scluster.model import Cluster, K3sType
+from k3scluster.model import Cluster, K3sNode, K3sType
 from k3scluster.status import NodeState, Observed
 
 SSH_TIMEOUT = 10  # seconds for ssh to connect
@@ -33,6 +33,13 @@ def _parallel(names: Sequence[str], one: Callable[[str], T]) -> dict[str, T]:
         return {}
     with ThreadPoolExecutor(max_workers=min(16, len(names))) as pool:
         return dict(zip(names, pool.map(one, names), strict=True))
+
+
+def server_order(cluster: Cluster) -> list[K3sNode]:
+    """The K3s servers, the planned init-server first, then in plan order (the APIs the
+    gates and status ask in turn)."""
+    servers = [n for n in cluster.k3s if n.type.is_server]
+    return sorted(servers, key=lambda n: n.type is not K3sType.INIT_SERVER)
 
 
 def units_of(cluster: Cluster, host: str) -> list[str]:
@@ -88,7 +95,13 @@ def k3s_nodes(
         creds = kube.parse_kubeconfig(kubeconfig.read_text(), str(kubeconfig))
     except OSError as err:
         return _unknown(cluster, "not checked"), [f"cannot read {kubeconfig}: {err.strerror}"]
-    api = str(creds["clusters"][0]["cluster"].get("server") or cluster.api_endpoint or "")
+    # an agent's node is asked of the kubeconfig's server, then of every server in turn: one
+    # that is down (the init-server's host, say) says nothing about the agent
+    configured = str(creds["clusters"][0]["cluster"].get("server") or "")
+    apis = list(dict.fromkeys(
+        [*([configured] if configured else []),
+         *(kube.server_url(str(n.ip)) for n in server_order(cluster))]
+    ))
 
     def one(name: str) -> NodeState:
         node = next(n for n in cluster.k3s if n.name == name)
@@ -97,8 +110,13 @@ def k3s_nodes(
             check = kube.check_readyz(creds, url, timeout)
             version = kube.server_version(creds, url, timeout) if check.ready else None
             return NodeState(name, node.type.value, check.ready, f"{name}: {check.seen}", version)
-        seen = kube.read_node(creds, api, name, timeout)
-        return NodeState(name, node.type.value, seen.check.ready, seen.check.seen, seen.version)
+        got, said = first_answering(
+            apis, lambda url: kube.read_node(creds, url, name, timeout)
+        )
+        if got is None:
+            return NodeState(name, node.type.value, None,
+                             "not known: no K3s API answered (" + "; ".join(said) + ")")
+        return NodeState(name, node.type.value, got.check.ready, got.check.seen, got.version)
 
     with kube.private_tempdir():
         return _parallel([n.name for n in cluster.k3s], one), []

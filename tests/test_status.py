@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -144,8 +145,6 @@ def test_a_host_that_booted_another_kernel_needs_a_reboot(example: Any, tmp_path
 def test_the_hosts_boot_check_is_builds_rule(tmp_path: Path, case: str) -> None:
     """tasks.boot_script (run on the host by status) answers as build.boot_changes (which
     compares a deployed and a built system here), on stand-in system directories."""
-    import subprocess
-
     from k3scluster.build import boot_changes
     from k3scluster.components.tasks import boot_script
 
@@ -436,3 +435,64 @@ def test_status_gives_up_a_host_that_answers_ssh_then_hangs(lab: Lab, tmp_path: 
     lab.authorized.write_text('command="sleep 600" ' + lab.authorized.read_text())
     seen = _observe_as_status(lab, tmp_path, known, timeout=2)
     assert all(r[0] is False and "no answer within 6 s" in r[2] for r in seen.values()), seen
+
+
+# --- K3s nodes: an agent's node asked of every server in turn -----------------------------
+
+_NODES = """
+import json, subprocess, sys, tempfile
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import k3sapi
+from k3scluster import kube, probe
+from k3scluster.plans import load_or_raise
+cluster, _ = load_or_raise(Path(sys.argv[2]))
+up = json.loads(sys.argv[3])
+servers = [str(n.ip) for n in cluster.k3s if n.type.is_server]
+assert servers[0] == str(cluster.init_server.ip)
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+for ip in servers:
+    subprocess.run(["ip", "addr", "add", ip + "/32", "dev", "lo"], check=True)
+d = Path(tempfile.mkdtemp())
+k3sapi.make_pki(d / "pki", servers)
+script, log = d / "script.json", d / "log.jsonl"
+script.write_text(json.dumps({"readyz": {ip: ["200"] for ip in servers},
+                              "nodes": {n.name: ["True"] for n in cluster.k3s}}))
+log.touch()
+for ip in up:
+    k3sapi.serve(ip, d / "pki", script, log)
+kc = d / "kubeconfig"
+kc.write_text(kube.rewrite_kubeconfig(k3sapi.k3s_yaml(d / "pki"), kube.server_url(servers[0]),
+                                      "st"))
+nodes, notes = probe.k3s_nodes(cluster, kc, timeout=3)
+print(json.dumps({n: [s.ready, s.seen] for n, s in nodes.items()}))
+"""
+
+
+def _k3s_nodes(up: list[str]) -> dict[str, list[Any]]:
+    """probe.k3s_nodes on the example, in a network namespace of its own where the stand-in
+    K3s API (real HTTPS, client certificates) listens on the servers ``up`` only."""
+    if not netns_available():
+        pytest.skip("needs root and unshare for a network namespace")
+    r = subprocess.run(
+        ["unshare", "-n", sys.executable, "-c", _NODES, str(ROOT / "tests"), str(EXAMPLE),
+         json.dumps(up)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def test_an_agent_is_asked_of_the_next_server_when_the_init_servers_api_is_down() -> None:
+    seen = _k3s_nodes(["10.0.100.12"])  # olaf's server (the init-server) is down
+    assert seen["olaf-k3s-server"][0] is False  # its own /readyz
+    assert seen["ulf-k3s-server"][0] is True
+    for agent in ("olaf-k3s-agent", "ulf-k3s-agent", "karl-k3s-agent"):
+        assert seen[agent] == [True, f"node {agent} Ready"], seen
+
+
+def test_an_agent_no_api_answers_for_is_not_known_not_notready() -> None:
+    seen = _k3s_nodes([])
+    assert seen["karl-k3s-agent"][0] is None, seen
+    assert seen["karl-k3s-agent"][1].startswith("not known: no K3s API answered (https://")
+    assert all(seen[n][0] is False for n in ("olaf-k3s-server", "ulf-k3s-server"))

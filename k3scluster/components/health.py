@@ -25,8 +25,8 @@ import pulumi
 from k3scluster import commands
 from k3scluster.components.steps import step
 from k3scluster.model import Cluster as ClusterModel
-from k3scluster.model import K3sNode, K3sType
-from k3scluster.probe import units_of
+from k3scluster.model import K3sType
+from k3scluster.probe import server_order, units_of
 
 
 def settled(resources: Sequence[pulumi.Resource]) -> list[pulumi.Input[pulumi.Resource]]:
@@ -110,12 +110,6 @@ def deploy_argv(
         api=[kube_url(n.ip) for n in servers],
         credentials_from=list(dict.fromkeys(cluster.host(n.host).ip for n in servers)),
     )
-
-
-def server_order(cluster: ClusterModel) -> list[K3sNode]:
-    """The K3s servers, the planned init-server first, then in plan order."""
-    servers = [n for n in cluster.k3s if n.type.is_server]
-    return sorted(servers, key=lambda n: n.type is not K3sType.INIT_SERVER)
 
 
 def kube_url(ip: object) -> str:

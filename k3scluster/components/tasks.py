@@ -261,20 +261,26 @@ def _credentials(
     return kube.parse_kubeconfig(last, f"{where}:{kube.KUBECONFIG_ON_HOST}")
 
 
-def first_answer(apis: list[str], read: Any) -> Any:
-    """``read(url)`` (a ``kube.NodeSeen``) of each API URL in turn: the check of the first
-    server that answers about the node (they share one datastore, so its answer is the
-    cluster's); when none answers, what each said. A server that is down (the init-server's
+def first_answering(apis: list[str], read: Any) -> tuple[Any, list[str]]:
+    """``read(url)`` (a ``kube.NodeSeen``) of each API URL in turn: the first that answered
+    about the node (they share one datastore, so its answer is the cluster's) and ``[]``, or,
+    when none answers, None and what each said. A server that is down (the init-server's
     host, say) so hides nothing."""
-    from k3scluster import kube
-
     seen = []
     for url in apis:
         got = read(url)
         if got.answered:
-            return got.check
+            return got, []
         seen.append(f"{url}: {got.check.seen}")
-    return kube.Check(False, "; ".join(seen))
+    return None, seen
+
+
+def first_answer(apis: list[str], read: Any) -> Any:
+    """:func:`first_answering`'s check; when none answers, not ready, with what each said."""
+    from k3scluster import kube
+
+    got, seen = first_answering(apis, read)
+    return got.check if got is not None else kube.Check(False, "; ".join(seen))
 
 
 def _hardware(args: argparse.Namespace) -> None:
