@@ -31,6 +31,7 @@ _VM = {
     "create-replacement": "reinstall its VM (new disk)",
     "delete": "stop its VM, delete its disk",
 }
+_FETCH_OPS = ("create", "replace", "create-replacement")
 _SKIP_OPS = ("same", "read", "refresh", "delete-replaced", "discard")
 
 
@@ -91,7 +92,10 @@ def host_plans(cluster: Cluster, steps: Sequence[Mapping[str, Any]]) -> list[Hos
         vm = by_name.get(f"{host}-vm-machine")
         if vm is not None and vm.get("op") in _VM:
             actions.append(_VM[str(vm["op"])])
-        if f"cluster-{host}-hardware" in by_name:
+        hardware = by_name.get(f"cluster-{host}-hardware")
+        # a fetch runs only when the step is made; its delete (the file exists now, so the
+        # program no longer has the step) only forgets it
+        if hardware is not None and hardware.get("op") in _FETCH_OPS:
             actions.append("fetch hardware config (ssh)")
         deploy = by_name.get(f"{host}-deploy")
         if deploy is not None and deploy.get("op") in _DEPLOY:

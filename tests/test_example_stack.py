@@ -71,6 +71,7 @@ def test_the_summary_says_what_up_does_to_each_host() -> None:
         _step("cluster-karl-hardware", "create"),
         _step("karl-deploy", "create"),
         _step("gone-deploy", "delete"),
+        _step("cluster-ulf-hardware", "delete"),  # fetched by an earlier up: forgotten
     ]
     plans = {p.host: p for p in host_plans(cluster, steps)}
     assert list(plans) == [*HOSTS, "gone"]
