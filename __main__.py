@@ -2,7 +2,7 @@
 
 Configuration (namespace ``k3scluster``; see the README, "Operating the cluster"):
 ``clusterDir`` (required; relative paths are relative to this project), ``colmena``, ``nix``, ``buildIsos``, ``runner``, ``parallel``,
-``deployUser``, ``sshIdentity``, ``sshKnownHosts``, ``renderDir``, ``waitReady``, ``readyTimeout``,
+``deployUser``, ``sshIdentity``, ``sshKnownHosts``, ``sshWait``, ``renderDir``, ``waitReady``, ``readyTimeout``,
 ``kubeconfigPath``, ``runnerProcesses``, ``maxUnavailable``, ``drainTimeout``; a VM stack: ``vms`` and ``vmMemory``, ``vmCpus``, ``vmDiskSize``, ``vmAccel``,
 ``vmNat``, ``vmInstallTimeout``, ``vmBootTimeout``.
 """
@@ -63,6 +63,7 @@ def settings_from_config(config: pulumi.Config, stack: str) -> tuple[Path, Setti
     timeout = config.get("readyTimeout")
     max_unavailable = config.get_int("maxUnavailable")
     drain = config.get("drainTimeout")
+    ssh_wait = config.get("sshWait")
     settings = Settings(
         render_dir=render_dir,
         project_dir=PROJECT_DIR,
@@ -74,6 +75,7 @@ def settings_from_config(config: pulumi.Config, stack: str) -> tuple[Path, Setti
         deploy_user=config.get("deployUser") or "root",
         ssh_identity=_project_path(config.get("sshIdentity")),
         ssh_known_hosts=_project_path(config.get("sshKnownHosts")),
+        ssh_wait=kube.parse_duration(ssh_wait, "k3scluster:sshWait") if ssh_wait else 300.0,
         vm=vm,
         wait_ready=True if wait_ready is None else wait_ready,
         ready_timeout=kube.parse_duration(timeout, "k3scluster:readyTimeout") if timeout else 600.0,

@@ -282,12 +282,12 @@ def _render(
     from k3scluster.render import render_to_dir
 
     notices: list[str] = []
-    vm_macs = None
+    vm = None
     if vm_stack:
-        from k3scluster.lab.spec import planned_macs
+        from k3scluster.lab.spec import vm_render
 
-        vm_macs = planned_macs(cluster, vm_stack)
-    written = render_to_dir(cluster, out, notices, vm_macs, held_agents)
+        vm = vm_render(cluster, vm_stack, out)
+    written = render_to_dir(cluster, out, notices, vm, held_agents)
     for notice in notices:
         print(f"k3scluster: {notice}", file=sys.stderr)
     return written

@@ -186,14 +186,14 @@ def _local_path(setting: str, path: Path) -> str:
 
 
 def fetch_hardware_config(
-    python: str, ip: ipaddress.IPv4Address, ssh: SshSettings, out: Path
+    python: str, ip: ipaddress.IPv4Address, ssh: SshSettings, out: Path, *, wait: float = 300
 ) -> list[str]:
-    """Read the host's ``hardware-configuration.nix`` over ssh into ``out``, atomically
-    (``tasks hardware``: the ssh command is made when the step runs, from paths the step
-    resolves then; see ``ssh_cat``)."""
+    """Read the host's ``hardware-configuration.nix`` over ssh into ``out``, atomically, once
+    ssh logs in (``tasks hardware``: a host that just booted gets ``wait`` seconds; the ssh
+    command is made when the step runs, from paths the step resolves then; see ``ssh_cat``)."""
     return [
         python, "-m", TASKS_MODULE, "hardware", "--ip", str(ipaddress.IPv4Address(ip)),
-        *ssh.task_args(), "--out", str(out),
+        *ssh.task_args(), "--out", str(out), "--wait", f"{wait:g}",
     ]
 
 

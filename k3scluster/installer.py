@@ -37,6 +37,10 @@ TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "installer"
 
 #: files of one host's installer, relative to ``installers/<host>/``
 INSTALLER_FILES = ("installer.json", "default.nix", "iso.nix", "system-setup.sh")
+#: the last line of system-setup.sh on the console: an install is over only with OK_MARKER
+#: (a QEMU killed mid-install never printed it); FAILED_MARKER after a failure or refusal
+OK_MARKER = "k3scluster-install: OK"
+FAILED_MARKER = "k3scluster-install: FAILED"
 
 
 @functools.cache  # one Environment per process: it caches the compiled templates
@@ -59,10 +63,13 @@ def installer_dir(host: str) -> str:
     return f"installers/{host}"
 
 
-def render_installer(cluster: Cluster, host: str, out: Path) -> dict[str, str]:
+def render_installer(
+    cluster: Cluster, host: str, out: Path, *, vm: bool = False
+) -> dict[str, str]:
     """The installer files of ``host``: ``installers/<host>/<file>`` (relative to ``out``) -> text.
 
     ``out`` is the render output directory; the files expect ``hive.nix`` at its top.
+    ``vm`` (VM stacks): the image powers off after a failure too (``powerOffOnFailure``).
     """
     del out  # the files refer to the hive relatively (../../hive.nix)
     try:
@@ -79,9 +86,17 @@ def render_installer(cluster: Cluster, host: str, out: Path) -> dict[str, str]:
         "boot": h.boot.value,
         "serial": serial,
         "udevRules": "\n".join(rules) + "\n" if rules else "",
+        **({"powerOffOnFailure": True} if vm else {}),
     }
     env = _env()
-    ctx = {"host": h.name, "boot": h.boot.value, "serial": serial, "system": NIXPKGS_SYSTEM}
+    ctx = {
+        "host": h.name,
+        "boot": h.boot.value,
+        "serial": serial,
+        "system": NIXPKGS_SYSTEM,
+        "ok_marker": OK_MARKER,
+        "failed_marker": FAILED_MARKER,
+    }
     base = installer_dir(h.name)
     return {
         f"{base}/installer.json": json.dumps(data, indent=2, sort_keys=True) + "\n",

@@ -4,7 +4,7 @@ A VM stack gives each host's virtio NIC ``vm_mac(stack, host)``: the same on eve
 is derived, not random, and not stored), different between stacks and hosts, locally
 administered (bit 0x02 of the first octet set) and unicast (bit 0x01 clear), so it can
 never be a vendor's address on the user's network. The rendered system names the NIC with
-this MAC as the plan says (a systemd ``.link``: ``render.render_files(vm_macs=…)``).
+this MAC as the plan says (a systemd ``.link``: ``render.render_files(vm=…)``).
 
 The rendered hosts take theirs from here too: the host's own macvlan ``mv-host``
 (``host_macvlan_mac``), the K3s server container's macvlan (``server_mac``: systemd-nspawn

@@ -34,6 +34,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -150,6 +151,34 @@ def _safe_comment(text: str) -> str:
     return text
 
 
+@dataclass(frozen=True)
+class VmRender:
+    """What a VM stack's render differs in (``k3scluster:vms``; ``lab.spec.vm_render``).
+
+    Each host's NIC is named by its VM's MAC (``macs``), the VM's initrd has QEMU's drivers
+    (``profiles/qemu-guest.nix``), and its hardware configuration is the one read from the
+    VM into the stack's lab (``hardware_file``), never ``nixConfigs/<host>.hardware.nix``:
+    that file describes the real machine, and what a VM stack learns stays in that stack.
+    """
+
+    macs: Mapping[str, str]
+    lab_dir: Path
+
+    def hardware_file(self, host: str) -> Path:
+        return self.lab_dir / host / "hardware.nix"
+
+
+def hardware_config(cluster: Cluster, host: str, vm: VmRender | None) -> str | None:
+    """The user's ``nixConfigs/<host>.hardware.nix`` when this stack imports it: a hardware
+    stack does when it exists, a VM stack never."""
+    return None if vm is not None else cluster.hardware_config(host)
+
+
+def hardware_input_key(host: str, vm: VmRender | None) -> str:
+    """The name, in ``host_inputs``, of the host's hardware configuration's digest."""
+    return f"vmHardware:{host}" if vm is not None else f"nixConfig:nixConfigs/{host}.hardware.nix"
+
+
 # Values derived from the last cluster asked about, so that asking per host stays cheap:
 # Cluster.k3s_on scans every K3s row and _shared_nix_configs lists nixConfigs/, which made
 # rendering quadratic and host_inputs of every host cubic in the number of hosts.
@@ -250,7 +279,9 @@ def _json(data: object) -> str:
     return json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
-def _host_context(cluster: Cluster, host: Host, out: Path) -> dict[str, object]:
+def _host_context(
+    cluster: Cluster, host: Host, out: Path, vm: VmRender | None = None
+) -> dict[str, object]:
     net = cluster.network
     if len(host.interface) > 15:
         raise K3sClusterError(
@@ -263,8 +294,22 @@ def _host_context(cluster: Cluster, host: Host, out: Path) -> dict[str, object]:
     own = cluster.nix_config(host.name)
     if own:
         imports.append({"path": _rel(out, sub, cluster, own), "comment": _safe_comment(own)})
-    hardware = cluster.hardware_config(host.name)
-    hardware_rel = f"nixConfigs/{host.name}.hardware.nix"
+    hardware = hardware_config(cluster, host.name, vm)
+    if vm is not None:
+        lab_file = vm.hardware_file(host.name)
+        here = (out / sub).resolve()
+        missing = {
+            "path": NixPath(Path(os.path.relpath(lab_file.resolve(), here)).as_posix()),
+            "comment": f"The lab's {lab_file.parent.name}/{lab_file.name}",
+            "into": "the lab",
+        }
+    else:
+        hardware_rel = f"nixConfigs/{host.name}.hardware.nix"
+        missing = {
+            "path": _rel(out, sub, cluster, hardware_rel),
+            "comment": hardware_rel,
+            "into": "nixConfigs/",
+        }
     if hardware:
         imports.append(
             {"path": _rel(out, sub, cluster, hardware), "comment": _safe_comment(hardware)}
@@ -273,9 +318,7 @@ def _host_context(cluster: Cluster, host: Host, out: Path) -> dict[str, object]:
         "host": host,
         "location": _safe_comment(str(host.location)),
         "imports": imports,
-        "hardware_missing": None
-        if hardware
-        else {"path": _rel(out, sub, cluster, hardware_rel), "comment": hardware_rel},
+        "hardware_missing": None if hardware else missing,
         "values": {
             "name": host.name,
             "interface": host.interface,
@@ -428,14 +471,15 @@ MODULES = {
 def render_files(
     cluster: Cluster,
     out: Path,
-    vm_macs: Mapping[str, str] | None = None,
+    vm: VmRender | None = None,
     held_agents: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """Every file of the render, as relative path under OUT -> text. Pure.
 
     ``out`` is used only to compute the relative paths from the rendered files back
-    into the cluster directory (nixConfigs, manifests, secrets). ``vm_macs`` (host -> MAC,
-    VM stacks only) gives each host a systemd ``.link`` that names its VM NIC as planned.
+    into the cluster directory (nixConfigs, manifests, secrets). ``vm`` (VM stacks only)
+    gives each host a systemd ``.link`` that names its VM NIC as planned, QEMU's guest
+    profile, and the hardware configuration of the stack's lab (``VmRender``).
     ``held_agents`` (host -> K3s minor, during a K3s minor upgrade): a
     ``servers-first/<host>.nix`` hive for each, keeping its agent at that release.
     """
@@ -466,12 +510,14 @@ def render_files(
         **common, **_hive_context(cluster, out)
     )
     for host in cluster.hosts:
-        ctx = _host_context(cluster, host, out)
-        ctx["vm"] = {"mac": vm_macs[host.name]} if vm_macs is not None else None
+        ctx = _host_context(cluster, host, out, vm)
+        ctx["vm"] = {"mac": vm.macs[host.name]} if vm is not None else None
         files[f"hosts/{host.name}.nix"] = env.get_template("host.nix.j2").render(
             **common, **ctx
         )
-        for rel, text in installer.render_installer(cluster, host.name, out).items():
+        for rel, text in installer.render_installer(
+            cluster, host.name, out, vm=vm is not None
+        ).items():
             path = rel if rel.startswith("installers/") else f"installers/{host.name}/{rel}"
             files[path] = text
     for host_name, minor in sorted((held_agents or {}).items()):
@@ -608,14 +654,14 @@ def render_to_dir(
     cluster: Cluster,
     out: Path,
     notices: list[str] | None = None,
-    vm_macs: Mapping[str, str] | None = None,
+    vm: VmRender | None = None,
     held_agents: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """Render and write OUT, with the picture of the cluster (k3scluster.diagram); returns
     what was written. A picture that cannot be drawn adds a line to ``notices`` and never
     stops the render. The picture's files are not in ``render_files``: no host depends on
     them."""
-    files = render_files(cluster, out, vm_macs, held_agents)
+    files = render_files(cluster, out, vm, held_agents)
     pictures, notice = diagram.picture_files(cluster, Path(out))
     if notice is not None and notices is not None:
         notices.append(notice)
@@ -684,7 +730,9 @@ def _shared_nix_configs_now(cluster: Cluster) -> list[str]:
     return _memo(cluster, ("shared", stamp), lambda: _shared_nix_configs(cluster))
 
 
-def host_inputs(cluster: Cluster, host_name: str, files: Mapping[str, str]) -> dict[str, str]:
+def host_inputs(
+    cluster: Cluster, host_name: str, files: Mapping[str, str], vm: VmRender | None = None
+) -> dict[str, str]:
     """name -> sha256 hex of everything ``host_name``'s system depends on.
 
     Its rendered host file and the shared modules it imports, its slice of the plan
@@ -731,18 +779,19 @@ def host_inputs(cluster: Cluster, host_name: str, files: Mapping[str, str]) -> d
         inputs["version:k3s"] = _sha(cluster.network.k3s)
     inputs["nixpkgs"] = _sha(f"{pin.rev} {pin.sha256}")
 
-    nix_configs: list[str | None] = [
-        cluster.nix_config(host_name),
-        cluster.hardware_config(host_name),
-    ]
+    hardware = hardware_config(cluster, host_name, vm)
+    nix_configs: list[str | None] = [cluster.nix_config(host_name), hardware]
     if server:
         nix_configs.append(cluster.nix_config(server.name))
     for cfg in nix_configs:
         if cfg:
             inputs[f"nixConfig:{cfg}"] = _file_sha(cluster.root / cfg)
-    if not cluster.hardware_config(host_name):
+    if vm is not None:
+        # the VM's own, read from it into the lab (imported once it exists)
+        inputs[hardware_input_key(host_name, vm)] = _file_sha(vm.hardware_file(host_name))
+    elif not hardware:
         # imported once it exists (fetched from the machine before the first deploy)
-        inputs[f"nixConfig:nixConfigs/{host_name}.hardware.nix"] = _sha(b"<absent>")
+        inputs[hardware_input_key(host_name, vm)] = _sha(b"<absent>")
     for rel in _shared_nix_configs_now(cluster):
         inputs[f"nixConfig:{rel}"] = _file_sha(cluster.root / rel)
     if server:

@@ -96,6 +96,13 @@ def project_path(project_dir: Path, raw: str | None) -> Path | None:
     return (project_dir / Path(raw).expanduser()).resolve() if raw else None
 
 
+def known_hosts_file(render_dir: Path, configured: Path | None) -> Path:
+    """Where the project's ssh remembers host keys: ``sshKnownHosts``, else the stack's own
+    ``<renderDir>-known_hosts`` (never ``~/.ssh/known_hosts``: a VM stack's keys for the
+    plan's addresses would make ssh refuse the real machines)."""
+    return configured or render_dir.parent / f"{render_dir.name}-known_hosts"
+
+
 def kubeconfig_file(render_dir: Path, configured: Path | None) -> Path:
     """Where ``up`` writes the kubeconfig: ``kubeconfigPath``, else ``<renderDir>/kubeconfig``."""
     return configured or render_dir / "kubeconfig"

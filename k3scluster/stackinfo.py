@@ -23,6 +23,7 @@ from k3scluster.errors import K3sClusterError
 from k3scluster.stackconfig import (
     ConfigReader,
     StackLayout,
+    known_hosts_file,
     kubeconfig_file,
     project_path,
     stack_layout,
@@ -60,7 +61,9 @@ def resolve(
     ssh = commands.SshSettings(
         user=config.get("deployUser") or "root",
         identity=project_path(project_dir, config.get("sshIdentity")),
-        known_hosts=project_path(project_dir, config.get("sshKnownHosts")),
+        known_hosts=known_hosts_file(
+            layout.render_dir, project_path(project_dir, config.get("sshKnownHosts"))
+        ),
         remember_host_keys=False,  # status looks: it never writes a known_hosts file
     )
     kubeconfig = kubeconfig_file(

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from k3scluster import render
-from k3scluster.lab.spec import planned_macs
+from k3scluster.lab.spec import vm_render
 from k3scluster.model import Cluster
 
 SCHEMA_VERSION = 1
@@ -39,10 +39,10 @@ def planned_digests(cluster: Cluster, render_dir: Path, vm_stack: str | None) ->
 
     ``vm_stack``: the stack's name when it is a VM stack (its render names NICs by the VMs'
     MACs), else None: the same render the Pulumi program makes for that stack."""
-    vm_macs = planned_macs(cluster, vm_stack) if vm_stack else None
-    files = render.render_files(cluster, render_dir, vm_macs)
+    vm = vm_render(cluster, vm_stack, render_dir) if vm_stack else None
+    files = render.render_files(cluster, render_dir, vm)
     return {
-        h.name: render.host_digest(render.host_inputs(cluster, h.name, files))
+        h.name: render.host_digest(render.host_inputs(cluster, h.name, files, vm))
         for h in cluster.hosts
     }
 

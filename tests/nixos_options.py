@@ -193,6 +193,23 @@ OPTIONS: dict[str, dict[str, str]] = {
 }
 
 
+# NixOS module files the rendered hosts import by ``modulesPath + "/<file>"`` -> release -> the
+# nixpkgs file (nixos/modules/<file>). qemu-guest.nix, read in the code index at 07320dad,
+# sets only boot.initrd.availableKernelModules (virtio_net, virtio_pci, virtio_mmio,
+# virtio_blk, virtio_scsi, 9p, 9pnet_virtio) and boot.initrd.kernelModules (virtio_balloon,
+# virtio_console, virtio_rng, virtio_gpu): a VM stack's initrd finds its virtio disk whatever
+# the VM's hardware file says. all-hardware.nix and not-detected.nix: a host without its
+# hardware file yet. All three have been at these paths since long before 24.11.
+MODULE_FILES: dict[str, dict[str, str]] = {
+    f: _same(f"nixos/modules/{f}")
+    for f in (
+        "profiles/qemu-guest.nix",
+        "profiles/all-hardware.nix",
+        "installer/scan/not-detected.nix",
+    )
+}
+
+
 def matches(pattern: str, path: tuple[str, ...]) -> bool:
     """Does the option path (attribute names) fall under the pattern?"""
     want = pattern.split(".")

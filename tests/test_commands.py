@@ -92,10 +92,10 @@ def test_ssh_cat_refusals() -> None:
 
 def test_fetch_hardware_config_runs_the_hardware_task() -> None:
     out = Path("../c/nixConfigs/olaf.hardware.nix")
-    argv = commands.fetch_hardware_config("py", IP, commands.SshSettings(), out)
+    argv = commands.fetch_hardware_config("py", IP, commands.SshSettings(), out, wait=90)
     assert argv == [
         "py", "-m", "k3scluster.components.tasks", "hardware", "--ip", "10.0.100.2",
-        "--ssh-user", "root", "--out", "../c/nixConfigs/olaf.hardware.nix",
+        "--ssh-user", "root", "--out", "../c/nixConfigs/olaf.hardware.nix", "--wait", "90",
     ]
 
 

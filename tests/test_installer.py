@@ -149,7 +149,16 @@ def test_iso_module_evaluates(cluster, tmp_path):
     assert unit["environment"] == {
         "SYSTEM": "/nix/store/abc-nixos-system-rolf",
         "GRUB_DEVICES": "/dev/k3scluster-bootdisk",
+        "POWEROFF_ON_FAILURE": "0",  # a machine's image stays up after a failure
     }
+    # a VM stack's image powers off after a failure too (the lab sees it at once)
+    _write(render_installer(cluster, "rolf", tmp_path, vm=True), tmp_path)
+    again = subprocess.run(
+        ["nix-instantiate", "--readonly-mode", "--eval", "--strict", "--json", "-E", expr],
+        cwd=base, capture_output=True, text=True, check=False,
+    )
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["unit"]["environment"]["POWEROFF_ON_FAILURE"] == "1"
     sc = unit["serviceConfig"]
     assert sc["Type"] == "oneshot"
     assert sc["StandardOutput"] == "journal+console" == sc["StandardError"]

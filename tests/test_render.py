@@ -132,11 +132,11 @@ GOLDEN_VM = Path(__file__).resolve().parent / "golden" / "example-vm"
 def test_golden_example_as_vm_stack(cluster: Cluster) -> None:
     """A VM stack (stack test-vms) renders the example's hosts with the .link of their VMs;
     tests/golden/example-vm holds the files that differ from tests/golden/example."""
-    from k3scluster.lab.spec import planned_macs
+    from k3scluster.lab.spec import vm_render
 
     out = out_of(cluster.root)
     plain = render_files(cluster, out)
-    vm = render_files(cluster, out, planned_macs(cluster, "test-vms"))
+    vm = render_files(cluster, out, vm_render(cluster, "test-vms", out))
     files = {k: v for k, v in vm.items() if plain.get(k) != v}
     if REGEN:
         shutil.rmtree(GOLDEN_VM, ignore_errors=True)
@@ -148,7 +148,10 @@ def test_golden_example_as_vm_stack(cluster: Cluster) -> None:
         for p in sorted(GOLDEN_VM.rglob("*"))
         if p.is_file()
     }
-    assert sorted(files) == sorted(want) == sorted(f"hosts/{h.name}.nix" for h in cluster.hosts)
+    assert sorted(files) == sorted(want) == sorted(
+        [f"hosts/{h.name}.nix" for h in cluster.hosts]
+        + [f"installers/{h.name}/installer.json" for h in cluster.hosts]
+    )
     for rel, text in want.items():
         diff = "".join(
             difflib.unified_diff(

@@ -459,6 +459,9 @@ def test_installs_powers_off_and_never_wipes_twice(
     ]
     assert _log(env, "poweroff") == ["poweroff "]
     assert "remove the stick, then power on" in first.stdout
+    # the line the VM lab requires before it counts an install, before the poweroff
+    assert "k3scluster-install: OK host=rolf\n" in first.stdout
+    assert "k3scluster-install: FAILED" not in first.stdout
     assert f"GRUB goes to {grub} -> {dev}" in first.stdout
     assert mounted_at(mnt) == ""  # unmounted before the poweroff
     uuid = blkid(dev + "p2")["UUID"]
@@ -474,8 +477,17 @@ def test_installs_powers_off_and_never_wipes_twice(
     )
     assert "add k3scluster.reinstall=1 to the kernel command line" in second.stdout
     assert "nothing was changed" in second.stdout
+    assert second.stdout.splitlines()[-1] == (
+        "k3scluster-install: FAILED host=rolf step=check-installed exit=3"
+    )
     assert sha256_of(dev) == before
+    # a machine's image does not power off after a refusal (the user reads why)...
     assert len(_log(env, "nixos-install")) == 1 and len(_log(env, "poweroff")) == 1
+    # ... a VM stack's does (POWEROFF_ON_FAILURE=1), after saying so
+    vm_run = run(script("rolf"), **dict(env, POWEROFF_ON_FAILURE="1"))
+    assert vm_run.returncode == 3
+    assert "k3scluster-install: FAILED host=rolf step=check-installed exit=3" in vm_run.stdout
+    assert len(_log(env, "poweroff")) == 2 and sha256_of(dev) == before
     assert mounted_at(mnt) == ""
     assert not list(Path(env["TMPDIR"]).iterdir()), "the inspection mount was left behind"
 
@@ -491,7 +503,7 @@ def test_installs_powers_off_and_never_wipes_twice(
     assert again.returncode == 0, again.stdout + again.stderr
     assert "k3scluster.reinstall=1 on the kernel command line: replacing" in again.stdout
     assert blkid(dev + "p2")["UUID"] != uuid  # a new file system
-    assert len(_log(env, "nixos-install")) == 2 and len(_log(env, "poweroff")) == 2
+    assert len(_log(env, "nixos-install")) == 2 and len(_log(env, "poweroff")) == 3
 
 
 def test_any_file_system_with_etc_nixos_counts(script, loop_factory, byid, mnt, tmp_path, standins):

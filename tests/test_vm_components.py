@@ -37,10 +37,10 @@ def test_a_vm_stack_has_a_network_and_one_vm_per_host(
     assert counts["k3scluster:index:Vm"] == 5
     step = STEP_TYPES[RUNNERS.index(runner)]
     steps = {r.name for r in m.by_type(step)}
-    assert {"cluster-lab-network", *(f"{h}-vm-iso" for h in HOSTS),
-            *(f"{h}-vm-machine" for h in HOSTS)} <= steps
-    # the Vm builds the ISO: the host's InstallerIso does not build it a second time
-    assert not any(n.endswith("-installer-build") for n in steps)
+    assert {"cluster-lab-network", *(f"{h}-vm-machine" for h in HOSTS)} <= steps
+    # vm-up builds the ISO when it installs, and only then: no step of its own (a changed
+    # configuration rebuilds nothing), and the host's InstallerIso does not build it either
+    assert not any(n.endswith(("-vm-iso", "-installer-build")) for n in steps)
     net = m.named("cluster-lab-network")
     assert _argv(net, runner)[2:4] == ["k3scluster.lab.ctl", "net-up"]
     assert json.loads(_argv(net, runner)[-1])["bridge"] == bridge_name("mock")
@@ -48,13 +48,12 @@ def test_a_vm_stack_has_a_network_and_one_vm_per_host(
     render = m.named("cluster-render")
     for h in HOSTS:
         machine = m.named(f"{h}-vm-machine")
-        iso = m.named(f"{h}-vm-iso")
         assert machine.parent == m.named(f"{h}-vm").urn
-        assert net.urn in machine.dependencies and iso.urn in machine.dependencies
-        assert render.urn in iso.dependencies
-        assert f"file:installers/{h}/default.nix" in _digests(iso, runner)
+        assert net.urn in machine.dependencies and render.urn in machine.dependencies
         spec = VmSpec.from_json(_argv(machine, runner)[-1])
         assert (spec.host, spec.accel, spec.memory_mib) == (h, "tcg", 1024)
+        assert spec.iso_build[spec.iso_build.index("--file") + 1].endswith(f"installers/{h}")
+        assert spec.iso_build[spec.iso_build.index("--out-link") + 1] == spec.iso_result
         assert _argv(machine, runner, "delete")[3] == "vm-delete"
         # the normal path waits for the installed VM
         assert machine.urn in m.named(f"{h}-deploy").dependencies
@@ -80,3 +79,62 @@ def test_nothing_vm_specific_reaches_a_stack_without_vms(
         assert "-vm" not in r.name
         for needle in ("k3scluster.lab", "--vm-stack", "systemd.network.links", "vm-up"):
             assert needle not in r.raw, (r.name, needle)
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_a_vm_stack_reads_every_hardware_file_into_its_lab_and_never_nixconfigs(
+    example_dir: Path, runner: str
+) -> None:
+    """ulf has nixConfigs/ulf.hardware.nix (the real machine's): a VM stack neither imports
+    nor writes it; every VM's file is read into the VM's own directory of the lab."""
+    lab = example_dir / ".k3scluster" / "mock-lab"
+    m = run_program(example_dir, runner, vms="true", vmAccel="tcg")
+    for h in HOSTS:
+        fetch = m.named(f"cluster-{h}-hardware")
+        argv = _argv(fetch, runner)
+        assert argv[2:4] == ["k3scluster.components.tasks", "hardware"]
+        assert argv[argv.index("--out") + 1] == str(lab / h / "hardware.nix")
+        # the stack's own known_hosts, not ~/.ssh/known_hosts
+        assert argv[argv.index("--ssh-known-hosts") + 1] == str(
+            example_dir / ".k3scluster" / "mock-known_hosts"
+        )
+        spec = VmSpec.from_json(_argv(m.named(f"{h}-vm-machine"), runner)[-1])
+        assert spec.known_hosts == str(example_dir / ".k3scluster" / "mock-known_hosts")
+        # a new VM (another disk) is read again
+        triggers = fetch.inputs["triggers"]
+        assert spec.replace_keys()[0] in triggers
+        digests = _digests(m.named(f"{h}-deploy"), runner)
+        assert f"vmHardware:{h}" in digests
+        assert not [k for k in digests if k.endswith(".hardware.nix")], digests
+    assert all("nixConfigs/" not in a for r in m.registered for a in r.raw.split('"')
+               if a.endswith(".hardware.nix"))
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_a_hardware_stack_fetches_only_missing_files_into_nixconfigs(
+    example_dir: Path, runner: str
+) -> None:
+    m = run_program(example_dir, runner)
+    fetches = {r.name for r in m.registered if r.name.endswith("-hardware")}
+    assert fetches == {f"cluster-{h}-hardware" for h in HOSTS if h != "ulf"}
+    argv = _argv(m.named("cluster-karl-hardware"), runner)
+    assert argv[argv.index("--out") + 1] == str(example_dir / "nixConfigs" / "karl.hardware.nix")
+    assert ".k3scluster/mock-lab" not in m.named("cluster-karl-hardware").raw
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_a_changed_configuration_changes_no_vm_step(example_dir: Path, runner: str) -> None:
+    """colmena deploys a changed configuration; the VM (and the ISO it will never boot
+    again) stay as they are. vmAccel auto is not probed into the spec either: a user who
+    cannot open /dev/kvm previews the same VM as one who can."""
+    def vm_steps(m):  # type: ignore[no-untyped-def]
+        return {r.name: r.raw for r in m.registered if "-vm" in r.name or "lab" in r.name}
+
+    before = vm_steps(run_program(example_dir, runner, vms="true", vmAccel="auto"))
+    with open(example_dir / "nixConfigs" / "olaf.nix", "a") as f:
+        f.write("# a change colmena deploys\n")
+    after = run_program(example_dir, runner, vms="true", vmAccel="auto")
+    assert vm_steps(after) == before
+    assert "olaf-deploy" in {r.name for r in after.registered}
+    spec = VmSpec.from_json(_argv(after.named("olaf-vm-machine"), runner)[-1])
+    assert spec.accel == "auto"  # resolved by vm-up on this machine, not in the spec

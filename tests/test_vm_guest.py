@@ -13,6 +13,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import vmguest as vg
 
 from k3scluster import plans
 from k3scluster.installer import find_iso, render_installer
+from k3scluster.lab import spec as lab_spec
 from k3scluster.lab.spec import planned_macs
 from k3scluster.model import Cluster, Host
 from k3scluster.render import render_to_dir
@@ -176,7 +178,7 @@ NIX = Path(__file__).resolve().parent / "bin" / "nix"
 def vm_render(cluster, tmp_path_factory) -> Path:
     """The example cluster rendered for a VM stack (NICs named by the VMs' MACs)."""
     out = tmp_path_factory.mktemp("render") / "render"
-    render_to_dir(cluster, out, [], planned_macs(cluster, STACK))
+    render_to_dir(cluster, out, [], lab_spec.vm_render(cluster, STACK, out))
     return out
 
 
@@ -307,6 +309,14 @@ def test_efi_disk_boots_installed_system_at_its_planned_ip_and_nic_name(
         assert vg.ping_until(lab_module.ns, str(olaf.ip), 60), vm.tail()
         # another plan address, with no VM behind it, does not answer: the ping tells apart
         assert not vg.ping_until(lab_module.ns, str(cluster.host("ulf").ip), 2)
+        # sshd answers with the host key made at the install (read from the disk)
+        (fingerprint,) = vg.fact_values(text, "sshd")
+        scan = vg.ns_run(lab_module.ns, "ssh-keyscan", "-t", "ed25519", str(olaf.ip))
+        key = tmp_path / "scanned.pub"
+        key.write_text(scan.stdout.split(None, 1)[1])
+        assert fingerprint in subprocess.run(
+            ["ssh-keygen", "-l", "-f", str(key)], capture_output=True, text=True, check=True
+        ).stdout
         vm.powerdown()
         assert vm.wait_exit(60) == 0
     assert "K3SGUEST poweroff power button" in vm.console()
@@ -355,6 +365,7 @@ def test_refuses_two_disks_with_the_planned_serial(guest, cluster, tmp_path):
         boot="bios",
         job="install",
         setup_script=setup_script(cluster, "rolf", tmp_path),
+        poweroff_on_failure=True,  # as a VM stack's image: the script powers off
     )
     a = vg.make_disk(tmp_path / "a.qcow2", 64)
     b = vg.make_disk(tmp_path / "b.qcow2", 64)
@@ -376,7 +387,9 @@ def test_refuses_two_disks_with_the_planned_serial(guest, cluster, tmp_path):
     text = vm.run(240)
     assert "2 disks match the serial" in text
     assert 'ERROR in step "find-disk"' in text
-    assert "K3SGUEST job install done rc=1" in text
+    assert "k3scluster-install: FAILED host=rolf step=find-disk exit=1" in text
+    assert "k3scluster-install: OK" not in text
+    assert "K3SGUEST job install done" not in text  # the script powered off itself
     assert (digest(a, tmp_path), digest(b, tmp_path)) == before
 
 
@@ -411,11 +424,18 @@ def test_refuses_to_wipe_an_installed_disk_unless_reinstall_is_asked(
     inst = Installed(**{**installed_bios.__dict__, "disk": copy})
     before = digest(copy, tmp_path)
 
-    text = _reinstall_vm(guest, inst, cluster, tmp_path / "again", ()).run(240)
+    # a hardware stack's image: after the refusal it stays up (nothing powers it off), as
+    # the real image does when its system_setup.service failed
+    with _reinstall_vm(guest, inst, cluster, tmp_path / "again", ()) as vm:
+        vm.wait_for(r"^K3SGUEST job install done rc=3", 240)
+        time.sleep(2)
+        assert vm.running()
+        text = vm.console()
     assert 'REFUSED in step "check-installed"' in text, text
     assert "already holds an installed NixOS" in text
     assert "/nix/var/nix/profiles/system ->" in text
-    assert "K3SGUEST job install done rc=3" in text
+    assert "k3scluster-install: FAILED host=rolf step=check-installed exit=3" in text
+    assert "k3scluster-install: OK" not in text
     assert digest(copy, tmp_path) == before
 
     text = _reinstall_vm(
@@ -423,4 +443,5 @@ def test_refuses_to_wipe_an_installed_disk_unless_reinstall_is_asked(
     ).run(240)
     assert "k3scluster.reinstall=1 on the kernel command line: replacing" in text, text
     assert "K3SGUEST job install done rc=0" in text
+    assert "k3scluster-install: OK host=rolf" in text
     assert digest(copy, tmp_path) != before

@@ -15,7 +15,7 @@ import pytest
 
 from k3scluster import commands, macs
 from k3scluster.errors import K3sClusterError
-from k3scluster.lab import ctl, netcheck, qemu
+from k3scluster.lab import ctl, machine, netcheck, network, process, qemu
 from k3scluster.lab import spec as lab
 from k3scluster.plans import load_or_raise
 from k3scluster.render import render_files
@@ -42,8 +42,18 @@ def test_bridge_and_tap_names_fit_the_kernel_limit_and_are_stable(stack: str) ->
     for name in (lab.bridge_name(stack), lab.tap_name(stack, "a-long-host-name")):
         assert 0 < len(name) <= 15
         assert re.fullmatch(r"[a-z0-9-]+", name)
-    assert lab.bridge_name(stack) == lab.bridge_name(stack)
-    assert lab.tap_name(stack, "olaf") == lab.tap_name(stack, "olaf")
+    assert lab.bridge_name(stack).startswith("k3b-") and lab.tap_name(stack, "o").startswith("k3t-")
+
+
+def test_bridge_and_tap_names_are_pinned() -> None:
+    """A change of the derivation would rename every existing lab's links (and strand them):
+    the names of today, written out."""
+    assert lab.bridge_name("test-vms") == "k3b-testvm-b650"
+    assert lab.tap_name("test-vms", "olaf") == "k3t-olaf-e93a"
+    assert lab.bridge_name("x" * 200) == "k3b-xxxxxx-af01"
+    assert lab.tap_name("A-very-long-stack-name-with-CAPS_and_more", "a-long-host-name") == (
+        "k3t-alongh-c452"
+    )
 
 
 def test_names_differ_between_stacks_and_hosts() -> None:
@@ -62,7 +72,8 @@ def test_vm_mac_is_stable_locally_administered_unicast_and_distinct() -> None:
             seen.add(mac)
     assert len(seen) == 10
     # pinned: a change of the derivation would rename every rehearsal's NIC
-    assert macs.vm_mac("test-vms", "olaf") == macs.derived_mac("vm", "test-vms", "olaf")
+    assert macs.vm_mac("test-vms", "olaf") == "92:93:e9:7b:4d:a7"
+    assert macs.vm_mac("other", "ulf") == "ee:8a:de:89:8f:79"
     assert not macs.is_locally_administered("00:11:22:33:44:55")
     assert not macs.is_locally_administered("03:11:22:33:44:55")  # multicast
 
@@ -134,7 +145,9 @@ def test_a_change_of_machine_identity_replaces_but_memory_does_not(
     c = _load(example_dir)
     s = lab.vm_specs(c, _settings(tmp_path), {h.name: "/iso" for h in c.hosts})[0]
     assert dataclasses.replace(s, memory_mib=1).replace_keys() == s.replace_keys()
-    for change in ({"serial": "other"}, {"boot": "bios"}, {"disk_gib": 1}, {"mac": "x"}):
+    # the IP too: the installed system carries it, and the lab waits for the VM there
+    for change in ({"serial": "other"}, {"boot": "bios"}, {"disk_gib": 1}, {"mac": "x"},
+                   {"ip": "10.0.100.99"}):
         assert dataclasses.replace(s, **change).replace_keys() != s.replace_keys()  # type: ignore[arg-type]
 
 
@@ -284,8 +297,8 @@ def test_steps_call_the_lab_ctl_with_the_spec_as_one_argument(
 
 def test_nat_ruleset_masquerades_only_the_lab_subnet() -> None:
     net = lab.NetSpec("s", "k3b-s-1234", "10.0.100.1/24", "10.0.100.0/24", True, "n:1")
-    rules = ctl.nat_ruleset(net)
-    assert f"table ip {ctl.nat_table('s')}" in rules
+    rules = network.nat_ruleset(net)
+    assert f"table ip {network.nat_table('s')}" in rules
     assert 'ip saddr 10.0.100.0/24 oifname != "k3b-s-1234" masquerade' in rules
 
 
@@ -296,7 +309,7 @@ def test_vm_render_names_each_nic_by_its_vm_mac(example_dir: Path) -> None:
     c = _load(example_dir)
     out = example_dir / ".k3scluster" / "render"
     plain = render_files(c, out)
-    vm = render_files(c, out, lab.planned_macs(c, "test-vms"))
+    vm = render_files(c, out, lab.vm_render(c, "test-vms", out))
     for h in c.hosts:
         text = vm[f"hosts/{h.name}.nix"]
         assert 'systemd.network.links."10-k3scluster-vm-nic"' in text
@@ -305,8 +318,15 @@ def test_vm_render_names_each_nic_by_its_vm_mac(example_dir: Path) -> None:
         assert 'Type = "ether";' in text and "matchConfig.MACAddress" not in text
         assert f'linkConfig.Name = "{h.interface}";' in text
         assert "systemd.network.links" not in plain[f"hosts/{h.name}.nix"]
-    # only the host files differ; the installers build from them
-    assert {k for k in vm if vm[k] != plain[k]} == {f"hosts/{h.name}.nix" for h in c.hosts}
+    # only the host files differ (the installers build from them), and installer.json: a VM
+    # stack's image powers off after a failure too
+    assert {k for k in vm if vm[k] != plain[k]} == {
+        *(f"hosts/{h.name}.nix" for h in c.hosts),
+        *(f"installers/{h.name}/installer.json" for h in c.hosts),
+    }
+    for h in c.hosts:
+        assert json.loads(vm[f"installers/{h.name}/installer.json"])["powerOffOnFailure"] is True
+        assert "powerOffOnFailure" not in plain[f"installers/{h.name}/installer.json"]
 
 
 # -- manifests: what delete may touch, and the listing ----------------------------------------
@@ -315,9 +335,9 @@ def test_vm_render_names_each_nic_by_its_vm_mac(example_dir: Path) -> None:
 def _made(example_dir: Path, tmp_path: Path, host: str) -> lab.VmSpec:
     """A VM directory as vm-up leaves it (manifest, disk, console), without running QEMU."""
     s = _spec(example_dir, tmp_path, host)
-    m = ctl._claim(s)
+    m = machine.claim(s)
     m["installed"] = True
-    ctl._write_manifest(s.path, m)
+    machine.write_manifest(s.path, m)
     for name in ("disk.qcow2", "console.log"):
         (s.path / name).write_text("x")
     return s
@@ -326,7 +346,7 @@ def _made(example_dir: Path, tmp_path: Path, host: str) -> lab.VmSpec:
 def test_delete_removes_exactly_the_manifests_files(
     example_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(ctl, "_delete_tap", lambda spec: None)
+    monkeypatch.setattr(network, "delete_tap", lambda spec: None)
     s = _made(example_dir, tmp_path, "olaf")
     other = _made(example_dir, tmp_path, "ulf")
     ctl.vm_delete(s)
@@ -344,19 +364,19 @@ def test_delete_removes_exactly_the_manifests_files(
 def test_delete_refuses_a_directory_it_cannot_prove(
     example_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(ctl, "_delete_tap", lambda spec: None)
+    monkeypatch.setattr(network, "delete_tap", lambda spec: None)
     s = _spec(example_dir, tmp_path, "olaf")
     s.path.mkdir(parents=True)
     (s.path / "disk.qcow2").write_text("someone's disk")
     with pytest.raises(K3sClusterError, match="no k3scluster-vm.json"):
         ctl.vm_delete(s)
     with pytest.raises(K3sClusterError, match="not made by k3scluster"):
-        ctl._claim(s)
+        machine.claim(s)
     assert (s.path / "disk.qcow2").exists()
     # another stack's VM in the same place
     (s.path / "disk.qcow2").unlink()
     other = dataclasses.replace(s, stack="other", name=lab.guest_name("other", "olaf"))
-    ctl._claim(other)
+    machine.claim(other)
     with pytest.raises(K3sClusterError, match="belongs to VM 'olaf' of stack 'other'"):
         ctl.vm_delete(s)
     assert ctl.read_manifest(s.path) is not None
@@ -367,8 +387,8 @@ def test_a_stale_pidfile_is_not_taken_for_the_vm(example_dir: Path, tmp_path: Pa
 
     s = _made(example_dir, tmp_path, "olaf")
     (s.path / "qemu.pid").write_text(str(os.getpid()))  # alive, but not this VM's QEMU
-    assert ctl.running_pid(s) is None
-    assert ctl.stop(s) is False
+    assert process.running_pid(s) is None
+    assert process.stop(s) is False
 
 
 def test_vms_lists_state_ip_and_console(example_dir: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -395,7 +415,8 @@ def test_vm_rendered_hosts_parse_as_nix(example_dir: Path, tmp_path: Path) -> No
     import subprocess
 
     c = _load(example_dir)
-    vm = render_files(c, example_dir / ".k3scluster" / "render", lab.planned_macs(c, "s"))
+    out = example_dir / ".k3scluster" / "render"
+    vm = render_files(c, out, lab.vm_render(c, "s", out))
     for h in c.hosts:
         f = tmp_path / f"{h.name}.nix"
         f.write_text(vm[f"hosts/{h.name}.nix"])
@@ -405,34 +426,73 @@ def test_vm_rendered_hosts_parse_as_nix(example_dir: Path, tmp_path: Path) -> No
         assert proc.returncode == 0, proc.stderr
 
 
-def test_a_failed_install_shows_the_end_of_its_console_and_stays_uninstalled(
-    example_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    s = _spec(example_dir, tmp_path, "olaf")
+def _install_with(
+    example_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, console_text: str
+) -> tuple[lab.VmSpec, dict]:  # type: ignore[type-arg]
+    """``machine.install`` with QEMU replaced by a writer of ``console_text`` to the console
+    that is gone at once (the lab's reading of the console is what is tested here; the VM
+    tests run the real thing)."""
+    s = _spec(example_dir, tmp_path, "rolf")  # BIOS: no OVMF needed
     result = tmp_path / "result" / "iso"
     result.mkdir(parents=True)
     (result / "nixos.iso").write_bytes(b"iso")
     s = dataclasses.replace(s, iso_result=str(result.parent))
-    m = ctl._claim(s)
+    m = machine.claim(s)
     console = Path(s.dir) / "console.log"
     console.write_text("an earlier boot\n")
 
     def fake_start(spec: lab.VmSpec, argv: list[str], what: str) -> int:
         assert "-no-reboot" in argv and f"file={result}/nixos.iso" in " ".join(argv)
         with console.open("a") as f:
-            f.write("".join(f"line {i}\n" for i in range(100)))
-            f.write('ERROR in step "partition": no disk with serial s4evnx0r123456\n')
+            f.write(console_text)
         return 1
 
-    monkeypatch.setattr(ctl, "_start", fake_start)
-    monkeypatch.setattr(ctl, "_wait_gone", lambda pid, timeout: True)
+    monkeypatch.setattr(machine, "start", fake_start)
+    monkeypatch.setattr(machine, "pid_alive", lambda pid: False)
+    monkeypatch.setattr(machine, "stop", lambda spec, graceful=0: False)
+    return s, m
+
+
+def test_a_failed_install_shows_the_end_of_its_console_and_stays_uninstalled(
+    example_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s, m = _install_with(example_dir, tmp_path, monkeypatch, "".join(
+        f"line {i}\n" for i in range(100)
+    ) + 'ERROR in step "partition": no disk with serial wd-wcc4n1234567\n'
+      + "k3scluster-install: FAILED host=rolf step=partition exit=1\n")
     with pytest.raises(K3sClusterError) as err:
-        ctl._install(s, m, "tcg", qemu.Ovmf(Path("/c"), Path("/v")))
+        machine.install(s, m, "tcg", None)
     text = str(err.value)
-    assert "host olaf: the installer failed" in text
+    assert "host rolf: the installer failed" in text
     assert 'ERROR in step "partition"' in text and "line 99" in text
     assert "line 10\n" not in text and "an earlier boot" not in text  # the end, this boot's
-    assert ctl.read_manifest(Path(s.dir))["installed"] is False  # type: ignore[index]
+    assert machine.read_manifest(Path(s.dir))["installed"] is False  # type: ignore[index]
+
+
+def test_an_install_without_the_installers_ok_is_not_an_install(
+    example_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A QEMU that ends without the installer's last line (killed mid-install) leaves the VM
+    not installed, whatever else the console says."""
+    s, m = _install_with(example_dir, tmp_path, monkeypatch,
+                         "system-setup[rolf] install: installing\nkilled\n")
+    with pytest.raises(K3sClusterError, match="ended without the installer's"):
+        machine.install(s, m, "tcg", None)
+    assert machine.read_manifest(Path(s.dir))["installed"] is False  # type: ignore[index]
+
+
+def test_an_install_with_the_installers_ok_is_recorded(
+    example_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s, m = _install_with(example_dir, tmp_path, monkeypatch,
+                         "installing\nk3scluster-install: OK host=rolf\n")
+    machine.install(s, m, "tcg", None)
+    assert machine.read_manifest(Path(s.dir))["installed"] is True  # type: ignore[index]
+    # another host's OK is not this one's
+    s2, m2 = _install_with(example_dir, tmp_path / "2", monkeypatch,
+                           "k3scluster-install: OK host=olaf\n")
+    with pytest.raises(K3sClusterError, match="ended without"):
+        machine.install(s2, m2, "tcg", None)
 
 
 def test_the_kvm_probe_gives_up_after_its_timeout(
@@ -486,7 +546,7 @@ def test_a_vm_renders_only_options_checked_in_every_pinned_release(
 
     c = _load(example_dir)
     out = tmp_path / "render"
-    render_to_dir(c, out, vm_macs=lab.planned_macs(c, "test-vms"))
+    render_to_dir(c, out, vm=lab.vm_render(c, "test-vms", out))
     seen = set()
     for host in sorted((out / "hosts").glob("*.nix")):
         for path in option_paths(host, out, host):
@@ -519,8 +579,123 @@ def test_vm_up_resolves_vm_accel_as_the_program_did(
     m: dict[str, object] = {}
     if expected is None:
         with pytest.raises(K3sClusterError, match="vmAccel is kvm, but KVM does not work"):
-            ctl._accel(s, m)
+            machine.resolve_accel(s, m)
         assert "accel" not in m
         return
-    assert ctl._accel(s, m) == expected and m["accel"] == expected
+    assert machine.resolve_accel(s, m) == expected and m["accel"] == expected
     assert calls == ([] if setting == "tcg" else [s.qemu])
+# -- what a VM stack learns stays in it ---------------------------------------------------
+
+
+def test_a_vm_render_never_imports_the_users_hardware_file_and_adds_qemus_drivers(
+    example_dir: Path,
+) -> None:
+    c = _load(example_dir)
+    out = example_dir / ".k3scluster" / "test-vms"
+    vm = lab.vm_render(c, "test-vms", out)
+    files = render_files(c, out, vm)
+    plain = render_files(c, out)
+    ulf = files["hosts/ulf.nix"]
+    assert "ulf.hardware.nix" not in ulf  # the real machine's file (the example has one)
+    assert "nixConfigs/ulf.hardware.nix" in plain["hosts/ulf.nix"]
+    assert "builtins.pathExists ../../test-vms-lab/ulf/hardware.nix" in ulf
+    for h in c.hosts:
+        assert '(modulesPath + "/profiles/qemu-guest.nix")' in files[f"hosts/{h.name}.nix"]
+        assert "qemu-guest" not in plain[f"hosts/{h.name}.nix"]
+
+
+def test_a_vm_hosts_inputs_follow_the_labs_hardware_file_not_nixconfigs(
+    example_dir: Path,
+) -> None:
+    from k3scluster.render import host_inputs
+
+    c = _load(example_dir)
+    out = example_dir / ".k3scluster" / "test-vms"
+    vm = lab.vm_render(c, "test-vms", out)
+    files = render_files(c, out, vm)
+    before = host_inputs(c, "ulf", files, vm)
+    assert "vmHardware:ulf" in before
+    assert not [k for k in before if k.endswith(".hardware.nix")]
+    # the user's file changes: not the VM's input
+    with open(example_dir / "nixConfigs" / "ulf.hardware.nix", "a") as f:
+        f.write("# edited\n")
+    c = _load(example_dir)
+    assert host_inputs(c, "ulf", files, vm) == before
+    # the lab's file appears: it is
+    hw = vm.hardware_file("ulf")
+    hw.parent.mkdir(parents=True)
+    hw.write_text("{ ... }: { }\n")
+    after = host_inputs(c, "ulf", files, vm)
+    assert after["vmHardware:ulf"] != before["vmHardware:ulf"]
+    # and it is the file vm-delete removes with the VM
+    s = next(s for s in lab.vm_specs(c, _settings(example_dir / ".k3scluster" / "x"), {
+        h.name: "/iso" for h in c.hosts}) if s.host == "ulf")
+    s = dataclasses.replace(s, dir=str(hw.parent))
+    assert qemu.files(s)["hardware"] == hw
+
+
+def _host_key(tmp_path: Path, name: str) -> str:
+    import subprocess
+
+    key = tmp_path / name
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    return " ".join(key.with_suffix(".pub").read_text().split()[:2])
+
+
+def test_forget_host_drops_plain_and_hashed_entries_of_that_host_only(tmp_path: Path) -> None:
+    import subprocess
+
+    from k3scluster.lab.hostkeys import forget_host
+
+    a, b = _host_key(tmp_path, "a"), _host_key(tmp_path, "b")
+    plain = tmp_path / "known_hosts"
+    plain.write_text(
+        f"10.0.100.2 {a}\n10.0.100.20 {b}\n# a comment\n[10.0.100.2]:2222 {a}\n"
+        f"10.0.100.3,10.0.100.2 {b}\n"
+    )
+    plain.chmod(0o640)
+    assert forget_host(plain, "10.0.100.2") == 3
+    assert plain.read_text() == f"10.0.100.20 {b}\n# a comment\n"
+    assert plain.stat().st_mode & 0o777 == 0o640
+    assert forget_host(plain, "10.0.100.2") == 0
+    assert forget_host(tmp_path / "missing", "10.0.100.2") == 0
+    hashed = tmp_path / "hashed"
+    hashed.write_text(f"10.0.100.2 {a}\n10.0.100.20 {b}\n")
+    subprocess.run(["ssh-keygen", "-q", "-H", "-f", str(hashed)], check=True,
+                   capture_output=True)
+    assert "10.0.100" not in hashed.read_text()
+    assert forget_host(hashed, "10.0.100.2") == 1
+    # what is left is the other host's (ssh-keygen finds it)
+    found = subprocess.run(["ssh-keygen", "-F", "10.0.100.20", "-f", str(hashed)],
+                           capture_output=True, text=True, check=False)
+    assert found.returncode == 0 and b.split()[1] in found.stdout
+
+
+def test_delete_drops_the_vms_host_keys_and_its_hardware_file(
+    example_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(network, "delete_tap", lambda spec: None)
+    kh = tmp_path / "known_hosts"
+    other = _host_key(tmp_path, "o")
+    kh.write_text(f"10.0.100.2 {_host_key(tmp_path, 'v')}\n10.0.100.3 {other}\n")
+    s = dataclasses.replace(_made(example_dir, tmp_path, "olaf"), known_hosts=str(kh))
+    (s.path / "hardware.nix").write_text("{ ... }: { }\n")
+    ctl.vm_delete(s)
+    assert not s.path.exists()
+    assert kh.read_text() == f"10.0.100.3 {other}\n"
+
+
+def test_every_module_file_a_render_imports_was_checked(example_dir: Path) -> None:
+    """Each ``modulesPath + "/<file>"`` in a rendered host (hardware and VM stacks) is in
+    tests/nixos_options.MODULE_FILES, read for every pinned release."""
+    from nixos_options import MODULE_FILES, RELEASES
+
+    c = _load(example_dir)
+    out = example_dir / ".k3scluster" / "test-vms"
+    seen: set[str] = set()
+    for files in (render_files(c, out), render_files(c, out, lab.vm_render(c, "test-vms", out))):
+        for text in files.values():
+            seen.update(re.findall(r'modulesPath \+ "/([^"]+)"', text))
+    assert "profiles/qemu-guest.nix" in seen
+    assert sorted(seen - set(MODULE_FILES)) == []
+    assert all(set(MODULE_FILES[f]) == set(RELEASES) for f in seen)

@@ -15,6 +15,13 @@ up that changes nothing → more memory for one host (it restarts, the other doe
 host leaves the plans (its VM and files gone, the other VM
 untouched) → it comes back (installed again, the same MAC in the guest) → destroy (VMs
 stopped, disks and files gone, bridge and taps gone, nothing else touched).
+
+What the stack learns stays in the stack: each VM's hardware file is read over ssh (the
+guest runs sshd with the admin's key from secrets/) into the VM's directory of the lab,
+host keys go to the stack's own known_hosts (the test logs in with it, strictly), and
+after destroy the cluster directory outside ``.k3scluster/<stack>*`` is byte-identical to
+before, ``~/.ssh/known_hosts`` too; a hardware stack on the same directory then previews and
+renders nothing of the VMs.
 """
 
 from __future__ import annotations
@@ -129,9 +136,47 @@ class VmProject(Project):
             r = self.pulumi("config", "set", f"k3scluster:{key}", value, "--stack", STACK)
             assert r.returncode == 0, r.stderr
         self.lab = lab_dir(self.render_dir)
+        self.nix_log = base / "nix.log"  # one line per ISO build (tests/bin/nix)
+        # the admin's key: its public half in secrets/ (every host), the private one the
+        # stack's sshIdentity; the stack remembers host keys in a file of its own
+        self.key = base / "id_admin"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "lifecycle-admin",
+                        "-f", str(self.key)], check=True)
+        shutil.copy(self.key.with_suffix(".pub"), self.cluster / "secrets" / "admin.pub")
+        r = self.pulumi("config", "set", "k3scluster:sshIdentity", str(self.key), "--stack", STACK)
+        assert r.returncode == 0, r.stderr
+        self.known_hosts = self.render_dir.parent / f"{STACK}-known_hosts"
+
+    def ssh(self, ip: str, *remote: str) -> subprocess.CompletedProcess[str]:
+        """Log in as root with the stack's key, checking the host's key against the stack's
+        own known_hosts only (strictly: nothing new is accepted here)."""
+        return self.ns.run(
+            "ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=20",
+            "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={self.known_hosts}",
+            "-o", "GlobalKnownHostsFile=/dev/null",
+            "-i", str(self.key), "-o", "IdentitiesOnly=yes", f"root@{ip}", *remote,
+        )
+
+    def iso_builds(self) -> list[str]:
+        if not self.nix_log.exists():
+            return []
+        return [json.loads(line)["host"] for line in self.nix_log.read_text().splitlines()]
+
+    def snapshot(self) -> dict[str, bytes]:
+        """Every file of the cluster directory but the stack's own (``.k3scluster/it*``) and
+        the plans, which this test edits itself."""
+        return {
+            rel: f.read_bytes()
+            for f in sorted(self.cluster.rglob("*"))
+            if f.is_file()
+            and not (rel := str(f.relative_to(self.cluster))).startswith(
+                (f".k3scluster/{STACK}", "plans/")
+            )
+        }
 
     def engine(self, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-        env = engine_env(self.dir, {"COLMENA_LOG": str(self.log)})
+        env = engine_env(self.dir, {"COLMENA_LOG": str(self.log),
+                                    "NIX_STANDIN_LOG": str(self.nix_log)})
         r = self.ns.run(str(PULUMI), *args, "--stack", STACK, "--non-interactive",
                         cwd=self.dir, env=env)
         if ok:
@@ -165,6 +210,9 @@ def _boots(console: str) -> list[str]:
 def test_vm_stack_lifecycle(tmp_path: Path, ns: Namespace, guest: None) -> None:
     require_engine()
     p = VmProject(tmp_path, ns)
+    before = p.snapshot()
+    user_known_hosts = Path.home() / ".ssh" / "known_hosts"
+    user_known = user_known_hosts.read_bytes() if user_known_hosts.exists() else None
 
     # -- up: network, ISOs, installs, boots from disk, then the normal path ----------------
     p.engine("up", "--yes", "--skip-preview")
@@ -191,10 +239,22 @@ def test_vm_stack_lifecycle(tmp_path: Path, ns: Namespace, guest: None) -> None:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         assert not any(b"media=cdrom" in a for a in cmdline)
         assert (p.lab / host / "disk.qcow2").is_file()
+        # what the stack learnt from its VM stays in its lab: the hardware file read from
+        # the VM (its root by the UUID the install made), the VM's host key in the
+        # stack's own known_hosts, which lets the admin in
+        hardware = (p.lab / host / "hardware.nix").read_text()
+        (uuid,) = [f.removeprefix("root=") for f in _facts(console, "hardware")] or [""]
+        assert uuid and f"/dev/disk/by-uuid/{uuid}" in hardware, console[-2000:]
+        login = p.ssh(ip, "cat", "/etc/nixos/hardware-configuration.nix")
+        assert login.returncode == 0 and login.stdout == hardware, login.stderr
+    assert p.snapshot() == before  # nixConfigs/ (the real machines' files), secrets/, manifests/
+    assert (user_known_hosts.read_bytes() if user_known_hosts.exists() else None) == user_known
     assert (p.lab / "olaf" / "efivars.fd").is_file()
     assert not (p.lab / "rolf" / "efivars.fd").exists()  # SeaBIOS
     deployed = [c for c in p.colmena_calls() if "apply" in c["argv"]]
     assert sorted(c["argv"][c["argv"].index("--on") + 1] for c in deployed) == ["olaf", "rolf"]
+
+    assert sorted(p.iso_builds()) == ["olaf", "rolf"]  # one ISO per install
 
     # -- stop and start --------------------------------------------------------------------
     p.vms("--stop", "rolf")
@@ -204,6 +264,17 @@ def test_vm_stack_lifecycle(tmp_path: Path, ns: Namespace, guest: None) -> None:
     assert p.state()["rolf"]["state"] == "running"
     assert ns.ping(HOSTS["rolf"][0])
     assert _boots(p.console("rolf")) == ["install", "serve", "serve"]
+
+    # -- vmNat on: the network step updates (NAT on), the bridge and every tap stay -------
+    r = p.pulumi("config", "set", "k3scluster:vmNat", "true", "--stack", STACK)
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(p.engine("preview", "--json").stdout)
+    ops = {s["urn"].split("::")[-1]: s["op"] for s in plan["steps"] if s["op"] != "same"}
+    assert ops == {"cluster-lab-network": "update"}, ops
+    p.engine("up", "--yes", "--skip-preview")
+    for ip, _ in HOSTS.values():
+        assert ns.ping(ip)
+    assert {bridge, *(tap_name(STACK, h) for h in HOSTS)} <= ns.links()
 
     # -- a second up changes nothing: the VMs keep running as they are ---------------------
     pids = {h: row["pid"] for h, row in p.state().items()}
@@ -228,6 +299,9 @@ def test_vm_stack_lifecycle(tmp_path: Path, ns: Namespace, guest: None) -> None:
     assert ns.ping(HOSTS["olaf"][0])
     pids = {h: row["pid"] for h, row in state.items()}
 
+    # the hardware files fetched, NAT, memory: no ISO was built again (no VM boots one)
+    assert sorted(p.iso_builds()) == ["olaf", "rolf"]
+
     # -- a host leaves the plans: its VM stopped, its disk and files gone, nothing else --------
     with_rolf = hosts_csv.read_text()
     hosts_csv.write_text("".join(x for x in with_rolf.splitlines(True) if not x.startswith("rolf,")))
@@ -236,6 +310,7 @@ def test_vm_stack_lifecycle(tmp_path: Path, ns: Namespace, guest: None) -> None:
     k3s_csv.write_text("".join(x for x in k3s_rows.splitlines(True) if not x.startswith("rolf,")))
     p.engine("up", "--yes", "--skip-preview")
     assert not (p.lab / "rolf").exists()
+    assert HOSTS["rolf"][0] not in p.known_hosts.read_text()  # its host key forgotten
     assert tap_name(STACK, "rolf") not in ns.links()
     assert not ns.ping(HOSTS["rolf"][0])
     assert p.state()["olaf"]["pid"] == pids["olaf"]  # untouched
@@ -249,6 +324,36 @@ def test_vm_stack_lifecycle(tmp_path: Path, ns: Namespace, guest: None) -> None:
     assert _boots(p.console("rolf")) == ["install", "serve"]
     assert set(_facts(p.console("rolf"), "nic")) == set(first_macs["rolf"])
     assert p.state()["olaf"]["pid"] == pids["olaf"]
+    assert sorted(p.iso_builds()) == ["olaf", "rolf", "rolf"]  # for its new install
+    # a new machine: its hardware file read again, its new host key accepted
+    (uuid,) = [f.removeprefix("root=") for f in _facts(p.console("rolf"), "hardware")]
+    assert f"/dev/disk/by-uuid/{uuid}" in (p.lab / "rolf" / "hardware.nix").read_text()
+    assert p.ssh(HOSTS["rolf"][0], "true").returncode == 0
+
+    # -- this machine restarts: QEMUs gone, and the bridge, the taps and the NAT with them --
+    def reboot() -> None:
+        for row in p.state().values():
+            if row["pid"]:
+                os.kill(row["pid"], 9)
+        for link in (bridge, *(tap_name(STACK, h) for h in HOSTS)):
+            ns.run("ip", "link", "delete", link, check=True)
+        ns.run("nft", "flush", "ruleset", check=True)
+        assert {row["state"] for row in p.state().values()} == {"stopped"}
+
+    reboot()
+    p.vms("--start", "all")  # makes the bridge again from the lab's record, then each VM
+    for ip, _ in HOSTS.values():
+        assert ns.ping(ip)
+    assert {row["state"] for row in p.state().values()} == {"running"}
+    reboot()
+    plan = json.loads(p.engine("preview", "--json").stdout)
+    ops = {s["urn"].split("::")[-1]: s["op"] for s in plan["steps"] if s["op"] != "same"}
+    assert ops == {"cluster-lab-network": "update", "olaf-vm-machine": "update",
+                   "rolf-vm-machine": "update"}, ops
+    p.engine("up", "--yes", "--skip-preview")  # or `pulumi up`
+    for ip, _ in HOSTS.values():
+        assert ns.ping(ip)
+    assert "masquerade" in ns.run("nft", "list", "ruleset").stdout  # vmNat's table again
 
     # -- destroy: VMs stopped, their disks and files gone, and nothing else ----------------
     iso_dir = p.render_dir.parent / f"{p.render_dir.name}-iso"
@@ -263,3 +368,28 @@ def test_vm_stack_lifecycle(tmp_path: Path, ns: Namespace, guest: None) -> None:
         assert not ns.ping(ip)
     assert sorted(str(x) for x in iso_dir.rglob("*.iso")) == isos_before  # not the VMs' files
     assert (p.cluster / "plans" / "hosts.csv").is_file()
+    # the rehearsal left the cluster directory as it found it, and ~/.ssh alone
+    assert p.snapshot() == before
+    assert (user_known_hosts.read_bytes() if user_known_hosts.exists() else None) == user_known
+    assert not [ip for ip, _ in HOSTS.values() if ip in p.known_hosts.read_text()]
+
+    # -- a hardware stack on the same directory sees nothing of the VMs ---------------------
+    hw_config = (p.dir / f"Pulumi.{STACK}.yaml").read_text()
+    (p.dir / "Pulumi.hw.yaml").write_text("".join(
+        line for line in hw_config.splitlines(True) if "k3scluster:vm" not in line
+        and "k3scluster:nix:" not in line and "k3scluster:ssh" not in line
+    ))
+    assert p.pulumi("stack", "init", "hw").returncode == 0
+    r = p.pulumi("preview", "--json", "--stack", "hw")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    plan = json.loads(r.stdout)
+    names = {s["urn"].split("::")[-1] for s in plan["steps"]}
+    assert not [n for n in names if n.endswith("-hardware") or "-vm" in n or "lab" in n], names
+    assert "vmHardware" not in r.stdout and f"{STACK}-lab" not in r.stdout
+    rendered = tmp_path / "hw-render"
+    subprocess.run([sys.executable, "-m", "k3scluster", "render", str(p.cluster), "--out",
+                    str(rendered)], check=True, capture_output=True, cwd=ROOT)
+    for host in HOSTS:
+        text = (rendered / "hosts" / f"{host}.nix").read_text()
+        assert "qemu-guest" not in text and "-lab/" not in text
+        assert f"nixConfigs/{host}.hardware.nix" in text

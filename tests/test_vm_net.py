@@ -4,6 +4,7 @@ a subnet in use and of a bridge name that is not the stack's."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 from engine import netns_available
 
-from k3scluster.lab import ctl
+from k3scluster.lab import network
 from k3scluster.lab.spec import NetSpec, bridge_name, link_alias
 
 pytestmark = [pytest.mark.vm, pytest.mark.root]
@@ -28,9 +29,10 @@ def _in_netns(script: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _net(nat: bool = False) -> NetSpec:
-    return NetSpec("test-vms", bridge_name("test-vms"), "10.0.100.1/24", "10.0.100.0/24", nat,
-                   "plans/network.yaml:3")
+def _net(nat: bool = False, lab_dir: Path | None = None, gateway: str = "10.0.100.1/24") -> NetSpec:
+    subnet = str(ipaddress.IPv4Interface(gateway).network)
+    return NetSpec("test-vms", bridge_name("test-vms"), gateway, subnet, nat,
+                   "plans/network.yaml:3", str(lab_dir or ""))
 
 
 def _ctl(task: str, net: NetSpec) -> str:
@@ -38,14 +40,18 @@ def _ctl(task: str, net: NetSpec) -> str:
     return f"{sys.executable} -m k3scluster.lab.ctl {task} --spec '{spec}'"
 
 
-def test_net_up_makes_the_bridge_with_the_gateway_and_net_down_removes_it() -> None:
-    net = _net(nat=True)
+def test_net_up_makes_the_bridge_with_the_gateway_and_net_down_removes_it(
+    tmp_path: Path,
+) -> None:
+    net = _net(nat=True, lab_dir=tmp_path / "lab")
     r = _in_netns(
+        "echo 0 > /proc/sys/net/ipv4/ip_forward\n"
         f"set -e\n{_ctl('net-up', net)}\n{_ctl('net-up', net)}\n"  # twice: the second is a no-op
         f"echo ---; ip -j addr show dev {net.bridge}; echo ---; ip -j -d link show dev {net.bridge}\n"
-        f"echo ---; nft list table ip {ctl.nat_table('test-vms')}\n"
+        f"echo ---; nft list table ip {network.nat_table('test-vms')}\n"
         f"echo ---; cat /proc/sys/net/ipv4/ip_forward\n"
         f"{_ctl('net-down', net)}\necho ---; ip -j link; echo ---; nft list tables\n"
+        "cat /proc/sys/net/ipv4/ip_forward\n"
     )
     assert r.returncode == 0, r.stdout + r.stderr
     _, addr, link, nat, fwd, after, tables = r.stdout.split("---\n")
@@ -57,9 +63,14 @@ def test_net_up_makes_the_bridge_with_the_gateway_and_net_down_removes_it() -> N
     assert info["linkinfo"]["info_kind"] == "bridge"
     assert "10.0.100.0/24" in nat and "masquerade" in nat
     assert fwd.splitlines()[0] == "1"
-    assert f"deleted bridge {net.bridge}" in fwd
+    assert f"deleted bridge {net.bridge}" in r.stderr
     assert [x["ifname"] for x in json.loads(after)] == ["lo"]
-    assert ctl.nat_table("test-vms") not in tables
+    assert network.nat_table("test-vms") not in tables
+    # IP forwarding is back as net-up found it, and the lab's record is gone
+    assert "IP forwarding back to 0" in r.stderr
+    assert tables.rstrip().splitlines()[-1] == "0"
+    assert not (tmp_path / "lab" / "network.json").exists()
+    assert (tmp_path / "lab").stat().st_mode & 0o777 == 0o700
 
 
 def test_net_up_refuses_a_subnet_in_use_and_creates_nothing() -> None:
@@ -85,5 +96,82 @@ def test_a_foreign_link_with_the_bridges_name_is_neither_taken_nor_deleted() -> 
         f"ip -j link show dev {net.bridge}\n"
     )
     assert "rc=1\n" in r.stdout and "is not this stack's lab bridge" in r.stderr
-    assert "rc=0\n" in r.stdout and "not this stack's bridge" in r.stdout
+    assert "rc=0\n" in r.stdout and "not this stack's bridge" in r.stderr
     assert json.loads(r.stdout.rsplit("rc=0\n", 1)[1])[0]["ifname"] == net.bridge
+
+
+def test_net_up_puts_the_stacks_taps_back_into_a_new_bridge(tmp_path: Path) -> None:
+    """Another gateway (or a bridge deleted by a reboot) makes the bridge again; net-up
+    puts every tap of the stack (by its alias) into it, and no other link; a NAT change
+    keeps the bridge."""
+    net = _net(lab_dir=tmp_path / "lab")
+    moved = _net(lab_dir=tmp_path / "lab", gateway="10.0.101.1/24")
+    r = _in_netns(
+        f"set -e\n{_ctl('net-up', net)}\n"
+        "ip tuntap add dev k3t-olaf mode tap; ip link set dev k3t-olaf alias k3scluster:test-vms:olaf\n"
+        "ip tuntap add dev k3t-other mode tap; ip link set dev k3t-other alias k3scluster:other:x\n"
+        f"ip link set dev k3t-olaf master {net.bridge}\n"
+        f"{_ctl('net-down', net)}\n{_ctl('net-up', moved)}\n"
+        f"echo ---; ip -j link; echo ---; ip -j addr show dev {net.bridge}\n"
+        f"echo ---; ip link delete {net.bridge}\n{_ctl('net-up', _net(True, tmp_path / 'lab'))}\n"
+        "ip -j link show dev k3t-olaf\n"
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    _, links, addrs, rest = r.stdout.split("---\n")
+    master = {x["ifname"]: x.get("master") for x in json.loads(links)}
+    assert master["k3t-olaf"] == net.bridge and master["k3t-other"] is None
+    inet = [a["local"] for a in json.loads(addrs)[0]["addr_info"] if a["family"] == "inet"]
+    assert inet == ["10.0.101.1"]
+    assert f"tap k3t-olaf back in {net.bridge}" in r.stderr
+    assert json.loads(rest)[0]["master"] == net.bridge
+
+
+def test_the_overlap_check_reads_every_routing_table_and_the_rules() -> None:
+    """WireGuard and Tailscale keep their routes in tables of their own and steer to them
+    with policy rules: a subnet there is in use, too."""
+    net = _net()
+    r = _in_netns(
+        "ip link add wg0 type veth peer name wg1; ip link set wg0 up; ip link set wg1 up\n"
+        "ip route add 10.0.0.0/16 dev wg0 table 52\n"
+        "ip rule add to 10.0.100.0/25 lookup 52 priority 5270\n"
+        f"{_ctl('net-up', net)}; echo rc=$?\n"
+    )
+    assert "rc=1" in r.stdout, r.stdout + r.stderr
+    assert "route 10.0.0.0/16 dev wg0 table 52" in r.stderr
+    assert "rule 5270: to 10.0.100.0/25 lookup 52" in r.stderr
+
+
+def test_without_root_the_lab_says_what_it_needs(example_dir: Path) -> None:
+    """`sudo -E pulumi up`, then `pulumi destroy` without sudo: each step says what it
+    needs (no traceback) and changes nothing."""
+    import shutil
+    import tempfile
+
+    from k3scluster.lab import machine
+    from k3scluster.lab import spec as lab
+    from k3scluster.plans import load_or_raise
+
+    cluster, _ = load_or_raise(example_dir)
+    base = Path(tempfile.mkdtemp(prefix="k3scluster-noroot-"))  # others may look in
+    base.chmod(0o755)
+    try:
+        vs = lab.VmSettings(stack="test-vms", lab_dir=base / "test-vms-lab")
+        vm = lab.vm_specs(cluster, vs, {h.name: "/iso" for h in cluster.hosts})[0]
+        machine.claim(vm)  # root's, 0700
+        net = _net(lab_dir=vs.lab_dir)
+        nobody = "setpriv --reuid=65534 --regid=65534 --clear-groups"
+        vm_json = vm.to_json().replace("'", "'\\''")
+        r = _in_netns(
+            f"{_ctl('net-up', net)}\n"
+            f"{nobody} {_ctl('net-down', net)}; echo rc=$?\n"
+            f"{nobody} {sys.executable} -m k3scluster.lab.ctl vm-delete --spec '{vm_json}';"
+            " echo rc=$?\n"
+            f"ip -j link show dev {net.bridge}\n"
+        )
+        assert r.stdout.count("rc=1") == 2, r.stdout + r.stderr
+        assert r.stderr.count("need root or CAP_NET_ADMIN") == 2, r.stderr
+        assert "Traceback" not in r.stderr
+        assert json.loads(r.stdout.rsplit("rc=1\n", 1)[1])[0]["ifname"] == net.bridge
+        assert machine.read_manifest(vm.path) is not None  # nothing deleted
+    finally:
+        shutil.rmtree(base)

@@ -24,9 +24,12 @@ The guest's jobs (``GuestConfig.job``, or ``k3sguest.job=`` on the kernel comman
 ``install`` runs the rendered ``system-setup.sh`` with ``SKIP_INSTALL=1`` against the disk
 with the planned serial, then makes the disk an installed system (kernel, initrd and GRUB
 carried in the ISO's initrd, ``/etc/NIXOS`` and a system profile link as an installed
-NixOS has them), prints the layout and powers off; ``serve`` answers ping at the planned
-address until the power button or the console command ``poweroff``; ``facts`` reports
-and powers off. A disk installed this way boots (from the firmware, no medium) into
+NixOS has them, an ssh host key and ``/etc/nixos/hardware-configuration.nix`` as
+nixos-generate-config writes it in a QEMU guest), prints the layout and powers off;
+``serve`` answers ping at the planned address, and ssh as root with
+``GuestConfig.authorized_keys`` (the host key and the hardware file read from the disk),
+until the power button or the console command ``poweroff``; ``facts`` reports and powers
+off. A disk installed this way boots (from the firmware, no medium) into
 ``serve``. Console lines meant for tests start with ``K3SGUEST ``.
 
 The guest is cached under ``$K3SCLUSTER_TEST_CACHE`` (default
@@ -80,6 +83,8 @@ INSTALLED = (
     "grub-efi-amd64-bin",
     "grub-common",
     "zstd",
+    "openssh-server",
+    "openssh-client",
 )
 #: commands copied from the machine with their shared libraries (busybox provides the rest)
 COMMANDS = (
@@ -105,6 +110,9 @@ COMMANDS = (
     "tune2fs",
     "dumpe2fs",
     "e2fsck",
+    # the installed guest's sshd (its host key made at install, kept on the disk)
+    "sshd",
+    "ssh-keygen",
 )
 #: kernel modules the init loads (with their dependencies)
 MODULES = (
@@ -413,8 +421,25 @@ def _build(work: Path, recipe: dict[str, object]) -> None:
 
     shutil.copy2(INIT, root / "init")
     (root / "init").chmod(0o755)
-    (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
-    (root / "etc/group").write_text("root:x:0:\n")
+    (root / "etc/passwd").write_text(
+        "root:x:0:0:root:/root:/bin/sh\nsshd:x:100:65534::/run/sshd:/usr/sbin/nologin\n"
+    )
+    (root / "etc/group").write_text("root:x:0:\nnogroup:x:65534:\n")
+    (root / "etc/shadow").write_text("root:*:19000:0:99999:7:::\nsshd:*:19000:0:99999:7:::\n")
+    (root / "etc/shadow").chmod(0o600)
+    # as the rendered NixOS host has it: root by key only, nothing else
+    (root / "etc/ssh").mkdir(parents=True)
+    (root / "etc/ssh/sshd_config").write_text(
+        "Port 22\n"
+        "HostKey /etc/ssh/ssh_host_ed25519_key\n"
+        "PermitRootLogin prohibit-password\n"
+        "PubkeyAuthentication yes\n"
+        "PasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\n"
+        "UsePAM no\n"
+        "AuthorizedKeysFile /root/.ssh/authorized_keys\n"
+        "PidFile /run/sshd.pid\n"
+    )
     (root / "etc/mtab").symlink_to("/proc/self/mounts")
 
     # zstd: the kernel unpacks it about twice as fast as gzip under TCG
@@ -514,6 +539,8 @@ class GuestConfig:
     setup_args: tuple[str, ...] = ()
     cmdline: tuple[str, ...] = ()
     extra_files: dict[str, str] = field(default_factory=dict)
+    authorized_keys: tuple[str, ...] = ()  # root's, for the installed guest's sshd
+    poweroff_on_failure: bool = False  # installer.json powerOffOnFailure (VM stacks)
 
     def config_text(self) -> str:
         values = {
@@ -525,6 +552,7 @@ class GuestConfig:
             "BOOT": self.boot,
             "JOB": self.job,
             "SETUP_ARGS": " ".join(shlex.quote(a) for a in self.setup_args),
+            "POWEROFF_ON_FAILURE": "1" if self.poweroff_on_failure else "0",
         }
         return "".join(f"{k}={shlex.quote(v)}\n" for k, v in values.items())
 
@@ -535,6 +563,9 @@ def config_cpio(config: GuestConfig) -> bytes:
         files["etc/k3sguest/system-setup.sh"] = (config.setup_script.encode(), 0o755)
     for path, text in config.extra_files.items():
         files[path.lstrip("/")] = (text.encode(), 0o644)
+    if config.authorized_keys:
+        files["root/.ssh/authorized_keys"] = ("".join(
+            f"{k}\n" for k in config.authorized_keys).encode(), 0o600)
     return gzip.compress(_cpio_files(files), mtime=0)
 
 

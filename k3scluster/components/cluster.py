@@ -2,7 +2,8 @@
 
 Children, in the order they run during ``pulumi up``:
 
-1. ``<name>-<host>-hardware`` for each host without ``nixConfigs/<host>.hardware.nix``: reads
+1. ``<name>-<host>-hardware`` for each host without ``nixConfigs/<host>.hardware.nix`` (in a
+   VM stack: every host, into ``<renderDir>-lab/<host>/hardware.nix``): reads
    ``/etc/nixos/hardware-configuration.nix`` from the host over ssh into that file;
 2. ``<name>-render``: writes the rendered tree (``k3scluster render``) — during ``up`` only,
    so a preview changes nothing on disk; it does not wait for the fetches (a failed fetch
@@ -24,6 +25,7 @@ import dataclasses
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pulumi
 
@@ -36,7 +38,7 @@ from k3scluster.components.settings import Settings
 from k3scluster.components.steps import step
 from k3scluster.components.tasks import captured_sha256
 from k3scluster.components.vm import make_lab
-from k3scluster.lab.spec import planned_macs
+from k3scluster.lab.spec import vm_render
 from k3scluster.membership import Deployed
 from k3scluster.model import Cluster as ClusterModel
 from k3scluster.records import K3S_AGENT_INPUT, K3S_SERVER_INPUT
@@ -112,14 +114,14 @@ class Cluster(pulumi.ComponentResource):
         self._name, self._c, self._s = name, args.cluster, args.settings
         c, s = self._c, self._s
         # a VM stack (k3scluster:vms): its NICs named by their VM's MAC, and a lab (below)
-        self._vm_macs = planned_macs(c, s.vm.stack) if s.vm else None
+        self._vm = vm_render(c, s.vm.stack, s.render_dir) if s.vm else None
         # the order of the update (k3scluster.update_plan): what the render writes depends
         # on it (the servers-first hives of a K3s minor upgrade)
         self.plan = plan_update(
             c, args.deployed, UpdateSettings(max_unavailable=s.max_unavailable), args.versions
         )
         self._held = self.plan.held_agents()
-        self._files = render.render_files(c, s.render_dir, self._vm_macs, self._held)
+        self._files = render.render_files(c, s.render_dir, self._vm, self._held)
         # a manifest that left the plans since the last render: its objects stay in the
         # cluster (preview and up say so until the render that drops it)
         for gone in render.removed_manifests(c, s.render_dir):
@@ -132,11 +134,14 @@ class Cluster(pulumi.ComponentResource):
             )
             for rel, sa in _secret_args(c).items()
         }
-        # hosts that get a hardware fetch (1. in the module docstring)
-        self._fetch_hosts = [h.name for h in c.hosts if c.hardware_config(h.name) is None]
+        # hosts that get a hardware fetch (1. in the module docstring): in a VM stack every
+        # host, into the lab (never nixConfigs/, which is the real machine's)
+        self._fetch_hosts = [
+            h.name for h in c.hosts if render.hardware_config(c, h.name, self._vm) is None
+        ]
         self.render = self._render_step()
         # a VM stack's network and VMs, installed from their ISOs, before the normal path
-        self.lab = make_lab(self, name, c, s, self._files, self._file_sha, self.render)
+        self.lab = make_lab(self, name, c, s, self._vm, self.render)
         self.hardware = self._hardware_steps()
 
         # 3. the phases of the update, in order
@@ -165,7 +170,7 @@ class Cluster(pulumi.ComponentResource):
         """``<name>-render``: writes the rendered tree, during ``up`` only."""
         c, s = self._c, self._s
         tree = dict(self._file_sha)
-        tree.update({f"fetch:{h}": "nixConfigs/" + h + ".hardware.nix" for h in self._fetch_hosts})
+        tree.update({f"fetch:{h}": self._fetch_target(h)[0] for h in self._fetch_hosts})
         # the picture (cluster.svg/.md) re-renders when it changes; no host depends on it
         tree.update(
             {f"picture:{k}": v for k, v in installer.file_digests(diagram.sources(c)).items()}
@@ -194,18 +199,30 @@ class Cluster(pulumi.ComponentResource):
 
     # -- 1. hardware configurations the cluster directory does not have yet --------------
 
+    def _fetch_target(self, host: str) -> tuple[str, Path]:
+        """Where a host's hardware fetch writes (its name in the render's digest, and the
+        file): the user's ``nixConfigs/<host>.hardware.nix`` in a hardware stack, the VM's
+        own file in the stack's lab in a VM stack (never the user's)."""
+        if self._vm is not None:
+            return f"lab:{host}/hardware.nix", self._vm.hardware_file(host)
+        rel = f"nixConfigs/{host}.hardware.nix"
+        return rel, self._c.root / rel
+
     def _hardware_steps(self) -> dict[str, pulumi.CustomResource]:
         c, s = self._c, self._s
         found: dict[str, pulumi.CustomResource] = {}
         for hname in self._fetch_hosts:
             h = c.host(hname)
-            out = c.root / "nixConfigs" / f"{hname}.hardware.nix"
+            out = self._fetch_target(hname)[1]
             found[hname] = step(
                 f"{self._name}-{hname}-hardware",
                 runner=s.runner,
                 host=hname,
-                create=commands.fetch_hardware_config(s.python, h.ip, s.ssh, s.rec(out)),
-                triggers=[str(h.ip)],
+                create=commands.fetch_hardware_config(
+                    s.python, h.ip, s.ssh, s.rec(out), wait=s.ssh_wait
+                ),
+                # a new VM (another disk) is another machine: read its file again
+                triggers=[str(h.ip), *(self.lab.machine_keys(hname) if self.lab else [])],
                 opts=pulumi.ResourceOptions(
                     parent=self, depends_on=self.lab.ready(hname) if self.lab else None
                 ),
@@ -287,7 +304,7 @@ class Cluster(pulumi.ComponentResource):
     def _host_inputs(self, hname: str) -> dict[str, pulumi.Input[str]]:
         """``render.host_inputs``, with what a hardware fetch of this run will write."""
         inputs: dict[str, pulumi.Input[str]] = dict(
-            render.host_inputs(self._c, hname, self._files)
+            render.host_inputs(self._c, hname, self._files, self._vm)
         )
         hw = self.hardware.get(hname)
         if hw is None:
@@ -295,7 +312,7 @@ class Cluster(pulumi.ComponentResource):
         # the file does not exist yet (render gave it the digest of "absent"): its digest
         # is what the fetch step wrote, so that the next preview, reading the file, agrees
         # and shows no second change of this host
-        key = f"nixConfig:nixConfigs/{hname}.hardware.nix"
+        key = render.hardware_input_key(hname, self._vm)
         absent = str(inputs[key])
         inputs[key] = hw.stdout.apply(  # type: ignore[attr-defined]
             lambda out, absent=absent: captured_sha256(out) or absent
@@ -303,6 +320,8 @@ class Cluster(pulumi.ComponentResource):
         # likewise its rendered hosts/<host>.nix: the text that imports the file
         rel = f"file:hosts/{hname}.nix"
         before = str(inputs[rel])
+        # (a VM stack's text is the same before and after: it imports the lab's file if it
+        # exists)
         after = hashlib.sha256(self._fetched_files()[f"hosts/{hname}.nix"].encode()).hexdigest()
         inputs[rel] = hw.stdout.apply(  # type: ignore[attr-defined]
             lambda out, before=before, after=after: after if captured_sha256(out) else before
@@ -312,6 +331,8 @@ class Cluster(pulumi.ComponentResource):
     def _fetched_files(self) -> Mapping[str, str]:
         """The rendered files once every fetch of this run has written its hardware file
         (hosts/<host>.nix of a fetched host imports it from then on)."""
+        if self._vm is not None:
+            return self._files
         cached = getattr(self, "_fetched_cache", None)
         if cached is None:
             c = self._c
@@ -319,7 +340,6 @@ class Cluster(pulumi.ComponentResource):
             cached = render.render_files(
                 dataclasses.replace(c, nix_configs=tuple(sorted(names))),
                 self._s.render_dir,
-                self._vm_macs,
             )
             self._fetched_cache = cached
         return cached

@@ -30,9 +30,12 @@ class Settings:
     deploy_user: str = "root"
     # how steps name the Python of k3scluster's tasks: resolved when they run (stackpaths)
     python: str = STEP_PYTHON
-    # the hardware fetch's ssh: a private key file and a known_hosts file (None: ssh's own)
+    # the project's ssh: a private key file (None: ssh's own) and a known_hosts file (None:
+    # the stack's own, known_hosts_file)
     ssh_identity: Path | None = None
     ssh_known_hosts: Path | None = None
+    # seconds the hardware fetch waits for a host's ssh to log in (a VM just booted)
+    ssh_wait: float = 300.0
     # a VM stack (k3scluster:vms true): its VM settings; None for every other stack
     vm: VmSettings | None = None
     # health gates (health.py): wait for /readyz and Ready nodes after each deploy, at most
@@ -60,12 +63,19 @@ class Settings:
         return stackconfig.kubeconfig_file(self.render_dir, self.kubeconfig_path)
 
     @property
+    def known_hosts_file(self) -> Path:
+        """Where ssh remembers the hosts' keys: ``k3scluster:sshKnownHosts``, else a file of
+        this stack's own beside its render directory, never ``~/.ssh/known_hosts``: a VM
+        stack's keys for the plan's addresses would make ssh refuse the real machines."""
+        return stackconfig.known_hosts_file(self.render_dir, self.ssh_known_hosts)
+
+    @property
     def ssh(self) -> commands.SshSettings:
         """The ssh settings as steps record them."""
         return commands.SshSettings(
             self.deploy_user,
             self.rec(self.ssh_identity) if self.ssh_identity else None,
-            self.rec(self.ssh_known_hosts) if self.ssh_known_hosts else None,
+            self.rec(self.known_hosts_file),
         )
 
     def __post_init__(self) -> None:
@@ -88,6 +98,11 @@ class Settings:
             raise K3sClusterError(
                 f"k3scluster:parallel is {self.parallel}; it must be at least 1",
                 hint="pulumi config set k3scluster:parallel 4",
+            )
+        if self.ssh_wait < 0:
+            raise K3sClusterError(
+                f"k3scluster:sshWait is {self.ssh_wait:g}; it must not be negative",
+                hint="pulumi config set k3scluster:sshWait 5m",
             )
         if self.ssh_identity is not None and not self.ssh_identity.is_file():
             raise K3sClusterError(

@@ -2,8 +2,9 @@
 
 - ``capture --out FILE -- ARGV…``: run ARGV, write its stdout to FILE atomically; an existing
   FILE is kept (a user's file is never overwritten).
-- ``hardware --ip IP [ssh] --out FILE``: ``capture`` of the host's hardware-configuration.nix
-  read over ssh (the ssh command made here, from the paths resolved here).
+- ``hardware --ip IP [ssh] --out FILE [--wait S]``: once ssh logs in (tries again with growing
+  waits, at most S seconds), ``capture`` of the host's hardware-configuration.nix read over
+  ssh (the ssh command made here, from the paths resolved here).
 - ``iso --result LINK -- ARGV…``: run an ISO build (its log goes to stderr), print ``{"image": …, "sha256": …}`` as the last line.
 - ``deploy --host H --ip IP [ssh] --timeout S [--server NAME=IP] [--agent NAME] [--api URL…
   --credentials-from IP…] -- ARGV…``: run the deploy ARGV (colmena), wait for the host's health
@@ -90,12 +91,76 @@ def _write_captured(out: Path, argv: list[str]) -> None:
     print(f"wrote {out} ({len(proc.stdout)} bytes)")
 
 
+SSH_WAIT = 300.0  # seconds the hardware fetch waits for a freshly booted host's sshd
+SSH_BACKOFF = (1.0, 2.0, 4.0, 8.0, 15.0)  # then every 15 s
+# ssh's words for a host key that is not the remembered one: retrying cannot help
+_HOST_KEY_REFUSED = ("REMOTE HOST IDENTIFICATION HAS CHANGED", "Host key verification failed")
+
+
+def wait_for_ssh(
+    ssh: commands.SshSettings,
+    ip: str,
+    timeout: float,
+    *,
+    backoff: tuple[float, ...] = SSH_BACKOFF,
+    clock: Any = time.monotonic,
+    sleep: Any = time.sleep,
+) -> None:
+    """Until ssh logs in to ``ip`` (a host that just booted may still be making its host
+    keys): bounded tries, the waits between them growing (``backoff``), a progress line
+    for each; raises after ``timeout`` seconds with ssh's last words. A host key other than
+    the remembered one fails at once."""
+    start = clock()
+    tries = 0
+    while True:
+        tries += 1
+        proc = _ssh_run(ssh, ip, ["true"], timeout=10)
+        if proc.returncode == 0:
+            if tries > 1:
+                _progress(f"{ip}: ssh answers after {clock() - start:.0f} s")
+            return
+        why = _ssh_error(proc)
+        if any(words in (proc.stderr or "") for words in _HOST_KEY_REFUSED):
+            raise K3sClusterError(
+                f"{ip}: ssh refuses the host's key: {why}",
+                hint="a reinstalled machine has a new key: remove the old one with "
+                f"ssh-keygen -R {ip} -f {ssh.known_hosts or '~/.ssh/known_hosts'}",
+            )
+        elapsed = clock() - start
+        if elapsed >= timeout:
+            raise K3sClusterError(
+                f"{ip}: no ssh login within {timeout:.0f} s ({tries} tries); last: {why}",
+                hint="check that the host is up and accepts your ssh key for root",
+            )
+        wait = min(backoff[min(tries - 1, len(backoff) - 1)], max(0.0, timeout - elapsed))
+        _progress(f"{ip}: no ssh login yet ({why}); trying again in {wait:.0f} s")
+        sleep(wait)
+
+
+def _hardware(args: argparse.Namespace) -> None:
+    """The host's hardware configuration into ``--out`` (kept if it exists), once ssh
+    answers."""
+    out = resolve(args.out)
+    ssh = _ssh(args)
+    if not out.exists():
+        wait_for_ssh(ssh, args.ip, float(args.wait))
+    argv = commands.ssh_cat(
+        ssh.user,
+        ipaddress.IPv4Address(args.ip),
+        commands.HARDWARE_CONFIG_ON_HOST,
+        identity=ssh.identity,
+        known_hosts=ssh.known_hosts,
+    )
+    _capture(out, argv)
+
+
 def _iso(result: Path, argv: list[str]) -> None:
     from k3scluster.installer import find_iso
+    from k3scluster.progress import run_with_progress
 
-    proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=sys.stderr, check=False)
-    if proc.returncode != 0:
-        raise K3sClusterError(f"the ISO build failed with exit code {proc.returncode}")
+    code = run_with_progress(argv, f"the ISO build ({result.name})", _progress)
+    if code != 0:
+        raise K3sClusterError(f"the ISO build failed with exit code {code}")
     image = find_iso(result).resolve()
     h = hashlib.sha256()
     with image.open("rb") as f:
@@ -133,6 +198,10 @@ def _progress(message: str) -> None:
 
 
 def _ssh(args: argparse.Namespace) -> commands.SshSettings:
+    if args.ssh_known_hosts:
+        # the stack's own file (k3scluster:sshKnownHosts' default): ssh makes the file, not
+        # its directory, which a first `up` may not have made yet
+        resolve(args.ssh_known_hosts).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     return commands.SshSettings(
         user=args.ssh_user,
         identity=resolve(args.ssh_identity) if args.ssh_identity else None,
@@ -281,18 +350,6 @@ def first_answer(apis: list[str], read: Any) -> Any:
 
     got, seen = first_answering(apis, read)
     return got.check if got is not None else kube.Check(False, "; ".join(seen))
-
-
-def _hardware(args: argparse.Namespace) -> None:
-    ssh = _ssh(args)
-    argv = commands.ssh_cat(
-        ssh.user,
-        ipaddress.IPv4Address(args.ip),
-        commands.HARDWARE_CONFIG_ON_HOST,
-        identity=ssh.identity,
-        known_hosts=ssh.known_hosts,
-    )
-    _capture(resolve(args.out), argv)
 
 
 def _deploy(args: argparse.Namespace) -> None:
@@ -448,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     hw = sub.add_parser("hardware")
     _add_ssh(hw)
     hw.add_argument("--out", required=True)
+    hw.add_argument("--wait", type=float, default=SSH_WAIT)
     i = sub.add_parser("iso")
     i.add_argument("--result", type=Path, required=True)
     i.add_argument("argv", nargs="+")

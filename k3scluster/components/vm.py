@@ -5,12 +5,14 @@ runs them:
 
 1. ``<name>-network``: the stack's bridge carrying the plan's gateway (``ctl net-up``;
    ``net-down`` on delete). It refuses a subnet this machine already uses before it creates
-   anything. A changed subnet or NAT setting replaces it;
-2. per host ``<host>-vm`` (a ``Vm``) with ``<host>-vm-iso``, the host's installer ISO
-   (after the render), and ``<host>-vm-machine`` (``ctl vm-up``): disk, tap, the install
-   from the ISO, the boot from disk, until the VM answers at its planned IP. Its delete
-   stops the VM and deletes its disk and files. A changed MAC, serial, boot mode or disk
-   size replaces it (a new install); memory and CPUs update it (a restart).
+   anything. A changed gateway or subnet replaces it, a NAT setting updates it; a missing
+   bridge (this machine restarted) updates it too;
+2. per host ``<host>-vm`` (a ``Vm``) with ``<host>-vm-machine`` (``ctl vm-up``, after the
+   render): disk, tap, the host's installer ISO built and installed from (only when the VM
+   is not installed), the boot from disk, until the VM answers at its planned IP. Its
+   delete stops the VM and deletes its disk and files. A changed MAC, serial, boot mode,
+   disk size or IP replaces it (a new install); memory and CPUs update it (a restart), and
+   so does a VM that is not running (this machine restarted: ``lab.status``).
 
 The hardware fetch and the deploy of a host wait for its ``machine`` step
 (``Lab.ready(host)``), so the normal path runs against the installed VM.
@@ -18,25 +20,24 @@ The hardware fetch and the deploy of a host wait for its ``machine`` step
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pulumi
 
-from k3scluster import commands, installer, render
+from k3scluster import commands, installer
 from k3scluster.components.settings import Settings
 from k3scluster.components.steps import step
 from k3scluster.lab.spec import NetSpec, VmSpec, net_spec, vm_specs
+from k3scluster.lab.status import network_state, vm_state
 from k3scluster.model import Cluster as ClusterModel
+from k3scluster.render import VmRender
 
 
 @dataclass(frozen=True)
 class VmArgs:
     spec: VmSpec
-    # name -> sha256 of what the ISO is built from (installer.installer_inputs and the host's)
-    iso_inputs: Mapping[str, pulumi.Input[str]]
-    iso_build_argv: Sequence[str]
     python: str
     runner: str
     dir: str
@@ -50,18 +51,7 @@ class Vm(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: VmArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("k3scluster:index:Vm", name, None, opts)
-        spec = args.spec
-        self.iso = step(
-            f"{name}-iso",
-            runner=args.runner,
-            host=spec.host,
-            create=commands.build_iso(
-                args.python, Path(spec.iso_result), list(args.iso_build_argv)
-            ),
-            inputs_digest=args.iso_inputs,
-            dir=args.dir,
-            opts=pulumi.ResourceOptions(parent=self, depends_on=list(args.depends_on)),
-        )
+        spec = self.spec = args.spec
         up = commands.lab_ctl(args.python, "vm-up", spec.to_json())
         self.machine = step(
             f"{name}-machine",
@@ -71,10 +61,17 @@ class Vm(pulumi.ComponentResource):
             update=up,
             delete=commands.lab_ctl(args.python, "vm-delete", spec.to_json()),
             triggers=spec.replace_keys(),
+            # an installed VM that is not running (this machine restarted): vm-up starts it
+            inputs_digest={"state": vm_state(spec)},
             dir=args.dir,
-            # the new VM takes the old one's directory, tap and MAC: the old one goes first
+            # the new VM takes the old one's directory, tap and MAC: the old one goes first.
+            # vm-up builds the host's ISO from the render when it installs, and only then:
+            # an installed VM never boots its ISO again, so a changed configuration (which
+            # colmena deploys) rebuilds nothing here
             opts=pulumi.ResourceOptions(
-                parent=self, depends_on=[args.network, self.iso], delete_before_replace=True
+                parent=self,
+                depends_on=[args.network, *args.depends_on],
+                delete_before_replace=True,
             ),
         )
         console = str(Path(spec.dir) / "console.log")
@@ -89,9 +86,6 @@ class Vm(pulumi.ComponentResource):
 class LabArgs:
     net: NetSpec
     vms: Sequence[VmSpec]
-    iso_inputs: Mapping[str, Mapping[str, pulumi.Input[str]]]  # host -> ISO inputs
-    nix: str
-    render_dir: Path
     python: str
     runner: str
     dir: str
@@ -109,8 +103,13 @@ class Lab(pulumi.ComponentResource):
             runner=args.runner,
             host="-",
             create=commands.lab_ctl(args.python, "net-up", net.to_json()),
+            # vmNat: net-up turns NAT on or off; another bridge, gateway or subnet is another
+            # network (net-up puts the VMs' taps into the new bridge)
+            update=commands.lab_ctl(args.python, "net-up", net.to_json()),
             delete=commands.lab_ctl(args.python, "net-down", net.to_json()),
-            triggers=[net.to_json()],
+            triggers=net.replace_keys(),
+            # the bridge gone (this machine restarted): net-up makes it again
+            inputs_digest={"state": network_state(net)},
             dir=args.dir,
             opts=pulumi.ResourceOptions(parent=self, delete_before_replace=True),  # one bridge
         )
@@ -120,10 +119,6 @@ class Lab(pulumi.ComponentResource):
                 f"{spec.host}-vm",
                 VmArgs(
                     spec=spec,
-                    iso_inputs=args.iso_inputs[spec.host],
-                    iso_build_argv=installer.iso_build_argv(
-                        args.nix, args.render_dir, spec.host
-                    ),
                     python=args.python,
                     runner=args.runner,
                     dir=args.dir,
@@ -137,6 +132,12 @@ class Lab(pulumi.ComponentResource):
             {"bridge": net.bridge, "gateway": net.gateway, "vms": sorted(self.vms)}
         )
 
+    def machine_keys(self, host: str) -> list[str]:
+        """What makes the host's VM another machine (``VmSpec.replace_keys``): what the
+        VM's hardware fetch must be read again after."""
+        vm = self.vms.get(host)
+        return vm.spec.replace_keys() if vm is not None else []
+
     def ready(self, host: str) -> list[pulumi.Resource]:
         """What a host's hardware fetch and deploy wait for: its VM, installed and up."""
         vm = self.vms.get(host)
@@ -148,36 +149,21 @@ def make_lab(
     name: str,
     cluster: ClusterModel,
     settings: Settings,
-    files: Mapping[str, str],
-    file_sha: Mapping[str, str],
+    vm: VmRender | None,
     render_step: pulumi.Resource,
 ) -> Lab | None:
     """The cluster's ``Lab`` when its stack is a VM stack, else None (nothing VM-specific)."""
     vs = settings.vm
-    if vs is None:
+    if vs is None or vm is None:
         return None
-    iso_links = {
-        h.name: str(installer.iso_out_link(settings.render_dir, h.name)) for h in cluster.hosts
-    }
-    iso_inputs: dict[str, Mapping[str, pulumi.Input[str]]] = {}
-    for h in cluster.hosts:
-        # the image as rendered before the install: the hardware file a fetch adds later
-        # rebuilds the ISO, but never reinstalls the VM (its machine step does not take it)
-        iso_inputs[h.name] = {
-            **render.host_inputs(cluster, h.name, files),
-            **{
-                f"file:{k}": v
-                for k, v in installer.installer_inputs(files, h.name, file_sha).items()
-            },
-        }
+    hosts = [h.name for h in cluster.hosts]
+    iso_links = {h: str(installer.iso_out_link(settings.render_dir, h)) for h in hosts}
+    iso_builds = {h: installer.iso_build_argv(settings.nix, settings.render_dir, h) for h in hosts}
     return Lab(
         f"{name}-lab",
         LabArgs(
             net=net_spec(cluster, vs),
-            vms=vm_specs(cluster, vs, iso_links),
-            iso_inputs=iso_inputs,
-            nix=settings.nix,
-            render_dir=settings.render_dir,
+            vms=vm_specs(cluster, vs, iso_links, settings.known_hosts_file, iso_builds),
             python=settings.python,
             runner=settings.runner,
             dir=str(settings.project_dir),

@@ -1,8 +1,10 @@
 """Refuse a lab subnet that this machine already uses (a rehearsal must never take over
 the user's real LAN).
 
-``conflicts`` is pure: it reads the JSON of ``ip -j route`` and ``ip -j addr`` (iproute2) and
-lists every route or address whose network overlaps the plan's subnet. The default route
+``conflicts`` is pure: it reads the JSON of ``ip -j route show table all`` (every routing
+table: WireGuard's and Tailscale's routes live outside the main one), ``ip -j rule`` (policy
+rules that send a destination elsewhere) and ``ip -j addr`` (iproute2), and lists every
+route, rule or address whose network overlaps the plan's subnet. A default route
 (``0.0.0.0/0``) overlaps everything and is not counted; the stack's own bridge (found by its
 name *and* its ``k3scluster:<stack>`` alias) is not counted either, so a second ``up`` passes.
 """
@@ -35,6 +37,7 @@ def conflicts(
     routes: Sequence[dict[str, Any]],
     addrs: Sequence[dict[str, Any]],
     own_links: Sequence[str] = (),
+    rules: Sequence[dict[str, Any]] = (),
 ) -> list[str]:
     """What on this machine overlaps ``subnet``: ``["route 10.0.0.0/16 dev eth0", …]``."""
     found: list[str] = []
@@ -45,7 +48,18 @@ def conflicts(
             continue
         net = _net(str(r.get("dst", "")))
         if net is not None and net.overlaps(subnet):
-            found.append(f"route {net} dev {r.get('dev', '?')}")
+            table = r.get("table")
+            where = f" table {table}" if table not in (None, "main") else ""
+            found.append(f"route {net} dev {r.get('dev', '?')}{where}")
+    for rule in rules:
+        dst = rule.get("dst")
+        if not dst or dst == "all":
+            continue
+        net = _net(f"{dst}/{rule.get('dstlen', 32)}")
+        if net is not None and net.overlaps(subnet):
+            found.append(
+                f"rule {rule.get('priority', '?')}: to {net} lookup {rule.get('table', '?')}"
+            )
     for link in addrs:
         name = link.get("ifname", "?")
         if name in own_links:
@@ -72,7 +86,7 @@ def own_links(links: Sequence[dict[str, Any]], bridge: str, alias: str) -> list[
     return ours
 
 
-def _ip_json(*args: str) -> list[dict[str, Any]]:
+def ip_json(*args: str) -> list[dict[str, Any]]:
     try:
         proc = subprocess.run(
             ["ip", "-j", *args], capture_output=True, text=True, check=False
@@ -94,14 +108,22 @@ def _ip_json(*args: str) -> list[dict[str, Any]]:
 def check_machine(
     subnet: ipaddress.IPv4Network, bridge: str, alias: str, location: str
 ) -> None:
-    """Raise when ``subnet`` overlaps a route or address of this machine (not the lab's own)."""
-    own = own_links(_ip_json("link"), bridge, alias)
-    found = conflicts(subnet, _ip_json("route"), _ip_json("addr"), own)
+    """Raise when ``subnet`` overlaps a route (any table), rule or address of this machine
+    (not the lab's own)."""
+    own = own_links(ip_json("link"), bridge, alias)
+    found = conflicts(
+        subnet,
+        ip_json("route", "show", "table", "all"),
+        ip_json("addr"),
+        own,
+        ip_json("rule"),
+    )
     if found:
         raise K3sClusterError(
             f"{location}: the plan's subnet {subnet} overlaps what this machine already "
             "uses: " + "; ".join(found) + ". A VM stack puts the plan's gateway on a bridge "
             "here and would take over that network; nothing was created",
-            hint="rehearse with a plan whose subnet this machine does not use (see `ip route`), "
+            hint="rehearse with a plan whose subnet this machine does not use (see `ip route "
+            "show table all`, `ip rule`), "
             "or run the VM stack inside a network namespace",
         )

@@ -154,6 +154,9 @@ def files(spec: VmSpec) -> dict[str, Path]:
         "qmp": d / "qmp.sock",
         "console": d / "console.log",
         "qemu-log": d / "qemu.log",
+        # the VM's hardware configuration, read from it by the stack's hardware fetch
+        # (render.VmRender.hardware_file): it goes with the VM's disk
+        "hardware": d / "hardware.nix",
     }
 
 

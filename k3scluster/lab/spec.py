@@ -23,6 +23,7 @@ from typing import Any
 from k3scluster.errors import K3sClusterError
 from k3scluster.macs import vm_mac
 from k3scluster.model import Cluster, Host
+from k3scluster.render import VmRender
 
 ACCELS = ("kvm", "tcg", "auto")
 # a K3s server wants 2 CPUs and 2 GiB at least; the VM also runs the host's NixOS and the
@@ -117,6 +118,7 @@ class NetSpec:
     subnet: str  # "10.0.100.0/24"
     nat: bool
     location: str  # plans/network.yaml:N, for messages
+    lab_dir: str = ""  # where net-up records what it found (network.json)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -124,6 +126,11 @@ class NetSpec:
     @classmethod
     def from_json(cls, text: str) -> NetSpec:
         return cls(**json.loads(text))
+
+    def replace_keys(self) -> list[str]:
+        """What makes another network (the bridge is made again; net-up puts the taps back
+        in): a NAT change only updates it."""
+        return [self.bridge, self.gateway, self.subnet]
 
 
 @dataclass(frozen=True)
@@ -150,6 +157,11 @@ class VmSpec:
     install_timeout: int
     boot_timeout: int
     location: str  # plans/hosts.csv:N
+    # the stack's known_hosts file: a deleted or reinstalled VM's old host keys leave it
+    known_hosts: str = ""
+    # the argv that builds iso_result (installer.iso_build_argv): run by vm-up before an
+    # install, and only then
+    iso_build: list[str] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -164,8 +176,9 @@ class VmSpec:
         return Path(self.dir)
 
     def replace_keys(self) -> list[str]:
-        """What makes another machine: a change of these reinstalls the VM (delete, create)."""
-        return [self.mac, self.serial or "", self.boot, str(self.disk_gib), self.dir]
+        """What makes another machine: a change of these reinstalls the VM (delete, create).
+        The IP too: the installed system carries it, and the lab waits for the VM at it."""
+        return [self.mac, self.serial or "", self.boot, str(self.disk_gib), self.dir, self.ip]
 
 
 def _column(host: Host, name: str) -> str:
@@ -199,10 +212,17 @@ def net_spec(cluster: Cluster, vs: VmSettings) -> NetSpec:
         subnet=str(net.network),
         nat=vs.nat,
         location=str(net.location),
+        lab_dir=str(vs.lab_dir),
     )
 
 
-def vm_specs(cluster: Cluster, vs: VmSettings, iso_results: dict[str, str]) -> list[VmSpec]:
+def vm_specs(
+    cluster: Cluster,
+    vs: VmSettings,
+    iso_results: dict[str, str],
+    known_hosts: Path | None = None,
+    iso_builds: dict[str, list[str]] | None = None,
+) -> list[VmSpec]:
     """One spec per host; raises (file:line) what no VM can do, e.g. a serial over 20 bytes."""
     specs = []
     problems = []
@@ -243,6 +263,8 @@ def vm_specs(cluster: Cluster, vs: VmSettings, iso_results: dict[str, str]) -> l
                 install_timeout=vs.install_timeout,
                 boot_timeout=vs.boot_timeout,
                 location=str(h.location),
+                known_hosts=str(known_hosts or ""),
+                iso_build=list((iso_builds or {}).get(h.name, [])),
             )
         )
     if problems:
@@ -257,6 +279,13 @@ def vm_specs(cluster: Cluster, vs: VmSettings, iso_results: dict[str, str]) -> l
 def planned_macs(cluster: Cluster, stack: str) -> dict[str, str]:
     """host -> MAC of its VM NIC (what the rendered .link files match)."""
     return {h.name: vm_mac(stack, h.name) for h in cluster.hosts}
+
+
+def vm_render(cluster: Cluster, stack: str, render_dir: Path) -> VmRender:
+    """How the VM stack ``stack`` renders into ``render_dir``: its VMs' MACs, and each
+    VM's hardware configuration in the VM's own directory of the lab (``lab_dir``), where
+    the hardware fetch writes it and ``vm-delete`` removes it with the VM."""
+    return VmRender(planned_macs(cluster, stack), lab_dir(render_dir))
 
 
 def subnet_of(cluster: Cluster) -> ipaddress.IPv4Network:

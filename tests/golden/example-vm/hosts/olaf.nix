@@ -8,16 +8,18 @@
     ../modules/k3s-server.nix
     ../modules/k3s-agent.nix
     ../../../nixConfigs/olaf.nix # nixConfigs/olaf.nix
+    # VM stack only: QEMU's virtio drivers in the initrd, whatever the hardware file says
+    (modulesPath + "/profiles/qemu-guest.nix")
   ]
-  # nixConfigs/olaf.hardware.nix is not there yet: the deploy step reads the installed
-  # machine's hardware configuration (nixos-generate-config) into nixConfigs/ before the
+  # The lab's olaf/hardware.nix is not there yet: the deploy step reads the installed
+  # machine's hardware configuration (nixos-generate-config) into the lab before the
   # first deploy, and it is imported from then on. Until then (the installer image, the
   # first boot) the host gets what a hardware configuration falls back to: every storage
   # and virtio driver in the initrd (all-hardware.nix) and the redistributable firmware
   # (not-detected.nix), so that it finds its root disk on any machine.
   ++ (
-    if builtins.pathExists ../../../nixConfigs/olaf.hardware.nix then
-      [ ../../../nixConfigs/olaf.hardware.nix ]
+    if builtins.pathExists ../../render-lab/olaf/hardware.nix then
+      [ ../../render-lab/olaf/hardware.nix ]
     else
       [
         (modulesPath + "/profiles/all-hardware.nix")

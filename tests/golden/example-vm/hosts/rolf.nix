@@ -7,16 +7,18 @@
     ../modules/base.nix
     ../modules/k3s-server.nix
     ../../../nixConfigs/rolf.nix # nixConfigs/rolf.nix
+    # VM stack only: QEMU's virtio drivers in the initrd, whatever the hardware file says
+    (modulesPath + "/profiles/qemu-guest.nix")
   ]
-  # nixConfigs/rolf.hardware.nix is not there yet: the deploy step reads the installed
-  # machine's hardware configuration (nixos-generate-config) into nixConfigs/ before the
+  # The lab's rolf/hardware.nix is not there yet: the deploy step reads the installed
+  # machine's hardware configuration (nixos-generate-config) into the lab before the
   # first deploy, and it is imported from then on. Until then (the installer image, the
   # first boot) the host gets what a hardware configuration falls back to: every storage
   # and virtio driver in the initrd (all-hardware.nix) and the redistributable firmware
   # (not-detected.nix), so that it finds its root disk on any machine.
   ++ (
-    if builtins.pathExists ../../../nixConfigs/rolf.hardware.nix then
-      [ ../../../nixConfigs/rolf.hardware.nix ]
+    if builtins.pathExists ../../render-lab/rolf/hardware.nix then
+      [ ../../render-lab/rolf/hardware.nix ]
     else
       [
         (modulesPath + "/profiles/all-hardware.nix")

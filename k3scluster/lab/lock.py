@@ -1,0 +1,56 @@
+"""One ``ctl`` action at a time per VM: an exclusive ``flock`` on ``<lab>/.<host>.lock``.
+
+A second process that wants the same VM (another ``pulumi up``, ``k3scluster vms --start``
+while an install runs) fails at once with the holder's pid instead of starting a second QEMU
+on the same disk. The lock file lies beside the VM's directory, not in it (``vm-delete``
+removes the directory while holding the lock, then the lock file). The kernel drops the
+lock when its holder dies, however it dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from k3scluster.errors import K3sClusterError
+from k3scluster.lab.spec import VmSpec
+
+
+def lock_path(spec: VmSpec) -> Path:
+    return spec.path.parent / f".{spec.host}.lock"
+
+
+def make_lab_dir(lab: Path) -> None:
+    """The lab directory, 0700: it holds the VMs' disks, which hold the cluster's secrets
+    after the first deploy."""
+    lab.mkdir(mode=0o700, parents=True, exist_ok=True)
+    lab.chmod(0o700)
+
+
+@contextlib.contextmanager
+def vm_lock(spec: VmSpec, *, remove: bool = False) -> Iterator[None]:
+    """Hold the VM's lock for the block; ``remove`` deletes the lock file at the end (the
+    VM is gone)."""
+    path = lock_path(spec)
+    make_lab_dir(path.parent)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise K3sClusterError(
+                f"host {spec.host}: another k3scluster process (pid {holder}) is working on "
+                "this VM; nothing was done",
+                hint="wait for it to finish (pulumi up, or k3scluster vms --start/--stop)",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+        if remove:
+            path.unlink(missing_ok=True)
+    finally:
+        os.close(fd)

@@ -1,0 +1,222 @@
+"""The lab network of a stack: its bridge (the plan's gateway), the VMs' taps in it, and the
+optional NAT (an nftables table of the stack's own).
+
+``net_up`` is idempotent and heals: it makes what is missing (after a reboot of this machine
+nothing is left), puts every tap of the stack back into the bridge (a bridge made again has no
+ports), and turns NAT on or off as the spec says. What it finds before it turns IP forwarding
+on is written to ``<lab>/network.json`` with the spec, and ``net_down`` (or NAT turned off)
+puts it back. ``vm-start`` reads that file to make the bridge again when it is missing.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from k3scluster.errors import K3sClusterError
+from k3scluster.lab import netcheck
+from k3scluster.lab.lock import make_lab_dir
+from k3scluster.lab.process import run, say
+from k3scluster.lab.spec import NetSpec, VmSpec, link_alias
+
+NAT_TABLE_PREFIX = "k3scluster_"
+NETWORK_FILE = "network.json"
+FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
+
+
+def link(name: str) -> dict[str, Any] | None:
+    proc = run(["ip", "-j", "-d", "link", "show", "dev", name], check=False)
+    if proc.returncode != 0:
+        return None
+    data = json.loads(proc.stdout or "[]")
+    return data[0] if data else None
+
+
+def nat_table(stack: str) -> str:
+    from k3scluster.lab.spec import _hex
+
+    return NAT_TABLE_PREFIX + _hex("nat", stack)[:8]
+
+
+def nat_ruleset(net: NetSpec) -> str:
+    """nft script: masquerade the lab subnet out of every other interface, forward it."""
+    return f"""table ip {nat_table(net.stack)} {{
+  chain lab_postrouting {{
+    type nat hook postrouting priority srcnat;
+    ip saddr {net.subnet} oifname != "{net.bridge}" masquerade
+  }}
+  chain lab_forward {{
+    type filter hook forward priority filter;
+    iifname "{net.bridge}" accept
+    oifname "{net.bridge}" ct state established,related accept
+  }}
+}}
+"""
+
+
+def _network_file(net: NetSpec) -> Path | None:
+    return Path(net.lab_dir) / NETWORK_FILE if net.lab_dir else None
+
+
+def _recorded(net: NetSpec) -> dict[str, Any]:
+    f = _network_file(net)
+    try:
+        data = json.loads(f.read_text()) if f else {}
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _record(net: NetSpec, **extra: Any) -> None:
+    f = _network_file(net)
+    if f is None:
+        return
+    make_lab_dir(f.parent)
+    data = {**_recorded(net), **extra, "spec": json.loads(net.to_json())}
+    tmp = f.with_name(f".{f.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.replace(f)
+
+
+def recorded_net(lab: Path) -> NetSpec | None:
+    """The network spec the last ``net-up`` of this lab wrote (to make the bridge again)."""
+    try:
+        data = json.loads((lab / NETWORK_FILE).read_text())
+        return NetSpec(**data["spec"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _forwarding() -> str:
+    try:
+        return FORWARD.read_text().strip()
+    except OSError:
+        return ""
+
+
+def _nat_on(net: NetSpec) -> None:
+    before = _recorded(net).get("forwardingBefore")
+    if before is None:
+        _record(net, forwardingBefore=_forwarding())
+    run(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
+    run(["nft", "delete", "table", "ip", nat_table(net.stack)], check=False)
+    proc = subprocess.run(
+        ["nft", "-f", "-"], input=nat_ruleset(net), capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise K3sClusterError(
+            f"nft could not add the lab's NAT: {proc.stderr.strip()}",
+            hint="install nftables, or pulumi config set k3scluster:vmNat false",
+        )
+    say(f"NAT for {net.subnet} (nft table ip {nat_table(net.stack)})")
+
+
+def _nat_off(net: NetSpec) -> None:
+    if shutil.which("nft"):
+        run(["nft", "delete", "table", "ip", nat_table(net.stack)], check=False)
+    before = _recorded(net).get("forwardingBefore")
+    if before in ("0", "1") and _forwarding() != before:
+        run(["sysctl", "-q", "-w", f"net.ipv4.ip_forward={before}"])
+        say(f"IP forwarding back to {before}, as it was before the lab's NAT")
+    if before is not None:
+        _record(net, forwardingBefore=None)
+
+
+def _reattach_taps(net: NetSpec) -> None:
+    """Every tap of this stack (by its alias) back into the bridge."""
+    prefix = link_alias(net.stack) + ":"
+    for entry in netcheck.ip_json("link"):
+        if str(entry.get("ifalias", "")).startswith(prefix) and entry.get("master") != net.bridge:
+            run(["ip", "link", "set", "dev", entry["ifname"], "master", net.bridge])
+            run(["ip", "link", "set", "dev", entry["ifname"], "up"])
+            say(f"tap {entry['ifname']} back in {net.bridge}")
+
+
+def net_up(net: NetSpec) -> None:
+    alias = link_alias(net.stack)
+    # before anything is created: the subnet must be free on this machine
+    netcheck.check_machine(ipaddress.IPv4Network(net.subnet), net.bridge, alias, net.location)
+    found = link(net.bridge)
+    if found is not None and found.get("ifalias") != alias:
+        raise K3sClusterError(
+            f"a link named {net.bridge} exists and is not this stack's lab bridge "
+            f"(its alias is {found.get('ifalias')!r}, not {alias!r}); nothing was changed",
+            hint="delete or rename that link yourself",
+        )
+    if found is None:
+        run(["ip", "link", "add", "name", net.bridge, "type", "bridge"])
+        run(["ip", "link", "set", "dev", net.bridge, "alias", alias])
+        say(f"created bridge {net.bridge}")
+    addrs = netcheck.ip_json("addr", "show", "dev", net.bridge)
+    have = {
+        f"{a.get('local')}/{a.get('prefixlen')}"
+        for entry in addrs for a in entry.get("addr_info", []) if a.get("family") == "inet"
+    }
+    for old in sorted(have - {net.gateway}):  # a changed gateway or prefix
+        run(["ip", "addr", "del", old, "dev", net.bridge])
+    if net.gateway not in have:
+        run(["ip", "addr", "add", net.gateway, "dev", net.bridge])
+    run(["ip", "link", "set", "dev", net.bridge, "up"])
+    _record(net)
+    _reattach_taps(net)
+    if net.nat:
+        _nat_on(net)
+    else:
+        _nat_off(net)
+    say(f"lab network {net.bridge}: {net.gateway}")
+
+
+def net_down(net: NetSpec) -> None:
+    found = link(net.bridge)
+    if found is None:
+        say(f"bridge {net.bridge} is gone already")
+    elif found.get("ifalias") != link_alias(net.stack):
+        say(f"{net.bridge} is not this stack's bridge (alias {found.get('ifalias')!r}); kept")
+    else:
+        run(["ip", "link", "delete", "dev", net.bridge])
+        say(f"deleted bridge {net.bridge}")
+    _nat_off(net)
+    f = _network_file(net)
+    if f is not None:
+        f.unlink(missing_ok=True)
+
+
+def ensure_bridge(spec: VmSpec) -> None:
+    """The VM's bridge, made again from the lab's record when it is missing (after a reboot
+    of this machine)."""
+    if link(spec.bridge) is not None:
+        return
+    net = recorded_net(spec.path.parent)
+    if net is None or net.bridge != spec.bridge:
+        raise K3sClusterError(
+            f"the lab bridge {spec.bridge} does not exist and this lab has no record of it",
+            hint="run pulumi up",
+        )
+    say(f"the lab bridge {spec.bridge} is missing (this machine restarted?): making it again")
+    net_up(net)
+
+
+def ensure_tap(spec: VmSpec) -> None:
+    alias = link_alias(spec.stack, spec.host)
+    found = link(spec.tap)
+    if found is not None and found.get("ifalias") != alias:
+        raise K3sClusterError(
+            f"a link named {spec.tap} exists and is not {spec.host}'s tap "
+            f"(alias {found.get('ifalias')!r}); nothing was changed"
+        )
+    ensure_bridge(spec)
+    if found is None:
+        run(["ip", "tuntap", "add", "dev", spec.tap, "mode", "tap"])
+        run(["ip", "link", "set", "dev", spec.tap, "alias", alias])
+    run(["ip", "link", "set", "dev", spec.tap, "master", spec.bridge])
+    run(["ip", "link", "set", "dev", spec.tap, "up"])
+
+
+def delete_tap(spec: VmSpec) -> None:
+    found = link(spec.tap)
+    if found is not None and found.get("ifalias") == link_alias(spec.stack, spec.host):
+        run(["ip", "link", "delete", "dev", spec.tap])
