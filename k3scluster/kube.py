@@ -13,8 +13,11 @@ Day 2 (each takes ``kubeconfig, server, node``; errors are :class:`K3sClusterErr
 - :func:`drain` (``timeout``, ``progress``) -> :class:`DrainResult`: ``kubectl drain
   --ignore-daemonsets --delete-emptydir-data`` through the Eviction API, waiting until the
   evicted pods are gone; it does not cordon;
-- :func:`delete_node`, :func:`delete_node_password_secret` -> False when there was nothing
-  to delete.
+- :func:`delete_node` (``uid``: only that very Node), :func:`delete_node_password_secret`
+  (only a secret as K3s makes it) -> False when there was nothing to delete.
+
+Every request ends within :data:`REQUEST_TIMEOUT` s; an API that cannot be reached is a
+:class:`K3sClusterError` naming the call and the server.
 """
 
 from __future__ import annotations
@@ -297,6 +300,15 @@ def wait_until(
 DRAIN_RETRY_DELAY = 5.0  # kubectl drain's EvictErrorRetryDelay
 MIRROR_POD_ANNOTATION = "kubernetes.io/config.mirror"
 NODE_PASSWORD_NAMESPACE = "kube-system"
+# What K3s gives a node-password secret (k3s pkg/nodepassword): the type since the
+# node-password controller (older K3s: Opaque) and its one key.
+NODE_PASSWORD_TYPES = ("k3s.cattle.io/node-password", "Opaque")
+NODE_PASSWORD_KEY = "hash"
+# Every request of the day-2 calls ends within this many seconds: an API that accepts a
+# connection and never answers fails the call, it does not hang it. Not less than ~12 s: the
+# Eviction API itself retries a conflict 20 times 0.5 s before it answers 409
+# (kubernetes pkg/registry/core/pod/storage/eviction.go: EvictionsRetry).
+REQUEST_TIMEOUT = 30.0
 
 
 def node_password_secret(node: str) -> str:
@@ -315,22 +327,52 @@ def _api_error(what: str, err: Any) -> K3sClusterError:
     return K3sClusterError(f"{what}: the API answered {reason}")
 
 
+@contextlib.contextmanager
+def _reaching(server: str, what: str) -> Iterator[None]:
+    """An API that cannot be reached (refused, timed out, TLS, an unusable kubeconfig)
+    becomes a :class:`K3sClusterError` naming ``what`` and ``server``; an HTTP error status
+    is the caller's to judge, and a programming error propagates."""
+    import urllib3
+    from kubernetes.config.config_exception import ConfigException
+
+    try:
+        yield
+    except (urllib3.exceptions.HTTPError, OSError, ConfigException) as err:
+        raise K3sClusterError(
+            f"{what}: the API at {server} did not answer ({_short_error(err)})",
+            hint="is the server up? look at: k3scluster status",
+        ) from None
+
+
 def _set_unschedulable(kubeconfig: dict[str, Any], server: str, node: str, value: bool) -> bool:
-    """Sets ``spec.unschedulable``; returns whether it changed. A missing node is an error."""
+    """Sets ``spec.unschedulable``; returns whether THIS call changed it. A missing node is an
+    error. The patch carries the resourceVersion it was decided on: when someone else changed
+    the node in between (a cordon by hand), the API refuses it (409) and the node is read
+    again, so a change made by someone else is never claimed."""
     from kubernetes.client.exceptions import ApiException
 
-    core = _core(kubeconfig, server)
     verb = "cordon" if value else "uncordon"
-    try:
-        obj = core.read_node(node)
-        if bool(obj.spec and obj.spec.unschedulable) == value:
-            return False
-        core.patch_node(node, {"spec": {"unschedulable": value or None}})
-    except ApiException as err:
-        if err.status == 404:
-            raise K3sClusterError(f"cannot {verb} node {node}: it is not in the cluster") from None
-        raise _api_error(f"cannot {verb} node {node}", err) from None
-    return True
+    with _reaching(server, f"cannot {verb} node {node}"):
+        core = _core(kubeconfig, server)
+        for _ in range(5):
+            try:
+                obj = core.read_node(node, _request_timeout=REQUEST_TIMEOUT)
+                if bool(obj.spec and obj.spec.unschedulable) == value:
+                    return False
+                core.patch_node(node, {
+                    "metadata": {"resourceVersion": obj.metadata.resource_version},
+                    "spec": {"unschedulable": value or None},
+                }, _request_timeout=REQUEST_TIMEOUT)
+            except ApiException as err:
+                if err.status == 409:
+                    continue  # changed meanwhile: decide again on what it is now
+                if err.status == 404:
+                    raise K3sClusterError(
+                        f"cannot {verb} node {node}: it is not in the cluster") from None
+                raise _api_error(f"cannot {verb} node {node}", err) from None
+            return True
+    raise K3sClusterError(f"cannot {verb} node {node}: it kept changing while this run "
+                          "tried (409 Conflict 5 times)", hint="run again")
 
 
 def cordon(kubeconfig: dict[str, Any], server: str, node: str) -> bool:
@@ -372,7 +414,8 @@ def _classify(apps: Any, pod: Any) -> tuple[str, str]:
     daemon = ref is not None and ref.kind == "DaemonSet" and ref.api_version == "apps/v1"
     if daemon and not _finished(pod):
         try:
-            apps.read_namespaced_daemon_set(ref.name, pod.metadata.namespace)
+            apps.read_namespaced_daemon_set(ref.name, pod.metadata.namespace,
+                                            _request_timeout=REQUEST_TIMEOUT)
         except ApiException as err:
             if err.status == 404:
                 return "refuse", f"its DaemonSet {ref.name} is gone"
@@ -391,7 +434,8 @@ def _pods_on(core: Any, node: str) -> list[Any]:
     token = None
     while True:
         page = core.list_pod_for_all_namespaces(
-            field_selector=f"spec.nodeName={node}", limit=500, _continue=token
+            field_selector=f"spec.nodeName={node}", limit=500, _continue=token,
+            _request_timeout=REQUEST_TIMEOUT,
         )
         pods.extend(page.items)
         token = page.metadata._continue if page.metadata else None
@@ -419,8 +463,29 @@ def drain(
     declares no controller, or whose DaemonSet is gone, stops the drain before anything is
     evicted. Evictions go through the Eviction API, so PodDisruptionBudgets hold: a refused
     eviction (429) is retried every ``retry_delay`` s; when ``timeout`` s have passed, the
-    drain fails naming the pods that would not go and why.
+    drain fails naming the pods that would not go and why. Each eviction names the pod's
+    uid: a pod of the same name made since the listing (a StatefulSet's, on another node)
+    is never evicted. Each request ends within :data:`REQUEST_TIMEOUT` s; an API that does
+    not answer fails the drain.
     """
+    with _reaching(server, f"cannot drain node {node}"):
+        return _drain(kubeconfig, server, node, timeout, progress, retry_delay=retry_delay,
+                      poll=poll, report_every=report_every, clock=clock, sleep=sleep)
+
+
+def _drain(
+    kubeconfig: dict[str, Any],
+    server: str,
+    node: str,
+    timeout: float,
+    progress: Callable[[str], None],
+    *,
+    retry_delay: float,
+    poll: float,
+    report_every: float,
+    clock: Callable[[], float],
+    sleep: Callable[[float], None],
+) -> DrainResult:
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
@@ -493,24 +558,36 @@ def drain(
 
 
 def _evict(core: Any, pod: Any) -> str | None:
-    """One eviction: None (accepted), "gone" (no such pod any more), else the API's refusal
-    to retry (429: a PodDisruptionBudget; 403 in a terminating namespace). Anything else
-    stops the drain."""
+    """One eviction of exactly the pod that was listed (its uid a precondition): None
+    (accepted), "gone" (that pod is no more: 404, or another pod has its name), else the
+    API's refusal to retry (429: a PodDisruptionBudget; 403 in a terminating namespace
+    while the pod is not yet deleted). Anything else stops the drain."""
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
     md = pod.metadata
-    body = client.V1Eviction(api_version="policy/v1", kind="Eviction",
-                             metadata=client.V1ObjectMeta(name=md.name, namespace=md.namespace))
+    body = client.V1Eviction(
+        api_version="policy/v1", kind="Eviction",
+        metadata=client.V1ObjectMeta(name=md.name, namespace=md.namespace),
+        delete_options=client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=md.uid)),
+    )
     try:
-        core.create_namespaced_pod_eviction(md.name, md.namespace, body)
+        core.create_namespaced_pod_eviction(md.name, md.namespace, body,
+                                            _request_timeout=REQUEST_TIMEOUT)
     except ApiException as err:
         if err.status == 404:
             return "gone"
         if err.status == 429:
             return _api_message(err) or "429 Too Many Requests"
-        if err.status == 403 and "NamespaceTerminating" in (err.body or ""):
-            return None if md.deletion_timestamp else "namespace terminating"
+        if err.status == 409 or (err.status == 403 and "NamespaceTerminating" in (err.body or "")):
+            # 409: the uid precondition failed, or a conflict worth another try; 403: as
+            # kubectl, a pod already deleted in a terminating namespace is only waited on.
+            now = _current(core, pod)
+            if now is None or now.metadata.uid != md.uid:
+                return "gone"
+            if err.status == 403 and now.metadata.deletion_timestamp:
+                return None
+            return _api_message(err) or f"{err.status} {err.reason}"
         raise _api_error(f"cannot evict pod {md.namespace}/{md.name}", err) from None
     return None
 
@@ -524,43 +601,94 @@ def _api_message(err: Any) -> str:
         return ""
 
 
-def _pod_gone(core: Any, pod: Any, uid: str) -> bool:
+def _current(core: Any, pod: Any) -> Any:
+    """The pod of that name as the API has it now, or None."""
     from kubernetes.client.exceptions import ApiException
 
     try:
-        now = core.read_namespaced_pod(pod.metadata.name, pod.metadata.namespace)
+        return core.read_namespaced_pod(pod.metadata.name, pod.metadata.namespace,
+                                        _request_timeout=REQUEST_TIMEOUT)
     except ApiException as err:
         if err.status == 404:
-            return True
+            return None
         raise _api_error(f"cannot read pod {pod.metadata.namespace}/{pod.metadata.name}",
                          err) from None
-    return bool(now.metadata.uid != uid)
 
 
-def _delete_if_there(what: str, delete: Callable[[], Any]) -> bool:
+def _pod_gone(core: Any, pod: Any, uid: str) -> bool:
+    now = _current(core, pod)
+    return now is None or bool(now.metadata.uid != uid)
+
+
+def _delete_if_there(what: str, delete: Callable[[Any], Any], uid: str | None) -> bool:
+    """``delete(options)``; False on 404. With ``uid`` the deletion holds only for that very
+    object (a precondition): one made since under the same name is refused, never deleted."""
+    from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
+    options = client.V1DeleteOptions(
+        preconditions=client.V1Preconditions(uid=uid) if uid else None)
     try:
-        delete()
+        delete(options)
     except ApiException as err:
         if err.status == 404:
             return False
+        if err.status == 409 and uid:
+            raise K3sClusterError(
+                f"cannot delete {what}: it is not the one this run read (uid {uid}); one of "
+                "the same name was made since, and it stays",
+                hint="look at it (kubectl get -o yaml) and run again") from None
         raise _api_error(f"cannot delete {what}", err) from None
     return True
 
 
-def delete_node(kubeconfig: dict[str, Any], server: str, node: str) -> bool:
-    """Deletes the Node object ``node``; False when there was none (nothing to do)."""
-    core = _core(kubeconfig, server)
-    return _delete_if_there(f"node {node}", lambda: core.delete_node(node))
+def delete_node(kubeconfig: dict[str, Any], server: str, node: str,
+                uid: str | None = None) -> bool:
+    """Deletes the Node object ``node`` (only the one with ``uid`` when given: the Node this
+    run cordoned and drained, not one registered since); False when there was none."""
+    with _reaching(server, f"cannot delete node {node}"):
+        core = _core(kubeconfig, server)
+        return _delete_if_there(f"node {node}", lambda opts: core.delete_node(
+            node, body=opts, _request_timeout=REQUEST_TIMEOUT), uid)
 
 
 def delete_node_password_secret(kubeconfig: dict[str, Any], server: str, node: str) -> bool:
     """Deletes K3s's ``<node>.node-password.k3s`` secret in kube-system, so that a
-    reinstalled agent with a new node password is accepted; False when there was none."""
-    core = _core(kubeconfig, server)
+    reinstalled agent with a new node password is accepted; False when there was none.
+
+    Proof of target: only a secret as K3s makes it (type ``k3s.cattle.io/node-password``,
+    or ``Opaque`` from older K3s, holding a ``hash``) is deleted, and only the very one
+    read (its uid a precondition); anything else of that name is an error and stays."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
     name = node_password_secret(node)
-    return _delete_if_there(
-        f"secret {NODE_PASSWORD_NAMESPACE}/{name}",
-        lambda: core.delete_namespaced_secret(name, NODE_PASSWORD_NAMESPACE),
-    )
+    what = f"secret {NODE_PASSWORD_NAMESPACE}/{name}"
+    with _reaching(server, f"cannot delete {what}"):
+        core = _core(kubeconfig, server)
+        try:
+            secret = core.read_namespaced_secret(name, NODE_PASSWORD_NAMESPACE,
+                                                 _request_timeout=REQUEST_TIMEOUT)
+        except ApiException as err:
+            if err.status == 404:
+                return False
+            raise _api_error(f"cannot read {what}", err) from None
+        keys = sorted(secret.data or {})
+        if secret.type not in NODE_PASSWORD_TYPES or NODE_PASSWORD_KEY not in keys:
+            raise K3sClusterError(
+                f"{what} is not a K3s node password (type {secret.type}, keys "
+                f"{', '.join(keys) or 'none'}): not deleting it",
+                hint=f"K3s keeps an agent's node password in a secret of type "
+                f"{NODE_PASSWORD_TYPES[0]} with one key, {NODE_PASSWORD_KEY}; find out what "
+                "made this one before you delete it by hand",
+            )
+        only_this = client.V1DeleteOptions(
+            preconditions=client.V1Preconditions(uid=secret.metadata.uid))
+        try:
+            core.delete_namespaced_secret(name, NODE_PASSWORD_NAMESPACE, body=only_this,
+                                          _request_timeout=REQUEST_TIMEOUT)
+        except ApiException as err:
+            if err.status in (404, 409):  # gone, or K3s made a new one since: the old is gone
+                return False
+            raise _api_error(f"cannot delete {what}", err) from None
+        return True

@@ -289,3 +289,139 @@ def test_delete_node_and_its_password_secret_and_again_is_fine(kube: Any) -> Non
     assert kubelib.delete_node(kube.kubeconfig, kube.server, node) is False
     core.read_node(keep)
     core.read_namespaced_secret(f"{keep}.node-password.k3s", "kube-system")
+
+
+# --- proof of target: only the objects this run read ------------------------------------------
+def test_cordon_never_claims_a_cordon_made_by_hand_while_it_decided(
+    kube: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    core = kube.core()
+    node = _node(core)
+    real_read = client.CoreV1Api.read_node
+    raced: list[str] = []
+
+    def read_then_someone_cordons(self: Any, name: str, **kw: Any) -> Any:
+        obj = real_read(self, name, **kw)
+        if not raced:  # between this read and the cordon's patch: kubectl cordon by hand
+            raced.append(name)
+            core.patch_node(name, {"spec": {"unschedulable": True}})
+        return obj
+
+    monkeypatch.setattr(client.CoreV1Api, "read_node", read_then_someone_cordons)
+    assert kubelib.cordon(kube.kubeconfig, kube.server, node) is False  # not this run's
+    assert raced == [node]
+    assert core.read_node(node).spec.unschedulable is True
+
+
+def test_an_eviction_never_hits_a_pod_made_since_under_the_same_name(
+    kube: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    core = kube.core()
+    ns, node, other = _namespace(core), _node(core), _node(core)
+    web = _replicated(core, ns, node)
+    real_pods_on = kubelib._pods_on
+
+    def listed_then_replaced(c: Any, n: str) -> list[Any]:
+        pods = real_pods_on(c, n)
+        # after the listing: the pod goes and its controller makes one of the same name on
+        # another node (a StatefulSet does exactly this)
+        core.delete_namespaced_pod(web, ns, grace_period_seconds=0)
+        _until("old pod gone", lambda: not _exists(core, ns, web))
+        core.create_namespaced_pod(ns, client.V1Pod(
+            metadata=client.V1ObjectMeta(name=web, owner_references=[_owner("ReplicaSet", "web")]),
+            spec=client.V1PodSpec(node_name=other,
+                                  containers=[client.V1Container(name="c", image="busybox")])))
+        return pods
+
+    monkeypatch.setattr(kubelib, "_pods_on", listed_then_replaced)
+    result = kubelib.drain(kube.kubeconfig, kube.server, node, timeout=10, poll=0.2)
+    assert result.evicted == [f"{ns}/{web}"]  # the listed pod is gone
+    now = core.read_namespaced_pod(web, ns)
+    assert now.spec.node_name == other and now.metadata.deletion_timestamp is None
+
+
+def test_delete_node_with_a_uid_leaves_a_node_registered_since(kube: Any) -> None:
+    core = kube.core()
+    node = _node(core)
+    old = core.read_node(node).metadata.uid
+    core.delete_node(node)
+    _until("node gone", lambda: node not in [n.metadata.name for n in core.list_node().items])
+    core.create_node(client.V1Node(metadata=client.V1ObjectMeta(name=node)))  # re-registered
+    with pytest.raises(K3sClusterError, match=f"cannot delete node {node}: it is not the one"):
+        kubelib.delete_node(kube.kubeconfig, kube.server, node, uid=old)
+    new = core.read_node(node).metadata.uid
+    assert new != old
+    assert kubelib.delete_node(kube.kubeconfig, kube.server, node, uid=new) is True
+
+
+def test_only_a_secret_as_k3s_makes_it_is_deleted_as_a_node_password(kube: Any) -> None:
+    core = kube.core()
+    node, typed = _node(core), _node(core)
+    name = kubelib.node_password_secret(node)
+    core.create_namespaced_secret("kube-system", client.V1Secret(  # not K3s's: no hash
+        metadata=client.V1ObjectMeta(name=name), string_data={"token": "keep me"}))
+    with pytest.raises(K3sClusterError, match=f"kube-system/{name} is not a K3s node password "
+                       r"\(type Opaque, keys token\): not deleting it"):
+        kubelib.delete_node_password_secret(kube.kubeconfig, kube.server, node)
+    core.read_namespaced_secret(name, "kube-system")  # still there
+    # current K3s: its own secret type
+    core.create_namespaced_secret("kube-system", client.V1Secret(
+        metadata=client.V1ObjectMeta(name=kubelib.node_password_secret(typed)),
+        type="k3s.cattle.io/node-password", string_data={"hash": "$1:x"}))
+    assert kubelib.delete_node_password_secret(kube.kubeconfig, kube.server, typed) is True
+
+
+# --- an API that does not answer --------------------------------------------------------------
+def _each_day2_call(kubeconfig: Any, server: str) -> dict[str, Any]:
+    return {
+        "cordon": lambda: kubelib.cordon(kubeconfig, server, "olaf"),
+        "uncordon": lambda: kubelib.uncordon(kubeconfig, server, "olaf"),
+        "drain": lambda: kubelib.drain(kubeconfig, server, "olaf", timeout=60),
+        "delete_node": lambda: kubelib.delete_node(kubeconfig, server, "olaf"),
+        "delete_node_password_secret":
+            lambda: kubelib.delete_node_password_secret(kubeconfig, server, "olaf"),
+    }
+
+
+def _outcome(kube: Any, call: Any, within: float) -> Any:
+    """What ``call`` raised (inside the test's namespace), or "hangs" when it did not end."""
+    got: list[Any] = []
+
+    def run() -> None:
+        try:
+            got.append(call())
+        except BaseException as err:  # noqa: BLE001 - handed to the test
+            got.append(err)
+
+    t = threading.Thread(target=run, daemon=True)
+    with kube.ns.entered():
+        t.start()
+    t.join(within)
+    return got[0] if got else "hangs"
+
+
+def test_an_api_that_accepts_and_never_answers_fails_each_call_instead_of_hanging(
+    kube: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import socket
+
+    monkeypatch.setattr(kubelib, "REQUEST_TIMEOUT", 1.0, raising=False)
+    silent = socket.socket()  # in the test's namespace: accepts (backlog), never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    server = f"https://127.0.0.1:{silent.getsockname()[1]}"
+    try:
+        for name, call in _each_day2_call(kube.kubeconfig, server).items():
+            err = _outcome(kube, call, within=30)
+            assert isinstance(err, K3sClusterError), (name, err)
+            assert f"the API at {server} did not answer (" in str(err), (name, err)
+    finally:
+        silent.close()
+
+
+def test_an_api_that_refuses_the_connection_is_a_clear_error(kube: Any) -> None:
+    server = "https://127.0.0.1:1"  # nothing listens there in the test's namespace
+    for name, call in _each_day2_call(kube.kubeconfig, server).items():
+        err = _outcome(kube, call, within=30)
+        assert isinstance(err, K3sClusterError), (name, err)
+        assert f"the API at {server} did not answer (connection refused)" in str(err), name
