@@ -57,15 +57,18 @@ PRUNE_PATH = "modules/k3s-manifests-prune.sh"
 MANIFEST_DIR = "/var/lib/rancher/k3s/server/manifests"
 
 
-def registration_servers(cluster: Cluster) -> list[str]:
-    """The addresses an agent asks, in order: the planned init-server, then plan order."""
+def server_order(cluster: Cluster) -> list[K3sNode]:
+    """The K3s servers in the order everything asks them: the planned init-server first,
+    then plan order (the agents' registration, a joining server, the gates, the kubeconfig)."""
     servers = [n for n in cluster.k3s if n.type.is_server]
-    servers.sort(key=lambda n: n.type is not K3sType.INIT_SERVER)
-    return [str(n.ip) for n in servers]
+    return sorted(servers, key=lambda n: n.type is not K3sType.INIT_SERVER)
+
+
+def registration_servers(cluster: Cluster) -> list[str]:
+    """The addresses an agent asks, in ``server_order``."""
+    return [str(n.ip) for n in server_order(cluster)]
 
 
 def other_servers(cluster: Cluster, server: K3sNode) -> list[str]:
-    """The addresses the server asks, the planned init-server first, then plan order."""
-    servers = [n for n in cluster.k3s if n.type.is_server and n.name != server.name]
-    servers.sort(key=lambda n: n.type is not K3sType.INIT_SERVER)
-    return [str(n.ip) for n in servers]
+    """The addresses the server asks: the other servers, in ``server_order``."""
+    return [str(n.ip) for n in server_order(cluster) if n.name != server.name]

@@ -19,7 +19,8 @@ from typing import TypeVar
 from k3scluster import commands, kube
 from k3scluster.components.tasks import AGENT_UNIT, SERVER_UNIT, first_answering, observe
 from k3scluster.errors import K3sClusterError
-from k3scluster.model import Cluster, K3sNode, K3sType
+from k3scluster.k3s_start import server_order  # the order status asks the servers in
+from k3scluster.model import Cluster, K3sType
 from k3scluster.status import NodeState, Observed
 
 SSH_TIMEOUT = 10  # seconds for ssh to connect
@@ -33,13 +34,6 @@ def _parallel(names: Sequence[str], one: Callable[[str], T]) -> dict[str, T]:
         return {}
     with ThreadPoolExecutor(max_workers=min(16, len(names))) as pool:
         return dict(zip(names, pool.map(one, names), strict=True))
-
-
-def server_order(cluster: Cluster) -> list[K3sNode]:
-    """The K3s servers, the planned init-server first, then in plan order (the APIs the
-    gates and status ask in turn)."""
-    servers = [n for n in cluster.k3s if n.type.is_server]
-    return sorted(servers, key=lambda n: n.type is not K3sType.INIT_SERVER)
 
 
 def units_of(cluster: Cluster, host: str) -> list[str]:

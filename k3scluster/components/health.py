@@ -22,11 +22,12 @@ from typing import Any
 
 import pulumi
 
-from k3scluster import commands
+from k3scluster import commands, kube
 from k3scluster.components.steps import step
+from k3scluster.k3s_start import server_order
 from k3scluster.model import Cluster as ClusterModel
 from k3scluster.model import K3sType
-from k3scluster.probe import server_order, units_of
+from k3scluster.probe import units_of
 
 
 def settled(resources: Sequence[pulumi.Resource]) -> list[pulumi.Input[pulumi.Resource]]:
@@ -107,14 +108,11 @@ def deploy_argv(
         servers=[(n.name, n.ip) for n in nodes if n.type.is_server],
         agents=[n.name for n in nodes if n.type is K3sType.AGENT],
         # every server, the init-server first: the gates ask the next when one is down
-        api=[kube_url(n.ip) for n in servers],
+        api=[kube.server_url(str(n.ip)) for n in servers],
         credentials_from=list(dict.fromkeys(cluster.host(n.host).ip for n in servers)),
     )
 
 
-def kube_url(ip: object) -> str:
-    """The API URL of a K3s server at ``ip`` (what the kubeconfig names for the init-server)."""
-    return f"https://{ip}:6443"
 
 
 def read_argv(
