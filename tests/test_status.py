@@ -148,8 +148,9 @@ def test_the_hosts_boot_check_is_builds_rule(tmp_path: Path, case: str) -> None:
     from k3scluster.build import boot_changes
     from k3scluster.components.tasks import boot_script
 
+    tmp_path = tmp_path / "a dir"  # the script quotes the paths it is given
     store = tmp_path / "store"
-    store.mkdir()
+    store.mkdir(parents=True)
     for f in ("k1", "k2", "i1", "i2"):
         (store / f).touch()
 

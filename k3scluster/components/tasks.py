@@ -35,6 +35,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -259,7 +260,7 @@ def boot_script(booted: str = "/run/booted-system", current: str = "/run/current
     entries = " ".join(BOOT_FILES)
     return (
         'e() { if [ -L "$1" ]; then readlink "$1"; else cat "$1"; fi 2>/dev/null; }; '
-        f'b={booted} c={current}; if [ -e "$b/kernel" ] && [ -e "$c/kernel" ]; then '
+        f'b={shlex.quote(booted)} c={shlex.quote(current)}; if [ -e "$b/kernel" ] && [ -e "$c/kernel" ]; then '
         f'for f in {entries}; do x=$(e "$b/$f") && y=$(e "$c/$f") && [ "$x" != "$y" ] '
         '&& echo "reboot:$f"; done; echo reboot-checked; fi'
     )
