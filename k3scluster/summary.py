@@ -9,11 +9,12 @@ do to it, read from the preview's steps by their names (``<host>-deploy``,
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from k3scluster.lab.spec import NetSpec, VmSettings, net_spec
 from k3scluster.model import Cluster
 
 # step op (pulumi preview --json) -> the words for a host's deploy
@@ -109,23 +110,21 @@ def host_plans(cluster: Cluster, steps: Sequence[Mapping[str, Any]]) -> list[Hos
     return out
 
 
-def cluster_actions(steps: Iterable[Mapping[str, Any]]) -> list[str]:
-    """What happens besides the hosts: the lab network of a VM stack, the render."""
+def cluster_actions(steps: Iterable[Mapping[str, Any]], net: NetSpec) -> list[str]:
+    """What happens besides the hosts: the lab network of a VM stack (its bridge and gateway
+    as the program makes them for this stack and plan, ``lab.spec.net_spec``), the render."""
     out = []
     for s in steps:
         name, op = _name(s), s.get("op")
         if op in _SKIP_OPS:
             continue
         if name.endswith("-lab-network"):
-            triggers = (((s.get("newState") or {}).get("inputs") or {}).get("triggers")) or []
-            try:
-                net = json.loads(triggers[0]) if triggers else {}
-            except (TypeError, ValueError):
-                net = {}
-            what = {"create": "create", "delete": "remove"}.get(str(op), "replace")
+            what = {"create": "create", "delete": "remove", "update": "update"}.get(
+                str(op), "replace"
+            )
             out.append(
-                f"lab network: {what} bridge {net.get('bridge', '?')} with gateway "
-                f"{net.get('gateway', '?')} on this machine"
+                f"lab network: {what} bridge {net.bridge} with gateway {net.gateway} on this "
+                "machine"
             )
         elif name.endswith("-render"):
             out.append(f"render: {'write' if op == 'create' else 'rewrite'} the NixOS "
@@ -156,4 +155,5 @@ def format_summary(stack: str, plans: list[HostPlan], extra: list[str]) -> str:
 
 def summarize(stack: str, cluster: Cluster, preview: Mapping[str, Any]) -> str:
     steps = preview.get("steps") or []
-    return format_summary(stack, host_plans(cluster, steps), cluster_actions(steps))
+    net = net_spec(cluster, VmSettings(stack=stack, lab_dir=Path(".")))
+    return format_summary(stack, host_plans(cluster, steps), cluster_actions(steps, net))
