@@ -12,14 +12,22 @@ subprocesses started while entered begin in the namespace too.
     with ns.entered():
         ...  # sockets made here live in the namespace
     ns.delete()  # after its processes are gone
+
+A namespace is its creator's while that process lives: it holds a shared ``flock`` on the
+namespace file until :meth:`NetNS.delete`. Namespaces a killed test run left behind are cleaned
+up when the next one is made, and only those: named ``k3sct-<pid>-<n>``, that pid gone, AND
+nobody holding the lock (a live run in another pid namespace, whose pid is not seen here,
+still holds it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import itertools
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator, Sequence
@@ -28,6 +36,7 @@ from pathlib import Path
 
 CLONE_NEWNET = 0x40000000
 _COUNTER = itertools.count()
+_OURS = re.compile(r"k3sct-(\d+)-(\d+)")
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -55,6 +64,7 @@ def _ip(*args: str) -> None:
 class NetNS:
     name: str
     addresses: list[str] = field(default_factory=list)
+    _held: int | None = field(default=None, repr=False, compare=False)
 
     @property
     def path(self) -> Path:
@@ -66,6 +76,8 @@ class NetNS:
         ns = cls(f"k3sct-{os.getpid()}-{next(_COUNTER)}")
         _ip("netns", "add", ns.name)
         try:
+            ns._held = os.open(ns.path, os.O_RDONLY | os.O_CLOEXEC)
+            fcntl.flock(ns._held, fcntl.LOCK_SH)  # this run's, as long as it lives
             ns.run("ip", "link", "set", "lo", "up")
             for a in addresses:
                 ns.add_address(a)
@@ -126,29 +138,49 @@ class NetNS:
         other.addresses.append(ip)
 
     def delete(self) -> None:
+        if self._held is not None:
+            os.close(self._held)
+            self._held = None
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True, check=False)
 
 
 def _remove_stale() -> None:
-    """Namespaces of an earlier test run that was killed (its pid is gone): the servers it
-    started in them are killed and the namespaces removed."""
+    """Namespaces of an earlier test run that was killed: the servers in them killed, the
+    namespaces removed. Proof of target: a name this harness gives (``k3sct-<pid>-<n>``),
+    that pid gone, and the lock its creator held free (taken here while it is removed)."""
     import signal
 
-    for p in Path("/run/netns").glob("k3sct-*-*"):
-        pid = int(p.name.split("-")[1])
-        try:
-            os.kill(pid, 0)
-            continue  # its test run is alive
-        except ProcessLookupError:
-            pass
-        except PermissionError:
+    for p in Path("/run/netns").glob("k3sct-*"):
+        m = _OURS.fullmatch(p.name)
+        if not m or _alive(int(m[1])):
             continue
-        pids = subprocess.run(["ip", "netns", "pids", p.name], capture_output=True, text=True,
-                              check=False)
-        for left in pids.stdout.split():
-            with contextlib.suppress(ProcessLookupError, ValueError):
-                os.kill(int(left), signal.SIGKILL)
-        subprocess.run(["ip", "netns", "del", p.name], capture_output=True, check=False)
+        try:
+            fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue  # gone meanwhile
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its run lives (in a pid namespace of its own, its pid unseen here)
+            pids = subprocess.run(["ip", "netns", "pids", p.name], capture_output=True,
+                                  text=True, check=False)
+            for left in pids.stdout.split():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(left), signal.SIGKILL)
+            subprocess.run(["ip", "netns", "del", p.name], capture_output=True, check=False)
+        finally:
+            os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def stop(proc: subprocess.Popen[bytes], grace: float = 5) -> None:
