@@ -425,3 +425,30 @@ def test_an_api_that_refuses_the_connection_is_a_clear_error(kube: Any) -> None:
         err = _outcome(kube, call, within=30)
         assert isinstance(err, K3sClusterError), (name, err)
         assert f"the API at {server} did not answer (connection refused)" in str(err), name
+
+
+# --- kubectl's rules for finished pods and terminating namespaces --------------------------
+def test_finished_pods_are_evicted_even_without_a_controller(kube: Any) -> None:
+    core = kube.core()
+    ns, node = _namespace(core), _node(core)
+    done = _pod(core, ns, node)  # a bare pod that completed: kubectl drain deletes it
+    failed = _pod(core, ns, node, owner=_owner("DaemonSet", "deleted-ds"))
+    core.patch_namespaced_pod_status(done, ns, {"status": {"phase": "Succeeded"}})
+    core.patch_namespaced_pod_status(failed, ns, {"status": {"phase": "Failed"}})
+    result = kubelib.drain(kube.kubeconfig, kube.server, node, timeout=30, poll=0.2)
+    assert result.evicted == sorted([f"{ns}/{done}", f"{ns}/{failed}"])
+    assert not _exists(core, ns, done) and not _exists(core, ns, failed)
+
+
+def test_a_pod_in_a_terminating_namespace_is_retried_not_an_error(kube: Any) -> None:
+    core = kube.core()
+    ns, node = _namespace(core), _node(core)
+    web = _replicated(core, ns, node)
+    core.delete_namespace(ns)  # the test's controller-manager runs no namespace controller:
+    # the namespace stays terminating with its pod not deleted, and the Eviction API answers
+    # 403 NamespaceTerminating, which kubectl drain retries
+    _until("namespace terminating", lambda: core.read_namespace(ns).status.phase == "Terminating")
+    with pytest.raises(K3sClusterError) as err:
+        kubelib.drain(kube.kubeconfig, kube.server, node, timeout=2, retry_delay=0.5, poll=0.2)
+    assert f"{ns}/{web} (eviction refused: " in str(err.value)
+    assert "timed out after 2s" in str(err.value)
