@@ -313,6 +313,9 @@ def _held_agents(cluster: Cluster, given: list[str]) -> dict[str, str] | None:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
+    # a stack's render step passes the paths as the stack file writes them (stackpaths.py)
+    args.dir = args.dir.expanduser()
+    args.out = args.out.expanduser() if args.out is not None else None
     cluster = _load_for_command(args.dir)
     if cluster is None:
         return 1

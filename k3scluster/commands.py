@@ -234,6 +234,20 @@ def notice(message: str) -> list[str]:
 
 
 @dataclass(frozen=True)
+class RenderArgs:
+    """The render a deploy checks before colmena: the cluster, the render directory, and the
+    VM stack whose render it is (None for a hardware stack); paths as steps record them."""
+
+    cluster: Path
+    out: Path
+    vm_stack: str | None = None
+
+    def task_args(self) -> list[str]:
+        argv = ["--render", str(self.cluster), "--render-out", str(self.out)]
+        return argv + (["--vm-stack", _plain_arg("stack name", self.vm_stack)] if self.vm_stack else [])
+
+
+@dataclass(frozen=True)
 class SshSettings:
     """How the project's ssh logs in (the stack's deployUser, sshIdentity, sshKnownHosts)."""
 
@@ -266,9 +280,15 @@ def deploy_and_check(
     agents: Sequence[str] = (),
     api: Sequence[str] = (),
     credentials_from: Sequence[ipaddress.IPv4Address] = (),
+    render: RenderArgs | None = None,
+    gates: bool = True,
 ) -> list[str]:
     """Run ``deploy_argv`` (colmena), then wait for the host's health gates, then read back
-    what the host runs (``/run/current-system`` and its K3s containers).
+    what the host runs (``/run/current-system`` and its K3s containers). Without ``gates``
+    only colmena runs.
+
+    ``render``: before colmena, the task renders the cluster again when the rendered files
+    on this machine are not the ones the step was planned with (``components/rendered.py``).
 
     ``servers``: (K3s name, ip) of the host's K3s server, which must answer ``/readyz``;
     ``agents``: K3s names of its agents, which must be ``Ready`` in the API (``api``: the
@@ -281,6 +301,10 @@ def deploy_and_check(
         "--host", _plain_arg("host name", host), "--ip", str(ipaddress.IPv4Address(ip)),
         *ssh.task_args(), "--timeout", f"{timeout:g}",
     ]
+    if render is not None:
+        argv += render.task_args()
+    if not gates:
+        return [*argv, "--no-gates", "--", *deploy_argv]
     for name, sip in servers:
         argv += ["--server", f"{_plain_arg('K3s name', name)}={ipaddress.IPv4Address(sip)}"]
     for name in agents:

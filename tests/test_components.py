@@ -226,10 +226,14 @@ def test_deploy_step_runs_colmena_for_its_host(poisoned: Path, runner: str) -> N
     render_dir = poisoned / ".k3scluster" / "mock"
     for host in ("olaf", "karl"):
         reg = m.named(f"{host}-deploy")
-        want = ["/opt/colmena", "apply", "switch", "--on", host, "-f", str(render_dir / "hive.nix"),
-                "-p", "2"]
-        assert _argv(reg, runner) == want
-        assert _argv(reg, runner, "update") == want
+        colmena = ["/opt/colmena", "apply", "switch", "--on", host, "-f",
+                   str(render_dir / "hive.nix"), "-p", "2"]
+        argv = _argv(reg, runner)
+        # the deploy task checks the render, then runs colmena alone (no gates)
+        assert argv[1:4] == ["-m", "k3scluster.components.tasks", "deploy"]
+        assert argv[argv.index("--render-out") + 1] == str(render_dir)
+        assert argv[argv.index("--no-gates") + 1 :] == ["--", *colmena]
+        assert _argv(reg, runner, "update") == argv
         assert "NOT wiped" in " ".join(_argv(reg, runner, "delete"))
         digests = _digests(reg, runner)
         assert f"file:hosts/{host}.nix" in digests

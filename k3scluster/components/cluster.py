@@ -389,6 +389,9 @@ class Cluster(pulumi.ComponentResource):
                     ssh=s.ssh,
                     wait_ready=s.wait_ready,
                     timeout=s.ready_timeout,
+                    render=commands.RenderArgs(
+                        s.rec(c.root), s.rec(s.render_dir), s.vm.stack if s.vm else None
+                    ),
                 ),
                 read_argv=health.read_argv(c, hname, python=s.python, ssh=s.ssh, runner=s.runner)
                 if s.wait_ready

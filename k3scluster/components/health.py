@@ -91,10 +91,10 @@ def deploy_argv(
     ssh: commands.SshSettings,
     wait_ready: bool,
     timeout: float,
+    render: commands.RenderArgs | None = None,
 ) -> list[str]:
-    """What the host's deploy step runs: colmena alone (gates off), or ``tasks deploy``."""
-    if not wait_ready:
-        return list(colmena_argv)
+    """What the host's deploy step runs: ``tasks deploy`` (the render checked, colmena, and
+    with ``wait_ready`` the gates)."""
     h = cluster.host(host)
     nodes = cluster.k3s_on(host)
     servers = server_order(cluster)
@@ -110,6 +110,8 @@ def deploy_argv(
         # every server, the init-server first: the gates ask the next when one is down
         api=[kube.server_url(str(n.ip)) for n in servers],
         credentials_from=list(dict.fromkeys(cluster.host(n.host).ip for n in servers)),
+        render=render,
+        gates=wait_ready,
     )
 
 

@@ -47,6 +47,7 @@ from pulumi.dynamic import (
 )
 from pulumi.runtime.rpc import unwrap_rpc_secret
 
+from k3scluster.components.rendered import input_environment
 from k3scluster.components.tasks import (
     DEPLOYED_PREFIX,
     OBSERVED_PREFIX,
@@ -139,6 +140,10 @@ def run_argv(props: dict[str, Any], which: str, *, check: bool = True) -> dict[s
         argv[0] = sys.executable
     secret_env = {k: str(v) for k, v in (props.get("secretEnvironment") or {}).items()}
     env = dict(os.environ)
+    # the inputs as the command runner passes them (K3SCLUSTER_IN_…): the deploy task checks
+    # the render on this machine against them (rendered.py)
+    inputs = props.get("inputs") or {}
+    env.update(input_environment({k: str(v) for k, v in inputs.items() if isinstance(v, str)}))
     env.update({k: str(v) for k, v in (props.get("environment") or {}).items()})
     env.update(secret_env)
     secrets = list(secret_env.values())

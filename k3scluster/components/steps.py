@@ -17,7 +17,6 @@ colmena reads the key files itself.
 
 from __future__ import annotations
 
-import re
 import shlex
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -25,8 +24,8 @@ from typing import Any
 import pulumi
 import pulumi_command
 
+from k3scluster.components.rendered import input_env_key
 from k3scluster.components.runner import Step
-from k3scluster.records import DIGEST_ENV_PREFIX
 
 RUNNERS = ("command", "python")
 # local.Command has no free-form input; each digest becomes an environment variable with this
@@ -42,7 +41,7 @@ def digest_environment(inputs_digest: Mapping[str, pulumi.Input[str]]) -> dict[s
     """
     env: dict[str, Any] = {}
     for name in sorted(inputs_digest):
-        key = DIGEST_ENV_PREFIX + re.sub(r"[^A-Za-z0-9_]", "_", name)
+        key = input_env_key(name)
         base, n = key, 2
         while key in env:
             key, n = f"{base}_{n}", n + 1

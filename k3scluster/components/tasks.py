@@ -6,10 +6,12 @@
   waits, at most S seconds), ``capture`` of the host's hardware-configuration.nix read over
   ssh (the ssh command made here, from the paths resolved here).
 - ``iso --result LINK -- ARGV…``: run an ISO build (its log goes to stderr), print ``{"image": …, "sha256": …}`` as the last line.
-- ``deploy --host H --ip IP [ssh] --timeout S [--server NAME=IP] [--agent NAME] [--api URL…
-  --credentials-from IP…] -- ARGV…``: run the deploy ARGV (colmena), wait for the host's health
-  gates (the API and the credentials: each server, host, in turn), read back what the host
-  runs; last line ``k3scluster-deployed=<JSON>``.
+- ``deploy --host H --ip IP [ssh] --timeout S [--render DIR --render-out OUT [--vm-stack S]]
+  [--no-gates | [--server NAME=IP] [--agent NAME] [--api URL…] [--credentials-from IP…]] --
+  ARGV…``: render again if the render on this machine is not the planned one (``rendered.py``),
+  run the deploy ARGV (colmena), wait for the host's health gates (the API and the credentials:
+  each server, host, in turn), read back what the host runs; last line
+  ``k3scluster-deployed=<JSON>`` (``--no-gates``: colmena only).
 - ``observe --host H --ip IP [ssh] [--unit U]``: what the host runs now (``pulumi refresh``);
   last line ``k3scluster-observed=<JSON>``.
 - ``kubeconfig --ip IP [--also IP…] [ssh] --server URL --name NAME --out FILE``: K3s's admin
@@ -44,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from k3scluster import commands
+from k3scluster.components.rendered import ensure_render
 from k3scluster.errors import K3sClusterError
 from k3scluster.stackpaths import resolve, resolve_args
 
@@ -356,11 +359,15 @@ def first_answer(apis: list[str], read: Any) -> Any:
 def _deploy(args: argparse.Namespace) -> None:
 
     ssh = _ssh(args)
+    if args.render:
+        ensure_render(resolve(args.render), resolve(args.render_out), args.vm_stack, None, _progress)
     proc = subprocess.run(resolve_args(args.argv), stdin=subprocess.DEVNULL, check=False)
     if proc.returncode != 0:
         raise K3sClusterError(
             f"`{' '.join(args.argv)}` failed with exit code {proc.returncode}"
         )
+    if args.no_gates:  # waitReady false: nothing waits, nothing is read back
+        return
     servers = [s.split("=", 1) for s in args.server]
     agents = list(args.agent)
     timeout = float(args.timeout)
@@ -518,6 +525,10 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--agent", action="append", default=[])
     d.add_argument("--api", action="append", default=[])
     d.add_argument("--credentials-from", action="append", default=[])
+    d.add_argument("--render")
+    d.add_argument("--render-out")
+    d.add_argument("--vm-stack")
+    d.add_argument("--no-gates", action="store_true")
     d.add_argument("argv", nargs="+")
     o = sub.add_parser("observe")
     o.add_argument("--host", required=True)

@@ -1,0 +1,120 @@
+"""Before a deploy runs colmena: the render on this machine is the one the step was planned with.
+
+The render step writes the rendered tree on the machine of the operator whose ``up`` ran it.
+Another operator's ``up`` (same stack, their own clone) does not run it again while its inputs
+are unchanged, yet may deploy a host (one left over by an interrupted ``up``, a retry, a drift):
+their render directory may then be missing or older than the plan. So the deploy task compares
+the rendered files the step names among its inputs (``file:<rel>``: sha256, in the environment
+as ``K3SCLUSTER_IN_…=file:<rel>=<sha256>``, set by both runners) with the files on disk, and
+renders again, under a lock, when one differs. If the render still differs, the cluster
+directory changed after the plan was made: the step fails instead of deploying something else.
+
+Plain library code: no pulumi here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+from k3scluster.errors import K3sClusterError
+from k3scluster.records import DIGEST_ENV_PREFIX
+
+INPUT_ENV_PREFIX = DIGEST_ENV_PREFIX
+FILE_INPUT = "file:"
+
+
+def input_env_key(name: str) -> str:
+    """``hosts/olaf.nix`` -> ``K3SCLUSTER_IN_hosts_olaf_nix`` (the value keeps the name)."""
+    return INPUT_ENV_PREFIX + re.sub(r"[^A-Za-z0-9_]", "_", name)
+
+
+def input_environment(inputs: Mapping[str, str]) -> dict[str, str]:
+    """A step's inputs as environment variables ``K3SCLUSTER_IN_…=<name>=<value>`` (two names
+    that map to one variable: the later one gets a numeric suffix)."""
+    env: dict[str, str] = {}
+    for name in sorted(inputs):
+        key = base = input_env_key(name)
+        n = 2
+        while key in env:
+            key, n = f"{base}_{n}", n + 1
+        env[key] = f"{name}={inputs[name]}"
+    return env
+
+
+def planned_files(environ: Mapping[str, str]) -> dict[str, str]:
+    """rel -> sha256 of the rendered files a step was planned with (its ``file:`` inputs)."""
+    found: dict[str, str] = {}
+    for key, value in environ.items():
+        if key.startswith(INPUT_ENV_PREFIX) and value.startswith(FILE_INPUT):
+            name, _, sha = value.rpartition("=")
+            found[name[len(FILE_INPUT) :]] = sha
+    return found
+
+
+def _sha(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def stale(out: Path, planned: Mapping[str, str]) -> list[str]:
+    """The planned files that are missing from ``out`` or differ."""
+    return sorted(rel for rel, sha in planned.items() if _sha(out / rel) != sha)
+
+
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # several hosts' deploys start together
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def ensure_render(
+    cluster: Path,
+    out: Path,
+    vm_stack: str | None,
+    environ: Mapping[str, str] | None = None,
+    progress: object = None,
+) -> None:
+    """Render ``cluster`` into ``out`` again unless it already holds what the step planned."""
+    planned = planned_files(os.environ if environ is None else environ)
+    if not planned or not stale(out, planned):
+        return
+    with _locked(out):
+        differ = stale(out, planned)
+        if differ:
+            if callable(progress):
+                progress(
+                    f"{out}: rendering again ({differ[0]}"
+                    f"{f' and {len(differ) - 1} more' if len(differ) > 1 else ''} "
+                    "missing or not as planned)"
+                )
+            argv = [sys.executable, "-m", "k3scluster", "render", str(cluster), "--out", str(out)]
+            proc = subprocess.run(
+                [*argv, *(["--vm-stack", vm_stack] if vm_stack else [])],
+                stdin=subprocess.DEVNULL,
+                stdout=sys.stderr,
+                check=False,
+            )
+            if proc.returncode != 0:
+                raise K3sClusterError(f"rendering {cluster} into {out} failed")
+        differ = stale(out, planned)
+    if differ:
+        raise K3sClusterError(
+            f"the render of {cluster} differs from what this deploy was planned with "
+            f"({', '.join(differ[:3])}): the cluster directory changed after the plan was made",
+            hint="run `pulumi up` again: it plans with the cluster directory as it is now",
+        )

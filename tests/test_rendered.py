@@ -1,0 +1,55 @@
+"""The deploy's render check (components/rendered.py): a missing or old render on this
+machine is rendered again before colmena; a cluster directory changed after the plan fails."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from k3scluster import render
+from k3scluster.components.rendered import ensure_render, input_environment, planned_files
+from k3scluster.errors import K3sClusterError
+from k3scluster.plans import load_or_raise
+
+
+def _planned(cluster: Path, out: Path) -> dict[str, str]:
+    """What the program puts into a deploy's environment for olaf's rendered files."""
+    c, _ = load_or_raise(cluster)
+    files = render.render_files(c, out)
+    inputs = render.host_inputs(c, "olaf", files)
+    return input_environment({k: v for k, v in inputs.items()})
+
+
+def test_planned_files_are_the_file_inputs() -> None:
+    env = input_environment({"file:hosts/olaf.nix": "ab", "plan:host": "cd", "x": "file:y=1"})
+    assert planned_files({**env, "OTHER": "file:z=2"}) == {"hosts/olaf.nix": "ab"}
+
+
+def test_a_missing_render_is_made_and_an_old_one_replaced(example_dir: Path) -> None:
+    out = example_dir / ".k3scluster" / "it"
+    env = _planned(example_dir, out)
+    ensure_render(example_dir, out, None, env)
+    host = out / "hosts" / "olaf.nix"
+    want = hashlib.sha256(host.read_bytes()).hexdigest()
+    assert planned_files(env)["hosts/olaf.nix"] == want
+    host.write_text("# an older render\n")
+    seen: list[str] = []
+    ensure_render(example_dir, out, None, env, seen.append)
+    assert hashlib.sha256(host.read_bytes()).hexdigest() == want
+    assert seen and "hosts/olaf.nix" in seen[0]
+    # as planned: nothing is rendered
+    seen.clear()
+    ensure_render(example_dir, out, None, env, seen.append)
+    assert seen == []
+
+
+def test_a_cluster_changed_after_the_plan_is_refused(example_dir: Path) -> None:
+    out = example_dir / ".k3scluster" / "it"
+    env = _planned(example_dir, out)
+    # olaf re-addressed after the plan was made: its rendered host file differs
+    hosts = example_dir / "plans" / "hosts.csv"
+    hosts.write_text(hosts.read_text().replace("10.0.100.2", "10.0.100.9"))
+    with pytest.raises(K3sClusterError, match="changed after the plan"):
+        ensure_render(example_dir, out, None, env)
