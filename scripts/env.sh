@@ -9,7 +9,10 @@
 #   PULUMI_SKIP_UPDATE_CHECK, PULUMI_DISABLE_AUTOMATIC_PLUGIN_ACQUISITION,
 #   PULUMI_DISABLE_REGISTRY_RESOLVE       default true (nothing is fetched from the network)
 #   PULUMI_HOME                           default <project>/.tools/pulumi-home
-#   PULUMI_BACKEND_URL                    default file://<project>/state (local state files)
+#   PULUMI_BACKEND_URL                    default file://<project>/state (local state files);
+#                                         a URL you set (postgres://…, s3://…), or the backend
+#                                         of `pulumi login URL`, is kept. The backend in use is
+#                                         printed on stderr.
 #   PULUMI_CONFIG_PASSPHRASE(_FILE)       if neither is set: PULUMI_CONFIG_PASSPHRASE_FILE=
 #                                         <project>/.tools/passphrase, created once with a
 #                                         random value (mode 0600). Back that file up: without
@@ -37,10 +40,19 @@ export PULUMI_DISABLE_AUTOMATIC_PLUGIN_ACQUISITION="${PULUMI_DISABLE_AUTOMATIC_P
 export PULUMI_DISABLE_REGISTRY_RESOLVE="${PULUMI_DISABLE_REGISTRY_RESOLVE:-true}"
 export PULUMI_HOME="${PULUMI_HOME:-$_k3s_root/.tools/pulumi-home}"
 
-if [ -z "${PULUMI_BACKEND_URL:-}" ]; then
+# the backend `pulumi login URL` chose, if any (Pulumi keeps it in $PULUMI_HOME/credentials.json)
+_k3s_login=$(sed -n 's/^ *"current": *"\([^"]*\)".*/\1/p' "$PULUMI_HOME/credentials.json" 2>/dev/null | head -n 1)
+if [ -z "${PULUMI_BACKEND_URL:-}" ] && [ -z "$_k3s_login" ]; then
   mkdir -p "$_k3s_root/state"
   export PULUMI_BACKEND_URL="file://$_k3s_root/state"
 fi
+# which backend is in use (a password in the URL never printed)
+_k3s_backend=$(printf '%s' "${PULUMI_BACKEND_URL:-$_k3s_login}" | sed -E 's#^([a-z0-9+]+://)([^/@:]*):[^/@]*@#\1\2:****@#')
+case ${PULUMI_BACKEND_URL:-$_k3s_login} in
+  file://*) echo "k3scluster: Pulumi state in local files: $_k3s_backend (this machine only; README, \"Several operators\")" >&2 ;;
+  *) echo "k3scluster: Pulumi state at $_k3s_backend" >&2 ;;
+esac
+unset _k3s_backend _k3s_login
 
 if [ -z "${PULUMI_CONFIG_PASSPHRASE+set}" ] && [ -z "${PULUMI_CONFIG_PASSPHRASE_FILE:-}" ]; then
   _k3s_pass="$_k3s_root/.tools/passphrase"

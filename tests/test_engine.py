@@ -185,7 +185,8 @@ def test_env_sh_sets_offline_defaults_and_creates_a_passphrase_once(tmp_path: Pa
 
     again, err2 = _source_env(tmp_path, base)
     assert passphrase.read_text() == value  # created once, never replaced
-    assert err2 == ""
+    assert "passphrase" not in err2
+    assert f"Pulumi state in local files: file://{tmp_path}/state" in err2
     assert again["PATH"].count(".tools/bin") == 1
 
 
@@ -204,7 +205,7 @@ def test_env_sh_keeps_the_users_settings(tmp_path: Path) -> None:
     assert "PULUMI_CONFIG_PASSPHRASE_FILE" not in got
     assert not (tmp_path / ".tools" / "passphrase").exists()
     assert not (tmp_path / "state").exists()
-    assert err == ""
+    assert err == "k3scluster: Pulumi state in local files: file:///somewhere/state (this machine only; README, \"Several operators\")\n"
 
     with_file, _ = _source_env(tmp_path, {"PATH": "/bin", "PULUMI_CONFIG_PASSPHRASE_FILE": "/k"})
     assert with_file["PULUMI_CONFIG_PASSPHRASE_FILE"] == "/k"
@@ -260,3 +261,30 @@ def test_language_host_prints_its_port_and_serves(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_env_sh_keeps_a_shared_backend_and_says_which_without_its_password(
+    tmp_path: Path,
+) -> None:
+    url = "postgres://pulumi:s3cr3t@db.lan:5432/pulumi?sslmode=require"
+    got, err = _source_env(
+        tmp_path, {"PATH": "/usr/bin:/bin", "PULUMI_BACKEND_URL": url, "PULUMI_CONFIG_PASSPHRASE": ""}
+    )
+    assert got["PULUMI_BACKEND_URL"] == url
+    assert "Pulumi state at postgres://pulumi:****@db.lan:5432/pulumi?sslmode=require" in err
+    assert "s3cr3t" not in err
+    assert not (tmp_path / "state").exists()
+
+
+def test_env_sh_keeps_the_backend_of_pulumi_login(tmp_path: Path) -> None:
+    home = tmp_path / "ph"
+    home.mkdir()
+    (home / "credentials.json").write_text(
+        '{\n    "current": "postgres://ann:pw@db.lan/pulumi",\n    "accessTokens": {}\n}\n'
+    )
+    got, err = _source_env(
+        tmp_path, {"PATH": "/usr/bin:/bin", "PULUMI_HOME": str(home), "PULUMI_CONFIG_PASSPHRASE": ""}
+    )
+    assert "PULUMI_BACKEND_URL" not in got  # pulumi uses its login
+    assert "Pulumi state at postgres://ann:****@db.lan/pulumi" in err
+    assert not (tmp_path / "state").exists()
