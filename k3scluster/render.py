@@ -808,6 +808,78 @@ def host_inputs(
     return dict(sorted(inputs.items()))
 
 
+# the inputs of ``host_inputs`` that ``host_plan`` shows in clear (a deploy step records the
+# plan instead of their digests; ``host_digest`` still covers them)
+PLAN_INPUTS = (
+    "deployment", "plan:host", "plan:network", "plan:init-server", "version:nixos",
+    "version:k3s", "nixpkgs",
+)
+
+
+def host_plan(cluster: Cluster, host_name: str) -> dict[str, str]:
+    """A host's plan values in clear, one short string each, for its deploy step's inputs:
+    ``pulumi preview --diff`` then shows what changed (``address: "10.0.100.2" =>
+    "10.0.100.9"``). Everything ``PLAN_INPUTS`` digests, never a secret (secrets stay
+    digests in ``host_inputs``): the row of hosts.csv (every column but the name; ``ip`` as
+    ``address``), its K3s roles and rows, the init-server's address, the network, the
+    releases and the nixpkgs commit."""
+    host = cluster.host(host_name)
+    net = cluster.network
+    plan: dict[str, str] = {}
+    for col, value in host.columns:
+        if col != "name" and value:
+            plan["address" if col == "ip" else col] = value
+    nodes = _k3s_on(cluster, host_name)
+    # the roles are colmena's tags too; the K3s release with them
+    roles = ", ".join(n.type.value for n in nodes)
+    plan["roles"] = f"{roles} (K3s {net.k3s})" if nodes else "no K3s"
+    for node in nodes:
+        extra = [f"{k}={v}" for k, v in node.columns if k not in ("host", "name", "type", "ip")]
+        plan[f"k3s {node.type.value}"] = " ".join([node.name, str(node.ip), *extra])
+    init = cluster.init_server
+    if nodes and init is not None:
+        plan["init-server"] = str(init.ip)
+    dns = " ".join(str(n) for n in net.nameservers)
+    plan["network"] = f"{net.network} via {net.gateway}, dns {dns}"
+    pin = nixpkgs_pin(cluster)
+    state = host.state_version or net.state_version or DEFAULT_STATE_VERSION
+    plan["nixos"] = (
+        f"{net.nixos_release} (stateVersion {state}, nixpkgs {pin.rev[:12]} {pin.sha256[:8]})"
+    )
+    # the password key's name is the name of its secret: in host_inputs (secret:<key>)
+    return plan
+
+
+# inputs a deploy step records as one entry each: "<names> @ <short digest over them>"
+GROUPS = {"modules": "file:modules/", "manifests": "manifest:manifests/"}
+GROUP_DIGEST = 12
+
+
+def grouped_inputs(inputs: Mapping[str, T]) -> dict[str, T | str]:
+    """``host_inputs`` as a deploy step records them: the shared modules and the manifests
+    one line each (``"base.nix cluster.nix … @ 1a2b3c4d5e6f"``: which files, and a digest
+    over them that ``group_digest`` recomputes), the host's own files, nixConfigs and
+    secrets one line each."""
+    out: dict[str, T | str] = {}
+    members: dict[str, dict[str, str]] = {}
+    for key, value in inputs.items():
+        group = next((g for g, prefix in GROUPS.items() if key.startswith(prefix)), None)
+        if group is None or not isinstance(value, str):
+            out[key] = value
+        else:
+            members.setdefault(group, {})[key] = value
+    for group, found in members.items():
+        names = " ".join(k[len(GROUPS[group]) :] for k in sorted(found))
+        out[group] = f"{names} @ {host_digest(found)[:GROUP_DIGEST]}"
+    return dict(sorted(out.items()))
+
+
+def group_digest(group: str, files: Mapping[str, str]) -> str:
+    """The digest of a group entry from its files' sha256s (relative name -> sha256)."""
+    prefix = GROUPS[group]
+    return host_digest({prefix + k: v for k, v in files.items()})[:GROUP_DIGEST]
+
+
 def host_digest(inputs: Mapping[str, str]) -> str:
     """One sha256 over the sorted ``name=digest`` lines of ``host_inputs``."""
     return _sha("".join(f"{k}={inputs[k]}\n" for k in sorted(inputs)))

@@ -10,6 +10,7 @@ import pytest
 
 from k3scluster import render
 from k3scluster.components.rendered import ensure_render, input_environment, planned_files
+from k3scluster.components.steps import short_digest
 from k3scluster.errors import K3sClusterError
 from k3scluster.plans import load_or_raise
 
@@ -19,7 +20,8 @@ def _planned(cluster: Path, out: Path) -> dict[str, str]:
     c, _ = load_or_raise(cluster)
     files = render.render_files(c, out)
     inputs = render.host_inputs(c, "olaf", files)
-    return input_environment({k: v for k, v in inputs.items()})
+    recorded = render.grouped_inputs({k: v for k, v in inputs.items() if k not in render.PLAN_INPUTS})
+    return input_environment({k: short_digest(v) for k, v in recorded.items()})
 
 
 def test_planned_files_are_the_file_inputs() -> None:
@@ -33,12 +35,19 @@ def test_a_missing_render_is_made_and_an_old_one_replaced(example_dir: Path) -> 
     ensure_render(example_dir, out, None, env)
     host = out / "hosts" / "olaf.nix"
     want = hashlib.sha256(host.read_bytes()).hexdigest()
-    assert planned_files(env)["hosts/olaf.nix"] == want
+    assert planned_files(env)["hosts/olaf.nix"] == want[:12]
+    assert planned_files(env)["modules/"].startswith("base.nix cluster.nix ")
     host.write_text("# an older render\n")
     seen: list[str] = []
     ensure_render(example_dir, out, None, env, seen.append)
     assert hashlib.sha256(host.read_bytes()).hexdigest() == want
     assert seen and "hosts/olaf.nix" in seen[0]
+    # a shared module of an older render (named by its group)
+    module = out / "modules" / "k3s-agent.nix"
+    module.write_text("# an older module\n")
+    seen.clear()
+    ensure_render(example_dir, out, None, env, seen.append)
+    assert seen and "modules/" in seen[0] and module.read_text() != "# an older module\n"
     # as planned: nothing is rendered
     seen.clear()
     ensure_render(example_dir, out, None, env, seen.append)

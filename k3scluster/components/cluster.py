@@ -169,12 +169,15 @@ class Cluster(pulumi.ComponentResource):
     def _render_step(self) -> pulumi.CustomResource:
         """``<name>-render``: writes the rendered tree, during ``up`` only."""
         c, s = self._c, self._s
-        tree = dict(self._file_sha)
-        tree.update({f"fetch:{h}": self._fetch_target(h)[0] for h in self._fetch_hosts})
-        # the picture (cluster.svg/.md) re-renders when it changes; no host depends on it
-        tree.update(
-            {f"picture:{k}": v for k, v in installer.file_digests(diagram.sources(c)).items()}
-        )
+        # one digest over the rendered files (each host's deploy names its own files), the
+        # hardware files a fetch of this run writes, and the picture (cluster.svg, .md: it
+        # re-renders when it changes; no host depends on it): a short preview
+        tree = {
+            "files": render.host_digest(self._file_sha),
+            "picture": render.host_digest(installer.file_digests(diagram.sources(c))),
+        }
+        if self._fetch_hosts:
+            tree["fetch"] = " ".join(self._fetch_target(h)[0] for h in sorted(self._fetch_hosts))
         render_argv = commands.render_tree(
             s.python,
             s.rec(c.root),
@@ -380,6 +383,7 @@ class Cluster(pulumi.ComponentResource):
                 nodes=c.k3s_on(hname),
                 # the deploy also carries the K3s releases (not in the digest of the system)
                 inputs={**inputs, **self._versions_inputs(hname)},
+                plan=render.host_plan(c, hname),
                 digest=_digest(inputs),
                 deploy_argv=health.deploy_argv(
                     c,

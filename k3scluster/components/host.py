@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import pulumi
 
-from k3scluster import commands
+from k3scluster import commands, render
 from k3scluster.components.iso import InstallerIso, InstallerIsoArgs
 from k3scluster.components.steps import step
 from k3scluster.components.tasks import DEPLOYED_PREFIX, last_json
@@ -80,6 +80,7 @@ class HostArgs:
     nodes: Sequence[K3sNode]  # the host's rows of k3s.csv
     # render.host_inputs: name -> sha256 (an Output where a step of this run makes the file)
     inputs: Mapping[str, pulumi.Input[str]]
+    plan: Mapping[str, str]  # render.host_plan: in clear in the deploy step (never a secret)
     digest: pulumi.Input[str]  # render.host_digest(inputs)
     deploy_argv: Sequence[str]  # health.deploy_argv(...): colmena, and the gates
     read_argv: Sequence[str] | None
@@ -114,7 +115,12 @@ class Host(pulumi.ComponentResource):
                 f"k3scluster: {h.name} ({h.ip}) left the plans; the machine was NOT wiped "
                 "and keeps running its last configuration"
             ),
-            inputs_digest=args.inputs,
+            # what the plan shows in clear is recorded in clear, the rest (files, nixConfigs,
+            # manifests, secrets) as short digests
+            inputs_digest=render.grouped_inputs(
+                {k: v for k, v in args.inputs.items() if k not in render.PLAN_INPUTS}
+            ),
+            plan=args.plan,
             read=args.read_argv,
             opts=pulumi.ResourceOptions(
                 parent=self, depends_on=list(args.depends_on), provider=args.provider

@@ -29,6 +29,8 @@ from k3scluster.records import DIGEST_ENV_PREFIX
 
 INPUT_ENV_PREFIX = DIGEST_ENV_PREFIX
 FILE_INPUT = "file:"
+MODULES_INPUT = "modules="
+MODULES_DIR = "modules/"
 
 
 def input_env_key(name: str) -> str:
@@ -50,12 +52,18 @@ def input_environment(inputs: Mapping[str, str]) -> dict[str, str]:
 
 
 def planned_files(environ: Mapping[str, str]) -> dict[str, str]:
-    """rel -> sha256 of the rendered files a step was planned with (its ``file:`` inputs)."""
+    """What a step was planned with, from its inputs: rendered file (rel) -> sha256 (or its
+    first digits) for ``file:`` inputs, and ``modules/`` -> ``"<names> @ <digest>"`` for the
+    group of shared modules (``render.grouped_inputs``)."""
     found: dict[str, str] = {}
     for key, value in environ.items():
-        if key.startswith(INPUT_ENV_PREFIX) and value.startswith(FILE_INPUT):
+        if not key.startswith(INPUT_ENV_PREFIX):
+            continue
+        if value.startswith(FILE_INPUT):
             name, _, sha = value.rpartition("=")
             found[name[len(FILE_INPUT) :]] = sha
+        elif value.startswith(MODULES_INPUT):
+            found[MODULES_DIR] = value[len(MODULES_INPUT) :]
     return found
 
 
@@ -66,9 +74,27 @@ def _sha(path: Path) -> str | None:
         return None
 
 
+def _modules_as_planned(out: Path, entry: str) -> bool:
+    from k3scluster.render import group_digest
+
+    names, _, digest = entry.rpartition(" @ ")
+    found = {n: _sha(out / MODULES_DIR / n) for n in names.split()}
+    if any(sha is None for sha in found.values()):
+        return False
+    return group_digest("modules", {n: s for n, s in found.items() if s}) == digest
+
+
 def stale(out: Path, planned: Mapping[str, str]) -> list[str]:
     """The planned files that are missing from ``out`` or differ."""
-    return sorted(rel for rel, sha in planned.items() if _sha(out / rel) != sha)
+    differ = []
+    for rel, want in planned.items():
+        if rel == MODULES_DIR:
+            ok = _modules_as_planned(out, want)
+        else:  # steps record short digests (a prefix of the sha256)
+            ok = (_sha(out / rel) or "-").startswith(want)
+        if not ok:
+            differ.append(rel)
+    return sorted(differ)
 
 
 @contextlib.contextmanager

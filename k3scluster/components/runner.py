@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -61,8 +62,8 @@ MASK = "[secret]"
 
 # Properties whose change means an update (runs ``update``, or ``create`` when there is none).
 UPDATE_KEYS = (
-    "create", "update", "delete", "environment", "secretEnvironment", "inputs", "dir", "read",
-    "drift",
+    "create", "update", "delete", "environment", "secretEnvironment", "inputs", "plan", "dir",
+    "read", "drift",
 )
 # Properties a run or a refresh sets (never inputs of the program).
 OUTPUT_KEYS = ("stdout", "stderr", "observed", "drift")
@@ -133,7 +134,9 @@ def run_argv(props: dict[str, Any], which: str, *, check: bool = True) -> dict[s
     """Run ``props[which]`` (an argv list); return ``stdout`` / ``stderr`` (tails unless the
     step keeps its whole output) and ``code``, or raise when it fails and ``check``."""
     props = _normal(props)
-    argv = [str(a) for a in props[which]]
+    # one line in the state and the preview (steps.py); a list in states of older versions
+    cmd = props[which]
+    argv = shlex.split(cmd) if isinstance(cmd, str) else [str(a) for a in cmd]
     if argv and argv[0] == STEP_PYTHON:
         # the Python of this provider process (it imports k3scluster): resolved here, on the
         # machine that runs the step, never recorded (stackpaths.py)

@@ -17,6 +17,7 @@ colmena reads the key files itself.
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -52,6 +53,21 @@ def digest_environment(inputs_digest: Mapping[str, pulumi.Input[str]]) -> dict[s
     return env
 
 
+SHORT = 12  # hex digits of a sha256 a step records: enough to see a change, short to read
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def short_digest(value: str) -> str:
+    """A sha256 as a step records it (its first ``SHORT`` hex digits); anything else as is."""
+    return value[:SHORT] if _SHA256.fullmatch(value) else value
+
+
+def _short(value: pulumi.Input[str]) -> pulumi.Input[str]:
+    if isinstance(value, str):
+        return short_digest(value)
+    return pulumi.Output.from_input(value).apply(short_digest)  # type: ignore[arg-type]
+
+
 def step(
     name: str,
     *,
@@ -67,6 +83,7 @@ def step(
     dir: str | None = None,
     output_may_hold_secrets: bool = False,
     read: Sequence[str] | None = None,
+    plan: Mapping[str, str] | None = None,
     opts: pulumi.ResourceOptions | None = None,
 ) -> pulumi.CustomResource:
     """A command step named ``name`` for ``host`` (``-`` for cluster-wide steps).
@@ -75,19 +92,24 @@ def step(
     marks stdout secret, keeps it whole and never logs it (stderr, the progress, still is).
     ``read`` is the argv ``pulumi refresh`` runs to read the host back (``python`` runner
     only: pulumi-command's local.Command has no read; see runner.py).
+
+    What a preview shows: ``plan`` (name -> value, never a secret) in clear; the digests of
+    ``inputs_digest`` short (``short_digest``); commands as one line each.
     """
     environment = dict(environment or {})
     secret_environment = {k: pulumi.Output.secret(v) for k, v in (secret_environment or {}).items()}
     clash = set(environment) & set(secret_environment)
     if clash:
         raise ValueError(f"environment and secret_environment both set {sorted(clash)}")
-    digests = dict(sorted((inputs_digest or {}).items()))
+    digests = {k: _short(v) for k, v in sorted((inputs_digest or {}).items())}
+    plan = dict(plan or {})
     secret_outputs = ["stdout"] if output_may_hold_secrets else []
 
     if runner == "command":
         cmd = pulumi_command.local
         env: dict[str, Any] = {
             **digest_environment(digests),
+            **{input_env_key("plan " + k): f"{k}={v}" for k, v in plan.items()},
             **environment,
             **secret_environment,
             "K3SCLUSTER_HOST": host,
@@ -110,16 +132,17 @@ def step(
     if runner == "python":
         # Only what is set: every property is serialized, diffed and stored for every step,
         # which is most of what a large preview costs beyond the engine's floor (bench/).
-        props: dict[str, Any] = {"host": host, "create": list(create), "inputs": digests}
+        props: dict[str, Any] = {"host": host, "create": shlex.join(create), "inputs": digests}
         if update and list(update) != list(create):  # the runner runs create when update is unset
-            props["update"] = list(update)
+            props["update"] = shlex.join(update)
         optional = {
-            "delete": list(delete) if delete else None,
+            "plan": plan,
+            "delete": shlex.join(delete) if delete else None,
             "environment": environment,
             "secretEnvironment": secret_environment,
             "triggers": list(triggers),
             "dir": dir,
-            "read": list(read) if read else None,
+            "read": shlex.join(read) if read else None,
             "wholeOutput": output_may_hold_secrets,
         }
         props.update({k: v for k, v in optional.items() if v})
