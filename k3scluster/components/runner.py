@@ -35,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -215,7 +216,8 @@ class StepProvider(ResourceProvider):
 
     def create(self, props: dict[str, Any]) -> CreateResult:
         outs = _run(props, "create")
-        return CreateResult(id_=str(props.get("name") or "step"), outs={**props, **outs})
+        # the id is not an input (a preview shows inputs only): unique, and never diffed
+        return CreateResult(id_=f"{props.get('host') or 'cluster'}-{uuid.uuid4().hex[:12]}", outs={**props, **outs})
 
     def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
         changed = [k for k in UPDATE_KEYS if _normal(olds.get(k)) != _normal(news.get(k))]
@@ -282,6 +284,6 @@ class Step(pulumi.dynamic.Resource, module="k3scluster", name="Step"):
         super().__init__(
             StepProvider(),
             name,
-            {"name": name, "stdout": None, "stderr": None, **props},
+            {"stdout": None, "stderr": None, **props},
             opts,
         )

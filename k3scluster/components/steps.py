@@ -132,7 +132,9 @@ def step(
     if runner == "python":
         # Only what is set: every property is serialized, diffed and stored for every step,
         # which is most of what a large preview costs beyond the engine's floor (bench/).
-        props: dict[str, Any] = {"host": host, "create": shlex.join(create), "inputs": digests}
+        props: dict[str, Any] = {"create": shlex.join(create), "inputs": digests}
+        if host != "-":  # a cluster-wide step has none
+            props["host"] = host
         if update and list(update) != list(create):  # the runner runs create when update is unset
             props["update"] = shlex.join(update)
         optional = {
