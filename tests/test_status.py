@@ -497,3 +497,60 @@ def test_an_agent_no_api_answers_for_is_not_known_not_notready() -> None:
     assert seen["karl-k3s-agent"][0] is None, seen
     assert seen["karl-k3s-agent"][1].startswith("not known: no K3s API answered (https://")
     assert all(seen[n][0] is False for n in ("olaf-k3s-server", "ulf-k3s-server"))
+
+
+def _program_settings(project: Path, stack: str) -> Any:
+    """The Pulumi program's own ``settings_from_config`` (``__main__.py`` without its last
+    line, ``main()``), its project directory set to ``project``, reading that stack file."""
+    import ast
+
+    from k3scluster.stackconfig import StackFile
+
+    tree = ast.parse((ROOT / "__main__.py").read_text())
+    tree.body = [n for n in tree.body if not (
+        isinstance(n, ast.Expr) and isinstance(n.value, ast.Call)
+        and getattr(n.value.func, "id", "") == "main")]
+    ns: dict[str, Any] = {"__name__": "k3scluster_program", "__file__": str(ROOT / "__main__.py")}
+    exec(compile(tree, str(ROOT / "__main__.py"), "exec"), ns)  # noqa: S102 - our program
+    ns["PROJECT_DIR"] = project
+
+    class Config(StackFile):
+        def get_int(self, key: str) -> int | None:
+            value = self.get(key)
+            return int(value) if value else None
+
+    return ns["settings_from_config"](Config(project, stack), stack)[1]
+
+
+@pytest.mark.parametrize("extra", [
+    "",
+    ("  k3scluster:deployUser: admin\n  k3scluster:sshIdentity: keys/id\n"
+     "  k3scluster:sshKnownHosts: kh/known\n  k3scluster:kubeconfigPath: ../kc/config\n"
+     "  k3scluster:renderDir: out\n"),
+])
+def test_status_reaches_the_hosts_and_the_api_as_the_program_does(
+    tmp_path: Path, extra: str
+) -> None:
+    """stackinfo.resolve (status) against the program's settings_from_config on one stack
+    file: the same ssh user, key, known_hosts file, kubeconfig file and render directory."""
+    from k3scluster import stackinfo
+    from k3scluster.stackconfig import StackFile
+
+    project = tmp_path / "p"
+    project.mkdir()
+    shutil.copy(ROOT / "Pulumi.yaml", project)
+    (tmp_path / "c").mkdir()
+    (project / "keys").mkdir()
+    (project / "keys" / "id").write_text("not read here\n")
+    (project / "kh").mkdir()
+    (project / "Pulumi.st.yaml").write_text(
+        "config:\n  k3scluster:clusterDir: ../c\n  k3scluster:vms: true\n" + extra)
+    settings = _program_settings(project, "st")
+    info = stackinfo.resolve(StackFile(project, "st"), "st", project, {})
+    assert info.layout.render_dir == settings.render_dir
+    assert info.ssh.user == settings.deploy_user
+    assert info.ssh.identity == settings.ssh_identity
+    assert info.ssh.known_hosts == settings.known_hosts_file
+    assert info.kubeconfig == settings.kubeconfig_file
+    if extra:  # the settings were read, not defaults on both sides
+        assert info.ssh.user == "admin" and info.kubeconfig == tmp_path / "kc" / "config"
