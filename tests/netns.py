@@ -15,9 +15,9 @@ subprocesses started while entered begin in the namespace too.
 
 A namespace is its creator's while that process lives: it holds a shared ``flock`` on the
 namespace file until :meth:`NetNS.delete`. Namespaces a killed test run left behind are cleaned
-up when the next one is made, and only those: named ``k3sct-<pid>-<n>``, that pid gone, AND
-nobody holding the lock (a live run in another pid namespace, whose pid is not seen here,
-still holds it).
+up when the next one is made, and only those: named ``k3sct-<pid>-<n>``, that pid gone (or
+this process's own: a killed run that had the same pid), AND nobody holding the lock (a live
+run in another pid namespace, whose pid is not seen here, still holds it).
 """
 
 from __future__ import annotations
@@ -152,7 +152,9 @@ def _remove_stale() -> None:
 
     for p in Path("/run/netns").glob("k3sct-*"):
         m = _OURS.fullmatch(p.name)
-        if not m or _alive(int(m[1])):
+        # this process's own pid: its own namespaces hold their lock (checked below); any
+        # other of that name is an earlier process's that had the same pid and was killed
+        if not m or (int(m[1]) != os.getpid() and _alive(int(m[1]))):
             continue
         try:
             fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)

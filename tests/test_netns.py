@@ -94,3 +94,28 @@ def test_a_namespace_named_otherwise_is_left_alone() -> None:
         assert (Path("/run/netns") / name).exists()
     finally:
         subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+
+
+def test_a_namespace_left_by_an_earlier_run_with_this_pid_does_not_block_a_new_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import itertools
+
+    n = 1000 + next(netns._COUNTER)
+    name = f"k3sct-{os.getpid()}-{n}"  # what a killed run that had this pid left behind
+    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
+    left = netns.NetNS(name).popen(["sleep", "600"], tmp_path / "sleep.log")
+    mine = netns.NetNS.create()  # this run's own: kept
+    monkeypatch.setattr(netns, "_COUNTER", itertools.count(n))
+    ns = None
+    try:
+        ns = netns.NetNS.create()
+        assert ns.name == name
+        left.wait(20)  # the left server was killed
+        assert mine.path.exists()
+    finally:
+        left.kill()
+        for x in (ns, mine):
+            if x is not None:
+                x.delete()
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
