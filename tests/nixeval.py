@@ -86,13 +86,23 @@ def module_config(
     return nix_eval(module_expr(out, module, host, podman) + f"unwrap m.config{path}")
 
 
-def container_config(out: Path, host: str, path: str = "", pkgs: str = "pkgs") -> object:
+def container_config(
+    out: Path, host: str, path: str = "", pkgs: str = "pkgs", merged: str = "c: c"
+) -> object:
     """What the K3s server container's own ``config`` function defines, unwrapped.
 
     ``pkgs`` is a Nix attrset expression standing in for the container's pkgs (by
     default the host's stand-in, with the cluster's K3s package at K3S_VERSION).
+    The function gets the container's ``config`` as the module system would give it: a
+    stand-in made of what it defines itself (a fixed point), passed through ``merged``,
+    a Nix function from that to the final config (what other modules, e.g. a
+    nixConfigs file or nixpkgs' own, would add).
     """
     return nix_eval(
         module_expr(out, "k3s-server", host)
-        + f"unwrap ((m.config.containers.k3s-server.config {{ inherit lib; pkgs = {pkgs}; }}){path})"
+        + f"""let
+    own = unwrap (m.config.containers.k3s-server.config {{
+      inherit lib; pkgs = {pkgs}; config = ({merged}) own;
+    }});
+  in own{path}"""
     )

@@ -113,6 +113,42 @@ def test_the_prune_unit_runs_before_k3s_with_the_planned_names(example_dir: Path
     assert [m["target"] for m in manifests.values()] == argv[4:]
 
 
+def test_the_prune_keeps_every_link_the_containers_nixos_makes(
+    example_dir: Path, tmp_path: Path
+) -> None:
+    # A nixConfigs/<k3s name>.nix may add services.k3s.manifests of its own (any target),
+    # and from 25.05 nixpkgs links autoDeployCharts' manifests through its tmpfiles rules
+    # (rancher/default.nix: "${manifestDir}/${target}"."L+"), outside services.k3s.manifests:
+    # the prune must keep them all, or it deletes at every boot what tmpfiles just linked.
+    out = example_dir / ".k3scluster" / "render"
+    render_to_dir(load(example_dir), out)
+    mdir = "/var/lib/rancher/k3s/server/manifests"
+    merged = f"""c: c // {{
+      services.k3s.manifests = c.services.k3s.manifests // {{
+        mine = {{ source = "/nix/store/cccc-mine.yaml"; target = "own-name.yaml"; }};
+      }};
+      systemd.tmpfiles.settings."10-k3s" = {{
+        "{mdir}/ingress.yaml"."L+".argument = "/nix/store/dddd-auto-deploy-chart-ingress";
+        "/var/lib/rancher/k3s/server/static/charts/ingress.tgz"."L+".argument = "/nix/store/e";
+      }};
+    }}"""
+    unit = container_config(out, "olaf", ".systemd.services.k3s-manifests-prune", merged=merged)
+    assert isinstance(unit, dict)
+    keep = shlex.split(str(unit["script"]))[4:]
+    assert sorted(set(keep)) == ["hello.yaml", "ingress.yaml", "own-name.yaml"]
+    # and the script, given those names, leaves those links in place
+    proc, d = _prune(tmp_path, keep)
+    for name in ("own-name.yaml", "ingress.yaml"):
+        (d / name).symlink_to(f"/nix/store/ffff-{name}")
+    proc = subprocess.run(
+        ["bash", str(tmp_path / "prune.sh"), str(d), *keep],
+        capture_output=True, text=True, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    names = sorted(p.name for p in d.iterdir())
+    assert names == ["coredns.yaml", "hello.yaml", "ingress.yaml", "mine.yaml", "own-name.yaml"]
+
+
 def test_preview_and_up_warn_about_a_manifest_that_left_the_plans(
     example_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -77,13 +77,19 @@ let
   }) 20);
   args = { inherit config lib pkgs; name = "node"; modulesPath = "/modules"; k3sclusterTarget = "target"; k3sclusterGrubDevices = [ "/dev/disk/by-id/stand-in" ]; };
 
+  # A container's config function gets the container's own config: a stand-in made of what
+  # the function itself defines (a fixed point; the module system would merge in more).
+  containerArgs = f:
+    let own = removeAttrs (f (args // { config = own; })) [ "imports" ];
+    in args // { config = own; };
+
   # the definitions of one module value, and the render-dir files it imports
   defsOf = r: if r ? config || r ? options then r.config or { } else removeAttrs r [ "imports" "options" "_file" ];
   walk = path: v:
     if b.isAttrs v && v ? _type then
       (if v._type == "merge" then b.concatMap (walk path) v.contents else walk path v.content)
     else if b.isFunction v && b.length path == 3 && b.head path == "containers" && b.elemAt path 2 == "config" then
-      walkModule path (v args)
+      walkModule path (v (containerArgs v))
     else if b.isAttrs v && !(v ? outPath) && v != { } then
       b.concatMap (n: walk (path ++ [ n ]) v.${n}) (b.attrNames v)
     else [ path ];

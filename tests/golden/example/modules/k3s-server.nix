@@ -99,8 +99,10 @@ in
       isReadOnly = true;
     };
 
+    # `inner`: the container's own module arguments (its config is what the prune below
+    # reads; `config` stays the host's).
     config =
-      { lib, ... }:
+      { lib, ... }@inner:
       {
         imports = [ ./cluster.nix ] ++ cfg.extraModules;
 
@@ -216,10 +218,17 @@ in
 
         # The links of manifests that left the plans, removed (./k3s-manifests-prune.sh);
         # nixpkgs links each planned one but never removes one. At every boot and,
-        # because its arguments (the planned names) change with them, at every
+        # because its arguments (the names it keeps) change with them, at every
         # activation that changes the manifests (a oneshot that stays active is
         # restarted by switch-to-configuration when it changed). Before k3s.service, so
         # K3s never reads a link that dangles.
+        #
+        # It keeps every link this container's NixOS makes, not only the plans': the
+        # target of each services.k3s.manifests entry (a nixConfigs/<name>.nix may add
+        # its own, with a target of its choosing), and from 25.05 on every link of
+        # nixpkgs' tmpfiles rules in the directory (autoDeployCharts' manifests are not
+        # in services.k3s.manifests; rancher/default.nix links both as
+        # "${manifestDir}/${target}" = { "L+" = ...; } in systemd.tmpfiles.settings."10-k3s").
         systemd.services.k3s-manifests-prune = {
           description = "Remove the links of manifests no longer in the plans";
           wantedBy = [ "multi-user.target" ];
@@ -227,7 +236,15 @@ in
           after = [ "systemd-tmpfiles-setup.service" ];
           path = [ pkgs.coreutils ];
           script = "exec ${pkgs.bash}/bin/bash ${./k3s-manifests-prune.sh} ${
-            lib.escapeShellArgs ([ manifestDir ] ++ builtins.attrNames cfg.manifests)
+            lib.escapeShellArgs (
+              [ manifestDir ]
+              ++ map (m: m.target) (builtins.attrValues inner.config.services.k3s.manifests)
+              ++ map baseNameOf (
+                builtins.filter (path: dirOf path == manifestDir) (
+                  builtins.attrNames (inner.config.systemd.tmpfiles.settings."10-k3s" or { })
+                )
+              )
+            )
           }";
           serviceConfig = {
             Type = "oneshot";
