@@ -117,15 +117,17 @@ def main() -> None:
             # vmAccel auto is resolved when a VM starts (`ctl vm-up` runs the KVM probe), not
             # here: a preview starts no QEMU, and the probe's answer is not part of the spec
         # what this stack's last runs deployed: the order of the update depends on it
-        steps = records.step_inputs(
-            deployed.read_stack_resources(
-                deployed.stack_name(
-                    pulumi.get_organization(), pulumi.get_project(), pulumi.get_stack()
-                )
-            )
+        resources = deployed.read_stack_resources(
+            deployed.stack_name(pulumi.get_organization(), pulumi.get_project(), pulumi.get_stack())
         )
+        steps = records.step_inputs(resources)
         versions = records.host_versions(steps, [h.name for h in cluster.hosts])
-        component = Cluster("cluster", ClusterArgs(cluster, settings, versions=versions))
+        component = Cluster(
+            "cluster",
+            ClusterArgs(
+                cluster, settings, records.deployed_hosts_of(resources), versions=versions
+            ),
+        )
     except K3sClusterError as err:
         raise pulumi.RunError(str(err)) from None
     # as the stack file writes it: every operator's preview agrees (README, "Several operators")

@@ -228,6 +228,12 @@ def lab_ctl(python: str, task: str, spec_json: str) -> list[str]:
     return [python, "-m", "k3scluster.lab.ctl", task, "--spec", spec_json]
 
 
+def via_env(host: str) -> str:
+    """The environment variable the hive reads a host's deploy address from when it is not
+    the plan's (a host that moves: templates/hive.nix.j2, tasks deploy ``--via``)."""
+    return "K3SCLUSTER_VIA_" + host.replace("-", "_")
+
+
 def notice(message: str) -> list[str]:
     """A command that only prints ``message`` (for steps whose delete must change nothing)."""
     return ["echo", message]
@@ -282,6 +288,10 @@ def deploy_and_check(
     credentials_from: Sequence[ipaddress.IPv4Address] = (),
     render: RenderArgs | None = None,
     gates: bool = True,
+    record: str | None = None,
+    via: ipaddress.IPv4Address | None = None,
+    join_via: Sequence[ipaddress.IPv4Address] = (),
+    check_agent_state: bool = False,
 ) -> list[str]:
     """Run ``deploy_argv`` (colmena), then wait for the host's health gates, then read back
     what the host runs (``/run/current-system`` and its K3s containers). Without ``gates``
@@ -289,6 +299,14 @@ def deploy_and_check(
 
     ``render``: before colmena, the task renders the cluster again when the rendered files
     on this machine are not the ones the step was planned with (``components/rendered.py``).
+
+    ``record`` (JSON, ``membership.host_record``) is printed back in the last line when
+    the deploy succeeded: what the stack then knows the host as (components/deployed.py).
+    ``via``: the address the host was last deployed at, when it moves to ``ip`` (deployed
+    through it, rebooted, checked at ``ip``). Before colmena: with ``join_via`` (the other
+    servers' host addresses, a running cluster) a server host without etcd data gets the
+    stale member of its name removed; with ``check_agent_state`` an agent host without a
+    node password gets its old Node and node-password secret deleted.
 
     ``servers``: (K3s name, ip) of the host's K3s server, which must answer ``/readyz``;
     ``agents``: K3s names of its agents, which must be ``Ready`` in the API (``api``: the
@@ -316,7 +334,38 @@ def deploy_and_check(
             argv += ["--api", url]
         for cip in credentials_from:
             argv += ["--credentials-from", str(ipaddress.IPv4Address(cip))]
+    if record is not None:
+        argv += ["--record", record]
+    if via is not None:
+        argv += ["--via", str(ipaddress.IPv4Address(via))]
+    for j in join_via:
+        argv += ["--join-via", str(ipaddress.IPv4Address(j))]
+    if check_agent_state:
+        argv.append("--check-agent-state")
     return [*argv, "--", *deploy_argv]
+
+
+def membership_step(
+    python: str,
+    action: str,
+    detail: Sequence[tuple[str, str]],
+    ssh: SshSettings,
+    *,
+    drain_timeout: float,
+) -> list[str]:
+    """A membership change of ``k3scluster.update_plan`` (``agent-leaves``,
+    ``server-leaves``, ``host-leaves``, ``server-joins``) with the phase's detail as JSON
+    (names and addresses only: never a secret)."""
+    import json
+
+    if action not in ("agent-leaves", "server-leaves", "host-leaves", "server-joins"):
+        raise K3sClusterError(f"unknown membership action {action!r}")
+    return [
+        python, "-m", TASKS_MODULE, "membership", action,
+        "--detail", json.dumps(dict(detail), sort_keys=True),
+        "--drain-timeout", f"{drain_timeout:g}",
+        *ssh.task_args(),
+    ]
 
 
 def observe_host(

@@ -396,17 +396,22 @@ def removal_order(members: Sequence[Member], leaving: Iterable[str]) -> list[Mem
     """The members of the ``leaving`` nodes in the order they can be removed, one at a time.
 
     Unhealthy ones first (each such removal raises the share of healthy members), then the
-    healthy ones. Every step is checked: the current members must have a quorum of healthy
-    ones to commit the change, and the members left must keep a quorum of healthy ones.
-    Raises ``QuorumError`` naming the unhealthy members, before anything is removed, when
-    a step would fail; and when the removals would leave no member at all.
+    healthy ones; the whole sequence is checked (``check_removals``) before it is returned,
+    so a refusal comes before anything is removed.
     """
     names = set(leaving)
-    going = [m for m in members if m.node in names]
-    going.sort(key=lambda m: (m.healthy, m.name))
+    going = sorted((m for m in members if m.node in names), key=lambda m: (m.healthy, m.name))
+    check_removals(members, going)
+    return going
+
+
+def check_removals(members: Sequence[Member], sequence: Sequence[Member]) -> None:
+    """Raises ``QuorumError``, naming the unhealthy members, when removing ``sequence`` one
+    at a time from ``members`` would not keep a quorum at some step: the current members
+    must have a quorum of healthy ones to commit the change, and the members left must keep
+    a quorum of healthy ones. Removing the last member is refused too."""
     current = list(members)
-    order: list[Member] = []
-    for m in going:
+    for m in sequence:
         after = [x for x in current if x.id != m.id]
         if not after:
             raise QuorumError(
@@ -430,6 +435,4 @@ def removal_order(members: Sequence[Member], leaving: Iterable[str]) -> list[Mem
                 hint="bring the unhealthy members back (or remove them first) and run "
                 "`pulumi up` again; nothing was removed",
             )
-        order.append(m)
         current = after
-    return order

@@ -21,6 +21,7 @@ from typing import Any
 
 from k3scluster import commands
 from k3scluster.errors import K3sClusterError
+from k3scluster.membership import Deployed, deployed_from_records
 from k3scluster.update_plan import HostVersions, minor_key
 
 # local.Command has no free-form input: each digest is an environment variable with this prefix
@@ -119,6 +120,26 @@ def host_versions(
         if server or agent:
             found[host] = HostVersions(server=server, agent=agent)
     return found
+
+
+def deployed_hosts_of(resources: Iterable[tuple[str, str, Mapping[str, Any]]]) -> Deployed:
+    """What the hosts' last successful deploys recorded of them (``membership.Deployed``):
+    each deploy step prints ``k3scluster-deployed=<JSON>`` with the host's record
+    (``membership.host_record``) as ``"host"`` when it succeeds, and its state keeps it (a
+    failed deploy keeps the record of its last success)."""
+    from k3scluster.components.tasks import DEPLOYED_PREFIX, last_json
+
+    found: list[object] = []
+    for urn, type_, outputs in resources:
+        stdout = outputs.get("stdout") if isinstance(outputs, Mapping) else None
+        if type_ not in STEP_TYPES or not isinstance(stdout, str):
+            continue
+        if not urn.rsplit("::", 1)[-1].endswith(DEPLOY_SUFFIX):
+            continue
+        record = last_json(stdout, DEPLOYED_PREFIX)
+        if record and "host" in record:
+            found.append(record["host"])
+    return deployed_from_records(found)
 
 
 def deployed_hosts(steps: Mapping[str, Mapping[str, str]]) -> list[str]:

@@ -40,7 +40,7 @@ from typing import Any, TypeVar, cast
 
 import jinja2
 
-from k3scluster import diagram, installer
+from k3scluster import commands, diagram, installer
 from k3scluster.bootdisk import boot_disk_rules
 from k3scluster.errors import K3sClusterError
 from k3scluster.k3s_start import (
@@ -445,6 +445,7 @@ def _hive_context(cluster: Cluster, out: Path) -> dict[str, object]:
                 "name": host.name,
                 "file": NixPath(f"./hosts/{host.name}.nix"),
                 "target_host": str(host.ip),
+                "via_env": commands.via_env(host.name),
                 "tags": _tags(cluster, host.name),
                 "keys": sorted(keys, key=lambda k: str(k["name"])),
             }

@@ -13,6 +13,11 @@ earlier phases it waits for (``Phase.after``: indices; by default the one just b
 
 Today's phases:
 
+0. membership (``leave_phases``, from ``k3scluster.membership``): ``AGENT_LEAVES`` for each
+   agent that leaves, then ``SERVER_LEAVES`` for each server that leaves etcd, then
+   ``HOST_LEAVES`` for each host with K3s nodes that left the plans, one at a time
+   (``Wait.OK``): nothing deploys before they are done; a server that joins a running
+   cluster has ``SERVER_JOINS`` right before its host's phase below;
 1. each server host alone, the init-server's host first, each after the one before
    (``Wait.OK``): etcd keeps its quorum, never two members restart together. During a K3s
    minor upgrade (``versions``: what the hosts' last deploys ran) a server host that also
@@ -53,8 +58,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from k3scluster.errors import K3sClusterError
-from k3scluster.membership import Deployed
-from k3scluster.model import Cluster
+from k3scluster.membership import Deployed, MembershipPlan, plan_membership
+from k3scluster.model import Cluster, K3sType
 
 
 class Action(enum.Enum):
@@ -63,6 +68,12 @@ class Action(enum.Enum):
     DEPLOY = "deploy"  # colmena apply for the host, then its health gates
     # the same with the host's agent kept at the K3s release it runs (detail "agent-k3s")
     DEPLOY_SERVER_FIRST = "deploy-server-first"
+    # membership (k3scluster/membership.py), before the deploys: one node per phase
+    AGENT_LEAVES = "agent-leaves"  # cordon, drain, stop, delete its Node and node password
+    SERVER_LEAVES = "server-leaves"  # remove its etcd member (quorum rule), stop it
+    HOST_LEAVES = "host-leaves"  # its K3s token set aside: its K3s containers stay stopped
+    # in the server chain, right before the host's deploy
+    SERVER_JOINS = "server-joins"  # a stale member of its name removed, old data set aside
 
 
 class Wait(enum.Enum):
@@ -117,6 +128,8 @@ def older(a: str | None, b: str) -> bool:
 @dataclass(frozen=True)
 class UpdatePlan:
     phases: tuple[Phase, ...] = field(default=())
+    # who joins and who leaves (its ``describe()`` is what the preview says in words)
+    membership: MembershipPlan = field(default_factory=MembershipPlan)
 
     def hosts_of(self, action: Action) -> list[str]:
         """Every host a phase of ``action`` concerns, in phase order."""
@@ -198,16 +211,19 @@ def plan_update(
 ) -> UpdatePlan:
     """The phases of a ``pulumi up`` of ``cluster`` over what ``deployed`` records and the
     K3s releases the hosts' last deploys ran (``versions``, host -> ``HostVersions``)."""
-    del deployed  # not needed by today's phases
+    membership = plan_membership(cluster, deployed)  # refuses removing every server
     settings = settings or UpdateSettings()
     versions = versions or {}
     check_k3s_step(cluster, versions)
     target = cluster.network.k3s
     chain = server_chain(cluster)
     upgrading = any(older(v.server, target) for v in versions.values())
-    phases: list[Phase] = []
+    phases: list[Phase] = leave_phases(cluster, deployed, membership)
+    joins = {j.host: j for j in membership.servers_joining}
     held: list[str] = []
     for h in chain:
+        if h in joins:
+            phases.append(join_phase(cluster, deployed, membership, joins[h].node))
         agent_k3s = versions.get(h, HostVersions()).agent
         if cluster.agent_on(h) is not None and older(agent_k3s, target):
             assert agent_k3s is not None
@@ -243,10 +259,80 @@ def plan_update(
         phases.append(
             Phase(Action.DEPLOY, others, Wait.SETTLED, "the hosts without an agent", after=servers)
         )
-    return UpdatePlan(tuple(phases))
+    return UpdatePlan(tuple(phases), membership)
 
 
 def drain_node(cluster: Cluster, host: str) -> str | None:
     """The K3s agent a deploy of ``host`` drains first (when the deploy would restart it)."""
     agent = cluster.agent_on(host)
     return agent.name if agent is not None else None
+
+
+def _staying_servers(deployed: Deployed, membership: MembershipPlan) -> list[tuple[str, str]]:
+    """(host address as last deployed, server address) of the deployed servers that stay,
+    the init-server first: the servers the membership steps talk to."""
+    leaving = {s.node for s in membership.servers_leaving}
+    staying = [(h, n) for h, n in deployed.servers if n.name not in leaving]
+    staying.sort(key=lambda hn: (hn[1].type is not K3sType.INIT_SERVER, hn[0].name))
+    return [(str(h.ip), str(n.ip)) for h, n in staying]
+
+
+def _via(cluster: Cluster, deployed: Deployed, membership: MembershipPlan) -> str:
+    """The staying servers' host addresses: as last deployed, then as planned (a host
+    re-addressed earlier in this run answers at its new one)."""
+    out: list[str] = []
+    for host_ip, _ in _staying_servers(deployed, membership):
+        out.append(host_ip)
+    for h, n in deployed.servers:
+        if n.name in {s.node for s in membership.servers_leaving}:
+            continue
+        planned = next((x for x in cluster.hosts if x.name == h.name), None)
+        if planned is not None:
+            out.append(str(planned.ip))
+    return ",".join(dict.fromkeys(out))
+
+
+def leave_phases(
+    cluster: Cluster, deployed: Deployed, membership: MembershipPlan
+) -> list[Phase]:
+    """One phase per node that leaves, before any deploy: the agents first (the cluster is
+    whole while they drain), then the servers one at a time, then each host that left the
+    plans (its token set aside once its nodes are gone)."""
+    staying = _staying_servers(deployed, membership)
+    api = f"https://{staying[0][1]}:6443" if staying else ""
+    creds = staying[0][0] if staying else ""
+    phases = []
+    for a in membership.agents_leaving:
+        phases.append(Phase(
+            Action.AGENT_LEAVES, (a.host,), Wait.OK, f"{a.node} leaves the cluster",
+            (("node", a.node), ("host_ip", str(a.host_ip)), ("why", a.why), ("api", api),
+             ("credentials_from", creds)),
+        ))
+    leaving = ",".join(s.node for s in membership.servers_leaving)
+    via = _via(cluster, deployed, membership)
+    for s in membership.servers_leaving:
+        phases.append(Phase(
+            Action.SERVER_LEAVES, (s.host,), Wait.OK, f"{s.node} leaves etcd",
+            (("node", s.node), ("host_ip", str(s.host_ip)), ("why", s.why),
+             ("leaving", leaving), ("via", via)),
+        ))
+    for h in membership.hosts_leaving:
+        if h.nodes:
+            phases.append(Phase(
+                Action.HOST_LEAVES, (h.host,), Wait.OK, f"{h.host} leaves the plans",
+                (("host_ip", str(h.ip)), ("nodes", ",".join(h.nodes))),
+            ))
+    return phases
+
+
+def join_phase(
+    cluster: Cluster, deployed: Deployed, membership: MembershipPlan, node: str
+) -> Phase:
+    """Right before the host of a server that joins a running cluster deploys."""
+    n = next(x for x in cluster.k3s if x.name == node)
+    host_ip = membership.deploy_via.get(n.host) or cluster.host(n.host).ip
+    return Phase(
+        Action.SERVER_JOINS, (n.host,), Wait.OK, f"{node} joins etcd",
+        (("node", node), ("host_ip", str(host_ip)),
+         ("via", _via(cluster, deployed, membership))),
+    )

@@ -2,12 +2,14 @@
 """A stand-in for the K3s API, for tests only (no K3s can run here).
 
 It answers, over HTTPS with a throwaway CA and only to clients holding a certificate of the
-throwaway client CA (as K3s's API server does), exactly three things:
+throwaway client CA (as K3s's API server does), exactly four things:
 
 - ``GET /readyz[?verbose]`` on each address it listens on;
 - ``GET /version`` (``gitVersion`` is the script's ``version``, default :data:`VERSION`);
 - ``GET /api/v1/nodes/<name>`` (a node object with its ``Ready`` condition, and the script's
   ``version`` as its kubelet's).
+- ``DELETE`` of a Node or a secret: 404, it holds none (the clean-up of a reinstalled agent,
+  k3scluster/agentmembers.py, asks for both whenever an agent host has no node password).
 
 What it answers comes from a JSON script the test writes (and may rewrite at any time; it is
 read on every request)::
@@ -141,7 +143,7 @@ class Handler(BaseHTTPRequestHandler):
         cert = self.connection.getpeercert() or {}  # type: ignore[attr-defined]
         cn = next((v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"), "")
         line = json.dumps({"addr": self.server.addr, "path": self.path, "cn": cn,
-                           "status": status, "t": time.time()})
+                           "status": status, "t": time.time(), "method": self.command})
         with _LOCK, open(self.server.log, "a") as f:
             f.write(line + "\n")
 
@@ -188,6 +190,13 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, json.dumps(node), "application/json")
             return
         self._send(404, "not in the stand-in\n")
+
+    def do_DELETE(self) -> None:
+        path = self.path.split("?", 1)[0]
+        kind = "nodes" if path.startswith("/api/v1/nodes/") else "secrets"
+        body = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound",
+                "code": 404, "message": f'{kind} "{path.rsplit("/", 1)[-1]}" not found'}
+        self._send(404, json.dumps(body), "application/json")
 
 
 def serve(addr: str, pki: Path, script: Path, log: Path) -> ThreadingHTTPServer:

@@ -68,6 +68,7 @@ let
   pkgs = {{
     ${{k3sAttr}} = {{ version = "{K3S_VERSION}"; outPath = "/stand-in/k3s"; }};
     bash = "/stand-in/bash"; curl = "/stand-in/curl"; coreutils = "/stand-in/coreutils";
+    etcd = "/stand-in/etcd";
   }};
   m = import {out}/modules/{module}.nix {{ inherit config lib pkgs; }};
   {UNWRAP}

@@ -134,6 +134,11 @@ OPTIONS: dict[str, dict[str, str]] = {
     ),
     # users and ssh
     "users.mutableUsers": _same(USERS),
+    # the K3s server container's etcdctl (pkgs.etcd: in every pinned release a symlinkJoin of
+    # etcdserver, etcdutl and etcdctl, pkgs/servers/etcd/3_5 and 3_6 read at 095f8532 and
+    # 3012daa4; `etcd = etcd_3_5` in all-packages.nix up to 2025-08, NixOS/nixpkgs#430436;
+    # 25.11 builds it, #503305)
+    "environment.systemPackages": _same("nixos/modules/config/system-path.nix"),
     "users.users.<name>.isNormalUser": _same(USERS),
     "users.users.<name>.extraGroups": _same(USERS),
     "users.users.<name>.hashedPasswordFile": _same(USERS),

@@ -601,3 +601,11 @@ def test_boot_partition_is_nofail_and_survives_a_hardware_configuration(out: Pat
     # BIOS hosts have no ESP
     rolf = module_config(out, "base", "rolf", '.fileSystems."/boot"')
     assert rolf == {"_k3sclusterUnset": True}
+
+
+# -- issue 16: etcdctl in the server container (k3scluster/etcdmembers.py runs it) ------------
+
+
+def test_server_container_has_etcdctl(out: Path) -> None:
+    for host in ("olaf", "ulf", "rolf"):
+        assert container_config(out, host, ".environment.systemPackages") == ["/stand-in/etcd"]

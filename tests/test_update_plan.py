@@ -38,9 +38,10 @@ def cluster(hosts: list[str], nodes: list[tuple[str, str]], k3s: str | None = No
                 h,
                 f"{h}-{'agent' if t == 'a' else 'srv'}",
                 T[t],
-                A(f"10.0.0.{100 + n}"),
+                # by host and role, not by row: a row that goes moves no other node
+                A(f"10.0.0.{100 + 2 * hosts.index(h) + (t == 'a')}"),
             )
-            for n, (h, t) in enumerate(nodes)
+            for h, t in nodes
         ),
         network=Network(
             gateway=A("10.0.0.1"), network=ipaddress.IPv4Network("10.0.0.0/24"), k3s_minor=k3s
@@ -222,6 +223,63 @@ CASES = [
 ]
 
 
+def without(nodes: list[tuple[str, str]], *gone: tuple[str, str]) -> list[tuple[str, str]]:
+    return [n for n in nodes if n not in gone]
+
+
+RUNNING = deployed_of(cluster(BIG_HOSTS, BIG))
+CASES += [
+    Case(
+        "a server row goes: it leaves etcd before anything deploys",
+        cluster(BIG_HOSTS, without(BIG, ("carla", "s"))),
+        [
+            "server-leaves carla (carla-srv leaves etcd)",
+            "deploy anna (server host anna)",
+            "deploy bert (server host bert)",
+            "deploy dora (agent hosts 1 of 2, at most 1 at a time)",
+            "deploy emil (agent hosts 2 of 2, at most 1 at a time)",
+            "deploy carla, nokube (the hosts without an agent)",
+        ],
+        [(OK, ()), (OK, (0,)), (OK, (1,)), (SETTLED, (0, 1, 2)), (OK, (3,)),
+         (SETTLED, (0, 1, 2))],
+        deployed=RUNNING,
+    ),
+    Case(
+        "an agent host and a server host leave the plans: agents, servers, then the hosts",
+        cluster(["anna", "bert", "emil", "nokube"], without(BIG, ("carla", "s"), ("dora", "a"))),
+        [
+            "agent-leaves dora (dora-agent leaves the cluster)",
+            "server-leaves carla (carla-srv leaves etcd)",
+            "host-leaves carla (carla leaves the plans)",
+            "host-leaves dora (dora leaves the plans)",
+            "deploy anna (server host anna)",
+            "deploy bert (server host bert)",
+            "deploy emil (agent hosts 1 of 1, at most 1 at a time)",
+            "deploy nokube (the hosts without an agent)",
+        ],
+        [(OK, ()), (OK, (0,)), (OK, (1,)), (OK, (2,)), (OK, (3,)), (OK, (4,)),
+         (SETTLED, (0, 1, 2, 3, 4, 5)), (SETTLED, (0, 1, 2, 3, 4, 5))],
+        deployed=RUNNING,
+    ),
+    Case(
+        "a new server joins the running cluster right before its host deploys",
+        cluster(BIG_HOSTS, BIG),
+        [
+            "deploy anna (server host anna)",
+            "deploy bert (server host bert)",
+            "server-joins carla (carla-srv joins etcd)",
+            "deploy carla (server host carla)",
+            "deploy dora (agent hosts 1 of 2, at most 1 at a time)",
+            "deploy emil (agent hosts 2 of 2, at most 1 at a time)",
+            "deploy nokube (the hosts without an agent)",
+        ],
+        [(OK, ()), (OK, (0,)), (OK, (1,)), (OK, (2,)), (SETTLED, (0, 1, 2, 3)), (OK, (4,)),
+         (SETTLED, (0, 1, 2, 3))],
+        deployed=deployed_of(cluster(BIG_HOSTS, without(BIG, ("carla", "s")))),
+    ),
+]
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_update_plan(case: Case) -> None:
     plan = plan_update(case.plans, case.deployed, case.settings, case.versions)
@@ -306,3 +364,24 @@ def test_k3s_moves_one_minor_release_at_a_time(
     assert text.startswith("plans/network.yaml: ")
     for w in words:
         assert w in text, (w, text)
+
+
+def test_membership_phases_carry_what_their_steps_need() -> None:
+    before = cluster(BIG_HOSTS, BIG)
+    # two servers leave (3 -> 1); anna (the init-server) stays and is asked
+    plan = plan_update(cluster(BIG_HOSTS, without(BIG, ("bert", "s"), ("carla", "s"))),
+                       deployed_of(before))
+    leaves = [dict(p.detail) for p in plan.phases if p.action is Action.SERVER_LEAVES]
+    assert [d["node"] for d in leaves] == ["bert-srv", "carla-srv"]
+    for d in leaves:
+        assert d["leaving"] == "bert-srv,carla-srv"
+        assert d["via"] == "10.0.0.2"  # anna, where the init-server stays
+    assert leaves[0]["host_ip"] == "10.0.0.3"
+
+
+def test_refused_change_is_an_error_of_the_plan() -> None:
+    from k3scluster.errors import K3sClusterError
+
+    before = cluster(BIG_HOSTS, BIG)
+    with pytest.raises(K3sClusterError, match="removes every K3s server"):
+        plan_update(cluster(BIG_HOSTS, [("dora", "i"), ("emil", "a")]), deployed_of(before))

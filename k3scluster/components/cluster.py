@@ -51,6 +51,14 @@ from k3scluster.update_plan import (
     plan_update,
 )
 
+# step names of the membership changes: what `pulumi preview --diff` lists, per node
+STEP_NAMES = {
+    Action.AGENT_LEAVES: "{node}-leaves-cluster",
+    Action.SERVER_LEAVES: "{node}-leaves-etcd",
+    Action.HOST_LEAVES: "{host}-leaves-plans",
+    Action.SERVER_JOINS: "{node}-joins-etcd",
+}
+
 
 @dataclass(frozen=True)
 class ClusterArgs:
@@ -112,6 +120,7 @@ class Cluster(pulumi.ComponentResource):
     ) -> None:
         super().__init__("k3scluster:index:Cluster", name, None, opts)
         self._name, self._c, self._s = name, args.cluster, args.settings
+        self._deployed = args.deployed
         c, s = self._c, self._s
         # a VM stack (k3scluster:vms): its NICs named by their VM's MAC, and a lab (below)
         self._vm = vm_render(c, s.vm.stack, s.render_dir) if s.vm else None
@@ -153,7 +162,14 @@ class Cluster(pulumi.ComponentResource):
         builders = {
             Action.DEPLOY: self._deploy_phase,
             Action.DEPLOY_SERVER_FIRST: self._server_first_phase,
+            Action.AGENT_LEAVES: self._membership_phase,
+            Action.SERVER_LEAVES: self._membership_phase,
+            Action.HOST_LEAVES: self._membership_phase,
+            Action.SERVER_JOINS: self._membership_phase,
         }
+        # who joins and who leaves, in words (the preview shows them among the diagnostics)
+        for line in self.plan.membership.describe():
+            pulumi.log.info(f"k3scluster: {line}", self)
         made: list[list[pulumi.Resource]] = []  # each phase's steps, in order
         for i, phase in enumerate(self.plan.phases):
             after = [r for k in phase.waits_for(i) for r in made[k]]
@@ -272,6 +288,7 @@ class Cluster(pulumi.ComponentResource):
             ssh=s.ssh,
             wait_ready=s.wait_ready,
             timeout=s.ready_timeout,
+            deployed=self._deployed,
         )
         hw = self.hardware.get(hname)
         made = step(
@@ -303,6 +320,28 @@ class Cluster(pulumi.ComponentResource):
         if c.agent_on(hname) is not None:
             found[K3S_AGENT_INPUT] = agent or c.network.k3s
         return found
+
+    def _membership_phase(
+        self, phase: Phase, waits_for: list[pulumi.Input[pulumi.Resource]]
+    ) -> list[pulumi.Resource]:
+        """A node (or host) that joins or leaves: one named step (``STEP_NAMES``) running
+        ``tasks membership <action>`` (k3scluster/etcdmembers.py, agentmembers.py)."""
+        s = self._s
+        detail = dict(phase.detail)
+        detail.setdefault("host", phase.hosts[0])
+        name = STEP_NAMES[phase.action].format(node=detail.get("node", ""), host=detail["host"])
+        argv = commands.membership_step(
+            s.python, phase.action.value, sorted(detail.items()), s.ssh,
+            drain_timeout=s.drain_timeout,
+        )
+        made = step(
+            name,
+            runner=s.runner,
+            host=detail["host"],
+            create=argv,
+            opts=pulumi.ResourceOptions(parent=self, depends_on=waits_for),
+        )
+        return [made]
 
     def _host_inputs(self, hname: str) -> dict[str, pulumi.Input[str]]:
         """``render.host_inputs``, with what a hardware fetch of this run will write."""
@@ -396,6 +435,7 @@ class Cluster(pulumi.ComponentResource):
                     render=commands.RenderArgs(
                         s.rec(c.root), s.rec(s.render_dir), s.vm.stack if s.vm else None
                     ),
+                    deployed=self._deployed,
                 ),
                 read_argv=health.read_argv(c, hname, python=s.python, ssh=s.ssh, runner=s.runner)
                 if s.wait_ready

@@ -17,6 +17,7 @@ hosts still wait for the chain to finish (``settled``), then go on.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +26,7 @@ import pulumi
 from k3scluster import commands, kube
 from k3scluster.components.steps import step
 from k3scluster.k3s_start import server_order
+from k3scluster.membership import Deployed, host_record
 from k3scluster.model import Cluster as ClusterModel
 from k3scluster.model import K3sType
 from k3scluster.probe import units_of
@@ -92,9 +94,20 @@ def deploy_argv(
     wait_ready: bool,
     timeout: float,
     render: commands.RenderArgs | None = None,
+    deployed: Deployed | None = None,
 ) -> list[str]:
     """What the host's deploy step runs: ``tasks deploy`` (the render checked, colmena, and
-    with ``wait_ready`` the gates)."""
+    with ``wait_ready`` the gates).
+
+    ``deployed`` (what the stack deployed before): a re-addressed host is deployed through
+    its old address. Before colmena the host's K3s nodes are checked for a reinstall
+    (``commands.deploy_and_check``: nothing to do on a new cluster or an intact host)."""
+    deployed = deployed or Deployed()
+    was = deployed.host(host)
+    planned = cluster.host(host)
+    # the other server hosts, to ask for a stale member (from the plans alone: the argv must
+    # not change when the stack's record does, or every host would deploy again)
+    others = [h.ip for h in cluster.hosts if h.name != host and cluster.server_on(h.name)]
     h = cluster.host(host)
     nodes = cluster.k3s_on(host)
     servers = server_order(cluster)
@@ -112,9 +125,12 @@ def deploy_argv(
         credentials_from=list(dict.fromkeys(cluster.host(n.host).ip for n in servers)),
         render=render,
         gates=wait_ready,
+        # membership (k3scluster/membership.py) needs the gates' credentials and record
+        record=json.dumps(host_record(cluster, host), sort_keys=True) if wait_ready else None,
+        via=was.ip if was is not None and was.ip != planned.ip else None,
+        join_via=others if wait_ready and any(n.type.is_server for n in nodes) else [],
+        check_agent_state=wait_ready and any(n.type is K3sType.AGENT for n in nodes),
     )
-
-
 
 
 def read_argv(

@@ -356,22 +356,111 @@ def first_answer(apis: list[str], read: Any) -> Any:
     return got.check if got is not None else kube.Check(False, "; ".join(seen))
 
 
+def _answers_as(ssh: commands.SshSettings, ip: str, host: str) -> bool:
+    """Proof of target: the machine at ``ip`` says it is ``host`` (its host name)."""
+    proc = _ssh_run(ssh, ip, ["cat", "/proc/sys/kernel/hostname"], timeout=10)
+    return proc.returncode == 0 and proc.stdout.strip() == host
+
+
+def _readdressed_deploy(args: argparse.Namespace, ssh: commands.SshSettings,
+                        argv: list[str], deadline: float) -> bool:
+    """A host that moves to a new address (``--via OLD``): when it still answers at OLD,
+    colmena installs the new system as the boot default through OLD (a switch would take the
+    address away under colmena's own ssh connection), the host reboots into it, and the
+    deploy waits until it answers at its new address. Returns False when the host is not at
+    OLD but already at its new address (an earlier run moved it): the ordinary deploy."""
+    if not _answers_as(ssh, args.via, args.host):
+        if _answers_as(ssh, args.ip, args.host):
+            _progress(f"{args.host}: already at its new address {args.ip}")
+            return False
+        raise K3sClusterError(
+            f"{args.host} answers neither at {args.via} (where it was last deployed) nor at "
+            f"{args.ip} (its new address in the plans) as {args.host}",
+            hint="check that the host is up; the deploy is tried again by the next `pulumi up`",
+        )
+    boot = list(argv)
+    if boot[1:3] == ["apply", "switch"]:
+        boot[2] = "boot"
+    _progress(f"{args.host}: deployed through {args.via}, its address until it reboots")
+    env = {**os.environ, commands.via_env(args.host): args.via}
+    proc = subprocess.run(boot, stdin=subprocess.DEVNULL, check=False, env=env)
+    if proc.returncode != 0:
+        raise K3sClusterError(f"`{' '.join(boot)}` failed with exit code {proc.returncode}")
+    _ssh_run(ssh, args.via, ["systemctl", "--no-block", "reboot"], timeout=10)
+    _progress(f"{args.host}: rebooting into its new address {args.ip}")
+    from k3scluster import kube
+
+    check = kube.wait_until(
+        f"{args.host}: at {args.ip}",
+        lambda: kube.Check(_answers_as(ssh, args.ip, args.host), f"ssh at {args.ip}"),
+        max(0.0, deadline - time.monotonic()),
+        _progress,
+        interval=5.0,
+    )
+    if not check.ready:
+        raise K3sClusterError(
+            f"{args.host} rebooted but does not answer at its new address {args.ip}",
+            hint=f"look at its console; it may still answer at {args.via}",
+        )
+    return True
+
+
+def _before_deploy(args: argparse.Namespace, ssh: commands.SshSettings,
+                   servers: list[list[str]], agents: list[str], deadline: float) -> None:
+    """What the cluster still holds of this host's K3s nodes when the host comes back empty
+    (a reinstall, a new disk): a stale etcd member of its server (``--join-via``: the other
+    servers), its agent's old Node and node-password secret (``--check-agent-state``)."""
+    from k3scluster import agentmembers, etcdmembers
+
+    run = etcdmembers.ssh_runner(ssh)
+    address = args.via or args.ip
+    for name, _sip in servers if args.join_via else []:
+        state = etcdmembers.read_server_state(run, address)
+        if state.has_data:
+            continue
+        try:
+            etcdmembers.remove_stale(run, list(args.join_via), name, _progress)
+        except K3sClusterError as err:
+            if "no K3s server that stays answered" not in err.message:
+                raise
+            _progress(f"{name}: no other server answers; no stale member to look for")
+    for name in agents if args.check_agent_state else []:
+        if agentmembers.has_node_password(run, address):
+            continue
+        creds = _credentials(ssh, args.credentials_from,
+                             min(deadline, time.monotonic() + 30), args.host)
+        if creds is None:
+            _progress(f"{name}: no cluster credentials yet; no old Node to look for")
+            continue
+        for k, url in enumerate(args.api):  # the servers in turn, as the gates ask them
+            try:
+                agentmembers.clean_reinstalled_agent(creds, url, name, address, run, _progress)
+                break
+            except K3sClusterError:
+                if k == len(args.api) - 1:
+                    raise
+
+
 def _deploy(args: argparse.Namespace) -> None:
 
     ssh = _ssh(args)
     if args.render:
         ensure_render(resolve(args.render), resolve(args.render_out), args.vm_stack, None, _progress)
-    proc = subprocess.run(resolve_args(args.argv), stdin=subprocess.DEVNULL, check=False)
-    if proc.returncode != 0:
-        raise K3sClusterError(
-            f"`{' '.join(args.argv)}` failed with exit code {proc.returncode}"
-        )
-    if args.no_gates:  # waitReady false: nothing waits, nothing is read back
-        return
     servers = [s.split("=", 1) for s in args.server]
     agents = list(args.agent)
     timeout = float(args.timeout)
     deadline = time.monotonic() + timeout
+    if not args.no_gates:  # the clean-ups need the cluster's credentials, as the gates do
+        _before_deploy(args, ssh, servers, agents, deadline)
+    argv = resolve_args(args.argv)
+    if not (args.via and _readdressed_deploy(args, ssh, argv, deadline)):
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, check=False)
+        if proc.returncode != 0:
+            raise K3sClusterError(
+                f"`{' '.join(args.argv)}` failed with exit code {proc.returncode}"
+            )
+    if args.no_gates:  # waitReady false: nothing waits, nothing is read back
+        return
     health = "ready"
     from k3scluster import kube
 
@@ -384,6 +473,7 @@ def _deploy(args: argparse.Namespace) -> None:
     seen = observe(ssh, args.ip, _units(servers, agents))
     record = {
         **seen,
+        **({"host": json.loads(args.record)} if args.record else {}),
         "health": health,
         "deployedAt": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
@@ -497,6 +587,76 @@ def write_private(out: Path, text: str) -> None:
         raise
 
 
+MEMBERSHIP_PREFIX = "k3scluster-membership="
+
+
+def _membership(args: argparse.Namespace) -> None:
+    """One membership change of the update plan (k3scluster/update_plan.py), on the hosts
+    over ssh and in the API; the last line says what was done."""
+    from k3scluster import agentmembers, etcdmembers
+
+    d = json.loads(args.detail)
+    ssh = _ssh(args)
+    run = etcdmembers.ssh_runner(ssh)
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    via = [v for v in str(d.get("via", "")).split(",") if v]
+    done: dict[str, object] = {"action": args.action}
+    if args.action == "server-leaves":
+        node = d["node"]
+        done["removed"] = etcdmembers.remove_leaving(
+            run, via, node, [n for n in d["leaving"].split(",") if n], _progress
+        )
+        try:
+            etcdmembers.stop_and_set_aside(run, d["host_ip"], node, stamp, _progress)
+            done["stopped"] = True
+        except K3sClusterError as err:
+            if "cannot read" not in err.message:
+                raise
+            # its member is gone; a host that does not answer runs no server either
+            _progress(f"{node}: not stopped ({err.message}); its etcd member is removed")
+            done["stopped"] = False
+    elif args.action == "server-joins":
+        done["done"] = etcdmembers.prepare_join(
+            run, via, d["node"], d["host_ip"], stamp, _progress
+        )
+    elif args.action == "agent-leaves":
+        from k3scluster import kube
+
+        node = d["node"]
+        if not d.get("credentials_from"):
+            raise K3sClusterError(f"{node}: no K3s server stays to drain and delete it through")
+        deadline = time.monotonic() + 60
+        creds = _credentials(ssh, [d["credentials_from"]], deadline, node)
+        if creds is None:
+            raise K3sClusterError(
+                f"{node}: no admin kubeconfig at {kube.KUBECONFIG_ON_HOST} on "
+                f"{d['credentials_from']}",
+                hint=f"look at: ssh root@{d['credentials_from']} journalctl -M k3s-server -u k3s",
+            )
+        done["done"] = agentmembers.agent_leaves(
+            creds, d["api"], node, d["host_ip"], run, float(args.drain_timeout), _progress
+        )
+    else:  # host-leaves
+        host = d.get("host", "-")
+        done["tokenSetAside"] = agentmembers.set_token_aside(
+            run, d["host_ip"], host, stamp, _progress
+        )
+        _progress(
+            f"{host} ({d['host_ip']}) left the plans: its K3s nodes ({d.get('nodes', '')}) "
+            "left the cluster first"
+            + (", its K3s token is set aside so they stay stopped" if done["tokenSetAside"]
+               else "")
+            + "; the machine was NOT wiped and keeps running its last configuration"
+        )
+    print(MEMBERSHIP_PREFIX + json.dumps(done, sort_keys=True), flush=True)
+
+
+def _add_ssh_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ssh-user", default="root")
+    p.add_argument("--ssh-identity")
+    p.add_argument("--ssh-known-hosts")
+
+
 def _add_ssh(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ip", required=True)
     p.add_argument("--ssh-user", default="root")
@@ -529,6 +689,10 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--render-out")
     d.add_argument("--vm-stack")
     d.add_argument("--no-gates", action="store_true")
+    d.add_argument("--record")
+    d.add_argument("--via")
+    d.add_argument("--join-via", action="append", default=[])
+    d.add_argument("--check-agent-state", action="store_true")
     d.add_argument("argv", nargs="+")
     o = sub.add_parser("observe")
     o.add_argument("--host", required=True)
@@ -540,6 +704,12 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--server", required=True)
     k.add_argument("--name", required=True)
     k.add_argument("--out", required=True)
+    mb = sub.add_parser("membership")
+    mb.add_argument("action", choices=["agent-leaves", "server-leaves", "host-leaves",
+                                       "server-joins"])
+    mb.add_argument("--detail", required=True)
+    mb.add_argument("--drain-timeout", type=float, default=600.0)
+    _add_ssh_options(mb)
     args = parser.parse_args(argv)
     try:
         if args.task == "capture":
@@ -552,6 +722,8 @@ def main(argv: list[str] | None = None) -> int:
             _deploy(args)
         elif args.task == "observe":
             _observe(args)
+        elif args.task == "membership":
+            _membership(args)
         else:
             _kubeconfig(args)
     except K3sClusterError as err:

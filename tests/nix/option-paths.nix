@@ -70,7 +70,7 @@ let
   stubPkg = name: { outPath = "/nix/store/stub-${name}"; inherit name; };
   pkgs = b.listToAttrs (map (n: { name = n; value = stubPkg n; }) [
     "bash" "coreutils" "util-linux" "parted" "dosfstools" "e2fsprogs" "gnugrep" "gnused"
-    "gawk" "findutils" "nixos-install-tools" "podman" "iproute2" "systemd" "k3s"
+    "gawk" "findutils" "nixos-install-tools" "podman" "iproute2" "systemd" "k3s" "etcd"
   ]) // b.listToAttrs (b.genList (i: {
     name = "k3s_1_${toString (i + 20)}";
     value = stubPkg "k3s" // { version = "1.${toString (i + 20)}.1+k3s1"; };

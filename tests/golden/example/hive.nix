@@ -20,7 +20,11 @@
     imports = [ ./hosts/olaf.nix ];
     deployment = {
       # colmena logs in as root with the admin's ssh key (no sudo password to block it).
-      targetHost = "10.0.100.2";
+      # The plan's address; while a host moves to a new one, `pulumi up` deploys it through
+      # the address it was last deployed at (K3SCLUSTER_VIA_olaf in colmena's environment).
+      targetHost =
+        let via = builtins.getEnv "K3SCLUSTER_VIA_olaf";
+        in if via != "" then via else "10.0.100.2";
       targetPort = 22;
       targetUser = "root";
       tags = [ "k3s-server" "k3s-init-server" "k3s-agent" ];
@@ -59,7 +63,11 @@
     imports = [ ./hosts/ulf.nix ];
     deployment = {
       # colmena logs in as root with the admin's ssh key (no sudo password to block it).
-      targetHost = "10.0.100.3";
+      # The plan's address; while a host moves to a new one, `pulumi up` deploys it through
+      # the address it was last deployed at (K3SCLUSTER_VIA_ulf in colmena's environment).
+      targetHost =
+        let via = builtins.getEnv "K3SCLUSTER_VIA_ulf";
+        in if via != "" then via else "10.0.100.3";
       targetPort = 22;
       targetUser = "root";
       tags = [ "k3s-server" "k3s-agent" ];
@@ -98,7 +106,11 @@
     imports = [ ./hosts/rolf.nix ];
     deployment = {
       # colmena logs in as root with the admin's ssh key (no sudo password to block it).
-      targetHost = "10.0.100.4";
+      # The plan's address; while a host moves to a new one, `pulumi up` deploys it through
+      # the address it was last deployed at (K3SCLUSTER_VIA_rolf in colmena's environment).
+      targetHost =
+        let via = builtins.getEnv "K3SCLUSTER_VIA_rolf";
+        in if via != "" then via else "10.0.100.4";
       targetPort = 22;
       targetUser = "root";
       tags = [ "k3s-server" ];
@@ -137,7 +149,11 @@
     imports = [ ./hosts/karl.nix ];
     deployment = {
       # colmena logs in as root with the admin's ssh key (no sudo password to block it).
-      targetHost = "10.0.100.5";
+      # The plan's address; while a host moves to a new one, `pulumi up` deploys it through
+      # the address it was last deployed at (K3SCLUSTER_VIA_karl in colmena's environment).
+      targetHost =
+        let via = builtins.getEnv "K3SCLUSTER_VIA_karl";
+        in if via != "" then via else "10.0.100.5";
       targetPort = 22;
       targetUser = "root";
       tags = [ "k3s-agent" ];
@@ -168,7 +184,11 @@
     imports = [ ./hosts/ulrich.nix ];
     deployment = {
       # colmena logs in as root with the admin's ssh key (no sudo password to block it).
-      targetHost = "10.0.100.6";
+      # The plan's address; while a host moves to a new one, `pulumi up` deploys it through
+      # the address it was last deployed at (K3SCLUSTER_VIA_ulrich in colmena's environment).
+      targetHost =
+        let via = builtins.getEnv "K3SCLUSTER_VIA_ulrich";
+        in if via != "" then via else "10.0.100.6";
       targetPort = 22;
       targetUser = "root";
       tags = [ "no-k3s" ];

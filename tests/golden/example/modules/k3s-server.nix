@@ -251,6 +251,10 @@ in
             RemainAfterExit = true;
           };
         };
+        # etcdctl for `pulumi up`'s member changes (k3scluster/etcdmembers.py runs it with
+        # `nixos-container run k3s-server -- etcdctl` and K3s's own etcd client certificate):
+        # the K3s package has no etcdctl. nixpkgs' etcd joins etcd, etcdctl and etcdutl.
+        environment.systemPackages = [ pkgs.etcd ];
 
         system.stateVersion = host.stateVersion;
       };

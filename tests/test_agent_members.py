@@ -1,0 +1,228 @@
+"""Agents leaving and reinstalled agents (k3scluster/agentmembers.py) against a REAL API server.
+
+The API is the real kube-apiserver with etcd and kube-controller-manager of tests/kubeapi.py
+(the ``kube`` fixture: the test's thread inside its network namespace); the test makes the
+Nodes, pods (bound with ``spec.nodeName``), a DaemonSet, a PodDisruptionBudget and K3s's
+node-password secrets. There is no kubelet: tests/kubeapi.py's stand-in thread makes bound
+pods Running and finalizes terminating ones. The agent's host is a ``HostStandIn`` (what
+``pulumi up`` runs on it over ssh: ``systemctl stop podman-k3s-agent.service`` and the
+node-password check), which records each call together with what the API showed at that
+moment, so the order of the steps is checked where it matters.
+"""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from k3scluster import agentmembers
+from k3scluster import kube as kubelib
+from k3scluster.errors import K3sClusterError
+
+pytestmark = pytest.mark.root
+_N = itertools.count()
+HOST = "10.0.100.50"  # the agent's host: never contacted, HostStandIn answers for it
+
+
+def _name(prefix: str) -> str:
+    return f"{prefix}-{next(_N)}-{int(time.time() * 1000) % 100000}"
+
+
+def _until(what: str, cond: Any, timeout: float = 30) -> Any:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        got = cond()
+        if got:
+            return got
+        time.sleep(0.2)
+    raise AssertionError(f"{what}: not within {timeout} s")
+
+
+def _node_there(core: Any, node: str) -> Any:
+    try:
+        return core.read_node(node)
+    except ApiException as err:
+        if err.status == 404:
+            return None
+        raise
+
+
+def _secret_there(core: Any, node: str) -> bool:
+    try:
+        core.read_namespaced_secret(kubelib.node_password_secret(node), "kube-system")
+    except ApiException as err:
+        if err.status == 404:
+            return False
+        raise
+    return True
+
+
+def _pod_there(core: Any, ns: str, name: str) -> bool:
+    try:
+        core.read_namespaced_pod(name, ns)
+    except ApiException as err:
+        if err.status == 404:
+            return False
+        raise
+    return True
+
+
+class HostStandIn:
+    """The agent's host as ``pulumi up`` reaches it over ssh (an ``etcdmembers.Runner``):
+    answers the node-password check with ``password``, ``systemctl stop`` with success (or
+    ssh's exit 255 when ``down``); each call is recorded with ``observe()`` at that moment."""
+
+    def __init__(self, observe: Any, password: bool = True, down: bool = False) -> None:
+        self.observe, self.password, self.down = observe, password, down
+        self.calls: list[tuple[list[str], Any]] = []
+
+    def __call__(self, ip: str, words: Sequence[str]) -> subprocess.CompletedProcess[str]:
+        assert ip == HOST
+        words = list(words)
+        self.calls.append((words, self.observe()))
+        if self.down:
+            return subprocess.CompletedProcess(words, 255, "", "ssh: connect to host: timed out")
+        if words == ["systemctl", "stop", agentmembers.AGENT_UNIT]:
+            return subprocess.CompletedProcess(words, 0, "", "")
+        if words[:2] == ["sh", "-c"] and agentmembers.NODE_PASSWORD_FILE in words[2]:
+            return subprocess.CompletedProcess(words, 0, "yes\n" if self.password else "no\n", "")
+        return subprocess.CompletedProcess(words, 3, "", f"unexpected: {words}")
+
+
+def _setup(kube: Any) -> tuple[Any, str, str]:
+    core = kube.core()
+    node = _name("agent")
+    core.create_node(client.V1Node(metadata=client.V1ObjectMeta(name=node)))
+    core.create_namespaced_secret("kube-system", client.V1Secret(
+        metadata=client.V1ObjectMeta(name=kubelib.node_password_secret(node)),
+        string_data={"hash": "stand-in"}, type="k3s.cattle.io/node-password"))
+    ns = _name("ns")
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
+    _until("default ServiceAccount", lambda: any(
+        sa.metadata.name == "default" for sa in core.list_namespaced_service_account(ns).items))
+    return core, node, ns
+
+
+def _pod(core: Any, ns: str, node: str, owner: Any, labels: dict[str, str] | None = None) -> str:
+    name = _name("pod")
+    core.create_namespaced_pod(ns, client.V1Pod(
+        metadata=client.V1ObjectMeta(name=name, labels=labels, owner_references=[owner]),
+        spec=client.V1PodSpec(node_name=node,
+                              containers=[client.V1Container(name="c", image="busybox")]),
+    ))
+    return name
+
+
+def _owner(kind: str, name: str, uid: str = "00000000-0000-0000-0000-000000000001") -> Any:
+    return client.V1OwnerReference(api_version="apps/v1", kind=kind, name=name, uid=uid,
+                                   controller=True)
+
+
+def test_an_agent_leaves_cordoned_drained_stopped_then_deleted(kube: Any) -> None:
+    core, node, ns = _setup(kube)
+    apps = client.AppsV1Api(kube.api_client())
+    sel = {"app": "logs"}
+    ds = apps.create_namespaced_daemon_set(ns, client.V1DaemonSet(
+        metadata=client.V1ObjectMeta(name="logs"),
+        spec=client.V1DaemonSetSpec(
+            selector=client.V1LabelSelector(match_labels=sel),
+            template=client.V1PodTemplateSpec(
+                metadata=client.V1ObjectMeta(labels=sel),
+                spec=client.V1PodSpec(containers=[client.V1Container(name="c",
+                                                                     image="busybox")])))))
+    web = _pod(core, ns, node, _owner("ReplicaSet", "web"))
+    logs = _pod(core, ns, node, _owner("DaemonSet", "logs", ds.metadata.uid), sel)
+
+    def observe() -> dict[str, Any]:
+        n = _node_there(core, node)
+        return {"node": n is not None, "cordoned": bool(n and n.spec.unschedulable),
+                "web": _pod_there(core, ns, web)}
+
+    host = HostStandIn(observe)
+    lines: list[str] = []
+    with kube.kubelet():
+        _until("pods running", lambda: all(
+            (core.read_namespaced_pod(p, ns).status.phase == "Running") for p in (web, logs)))
+        done = agentmembers.agent_leaves(kube.kubeconfig, kube.server, node, HOST, host,
+                                         60, lines.append)
+    assert done == ["cordoned", "drained (1 pod(s) evicted)", "stopped", "Node deleted",
+                    "node-password secret deleted"]
+    # the agent was stopped after the drain (cordoned, its pod gone) and before the Node went
+    (stop,) = [obs for w, obs in host.calls if w[:2] == ["systemctl", "stop"]]
+    assert stop == {"node": True, "cordoned": True, "web": False}
+    assert _node_there(core, node) is None
+    assert not _secret_there(core, node)
+    # run again (an up that failed after this step): nothing left, nothing fails
+    again = agentmembers.agent_leaves(kube.kubeconfig, kube.server, node, HOST, host, 60,
+                                      lines.append)
+    assert again == ["stopped"]
+    assert any(f"{node}: no Node any more" in ln for ln in lines)
+
+
+def test_a_drain_that_a_pod_disruption_budget_blocks_fails_naming_the_pod(kube: Any) -> None:
+    core, node, ns = _setup(kube)
+    labels = {"app": "db"}
+    db = _pod(core, ns, node, _owner("ReplicaSet", "db"), labels)
+    client.PolicyV1Api(kube.api_client()).create_namespaced_pod_disruption_budget(
+        ns, client.V1PodDisruptionBudget(
+            metadata=client.V1ObjectMeta(name="db"),
+            spec=client.V1PodDisruptionBudgetSpec(
+                min_available=1, selector=client.V1LabelSelector(match_labels=labels))))
+    host = HostStandIn(lambda: None)
+    with kube.kubelet():
+        _until("db running", lambda: core.read_namespaced_pod(db, ns).status.phase == "Running")
+        # the disruption controller has counted the pod: no disruption allowed
+        _until("pdb computed", lambda: client.PolicyV1Api(kube.api_client())
+               .read_namespaced_pod_disruption_budget("db", ns).status.current_healthy == 1)
+        with pytest.raises(K3sClusterError) as err:
+            agentmembers.agent_leaves(kube.kubeconfig, kube.server, node, HOST, host, 3,
+                                      lambda _: None)
+    assert f"{ns}/{db}" in err.value.message and "timed out" in err.value.message
+    assert host.calls == []  # never stopped
+    assert _node_there(core, node) is not None and _secret_there(core, node)
+    assert _pod_there(core, ns, db)
+
+
+def test_a_reinstalled_agent_host_loses_its_old_node_and_password_secret(kube: Any) -> None:
+    core, node, _ns = _setup(kube)
+    lines: list[str] = []
+    # its state is there: nothing is deleted
+    kept = HostStandIn(lambda: None, password=True)
+    assert agentmembers.clean_reinstalled_agent(kube.kubeconfig, kube.server, node, HOST, kept,
+                                                lines.append) == []
+    assert _node_there(core, node) is not None and _secret_there(core, node)
+    # a host that does not answer proves nothing: an error, nothing deleted
+    down = HostStandIn(lambda: None, down=True)
+    with pytest.raises(K3sClusterError, match="cannot read the K3s agent's state"):
+        agentmembers.clean_reinstalled_agent(kube.kubeconfig, kube.server, node, HOST, down,
+                                             lines.append)
+    assert _node_there(core, node) is not None and _secret_there(core, node)
+    # reinstalled: no node password on the host
+    empty = HostStandIn(lambda: None, password=False)
+    done = agentmembers.clean_reinstalled_agent(kube.kubeconfig, kube.server, node, HOST,
+                                                empty, lines.append)
+    assert done == ["old Node deleted", "old node-password secret deleted"]
+    assert _node_there(core, node) is None and not _secret_there(core, node)
+    assert any("has no agent state (reinstalled)" in ln for ln in lines)
+    # a first deploy (no Node yet, no state): nothing to do
+    assert agentmembers.clean_reinstalled_agent(kube.kubeconfig, kube.server, node, HOST,
+                                                empty, lines.append) == []
+
+
+def test_an_agent_whose_host_is_down_still_leaves_the_api(kube: Any) -> None:
+    core, node, _ns = _setup(kube)
+    down = HostStandIn(lambda: None, down=True)
+    lines: list[str] = []
+    done = agentmembers.agent_leaves(kube.kubeconfig, kube.server, node, HOST, down, 10,
+                                     lines.append)
+    assert done == ["cordoned", "drained (0 pod(s) evicted)", "Node deleted",
+                    "node-password secret deleted"]
+    assert any("does not answer" in ln for ln in lines)
+    assert _node_there(core, node) is None and not _secret_there(core, node)

@@ -1,0 +1,247 @@
+"""The project's etcd member commands (k3scluster/etcdmembers.py) against a REAL etcd cluster.
+
+Three real etcd members with TLS in network namespaces of their own, laid out as K3s lays
+out its embedded etcd (tests/etcdcluster.py). Each namespace stands for a K3s server's
+host. What ``pulumi up`` runs on a host over ssh is run here by ``HostRunner`` inside that
+member's namespace, with the member's K3s directory bind-mounted where K3s keeps it (both
+as the container sees it, ``/var/lib/rancher/k3s``, and as the host sees it,
+``/var/lib/nixos-containers/k3s-server/var/lib/rancher/k3s``) in a private mount namespace
+(a tmpfs over ``/var/lib`` there, so nothing outside is touched). The words are the
+project's own: ``nixos-container run k3s-server -- etcdctl …`` with K3s's certificate paths
+(the real ``etcdctl``), ``sh -c`` of the state script, ``mv``. Stand-ins, for what is the
+host's and not etcd's: ``nixos-container run`` (execs the command, as the real one does
+inside the container) and ``systemctl`` (``is-active`` says whether the member runs;
+``stop container@k3s-server.service`` stops the member).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from k3scluster import etcdmembers
+from k3scluster.membership import QuorumError
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = ROOT / ".tools" / "bin"
+K3S_DIR = "/var/lib/rancher/k3s"
+
+NIXOS_CONTAINER = """#!/bin/sh
+# stand-in for `nixos-container run <name> -- CMD…` (nixos-container.pl: su -l -c "exec CMD")
+[ "$1" = run ] && [ "$2" = k3s-server ] && [ "$3" = -- ] || { echo "usage: $*" >&2; exit 2; }
+shift 3
+exec "$@"
+"""
+SYSTEMCTL = """#!/bin/sh
+# stand-in for `systemctl is-active container@k3s-server.service` (the test says the state)
+[ "$1" = is-active ] && [ "$2" = container@k3s-server.service ] || exit 3
+echo "$K3SCLUSTER_TEST_UNIT"
+"""
+
+
+class HostRunner:
+    """``etcdmembers.Runner`` for the test's etcd members: the words a host would run over
+    ssh, run in the member's namespace (see the module docstring). Records every call."""
+
+    def __init__(self, cluster: Any, base: Path) -> None:
+        self.c = cluster
+        self.calls: list[tuple[str, list[str]]] = []
+        self.standins = base / "standins"
+        self.standins.mkdir()
+        for name, text in (("nixos-container", NIXOS_CONTAINER), ("systemctl", SYSTEMCTL)):
+            (self.standins / name).write_text(text)
+            (self.standins / name).chmod(0o755)
+
+    def host_of(self, ip: str) -> Any:
+        return next(m for m in self.c.hosts.values() if m.ip == ip)
+
+    def __call__(self, ip: str, words: Sequence[str]) -> subprocess.CompletedProcess[str]:
+        words = list(words)
+        m = self.host_of(ip)
+        self.calls.append((m.host, words))
+        if words == ["systemctl", "stop", etcdmembers.SERVER_UNIT]:
+            self.c.stop(m.host)
+            return subprocess.CompletedProcess(words, 0, "", "")
+        q = shlex.quote
+        on_host = etcdmembers.CONTAINER_ROOT + K3S_DIR
+        prep = (
+            "mount -t tmpfs none /var/lib && "
+            f"mkdir -p {K3S_DIR} {on_host} && "
+            f"mount --bind {q(str(m.root))} {K3S_DIR} && "
+            f"mount --bind {q(str(m.root))} {on_host} && "
+            f"export PATH={q(str(self.standins))}:{q(str(BIN))}:$PATH && "
+            'exec "$@"'
+        )
+        running = m.proc is not None and m.proc.poll() is None
+        return subprocess.run(
+            m.ns.argv("unshare", "--mount", "--propagation", "private",
+                      "sh", "-c", prep, "sh", *words),
+            capture_output=True, text=True, check=False, timeout=60,
+            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+                 "K3SCLUSTER_TEST_UNIT": "active" if running else "inactive"},
+        )
+
+    def etcdctl_verbs(self) -> list[str]:
+        """``member list``, ``endpoint health``, ``member remove <id>`` … in call order (a
+        remove that etcd answered "unhealthy cluster" and that was tried again counts once)."""
+        out: list[str] = []
+        for _host, w in self.calls:
+            if w[:5] == ["nixos-container", "run", "k3s-server", "--", "etcdctl"]:
+                args = [a for a in w[5:] if not a.startswith("--")]
+                verb = " ".join(args[:3] if args[:2] == ["member", "remove"] else args[:2])
+                if not (out and verb.startswith("member remove") and out[-1] == verb):
+                    out.append(verb)
+        return out
+
+
+@pytest.fixture
+def hosts(etcd_cluster: Any, tmp_path: Path) -> HostRunner:
+    # K3s writes the member's name beside its data (pkg/etcd: db/etcd/name)
+    for m in etcd_cluster.hosts.values():
+        (m.data / "name").write_text(m.name)
+    return HostRunner(etcd_cluster, tmp_path)
+
+
+def ip(c: Any, host: str) -> str:
+    return str(c.hosts[host].ip)
+
+
+def names(c: Any, via: str = "olaf") -> list[str]:
+    return sorted(m["name"] for m in c.members(via))
+
+
+def test_etcdctl_words_use_k3s_certificates() -> None:
+    words = etcdmembers.etcdctl("member", "list", "-w", "json")
+    assert words[:5] == ["nixos-container", "run", "k3s-server", "--", "etcdctl"]
+    tls = "/var/lib/rancher/k3s/server/tls/etcd"
+    for flag in (f"--cacert={tls}/server-ca.crt", f"--cert={tls}/client.crt",
+                 f"--key={tls}/client.key", "--endpoints=https://127.0.0.1:2379"):
+        assert flag in words
+    assert words[-4:] == ["member", "list", "-w", "json"]
+
+
+def test_members_and_health_read_through_a_staying_server(etcd_cluster: Any,
+                                                          hosts: HostRunner) -> None:
+    c = etcd_cluster
+    view = etcdmembers.read_members(hosts, [ip(c, "olaf")])
+    assert sorted(m.name for m in view.members) == names(c)
+    assert all(m.healthy for m in view.members)
+    assert {m.node for m in view.members} == {"olaf", "sven", "erik"}
+    c.stop("erik")
+    # the first server asked is down: the next one answers
+    view = etcdmembers.read_members(hosts, [ip(c, "erik"), ip(c, "olaf")])
+    assert view.via == ip(c, "olaf")
+    assert {m.node: m.healthy for m in view.members} == {"olaf": True, "sven": True,
+                                                          "erik": False}
+
+
+def test_two_servers_leave_one_at_a_time(etcd_cluster: Any, hosts: HostRunner) -> None:
+    c = etcd_cluster
+    ids = {m["name"]: m["ID"] for m in c.members()}
+    seen: list[str] = []
+    leaving = ["erik", "sven"]
+    removed = etcdmembers.remove_leaving(hosts, [ip(c, "olaf")], "erik", leaving, seen.append)
+    assert removed == [c.hosts["erik"].name]
+    assert names(c) == sorted([c.hosts["olaf"].name, c.hosts["sven"].name])
+    # the leave step then stops the server and sets its database aside
+    etcdmembers.stop_and_set_aside(hosts, ip(c, "erik"), "erik", "20261206T070000Z", seen.append)
+    assert not (c.hosts["erik"].root / "server" / "db").exists()
+    assert (c.hosts["erik"].root / "server" / "db.left-20261206T070000Z" / "etcd" / "member").is_dir()
+    removed = etcdmembers.remove_leaving(hosts, [ip(c, "olaf")], "sven", leaving, seen.append)
+    assert removed == [c.hosts["sven"].name]
+    assert names(c) == [c.hosts["olaf"].name]
+    assert c.healthy("olaf")
+    # each removal after its own list and health check: never two at once
+    assert hosts.etcdctl_verbs() == [
+        "member list", "endpoint health",
+        f"member remove {ids[c.hosts['erik'].name]}",
+        "member list", "endpoint health",
+        f"member remove {ids[c.hosts['sven'].name]}",
+    ]
+    # a step that runs again finds nothing left to do
+    assert etcdmembers.remove_leaving(hosts, [ip(c, "olaf")], "sven", leaving, seen.append) == []
+    assert any("no etcd member any more" in s for s in seen)
+
+
+def test_a_removal_that_would_lose_the_quorum_is_refused_before_anything(
+    etcd_cluster: Any, hosts: HostRunner
+) -> None:
+    c = etcd_cluster
+    before = names(c)
+    c.stop("erik")  # stopped, still listed: counts against the quorum
+    with pytest.raises(QuorumError) as err:
+        etcdmembers.remove_leaving(hosts, [ip(c, "olaf")], "sven", ["sven"], lambda _: None)
+    assert c.hosts["erik"].name in err.value.message
+    assert list(err.value.unhealthy) == [c.hosts["erik"].name]
+    assert names(c) == before  # nothing removed
+    assert "member remove" not in " ".join(hosts.etcdctl_verbs())
+    # two leaving, one of them dead: the dead one goes first, then the other, from one step
+    removed = etcdmembers.remove_leaving(hosts, [ip(c, "olaf")], "sven", ["sven", "erik"],
+                                         lambda _: None)
+    assert removed == [c.hosts["erik"].name, c.hosts["sven"].name]
+    assert names(c) == [c.hosts["olaf"].name]
+
+
+def test_stale_member_removed_before_a_server_rejoins_with_no_data(
+    etcd_cluster: Any, hosts: HostRunner
+) -> None:
+    c = etcd_cluster
+    old = c.hosts["erik"].name
+    c.wipe("erik")  # reinstalled: no data, but its member is still listed
+    seen: list[str] = []
+    did = etcdmembers.prepare_join(hosts, [ip(c, "olaf")], "erik", ip(c, "erik"),
+                                   "20261206T070000Z", seen.append)
+    assert did == f"removed {old}"
+    assert old not in names(c)
+    # now a member of the same node name joins again (what K3s does on an empty data dir)
+    c.join("erik", via="olaf")
+    assert c.hosts["erik"].name != old
+    assert [n for n in names(c) if n.startswith("erik-")] == [c.hosts["erik"].name]
+    assert c.healthy("erik")
+    # a server with its data and its member listed is left alone
+    (c.hosts["erik"].data / "name").write_text(c.hosts["erik"].name)
+    before = names(c)
+    assert etcdmembers.prepare_join(hosts, [ip(c, "olaf")], "erik", ip(c, "erik"), "x",
+                                    seen.append) == "member kept"
+    assert names(c) == before
+
+
+def test_data_of_a_removed_member_is_set_aside_before_it_joins(
+    etcd_cluster: Any, hosts: HostRunner
+) -> None:
+    c = etcd_cluster
+    etcdmembers.remove_leaving(hosts, [ip(c, "olaf")], "erik", ["erik"], lambda _: None)
+    c.stop("erik")  # removed from the cluster, its data still on its host
+    did = etcdmembers.prepare_join(hosts, [ip(c, "olaf")], "erik", ip(c, "erik"), "stamp",
+                                   lambda _: None)
+    assert did == "nothing stale"
+    assert (c.hosts["erik"].root / "server" / "db.left-stamp" / "etcd" / "name").is_file()
+    assert not (c.hosts["erik"].root / "server" / "db").exists()
+
+
+def test_set_aside_refuses_a_database_of_another_member(
+    etcd_cluster: Any, hosts: HostRunner
+) -> None:
+    from k3scluster.errors import K3sClusterError
+
+    c = etcd_cluster
+    with pytest.raises(K3sClusterError) as err:
+        etcdmembers.stop_and_set_aside(hosts, ip(c, "erik"), "sven", "x", lambda _: None)
+    assert "belongs to etcd member " + c.hosts["erik"].name in err.value.message
+    assert c.healthy("erik")
+    assert (c.hosts["erik"].root / "server" / "db").is_dir()
+
+
+def test_parse_members_keeps_64_bit_ids() -> None:
+    out = json.dumps({"members": [{"ID": 17045747262218232381, "name": "a-1",
+                                   "peerURLs": ["https://10.0.0.1:2380"],
+                                   "clientURLs": ["https://10.0.0.1:2379"]}]})
+    (m,) = etcdmembers.with_health(etcdmembers.parse_members(out),
+                                   {"https://10.0.0.1:2379": True})
+    assert m.hex_id == "ec8ea8d29f9ae23d" and m.healthy

@@ -1,0 +1,325 @@
+"""Servers leaving a running cluster through the real engine, against a REAL etcd cluster.
+
+The hosts are test_health's lab: the example cluster's five hosts, each a real ``sshd`` at
+its plan address in the engine's loopback-only namespace (its ``/run`` and ``/var/lib`` its
+own), the K3s API stand-in for the gates (tests/k3sapi.py), colmena's stand-in. The three K3s
+servers' etcd is real (tests/etcdcluster.py): three TLS members named as K3s names them,
+at the servers' plan addresses, each in a network namespace of its own. On a server host,
+what K3s keeps under ``/var/lib/nixos-containers/k3s-server/var/lib/rancher/k3s`` is that
+member's directory (a link), so the project's state script and ``mv`` act on the real
+etcd data. Stand-ins on the hosts' PATH (``~/.ssh/environment``), for what belongs to NixOS
+and not to etcd, each logging its calls:
+
+- ``nixos-container run k3s-server -- CMD``: CMD (the project's real ``etcdctl`` words) in
+  that host's member's network namespace, with the member's K3s directory mounted at
+  ``/var/lib/rancher/k3s`` (a private mount namespace): what the real one does inside the
+  container;
+- ``systemctl is-active|stop container@k3s-server.service``: whether the member answers on
+  127.0.0.1:2379; ``stop`` waits until it does not (a removed member stops by itself).
+
+Each test: a first ``up`` (the deploys record what they deployed), a change of the plans,
+``pulumi preview`` (the named step per node and the words), ``pulumi up`` (the order of
+operations from the logs, the members from the real etcd), and the preview after.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_health import ROOT, SERVERS, Lab, Project, _text
+
+pytestmark = [pytest.mark.integration, pytest.mark.root]
+
+MEMBERS = {name: ip for name, ip in SERVERS.values()}  # K3s node name -> server address
+HOST_OF = {name: host for host, (name, _ip) in SERVERS.items()}
+BIN = ROOT / ".tools" / "bin"
+
+NIXOS_CONTAINER = """#!/bin/sh
+# stand-in for `nixos-container run k3s-server -- CMD...` on a test host (see the test's docstring)
+[ "$1" = run ] && [ "$2" = k3s-server ] && [ "$3" = -- ] || { echo "usage: $*" >&2; exit 2; }
+shift 3
+d=$K3SCLUSTER_TEST_LAB/$K3SCLUSTER_TEST_HOST
+echo "$(date +%s.%N) $K3SCLUSTER_TEST_HOST $*" >> "$K3SCLUSTER_TEST_LAB/container.log"
+exec nsenter --net="$d/member-netns" -- unshare --mount --propagation private sh -c \
+  'mkdir -p /var/lib/rancher/k3s && mount --bind "$0" /var/lib/rancher/k3s && exec "$@"' \
+  "$(readlink -f "$d/member-root")" "$@"
+"""
+
+SYSTEMCTL = """#!/bin/bash
+# stand-in for systemctl on a test host: container@k3s-server is the host's etcd member
+d=$K3SCLUSTER_TEST_LAB/$K3SCLUSTER_TEST_HOST
+echo "$(date +%s.%N) $K3SCLUSTER_TEST_HOST systemctl $*" >> "$K3SCLUSTER_TEST_LAB/container.log"
+up() { nsenter --net="$d/member-netns" -- timeout 2 bash -c 'exec 3<>/dev/tcp/127.0.0.1/2379' 2>/dev/null; }
+case "$1 $2" in
+  "is-active container@k3s-server.service") if up; then echo active; else echo inactive; fi ;;
+  "stop container@k3s-server.service")
+    for _ in $(seq 100); do up || exit 0; sleep 0.2; done
+    echo "stand-in: the member still answers" >&2; exit 1 ;;
+  "stop podman-k3s-agent.service") exit 0 ;;
+  "--no-block reboot") echo "$(date +%s.%N) $K3SCLUSTER_TEST_HOST reboot via ${SSH_CONNECTION}" \
+      >> "$K3SCLUSTER_TEST_LAB/container.log" ;;
+  *) echo "stand-in systemctl: $*" >&2; exit 3 ;;
+esac
+"""
+
+
+def host_standins(lab: Lab, base: Path, extra_setup: str = "") -> None:
+    """The stand-ins on every host's PATH, each host's name in a UTS namespace of its own
+    (what ``/proc/sys/kernel/hostname`` says: NixOS sets it from the plan), a K3s token."""
+    standins = base / "standins"
+    standins.mkdir()
+    for name, text in (("nixos-container", NIXOS_CONTAINER), ("systemctl", SYSTEMCTL)):
+        (standins / name).write_text(text)
+        (standins / name).chmod(0o755)
+    ssh = lab.home / ".ssh"
+    ssh.mkdir(mode=0o700, exist_ok=True)
+    (ssh / "environment").write_text(
+        f"PATH={standins}:{BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
+    )
+    for host, h in lab.hosts.items():
+        with (h / "sshd_config").open("a") as f:
+            f.write("PermitUserEnvironment yes\n"
+                    f"SetEnv K3SCLUSTER_TEST_LAB={lab.dir} K3SCLUSTER_TEST_HOST={host}\n")
+        secrets = h / "var-lib" / "k3scluster" / "secrets"
+        secrets.mkdir(parents=True)
+        (secrets / "k3s-token").write_text("stand-in token\n")
+    setup = lab.setup
+
+    def named_setup(down: tuple[str, ...] = ()) -> str:
+        text = setup(down)
+        for host, h in lab.hosts.items():
+            text = text.replace(
+                f"unshare --mount --propagation private sh -c 'mount --bind {h / 'run'} ",
+                f"unshare --mount --uts --propagation private sh -c 'hostname {host} && "
+                f"mount --bind {h / 'run'} ",
+            )
+        return extra_setup + text
+
+    lab.setup = named_setup  # type: ignore[method-assign]
+
+
+class MemberLab:
+    """test_health's lab with the real etcd members behind the server hosts."""
+
+    def __init__(self, lab: Lab, etcd: Any, base: Path) -> None:
+        self.lab, self.etcd = lab, etcd
+        self.mounts: list[Path] = []
+        host_standins(lab, base)
+        for node, host in HOST_OF.items():
+            m = etcd.hosts[node]
+            h = lab.hosts[host]
+            # the K3s directory as the host sees it inside the container's root
+            k3s = h / "var-lib" / "nixos-containers" / "k3s-server" / "var" / "lib" / "rancher"
+            k3s.mkdir(parents=True)
+            (k3s / "k3s").symlink_to(m.root)
+            (h / "member-root").symlink_to(m.root)
+            # the member's network namespace, where the host's sshd (its own /run) sees it
+            target = h / "member-netns"
+            target.touch()
+            subprocess.run(["mount", "--bind", str(m.ns.path), str(target)], check=True)
+            self.mounts.append(target)
+            # K3s keeps the member's name beside its data
+            (m.data / "name").write_text(m.name)
+
+    def close(self) -> None:
+        for t in self.mounts:
+            subprocess.run(["umount", str(t)], check=False)
+
+    def calls(self) -> list[tuple[float, str, str]]:
+        log = self.lab.dir / "container.log"
+        out = []
+        for line in log.read_text().splitlines() if log.exists() else []:
+            t, host, rest = line.split(" ", 2)
+            out.append((float(t), host, rest))
+        return out
+
+    def removals(self) -> list[tuple[float, str, str]]:
+        """(time, host asked, member id) of each `etcdctl member remove` that succeeded…
+        or was tried (etcd's answer is in the step's output)."""
+        return [(t, h, rest.split()[-1]) for t, h, rest in self.calls()
+                if " member remove " in rest]
+
+    def member_names(self) -> list[str]:
+        return sorted(m["name"] for m in self.etcd.members(via="olaf-k3s-server"))
+
+
+@pytest.fixture
+def members(tmp_path: Path) -> Any:
+    from etcdcluster import EtcdCluster
+
+    lab = Lab(tmp_path)
+    etcd = EtcdCluster.launch(tmp_path / "etcd", MEMBERS)
+    ml = MemberLab(lab, etcd, tmp_path)
+    try:
+        yield ml
+    finally:
+        ml.close()
+        etcd.shutdown()
+
+
+def _drop_rows(p: Project, *nodes: str, hosts: tuple[str, ...] = ()) -> None:
+    k3s = p.cluster / "plans" / "k3s.csv"
+    k3s.write_text("".join(ln + "\n" for ln in k3s.read_text().splitlines()
+                           if ln.split(",")[1:2] not in ([n] for n in nodes)
+                           and ln.split(",")[0] not in hosts))
+    if hosts:
+        hcsv = p.cluster / "plans" / "hosts.csv"
+        hcsv.write_text("".join(ln + "\n" for ln in hcsv.read_text().splitlines()
+                                if ln.split(",")[0] not in hosts))
+
+
+def _first_up(p: Project) -> None:
+    r = p.up()
+    assert r.returncode == 0, _text(r)[-6000:] + p.lab.sshd_logs()[-2000:]
+    assert p.preview() == {}  # the records read back: nothing to do
+
+
+def _preview_text(p: Project) -> str:
+    r = p.pulumi("preview", "--diff")
+    assert r.returncode == 0, _text(r)[-4000:]
+    return _text(r)
+
+
+def _colmena_starts_after(p: Project, t0: float) -> list[float]:
+    return [c["start"] for c in p.colmena_calls() if c["start"] > t0]
+
+
+def test_a_server_row_leaves_etcd_before_anything_deploys(members: MemberLab,
+                                                         tmp_path: Path) -> None:
+    p = Project(tmp_path, members.lab)
+    _first_up(p)
+    olaf, ulf, rolf = (members.etcd.hosts[n].name for n in MEMBERS)
+    assert members.member_names() == sorted([olaf, ulf, rolf])
+
+    _drop_rows(p, "rolf-k3s-server")
+    ops = p.preview()
+    assert ops["rolf-k3s-server-leaves-etcd"] == "create"
+    assert "rolf-deploy" in ops  # its container goes with the next deploy of rolf
+    text = _preview_text(p)
+    assert ("rolf-k3s-server (server on rolf) leaves etcd: its row left plans/k3s.csv; its "
+            "member is removed from a healthy remaining server, then it is stopped") in text
+
+    t0 = time.time()
+    r = p.up()
+    assert r.returncode == 0, _text(r)[-6000:]
+    assert members.member_names() == sorted([olaf, ulf])
+    (removal,) = members.removals()
+    assert removal[1] == "olaf"  # asked through the init-server's host, which stays
+    # the member was removed before any host of this run deployed
+    assert all(start > removal[0] for start in _colmena_starts_after(p, t0))
+    # ... after its list and health check, then the server was stopped, its data set aside
+    verbs = [rest for _t, _h, rest in members.calls()]
+    i = next(k for k, v in enumerate(verbs) if " member remove " in v)
+    assert "member list" in verbs[i - 2] and "endpoint health" in verbs[i - 1]
+    assert any(v == "systemctl stop container@k3s-server.service" for v in verbs[i:])
+    aside = list((members.etcd.hosts["rolf-k3s-server"].root / "server").glob("db.left-*"))
+    assert len(aside) == 1 and (aside[0] / "etcd" / "member" / "wal").is_dir()
+    # the next run forgets the step (nothing runs again)
+    assert p.preview() == {"rolf-k3s-server-leaves-etcd": "delete"}
+
+
+def test_two_server_rows_leave_one_at_a_time(members: MemberLab, tmp_path: Path) -> None:
+    p = Project(tmp_path, members.lab)
+    _first_up(p)
+    olaf = members.etcd.hosts["olaf-k3s-server"].name
+    ids = {m["name"]: m["ID"] for m in members.etcd.members(via="olaf-k3s-server")}
+    _drop_rows(p, "ulf-k3s-server", "rolf-k3s-server")
+    ops = p.preview()
+    assert ops["rolf-k3s-server-leaves-etcd"] == ops["ulf-k3s-server-leaves-etcd"] == "create"
+    t0 = time.time()
+    r = p.up()
+    assert r.returncode == 0, _text(r)[-6000:]
+    assert members.member_names() == [olaf]  # 3 -> 2 -> 1
+    removed = [mid for _t, _h, mid in members.removals()]
+    want = [ids[members.etcd.hosts[n].name] for n in ("rolf-k3s-server", "ulf-k3s-server")]
+    assert list(dict.fromkeys(removed)) == want  # one after the other (retries count once)
+    assert all(start > members.removals()[-1][0] for start in _colmena_starts_after(p, t0))
+
+
+def test_a_server_host_leaves_the_plans(members: MemberLab, tmp_path: Path) -> None:
+    p = Project(tmp_path, members.lab)
+    _first_up(p)
+    _drop_rows(p, hosts=("rolf",))
+    ops = p.preview()
+    assert ops["rolf-k3s-server-leaves-etcd"] == "create"
+    assert ops["rolf-leaves-plans"] == "create"
+    assert ops["rolf-deploy"] == "delete"
+    r = p.up()
+    assert r.returncode == 0, _text(r)[-6000:]
+    assert members.etcd.hosts["rolf-k3s-server"].name not in members.member_names()
+    secrets = members.lab.hosts["rolf"] / "var-lib" / "k3scluster" / "secrets"
+    assert not (secrets / "k3s-token").exists()
+    assert len(list(secrets.glob("k3s-token.left-*"))) == 1
+    assert ("rolf (10.0.100.4) left the plans: its K3s nodes (rolf-k3s-server) left the cluster "
+            "first, its K3s token is set aside so they stay stopped; the machine was NOT wiped "
+            "and keeps running its last configuration") in _text(r)
+
+
+def test_removing_every_server_is_refused_at_preview(members: MemberLab, tmp_path: Path) -> None:
+    p = Project(tmp_path, members.lab)
+    _first_up(p)
+    k3s = p.cluster / "plans" / "k3s.csv"
+    k3s.write_text("host,name,type,ip\nkarl,karl-k3s-server,init-server,10.0.100.20\n"
+                   "karl,karl-k3s-agent,agent,10.0.100.15\n")
+    r = p.pulumi("preview")
+    assert r.returncode != 0
+    assert ("removes every K3s server of the running cluster (olaf-k3s-server, "
+            "rolf-k3s-server, ulf-k3s-server)") in _text(r)
+    assert len(members.member_names()) == 3
+
+
+def test_a_removal_that_would_lose_the_quorum_fails_before_anything(
+    members: MemberLab, tmp_path: Path
+) -> None:
+    p = Project(tmp_path, members.lab)
+    _first_up(p)
+    members.etcd.stop("ulf-k3s-server")  # a remaining member is down
+    _drop_rows(p, "rolf-k3s-server")
+    before = len(p.colmena_calls())
+    r = p.up()
+    assert r.returncode != 0
+    ulf = members.etcd.hosts["ulf-k3s-server"].name
+    assert f"unhealthy: {ulf}" in _text(r)
+    assert members.removals() == []
+    assert len(members.etcd.members(via="olaf-k3s-server")) == 3
+    assert len(p.colmena_calls()) == before  # no host deployed
+
+
+def test_a_re_addressed_host_is_deployed_through_its_old_address(
+    tmp_path: Path,
+) -> None:
+    lab = Lab(tmp_path)
+    new = "10.0.100.25"
+    with (lab.hosts["karl"] / "sshd_config").open("a") as f:
+        f.write(f"ListenAddress {new}\n")  # where it answers once it rebooted
+    host_standins(lab, tmp_path, extra_setup=f"ip addr add {new}/32 dev lo\n")
+    p = Project(tmp_path, lab)
+    _first_up(p)
+    hcsv = p.cluster / "plans" / "hosts.csv"
+    hcsv.write_text(hcsv.read_text().replace("karl,eni1,10.0.100.5,", f"karl,eni1,{new},"))
+    text = _preview_text(p)
+    assert (f"karl moves from 10.0.100.5 to {new}: deployed through 10.0.100.5, then checked "
+            f"at {new}") in text
+    n = len(p.colmena_calls())
+    r = p.up()
+    assert r.returncode == 0, _text(r)[-6000:]
+    (call,) = p.colmena_calls()[n:]
+    assert call["hosts"] == ["karl"]
+    assert call["targets"] == {"karl": "10.0.100.5"}  # colmena went to the old address
+    assert call["goal"] == "boot"  # no switch under its own ssh connection
+    log = (lab.dir / "container.log").read_text()
+    assert "karl reboot via " in log and log.split("karl reboot via ")[1].split()[2] == "10.0.100.5"
+    assert f"karl: rebooting into its new address {new}" in _text(r)
+    assert p.outputs()["hosts"]["karl"]["ip"] == new
+    # the record follows: the next run deploys karl once more, now at the plan's address
+    # (its argv no longer names the old one), then nothing
+    assert p.preview() == {"karl-deploy": "update"}
+    r = p.up()
+    assert r.returncode == 0, _text(r)[-6000:]
+    last = p.colmena_calls()[-1]
+    assert last["targets"] == {"karl": new} and last["goal"] == "switch"
+    assert p.preview() == {}
