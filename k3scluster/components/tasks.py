@@ -427,8 +427,9 @@ def _before_deploy(args: argparse.Namespace, ssh: commands.SshSettings,
     for name in agents if args.check_agent_state else []:
         if agentmembers.has_node_password(run, address):
             continue
-        creds = _credentials(ssh, args.credentials_from,
-                             min(deadline, time.monotonic() + 30), args.host)
+        # asked once: no admin kubeconfig on any server host means no cluster yet (a first
+        # deploy), so nothing it could still hold of this agent
+        creds = _credentials(ssh, args.credentials_from, time.monotonic(), args.host)
         if creds is None:
             _progress(f"{name}: no cluster credentials yet; no old Node to look for")
             continue
