@@ -166,3 +166,49 @@ def test_preview_and_up_warn_about_a_manifest_that_left_the_plans(
     assert removed_manifests(load(example_dir), render_dir) == ["hello.yaml"]
     render_to_dir(load(example_dir), render_dir)
     assert removed_manifests(load(example_dir), render_dir) == []
+
+
+# -- secrets a host no longer needs ---------------------------------------------------------
+# colmena uploads deployment.keys but never deletes one the hive stops naming: an agent-only
+# host that got the server token before agents had a token of their own (or while it was a
+# server) would keep it on its disk.
+
+
+def _tmpfiles_rules(out: Path, host: str) -> list[str]:
+    rules = module_config(out, "base", host, ".systemd.tmpfiles.rules")
+    assert isinstance(rules, list)
+    return [str(r) for r in rules]
+
+
+def test_hosts_without_a_server_remove_the_server_token_they_kept(
+    example_dir: Path, tmp_path: Path
+) -> None:
+    out = example_dir / ".k3scluster" / "render"
+    render_to_dir(load(example_dir), out)
+    token = "/var/lib/k3scluster/secrets/k3s-token"
+    agent_token = "/var/lib/k3scluster/agent-secrets/k3s-agent-token"
+    removes = {
+        host: sorted(r.split()[1] for r in _tmpfiles_rules(out, host) if r.startswith("r "))
+        for host in ("olaf", "rolf", "karl", "ulrich")  # server+agent, server, agent, none
+    }
+    assert removes == {"olaf": [], "rolf": [], "karl": [token], "ulrich": [agent_token, token]}
+
+    # the rules as systemd-tmpfiles applies them (--root: a directory standing in for /):
+    # the server token goes, every other file stays
+    root = tmp_path / "root"
+    for rel in ("secrets/k3s-token", "secrets/passwd-manfred", "agent-secrets/k3s-agent-token"):
+        f = root / "var/lib/k3scluster" / rel
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("x\n")
+    conf = tmp_path / "k3scluster.conf"
+    conf.write_text("\n".join(_tmpfiles_rules(out, "karl")) + "\n")
+    proc = subprocess.run(
+        ["systemd-tmpfiles", "--create", "--remove", f"--root={root}", str(conf)],
+        capture_output=True, text=True, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    left = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    assert left == [
+        "var/lib/k3scluster/agent-secrets/k3s-agent-token",
+        "var/lib/k3scluster/secrets/passwd-manfred",
+    ]

@@ -6,6 +6,9 @@ let
   cfg = config.k3scluster.host;
   str = lib.types.str;
   secretsDir = "/var/lib/k3scluster/secrets";
+  tokenKey = "k3s-token";
+  agentSecretsDir = "/var/lib/k3scluster/agent-secrets";
+  agentTokenKey = "k3s-agent-token";
 in
 {
   options.k3scluster.host = {
@@ -121,10 +124,19 @@ in
     };
 
     # Where colmena puts the secrets (deployment.keys.*.destDir): persistent and root-only.
+    # colmena never deletes a key the hive stops naming: a host without a K3s server
+    # (k3scluster.server is declared by modules/k3s-server.nix only) loses the server
+    # token it got before the agent token existed, or while it was a server; a host
+    # without K3s also the agent token. At boot and at every activation; only these two
+    # files of ours.
     systemd.tmpfiles.rules = [
       "d /var/lib/k3scluster 0755 root root -"
       "d ${secretsDir} 0700 root root -"
-    ];
+    ]
+    ++ lib.optional (!(config.k3scluster ? server)) "r ${secretsDir}/${tokenKey} - - - - -"
+    ++ lib.optional (
+      !(config.k3scluster ? server || config.k3scluster ? agent)
+    ) "r ${agentSecretsDir}/${agentTokenKey} - - - - -";
 
     # Disks as the installer (installers/<host>/system-setup.sh) makes them: ext4 labelled
     # nixos, on EFI a FAT32 EFI system partition labelled boot. Defaults only: the
