@@ -355,6 +355,18 @@ def test_vm_stack_lifecycle(tmp_path: Path, ns: Namespace, guest: None) -> None:
         assert ns.ping(ip)
     assert "masquerade" in ns.run("nft", "list", "ruleset").stdout  # vmNat's table again
 
+    # -- rolf moves to another address: a new VM (its installed system carries the address),
+    # found at the new one, its hardware read and its host key accepted there
+    moved = "10.0.100.7"
+    hosts_csv.write_text(hosts_csv.read_text().replace(
+        f"rolf,eno2,{HOSTS['rolf'][0]},", f"rolf,eno2,{moved},"))
+    p.engine("up", "--yes", "--skip-preview")
+    assert ns.ping(moved) and not ns.ping(HOSTS["rolf"][0])
+    assert _boots(p.console("rolf")) == ["install", "serve"]
+    assert p.ssh(moved, "true").returncode == 0
+    assert HOSTS["rolf"][0] not in p.known_hosts.read_text()
+    assert ns.ping(HOSTS["olaf"][0])
+
     # -- destroy: VMs stopped, their disks and files gone, and nothing else ----------------
     iso_dir = p.render_dir.parent / f"{p.render_dir.name}-iso"
     isos_before = sorted(str(x) for x in iso_dir.rglob("*.iso"))
@@ -371,7 +383,8 @@ def test_vm_stack_lifecycle(tmp_path: Path, ns: Namespace, guest: None) -> None:
     # the rehearsal left the cluster directory as it found it, and ~/.ssh alone
     assert p.snapshot() == before
     assert (user_known_hosts.read_bytes() if user_known_hosts.exists() else None) == user_known
-    assert not [ip for ip, _ in HOSTS.values() if ip in p.known_hosts.read_text()]
+    assert not [ip for ip in (moved, *(ip for ip, _ in HOSTS.values()))
+                if ip in p.known_hosts.read_text()]
 
     # -- a hardware stack on the same directory sees nothing of the VMs ---------------------
     hw_config = (p.dir / f"Pulumi.{STACK}.yaml").read_text()
