@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TextIO
 
 from k3scluster import closures, commands, stackinfo
-from k3scluster.components.tasks import BOOT_FILES
+from k3scluster.bootentries import boot_changes
 from k3scluster.errors import K3sClusterError
 from k3scluster.render import GC_ROOTS
 
@@ -190,24 +190,6 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False
     )
-
-
-def _boot_entry(path: Path) -> str | None:
-    try:
-        return os.readlink(path) if path.is_symlink() else path.read_text()
-    except OSError:
-        return None
-
-
-def boot_changes(deployed: str, built: str) -> list[str]:
-    """Which of the systems' kernel, initrd and kernel parameters differ (those readable in
-    both): any of them means the host runs the new system only after a reboot."""
-    changed = []
-    for name in BOOT_FILES:
-        a, b = _boot_entry(Path(deployed) / name), _boot_entry(Path(built) / name)
-        if a is not None and b is not None and a != b:
-            changed.append(name)
-    return changed
 
 
 def host_changes(

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from k3scluster import build, closures, commands
+from k3scluster import bootentries, build, closures, commands
 from k3scluster.errors import K3sClusterError
 from k3scluster.render import write_tree
 from k3scluster.stackconfig import StackFile, stack_layout
@@ -374,10 +374,10 @@ def test_boot_entries_need_a_reboot(tmp_path: Path) -> None:
         (system / "kernel").symlink_to("/nix/store/k-linux-6.12.30/bzImage")
         (system / "initrd").symlink_to(initrd)
         (system / "kernel-params").write_text("loglevel=4")
-    assert build.boot_changes(str(old), str(new)) == ["initrd"]
-    assert build.boot_changes(str(old), str(old)) == []
+    assert bootentries.boot_changes(str(old), str(new)) == ["initrd"]
+    assert bootentries.boot_changes(str(old), str(old)) == []
     (new / "kernel-params").write_text("loglevel=7")
-    assert build.boot_changes(str(old), str(new)) == ["initrd", "kernel-params"]
+    assert bootentries.boot_changes(str(old), str(new)) == ["initrd", "kernel-params"]
     # no kernel package in the diff, but a new initrd: still a reboot
     lines = build.host_changes(str(NIX), "ulf", str(old), str(new), run=_diff_says(NEW_FORMAT))
     assert lines[0].endswith("; its initrd, kernel-params change: needs a reboot")

@@ -143,10 +143,10 @@ def test_a_host_that_booted_another_kernel_needs_a_reboot(example: Any, tmp_path
     ["same", "kernel", "initrd+params", "params only in one"],
 )
 def test_the_hosts_boot_check_is_builds_rule(tmp_path: Path, case: str) -> None:
-    """tasks.boot_script (run on the host by status) answers as build.boot_changes (which
-    compares a deployed and a built system here), on stand-in system directories."""
-    from k3scluster.build import boot_changes
-    from k3scluster.components.tasks import boot_script
+    """bootentries.boot_script (run on the host by status) answers as
+    bootentries.boot_changes (which build uses to compare a deployed and a built system
+    here), on stand-in system directories."""
+    from k3scluster.bootentries import boot_changes, boot_script
 
     tmp_path = tmp_path / "a dir"  # the script quotes the paths it is given
     store = tmp_path / "store"

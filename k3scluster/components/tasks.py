@@ -37,7 +37,6 @@ import hashlib
 import ipaddress
 import json
 import os
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from k3scluster import commands
+from k3scluster.bootentries import boot_script
 from k3scluster.components.rendered import ensure_render
 from k3scluster.errors import K3sClusterError
 from k3scluster.stackpaths import resolve, resolve_args
@@ -246,27 +246,6 @@ def _ssh_run(
 def _ssh_error(proc: subprocess.CompletedProcess[str]) -> str:
     lines = [ln for ln in (proc.stderr or "").splitlines() if ln.strip()]
     return lines[-1].strip() if lines else f"ssh exit code {proc.returncode}"
-
-
-# What decides whether a NixOS system needs a reboot: the toplevel's boot entries (the kernel
-# and initrd links, the kernel-params file). One rule, two readers: ``build.boot_changes``
-# compares two systems here, :func:`boot_script` a host's booted and current systems on the
-# host. An entry differs when it is readable in both and its link target (a link) or its text
-# (a file) is not the same.
-BOOT_FILES = ("kernel", "initrd", "kernel-params")
-
-
-def boot_script(booted: str = "/run/booted-system", current: str = "/run/current-system") -> str:
-    """Shell: one line ``reboot:<entry>`` per boot entry that differs between ``booted`` and
-    ``current``, then ``reboot-checked`` (missing when either has no kernel: not a NixOS
-    system as far as this can tell)."""
-    entries = " ".join(BOOT_FILES)
-    return (
-        'e() { if [ -L "$1" ]; then readlink "$1"; else cat "$1"; fi 2>/dev/null; }; '
-        f'b={shlex.quote(booted)} c={shlex.quote(current)}; if [ -e "$b/kernel" ] && [ -e "$c/kernel" ]; then '
-        f'for f in {entries}; do x=$(e "$b/$f") && y=$(e "$c/$f") && [ "$x" != "$y" ] '
-        '&& echo "reboot:$f"; done; echo reboot-checked; fi'
-    )
 
 
 def observe(
