@@ -256,6 +256,28 @@ def test_build_failed_host(example_dir: Path, tmp_path: Path) -> None:
     assert r.returncode == 1 and "--on: no host nobody" in r.stderr
 
 
+def test_build_fails_when_colmena_does(example_dir: Path, tmp_path: Path) -> None:
+    """colmena's exit status counts even when every host's GC root is new (a colmena that
+    built all and then failed): build says so and exits 1. A host named twice is built once."""
+    wrapper = tmp_path / "bin" / "colmena"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\n{sys.executable} {COLMENA} "$@"; exit 3\n')
+    wrapper.chmod(0o755)
+    log = tmp_path / "colmena.jsonl"
+    env = {**os.environ, "COLMENA_LOG": str(log), "COLMENA_STORE": str(tmp_path / "store"),
+           "PATH": f"{wrapper.parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "k3scluster", "build", str(example_dir), "--on",
+                        "olaf", "olaf,olaf"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, check=False, timeout=300)
+    assert r.returncode == 1, r.stdout
+    assert [ln.split()[:2] for ln in r.stdout.splitlines() if ln.startswith("built")] == [
+        ["built", "olaf"]]
+    assert "colmena exited with status 3 although every host was built" in r.stdout
+    (call,) = _calls(log)
+    assert call["argv"][3:5] == ["--on", "olaf"]  # type: ignore[index]
+
+
 def test_build_progress_is_passed_through_while_colmena_runs(
     example_dir: Path, tmp_path: Path
 ) -> None:
