@@ -210,6 +210,10 @@ def host_changes(
         return [f"{host}: nix store diff-closures failed: {last}"]
     summary = closures.summarise(host, closures.parse_diff_closures(proc.stdout))
     lines = summary.lines()
+    unread = closures.unread_lines(proc.stdout)
+    if unread:  # never a silent "no package changes" from output this cannot read
+        lines.append(f"  {len(unread)} line(s) of nix store diff-closures not understood, "
+                     f"so changes may be missing above; the first: {unread[0]}")
     boot = boot_changes(deployed, built)
     if boot and summary.kernel is None:  # e.g. boot.kernelParams, or the initrd's modules
         lines[0] += f"; its {', '.join(boot)} change: needs a reboot"

@@ -73,30 +73,43 @@ def _bytes(number: str, unit: str) -> int:
     return round(float(number) * 1024 ** (_UNITS.index(unit) + 1))
 
 
+def _parse_line(raw: str) -> PackageChange | None:
+    """One ``diff-closures`` line as a change; None when it is not one."""
+    line = _ANSI.sub("", raw).strip()
+    name, sep, rest = line.partition(": ")
+    if not sep or not name or not rest:
+        return None
+    size = 0
+    m = _SIZE.search(rest)
+    if m:
+        size = _bytes(m.group(1), m.group(2))
+        rest = rest[: m.start()]
+    before: tuple[str, ...] = ()
+    after: tuple[str, ...] = ()
+    if rest:
+        left, arrow, right = rest.partition(ARROW)
+        if not arrow:
+            return None  # not a diff-closures line
+        before, after = _versions(left), _versions(right)
+    elif not m:
+        return None
+    return PackageChange(name, before, after, size)
+
+
 def parse_diff_closures(text: str) -> list[PackageChange]:
-    """The changes in ``nix store diff-closures`` output; lines that are not one are skipped."""
-    changes = []
-    for raw in text.splitlines():
-        line = _ANSI.sub("", raw).strip()
-        name, sep, rest = line.partition(": ")
-        if not sep or not name or not rest:
-            continue
-        size = 0
-        m = _SIZE.search(rest)
-        if m:
-            size = _bytes(m.group(1), m.group(2))
-            rest = rest[: m.start()]
-        before: tuple[str, ...] = ()
-        after: tuple[str, ...] = ()
-        if rest:
-            left, arrow, right = rest.partition(ARROW)
-            if not arrow:
-                continue  # not a diff-closures line
-            before, after = _versions(left), _versions(right)
-        elif not m:
-            continue
-        changes.append(PackageChange(name, before, after, size))
-    return changes
+    """The changes in ``nix store diff-closures`` output; lines that are not one are skipped
+    (:func:`unread_lines` names them)."""
+    return [c for c in map(_parse_line, text.splitlines()) if c is not None]
+
+
+def unread_lines(text: str) -> list[str]:
+    """The non-empty lines of ``diff-closures`` output that are not a change as this reads
+    them (a format this does not know): a summary without them may miss changes."""
+    return [
+        _ANSI.sub("", ln).strip()
+        for ln in text.splitlines()
+        if ln.strip() and _parse_line(ln) is None
+    ]
 
 
 def render_size(delta: int) -> str:

@@ -405,6 +405,25 @@ def test_boot_entries_need_a_reboot(tmp_path: Path) -> None:
     assert lines[0].endswith("; its initrd, kernel-params change: needs a reboot")
 
 
+def test_diff_output_not_understood_is_said(tmp_path: Path) -> None:
+    """A diff-closures line this cannot read (a format it does not know) is named, never
+    dropped into a silent 'no package changes'; Nix's own lines are all read."""
+    systems = [tmp_path / "a", tmp_path / "b"]
+    for d in systems:
+        d.mkdir()
+    odd = "hello: 2.12 -> 2.13"  # not Nix's arrow
+    lines = build.host_changes(str(NIX), "ulf", str(systems[0]), str(systems[1]),
+                               run=_diff_says(odd + "\n"))
+    assert lines == ["ulf: no package changes",
+                     ("  1 line(s) of nix store diff-closures not understood, so changes may "
+                      f"be missing above; the first: {odd}")]
+    for text in (OLD_FORMAT, NEW_FORMAT, REAL_NIX_2_8):
+        assert closures.unread_lines(text) == []
+        said = build.host_changes(str(NIX), "ulf", str(systems[0]), str(systems[1]),
+                                  run=_diff_says(text))
+        assert not any("not understood" in ln for ln in said)
+
+
 def _diff_says(text: str):  # type: ignore[no-untyped-def]
     """A runner for host_changes whose path-info succeeds and whose diff prints ``text``."""
     def run(argv: list[str]) -> subprocess.CompletedProcess[str]:
