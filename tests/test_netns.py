@@ -68,6 +68,9 @@ def test_a_live_run_whose_pid_is_not_seen_here_keeps_its_namespace_and_servers(
         server = int(pid)
         path = Path("/run/netns") / name
         assert name == f"k3sct-{unseen}-0" and path.exists() and _alive(server)
+        _until("its server in the namespace", lambda: pid in subprocess.run(
+            ["ip", "netns", "pids", name], capture_output=True, text=True,
+            check=False).stdout.split())
         netns._remove_stale()  # as the next NetNS.create of any test run does
         assert path.exists(), "a live run's namespace was removed"
         assert _alive(server), "a live run's server was killed"
@@ -105,6 +108,8 @@ def test_a_namespace_left_by_an_earlier_run_with_this_pid_does_not_block_a_new_o
     name = f"k3sct-{os.getpid()}-{n}"  # what a killed run that had this pid left behind
     subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
     left = netns.NetNS(name).popen(["sleep", "600"], tmp_path / "sleep.log")
+    _until("the left server in its namespace", lambda: str(left.pid) in subprocess.run(
+        ["ip", "netns", "pids", name], capture_output=True, text=True, check=False).stdout.split())
     mine = netns.NetNS.create()  # this run's own: kept
     monkeypatch.setattr(netns, "_COUNTER", itertools.count(n))
     ns = None
