@@ -106,3 +106,17 @@ def test_an_entry_without_one_of_its_binaries_is_not_used(checkout: Path, tmp_pa
     assert not (checkout / ".tools/etcd.stamp").exists()
     assert r.returncode != 0
     assert "that cache entry is incomplete or corrupt" in r.stderr
+
+
+@pytest.mark.parametrize("shared", ["cache", "entry"])
+def test_an_entry_others_can_write_is_not_trusted(
+    checkout: Path, tmp_path: Path, shared: str,
+) -> None:
+    cache = tmp_path / "cache"
+    entry = _entry(cache, "etcd", sums=True)
+    (cache if shared == "cache" else entry).chmod(0o777)  # anyone could have put a binary there
+    r = _run(checkout, cache)
+    assert not (checkout / ".tools/bin/etcd").exists()
+    assert r.returncode != 0  # it fell back to building, which cannot work here
+    assert "can be written by a user other than root and you" in r.stderr
+    assert entry.is_dir()  # not ours to move aside
