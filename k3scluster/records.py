@@ -122,13 +122,28 @@ def host_versions(
     return found
 
 
+# the line a deploy step prints last, with what the host runs (components/tasks.py writes
+# it; the state keeps the step's stdout, read back here and by the components)
+DEPLOYED_PREFIX = "k3scluster-deployed="
+
+
+def last_json(stdout: str | None, prefix: str) -> dict[str, object] | None:
+    """The JSON object on the last line of ``stdout`` that starts with ``prefix``."""
+    for line in reversed((stdout or "").splitlines()):
+        if line.startswith(prefix):
+            try:
+                value = json.loads(line[len(prefix) :])
+            except ValueError:
+                return None
+            return value if isinstance(value, dict) else None
+    return None
+
+
 def deployed_hosts_of(resources: Iterable[tuple[str, str, Mapping[str, Any]]]) -> Deployed:
     """What the hosts' last successful deploys recorded of them (``membership.Deployed``):
     each deploy step prints ``k3scluster-deployed=<JSON>`` with the host's record
     (``membership.host_record``) as ``"host"`` when it succeeds, and its state keeps it (a
     failed deploy keeps the record of its last success)."""
-    from k3scluster.components.tasks import DEPLOYED_PREFIX, last_json
-
     found: list[object] = []
     for urn, type_, outputs in resources:
         stdout = outputs.get("stdout") if isinstance(outputs, Mapping) else None

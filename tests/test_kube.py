@@ -6,8 +6,9 @@ import pytest
 import yaml
 
 from k3scluster import kube
-from k3scluster.components.tasks import DEPLOYED_PREFIX, last_json, write_private
+from k3scluster.components.tasks import write_private
 from k3scluster.errors import K3sClusterError
+from k3scluster.records import DEPLOYED_PREFIX, last_json
 
 K3S_YAML = """apiVersion: v1
 clusters:

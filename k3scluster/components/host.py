@@ -17,9 +17,9 @@ import pulumi
 from k3scluster import commands, render
 from k3scluster.components.iso import InstallerIso, InstallerIsoArgs
 from k3scluster.components.steps import step
-from k3scluster.components.tasks import DEPLOYED_PREFIX, last_json
 from k3scluster.model import Host as HostModel
 from k3scluster.model import K3sNode, K3sType
+from k3scluster.records import DEPLOYED_PREFIX, last_json
 
 
 @dataclass(frozen=True)

@@ -50,12 +50,8 @@ from pulumi.dynamic import (
 from pulumi.runtime.rpc import unwrap_rpc_secret
 
 from k3scluster.components.rendered import input_environment
-from k3scluster.components.tasks import (
-    DEPLOYED_PREFIX,
-    OBSERVED_PREFIX,
-    PROGRESS_PREFIX,
-    last_json,
-)
+from k3scluster.components.tasks import OBSERVED_PREFIX, PROGRESS_PREFIX
+from k3scluster.records import DEPLOYED_PREFIX, last_json
 from k3scluster.stackpaths import STEP_PYTHON
 
 TAIL_CHARS = 4000

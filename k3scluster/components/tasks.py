@@ -48,6 +48,7 @@ from k3scluster import commands
 from k3scluster.bootentries import boot_script
 from k3scluster.components.rendered import ensure_render
 from k3scluster.errors import K3sClusterError
+from k3scluster.records import DEPLOYED_PREFIX
 from k3scluster.stackpaths import resolve, resolve_args
 
 CAPTURED_PREFIX = "captured-sha256="
@@ -173,7 +174,6 @@ def _iso(result: Path, argv: list[str]) -> None:
     print(json.dumps({"image": str(image), "sha256": h.hexdigest()}))
 
 
-DEPLOYED_PREFIX = "k3scluster-deployed="
 OBSERVED_PREFIX = "k3scluster-observed="
 PROGRESS_PREFIX = "k3scluster: "
 SERVER_UNIT = "container@k3s-server.service"
@@ -183,18 +183,6 @@ _OBSERVE_SCRIPT = (
     'readlink /run/current-system || echo "-"; for u in {units}; do '
     'printf "%s=%s\\n" "$u" "$(systemctl is-active "$u" 2>/dev/null)"; done'
 )
-
-
-def last_json(stdout: str | None, prefix: str) -> dict[str, object] | None:
-    """The JSON object on the last line of ``stdout`` that starts with ``prefix``."""
-    for line in reversed((stdout or "").splitlines()):
-        if line.startswith(prefix):
-            try:
-                value = json.loads(line[len(prefix) :])
-            except ValueError:
-                return None
-            return value if isinstance(value, dict) else None
-    return None
 
 
 def _progress(message: str) -> None:
