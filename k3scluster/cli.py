@@ -276,6 +276,7 @@ def _render(
     out: Path,
     vm_stack: str | None,
     held_agents: dict[str, str] | None = None,
+    carry: Sequence[str] = (),
 ) -> dict[str, str]:
     """The render of ``k3scluster render`` (and of a stack's render step): for a VM stack
     with the NIC names of its VMs. Notices (no Graphviz) go to stderr."""
@@ -287,7 +288,7 @@ def _render(
         from k3scluster.lab.spec import vm_render
 
         vm = vm_render(cluster, vm_stack, out)
-    written = render_to_dir(cluster, out, notices, vm, held_agents)
+    written = render_to_dir(cluster, out, notices, vm, held_agents, carry)
     for notice in notices:
         print(f"k3scluster: {notice}", file=sys.stderr)
     return written
@@ -367,6 +368,7 @@ def _say(message: str) -> None:
 
 def cmd_build(args: argparse.Namespace) -> int:
     from k3scluster import build
+    from k3scluster.render import SERVERS_FIRST_DIR
 
     cluster = _load_for_command(args.dir)
     if cluster is None:
@@ -384,7 +386,9 @@ def cmd_build(args: argparse.Namespace) -> int:
     kind = f"VM stack {layout.stack}" if layout.vms else (
         f"stack {layout.stack}" if layout.stack else "no stack")
     _say(f"rendering {args.dir} into {layout.render_dir} ({kind})")
-    _render(cluster, layout.render_dir, layout.vm_stack)
+    # the stack's servers-first hives (a K3s minor upgrade under way) stay: build cannot make
+    # them (they need the stack's records), and the next up's render step, unchanged, would not
+    _render(cluster, layout.render_dir, layout.vm_stack, carry=(SERVERS_FIRST_DIR,))
     _say(f"building {len(hosts)} host(s) with colmena (no host is contacted): "
         f"{', '.join(hosts)}")
     code, results = build.build_hosts(layout.colmena, layout.render_dir, hosts)

@@ -33,7 +33,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -528,9 +528,12 @@ def render_files(
     return dict(sorted(files.items()))
 
 
+SERVERS_FIRST_DIR = "servers-first"
+
+
 def servers_first_path(host: str) -> str:
     """Where ``servers_first_hive`` of ``host`` is rendered, under OUT."""
-    return f"servers-first/{host}.nix"
+    return f"{SERVERS_FIRST_DIR}/{host}.nix"
 
 
 def servers_first_hive(host: str, package_attr: str) -> str:
@@ -576,12 +579,15 @@ KEPT = ("kubeconfig",)
 GC_ROOTS = ".gcroots"
 
 
-def write_tree(files: Mapping[str, str], out: Path) -> None:
+def write_tree(files: Mapping[str, str], out: Path, carry: Sequence[str] = ()) -> None:
     """Write ``files`` as the whole content of OUT, replacing an earlier render.
 
     Everything is written into a temporary directory beside OUT, which is then
     renamed into place: OUT is the old render or the new one, never a mix, and files
     of an earlier render that are gone now do not survive. Files are 0644, dirs 0755.
+    ``carry``: directories of OUT whose files the earlier render had are kept as they are
+    when ``files`` has none there (``k3scluster build`` keeps the servers-first hives of the
+    stack's render, which it cannot make: they need the stack's records).
     """
     out = Path(out).absolute()
     if out.exists():
@@ -614,6 +620,9 @@ def write_tree(files: Mapping[str, str], out: Path) -> None:
             if keep not in files and (out / keep).is_file() and not (out / keep).is_symlink():
                 os.link(out / keep, tmp / keep)
         _copy_gc_roots(out / GC_ROOTS, tmp / GC_ROOTS)
+        for kept_dir in carry:
+            if not any(Path(rel).parts[0] == kept_dir for rel in files):
+                _link_files(out / kept_dir, tmp / kept_dir)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             old.rmdir()
@@ -641,6 +650,19 @@ def _copy_gc_roots(src: Path, dst: Path) -> None:
         (dst / link.name).symlink_to(os.readlink(link))
 
 
+def _link_files(src: Path, dst: Path) -> None:
+    """The regular files directly in ``src`` linked (same inode) into a new ``dst``."""
+    if src.is_symlink() or not src.is_dir():
+        return
+    files = [p for p in sorted(src.iterdir()) if p.is_file() and not p.is_symlink()]
+    if not files:
+        return
+    dst.mkdir()
+    dst.chmod(0o755)
+    for f in files:
+        os.link(f, dst / f.name)
+
+
 def _mkdirs(base: Path, d: Path) -> None:
     missing = []
     while d != base and not d.exists():
@@ -657,9 +679,10 @@ def render_to_dir(
     notices: list[str] | None = None,
     vm: VmRender | None = None,
     held_agents: Mapping[str, str] | None = None,
+    carry: Sequence[str] = (),
 ) -> dict[str, str]:
     """Render and write OUT, with the picture of the cluster (k3scluster.diagram); returns
-    what was written. A picture that cannot be drawn adds a line to ``notices`` and never
+    what was written (``carry``: as for :func:`write_tree`). A picture that cannot be drawn adds a line to ``notices`` and never
     stops the render. The picture's files are not in ``render_files``: no host depends on
     them."""
     files = render_files(cluster, out, vm, held_agents)
@@ -670,7 +693,7 @@ def render_to_dir(
     if clash:
         raise ValueError(f"the picture would overwrite rendered files: {clash}")
     files.update(pictures)
-    write_tree(files, out)
+    write_tree(files, out, carry)
     return dict(sorted(files.items()))
 
 

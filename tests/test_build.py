@@ -235,6 +235,24 @@ def test_build_every_host(example_dir: Path, tmp_path: Path) -> None:
     assert os.readlink(render / ".gcroots" / "node-olaf") == rows[0][2]
 
 
+def test_build_keeps_the_stacks_servers_first_hives(example_dir: Path, tmp_path: Path) -> None:
+    """A render made with --hold-agent (a stack's render step during a K3s minor upgrade)
+    keeps its servers-first/ hives through a build, which cannot make them and which the
+    next up's render step, its inputs unchanged, would not make again; a plain render
+    drops them as before."""
+    r = _k3scluster(["render", str(example_dir), "--hold-agent", "karl=1.33"], tmp_path, {})
+    assert r.returncode == 0, r.stderr
+    held = example_dir / ".k3scluster" / "render" / "servers-first" / "karl.nix"
+    text = held.read_text()
+    env = {"COLMENA_STORE": str(tmp_path / "store")}
+    r = _k3scluster(["build", str(example_dir), "--on", "olaf"], tmp_path, env)
+    assert r.returncode == 0, r.stderr
+    assert held.read_text() == text
+    r = _k3scluster(["render", str(example_dir)], tmp_path, {})
+    assert r.returncode == 0, r.stderr
+    assert not held.parent.exists()
+
+
 def test_build_failed_host(example_dir: Path, tmp_path: Path) -> None:
     log, store = tmp_path / "colmena.jsonl", tmp_path / "store"
     env = {"COLMENA_LOG": str(log), "COLMENA_STORE": str(store)}
