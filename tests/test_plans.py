@@ -154,7 +154,7 @@ def test_defaults_and_optional_files(example_dir: Path) -> None:
     # the one thing to say: what the missing nixos: means (issue 19 item 4)
     [warning] = warnings
     assert warning.message.startswith("no nixos: the hosts run NixOS 25.05, end of life")
-    assert 'add the line nixos: "26.05"' in warning.hint
+    assert 'a new cluster: nixos: "26.05"' in warning.hint
     assert cluster.network.nixos_release == "25.05"
     assert cluster.k3s == () and cluster.manifests == ()
     assert cluster.network.prefix_length == 24
@@ -406,3 +406,19 @@ def test_k3s_release_is_checked_only_against_k3sclusters_own_pins(example_dir: P
     # ... and for 25.05 k3scluster has no record of its k3s_1_XX attributes
     net.write_text(text.replace('nixos: "26.05"', 'nixos: "25.05"'))
     assert plans.load(example_dir).diagnostics == ()
+
+
+def test_nixos_missing_hint_keeps_a_running_cluster_on_what_it_runs(example_dir: Path) -> None:
+    # A cluster that runs NixOS 25.05 with K3s 1.31 (no nixos:, no k3s:) cannot jump to the
+    # newest release: its K3s minors are not packaged there and K3s moves one minor at a
+    # time. The hint first names what the hosts run now, written out.
+    network = example_dir / "plans" / "network.yaml"
+    text = network.read_text()
+    text = re.sub(r'(?m)^nixos: .*\n', "", text)
+    text = re.sub(r'(?m)^k3s: .*\n', "", text)
+    network.write_text(text)
+    result = plans.load(example_dir)
+    [diag] = [d for d in result.diagnostics if d.message.startswith("no nixos:")]
+    hint = str(diag.hint)
+    assert 'a cluster that runs: add the line nixos: "25.05" and k3s: "1.31"' in hint
+    assert hint.index('nixos: "25.05"') < hint.index('nixos: "26.05"')

@@ -315,20 +315,27 @@ class NetworkReader(Files, Names):
         k3s = (
             f" and K3s {pin.k3s_default} (no k3s: either)" if k3s_minor is None else ""
         )
+        # A cluster that runs keeps what it runs, written out: a jump to the newest release
+        # would skip K3s minor releases (it packages none that such a cluster runs).
+        runs_now = f'the line nixos: "{DEFAULT_NIXOS_RELEASE}"' + (
+            f' and k3s: "{pin.k3s_default}"' if k3s_minor is None else ""
+        )
         self.warn(
             "nixos-missing",
             rel,
             1,
             f"no nixos: the hosts run NixOS {DEFAULT_NIXOS_RELEASE}{eol}{k3s}",
-            f'add the line nixos: "{NEWEST_NIXOS_RELEASE}" (what `k3scluster init` writes), '
-            f'and stateVersion: "{DEFAULT_STATE_VERSION}" if it is not there (the release '
-            "the hosts were installed with; never change it afterwards)"
+            f"a cluster that runs: add {runs_now} (what the hosts run now), then move NixOS "
+            "and K3s forward one release at a time (K3s upgrades one minor release at a "
+            f'time); a new cluster: nixos: "{NEWEST_NIXOS_RELEASE}" (what `k3scluster init` '
+            "writes)"
             + (
-                f'; with it, k3s: "{NIXPKGS_PINS[NEWEST_NIXOS_RELEASE].k3s_default}" '
-                "(K3s upgrades one minor release at a time)"
+                f', k3s: "{NIXPKGS_PINS[NEWEST_NIXOS_RELEASE].k3s_default}"'
                 if k3s_minor is None
-                else ""
-            ),
+                else " and a k3s: it packages"
+            )
+            + f'. stateVersion: "{DEFAULT_STATE_VERSION}" if it is not there (the release the '
+            "hosts were installed with; never change it afterwards)",
         )
 
     def parse_nixpkgs_pin(
