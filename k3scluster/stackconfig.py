@@ -96,11 +96,24 @@ def project_path(project_dir: Path, raw: str | None) -> Path | None:
     return (project_dir / Path(raw).expanduser()).resolve() if raw else None
 
 
-def known_hosts_file(render_dir: Path, configured: Path | None) -> Path:
+def known_hosts_file(render_dir: Path, configured: Path | None, *, vms: bool = False) -> Path:
     """Where the project's ssh remembers host keys: ``sshKnownHosts``, else the stack's own
     ``<renderDir>-known_hosts`` (never ``~/.ssh/known_hosts``: a VM stack's keys for the
-    plan's addresses would make ssh refuse the real machines)."""
-    return configured or render_dir.parent / f"{render_dir.name}-known_hosts"
+    plan's addresses would make ssh refuse the real machines).
+
+    A VM stack (``vms``) always uses its own file: it adds its VMs' keys for the plan's
+    addresses and drops them again when a VM is deleted or installed again, which in a file
+    shared with the real machines (a committed ``<cluster>/known_hosts``, ``~/.ssh/known_hosts``)
+    would replace and then delete the real hosts' keys. Another file named is refused."""
+    own = render_dir.parent / f"{render_dir.name}-known_hosts"
+    if vms and configured is not None and configured != own:
+        raise K3sClusterError(
+            f"k3scluster:sshKnownHosts is {configured}, but this is a VM stack "
+            f"(k3scluster:vms): its VMs' host keys for the plan's addresses go to its own "
+            f"{own} only, never to a file the real machines' keys may be in",
+            hint="pulumi config rm k3scluster:sshKnownHosts (for this stack)",
+        )
+    return configured or own
 
 
 def kubeconfig_file(render_dir: Path, configured: Path | None) -> Path:

@@ -62,7 +62,9 @@ def resolve(
         user=config.get("deployUser") or "root",
         identity=project_path(project_dir, config.get("sshIdentity")),
         known_hosts=known_hosts_file(
-            layout.render_dir, project_path(project_dir, config.get("sshKnownHosts"))
+            layout.render_dir,
+            project_path(project_dir, config.get("sshKnownHosts")),
+            vms=layout.vms,
         ),
         remember_host_keys=False,  # status looks: it never writes a known_hosts file
     )

@@ -23,6 +23,7 @@ from engine import netns_available, require_engine, run_in_namespace
 from test_health import AGENTS, HOSTS, SERVERS, SSHD, STACK, Lab, Project, system_path
 
 from k3scluster import status
+from k3scluster.errors import K3sClusterError
 from k3scluster.plans import load_or_raise
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -523,7 +524,7 @@ def _program_settings(project: Path, stack: str) -> Any:
 
 
 @pytest.mark.parametrize("extra", [
-    "",
+    "  k3scluster:vms: true\n",
     ("  k3scluster:deployUser: admin\n  k3scluster:sshIdentity: keys/id\n"
      "  k3scluster:sshKnownHosts: kh/known\n  k3scluster:kubeconfigPath: ../kc/config\n"
      "  k3scluster:renderDir: out\n"),
@@ -544,7 +545,7 @@ def test_status_reaches_the_hosts_and_the_api_as_the_program_does(
     (project / "keys" / "id").write_text("not read here\n")
     (project / "kh").mkdir()
     (project / "Pulumi.st.yaml").write_text(
-        "config:\n  k3scluster:clusterDir: ../c\n  k3scluster:vms: true\n" + extra)
+        "config:\n  k3scluster:clusterDir: ../c\n" + extra)
     settings = _program_settings(project, "st")
     info = stackinfo.resolve(StackFile(project, "st"), "st", project, {})
     assert info.layout.render_dir == settings.render_dir
@@ -552,5 +553,43 @@ def test_status_reaches_the_hosts_and_the_api_as_the_program_does(
     assert info.ssh.identity == settings.ssh_identity
     assert info.ssh.known_hosts == settings.known_hosts_file
     assert info.kubeconfig == settings.kubeconfig_file
-    if extra:  # the settings were read, not defaults on both sides
+    if "vms" in extra:  # a VM stack: its own file
+        assert info.ssh.known_hosts == tmp_path / "c" / ".k3scluster" / "st-known_hosts"
+    else:  # the settings were read, not defaults on both sides
         assert info.ssh.user == "admin" and info.kubeconfig == tmp_path / "kc" / "config"
+
+
+def test_a_vm_stack_refuses_a_known_hosts_file_not_its_own(tmp_path: Path) -> None:
+    """A VM stack adds its VMs' keys for the plan's addresses to its known_hosts and drops
+    them when a VM is deleted or installed again: in a file the real machines' keys are in
+    (the cluster's committed known_hosts, ~/.ssh/known_hosts) that would replace, then delete
+    them. The program and status both refuse such a stack; its own file is accepted."""
+    from k3scluster import stackinfo
+    from k3scluster.stackconfig import StackFile
+
+    project = tmp_path / "p"
+    project.mkdir()
+    shutil.copy(ROOT / "Pulumi.yaml", project)
+    (tmp_path / "c").mkdir()
+    shared = tmp_path / "c" / "known_hosts"
+    shared.write_text("10.0.100.5 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIRealMachineKey\n")
+    stack_file = project / "Pulumi.st.yaml"
+    stack_file.write_text(
+        "config:\n  k3scluster:clusterDir: ../c\n  k3scluster:vms: true\n"
+        "  k3scluster:sshKnownHosts: ../c/known_hosts\n"
+    )
+    with pytest.raises(K3sClusterError, match="sshKnownHosts .* VM stack"):
+        _program_settings(project, "st")
+    with pytest.raises(K3sClusterError, match="sshKnownHosts .* VM stack"):
+        stackinfo.resolve(StackFile(project, "st"), "st", project, {})
+    # the same file in a hardware stack, and the VM stack's own file named: both fine
+    stack_file.write_text(stack_file.read_text().replace("vms: true", "vms: false"))
+    assert _program_settings(project, "st").known_hosts_file == shared
+    own = tmp_path / "c" / ".k3scluster" / "st-known_hosts"
+    stack_file.write_text(
+        "config:\n  k3scluster:clusterDir: ../c\n  k3scluster:vms: true\n"
+        "  k3scluster:sshKnownHosts: ../c/.k3scluster/st-known_hosts\n"
+    )
+    (tmp_path / "c" / ".k3scluster").mkdir()
+    assert _program_settings(project, "st").known_hosts_file == own
+    assert stackinfo.resolve(StackFile(project, "st"), "st", project, {}).ssh.known_hosts == own

@@ -67,7 +67,9 @@ class Settings:
         """Where ssh remembers the hosts' keys: ``k3scluster:sshKnownHosts``, else a file of
         this stack's own beside its render directory, never ``~/.ssh/known_hosts``: a VM
         stack's keys for the plan's addresses would make ssh refuse the real machines."""
-        return stackconfig.known_hosts_file(self.render_dir, self.ssh_known_hosts)
+        return stackconfig.known_hosts_file(
+            self.render_dir, self.ssh_known_hosts, vms=self.vm is not None
+        )
 
     @property
     def ssh(self) -> commands.SshSettings:
@@ -110,6 +112,7 @@ class Settings:
                 hint="name your private key file (a path, never the key): "
                 "pulumi config set k3scluster:sshIdentity ~/.ssh/id_ed25519",
             )
+        self.known_hosts_file  # noqa: B018 (a VM stack refuses another file: stackconfig)
         if self.ssh_known_hosts is not None and not self.ssh_known_hosts.parent.is_dir():
             raise K3sClusterError(
                 f"k3scluster:sshKnownHosts {self.ssh_known_hosts}: its directory does not exist",
