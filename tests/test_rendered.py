@@ -62,3 +62,41 @@ def test_a_cluster_changed_after_the_plan_is_refused(example_dir: Path) -> None:
     hosts.write_text(hosts.read_text().replace("10.0.100.2", "10.0.100.9"))
     with pytest.raises(K3sClusterError, match="changed after the plan"):
         ensure_render(example_dir, out, None, env)
+
+
+def test_an_older_render_of_the_plan_data_is_rendered_again(example_dir: Path) -> None:
+    """cluster.json (read by modules/cluster.nix) and hive.nix are in no step's file inputs
+    (their plan values are the step's ``plan``): an older render on this machine that differs
+    only there, such as one made before another operator changed a hosts.csv column, is
+    rendered again instead of being deployed."""
+    out = example_dir / ".k3scluster" / "it"
+    hosts = example_dir / "plans" / "hosts.csv"
+    before = hosts.read_text()
+    hosts.write_text(before.replace("rack-top", "rack-old").replace("10.0.100.6", "10.0.100.7"))
+    render.render_to_dir(load_or_raise(example_dir)[0], out)  # this operator's older render
+    hosts.write_text(before)  # the clone now: olaf's column and ulrich's address as planned
+    env = _planned(example_dir, out)
+    assert "rack-old" in (out / "cluster.json").read_text()
+    seen: list[str] = []
+    ensure_render(example_dir, out, None, env, seen.append)
+    assert "rack-old" not in (out / "cluster.json").read_text()
+    assert "rack-top" in (out / "cluster.json").read_text()
+    assert "10.0.100.7" not in (out / "hive.nix").read_text()
+    assert seen and "cluster.json" in seen[0]
+
+
+def test_rendering_again_keeps_the_servers_first_hives(example_dir: Path) -> None:
+    """During a K3s minor upgrade the render step writes servers-first/<host>.nix (its
+    --hold-agent values); a deploy that renders again (without them) keeps those hives for the
+    same up's servers-first steps."""
+    out = example_dir / ".k3scluster" / "it"
+    c, _ = load_or_raise(example_dir)
+    render.render_to_dir(c, out, held_agents={"olaf": "1.33"})
+    hive = out / render.servers_first_path("olaf")
+    held = hive.read_bytes()
+    env = _planned(example_dir, out)
+    (out / "hosts" / "olaf.nix").write_text("# an older render\n")
+    seen: list[str] = []
+    ensure_render(example_dir, out, None, env, seen.append)
+    assert seen, "the older host file was rendered again"
+    assert hive.read_bytes() == held

@@ -6,8 +6,14 @@ are unchanged, yet may deploy a host (one left over by an interrupted ``up``, a 
 their render directory may then be missing or older than the plan. So the deploy task compares
 the rendered files the step names among its inputs (``file:<rel>``: sha256, in the environment
 as ``K3SCLUSTER_IN_…=file:<rel>=<sha256>``, set by both runners) with the files on disk, and
-renders again, under a lock, when one differs. If the render still differs, the cluster
-directory changed after the plan was made: the step fails instead of deploying something else.
+renders again, under a lock, when one differs. The rendered files no step names among its
+inputs (``cluster.json``, which ``modules/cluster.nix`` reads, and ``hive.nix``: every host's
+plan values, covered by the steps' ``plan`` instead) are compared with a render of the cluster
+directory as it is on this machine, so an older render's plan data is never deployed either. A
+render again keeps the servers-first hives of a K3s minor upgrade that the render step wrote
+(``servers-first/``: only the render step knows which agents are held; the same ``up``'s
+servers-first steps deploy from them). If the render still differs, the cluster directory changed after the plan was made:
+the step fails instead of deploying something else.
 
 Plain library code: no pulumi here.
 """
@@ -97,6 +103,52 @@ def stale(out: Path, planned: Mapping[str, str]) -> list[str]:
     return sorted(differ)
 
 
+# rendered files no deploy step names among its inputs (their content is plan data, recorded
+# in clear in each step's ``plan``): compared with a render of the cluster directory instead
+UNPLANNED = ("cluster.json", "hive.nix")
+
+
+def unplanned_stale(cluster: Path, out: Path, vm_stack: str | None) -> list[str]:
+    """The ``UNPLANNED`` files of ``out`` that differ from a render of ``cluster`` now."""
+    from k3scluster import render
+    from k3scluster.plans import load_or_raise
+
+    c, _ = load_or_raise(cluster)
+    vm = None
+    if vm_stack:
+        from k3scluster.lab.spec import vm_render
+
+        vm = vm_render(c, vm_stack, out)
+    files = render.render_files(c, out, vm)
+    return sorted(
+        rel
+        for rel in UNPLANNED
+        if _sha(out / rel) != hashlib.sha256(files[rel].encode("utf-8")).hexdigest()
+    )
+
+
+SERVERS_FIRST = "servers-first"
+
+
+def _servers_first(out: Path) -> dict[str, bytes]:
+    """The servers-first hives in ``out`` (rel -> content)."""
+    found = sorted((out / SERVERS_FIRST).glob("*.nix")) if (out / SERVERS_FIRST).is_dir() else []
+    return {f"{SERVERS_FIRST}/{f.name}": f.read_bytes() for f in found if f.is_file()}
+
+
+def _restore(out: Path, kept: Mapping[str, bytes]) -> None:
+    """Put back the servers-first hives a render without ``--hold-agent`` left out."""
+    for rel, data in kept.items():
+        target = out / rel
+        if target.exists():
+            continue
+        target.parent.mkdir(mode=0o755, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_bytes(data)
+        tmp.chmod(0o644)
+        tmp.replace(target)
+
+
 @contextlib.contextmanager
 def _locked(out: Path) -> Iterator[None]:
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -115,12 +167,19 @@ def ensure_render(
     environ: Mapping[str, str] | None = None,
     progress: object = None,
 ) -> None:
-    """Render ``cluster`` into ``out`` again unless it already holds what the step planned."""
+    """Render ``cluster`` into ``out`` again unless it already holds what the step planned
+    and, for the files no step names, what the cluster directory renders now."""
     planned = planned_files(os.environ if environ is None else environ)
-    if not planned or not stale(out, planned):
+    if not planned:
+        return
+
+    def differ_now() -> list[str]:
+        return stale(out, planned) or unplanned_stale(cluster, out, vm_stack)
+
+    if not differ_now():
         return
     with _locked(out):
-        differ = stale(out, planned)
+        differ = differ_now()
         if differ:
             if callable(progress):
                 progress(
@@ -129,14 +188,17 @@ def ensure_render(
                     "missing or not as planned)"
                 )
             argv = [sys.executable, "-m", "k3scluster", "render", str(cluster), "--out", str(out)]
+            argv += ["--vm-stack", vm_stack] if vm_stack else []
+            kept = _servers_first(out)
             proc = subprocess.run(
-                [*argv, *(["--vm-stack", vm_stack] if vm_stack else [])],
+                argv,
                 stdin=subprocess.DEVNULL,
                 stdout=sys.stderr,
                 check=False,
             )
             if proc.returncode != 0:
                 raise K3sClusterError(f"rendering {cluster} into {out} failed")
+            _restore(out, kept)
         differ = stale(out, planned)
     if differ:
         raise K3sClusterError(
