@@ -27,7 +27,7 @@ elif [ -n "${ZSH_VERSION:-}" ]; then
 else
   _k3s_env_src=$0
 fi
-_k3s_root=$(cd "$(dirname "$_k3s_env_src")/.." && pwd)
+_k3s_root=$(CDPATH= cd -- "$(dirname -- "$_k3s_env_src")/.." && pwd)  # CDPATH: cd would print it
 
 case ":$PATH:" in
   *":$_k3s_root/.tools/bin:"*) ;;

@@ -190,6 +190,26 @@ def test_env_sh_sets_offline_defaults_and_creates_a_passphrase_once(tmp_path: Pa
     assert again["PATH"].count(".tools/bin") == 1
 
 
+def test_env_sh_sourced_by_a_relative_path_with_cdpath_set(tmp_path: Path) -> None:
+    """``source scripts/env.sh`` in the project, in a shell that exports CDPATH: ``cd
+    scripts/..`` then prints the directory, which env.sh took as the project (twice, a
+    newline between): PATH, PULUMI_HOME and the backend named a directory that does not
+    exist."""
+    _source_env(tmp_path, {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})  # the copy
+    r = subprocess.run(
+        ["bash", "-c", "source scripts/env.sh && env -0"],
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "CDPATH": "."},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    got = dict(item.split("=", 1) for item in r.stdout.split("\0") if "=" in item)
+    assert got["PATH"].split(":")[0] == f"{tmp_path}/.tools/bin"
+    assert got["PULUMI_HOME"] == f"{tmp_path}/.tools/pulumi-home"
+    assert got["PULUMI_BACKEND_URL"] == f"file://{tmp_path}/state"
+
+
 def test_env_sh_keeps_the_users_settings(tmp_path: Path) -> None:
     mine = {
         "PATH": "/usr/bin:/bin",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,19 @@ def test_the_launcher_is_found_relative_to_the_project_and_picks_the_python(
     assert _launcher({}, project) == str(venv_py)
     assert _launcher({"PULUMI_PYTHON_CMD": python3}, project) == python3
     assert _launcher({"PULUMI_PYTHON_CMD": python3, "K3SCLUSTER_PYTHON": str(venv_py)}, project) == str(venv_py)
+
+
+def test_the_launcher_finds_its_project_with_cdpath_set(tmp_path: Path) -> None:
+    """``cd scripts/..`` consults CDPATH (an operator's shell often exports one) and then
+    prints the directory, which the launcher captured as the project: it ran python3 on PATH
+    instead of the project's .venv Python."""
+    project = tmp_path / "project"
+    (project / "scripts").mkdir(parents=True)
+    launcher = project / STEP_PYTHON
+    launcher.write_bytes((ROOT / STEP_PYTHON).read_bytes())
+    launcher.chmod(0o755)
+    venv_py = project / ".venv" / "bin" / "python"
+    venv_py.parent.mkdir(parents=True)
+    venv_py.symlink_to(sys.executable)
+    assert _launcher({"CDPATH": "."}, project) == str(venv_py)
+    assert _launcher({"CDPATH": str(tmp_path / "elsewhere") + ":."}, project) == str(venv_py)
