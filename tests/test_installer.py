@@ -145,7 +145,8 @@ def test_iso_module_evaluates(cluster, tmp_path):
     assert "wants" not in unit and "requires" not in unit
     script = (base / "system-setup.sh").read_text()
     settle = script.index("udevadm settle --timeout=120")
-    assert script.index('step find-disk "') < settle < script.index('for link in "$BYID_DIR"/*')
+    # before either way of finding the disk (by id, by label)
+    assert settle < script.index('step find-disk "') < script.index('step find-partitions "')
     assert unit["environment"] == {
         "SYSTEM": "/nix/store/abc-nixos-system-rolf",
         "GRUB_DEVICES": "/dev/k3scluster-bootdisk",

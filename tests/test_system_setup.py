@@ -325,6 +325,32 @@ def test_no_serial_uses_labelled_partitions(script, loop_factory, tmp_path, mnt,
     assert parted(dev) == table_before
 
 
+def test_no_serial_waits_for_udev_before_it_looks_for_labels(
+    script, loop_factory, tmp_path, mnt, bystander
+):
+    # The installer unit no longer waits for systemd-udev-settle.service: the script settles
+    # udev itself, also before it looks in by-label (a stand-in udevadm makes the link only
+    # when `udevadm settle` runs, as udev would have made it by then)
+    dev = loop_factory(128)
+    _labelled(dev, efi=False)
+    bylabel = tmp_path / "by-label"
+    bylabel.mkdir()
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    udevadm = bindir / "udevadm"
+    udevadm.write_text(
+        "#!/bin/sh\n"
+        "# stands in for udevadm: `settle` = udev has made the by-label links by now\n"
+        f'[ "$1" = settle ] && ln -sfn {dev}p1 {bylabel}/nixos\n'
+        "exit 0\n"
+    )
+    udevadm.chmod(0o755)
+    path = f"{bindir}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
+    r = run(script("ulf"), BYLABEL_DIR=str(bylabel), MNT=str(mnt), BOOT="bios", PATH=path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert mounted_at(mnt) == dev + "p1"
+
+
 def test_no_serial_without_labels_fails_clearly(script, loop_factory, tmp_path, mnt, bystander):
     dev = loop_factory(128)
     _labelled(dev, efi=True)
