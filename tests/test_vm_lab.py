@@ -481,6 +481,22 @@ def test_an_install_without_the_installers_ok_is_not_an_install(
     assert machine.read_manifest(Path(s.dir))["installed"] is False  # type: ignore[index]
 
 
+def test_an_earlier_installs_ok_on_the_console_does_not_count(
+    example_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The console log is appended to across installs: the OK of an earlier install (then
+    the VM was reinstalled, or its disk replaced) must not make this install, killed
+    half-way, count as installed. Only what this install's QEMU wrote is read."""
+    s, m = _install_with(example_dir, tmp_path, monkeypatch,
+                         "system-setup[rolf] install: installing\nkilled\n")
+    console = Path(s.dir) / "console.log"
+    console.write_text("k3scluster-install: OK host=rolf\nan earlier boot\n")
+    with pytest.raises(K3sClusterError, match="ended without the installer's"):
+        machine.install(s, m, "tcg", None)
+    assert machine.read_manifest(Path(s.dir))["installed"] is False  # type: ignore[index]
+    assert "k3scluster-install: OK host=rolf\n" in console.read_text()  # (still there)
+
+
 def test_an_install_with_the_installers_ok_is_recorded(
     example_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
