@@ -715,3 +715,57 @@ def test_every_module_file_a_render_imports_was_checked(example_dir: Path) -> No
     assert "profiles/qemu-guest.nix" in seen
     assert sorted(seen - set(MODULE_FILES)) == []
     assert all(set(MODULE_FILES[f]) == set(RELEASES) for f in seen)
+
+
+def _held_by_someone(path: Path) -> bool:
+    import fcntl
+    import os
+
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def test_the_vm_lock_refuses_a_second_holder(example_dir: Path, tmp_path: Path) -> None:
+    from k3scluster.lab import lock
+
+    s = _spec(example_dir, tmp_path, "rolf")
+    with lock.vm_lock(s):
+        assert _held_by_someone(lock.lock_path(s))
+        with pytest.raises(K3sClusterError, match="another k3scluster process"), lock.vm_lock(s):
+            pass
+    assert not _held_by_someone(lock.lock_path(s))
+
+
+def test_the_vm_lock_is_not_taken_on_a_lock_file_vm_delete_removed(
+    example_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process that opened the lock file while vm-delete held it, and locks it just after
+    vm-delete removed it, holds a lock on a file nobody else opens: a third process makes a
+    new lock file and works on the VM at the same time. The lock must be the one on the file
+    at the lock's path."""
+    import fcntl
+
+    from k3scluster.lab import lock
+
+    s = _spec(example_dir, tmp_path, "rolf")
+    path = lock.lock_path(s)
+    real_flock = fcntl.flock
+    calls = []
+
+    def flock_after_delete(fd: int, op: int) -> None:
+        calls.append(fd)
+        if len(calls) == 1:  # vm-delete ends between this process's open and its flock
+            path.unlink()
+        real_flock(fd, op)
+
+    monkeypatch.setattr(lock.fcntl, "flock", flock_after_delete)
+    with lock.vm_lock(s):
+        monkeypatch.setattr(lock.fcntl, "flock", real_flock)
+        # the third process's view: the file at the path is locked
+        assert path.exists() and _held_by_someone(path)

@@ -36,21 +36,39 @@ def vm_lock(spec: VmSpec, *, remove: bool = False) -> Iterator[None]:
     VM is gone)."""
     path = lock_path(spec)
     make_lab_dir(path.parent)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = _locked(path, spec)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise K3sClusterError(
-                f"host {spec.host}: another k3scluster process (pid {holder}) is working on "
-                "this VM; nothing was done",
-                hint="wait for it to finish (pulumi up, or k3scluster vms --start/--stop)",
-            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
         if remove:
             path.unlink(missing_ok=True)
     finally:
+        os.close(fd)
+
+
+def _locked(path: Path, spec: VmSpec) -> int:
+    """An fd of ``path`` with its exclusive lock. A lock taken on a file that ``vm-delete``
+    unlinked meanwhile (opened before, locked after the delete ended) guards nothing: a
+    third process makes a new file and locks that. So the lock counts only on the file that
+    is at ``path`` now; otherwise it is taken again on the new one."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise K3sClusterError(
+                f"host {spec.host}: another k3scluster process (pid {holder}) is working on "
+                "this VM; nothing was done",
+                hint="wait for it to finish (pulumi up, or k3scluster vms --start/--stop)",
+            ) from None
+        held = os.fstat(fd)
+        try:
+            now = os.stat(path)
+        except FileNotFoundError:
+            now = None
+        if now is not None and (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+            return fd
         os.close(fd)
