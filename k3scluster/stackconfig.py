@@ -101,11 +101,13 @@ def known_hosts_file(render_dir: Path, configured: Path | None, *, vms: bool = F
     ``<renderDir>-known_hosts`` (never ``~/.ssh/known_hosts``: a VM stack's keys for the
     plan's addresses would make ssh refuse the real machines).
 
-    A VM stack (``vms``) always uses its own file: it adds its VMs' keys for the plan's
-    addresses and drops them again when a VM is deleted or installed again, which in a file
-    shared with the real machines (a committed ``<cluster>/known_hosts``, ``~/.ssh/known_hosts``)
-    would replace and then delete the real hosts' keys. Another file named is refused."""
-    own = render_dir.parent / f"{render_dir.name}-known_hosts"
+    A VM stack (``vms``) always uses its own ``<renderDir>-vm-known_hosts``: it adds its
+    VMs' keys for the plan's addresses and drops them again when a VM is deleted or installed
+    again, which in a file shared with the real machines (a committed
+    ``<cluster>/known_hosts``, ``~/.ssh/known_hosts``, the file of this same stack while it
+    was a hardware stack) would replace and then delete the real hosts' keys, and a hardware
+    stack would find the VMs' keys in it. Another file named is refused."""
+    own = render_dir.parent / f"{render_dir.name}-{'vm-' if vms else ''}known_hosts"
     if vms and configured is not None and configured != own:
         raise K3sClusterError(
             f"k3scluster:sshKnownHosts is {configured}, but this is a VM stack "

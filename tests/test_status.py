@@ -554,7 +554,7 @@ def test_status_reaches_the_hosts_and_the_api_as_the_program_does(
     assert info.ssh.known_hosts == settings.known_hosts_file
     assert info.kubeconfig == settings.kubeconfig_file
     if "vms" in extra:  # a VM stack: its own file
-        assert info.ssh.known_hosts == tmp_path / "c" / ".k3scluster" / "st-known_hosts"
+        assert info.ssh.known_hosts == tmp_path / "c" / ".k3scluster" / "st-vm-known_hosts"
     else:  # the settings were read, not defaults on both sides
         assert info.ssh.user == "admin" and info.kubeconfig == tmp_path / "kc" / "config"
 
@@ -585,11 +585,36 @@ def test_a_vm_stack_refuses_a_known_hosts_file_not_its_own(tmp_path: Path) -> No
     # the same file in a hardware stack, and the VM stack's own file named: both fine
     stack_file.write_text(stack_file.read_text().replace("vms: true", "vms: false"))
     assert _program_settings(project, "st").known_hosts_file == shared
-    own = tmp_path / "c" / ".k3scluster" / "st-known_hosts"
+    own = tmp_path / "c" / ".k3scluster" / "st-vm-known_hosts"
     stack_file.write_text(
         "config:\n  k3scluster:clusterDir: ../c\n  k3scluster:vms: true\n"
-        "  k3scluster:sshKnownHosts: ../c/.k3scluster/st-known_hosts\n"
+        "  k3scluster:sshKnownHosts: ../c/.k3scluster/st-vm-known_hosts\n"
     )
     (tmp_path / "c" / ".k3scluster").mkdir()
     assert _program_settings(project, "st").known_hosts_file == own
     assert stackinfo.resolve(StackFile(project, "st"), "st", project, {}).ssh.known_hosts == own
+
+
+def test_a_stack_keeps_other_known_hosts_as_vm_stack_and_as_hardware_stack(
+    tmp_path: Path,
+) -> None:
+    """One stack turned from hardware to VMs (or back) by k3scluster:vms: the VM stack's keys
+    for the plan's addresses never go into the file that holds the real machines' keys (its
+    reinstalls would drop them), and the hardware stack never finds the VMs' keys."""
+    from k3scluster import stackinfo
+    from k3scluster.stackconfig import StackFile
+
+    project = tmp_path / "p"
+    project.mkdir()
+    shutil.copy(ROOT / "Pulumi.yaml", project)
+    (tmp_path / "c").mkdir()
+    found = {}
+    for vms in ("false", "true"):
+        (project / "Pulumi.st.yaml").write_text(
+            f"config:\n  k3scluster:clusterDir: ../c\n  k3scluster:vms: {vms}\n"
+        )
+        found[vms] = _program_settings(project, "st").known_hosts_file
+        assert stackinfo.resolve(StackFile(project, "st"), "st", project, {}).ssh.known_hosts \
+            == found[vms]
+    assert found["false"] == tmp_path / "c" / ".k3scluster" / "st-known_hosts"
+    assert found["true"] == tmp_path / "c" / ".k3scluster" / "st-vm-known_hosts"

@@ -96,10 +96,10 @@ def test_a_vm_stack_reads_every_hardware_file_into_its_lab_and_never_nixconfigs(
         assert argv[argv.index("--out") + 1] == str(lab / h / "hardware.nix")
         # the stack's own known_hosts, not ~/.ssh/known_hosts
         assert argv[argv.index("--ssh-known-hosts") + 1] == str(
-            example_dir / ".k3scluster" / "mock-known_hosts"
+            example_dir / ".k3scluster" / "mock-vm-known_hosts"
         )
         spec = VmSpec.from_json(_argv(m.named(f"{h}-vm-machine"), runner)[-1])
-        assert spec.known_hosts == str(example_dir / ".k3scluster" / "mock-known_hosts")
+        assert spec.known_hosts == str(example_dir / ".k3scluster" / "mock-vm-known_hosts")
         # a new VM (another disk) is read again
         triggers = fetch.inputs["triggers"]
         assert spec.replace_keys()[0] in triggers

@@ -145,7 +145,7 @@ class VmProject(Project):
         shutil.copy(self.key.with_suffix(".pub"), self.cluster / "secrets" / "admin.pub")
         r = self.pulumi("config", "set", "k3scluster:sshIdentity", str(self.key), "--stack", STACK)
         assert r.returncode == 0, r.stderr
-        self.known_hosts = self.render_dir.parent / f"{STACK}-known_hosts"
+        self.known_hosts = self.render_dir.parent / f"{STACK}-vm-known_hosts"
 
     def ssh(self, ip: str, *remote: str) -> subprocess.CompletedProcess[str]:
         """Log in as root with the stack's key, checking the host's key against the stack's
