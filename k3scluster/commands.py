@@ -292,6 +292,8 @@ def deploy_and_check(
     via: ipaddress.IPv4Address | None = None,
     join_via: Sequence[ipaddress.IPv4Address] = (),
     check_agent_state: bool = False,
+    drain: str | None = None,
+    drain_timeout: float = 600.0,
 ) -> list[str]:
     """Run ``deploy_argv`` (colmena), then wait for the host's health gates, then read back
     what the host runs (``/run/current-system`` and its K3s containers). Without ``gates``
@@ -307,6 +309,9 @@ def deploy_and_check(
     servers' host addresses, a running cluster) a server host without etcd data gets the
     stale member of its name removed; with ``check_agent_state`` an agent host without a
     node password gets its old Node and node-password secret deleted.
+    ``drain``: the host's agent node, cordoned and drained (at most ``drain_timeout`` s)
+    before the switch when colmena's dry activation says it would restart the agent, and
+    uncordoned after the gates (``k3scluster.drain``).
 
     ``servers``: (K3s name, ip) of the host's K3s server, which must answer ``/readyz``;
     ``agents``: K3s names of its agents, which must be ``Ready`` in the API (``api``: the
@@ -342,6 +347,10 @@ def deploy_and_check(
         argv += ["--join-via", str(ipaddress.IPv4Address(j))]
     if check_agent_state:
         argv.append("--check-agent-state")
+    if drain is not None:
+        if drain not in agents:
+            raise K3sClusterError(f"host {host}: {drain} is not its agent")
+        argv += ["--drain", _plain_arg("K3s name", drain), "--drain-timeout", f"{drain_timeout:g}"]
     return [*argv, "--", *deploy_argv]
 
 

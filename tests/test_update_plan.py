@@ -385,3 +385,21 @@ def test_refused_change_is_an_error_of_the_plan() -> None:
     before = cluster(BIG_HOSTS, BIG)
     with pytest.raises(K3sClusterError, match="removes every K3s server"):
         plan_update(cluster(BIG_HOSTS, [("dora", "i"), ("emil", "a")]), deployed_of(before))
+
+
+def test_dry_activation_output_says_whether_the_agent_restarts() -> None:
+    from k3scluster import drain
+
+    out = (
+        "karl | would stop the following units: nscd.service, podman-k3s-agent.service\n"
+        "karl | would activate the configuration...\n"
+        "karl | would start the following units: nscd.service, podman-k3s-agent.service\n"
+    )
+    assert drain.units_changed(out)["stop"] == {"nscd.service", "podman-k3s-agent.service"}
+    assert drain.agent_restarts(out)
+    assert drain.agent_restarts("would restart the following units: podman-k3s-agent.service")
+    # started only (it was not running) or another unit: nothing to drain
+    assert not drain.agent_restarts("would start the following units: podman-k3s-agent.service")
+    assert not drain.agent_restarts("would restart the following units: sshd.service")
+    assert drain.dry_activate_argv(["colmena", "apply", "switch", "--on", "karl", "-f", "h"]) == [
+        "colmena", "apply", "dry-activate", "--on", "karl", "-f", "h"]

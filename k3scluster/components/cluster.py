@@ -48,6 +48,7 @@ from k3scluster.update_plan import (
     Phase,
     UpdateSettings,
     Wait,
+    drain_node,
     plan_update,
 )
 
@@ -270,7 +271,7 @@ class Cluster(pulumi.ComponentResource):
         """``Action.DEPLOY_SERVER_FIRST``: ``<host>-servers-first``, the host deployed from
         ``servers-first/<host>.nix``: its K3s server moves to the cluster's release, its
         agent keeps the one it runs (``agent-k3s``); its gates as for any deploy."""
-        c, s = self._c, self._s
+        s = self._s
         (hname,) = phase.hosts
         rel = render.servers_first_path(hname)
         inputs = {
@@ -278,18 +279,7 @@ class Cluster(pulumi.ComponentResource):
             f"file:{rel}": self._file_sha[rel],
             **self._versions_inputs(hname, agent=dict(phase.detail)["agent-k3s"]),
         }
-        argv = health.deploy_argv(
-            c,
-            hname,
-            commands.colmena_apply(
-                s.colmena, s.rec(s.render_dir / rel), hname, parallel=s.parallel
-            ),
-            python=s.python,
-            ssh=s.ssh,
-            wait_ready=s.wait_ready,
-            timeout=s.ready_timeout,
-            deployed=self._deployed,
-        )
+        argv = self._deploy_argv(hname, s.rec(s.render_dir / rel))
         hw = self.hardware.get(hname)
         made = step(
             f"{hname}-servers-first",
@@ -309,6 +299,26 @@ class Cluster(pulumi.ComponentResource):
             ),
         )
         return [made]
+
+    def _deploy_argv(self, hname: str, hive: Path) -> list[str]:
+        """colmena for ``hname`` from ``hive``, wrapped in its gates and, for a host with an
+        agent, the drain that runs when the switch would restart it (gates on only)."""
+        c, s = self._c, self._s
+        return health.deploy_argv(
+            c,
+            hname,
+            commands.colmena_apply(s.colmena, hive, hname, parallel=s.parallel),
+            python=s.python,
+            ssh=s.ssh,
+            wait_ready=s.wait_ready,
+            timeout=s.ready_timeout,
+            render=commands.RenderArgs(
+                s.rec(c.root), s.rec(s.render_dir), s.vm.stack if s.vm else None
+            ),
+            deployed=self._deployed,
+            drain=drain_node(c, hname),
+            drain_timeout=s.drain_timeout,
+        )
 
     def _versions_inputs(self, hname: str, agent: str | None = None) -> dict[str, str]:
         """``k3s:server``/``k3s:agent``: the K3s minor release the host's deploy carries
@@ -424,19 +434,7 @@ class Cluster(pulumi.ComponentResource):
                 inputs={**inputs, **self._versions_inputs(hname)},
                 plan=render.host_plan(c, hname),
                 digest=_digest(inputs),
-                deploy_argv=health.deploy_argv(
-                    c,
-                    hname,
-                    commands.colmena_apply(s.colmena, hive, hname, parallel=s.parallel),
-                    python=s.python,
-                    ssh=s.ssh,
-                    wait_ready=s.wait_ready,
-                    timeout=s.ready_timeout,
-                    render=commands.RenderArgs(
-                        s.rec(c.root), s.rec(s.render_dir), s.vm.stack if s.vm else None
-                    ),
-                    deployed=self._deployed,
-                ),
+                deploy_argv=self._deploy_argv(hname, hive),
                 read_argv=health.read_argv(c, hname, python=s.python, ssh=s.ssh, runner=s.runner)
                 if s.wait_ready
                 else None,
@@ -474,8 +472,9 @@ class Cluster(pulumi.ComponentResource):
     def _register(self) -> None:
         c, s = self._c, self._s
         # One Output over what is known only after up (digests, ISO results); the rest plain.
+        # a failed host's values are None (health.or_none): the program goes on registering
         pending = {
-            f"{hname}/{key}": value
+            f"{hname}/{key}": health.or_none(value)
             for hname, host in self.host_components.items()
             for key, value in (
                 ("digest", host.digest),

@@ -52,6 +52,40 @@ def settled(resources: Sequence[pulumi.Resource]) -> list[pulumi.Input[pulumi.Re
     return [one(r) for r in resources]
 
 
+def or_none(out: pulumi.Output[Any]) -> pulumi.Output[Any]:
+    """``out``, or None when the resource behind it failed (``--continue-on-error``).
+
+    The program must not fail before every resource is registered: the SDK ends it at the
+    first failed RPC it awaits, and the component's outputs (awaited last-in, first) hold
+    every host's deploy; a failed host would end the program before hosts that wait for it
+    with ``settled`` were registered at all. The failure itself is reported by the engine."""
+
+    async def value() -> Any:
+        try:
+            return await out.future()
+        except Exception:  # noqa: BLE001
+            return None
+
+    async def known() -> bool:
+        try:
+            return bool(await out.is_known())
+        except Exception:  # noqa: BLE001
+            return True
+
+    async def secret() -> bool:
+        try:
+            return bool(await out.is_secret())
+        except Exception:  # noqa: BLE001
+            return False
+
+    return pulumi.Output(
+        set(),
+        asyncio.ensure_future(value()),
+        asyncio.ensure_future(known()),
+        asyncio.ensure_future(secret()),
+    )
+
+
 # The SDK's dynamic-provider process serves 4 requests at a time (a gRPC server with 4 worker
 # threads, pulumi/dynamic/__main__.py), so with one process at most 4 hosts deploy at once.
 # The engine starts one process per provider *resource*: explicit `pulumi-python` providers,
@@ -95,9 +129,12 @@ def deploy_argv(
     timeout: float,
     render: commands.RenderArgs | None = None,
     deployed: Deployed | None = None,
+    drain: str | None = None,
+    drain_timeout: float = 600.0,
 ) -> list[str]:
     """What the host's deploy step runs: ``tasks deploy`` (the render checked, colmena, and
-    with ``wait_ready`` the gates).
+    with ``wait_ready`` the gates; with ``drain`` that agent node drained first when the
+    switch would restart it).
 
     ``deployed`` (what the stack deployed before): a re-addressed host is deployed through
     its old address. Before colmena the host's K3s nodes are checked for a reinstall
@@ -130,6 +167,8 @@ def deploy_argv(
         via=was.ip if was is not None and was.ip != planned.ip else None,
         join_via=others if wait_ready and any(n.type.is_server for n in nodes) else [],
         check_agent_state=wait_ready and any(n.type is K3sType.AGENT for n in nodes),
+        drain=drain,
+        drain_timeout=drain_timeout,
     )
 
 

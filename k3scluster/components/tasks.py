@@ -418,26 +418,35 @@ def _deploy(args: argparse.Namespace) -> None:
     agents = list(args.agent)
     timeout = float(args.timeout)
     deadline = time.monotonic() + timeout
-    if not args.no_gates:  # the clean-ups need the cluster's credentials, as the gates do
-        _before_deploy(args, ssh, servers, agents, deadline)
-    argv = resolve_args(args.argv)
-    if not (args.via and _readdressed_deploy(args, ssh, argv, deadline)):
-        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, check=False)
-        if proc.returncode != 0:
-            raise K3sClusterError(
-                f"`{' '.join(args.argv)}` failed with exit code {proc.returncode}"
-            )
-    if args.no_gates:  # waitReady false: nothing waits, nothing is read back
-        return
     health = "ready"
     from k3scluster import kube
 
     # the kubernetes client's temporary files (credentials) stay in a private directory
     with kube.private_tempdir():
-        if servers or agents:
-            _gates(args, ssh, servers, agents, timeout, deadline)
-        else:
-            health = "no K3s"
+        if not args.no_gates:  # the clean-ups need the cluster's credentials, as the gates do
+            _before_deploy(args, ssh, servers, agents, deadline)
+        # a re-addressed host's dry activation would go to its new address: no drain there
+        drain_first = args.drain and not args.no_gates and not args.via
+        drained = _drain_if_restarting(args, ssh) if drain_first else None
+        try:
+            argv = resolve_args(args.argv)
+            if not (args.via and _readdressed_deploy(args, ssh, argv, deadline)):
+                proc = subprocess.run(argv, stdin=subprocess.DEVNULL, check=False)
+                if proc.returncode != 0:
+                    raise K3sClusterError(
+                        f"`{' '.join(args.argv)}` failed with exit code {proc.returncode}"
+                    )
+            if args.no_gates:  # waitReady false: nothing waits, nothing is read back
+                return
+            deadline = time.monotonic() + timeout
+            if servers or agents:
+                _gates(args, ssh, servers, agents, timeout, deadline)
+            else:
+                health = "no K3s"
+        except K3sClusterError as err:
+            raise drained.left_cordoned(err) if drained else err from None
+        if drained:
+            drained.after()
     seen = observe(ssh, args.ip, _units(servers, agents))
     record = {
         **seen,
@@ -446,6 +455,46 @@ def _deploy(args: argparse.Namespace) -> None:
         "deployedAt": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     print(DEPLOYED_PREFIX + json.dumps(record, sort_keys=True), flush=True)
+
+
+def _drain_if_restarting(args: argparse.Namespace, ssh: commands.SshSettings) -> Any:
+    """``--drain NODE``: when colmena's dry activation says the switch would stop or restart
+    the agent's unit, cordon and drain NODE (``k3scluster.drain``); the ``Drain`` to undo
+    after the deploy, or None when the switch leaves the agent running."""
+    from k3scluster import drain, kube
+
+    output = drain.dry_activate(resolve_args(args.argv), _progress)
+    if not drain.agent_restarts(output):
+        _progress(f"{args.host}: the switch leaves {drain.AGENT_UNIT} running: no drain")
+        return None
+    deadline = time.monotonic() + float(args.timeout)
+    creds = _credentials(ssh, list(args.credentials_from), deadline, args.host)
+    if creds is None:
+        raise K3sClusterError(
+            f"{args.host}: cannot drain {args.drain}: no admin kubeconfig at "
+            f"{kube.KUBECONFIG_ON_HOST} on any server host ({', '.join(args.credentials_from)});"
+            " nothing was deployed",
+            hint=f"look at: ssh root@{args.credentials_from[0]} journalctl -M k3s-server -u k3s",
+        )
+    # the first server that answers about the node (the init-server's host may be down)
+    said = []
+    for url in args.api:
+        seen = kube.read_node(creds, url, args.drain)
+        if seen.answered:
+            break
+        said.append(f"{url}: {seen.check.seen}")
+    else:
+        raise K3sClusterError(
+            f"{args.host}: cannot drain {args.drain}: no server answered ({'; '.join(said)}); "
+            "nothing was deployed"
+        )
+    if not seen.registered:
+        _progress(f"{args.host}: node {args.drain} is not registered yet: nothing to drain")
+        return None
+    d = drain.Drain(creds, url, args.drain, float(args.drain_timeout), _progress)
+    _progress(f"{args.host}: the switch restarts {drain.AGENT_UNIT}: draining {args.drain} first")
+    d.before()
+    return d
 
 
 def _gates(
@@ -661,6 +710,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--via")
     d.add_argument("--join-via", action="append", default=[])
     d.add_argument("--check-agent-state", action="store_true")
+    d.add_argument("--drain")  # the host's agent node: drained when the switch restarts it
+    d.add_argument("--drain-timeout", type=float, default=600.0)
     d.add_argument("argv", nargs="+")
     o = sub.add_parser("observe")
     o.add_argument("--host", required=True)
