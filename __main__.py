@@ -3,7 +3,7 @@
 Configuration (namespace ``k3scluster``; see the README, "Operating the cluster"):
 ``clusterDir`` (required; relative paths are relative to this project), ``colmena``, ``nix``, ``buildIsos``, ``runner``, ``parallel``,
 ``deployUser``, ``sshIdentity``, ``sshKnownHosts``, ``sshWait``, ``renderDir``, ``waitReady``, ``readyTimeout``,
-``kubeconfigPath``, ``runnerProcesses``, ``maxUnavailable``, ``drainTimeout``; a VM stack: ``vms`` and ``vmMemory``, ``vmCpus``, ``vmDiskSize``, ``vmAccel``,
+``kubeconfigPath``, ``runnerProcesses``, ``maxUnavailable``, ``drainTimeout``, ``snapshotBeforeServers``; a VM stack: ``vms`` and ``vmMemory``, ``vmCpus``, ``vmDiskSize``, ``vmAccel``,
 ``vmNat``, ``vmInstallTimeout``, ``vmBootTimeout``.
 """
 
@@ -82,6 +82,7 @@ def settings_from_config(config: pulumi.Config, stack: str) -> tuple[Path, Setti
         kubeconfig_path=_project_path(config.get("kubeconfigPath")),
         runner_processes=config.get_int("runnerProcesses"),
         max_unavailable=1 if max_unavailable is None else max_unavailable,
+        snapshot_before_servers=config.get_bool("snapshotBeforeServers") is not False,
         drain_timeout=kube.parse_duration(drain, "k3scluster:drainTimeout") if drain else 600.0,
         stack=stack,
         recorded_as=tuple(recorded_as),
@@ -135,6 +136,8 @@ def main() -> None:
     pulumi.export("renderDir", component.render_dir)
     pulumi.export("apiEndpoint", component.api_endpoint)
     pulumi.export("hosts", component.hosts)
+    if component.etcd_snapshot is not None:
+        pulumi.export("etcdSnapshot", component.etcd_snapshot)
     if component.kubeconfig_out is not None:
         pulumi.export("kubeconfig", component.kubeconfig_out)
 

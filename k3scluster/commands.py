@@ -377,6 +377,17 @@ def membership_step(
     ]
 
 
+def etcd_snapshot(
+    python: str, stack: str, servers: Sequence[tuple[str, ipaddress.IPv4Address]], ssh: SshSettings
+) -> list[str]:
+    """``tasks snapshot``: an etcd snapshot on the first of ``servers`` (host, ip) that takes it."""
+    argv = [python, "-m", TASKS_MODULE, "snapshot", "--stack", _plain_arg("stack", stack),
+            *ssh.task_args()]
+    for host, ip in servers:
+        argv += ["--server", f"{_plain_arg('host name', host)}={ipaddress.IPv4Address(ip)}"]
+    return argv
+
+
 def observe_host(
     python: str, host: str, ip: ipaddress.IPv4Address, ssh: SshSettings, units: Sequence[str]
 ) -> list[str]:

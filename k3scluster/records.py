@@ -111,14 +111,17 @@ def host_versions(
 ) -> dict[str, HostVersions]:
     """host -> the K3s releases its last deploys carried (the newer of its two steps: the
     servers-first step runs before the deploy of the same run, and a failed step keeps the
-    inputs of its last success). Hosts without a record are left out."""
+    inputs of its last success). Every host with a deploy step in the state is there (its
+    releases None when not recorded); hosts never deployed are left out."""
     found: dict[str, HostVersions] = {}
     for host in hosts:
-        recs = [steps.get(host + DEPLOY_SUFFIX) or {}, steps.get(host + SERVERS_FIRST_SUFFIX) or {}]
+        deploy, first = steps.get(host + DEPLOY_SUFFIX), steps.get(host + SERVERS_FIRST_SUFFIX)
+        if deploy is None and first is None:
+            continue
+        recs = [deploy or {}, first or {}]
         server = _newest(*(r.get(K3S_SERVER_INPUT) for r in recs))
         agent = _newest(*(r.get(K3S_AGENT_INPUT) for r in recs))
-        if server or agent:
-            found[host] = HostVersions(server=server, agent=agent)
+        found[host] = HostVersions(server=server, agent=agent)
     return found
 
 

@@ -13,7 +13,11 @@ earlier phases it waits for (``Phase.after``: indices; by default the one just b
 
 Today's phases:
 
-0. membership (``leave_phases``, from ``k3scluster.membership``): ``AGENT_LEAVES`` for each
+0. ``SNAPSHOT`` (``UpdateSettings.snapshot``, when a server host of the plans was deployed
+   before: the cluster runs): an etcd snapshot on a server, before any server host. Its
+   step runs only when a server host's deploy will (its inputs are theirs), and a failed
+   snapshot stops every server host;
+0. then membership (``leave_phases``, from ``k3scluster.membership``): ``AGENT_LEAVES`` for each
    agent that leaves, then ``SERVER_LEAVES`` for each server that leaves etcd, then
    ``HOST_LEAVES`` for each host with K3s nodes that left the plans, one at a time
    (``Wait.OK``): nothing deploys before they are done; a server that joins a running
@@ -74,6 +78,8 @@ class Action(enum.Enum):
     HOST_LEAVES = "host-leaves"  # its K3s token set aside: its K3s containers stay stopped
     # in the server chain, right before the host's deploy
     SERVER_JOINS = "server-joins"  # a stale member of its name removed, old data set aside
+    # an etcd snapshot on the first of the hosts that takes it (k3scluster.snapshot)
+    SNAPSHOT = "snapshot"
 
 
 class Wait(enum.Enum):
@@ -105,11 +111,13 @@ class UpdateSettings:
     """The part of the stack's settings the order depends on."""
 
     max_unavailable: int = 1  # agent hosts deployed at once (k3scluster:maxUnavailable)
+    snapshot: bool = True  # an etcd snapshot before the servers change (snapshotBeforeServers)
 
 
 @dataclass(frozen=True)
 class HostVersions:
-    """The K3s minor releases a host's last deploys ran (None: no such node, or unknown)."""
+    """A host the stack deployed, and the K3s minor releases its last deploys ran (None: no
+    such node, or not recorded: a deploy by a k3scluster that did not record them)."""
 
     server: str | None = None
     agent: str | None = None
@@ -218,7 +226,13 @@ def plan_update(
     target = cluster.network.k3s
     chain = server_chain(cluster)
     upgrading = any(older(v.server, target) for v in versions.values())
-    phases: list[Phase] = leave_phases(cluster, deployed, membership)
+    phases: list[Phase] = []
+    running = membership.running or any(h in versions for h in chain)
+    if settings.snapshot and running:
+        phases.append(
+            Phase(Action.SNAPSHOT, tuple(chain), Wait.OK, "etcd snapshot before the servers change")
+        )
+    phases += leave_phases(cluster, deployed, membership)
     joins = {j.host: j for j in membership.servers_joining}
     held: list[str] = []
     for h in chain:

@@ -164,6 +164,7 @@ def test_host_versions_take_the_newer_of_a_hosts_two_steps() -> None:
         "olaf": records.HostVersions("1.35", "1.34"),
         "karl": records.HostVersions(None, "1.9"),
         "rolf": records.HostVersions("1.10", None),  # 1.10 is newer than 1.9: numbers
+        "ulrich": records.HostVersions(None, None),  # deployed, no K3s release recorded
     }
 
 
@@ -217,3 +218,41 @@ def test_agent_hosts_move_at_most_max_unavailable_at_a_time(
 def test_max_unavailable_below_one_is_refused(poisoned: Path) -> None:
     with pytest.raises(Exception, match="maxUnavailable is 0; it must be at least 1"):
         run_with_state(poisoned, "python", {}, maxUnavailable="0")
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_an_etcd_snapshot_comes_before_the_first_server_host(poisoned: Path, runner: str) -> None:
+    m, _ = run_with_state(poisoned, runner, _deployed_at(runner, "1.35"))
+    snap = m.named("cluster-etcd-snapshot")
+    argv = _argv(snap, runner)
+    assert argv[1:4] == ["-m", "k3scluster.components.tasks", "snapshot"]
+    assert argv[argv.index("--stack") + 1] == "mock"
+    servers = [argv[i + 1] for i, a in enumerate(argv) if a == "--server"]
+    assert servers == ["olaf=10.0.100.2", "ulf=10.0.100.3", "rolf=10.0.100.4"]  # deploy order
+    # the first server host's deploy waits for it; the snapshot waits for no host
+    assert snap.urn in m.named("olaf-deploy").dependencies
+    assert not any(m.named(f"{h}-deploy").urn in snap.dependencies for h in HOSTS)
+    # its inputs are the server hosts' deploys: it runs when one of them will
+    ins = _inputs(snap, runner)
+    assert set(ins) == {"deploy:olaf", "deploy:ulf", "deploy:rolf", "k3s:server:olaf",
+                        "k3s:agent:olaf", "k3s:server:ulf", "k3s:agent:ulf", "k3s:server:rolf"}
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_no_snapshot_for_a_new_cluster_or_when_turned_off(poisoned: Path, runner: str) -> None:
+    m, _ = run_with_state(poisoned, runner, {})
+    assert not [r for r in m.registered if r.name == "cluster-etcd-snapshot"]
+    m, _ = run_with_state(poisoned, runner, _deployed_at(runner, "1.35"),
+                          snapshotBeforeServers="false")
+    assert not [r for r in m.registered if r.name == "cluster-etcd-snapshot"]
+
+
+def test_a_server_hosts_change_changes_the_snapshots_inputs(poisoned: Path) -> None:
+    state = _deployed_at("python", "1.35")
+    before = _inputs(run_with_state(poisoned, "python", state)[0].named("cluster-etcd-snapshot"),
+                     "python")
+    conf = poisoned / "nixConfigs" / "ulf.nix"
+    conf.write_text((conf.read_text() if conf.exists() else "{ ... }: { }\n") + "# changed\n")
+    after = _inputs(run_with_state(poisoned, "python", state)[0].named("cluster-etcd-snapshot"),
+                    "python")
+    assert [k for k in after if after[k] != before.get(k)] == ["deploy:ulf"]

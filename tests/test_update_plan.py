@@ -69,7 +69,8 @@ class Case:
     want: list[str]  # UpdatePlan.describe()
     waits: list[tuple[Wait, tuple[int, ...]]]  # each phase: how, and for which phases
     deployed: Deployed = field(default_factory=Deployed)
-    settings: UpdateSettings = field(default_factory=UpdateSettings)
+    # the snapshot has cases of its own (SNAPSHOT_CASES)
+    settings: UpdateSettings = field(default_factory=lambda: UpdateSettings(snapshot=False))
     versions: dict[str, HostVersions] = field(default_factory=dict)
 
 
@@ -145,7 +146,7 @@ CASES = [
             "deploy nokube (the hosts without an agent)",
         ],
         PLAIN_WAITS,
-        settings=UpdateSettings(max_unavailable=2),
+        settings=UpdateSettings(max_unavailable=2, snapshot=False),
     ),
     Case(
         "maxUnavailable larger than the agent hosts: one batch",
@@ -153,7 +154,7 @@ CASES = [
         [*CHAIN, "deploy dora, emil (agent hosts 1 of 1, at most 5 at a time)",
          "deploy nokube (the hosts without an agent)"],
         [*CHAIN_WAITS, (SETTLED, (0, 1, 2)), (SETTLED, (0, 1, 2))],
-        settings=UpdateSettings(max_unavailable=5),
+        settings=UpdateSettings(max_unavailable=5, snapshot=False),
     ),
     Case(
         "no K3s at all: one phase",
@@ -280,6 +281,44 @@ CASES += [
 ]
 
 
+SNAP = "snapshot anna, bert, carla (etcd snapshot before the servers change)"
+SNAPPED_WAITS = [(OK, ()), (OK, (0,)), (OK, (1,)), (OK, (2,)), (SETTLED, (0, 1, 2, 3)),
+                 (OK, (4,)), (SETTLED, (0, 1, 2, 3))]
+CASES += [
+    Case(
+        "a running cluster: the snapshot first, on the server hosts in the deploy order",
+        BIG_135,
+        [SNAP, *PLAIN],
+        SNAPPED_WAITS,
+        settings=UpdateSettings(),
+        versions=ran(BIG_135, "1.35"),
+    ),
+    Case(
+        "a running cluster deployed before the releases were recorded: the snapshot too",
+        BIG_135,
+        [SNAP, *PLAIN],
+        SNAPPED_WAITS,
+        settings=UpdateSettings(),
+        versions={h: HostVersions() for h in BIG_HOSTS},
+    ),
+    Case(
+        "a new cluster: nothing to snapshot",
+        BIG_135,
+        PLAIN,
+        PLAIN_WAITS,
+        settings=UpdateSettings(),
+    ),
+    Case(
+        "snapshotBeforeServers false",
+        BIG_135,
+        PLAIN,
+        PLAIN_WAITS,
+        settings=UpdateSettings(snapshot=False),
+        versions=ran(BIG_135, "1.35"),
+    ),
+]
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_update_plan(case: Case) -> None:
     plan = plan_update(case.plans, case.deployed, case.settings, case.versions)
@@ -298,7 +337,7 @@ def test_every_host_is_deployed_exactly_once_and_servers_before_the_rest() -> No
 def test_at_no_moment_an_agent_runs_a_newer_minor_than_a_server() -> None:
     """Walk the phases of an upgrade in order: after each, every agent's release is at most
     every server's (the servers-first pass keeps a host's agent back)."""
-    plan = plan_update(BIG_135, Deployed(), None, ran(BIG_134, "1.34"))
+    plan = plan_update(BIG_135, Deployed(), UpdateSettings(snapshot=False), ran(BIG_134, "1.34"))
     servers = {h: "1.34" for h in ("anna", "bert", "carla")}
     agents = {h: "1.34" for h in ("anna", "bert", "dora", "emil")}
     held = plan.held_agents()
@@ -403,3 +442,26 @@ def test_dry_activation_output_says_whether_the_agent_restarts() -> None:
     assert not drain.agent_restarts("would restart the following units: sshd.service")
     assert drain.dry_activate_argv(["colmena", "apply", "switch", "--on", "karl", "-f", "h"]) == [
         "colmena", "apply", "dry-activate", "--on", "karl", "-f", "h"]
+
+
+def test_snapshot_name_and_what_runs_on_the_host() -> None:
+    import datetime
+
+    from k3scluster import snapshot
+
+    when = datetime.datetime(2026, 12, 6, 7, 30, 5, tzinfo=datetime.UTC)
+    assert snapshot.snapshot_name("Hardware_1", when) == "hardware-1-20261206-073005"
+    assert snapshot.save_argv("hw-20261206-073005") == [
+        "nixos-container", "run", "k3s-server", "--", "k3s", "etcd-snapshot", "save",
+        "--name", "hw-20261206-073005"]
+    tried: list[str] = []
+
+    def run(ip: str, words: list[str]) -> tuple[int, str]:
+        tried.append(ip)
+        if ip == "10.0.0.2":
+            return 1, 'level=fatal msg="etcd not ready"'
+        return 0, "level=info msg=\"Snapshot hw-olaf-ulf-1765006205 saved.\""
+
+    taken = snapshot.take([("olaf", "10.0.0.2"), ("ulf", "10.0.0.3")], "hw", run, lambda _: None)
+    assert (taken.host, taken.file, tried) == ("ulf", "hw-olaf-ulf-1765006205",
+                                               ["10.0.0.2", "10.0.0.3"])

@@ -26,6 +26,7 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pulumi
 
@@ -36,7 +37,7 @@ from k3scluster.components.iso import InstallerIsoArgs
 from k3scluster.components.secret import Secret, SecretArgs
 from k3scluster.components.settings import Settings
 from k3scluster.components.steps import step
-from k3scluster.components.tasks import captured_sha256
+from k3scluster.components.tasks import SNAPSHOT_PREFIX, captured_sha256, last_json
 from k3scluster.components.vm import make_lab
 from k3scluster.lab.spec import vm_render
 from k3scluster.membership import Deployed
@@ -128,7 +129,10 @@ class Cluster(pulumi.ComponentResource):
         # the order of the update (k3scluster.update_plan): what the render writes depends
         # on it (the servers-first hives of a K3s minor upgrade)
         self.plan = plan_update(
-            c, args.deployed, UpdateSettings(max_unavailable=s.max_unavailable), args.versions
+            c,
+            args.deployed,
+            UpdateSettings(max_unavailable=s.max_unavailable, snapshot=s.snapshot_before_servers),
+            args.versions,
         )
         self._held = self.plan.held_agents()
         self._files = render.render_files(c, s.render_dir, self._vm, self._held)
@@ -157,6 +161,7 @@ class Cluster(pulumi.ComponentResource):
         # 3. the phases of the update, in order
         self.host_components: dict[str, Host] = {}
         self.kubeconfig: pulumi.CustomResource | None = None
+        self.snapshot: pulumi.CustomResource | None = None
         self._pool = health.runner_pool(
             name, s.runner, health.runner_processes(s.runner_processes), self
         )
@@ -167,6 +172,7 @@ class Cluster(pulumi.ComponentResource):
             Action.SERVER_LEAVES: self._membership_phase,
             Action.HOST_LEAVES: self._membership_phase,
             Action.SERVER_JOINS: self._membership_phase,
+            Action.SNAPSHOT: self._snapshot_phase,
         }
         # who joins and who leaves, in words (the preview shows them among the diagnostics)
         for line in self.plan.membership.describe():
@@ -299,6 +305,31 @@ class Cluster(pulumi.ComponentResource):
             ),
         )
         return [made]
+
+    def _snapshot_phase(
+        self, phase: Phase, waits_for: list[pulumi.Input[pulumi.Resource]]
+    ) -> list[pulumi.Resource]:
+        """``Action.SNAPSHOT``: ``<name>-etcd-snapshot``, on the first server host that takes
+        it. Its inputs are the server hosts' (and their releases): it runs exactly when one
+        of their deploys will, before it."""
+        c, s = self._c, self._s
+        inputs: dict[str, pulumi.Input[str]] = {}
+        for hname in phase.hosts:
+            inputs[f"deploy:{hname}"] = _digest(self._host_inputs(hname))
+            inputs.update({f"{k}:{hname}": v for k, v in self._versions_inputs(hname).items()})
+        argv = commands.etcd_snapshot(
+            s.python, s.stack, [(h, c.host(h).ip) for h in phase.hosts], s.ssh
+        )
+        self.snapshot = step(
+            f"{self._name}-etcd-snapshot",
+            runner=s.runner,
+            host="-",
+            create=argv,
+            update=argv,
+            inputs_digest=inputs,
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[self.render, *waits_for]),
+        )
+        return [self.snapshot]
 
     def _deploy_argv(self, hname: str, hive: Path) -> list[str]:
         """colmena for ``hname`` from ``hive``, wrapped in its gates and, for a host with an
@@ -511,6 +542,14 @@ class Cluster(pulumi.ComponentResource):
             if self.kubeconfig is not None
             else None
         )
+        # the last snapshot taken before the servers changed (None: none taken by this stack)
+        self.etcd_snapshot: pulumi.Output[Any] | None = (
+            self.snapshot.stdout.apply(  # type: ignore[attr-defined]
+                lambda out: last_json(out, SNAPSHOT_PREFIX)
+            )
+            if self.snapshot is not None
+            else None
+        )
         self.api_endpoint = pulumi.Output.from_input(c.api_endpoint)
         self.render_dir = pulumi.Output.from_input(str(s.rec(s.render_dir)))
         self.register_outputs(
@@ -519,5 +558,6 @@ class Cluster(pulumi.ComponentResource):
                 "apiEndpoint": self.api_endpoint,
                 "renderDir": self.render_dir,
                 **({"kubeconfig": self.kubeconfig_out} if self.kubeconfig_out is not None else {}),
+                **({"etcdSnapshot": self.etcd_snapshot} if self.etcd_snapshot is not None else {}),
             }
         )

@@ -53,6 +53,7 @@ class Settings:
     # updates (k3scluster.update_plan): agent hosts deployed at once; how long a drain may take
     max_unavailable: int = 1
     drain_timeout: float = 600.0
+    snapshot_before_servers: bool = True
 
     def rec(self, path: Path) -> Path:
         """``path`` as steps record it (``stackpaths.recorded``)."""

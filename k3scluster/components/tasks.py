@@ -12,6 +12,9 @@
   run the deploy ARGV (colmena), wait for the host's health gates (the API and the credentials:
   each server, host, in turn), read back what the host runs; last line
   ``k3scluster-deployed=<JSON>`` (``--no-gates``: colmena only).
+- ``snapshot --stack S [ssh] --server HOST=IP…``: ``k3s etcd-snapshot save`` in the server
+  container of the first server host where it succeeds (``k3scluster.snapshot``); last line
+  ``k3scluster-snapshot=<JSON>``.
 - ``observe --host H --ip IP [ssh] [--unit U]``: what the host runs now (``pulumi refresh``);
   last line ``k3scluster-observed=<JSON>``.
 - ``kubeconfig --ip IP [--also IP…] [ssh] --server URL --name NAME --out FILE``: K3s's admin
@@ -497,6 +500,27 @@ def _drain_if_restarting(args: argparse.Namespace, ssh: commands.SshSettings) ->
     return d
 
 
+SNAPSHOT_PREFIX = "k3scluster-snapshot="
+
+
+def _snapshot(args: argparse.Namespace) -> None:
+    from k3scluster import snapshot
+
+    ssh = _ssh(args)
+
+    def run(ip: str, words: list[str]) -> tuple[int, str]:
+        proc = _ssh_run(ssh, ip, words)
+        return proc.returncode, (proc.stdout or "") + (proc.stderr or "")
+
+    servers = [tuple(s.split("=", 1)) for s in args.server]
+    now = datetime.datetime.now(datetime.UTC)
+    name = snapshot.snapshot_name(args.stack, now)
+    taken = snapshot.take(servers, name, run, _progress)  # type: ignore[arg-type]
+    record = {"name": taken.name, "file": taken.file, "host": taken.host,
+              "path": taken.path_on_host, "takenAt": now.strftime("%Y-%m-%dT%H:%M:%SZ")}
+    print(SNAPSHOT_PREFIX + json.dumps(record, sort_keys=True), flush=True)
+
+
 def _gates(
     args: argparse.Namespace,
     ssh: commands.SshSettings,
@@ -713,6 +737,12 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--drain")  # the host's agent node: drained when the switch restarts it
     d.add_argument("--drain-timeout", type=float, default=600.0)
     d.add_argument("argv", nargs="+")
+    sn = sub.add_parser("snapshot")
+    sn.add_argument("--stack", required=True)
+    sn.add_argument("--server", action="append", default=[], required=True)  # HOST=IP, in order
+    sn.add_argument("--ssh-user", default="root")
+    sn.add_argument("--ssh-identity")
+    sn.add_argument("--ssh-known-hosts")
     o = sub.add_parser("observe")
     o.add_argument("--host", required=True)
     _add_ssh(o)
@@ -739,6 +769,8 @@ def main(argv: list[str] | None = None) -> int:
             _iso(resolve(args.result), resolve_args(args.argv))
         elif args.task == "deploy":
             _deploy(args)
+        elif args.task == "snapshot":
+            _snapshot(args)
         elif args.task == "observe":
             _observe(args)
         elif args.task == "membership":

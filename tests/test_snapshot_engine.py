@@ -1,0 +1,110 @@
+"""The etcd snapshot before the first server host changes (issue 17 item 4), real engine.
+
+The hosts of tests/test_health.py (a real sshd per host in network and mount namespaces of
+the test's own, the K3s API stand-in, the colmena stand-in) with two more stand-ins on the
+sshd's PATH (tests/bin/container): ``nixos-container run k3s-server -- …`` and K3s's
+``k3s etcd-snapshot save``, which records its argv and time per host.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_health import SERVERS, SSHD, STACK, Lab, Project, _text
+
+ROOT = Path(__file__).resolve().parent.parent
+CONTAINER_BIN = ROOT / "tests" / "bin" / "container"
+
+pytestmark = [pytest.mark.integration, pytest.mark.root]
+
+
+@pytest.fixture
+def hosts_lab(tmp_path: Path) -> Lab:
+    import shutil
+
+    from engine import netns_available, require_engine
+
+    require_engine()
+    if not netns_available():
+        pytest.skip("needs root, unshare and ip for a loopback-only network namespace")
+    if not SSHD.is_file() or not shutil.which("ssh") or not shutil.which("openssl"):
+        pytest.skip("needs OpenSSH (ssh, /usr/sbin/sshd) and openssl")
+    lab = Lab(tmp_path)
+    with_k3s_standin(lab)
+    return lab
+
+
+def with_k3s_standin(lab: Lab) -> None:
+    """Each host's sshd gives its sessions the stand-ins' PATH and a log of its own."""
+    for host, d in lab.hosts.items():
+        cfg = d / "sshd_config"
+        node = SERVERS[host][0] if host in SERVERS else host
+        cfg.write_text(cfg.read_text() + (
+            f"SetEnv PATH={CONTAINER_BIN}:/usr/bin:/bin K3S_STANDIN_LOG={d / 'k3s.log'} "
+            f"K3S_STANDIN_FAIL={d / 'k3s.fail'} K3S_STANDIN_NODE={node}\n"))
+
+
+def k3s_calls(lab: Lab, host: str) -> list[dict[str, Any]]:
+    log = lab.hosts[host] / "k3s.log"
+    return [json.loads(ln) for ln in log.read_text().splitlines()] if log.exists() else []
+
+
+def switches(p: Project) -> list[dict[str, Any]]:
+    return [c for c in p.colmena_calls() if c["argv"][1] == "switch"]
+
+
+def test_a_snapshot_is_taken_before_the_first_server_host_changes(
+    hosts_lab: Lab, tmp_path: Path
+) -> None:
+    lab = hosts_lab
+    p = Project(tmp_path, lab)
+    r = p.up()
+    assert r.returncode == 0, _text(r)[-4000:]
+    # a new cluster: nothing to snapshot yet
+    assert all(k3s_calls(lab, h) == [] for h in SERVERS)
+    assert "etcdSnapshot" not in p.outputs()
+
+    # a change of a server host that is not the first: the snapshot still comes first
+    conf = p.cluster / "nixConfigs" / "ulf.nix"
+    conf.write_text((conf.read_text() if conf.exists() else "{ ... }: { }\n") + "# changed\n")
+    plan = p.preview()
+    assert plan["ulf-deploy"] == "update" and plan["cluster-etcd-snapshot"] == "create"
+    assert not {f"{h}-deploy" for h in ("olaf", "rolf", "karl", "ulrich")} & set(plan)
+    before = len(switches(p))
+    r = p.up()
+    assert r.returncode == 0, _text(r)[-4000:]
+    (call,) = k3s_calls(lab, "olaf")  # on the first server host in the deploy order
+    assert call["argv"][:3] == ["etcd-snapshot", "save", "--name"]
+    name = call["argv"][3]
+    assert name.startswith(f"{STACK}-") and len(call["argv"]) == 4
+    (ulf,) = [c for c in switches(p)[before:]]
+    assert ulf["hosts"] == ["ulf"] and call["t"] < ulf["start"]
+    snap = p.outputs()["etcdSnapshot"]
+    assert snap["name"] == name and snap["host"] == "olaf"
+    assert snap["file"].startswith(f"{name}-olaf-k3s-server-")
+    assert snap["path"] == ("/var/lib/nixos-containers/k3s-server/var/lib/rancher/k3s/server/"
+                            f"db/snapshots/{snap['file']}")
+    # nothing changed: no snapshot, no deploy
+    assert p.preview() == {}
+
+    # olaf's etcd does not answer: the next server takes it; then the change goes on
+    (lab.hosts["olaf"] / "k3s.fail").write_text("")
+    conf.write_text(conf.read_text() + "# changed again\n")
+    r = p.up()
+    assert r.returncode == 0, _text(r)[-4000:]
+    assert len(k3s_calls(lab, "olaf")) == 2 and len(k3s_calls(lab, "ulf")) == 1
+    assert "etcd snapshot on olaf failed (level=fatal" in _text(r)
+    assert p.outputs()["etcdSnapshot"]["host"] == "ulf"
+
+    # no server takes it: no server host changes, and the run names why
+    (lab.hosts["ulf"] / "k3s.fail").write_text("")
+    (lab.hosts["rolf"] / "k3s.fail").write_text("")
+    conf.write_text(conf.read_text() + "# and again\n")
+    before = len(switches(p))
+    r = p.up()
+    assert r.returncode != 0
+    assert "no server took the etcd snapshot before the servers change" in _text(r)
+    assert [c["hosts"] for c in switches(p)[before:]] == []
