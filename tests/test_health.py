@@ -188,6 +188,8 @@ class Project:
             "sshIdentity": str(lab.client_key),
             "sshKnownHosts": str(lab.known_hosts),
             "readyTimeout": "60s",
+            # no K3s to snapshot behind these hosts (tests/test_snapshot_engine.py has one)
+            "snapshotBeforeServers": "false",
             **config,
         }
         (self.dir / f"Pulumi.{STACK}.yaml").write_text(

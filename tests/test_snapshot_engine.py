@@ -60,7 +60,7 @@ def test_a_snapshot_is_taken_before_the_first_server_host_changes(
     hosts_lab: Lab, tmp_path: Path
 ) -> None:
     lab = hosts_lab
-    p = Project(tmp_path, lab)
+    p = Project(tmp_path, lab, snapshotBeforeServers="true")
     r = p.up()
     assert r.returncode == 0, _text(r)[-4000:]
     # a new cluster: nothing to snapshot yet

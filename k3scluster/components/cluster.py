@@ -131,7 +131,11 @@ class Cluster(pulumi.ComponentResource):
         self.plan = plan_update(
             c,
             args.deployed,
-            UpdateSettings(max_unavailable=s.max_unavailable, snapshot=s.snapshot_before_servers),
+            UpdateSettings(
+                max_unavailable=s.max_unavailable,
+                # over ssh into the server containers, as the gates go: with them only
+                snapshot=s.snapshot_before_servers and s.wait_ready,
+            ),
             args.versions,
         )
         self._held = self.plan.held_agents()
