@@ -71,7 +71,8 @@ def poisoned(example_dir: Path) -> Path:
 
 def _argv(reg: Registration, runner: str) -> list[str]:
     value = reg.inputs["create"]
-    return shlex.split(value) if runner == "command" else list(value)
+    # one shell line with either runner (a list in states of older versions)
+    return shlex.split(value) if isinstance(value, str) else list(value)
 
 
 def _inputs(reg: Registration, runner: str) -> dict[str, str]:
