@@ -667,11 +667,15 @@ def test_forget_host_drops_plain_and_hashed_entries_of_that_host_only(tmp_path: 
     plain = tmp_path / "known_hosts"
     plain.write_text(
         f"10.0.100.2 {a}\n10.0.100.20 {b}\n# a comment\n[10.0.100.2]:2222 {a}\n"
-        f"10.0.100.3,10.0.100.2 {b}\n"
+        f"10.0.100.3,10.0.100.2 {b}\n@cert-authority 10.0.100.2,10.0.100.4 {a}\n"
+        f"@revoked 10.0.100.2 {b}\n"
     )
     plain.chmod(0o640)
-    assert forget_host(plain, "10.0.100.2") == 3
-    assert plain.read_text() == f"10.0.100.20 {b}\n# a comment\n"
+    assert forget_host(plain, "10.0.100.2") == 5
+    # a line that names another host too keeps it, with its key
+    assert plain.read_text() == (
+        f"10.0.100.20 {b}\n# a comment\n10.0.100.3 {b}\n@cert-authority 10.0.100.4 {a}\n"
+    )
     assert plain.stat().st_mode & 0o777 == 0o640
     assert forget_host(plain, "10.0.100.2") == 0
     assert forget_host(tmp_path / "missing", "10.0.100.2") == 0

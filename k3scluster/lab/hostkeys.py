@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import hmac
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -29,33 +30,46 @@ def _hashed_match(pattern: str, host: str) -> bool:
     return hmac.compare_digest(hmac.new(key, host.encode(), hashlib.sha1).digest(), want)
 
 
+def _pattern_names(pattern: str, host: str) -> bool:
+    if pattern.startswith("|"):
+        return _hashed_match(pattern, host)
+    return pattern == host or pattern.startswith(f"[{host}]:")
+
+
 def names_host(line: str, host: str) -> bool:
     """Does this known_hosts line hold a key of ``host`` (any port)?"""
-    fields = line.split()
-    if not fields or line.lstrip().startswith("#"):
-        return False
-    first = fields[0]
-    if first.startswith("@"):  # @cert-authority / @revoked: the host patterns come next
-        if len(fields) < 2:
-            return False
-        first = fields[1]
-    for pattern in first.split(","):
-        if pattern.startswith("|"):
-            if _hashed_match(pattern, host):
-                return True
-        elif pattern == host or (pattern.startswith(f"[{host}]:")):
-            return True
-    return False
+    return _without_host(line, host) != line
+
+
+def _without_host(line: str, host: str) -> str | None:
+    """``line`` without ``host``'s patterns: the same line when it names no key of
+    ``host``, None when nothing else is left of it; a line that names other hosts too
+    (``ip,name key``) keeps them and its key."""
+    fields = list(re.finditer(r"\S+", line))
+    if not fields or fields[0].group().startswith("#"):
+        return line
+    at = 1 if fields[0].group().startswith("@") else 0  # @cert-authority / @revoked
+    if len(fields) <= at:
+        return line
+    patterns = fields[at].group().split(",")
+    keep = [p for p in patterns if not _pattern_names(p, host)]
+    if len(keep) == len(patterns):
+        return line
+    if not keep:
+        return None
+    return line[: fields[at].start()] + ",".join(keep) + line[fields[at].end() :]
 
 
 def forget_host(known_hosts: Path, host: str) -> int:
-    """Remove every line of ``known_hosts`` that holds a key of ``host``; how many."""
+    """Remove ``host`` from every line of ``known_hosts`` that holds a key of it (the line,
+    when it names no other host); how many lines changed."""
     try:
         lines = known_hosts.read_text().splitlines(keepends=True)
     except FileNotFoundError:
         return 0
-    keep = [ln for ln in lines if not names_host(ln, host)]
-    dropped = len(lines) - len(keep)
+    changed = [(ln, _without_host(ln, host)) for ln in lines]
+    keep = [new for _, new in changed if new is not None]
+    dropped = sum(1 for old, new in changed if new != old)
     if dropped:
         mode = known_hosts.stat().st_mode & 0o777
         fd, tmp = tempfile.mkstemp(prefix=f".{known_hosts.name}.", dir=known_hosts.parent)
