@@ -37,12 +37,12 @@ from k3scluster.components.iso import InstallerIsoArgs
 from k3scluster.components.secret import Secret, SecretArgs
 from k3scluster.components.settings import Settings
 from k3scluster.components.steps import step
-from k3scluster.components.tasks import SNAPSHOT_PREFIX, captured_sha256, last_json
+from k3scluster.components.tasks import SNAPSHOT_PREFIX, captured_sha256
 from k3scluster.components.vm import make_lab
 from k3scluster.lab.spec import vm_render
 from k3scluster.membership import Deployed
 from k3scluster.model import Cluster as ClusterModel
-from k3scluster.records import K3S_AGENT_INPUT, K3S_SERVER_INPUT
+from k3scluster.records import K3S_AGENT_INPUT, K3S_SERVER_INPUT, last_json
 from k3scluster.update_plan import (
     Action,
     HostVersions,
