@@ -241,16 +241,23 @@ def notice(message: str) -> list[str]:
 
 @dataclass(frozen=True)
 class RenderArgs:
-    """The render a deploy checks before colmena: the cluster, the render directory, and the
-    VM stack whose render it is (None for a hardware stack); paths as steps record them."""
+    """The render a deploy checks before colmena: the cluster, the render directory, the
+    VM stack whose render it is (None for a hardware stack) and the agents the render step
+    holds back (a K3s minor upgrade: its servers-first hives); paths as steps record them.
+    The task renders with :func:`render_tree`, the render step's own argv."""
 
     cluster: Path
     out: Path
     vm_stack: str | None = None
+    held_agents: tuple[tuple[str, str], ...] = ()
 
     def task_args(self) -> list[str]:
         argv = ["--render", str(self.cluster), "--render-out", str(self.out)]
-        return argv + (["--vm-stack", _plain_arg("stack name", self.vm_stack)] if self.vm_stack else [])
+        argv += ["--vm-stack", _plain_arg("stack name", self.vm_stack)] if self.vm_stack else []
+        for host, minor in sorted(self.held_agents):
+            argv += ["--hold-agent",
+                     f"{_plain_arg('host name', host)}={_plain_arg('K3s', minor)}"]
+        return argv
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from k3scluster import render
+from k3scluster import commands, render
 from k3scluster.components.rendered import ensure_render, input_environment, planned_files
 from k3scluster.components.steps import short_digest
 from k3scluster.errors import K3sClusterError
@@ -100,3 +100,48 @@ def test_rendering_again_keeps_the_servers_first_hives(example_dir: Path) -> Non
     ensure_render(example_dir, out, None, env, seen.append)
     assert seen, "the older host file was rendered again"
     assert hive.read_bytes() == held
+
+
+def test_a_render_again_holds_the_agents_the_render_step_held(example_dir: Path) -> None:
+    """During a K3s minor upgrade the render step writes servers-first/<host>.nix
+    (--hold-agent); a deploy that renders again does so with the same held agents
+    (commands.RenderArgs, render_tree), so the servers-first hive its step applies is there
+    again (before: rendered without them, the hive stayed missing and every up failed)."""
+    out = example_dir / ".k3scluster" / "it"
+    c, _ = load_or_raise(example_dir)
+    held = {"karl": "1.33"}
+    files = render.render_files(c, out, None, held)
+    rel = render.servers_first_path("karl")
+    env = input_environment({f"file:{rel}": short_digest(hashlib.sha256(
+        files[rel].encode()).hexdigest())})
+    render.render_to_dir(c, out)  # a render without it (k3scluster build, another clone)
+    assert not (out / rel).exists()
+    with pytest.raises(K3sClusterError, match="changed after the plan"):
+        ensure_render(example_dir, out, None, env)
+    ensure_render(example_dir, out, None, env, None, held)
+    assert (out / rel).read_text() == files[rel]
+    args = commands.RenderArgs(example_dir, out, None, tuple(held.items())).task_args()
+    assert args[-2:] == ["--hold-agent", "karl=1.33"]
+
+
+def test_the_deploy_task_renders_again_with_the_held_agents(
+    example_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``tasks deploy --render … --hold-agent H=MINOR`` (the argv RenderArgs makes) renders
+    the servers-first hive again before colmena runs (here ``true``, waitReady false)."""
+    from k3scluster.components import tasks
+
+    out = example_dir / ".k3scluster" / "it"
+    c, _ = load_or_raise(example_dir)
+    files = render.render_files(c, out, None, {"karl": "1.33"})
+    rel = render.servers_first_path("karl")
+    env = input_environment({f"file:{rel}": short_digest(hashlib.sha256(
+        files[rel].encode()).hexdigest())})
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    render.render_to_dir(c, out)
+    render_args = commands.RenderArgs(example_dir, out, None, (("karl", "1.33"),))
+    code = tasks.main(["deploy", "--host", "karl", "--ip", "10.0.100.5", "--timeout", "5",
+                       *render_args.task_args(), "--no-gates", "--", "true"])
+    assert code == 0
+    assert (out / rel).read_text() == files[rel]

@@ -133,6 +133,11 @@ def test_a_minor_upgrade_moves_every_server_before_any_agent(
         ins = _inputs(reg, runner)
         assert (ins["k3s:server"], ins["k3s:agent"]) == ("1.35", "1.34")
         assert f"file:servers-first/{h}.nix" in ins
+        # a render again before colmena (another clone, or a render without the held agents,
+        # e.g. k3scluster build's) holds back the same agents: the hive is there again
+        task = a[: a.index("--")]
+        assert task[task.index("--render-out") + 1] == str(render_dir)
+        assert [task[i + 1] for i, x in enumerate(task) if x == "--hold-agent"] == holds
         # its gates are a deploy's: the server's /readyz and the (old) agent's Ready
         assert f"{h}-k3s-agent" in a and "--server" in a
         assert render.urn in reg.dependencies

@@ -193,6 +193,17 @@ class Cluster(pulumi.ComponentResource):
 
     # -- 2. the rendered tree -----------------------------------------------------------
 
+    def _render_args(self) -> commands.RenderArgs:
+        """The render a deploy checks before colmena: the render step's (same VM stack, same
+        held agents, so a render again writes the servers-first hives too)."""
+        s = self._s
+        return commands.RenderArgs(
+            s.rec(self._c.root),
+            s.rec(s.render_dir),
+            s.vm.stack if s.vm else None,
+            tuple(sorted(self._held.items())),
+        )
+
     def _render_step(self) -> pulumi.CustomResource:
         """``<name>-render``: writes the rendered tree, during ``up`` only."""
         c, s = self._c, self._s
@@ -347,9 +358,7 @@ class Cluster(pulumi.ComponentResource):
             ssh=s.ssh,
             wait_ready=s.wait_ready,
             timeout=s.ready_timeout,
-            render=commands.RenderArgs(
-                s.rec(c.root), s.rec(s.render_dir), s.vm.stack if s.vm else None
-            ),
+            render=self._render_args(),
             deployed=self._deployed,
             drain=drain_node(c, hname),
             drain_timeout=s.drain_timeout,

@@ -30,6 +30,7 @@ import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from k3scluster.commands import render_tree
 from k3scluster.errors import K3sClusterError
 from k3scluster.records import DIGEST_ENV_PREFIX
 
@@ -166,9 +167,11 @@ def ensure_render(
     vm_stack: str | None,
     environ: Mapping[str, str] | None = None,
     progress: object = None,
+    held_agents: Mapping[str, str] | None = None,
 ) -> None:
     """Render ``cluster`` into ``out`` again unless it already holds what the step planned
-    and, for the files no step names, what the cluster directory renders now."""
+    and, for the files no step names, what the cluster directory renders now; as the render
+    step does (``commands.render_tree``: the same VM stack and held agents)."""
     planned = planned_files(os.environ if environ is None else environ)
     if not planned:
         return
@@ -187,11 +190,9 @@ def ensure_render(
                     f"{f' and {len(differ) - 1} more' if len(differ) > 1 else ''} "
                     "missing or not as planned)"
                 )
-            argv = [sys.executable, "-m", "k3scluster", "render", str(cluster), "--out", str(out)]
-            argv += ["--vm-stack", vm_stack] if vm_stack else []
             kept = _servers_first(out)
             proc = subprocess.run(
-                argv,
+                render_tree(sys.executable, cluster, out, vm_stack, held_agents),
                 stdin=subprocess.DEVNULL,
                 stdout=sys.stderr,
                 check=False,

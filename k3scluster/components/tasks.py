@@ -6,7 +6,7 @@
   waits, at most S seconds), ``capture`` of the host's hardware-configuration.nix read over
   ssh (the ssh command made here, from the paths resolved here).
 - ``iso --result LINK -- ARGV…``: run an ISO build (its log goes to stderr), print ``{"image": …, "sha256": …}`` as the last line.
-- ``deploy --host H --ip IP [ssh] --timeout S [--render DIR --render-out OUT [--vm-stack S]]
+- ``deploy --host H --ip IP [ssh] --timeout S [--render DIR --render-out OUT [--vm-stack S] [--hold-agent H=MINOR…]]
   [--no-gates | [--server NAME=IP] [--agent NAME] [--api URL…] [--credentials-from IP…]] --
   ARGV…``: render again if the render on this machine is not the planned one (``rendered.py``),
   run the deploy ARGV (colmena), wait for the host's health gates (the API and the credentials:
@@ -416,7 +416,9 @@ def _deploy(args: argparse.Namespace) -> None:
 
     ssh = _ssh(args)
     if args.render:
-        ensure_render(resolve(args.render), resolve(args.render_out), args.vm_stack, None, _progress)
+        held = dict(item.split("=", 1) for item in args.hold_agent)
+        ensure_render(resolve(args.render), resolve(args.render_out), args.vm_stack, None,
+                      _progress, held)
     servers = [s.split("=", 1) for s in args.server]
     agents = list(args.agent)
     timeout = float(args.timeout)
@@ -729,6 +731,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--render")
     d.add_argument("--render-out")
     d.add_argument("--vm-stack")
+    d.add_argument("--hold-agent", action="append", default=[])
     d.add_argument("--no-gates", action="store_true")
     d.add_argument("--record")
     d.add_argument("--via")
