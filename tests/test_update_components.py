@@ -262,3 +262,39 @@ def test_a_server_hosts_change_changes_the_snapshots_inputs(poisoned: Path) -> N
     after = _inputs(run_with_state(poisoned, "python", state)[0].named("cluster-etcd-snapshot"),
                     "python")
     assert [k for k in after if after[k] != before.get(k)] == ["deploy:ulf"]
+
+
+class RacingStateMocks(StateMocks):
+    """The engine as the file backend answers while it writes a checkpoint: gocloud.dev's
+    fileblob writes the checkpoint's sidecar ``<stack>.json.attrs`` in place (truncate, then
+    the JSON), so a read in between decodes an empty file; the first ``failing`` reads fail
+    with the engine's own message."""
+
+    def __init__(self, resources: dict[str, Any], failing: int) -> None:
+        super().__init__(resources)
+        self.failing = failing
+
+    def call(self, args: pulumi.runtime.MockCallArgs) -> tuple[dict, list]:
+        if args.token == "pulumi:pulumi:readStackResourceOutputs" and self.failing:
+            self.failing -= 1
+            self.asked.append(dict(args.args))
+            return {}, [("stackName", "failed to load checkpoint: EOF")]
+        return super().call(args)
+
+
+@pytest.mark.parametrize("runner", ["python"])
+def test_a_read_of_the_state_while_the_engine_writes_it_is_asked_again(
+    poisoned: Path, runner: str
+) -> None:
+    mocks = RacingStateMocks(_deployed_at(runner, "1.35"), failing=2)
+    m = run_program(poisoned, runner, mocks=mocks)
+    assert len(mocks.asked) == 3
+    # what the third read returned is what the plan used
+    assert _inputs(m.named("olaf-deploy"), runner)["k3s:server"] == "1.35"
+
+
+def test_a_state_that_cannot_be_read_stops_the_program_and_says_so(poisoned: Path) -> None:
+    mocks = RacingStateMocks(_deployed_at("python", "1.35"), failing=100)
+    with pytest.raises(Exception, match="cannot read this stack's state"):
+        run_program(poisoned, "python", mocks=mocks)
+    assert 2 <= len(mocks.asked) < 100
