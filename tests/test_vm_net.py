@@ -73,6 +73,29 @@ def test_net_up_makes_the_bridge_with_the_gateway_and_net_down_removes_it(
     assert (tmp_path / "lab").stat().st_mode & 0o777 == 0o700
 
 
+def test_forwarding_stays_on_while_another_labs_nat_needs_it(tmp_path: Path) -> None:
+    """Two VM stacks with NAT on one machine: the second finds forwarding on (the first
+    turned it on). The first one's net-down must not turn it off under the second's VMs,
+    and the last one's puts back what the first found."""
+    a = _net(nat=True, lab_dir=tmp_path / "a")
+    b = NetSpec("test-vms-2", bridge_name("test-vms-2"), "10.0.101.1/24", "10.0.101.0/24",
+                True, "plans/network.yaml:3", str(tmp_path / "b"))
+    fwd = "echo ---; cat /proc/sys/net/ipv4/ip_forward\n"
+    r = _in_netns(
+        "echo 0 > /proc/sys/net/ipv4/ip_forward\n"
+        f"set -e\n{_ctl('net-up', a)}\n{_ctl('net-up', b)}\n{fwd}"
+        f"{_ctl('net-down', a)}\n{fwd}echo ---; nft list tables\n"
+        f"{_ctl('net-down', b)}\n{fwd}"
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    _, both, after_a, tables, after_b = r.stdout.split("---\n")
+    assert both.strip() == "1"
+    assert after_a.strip() == "1", r.stderr  # b's VMs still reach out
+    assert network.nat_table("test-vms-2") in tables
+    assert network.nat_table("test-vms") not in tables
+    assert after_b.strip() == "0", r.stderr  # as the first net-up found it
+
+
 def test_net_up_refuses_a_subnet_in_use_and_creates_nothing() -> None:
     net = _net()
     r = _in_netns(

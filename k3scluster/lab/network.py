@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -42,10 +43,18 @@ def nat_table(stack: str) -> str:
     return NAT_TABLE_PREFIX + _hex("nat", stack)[:8]
 
 
-def nat_ruleset(net: NetSpec) -> str:
-    """nft script: masquerade the lab subnet out of every other interface, forward it."""
+FORWARDING_COMMENT = "k3scluster ip_forward before: "
+
+
+def nat_ruleset(net: NetSpec, forwarding_before: str | None = None) -> str:
+    """nft script: masquerade the lab subnet out of every other interface, forward it. The
+    table's comment keeps IP forwarding as the first lab's NAT found it (``_nat_on``)."""
+    comment = (
+        f'  comment "{FORWARDING_COMMENT}{forwarding_before}"\n'
+        if forwarding_before in ("0", "1") else ""
+    )
     return f"""table ip {nat_table(net.stack)} {{
-  chain lab_postrouting {{
+{comment}  chain lab_postrouting {{
     type nat hook postrouting priority srcnat;
     ip saddr {net.subnet} oifname != "{net.bridge}" masquerade
   }}
@@ -98,14 +107,36 @@ def _forwarding() -> str:
         return ""
 
 
+def _other_labs_nat(net: NetSpec) -> list[str]:
+    """The NAT tables of the other VM labs on this machine (this network namespace)."""
+    if not shutil.which("nft"):
+        return []
+    out = run(["nft", "list", "tables"], check=False).stdout
+    names = re.findall(rf"^table ip ({NAT_TABLE_PREFIX}\w+)$", out, flags=re.MULTILINE)
+    return [n for n in names if n != nat_table(net.stack)]
+
+
+def _forwarding_as_found(net: NetSpec) -> str:
+    """IP forwarding as it was before any lab's NAT: another lab's NAT table says (it
+    turned forwarding on; what it found is in its comment), else as it is now."""
+    for table in _other_labs_nat(net):
+        text = run(["nft", "list", "table", "ip", table], check=False).stdout
+        found = re.search(rf'comment "{FORWARDING_COMMENT}([01])"', text)
+        if found:
+            return found.group(1)
+    return _forwarding()
+
+
 def _nat_on(net: NetSpec) -> None:
     before = _recorded(net).get("forwardingBefore")
     if before is None:
-        _record(net, forwardingBefore=_forwarding())
+        before = _forwarding_as_found(net)
+        _record(net, forwardingBefore=before)
     run(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
     run(["nft", "delete", "table", "ip", nat_table(net.stack)], check=False)
     proc = subprocess.run(
-        ["nft", "-f", "-"], input=nat_ruleset(net), capture_output=True, text=True, check=False
+        ["nft", "-f", "-"], input=nat_ruleset(net, before), capture_output=True, text=True,
+        check=False,
     )
     if proc.returncode != 0:
         raise K3sClusterError(
@@ -119,7 +150,10 @@ def _nat_off(net: NetSpec) -> None:
     if shutil.which("nft"):
         run(["nft", "delete", "table", "ip", nat_table(net.stack)], check=False)
     before = _recorded(net).get("forwardingBefore")
-    if before in ("0", "1") and _forwarding() != before:
+    others = _other_labs_nat(net) if before is not None else []
+    if others:  # their NAT needs it; the last one puts it back (its table's comment)
+        say(f"IP forwarding stays on: another lab's NAT (nft table ip {others[0]}) uses it")
+    elif before in ("0", "1") and _forwarding() != before:
         run(["sysctl", "-q", "-w", f"net.ipv4.ip_forward={before}"])
         say(f"IP forwarding back to {before}, as it was before the lab's NAT")
     if before is not None:
