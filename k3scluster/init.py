@@ -70,8 +70,9 @@ SECRETS_README = """\
 Keep this folder private (mode 0700) and backed up; never publish it.
 - `token`: the K3s token, made by `k3scluster init`. Never change it once the cluster runs.
   Only the K3s servers get it: whoever holds it can join as a server.
-- `agent-token`: the token the K3s agents join with, made by `k3scluster init` (run it again
-  to add one to an older cluster directory; it never replaces a file).
+- `agent-token`: the token the K3s agents join with, made by `k3scluster init`. Without it (a
+  cluster made before agent tokens) the agents join with `token`; adding one to a cluster that
+  runs is not known to be safe (the k3scluster README: "The agent token").
 - `passwd`: the password hash of the admin user on every host; `<host>passwd` for one host.
   Make one with `mkpasswd -m yescrypt` or `openssl passwd -6`.
 - `*.pub`: ssh public keys. `<host>.pub` applies to that host only, any other `.pub` to every host.

@@ -170,7 +170,8 @@ class Secrets:
     host_passwd: tuple[tuple[str, SecretFile], ...] = ()  # secrets/<host>passwd
     ssh_keys: tuple[SshKey, ...] = ()
     # secrets/agent-token: what the agents join with (the servers get it too, as
-    # --agent-token-file); agents never see secrets/token
+    # --agent-token-file); agents never see secrets/token. None (a cluster made before
+    # agent tokens): the agents join with secrets/token, as they did then
     agent_token: SecretFile | None = None
 
     def passwd_for(self, host: str) -> SecretFile | None:

@@ -60,7 +60,7 @@ from k3scluster.k3s_start import (
     sh_value,
 )
 from k3scluster.macs import agent_mac, host_macvlan_mac, server_mac
-from k3scluster.model import DEFAULT_STATE_VERSION, Cluster, Host, K3sNode, K3sType
+from k3scluster.model import DEFAULT_STATE_VERSION, Cluster, Host, K3sNode, K3sType, SecretFile
 from k3scluster.nix import NixPath, nix_value
 from k3scluster.pins import (
     NIXPKGS_PINS,
@@ -212,6 +212,22 @@ def _server_on(cluster: Cluster, host: str) -> K3sNode | None:
 
 def _agent_on(cluster: Cluster, host: str) -> K3sNode | None:
     return next((n for n in _k3s_on(cluster, host) if n.type is K3sType.AGENT), None)
+
+
+def _agent_join_token(cluster: Cluster) -> SecretFile | None:
+    """What the agents join with: ``secrets/agent-token``, or in a cluster without one (made
+    before agent tokens existed) the server token, as before (README: "The agent token")."""
+    s = cluster.secrets
+    return s.agent_token if s.agent_token is not None else s.token
+
+
+def _agent_key_on(cluster: Cluster, host: str) -> bool:
+    """Whether ``host`` gets the key AGENT_TOKEN_KEY (in AGENT_SECRETS_DIR, the directory the
+    agent container binds): with an agent token every K3s host (the servers read it as
+    --agent-token-file), without one only the agents (holding the server token)."""
+    if cluster.secrets.agent_token is not None:
+        return bool(_k3s_on(cluster, host))
+    return _agent_on(cluster, host) is not None
 
 
 def _tags(cluster: Cluster, host: str) -> list[str]:
@@ -425,12 +441,12 @@ def _hive_context(cluster: Cluster, out: Path) -> dict[str, object]:
                     "dest_dir": SECRETS_DIR,
                 }
             )
-        if _k3s_on(cluster, host.name):
-            agent_token = cluster.secrets.agent_token
+        if _agent_key_on(cluster, host.name):
+            agent_token = _agent_join_token(cluster)
             if agent_token is None:
                 raise K3sClusterError(
-                    "secrets/agent-token is missing but the plans have K3s rows",
-                    "`k3scluster init DIR` adds it and changes nothing else",
+                    "secrets/token is missing but the plans have K3s agents",
+                    "`k3scluster init DIR` creates it; never change it once the cluster runs",
                 )
             keys.append(
                 {
@@ -491,6 +507,8 @@ def render_files(
         "token_key": TOKEN_KEY,
         "agent_secrets_dir": AGENT_SECRETS_DIR,
         "agent_token_key": AGENT_TOKEN_KEY,
+        # servers run --agent-token-file only when secrets/agent-token exists
+        "own_agent_token": cluster.secrets.agent_token is not None,
         "agent_network": AGENT_NETWORK,
         "start_env": ENV_FILE,
         "manifest_dir": MANIFEST_DIR,
@@ -787,7 +805,7 @@ def host_inputs(
     keys = sorted(
         ([_passwd_key(host)] if cluster.secrets.passwd_for(host_name) else [])
         + ([TOKEN_KEY] if server else [])
-        + ([AGENT_TOKEN_KEY] if server or agent else [])
+        + ([AGENT_TOKEN_KEY] if _agent_key_on(cluster, host_name) else [])
     )
     inputs["deployment"] = _sha(
         _json({"targetHost": str(host.ip), "tags": _tags(cluster, host_name), "keys": keys})
@@ -827,8 +845,9 @@ def host_inputs(
         inputs[f"secret:{_passwd_key(host)}"] = passwd.sha256
     if server and cluster.secrets.token is not None:
         inputs[f"secret:{TOKEN_KEY}"] = cluster.secrets.token.sha256
-    if (server or agent) and cluster.secrets.agent_token is not None:
-        inputs[f"secret:{AGENT_TOKEN_KEY}"] = cluster.secrets.agent_token.sha256
+    agent_token = _agent_join_token(cluster)
+    if _agent_key_on(cluster, host_name) and agent_token is not None:
+        inputs[f"secret:{AGENT_TOKEN_KEY}"] = agent_token.sha256
     return dict(sorted(inputs.items()))
 
 

@@ -683,3 +683,24 @@ def test_build_renders_and_builds_what_the_program_deploys(
                    capture_output=True, cwd=ROOT)
     assert tree(render_dir) == built
     assert (render_dir / ".gcroots" / "node-olaf").is_symlink()
+
+
+@pytest.mark.parametrize("agent_token", [True, False], ids=["agent-token", "no-agent-token"])
+def test_secret_hosts_are_the_hosts_that_receive_it(example_dir: Path, agent_token: bool) -> None:
+    # the Secret components list who receives each token; without secrets/agent-token (a
+    # cluster made before it) the agents join with the server token, so it reaches them too
+    from k3scluster import plans
+    from k3scluster.components.cluster import _secret_args
+
+    if not agent_token:
+        (example_dir / "secrets" / "agent-token").unlink()
+    cluster = plans.load(example_dir).cluster
+    assert cluster is not None
+    tokens = {
+        rel: set(sa.hosts) for rel, sa in _secret_args(cluster).items() if "token" in rel
+    }
+    servers, agents = {"olaf", "ulf", "rolf"}, {"olaf", "ulf", "karl"}
+    if agent_token:
+        assert tokens == {"secrets/token": servers, "secrets/agent-token": servers | agents}
+    else:
+        assert tokens == {"secrets/token": servers | agents}

@@ -129,6 +129,56 @@ def test_agent_binds_the_agent_token_directory_read_only(out: Path) -> None:
     assert env["K3S_TOKEN_FILE"] == f"/run/k3s-secrets/{AGENT_TOKEN_KEY}"
 
 
+# -- a cluster without secrets/agent-token (made before agent tokens) -------------------
+# The servers run as before agent tokens (no --agent-token-file: adding one to a running
+# cluster may keep its servers from restarting, README "The agent token"); the agent still
+# binds only its own directory, where it finds the server token.
+
+
+@pytest.fixture
+def out_without_agent_token(example_dir: Path) -> Path:
+    (example_dir / "secrets" / "agent-token").unlink()
+    out = example_dir / ".k3scluster" / "render"
+    render_to_dir(load(example_dir), out)
+    return out
+
+
+def test_without_an_agent_token_servers_run_without_agent_token_file(
+    out_without_agent_token: Path,
+) -> None:
+    out = out_without_agent_token
+    flags = container_config(out, "olaf", ".services.k3s.extraFlags")
+    assert flags == ["--egress-selector-mode=pod"]
+    assert container_config(out, "olaf", ".services.k3s.tokenFile") == TOKEN_FILE
+    # the server waits for the server token only (olaf's agent key is the agent's business)
+    server = module_config(out, "k3s-server", "olaf", '.systemd.services."container@k3s-server"')
+    assert server == {
+        "unitConfig": {"ConditionPathExists": [TOKEN_FILE]},
+        "after": [f"{TOKEN_KEY}-key.service"],
+    }
+    binds = module_config(out, "k3s-server", "olaf", ".containers.k3s-server.bindMounts")
+    assert binds == {SECRETS_DIR: {"hostPath": SECRETS_DIR, "isReadOnly": True}}
+
+
+def test_without_an_agent_token_the_agent_binds_only_its_directory(
+    out_without_agent_token: Path,
+) -> None:
+    out = out_without_agent_token
+    c = agent_container(out)
+    volumes = c["volumes"]
+    assert isinstance(volumes, list)
+    assert [v for v in volumes if "secrets" in str(v)] == [f"{AGENT_SECRETS_DIR}:/run/k3s-secrets:ro"]
+    env = c["environment"]
+    assert isinstance(env, dict)
+    assert env["K3S_TOKEN_FILE"] == f"/run/k3s-secrets/{AGENT_TOKEN_KEY}"
+    # the key colmena puts there is the server token, and the agent waits for it
+    keys = nix_eval(f"(import {out}/hive.nix).karl.deployment.keys")
+    assert isinstance(keys, dict) and set(keys) == {AGENT_TOKEN_KEY, "passwd-manfred"}
+    assert keys[AGENT_TOKEN_KEY]["keyFile"].endswith("/secrets/token")
+    assert keys[AGENT_TOKEN_KEY]["destDir"] == AGENT_SECRETS_DIR
+    assert agent_service(out)["unitConfig"] == {"ConditionPathExists": AGENT_TOKEN_FILE}
+
+
 def test_server_binds_the_secrets_directory_read_only(out: Path) -> None:
     binds = module_config(out, "k3s-server", "olaf", ".containers.k3s-server.bindMounts")
     # nixos-containers.nix: bindMounts.<mountPoint> = { hostPath; isReadOnly; } becomes

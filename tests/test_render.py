@@ -627,9 +627,63 @@ def test_missing_token_with_k3s_rows_is_a_user_error(cluster: Cluster) -> None:
     c = dataclasses.replace(cluster, secrets=dataclasses.replace(cluster.secrets, token=None))
     with pytest.raises(K3sClusterError):
         render_files(c, out_of(cluster.root))
-    s = dataclasses.replace(cluster.secrets, agent_token=None)
-    with pytest.raises(K3sClusterError, match="agent-token"):
+    # neither token: the agents have nothing to join with
+    s = dataclasses.replace(cluster.secrets, token=None, agent_token=None)
+    with pytest.raises(K3sClusterError, match="secrets/token"):
         render_files(dataclasses.replace(cluster, secrets=s), out_of(cluster.root))
+
+
+# -- a cluster made before agent tokens (no secrets/agent-token) ---------------------------
+# K3s keeps server/cred/passwd (the agent token, user node) in its etcd bootstrap data: adding
+# an agent token to a running cluster may keep its servers from restarting. Such a cluster
+# renders as before agent tokens: the agents join with the server token.
+
+
+def _without_agent_token(example_dir: Path) -> Cluster:
+    (example_dir / "secrets" / "agent-token").unlink()
+    cluster = load(example_dir)
+    assert cluster.secrets.agent_token is None
+    return cluster
+
+
+def test_without_an_agent_token_the_agents_get_the_server_token_in_their_own_directory(
+    example_dir: Path,
+) -> None:
+    cluster = _without_agent_token(example_dir)
+    out = out_of(example_dir)
+    render_to_dir(cluster, out)
+    hive = nix_eval(
+        f"let h = import {out}/hive.nix; in builtins.mapAttrs (n: v: v.deployment.keys)"
+        ' (builtins.removeAttrs h [ "meta" ])'
+    )
+    assert isinstance(hive, dict)
+    token = str(example_dir / "secrets" / "token")
+    where = {
+        host: {name: (k["keyFile"], k["destDir"]) for name, k in keys.items() if "token" in name}
+        for host, keys in hive.items()
+    }
+    server_key = (token, "/var/lib/k3scluster/secrets")
+    agent_key = (token, "/var/lib/k3scluster/agent-secrets")  # a directory of its own
+    assert where == {
+        "olaf": {"k3s-token": server_key, "k3s-agent-token": agent_key},  # server + agent
+        "ulf": {"k3s-token": server_key, "k3s-agent-token": agent_key},  # server + agent
+        "rolf": {"k3s-token": server_key},  # server only: no --agent-token-file to read
+        "karl": {"k3s-agent-token": agent_key},  # agent only: never in secrets/
+        "ulrich": {},
+    }
+
+
+def test_without_an_agent_token_the_server_token_redeploys_the_agents(example_dir: Path) -> None:
+    cluster = _without_agent_token(example_dir)
+    before = all_digests(cluster)
+    token = cluster.root / "secrets" / "token"
+    token.write_text("another-token-0123456789\n")
+    new = SecretFile.from_path(cluster.root, token)
+    c = dataclasses.replace(cluster, secrets=dataclasses.replace(cluster.secrets, token=new))
+    assert changed(before, all_digests(c)) == {"olaf", "ulf", "rolf", "karl"}
+    files = render_files(c, out_of(c.root))
+    assert host_inputs(c, "karl", files)["secret:k3s-agent-token"] == new.sha256
+    assert "secret:k3s-agent-token" not in host_inputs(c, "rolf", files)
 
 
 def test_column_named_k3s_is_refused(cluster: Cluster) -> None:

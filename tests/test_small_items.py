@@ -180,9 +180,14 @@ def _tmpfiles_rules(out: Path, host: str) -> list[str]:
     return [str(r) for r in rules]
 
 
+@pytest.mark.parametrize("agent_token", [True, False], ids=["agent-token", "no-agent-token"])
 def test_hosts_without_a_server_remove_the_server_token_they_kept(
-    example_dir: Path, tmp_path: Path
+    example_dir: Path, tmp_path: Path, agent_token: bool
 ) -> None:
+    # without secrets/agent-token (a cluster made before it), the file in agent-secrets is
+    # the server token an agent joins with: it stays, the one in secrets/ still goes
+    if not agent_token:
+        (example_dir / "secrets" / "agent-token").unlink()
     out = example_dir / ".k3scluster" / "render"
     render_to_dir(load(example_dir), out)
     token = "/var/lib/k3scluster/secrets/k3s-token"

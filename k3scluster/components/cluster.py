@@ -90,9 +90,13 @@ def _secret_args(cluster: ClusterModel) -> dict[str, SecretArgs]:
     s = cluster.secrets
     hosts = [h.name for h in cluster.hosts]
     found: dict[str, SecretArgs] = {}
-    if s.token is not None:  # the servers only
-        servers = tuple(h for h in hosts if any(n.type.is_server for n in cluster.k3s_on(h)))
-        found[s.token.relpath] = SecretArgs("k3s-token", s.token.relpath, s.token.sha256, servers)
+    if s.token is not None:  # the servers; the agents too in a cluster without an agent token
+        servers_only = s.agent_token is not None
+        holders = tuple(
+            h for h in hosts
+            if any(n.type.is_server or not servers_only for n in cluster.k3s_on(h))
+        )
+        found[s.token.relpath] = SecretArgs("k3s-token", s.token.relpath, s.token.sha256, holders)
     if s.agent_token is not None:  # servers and agents
         with_k3s = tuple(h for h in hosts if cluster.k3s_on(h))
         at = s.agent_token

@@ -102,7 +102,11 @@ _REGISTRY: tuple[tuple[str, str, str], ...] = (
     # secrets.py: secrets/
     ("token-missing", ERROR, "secrets/token exists"),
     ("token-invalid", ERROR, "the token is one line of printable characters"),
-    ("agent-token-missing", ERROR, "secrets/agent-token exists (the agents' own K3s token)"),
+    (
+        "agent-token-missing",
+        WARNING,
+        "secrets/agent-token exists (else the agents join with the server token)",
+    ),
     ("agent-token-invalid", ERROR, "the agent token is one line of printable characters"),
     ("agent-token-same", WARNING, "the agent token is not the server token"),
     (

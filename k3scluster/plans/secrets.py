@@ -79,14 +79,17 @@ class SecretsReader(Files):
                 "cluster that exists (K3s rejects nodes with a new token)",
             )
         if not (sdir / "agent-token").exists() and not (sdir / "agent-token").is_symlink():
-            self.error(
+            self.warn(
                 "agent-token-missing",
                 "secrets/agent-token",
                 0,
-                "missing K3s agent token (what the agents join with, so that they never hold "
-                "secrets/token, which lets its holder join as a server)",
-                "`k3scluster init DIR` adds a new one and changes nothing else; a running "
-                "cluster takes it at the next `pulumi up` (README: \"The agent token\")",
+                "no K3s agent token: the agents join with secrets/token, which lets its "
+                "holder join as a server (they get it in a directory of their own, as before)",
+                "a new cluster: `k3scluster init DIR` adds one and changes nothing else. A "
+                "cluster that runs: adding one is not known to be safe, since K3s keeps the "
+                "servers' password file (where the agent token lives) in etcd too and a "
+                "server whose file differs may refuse to restart ('passwd newer than "
+                "datastore'); rehearse it on a copy first (README: \"The agent token\")",
             )
         values = found.token_values
         if "token" in values and values.get("token") == values.get("agent-token"):

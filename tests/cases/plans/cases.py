@@ -596,8 +596,9 @@ CASES = [
         Remove("secrets/agent-token"),
         expected=[
             (
-                "secrets/agent-token: missing K3s agent token (what the agents join with, so "
-                "that they never hold secrets/token, which lets its holder join as a server)"
+                "secrets/agent-token: warning: no K3s agent token: the agents join with "
+                "secrets/token, which lets its holder join as a server (they get it in a "
+                "directory of their own, as before)"
             )
         ],
     ),

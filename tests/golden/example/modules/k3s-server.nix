@@ -168,11 +168,13 @@ in
           #
           # The agents' own token, a file (never the store): agents join with it and
           # never hold the server token, which lets its holder join as a server and read
-          # the cluster's CA keys. K3s writes it into the password file of each server at
-          # every start (pkg/daemons/control/deps genUsers: user `node`), so it can be
-          # added to a running cluster; without it, agents would join with the server
-          # token. nixpkgs has services.k3s.agentTokenFile only from 25.11: a flag here
-          # works in every pinned release.
+          # the cluster's CA keys. K3s writes it into the password file of each server
+          # (pkg/daemons/control/deps genUsers: user `node`), which it also keeps in its
+          # bootstrap data in etcd: adding one to a running cluster is not known to be
+          # safe, so a cluster without secrets/agent-token runs without the flag and its
+          # agents join with the server token (README: "The agent token"). nixpkgs has
+          # services.k3s.agentTokenFile only from 25.11: a flag here works in every
+          # pinned release.
           extraFlags = [
             "--egress-selector-mode=pod"
             "--agent-token-file=${agentTokenFile}"
