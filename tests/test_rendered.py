@@ -145,3 +145,55 @@ def test_the_deploy_task_renders_again_with_the_held_agents(
                        *render_args.task_args(), "--no-gates", "--", "true"])
     assert code == 0
     assert (out / rel).read_text() == files[rel]
+
+
+def _blocked_on(lock: Path) -> bool:
+    """Whether some process waits for a lock on ``lock`` (``/proc/locks``: a ``->`` line)."""
+    ino = lock.stat().st_ino
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if "->" in fields and fields[fields.index("->") + 5].endswith(f":{ino}"):
+            return True
+    return False
+
+
+def test_deploys_that_start_together_render_once(example_dir: Path) -> None:
+    """Several hosts' deploys start together: one renders under the lock, the others wait for
+    it and then find the render as planned (they do not render it again over a render that a
+    running colmena reads)."""
+    import fcntl
+    import json
+    import subprocess
+    import sys
+    import time
+
+    out = example_dir / ".k3scluster" / "it"
+    env = _planned(example_dir, out)
+    lock = out.parent / f".{out.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    code = (
+        "import json, sys\n"
+        "from pathlib import Path\n"
+        "from k3scluster.components.rendered import ensure_render\n"
+        "ensure_render(Path(sys.argv[1]), Path(sys.argv[2]), None, json.loads(sys.argv[3]),"
+        " lambda m: print('rendering:', m, flush=True))\n"
+    )
+    with open(lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # the deploy that renders first
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, str(example_dir), str(out), json.dumps(env)],
+            cwd=Path(__file__).resolve().parent.parent,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        give_up = time.monotonic() + 120  # a bound, not a measurement
+        while not _blocked_on(lock):
+            assert proc.poll() is None, "rendered while another deploy held the lock"
+            assert time.monotonic() < give_up, "never waited for the lock"
+            time.sleep(0.05)
+        assert not out.exists()
+        render.render_to_dir(load_or_raise(example_dir)[0], out)
+        fcntl.flock(held, fcntl.LOCK_UN)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    assert "rendering" not in stdout  # it found the render as planned
