@@ -69,19 +69,26 @@ def agent_leaves(
     Returns what was done. A Node that is gone already (an earlier run) skips cordon and
     drain; the rest runs again (each part is idempotent)."""
     done: list[str] = []
-    try:
-        kube.cordon(creds, server, node)
-        done.append("cordoned")
-    except K3sClusterError as err:
-        if "not in the cluster" not in err.message:
-            raise
+    # the Node this run cordons and drains, and only that one, is deleted (its uid): one
+    # registered since under the same name (the agent came back) is refused, and stays
+    uid = kube.node_uid(creds, server, node)
+    if uid is None:
         progress(f"{node}: no Node any more; nothing to drain")
     else:
-        result = kube.drain(creds, server, node, drain_timeout, progress)
-        done.append(f"drained ({len(result.evicted)} pod(s) evicted)")
+        try:
+            kube.cordon(creds, server, node)
+            done.append("cordoned")
+        except K3sClusterError as err:
+            if "not in the cluster" not in err.message:
+                raise
+            uid = None
+            progress(f"{node}: no Node any more; nothing to drain")
+        else:
+            result = kube.drain(creds, server, node, drain_timeout, progress)
+            done.append(f"drained ({len(result.evicted)} pod(s) evicted)")
     if stop_agent(run, host_ip, node, progress):
         done.append("stopped")
-    if kube.delete_node(creds, server, node):
+    if uid is not None and kube.delete_node(creds, server, node, uid=uid):
         done.append("Node deleted")
     if kube.delete_node_password_secret(creds, server, node):
         done.append("node-password secret deleted")

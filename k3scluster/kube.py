@@ -642,6 +642,22 @@ def _delete_if_there(what: str, delete: Callable[[Any], Any], uid: str | None) -
     return True
 
 
+def node_uid(kubeconfig: dict[str, Any], server: str, node: str) -> str | None:
+    """The uid of Node ``node`` (None when there is none): what :func:`delete_node` is then
+    told to delete, so a Node registered since under that name is never deleted."""
+    from kubernetes.client.exceptions import ApiException
+
+    with _reaching(server, f"cannot read node {node}"):
+        core = _core(kubeconfig, server)
+        try:
+            obj = core.read_node(node, _request_timeout=REQUEST_TIMEOUT)
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise _api_error(f"cannot read node {node}", err) from None
+        return str(obj.metadata.uid)
+
+
 def delete_node(kubeconfig: dict[str, Any], server: str, node: str,
                 uid: str | None = None) -> bool:
     """Deletes the Node object ``node`` (only the one with ``uid`` when given: the Node this

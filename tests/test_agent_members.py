@@ -226,3 +226,22 @@ def test_an_agent_whose_host_is_down_still_leaves_the_api(kube: Any) -> None:
                     "node-password secret deleted"]
     assert any("does not answer" in ln for ln in lines)
     assert _node_there(core, node) is None and not _secret_there(core, node)
+
+
+def test_a_node_registered_again_meanwhile_is_not_the_one_deleted(kube: Any) -> None:
+    # between the drain and the deletion the agent registers again under the same name (it
+    # came back before it was stopped): a new Node, which this run never cordoned or drained
+    core, node, _ns = _setup(kube)
+
+    def register_again() -> None:
+        core.delete_node(node)
+        _until("old Node gone", lambda: _node_there(core, node) is None)
+        core.create_node(client.V1Node(metadata=client.V1ObjectMeta(name=node)))
+
+    host = HostStandIn(lambda: register_again() if not host.calls else None)
+    old = core.read_node(node).metadata.uid
+    with pytest.raises(K3sClusterError, match="not the one this run read"):
+        agentmembers.agent_leaves(kube.kubeconfig, kube.server, node, HOST, host, 10,
+                                  lambda _ln: None)
+    new = _node_there(core, node)
+    assert new is not None and new.metadata.uid != old
