@@ -27,7 +27,13 @@ from pathlib import Path
 
 from k3scluster import commands
 from k3scluster.errors import K3sClusterError
-from k3scluster.membership import Member, check_removals, members_of, removal_order
+from k3scluster.membership import (
+    Member,
+    check_removals,
+    members_of,
+    node_of_member,
+    removal_order,
+)
 
 # K3s's etcd client certificates and the local endpoint, inside the server container
 # (K3s pkg/etcd: endpoint, runtime.ETCDServerCA / ClientETCDCert / ClientETCDKey)
@@ -291,12 +297,13 @@ def stop_and_set_aside(
     """Stops the host's K3s server container and moves its K3s database aside
     (``db`` -> ``db.left-<stamp>``; nothing is deleted), so the server can join again later
     with no data. Only when the database there belongs to ``node`` (its etcd name file
-    says ``<node>-…``), or holds none."""
+    names a member of ``node``: ``membership.node_of_member``), or holds none; etcd data
+    without a name file is no proof either way and stays."""
     state = read_server_state(run, host_ip)
-    if state.member_name and not state.member_name.startswith(node + "-"):
+    if (state.member_name or state.has_data) and node_of_member(state.member_name) != node:
         raise K3sClusterError(
-            f"{host_ip}: its K3s database belongs to etcd member {state.member_name}, not to "
-            f"{node}; left as it is",
+            f"{host_ip}: its K3s database belongs to etcd member "
+            f"{state.member_name or '(no name file)'}, not to {node}; left as it is",
             hint="check plans/k3s.csv: is the server on the right host?",
         )
     stop = run(host_ip, ["systemctl", "stop", SERVER_UNIT])

@@ -352,6 +352,14 @@ def _leave_reason(
 # -- the quorum rule ------------------------------------------------------------------
 
 
+def node_of_member(name: str) -> str:
+    """The K3s node name of etcd member ``name`` (K3s names members ``<node>-<8 hex
+    digits>``; its own rule: cut at the last '-'). Never a prefix test: the member
+    ``srv-1-0a1b2c3d`` is node ``srv-1``'s, not ``srv``'s."""
+    cut = name.rfind("-")
+    return name[:cut] if cut > 1 else name
+
+
 @dataclass(frozen=True)
 class Member:
     """An etcd member as ``etcdctl member list`` and ``endpoint health`` report it."""
@@ -365,9 +373,7 @@ class Member:
 
     @property
     def node(self) -> str:
-        """The K3s node name of the member (K3s's own rule: cut at the last '-')."""
-        cut = self.name.rfind("-")
-        return self.name[:cut] if cut > 1 else self.name
+        return node_of_member(self.name)
 
     @property
     def hex_id(self) -> str:

@@ -245,3 +245,23 @@ def test_parse_members_keeps_64_bit_ids() -> None:
     (m,) = etcdmembers.with_health(etcdmembers.parse_members(out),
                                    {"https://10.0.0.1:2379": True})
     assert m.hex_id == "ec8ea8d29f9ae23d" and m.healthy
+
+
+@pytest.mark.parametrize("name_file", ["erik-2-0a1b2c3d", None])
+def test_set_aside_refuses_a_database_it_cannot_prove_is_the_nodes(
+    etcd_cluster: Any, hosts: HostRunner, name_file: str | None
+) -> None:
+    # the host holds the database of node erik-2 (its name starts with "erik-"), or etcd
+    # data without K3s's name file: neither is node erik's, and neither is moved
+    from k3scluster.errors import K3sClusterError
+
+    c = etcd_cluster
+    name = c.hosts["erik"].data / "name"
+    if name_file is None:
+        name.unlink()
+    else:
+        name.write_text(name_file)
+    with pytest.raises(K3sClusterError, match="not to erik; left as it is"):
+        etcdmembers.stop_and_set_aside(hosts, ip(c, "erik"), "erik", "x", lambda _: None)
+    assert c.healthy("erik")
+    assert (c.hosts["erik"].root / "server" / "db").is_dir()
