@@ -359,13 +359,16 @@ def test_a_server_that_never_becomes_ready_stops_the_chain_only(lab: Lab, tmp_pa
     # rolf comes after ulf in the chain: not deployed; karl and ulrich went on
     assert sorted(p.deployed()) == sorted(["olaf", "ulf", "karl", "ulrich"])
     assert p.deployed()[:2] == ["olaf", "ulf"]
-    # the next up retries what failed: ulf (deployed, but its gate failed) and rolf
-    assert p.preview() == {"ulf-deploy": "create", "rolf-deploy": "create"}
-    lab.set_api(readyz={ip: ["200"] for _, ip in SERVERS.values()},
-                nodes={n: ["True"] for n in AGENTS.values()})
-    r = p.up()
-    assert r.returncode == 0, _text(r)[-4000:]
-    assert p.deployed()[4:] == ["ulf", "rolf"]
+    # the next up retries what failed: ulf (deployed, but its gate failed) and rolf; neither
+    # has a deploy record, so both now join a running cluster (its stale-member check first)
+    assert p.preview() == {
+        "ulf-deploy": "create",
+        "rolf-deploy": "create",
+        "ulf-k3s-server-joins-etcd": "create",
+        "rolf-k3s-server-joins-etcd": "create",
+    }
+    # (that next up's join steps read etcd's members on olaf: tests/test_membership_engine.py
+    # runs them against a real etcd; this lab has none, so the gate test stops at the preview)
 
 
 @pytest.mark.integration
