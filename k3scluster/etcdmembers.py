@@ -247,12 +247,27 @@ def remove_stale(
 ) -> list[str]:
     """Before ``node`` joins with no etcd data: removes the members of that name the cluster
     still lists (K3s refuses the join with "duplicate node name found" otherwise), one at a
-    time under the quorum rule. Returns the names removed."""
+    time under the quorum rule. Returns the names removed.
+
+    A member of that name that answers healthy is not stale, whatever the host showed: its
+    etcd runs somewhere (another machine with this node's name, a node moved between hosts
+    that the stack's records do not show, data where this check did not look); it is
+    refused, never removed."""
     view = read_members(run, via)
     stale = stale_members(view, node)
     if not stale:
         progress(f"{node}: no stale etcd member of that name")
         return []
+    running = [m for m in stale if m.healthy]
+    if running:
+        raise K3sClusterError(
+            f"{node}: its host holds no etcd data of it, yet etcd member "
+            f"{', '.join(m.name for m in running)} of that name answers healthy "
+            f"(seen through {view.via}, peer {', '.join(running[0].peer_urls) or '?'}); "
+            "not removing a running member",
+            hint="find the machine that runs it (its peer address); if it is to leave, "
+            "stop it there first, then run `pulumi up` again",
+        )
     return remove_leaving(run, via, node, [node], progress)
 
 

@@ -265,3 +265,15 @@ def test_set_aside_refuses_a_database_it_cannot_prove_is_the_nodes(
         etcdmembers.stop_and_set_aside(hosts, ip(c, "erik"), "erik", "x", lambda _: None)
     assert c.healthy("erik")
     assert (c.hosts["erik"].root / "server" / "db").is_dir()
+
+
+def test_a_healthy_member_is_never_removed_as_stale(etcd_cluster: Any, hosts: HostRunner) -> None:
+    # the host looked at shows no etcd data of erik (the wrong machine answered, or erik
+    # moved between hosts without the stack's records showing it), but erik's member runs
+    from k3scluster.errors import K3sClusterError
+
+    c = etcd_cluster
+    before = names(c)
+    with pytest.raises(K3sClusterError, match="answers healthy"):
+        etcdmembers.remove_stale(hosts, [ip(c, "olaf")], "erik", lambda _: None)
+    assert names(c) == before and c.healthy("erik")
