@@ -174,6 +174,31 @@ def ssh_cat(
     )
 
 
+COLMENA_SSH_CONFIG_ENV = "SSH_CONFIG_FILE"  # colmena (0.3, 0.4) passes it to its ssh as ``-F``
+
+
+def colmena_ssh_config(ssh: SshSettings) -> str | None:
+    """The ssh_config colmena's own ssh reads (``SSH_CONFIG_FILE``): the stack's known_hosts
+    file and identity first (ssh keeps the first value it reads), then the user's and the
+    system's configuration (``Include``; ``-F`` would otherwise drop them). None without a
+    known_hosts file (every stack has one: ``k3scluster:sshKnownHosts`` has a default).
+
+    colmena 0.4.0, what nixpkgs ships, has no ``deployment.sshOptions`` (it came later);
+    ``SSH_CONFIG_FILE`` is read by ``colmena apply`` and ``exec`` since 0.3.0."""
+    if ssh.known_hosts is None:
+        return None
+    lines = [
+        "# written by k3scluster for colmena's ssh: this stack's host keys and key",
+        "UserKnownHostsFile " + _local_path("k3scluster:sshKnownHosts", ssh.known_hosts),
+    ]
+    if ssh.identity is not None:
+        lines += ["IdentityFile " + _local_path("k3scluster:sshIdentity", ssh.identity),
+                  "IdentitiesOnly yes"]
+    lines += ["StrictHostKeyChecking accept-new", "Include ~/.ssh/config",
+              "Include /etc/ssh/ssh_config"]
+    return "\n".join(lines) + "\n"
+
+
 def _local_path(setting: str, path: Path) -> str:
     """A local file for an ssh option: refuse what ssh would split or expand."""
     text = str(path)

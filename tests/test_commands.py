@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -46,6 +49,51 @@ def test_ssh_cat() -> None:
         "-o", "StrictHostKeyChecking=accept-new",
         "root@10.0.100.2", "cat", "--", "/etc/nixos/hardware-configuration.nix",
     ]
+
+
+def _ssh_resolves(config: Path, home: Path) -> dict[str, list[str]]:
+    """What the real ssh makes of colmena 0.4.0's options plus ``-F config`` (``ssh -G``
+    prints the settings it would use and connects nowhere)."""
+    proc = subprocess.run(
+        ["ssh", "-G", f"root@{IP}", "-o", "StrictHostKeyChecking=accept-new", "-o",
+         "BatchMode=yes", "-T", "-F", str(config)],
+        capture_output=True, text=True, check=True, env={**os.environ, "HOME": str(home)},
+    )
+    seen: dict[str, list[str]] = {}
+    for line in proc.stdout.splitlines():
+        key, _, value = line.partition(" ")
+        seen.setdefault(key, []).append(value)
+    return seen
+
+
+@pytest.mark.skipif(not shutil.which("ssh"), reason="needs OpenSSH's ssh")
+def test_colmena_ssh_config_gives_the_stack_files_and_keeps_the_users_config(
+    tmp_path: Path,
+) -> None:
+    kh, key = tmp_path / "stack-known_hosts", tmp_path / "id_stack"
+    text = commands.colmena_ssh_config(commands.SshSettings("root", key, kh))
+    assert text is not None
+    config = tmp_path / "colmena-ssh_config"
+    config.write_text(text)
+    # the user's own configuration: its port stays, its known_hosts file does not win
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "config").write_text(
+        f"Host {IP}\n  Port 2222\n  UserKnownHostsFile {home}/.ssh/known_hosts\n"
+    )
+    seen = _ssh_resolves(config, home)
+    assert seen["userknownhostsfile"] == [str(kh)]
+    assert seen["identityfile"] == [str(key)]
+    assert seen["identitiesonly"] == ["yes"]
+    assert seen["port"] == ["2222"]
+
+
+def test_colmena_ssh_config_needs_a_known_hosts_file_and_refuses_odd_paths() -> None:
+    assert commands.colmena_ssh_config(commands.SshSettings("root", Path("/k/id"))) is None
+    without_key = commands.colmena_ssh_config(commands.SshSettings("root", None, Path("/k/kh")))
+    assert without_key is not None and "IdentityFile" not in without_key
+    with pytest.raises(K3sClusterError, match="sshKnownHosts"):
+        commands.colmena_ssh_config(commands.SshSettings("root", None, Path("/k/a b")))
 
 
 def test_ssh_cat_identity_and_known_hosts() -> None:

@@ -290,6 +290,13 @@ def test_up_fetches_the_missing_hardware_configuration_over_ssh(project: Project
     calls = project.colmena_calls()
     assert sorted(c["hosts"][0] for c in calls) == sorted(HOSTS)
     assert all(c["exit"] == 0 for c in calls)
+    # colmena's own ssh checks host keys against the stack's file and logs in with its key
+    # (SSH_CONFIG_FILE, which colmena passes as -F), never with ~/.ssh/known_hosts
+    for c in calls:
+        ssh = c["ssh"][c["hosts"][0]]
+        assert ssh["known_hosts"] == [str(project.ssh.known_hosts)], ssh
+        assert ssh["identities"] == [str(project.ssh.client_key)], ssh
+        assert not any(f.endswith("/.ssh/known_hosts") for f in ssh["known_hosts"])
 
     # The next preview reads karl's file from disk. karl's deploy took the digest of exactly
     # that file from the fetch step (captured-sha256), so it shows no change. What does

@@ -11,7 +11,8 @@
   ARGV…``: render again if the render on this machine is not the planned one (``rendered.py``),
   run the deploy ARGV (colmena), wait for the host's health gates (the API and the credentials:
   each server, host, in turn), read back what the host runs; last line
-  ``k3scluster-deployed=<JSON>`` (``--no-gates``: colmena only).
+  ``k3scluster-deployed=<JSON>`` (``--no-gates``: colmena only). colmena's own ssh checks
+  host keys against the stack's known_hosts file and logs in with its key (``SSH_CONFIG_FILE``).
 - ``snapshot --stack S [ssh] --server HOST=IP…``: ``k3s etcd-snapshot save`` in the server
   container of the first server host where it succeeds (``k3scluster.snapshot``); last line
   ``k3scluster-snapshot=<JSON>``.
@@ -412,9 +413,31 @@ def _before_deploy(args: argparse.Namespace, ssh: commands.SshSettings,
                     raise
 
 
+def _colmena_uses_stack_ssh(ssh: commands.SshSettings) -> None:
+    """Point colmena's own ssh (every colmena this task runs) at the stack's known_hosts file
+    and identity: an ssh_config beside the known_hosts file, named by ``SSH_CONFIG_FILE``.
+    Without it a VM stack's deploy would remember the VMs' host keys for the plan's addresses
+    in ~/.ssh/known_hosts, and the real machines' keys would be refused there later."""
+    text = commands.colmena_ssh_config(ssh)
+    if text is None or ssh.known_hosts is None:
+        return
+    config = ssh.known_hosts.with_name(ssh.known_hosts.name + ".colmena-ssh_config")
+    fd, tmp = tempfile.mkstemp(prefix=f".{config.name}.", dir=config.parent)
+    try:
+        with os.fdopen(fd, "w") as f:  # mkstemp: 0600, as ssh wants its configuration
+            f.write(text)
+        os.replace(tmp, config)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    os.environ[commands.COLMENA_SSH_CONFIG_ENV] = str(config)
+
+
 def _deploy(args: argparse.Namespace) -> None:
 
     ssh = _ssh(args)
+    _colmena_uses_stack_ssh(ssh)
     if args.render:
         held = dict(item.split("=", 1) for item in args.hold_agent)
         ensure_render(resolve(args.render), resolve(args.render_out), args.vm_stack, None,
