@@ -323,3 +323,23 @@ def test_a_re_addressed_host_is_deployed_through_its_old_address(
     last = p.colmena_calls()[-1]
     assert last["targets"] == {"karl": new} and last["goal"] == "switch"
     assert p.preview() == {}
+
+
+def test_another_machine_at_a_leaving_hosts_address_is_left_alone(
+    members: MemberLab, tmp_path: Path
+) -> None:
+    # rolf leaves the plans, but the machine now at its last address says it is ulrich: its
+    # K3s token is not moved aside, nothing is stopped there, and the up says why
+    p = Project(tmp_path, members.lab)
+    _first_up(p)
+    _drop_rows(p, hosts=("rolf",))
+    named = members.lab.setup
+    members.lab.setup = (  # type: ignore[method-assign]
+        lambda down=(): named(down).replace("hostname rolf ", "hostname ulrich "))
+    r = p.up()
+    assert r.returncode != 0
+    assert "answers as ulrich, not as rolf: nothing is changed on it" in _text(r)
+    secrets = members.lab.hosts["rolf"] / "var-lib" / "k3scluster" / "secrets"
+    assert (secrets / "k3s-token").exists()
+    assert not [c for c in members.calls() if c[1] == "rolf" and "stop" in c[2]]
+    assert members.etcd.hosts["rolf-k3s-server"].name in members.member_names()

@@ -656,6 +656,25 @@ def write_private(out: Path, text: str) -> None:
 MEMBERSHIP_PREFIX = "k3scluster-membership="
 
 
+def _refuse_another_machine(ssh: commands.SshSettings, ip: str, host: str) -> None:
+    """Proof of target before a leaving node's host is changed (its agent or server stopped,
+    its database or K3s token moved aside): the machine that answers at ``ip``, where the
+    host's last deploy reached it, must say it is ``host`` (its host name, which NixOS sets
+    from the plan). One that does not answer passes: nothing runs on it then."""
+    proc = _ssh_run(ssh, ip, ["cat", "/proc/sys/kernel/hostname"], timeout=10)
+    if proc.returncode == 255:
+        return
+    name = proc.stdout.strip() if proc.returncode == 0 else ""
+    if name != host:
+        raise K3sClusterError(
+            f"the machine at {ip}, where {host} was last deployed, answers as "
+            f"{name or '(no host name: ' + (proc.stderr.strip() or 'exit ' + str(proc.returncode)) + ')'}"
+            f", not as {host}: nothing is changed on it",
+            hint=f"another machine has that address now? If {host} is gone, remove its "
+            "deploy step from the state (`pulumi state delete`) and run `pulumi up` again",
+        )
+
+
 def _membership(args: argparse.Namespace) -> None:
     """One membership change of the update plan (k3scluster/update_plan.py), on the hosts
     over ssh and in the API; the last line says what was done."""
@@ -667,6 +686,8 @@ def _membership(args: argparse.Namespace) -> None:
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     via = [v for v in str(d.get("via", "")).split(",") if v]
     done: dict[str, object] = {"action": args.action}
+    if args.action != "server-joins":  # a joining server's host may be new (not named yet)
+        _refuse_another_machine(ssh, d["host_ip"], d.get("host", ""))
     if args.action == "server-leaves":
         node = d["node"]
         done["removed"] = etcdmembers.remove_leaving(
