@@ -136,6 +136,7 @@ def main() -> None:
     pulumi.export("renderDir", component.render_dir)
     pulumi.export("apiEndpoint", component.api_endpoint)
     pulumi.export("hosts", component.hosts)
+    pulumi.export("needsReboot", component.needs_reboot)
     if component.etcd_snapshot is not None:
         pulumi.export("etcdSnapshot", component.etcd_snapshot)
     if component.kubeconfig_out is not None:

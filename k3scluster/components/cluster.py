@@ -31,6 +31,7 @@ from typing import Any
 import pulumi
 
 from k3scluster import commands, diagram, installer, render
+from k3scluster.bootentries import hosts_needing_reboot, reboot_warning
 from k3scluster.components import health
 from k3scluster.components.host import Host, HostArgs
 from k3scluster.components.iso import InstallerIsoArgs
@@ -553,6 +554,17 @@ class Cluster(pulumi.ComponentResource):
             }
 
         self.hosts = pulumi.Output.all(**pending).apply(hosts_output)
+        ips = {hname: str(c.host(hname).ip) for hname in self.host_components}
+
+        def needs_reboot(known: dict[str, object]) -> list[str]:
+            hosts = hosts_needing_reboot({h: _rec(known, h) for h in self.host_components})
+            warning = reboot_warning(hosts, ips)
+            if warning:
+                pulumi.log.warn(warning, self)
+            return hosts
+
+        # the hosts whose last deploy left them running a system they did not boot
+        self.needs_reboot = pulumi.Output.all(**pending).apply(needs_reboot)
         # the kubeconfig: secret (its stdout is a secret output), None when gates are off
         self.kubeconfig_out: pulumi.Output[str] | None = (
             pulumi.Output.secret(self.kubeconfig.stdout)  # type: ignore[attr-defined]
@@ -574,6 +586,7 @@ class Cluster(pulumi.ComponentResource):
                 "hosts": self.hosts,
                 "apiEndpoint": self.api_endpoint,
                 "renderDir": self.render_dir,
+                "needsReboot": self.needs_reboot,
                 **({"kubeconfig": self.kubeconfig_out} if self.kubeconfig_out is not None else {}),
                 **({"etcdSnapshot": self.etcd_snapshot} if self.etcd_snapshot is not None else {}),
             }

@@ -10,7 +10,8 @@
   [--no-gates | [--server NAME=IP] [--agent NAME] [--api URL…] [--credentials-from IP…]] --
   ARGV…``: render again if the render on this machine is not the planned one (``rendered.py``),
   run the deploy ARGV (colmena), wait for the host's health gates (the API and the credentials:
-  each server, host, in turn), read back what the host runs; last line
+  each server, host, in turn), read back what the host runs and whether its kernel, initrd or
+  kernel parameters differ from the booted system's (``"reboot"``); last line
   ``k3scluster-deployed=<JSON>`` (``--no-gates``: colmena only). colmena's own ssh checks
   host keys against the stack's known_hosts file and logs in with its key (``SSH_CONFIG_FILE``).
 - ``snapshot --stack S [ssh] --server HOST=IP…``: ``k3s etcd-snapshot save`` in the server
@@ -475,7 +476,9 @@ def _deploy(args: argparse.Namespace) -> None:
             raise drained.left_cordoned(err) if drained else err from None
         if drained:
             drained.after()
-    seen = observe(ssh, args.ip, _units(servers, agents))
+    # "reboot": the boot entries that differ from the booted system's (the stack output
+    # needsReboot, k3scluster.bootentries)
+    seen = observe(ssh, args.ip, _units(servers, agents), boot=True)
     record = {
         **seen,
         **({"host": json.loads(args.record)} if args.record else {}),
