@@ -253,10 +253,13 @@ def lab_ctl(python: str, task: str, spec_json: str) -> list[str]:
     return [python, "-m", "k3scluster.lab.ctl", task, "--spec", spec_json]
 
 
+VIA_ENV_PREFIX = "K3SCLUSTER_VIA_"
+
+
 def via_env(host: str) -> str:
     """The environment variable the hive reads a host's deploy address from when it is not
     the plan's (a host that moves: templates/hive.nix.j2, tasks deploy ``--via``)."""
-    return "K3SCLUSTER_VIA_" + host.replace("-", "_")
+    return VIA_ENV_PREFIX + host.replace("-", "_")
 
 
 def notice(message: str) -> list[str]:

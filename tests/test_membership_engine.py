@@ -343,3 +343,15 @@ def test_another_machine_at_a_leaving_hosts_address_is_left_alone(
     assert (secrets / "k3s-token").exists()
     assert not [c for c in members.calls() if c[1] == "rolf" and "stop" in c[2]]
     assert members.etcd.hosts["rolf-k3s-server"].name in members.member_names()
+
+
+def test_a_deploy_address_left_in_the_environment_is_not_used(tmp_path: Path) -> None:
+    # K3SCLUSTER_VIA_<host> is the hive's way to deploy a moving host through its old address;
+    # one in the environment of `pulumi up` (a shell, a script) must not send karl elsewhere
+    lab = Lab(tmp_path)
+    host_standins(lab, tmp_path)
+    p = Project(tmp_path, lab)
+    r = p.up(env={"K3SCLUSTER_VIA_karl": "10.0.100.99"})
+    assert r.returncode == 0, _text(r)[-6000:]
+    karl = [c for c in p.colmena_calls() if "karl" in c.get("targets", {})]
+    assert karl and all(c["targets"]["karl"] == "10.0.100.5" for c in karl)

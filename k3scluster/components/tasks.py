@@ -437,6 +437,11 @@ def _colmena_uses_stack_ssh(ssh: commands.SshSettings) -> None:
 
 def _deploy(args: argparse.Namespace) -> None:
 
+    # the hive sends a host to K3SCLUSTER_VIA_<host> when it is set: only this task sets it,
+    # for the one host it moves (_readdressed_deploy); one left in the environment that ran
+    # `pulumi up` would send every deploy of that host, and its drain, to that address
+    for name in [k for k in os.environ if k.startswith(commands.VIA_ENV_PREFIX)]:
+        del os.environ[name]
     ssh = _ssh(args)
     _colmena_uses_stack_ssh(ssh)
     if args.render:
