@@ -123,6 +123,9 @@ class KubeAPI:
     pki: Path
     logs: Path
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    # the addresses its serving certificate names (a test may add others to ``ns`` for hosts of
+    # its own; the API answers there too, but TLS verification fails for them)
+    served: tuple[str, ...] = ()
 
     @property
     def server(self) -> str:
@@ -287,7 +290,7 @@ def start(workdir: Path, addresses: Sequence[str] = ADDRESSES,
     logs.mkdir(exist_ok=True)
     _make_pki(pki, addresses)
     ns = NetNS.create(addresses)
-    api = KubeAPI(ns, addresses[0], pki, logs)
+    api = KubeAPI(ns, addresses[0], pki, logs, served=tuple(addresses))
     try:
         p = str(pki)
         api.procs["etcd"] = ns.popen([

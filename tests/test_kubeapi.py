@@ -14,7 +14,8 @@ pytestmark = pytest.mark.root
 
 
 def test_the_api_answers_at_each_address_with_k3s_admin_kubeconfig(kube: Any) -> None:
-    for ip in kube.ns.addresses:
+    assert kube.served
+    for ip in kube.served:
         text = kubelib.rewrite_kubeconfig(kube.k3s_yaml, kubelib.server_url(ip), "hw")
         cfg = kubelib.parse_kubeconfig(text, "k3s.yaml")
         assert kubelib.check_readyz(cfg, kubelib.server_url(ip)) == kubelib.Check(

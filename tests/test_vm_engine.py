@@ -5,6 +5,7 @@ VM stack, and the refusal of a plan subnet the machine already uses."""
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,8 @@ def test_preview_of_a_vm_stack_shows_the_lab_network_and_one_vm_per_host(
     assert {f"{h}-vm-machine" for h in HOSTS} <= steps
     assert not [n for n in steps if n.endswith("-vm-iso")]  # vm-up builds it, to install
     net = next(s for s in plan["steps"] if s["urn"].endswith("::cluster-lab-network"))
-    spec = json.loads(net["newState"]["inputs"]["create"][-1])
+    create = net["newState"]["inputs"]["create"]  # one shell line (readable preview)
+    spec = json.loads(shlex.split(create)[-1] if isinstance(create, str) else create[-1])
     assert spec["bridge"] == bridge_name(STACK) and spec["gateway"] == "10.0.100.1/24"
     # a preview creates nothing: no render, no lab directory
     assert not vm_project.render_dir.exists()
