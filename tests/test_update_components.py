@@ -154,6 +154,11 @@ def test_a_minor_upgrade_moves_every_server_before_any_agent(
     assert deploy["rolf"].urn in deploy["ulrich"].dependencies
     for h in ("olaf", "ulf", "karl"):
         assert _inputs(deploy[h], runner)["k3s:agent"] == "1.35"
+    # the plain deploys plan no servers-first hive: their argv (an input of the step) holds
+    # no agent back, so it is the same as before the upgrade and ulrich (no K3s, nothing
+    # else changed) is not deployed by it
+    for h in HOSTS:
+        assert "--hold-agent" not in _argv(deploy[h], runner), h
 
 
 def test_host_versions_take_the_newer_of_a_hosts_two_steps() -> None:

@@ -198,15 +198,18 @@ class Cluster(pulumi.ComponentResource):
 
     # -- 2. the rendered tree -----------------------------------------------------------
 
-    def _render_args(self) -> commands.RenderArgs:
-        """The render a deploy checks before colmena: the render step's (same VM stack, same
-        held agents, so a render again writes the servers-first hives too)."""
+    def _render_args(self, servers_first: bool = False) -> commands.RenderArgs:
+        """The render a deploy checks before colmena: the render step's (same VM stack; for a
+        servers-first step the same held agents, so a render again writes its hive too).
+        Other deploys carry no held agents: they plan no servers-first hive, a render again
+        keeps the ones there, and their argv (an input of the step) stays the same when a
+        K3s minor upgrade starts, so a host without K3s is not deployed by it."""
         s = self._s
         return commands.RenderArgs(
             s.rec(self._c.root),
             s.rec(s.render_dir),
             s.vm.stack if s.vm else None,
-            tuple(sorted(self._held.items())),
+            tuple(sorted(self._held.items())) if servers_first else (),
         )
 
     def _render_step(self) -> pulumi.CustomResource:
@@ -305,7 +308,7 @@ class Cluster(pulumi.ComponentResource):
             f"file:{rel}": self._file_sha[rel],
             **self._versions_inputs(hname, agent=dict(phase.detail)["agent-k3s"]),
         }
-        argv = self._deploy_argv(hname, s.rec(s.render_dir / rel))
+        argv = self._deploy_argv(hname, s.rec(s.render_dir / rel), servers_first=True)
         hw = self.hardware.get(hname)
         made = step(
             f"{hname}-servers-first",
@@ -351,9 +354,10 @@ class Cluster(pulumi.ComponentResource):
         )
         return [self.snapshot]
 
-    def _deploy_argv(self, hname: str, hive: Path) -> list[str]:
+    def _deploy_argv(self, hname: str, hive: Path, servers_first: bool = False) -> list[str]:
         """colmena for ``hname`` from ``hive``, wrapped in its gates and, for a host with an
-        agent, the drain that runs when the switch would restart it (gates on only)."""
+        agent, the drain that runs when the switch would restart it (gates on only);
+        ``servers_first``: the render check holds back the agents (``_render_args``)."""
         c, s = self._c, self._s
         return health.deploy_argv(
             c,
@@ -363,7 +367,7 @@ class Cluster(pulumi.ComponentResource):
             ssh=s.ssh,
             wait_ready=s.wait_ready,
             timeout=s.ready_timeout,
-            render=self._render_args(),
+            render=self._render_args(servers_first),
             deployed=self._deployed,
             drain=drain_node(c, hname),
             drain_timeout=s.drain_timeout,
