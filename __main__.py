@@ -122,12 +122,10 @@ def main() -> None:
             deployed.stack_name(pulumi.get_organization(), pulumi.get_project(), pulumi.get_stack())
         )
         steps = records.step_inputs(resources)
-        versions = records.host_versions(steps, [h.name for h in cluster.hosts])
+        deployed_hosts = records.deployed_hosts_of(resources)
+        versions = records.host_versions(steps, [h.name for h in cluster.hosts], deployed_hosts)
         component = Cluster(
-            "cluster",
-            ClusterArgs(
-                cluster, settings, records.deployed_hosts_of(resources), versions=versions
-            ),
+            "cluster", ClusterArgs(cluster, settings, deployed_hosts, versions=versions)
         )
     except K3sClusterError as err:
         raise pulumi.RunError(str(err)) from None

@@ -210,8 +210,11 @@ def _check_against_stack(cluster: Cluster, stack: str, project: Path | None) -> 
     from k3scluster import records
     from k3scluster.update_plan import check_k3s_step
 
-    steps = records.step_inputs(records.read_export(None, _project_dir(project), stack))
-    versions = records.host_versions(steps, records.deployed_hosts(steps))
+    resources = records.read_export(None, _project_dir(project), stack)
+    steps = records.step_inputs(resources)
+    versions = records.host_versions(
+        steps, records.deployed_hosts(steps), records.deployed_hosts_of(resources)
+    )
     try:
         check_k3s_step(cluster, versions)
     except K3sClusterError as err:

@@ -7,11 +7,13 @@ environment variables ``K3SCLUSTER_IN_<name>`` whose value is ``<name>=<value>``
 (``components/deployed.py``, through the engine) and ``k3scluster check --stack``
 (``read_export``: ``pulumi stack export`` run in the project; no secret is decrypted).
 
-From them: the K3s minor releases each host's last deploys carried (``host_versions``).
+From them: the K3s minor releases each host's last deploys carried (``host_versions``; a
+state written before they were recorded: from the digest it kept, or unknown).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -106,13 +108,38 @@ def _newest(*minors: str | None) -> str | None:
     return max(known, key=minor_key) if known else None
 
 
+# before the deploys recorded k3s:server/k3s:agent, they recorded the sha256 of the plan's
+# K3s minor release as this input (render.host_inputs, on hosts with K3s only)
+K3S_DIGEST_INPUT = "version:k3s"
+# the minor releases such a digest is matched against: 1.0 to 1.99
+_MINOR_CANDIDATES = tuple(f"1.{n}" for n in range(100))
+
+
+def minor_of_digest(digest: str | None) -> str | None:
+    """The K3s minor release whose sha256 (hex, whole or its start) is ``digest``."""
+    d = (digest or "").strip().lower()
+    if len(d) < 8:
+        return None
+    return next(
+        (m for m in _MINOR_CANDIDATES if hashlib.sha256(m.encode()).hexdigest().startswith(d)),
+        None,
+    )
+
+
 def host_versions(
-    steps: Mapping[str, Mapping[str, str]], hosts: Iterable[str]
+    steps: Mapping[str, Mapping[str, str]],
+    hosts: Iterable[str],
+    deployed: Deployed | None = None,
 ) -> dict[str, HostVersions]:
     """host -> the K3s releases its last deploys carried (the newer of its two steps: the
     servers-first step runs before the deploy of the same run, and a failed step keeps the
-    inputs of its last success). Every host with a deploy step in the state is there (its
-    releases None when not recorded); hosts never deployed are left out."""
+    inputs of its last success). Every host with a deploy step in the state is there; hosts
+    never deployed are left out.
+
+    A deploy of a k3scluster that did not record the releases recorded the digest of the
+    plan's release (``version:k3s``): that release, for the host's nodes. A host whose
+    state tells neither is ``unknown`` unless its last deploy's record (``deployed``) shows
+    it ran no K3s node."""
     found: dict[str, HostVersions] = {}
     for host in hosts:
         deploy, first = steps.get(host + DEPLOY_SUFFIX), steps.get(host + SERVERS_FIRST_SUFFIX)
@@ -121,8 +148,33 @@ def host_versions(
         recs = [deploy or {}, first or {}]
         server = _newest(*(r.get(K3S_SERVER_INPUT) for r in recs))
         agent = _newest(*(r.get(K3S_AGENT_INPUT) for r in recs))
-        found[host] = HostVersions(server=server, agent=agent)
+        if server or agent:
+            found[host] = HostVersions(server=server, agent=agent)
+            continue
+        record = deployed.host(host) if deployed is not None else None
+        old = _newest(*(minor_of_digest(r.get(K3S_DIGEST_INPUT)) for r in recs))
+        if old is not None:  # the nodes its record names, or both when there is none
+            kinds = {n.is_server for n in record.nodes} if record else {True, False}
+            found[host] = HostVersions(
+                server=old if True in kinds else None, agent=old if False in kinds else None
+            )
+            continue
+        ran = [r for r in (deploy, first) if r is not None]
+        without_k3s = (record is not None and not record.nodes) or not any(map(_ran_k3s, ran))
+        found[host] = HostVersions(unknown=not without_k3s)
     return found
+
+
+# the shared module every host with a K3s node imports (render.host_inputs records it: as
+# "file:modules/k3s-common.nix", or in the "modules" line of the grouped inputs)
+K3S_MODULE = "k3s-common.nix"
+
+
+def _ran_k3s(recorded: Mapping[str, str]) -> bool:
+    """May the deploy these inputs are of have run K3s? Only the record of the shared modules
+    without the K3s one says no; an empty record (lost) may have."""
+    modules = [f"{k} {v}" for k, v in recorded.items() if k == "modules" or "modules/" in k]
+    return not modules or any(K3S_MODULE in m for m in modules)
 
 
 # the line a deploy step prints last, with what the host runs (components/tasks.py writes

@@ -117,10 +117,12 @@ class UpdateSettings:
 @dataclass(frozen=True)
 class HostVersions:
     """A host the stack deployed, and the K3s minor releases its last deploys ran (None: no
-    such node, or not recorded: a deploy by a k3scluster that did not record them)."""
+    such node, or not recorded: a deploy by a k3scluster that did not record them).
+    ``unknown``: the host may have run K3s, but its state tells no release (``records``)."""
 
     server: str | None = None
     agent: str | None = None
+    unknown: bool = False
 
 
 def minor_key(minor: str) -> tuple[int, ...]:
@@ -182,17 +184,18 @@ def check_k3s_step(cluster: Cluster, versions: Mapping[str, HostVersions]) -> No
     is (a half-done upgrade counts by its agents). Kubernetes and K3s support an upgrade by one
     minor release at a time, and no downgrade."""
     target = cluster.network.k3s
-    ran = [m for v in versions.values() for m in (v.server, v.agent) if m]
-    if not ran:
-        return
-    oldest = min(ran, key=minor_key)
-    newest = max(ran, key=minor_key)
     where = f"{cluster.network.location.file}"
     chosen = (
         f'k3s: "{target}"'
         if cluster.network.k3s_minor
         else f'no k3s:, so NixOS {cluster.network.nixos_release}\'s default K3s {target}'
     )
+    check_unrecorded(cluster, versions, chosen)
+    ran = [m for v in versions.values() for m in (v.server, v.agent) if m]
+    if not ran:
+        return
+    oldest = min(ran, key=minor_key)
+    newest = max(ran, key=minor_key)
     if minor_key(newest) > minor_key(target):
         raise K3sClusterError(
             f"{where}: {chosen} would move K3s back from {newest} to {target}; K3s has no "
@@ -209,6 +212,25 @@ def check_k3s_step(cluster: Cluster, versions: Mapping[str, HostVersions]) -> No
             + ("" if cluster.network.k3s_minor else
                " (a plan without k3s: takes its NixOS release's default; write k3s: to keep it)"),
         )
+
+
+def check_unrecorded(cluster: Cluster, versions: Mapping[str, HostVersions], chosen: str) -> None:
+    """Refuse a plan without ``k3s:`` over deployed hosts whose K3s release the state does not
+    tell (deployed before k3scluster recorded it, or the records were lost): the release
+    would then follow the NixOS default, and its step cannot be checked. With ``k3s:`` the
+    user names the release; a new stack (nothing deployed) has nothing to check."""
+    unknown = sorted(h for h, v in versions.items() if v.unknown)
+    if not unknown or cluster.network.k3s_minor or not cluster.k3s:
+        return
+    where = f"{cluster.network.location.file}"
+    raise K3sClusterError(
+        f"{where}: {chosen}, but this stack's state records no K3s release for "
+        f"{', '.join(unknown)} (deployed before k3scluster recorded it, or the records were "
+        "lost), so the change of the K3s minor release cannot be checked (Kubernetes supports "
+        "one minor release at a time)",
+        hint=f'write the minor release the cluster runs now in {where}: k3s: "1.N" (kubectl '
+        "get nodes shows it: VERSION v1.N.x+k3s1); `pulumi up`, then move one minor at a time",
+    )
 
 
 def plan_update(

@@ -167,7 +167,7 @@ def test_host_versions_take_the_newer_of_a_hosts_two_steps() -> None:
         "olaf-servers-first": {"k3s:server": "1.35", "k3s:agent": "1.34"},
         "olaf-deploy": {"k3s:server": "1.34", "k3s:agent": "1.34"},
         "karl-deploy": {"k3s:agent": "1.9"},
-        "ulrich-deploy": {"file:hosts/ulrich.nix": "ab"},  # no K3s
+        "ulrich-deploy": {"modules": "base.nix cluster.nix @ ab"},  # no K3s
         "rolf-deploy": {"k3s:server": "1.10"},
     }
     got = records.host_versions(steps, ["olaf", "karl", "ulrich", "rolf", "new"])
@@ -177,6 +177,43 @@ def test_host_versions_take_the_newer_of_a_hosts_two_steps() -> None:
         "rolf": records.HostVersions("1.10", None),  # 1.10 is newer than 1.9: numbers
         "ulrich": records.HostVersions(None, None),  # deployed, no K3s release recorded
     }
+
+
+def test_host_versions_of_a_state_that_did_not_record_them() -> None:
+    import hashlib
+
+    from k3scluster.membership import deployed_from_records
+
+    def sha(minor: str) -> str:
+        return hashlib.sha256(minor.encode()).hexdigest()
+
+    steps = {
+        # k3scluster before k3s:server/k3s:agent: the digest of the plan's release (whole or
+        # short), here on the host of a server and an agent, and an agent's own host
+        "olaf-deploy": {"version:k3s": sha("1.33"), "file:modules/k3s-common.nix": "ab"},
+        "karl-deploy": {"version:k3s": sha("1.32")[:12]},
+        # nothing that tells: the K3s module in its modules (or no record of them at all)
+        "ulf-deploy": {"modules": "base.nix cluster.nix k3s-common.nix @ 0a1b2c3d4e5f"},
+        "rolf-deploy": {},
+        # no K3s module: no K3s on it
+        "ulrich-deploy": {"modules": "base.nix cluster.nix @ 0a1b2c3d4e5f"},
+        "anton-deploy": {},  # its record says it ran no K3s node
+    }
+    deployed = deployed_from_records([
+        {"name": "karl", "ip": "10.0.100.5", "nodes": [
+            {"name": "karl-k3s-agent", "type": "agent", "ip": "10.0.100.50"}]},
+        {"name": "anton", "ip": "10.0.100.9", "nodes": []},
+    ])
+    got = records.host_versions(steps, [s.removesuffix("-deploy") for s in steps], deployed)
+    assert got == {
+        "olaf": records.HostVersions("1.33", "1.33"),
+        "karl": records.HostVersions(None, "1.32"),  # its record: an agent only
+        "ulf": records.HostVersions(unknown=True),
+        "rolf": records.HostVersions(unknown=True),
+        "ulrich": records.HostVersions(),
+        "anton": records.HostVersions(),
+    }
+    assert records.minor_of_digest("deadbeef") is None and records.minor_of_digest("") is None
 
 
 def test_step_inputs_are_read_from_either_runners_state() -> None:

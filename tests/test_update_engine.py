@@ -148,3 +148,56 @@ def test_a_jump_of_two_k3s_minors_is_refused_by_preview_and_check(project: Proje
     set_release(project, "26.05", "1.34")
     assert check_with_stack(project).returncode == 0
     project.up()
+
+
+def forget_k3s_releases(project: Project, old_digest: str | None = None) -> None:
+    """The state as a k3scluster wrote it before the deploys recorded their K3s releases
+    (``pulumi stack export``, edited, ``pulumi stack import``): no k3s:server/k3s:agent in any
+    step; with ``old_digest`` the sha256 of the plan's release that such a deploy recorded."""
+    import json
+    import tempfile
+
+    r = project.pulumi("stack", "export", "--stack", STACK)
+    assert r.returncode == 0, r.stderr
+    state = json.loads(r.stdout)
+    for res in state["deployment"]["resources"]:
+        for props in (res.get("inputs") or {}, res.get("outputs") or {}):
+            got = props.get("inputs")
+            if isinstance(got, dict) and "k3s-common.nix" in str(got.get("modules")):
+                got.pop("k3s:server", None)
+                got.pop("k3s:agent", None)
+                if old_digest is not None:
+                    got["version:k3s"] = old_digest
+    with tempfile.NamedTemporaryFile("w", suffix=".json", dir=project.dir) as f:
+        json.dump(state, f)
+        f.flush()
+        r = project.pulumi("stack", "import", "--stack", STACK, "--file", f.name)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_a_state_without_k3s_releases_needs_k3s_written(project: Project) -> None:
+    import hashlib
+
+    set_release(project, "25.11", "1.33")
+    project.up()
+    forget_k3s_releases(project)
+    # NixOS 26.05 without k3s: would take its default (1.35); what the hosts run is unknown
+    set_release(project, "26.05", None)
+    r = project.pulumi("preview", "--stack", STACK)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0
+    assert "records no K3s release for karl, olaf, rolf, ulf" in out, out[-3000:]
+    assert "ulrich" not in out.split("records no K3s release for")[1].split("(")[0]
+    got = check_with_stack(project)
+    assert got.returncode == 1, got.stdout + got.stderr
+    assert "cannot be checked" in got.stdout and 'k3s: "1.N"' in got.stdout
+    # the release written: the user names it, and it passes
+    set_release(project, "26.05", "1.34")
+    assert check_with_stack(project).returncode == 0
+    assert project.pulumi("preview", "--stack", STACK).returncode == 0
+    # a state that kept the digest of the release (k3scluster before the releases were
+    # recorded): that release is known, and two minors at once are refused
+    forget_k3s_releases(project, hashlib.sha256(b"1.33").hexdigest())
+    set_release(project, "26.05", None)
+    got = check_with_stack(project)
+    assert got.returncode == 1 and "would move K3s from 1.33 to 1.35, past 1.34" in got.stdout

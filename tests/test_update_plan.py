@@ -405,6 +405,34 @@ def test_k3s_moves_one_minor_release_at_a_time(
         assert w in text, (w, text)
 
 
+@pytest.mark.parametrize(
+    ("k3s", "unknown", "refused"),
+    [
+        (None, ["anna", "dora"], True),  # the NixOS default would decide, unchecked
+        ("1.35", ["anna", "dora"], False),  # the user names the release
+        (None, [], False),  # a new stack: nothing deployed
+    ],
+    ids=["no k3s: over unrecorded hosts", "k3s: written", "a new stack"],
+)
+def test_a_k3s_release_that_the_state_does_not_tell_needs_k3s_written(
+    k3s: str | None, unknown: list[str], refused: bool
+) -> None:
+    from k3scluster.errors import K3sClusterError
+
+    plans = _net(cluster(BIG_HOSTS, BIG), k3s, "26.05")
+    versions = {h: HostVersions(unknown=True) for h in unknown}
+    if not refused:
+        plan_update(plans, deployed_of(plans) if unknown else Deployed(), None, versions)
+        return
+    with pytest.raises(K3sClusterError) as err:
+        plan_update(plans, deployed_of(plans), None, versions)
+    text, hint = str(err.value), err.value.hint or ""
+    assert text.startswith("plans/network.yaml: no k3s:, so NixOS 26.05's default K3s 1.35")
+    assert "records no K3s release for anna, dora" in text
+    assert "cannot be checked" in text
+    assert 'k3s: "1.N"' in hint and "kubectl get nodes" in hint
+
+
 def test_membership_phases_carry_what_their_steps_need() -> None:
     before = cluster(BIG_HOSTS, BIG)
     # two servers leave (3 -> 1); anna (the init-server) stays and is asked
