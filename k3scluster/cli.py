@@ -38,6 +38,12 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("init", help="create a cluster directory (plans, secrets, K3s token)")
     s.add_argument("dir", type=Path, metavar="DIR")
+    s.add_argument(
+        "--agent-token",
+        action="store_true",
+        help="also add secrets/agent-token to a directory that already holds a cluster "
+        '(read the README\'s "The agent token" first: not known to be safe while it runs)',
+    )
     s.set_defaults(func=cmd_init)
 
     s = sub.add_parser("check", help="check the plans; list every problem with FILE:LINE")
@@ -185,17 +191,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    result = init_cluster(args.dir)
+    result = init_cluster(args.dir, add_agent_token=args.agent_token)
     for rel in result.created:
         print(f"created  {rel}")
     for rel in result.kept:
         print(f"kept     {rel} (exists, not touched)")
+    for rel, why in result.held_back:
+        print(f"not added {rel}: {why}")
     if result.created:
         print(
             f"next: edit {args.dir}/plans/*, add secrets/passwd and an ssh key "
             f"(secrets/<name>.pub), then run: k3scluster check {args.dir}"
         )
-    else:
+    elif not result.held_back:
         print("nothing to do: everything exists")
     return 0
 

@@ -4,6 +4,12 @@ Never overwrites anything: every file is written to a temporary file and linked
 into place, which fails when the name exists (O_EXCL semantics). Re-running adds
 only what is missing, so an existing token is never replaced (K3s rejects nodes
 that come with a new token).
+
+One exception to "adds what is missing": a directory that already holds a cluster
+(secrets/token was there before this run) never gets secrets/agent-token by default.
+Adding an agent token to a cluster that runs may keep its servers from restarting
+(README: "The agent token"; check's warning agent-token-missing), so that move is
+made only when asked for (``add_agent_token``, ``k3scluster init --agent-token``).
 """
 
 from __future__ import annotations
@@ -98,19 +104,35 @@ FILES: tuple[tuple[str, str, int], ...] = (
 TOKEN = "secrets/token"
 AGENT_TOKEN = "secrets/agent-token"
 
+# Why init left the agent token out, and how to add it deliberately (printed by the CLI).
+AGENT_TOKEN_HELD_BACK = (
+    "secrets/token exists, so this directory holds a cluster that may be running: adding "
+    "an agent token to a running cluster may keep its servers from restarting ('passwd "
+    "newer than datastore'; README: \"The agent token\"). The agents keep joining with "
+    "secrets/token. To move the cluster to an agent token deliberately, after reading that "
+    "section: k3scluster init --agent-token DIR, then pulumi up"
+)
+
 
 @dataclass(frozen=True)
 class InitResult:
     root: Path
     created: tuple[str, ...]  # relative paths (directories end with /)
     kept: tuple[str, ...]  # existing paths left as they were
+    # missing files init left out on purpose: relative path -> why, and how to add it
+    held_back: tuple[tuple[str, str], ...] = ()
 
 
-def init_cluster(root: Path) -> InitResult:
-    """Create what is missing of a cluster directory at ``root``; never overwrite."""
+def init_cluster(root: Path, add_agent_token: bool = False) -> InitResult:
+    """Create what is missing of a cluster directory at ``root``; never overwrite.
+
+    The agent token is written for a new cluster (no secrets/token yet), and to an
+    existing cluster's directory only with ``add_agent_token``.
+    """
     root = Path(root)
     created: list[str] = []
     kept: list[str] = []
+    held_back: list[tuple[str, str]] = []
     if root.exists() and not root.is_dir():
         raise K3sClusterError(
             f"{root} exists and is not a directory", "give a new or existing directory"
@@ -132,17 +154,30 @@ def init_cluster(root: Path) -> InitResult:
             created.append(f"{d}/")
         for rel, text, mode in FILES:
             (created if _create(root / rel, text.encode(), mode) else kept).append(rel)
-        # the tokens last: a fresh one only when there is none (the agent token of an
-        # older cluster directory is added; its server token is kept)
-        for rel in (TOKEN, AGENT_TOKEN):
-            token = (secrets.token_hex(32) + "\n").encode()
-            (created if _create(root / rel, token, 0o600) else kept).append(rel)
+        # the tokens last: a fresh one only when there is none; an existing cluster's
+        # directory gets no agent token unless asked for (see the module's docstring)
+        existing_cluster = _exists(root / TOKEN)
+        _create_token(root / TOKEN, TOKEN, created, kept)
+        if existing_cluster and not add_agent_token and not _exists(root / AGENT_TOKEN):
+            held_back.append((AGENT_TOKEN, AGENT_TOKEN_HELD_BACK))
+        else:
+            _create_token(root / AGENT_TOKEN, AGENT_TOKEN, created, kept)
     except OSError as exc:
         raise K3sClusterError(
             f"cannot create the cluster directory {root}: {exc.strerror} ({exc.filename})",
             "check that you may write there",
         ) from None
-    return InitResult(root, tuple(created), tuple(kept))
+    return InitResult(root, tuple(created), tuple(kept), tuple(held_back))
+
+
+def _exists(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
+def _create_token(path: Path, rel: str, created: list[str], kept: list[str]) -> None:
+    """A fresh random token at ``path`` (0600) unless one is there."""
+    token = (secrets.token_hex(32) + "\n").encode()
+    (created if _create(path, token, 0o600) else kept).append(rel)
 
 
 def _create(path: Path, data: bytes, mode: int) -> bool:
@@ -152,7 +187,7 @@ def _create(path: Path, data: bytes, mode: int) -> bool:
     mkstemp), then is linked to its name: ``link`` fails if the name exists, so a
     file is never overwritten, and a reader never sees it half written.
     """
-    if path.exists() or path.is_symlink():
+    if _exists(path):
         return False
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -173,20 +173,56 @@ def test_init_writes_an_agent_token_of_its_own(tmp_path: Path) -> None:
     assert agent.read_text() != (root / "secrets" / "token").read_text()
 
 
-def test_init_adds_the_agent_token_to_an_older_cluster_and_keeps_everything_else(
-    tmp_path: Path,
-) -> None:
+def test_init_on_an_existing_cluster_never_adds_the_agent_token(tmp_path: Path) -> None:
+    # a directory made before agent tokens, whose cluster may run: adding the agent token
+    # there is the risky move check's agent-token-missing warning describes
     root = tmp_path / "c"
     init_cluster(root)
-    (root / "secrets" / "agent-token").unlink()  # a directory made before agent tokens
+    (root / "secrets" / "agent-token").unlink()
+    (root / "plans" / "k3s.csv").unlink()  # something else missing is still added
     before = snapshot(root)
     result = init_cluster(root)
-    assert result.created == ("secrets/agent-token",)
+    assert result.created == ("plans/k3s.csv",)
+    assert not (root / "secrets" / "agent-token").exists()
+    [(rel, why)] = result.held_back
+    assert rel == "secrets/agent-token"
+    assert "passwd newer than datastore" in why and '"The agent token"' in why
+    assert "k3scluster init --agent-token DIR" in why
+    after = snapshot(root)
+    assert {k: v for k, v in after.items() if k != "plans/k3s.csv"} == before
+
+
+def test_init_adds_the_agent_token_when_asked_and_keeps_everything_else(tmp_path: Path) -> None:
+    root = tmp_path / "c"
+    init_cluster(root)
+    (root / "secrets" / "agent-token").unlink()
+    before = snapshot(root)
+    result = init_cluster(root, add_agent_token=True)
+    assert result.created == ("secrets/agent-token",) and result.held_back == ()
     after = snapshot(root)
     assert {k: v for k, v in after.items() if k != "secrets/agent-token"} == before
+    assert after["secrets/agent-token"][0] == 0o600
     # a second run changes nothing, the agent token included
-    again = init_cluster(root)
+    again = init_cluster(root, add_agent_token=True)
     assert again.created == () and snapshot(root) == after
+    assert init_cluster(root).held_back == ()  # it is there now: nothing held back
+
+
+def test_init_command_says_why_and_how(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from k3scluster.cli import main
+
+    root = tmp_path / "c"
+    assert main(["init", str(root)]) == 0
+    assert "created  secrets/agent-token" in capsys.readouterr().out  # a new cluster
+    (root / "secrets" / "agent-token").unlink()
+    assert main(["init", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "not added secrets/agent-token: secrets/token exists" in out
+    assert "k3scluster init --agent-token DIR" in out and "nothing to do" not in out
+    assert not (root / "secrets" / "agent-token").exists()
+    assert main(["init", "--agent-token", str(root)]) == 0
+    assert "created  secrets/agent-token" in capsys.readouterr().out
+    assert (root / "secrets" / "agent-token").exists()
 
 
 def test_check_warns_a_cluster_without_an_agent_token_and_keeps_it_usable(
@@ -201,8 +237,10 @@ def test_check_warns_a_cluster_without_an_agent_token_and_keeps_it_usable(
     [d] = result.diagnostics
     assert (d.file, d.severity.value) == ("secrets/agent-token", "warning")
     assert "passwd newer than datastore" in d.hint and '"The agent token"' in d.hint
-    assert "`k3scluster init DIR` adds" in d.hint
-    init_cluster(example_dir)
+    assert "`k3scluster init --agent-token DIR` adds" in d.hint
+    assert init_cluster(example_dir).held_back  # the example cluster exists: not by default
+    assert plans.load(example_dir).cluster.secrets.agent_token is None  # type: ignore[union-attr]
+    init_cluster(example_dir, add_agent_token=True)
     after = plans.load(example_dir)
     assert after.cluster is not None and after.cluster.secrets.agent_token is not None
     assert not after.diagnostics

@@ -85,8 +85,9 @@ class SecretsReader(Files):
                 0,
                 "no K3s agent token: the agents join with secrets/token, which lets its "
                 "holder join as a server (they get it in a directory of their own, as before)",
-                "a new cluster: `k3scluster init DIR` adds one and changes nothing else. A "
-                "cluster that runs: adding one is not known to be safe, since K3s keeps the "
+                "a cluster never deployed: `k3scluster init --agent-token DIR` adds one and "
+                "changes nothing else. A cluster that runs: adding one is not known to be "
+                "safe, since K3s keeps the "
                 "servers' password file (where the agent token lives) in etcd too and a "
                 "server whose file differs may refuse to restart ('passwd newer than "
                 "datastore'); rehearse it on a copy first (README: \"The agent token\")",
