@@ -7,8 +7,11 @@
   rejected while it exists).
 - **An agent host was reinstalled** (``clean_reinstalled_agent``): its agent state holds no
   node password any more, so the agent the deploy starts has a new one: its old Node and
-  node-password secret are deleted first. Only on proof: the host answered, and the
-  password file is not there.
+  node-password secret are deleted first. Only on proof: the host answered, the password
+  file is not there, and the Node is not Ready (``False`` or ``Unknown``: a reinstalled host
+  was down, so its kubelet stopped reporting). A Ready Node is waited for (at most
+  ``NODE_DOWN_WAIT``), then refused (``AgentStillReady``): another machine may run an agent
+  of that name, or the file went missing on a running host.
 - **A host leaves the plans** (``set_token_aside``): after its nodes left, its K3s token is
   moved aside on the host (renamed, not deleted), so its K3s containers, whose units need
   the token (``ConditionPathExists``), stay stopped after a reboot instead of joining again.
@@ -32,6 +35,17 @@ AGENT_STATE = "/var/lib/k3scluster/agent"
 NODE_PASSWORD_FILE = f"{AGENT_STATE}/rancher-node/password"
 SECRETS_DIR = "/var/lib/k3scluster/secrets"
 TOKEN_FILE = f"{SECRETS_DIR}/k3s-token"
+# how long a Node still Ready is given to go NotReady before its clean-up is refused: the
+# node lifecycle controller marks a Node Unknown once its kubelet has not reported for
+# --node-monitor-grace-period (50 s by default since Kubernetes 1.32, nodelifecycle's
+# defaults.go), checked every --node-monitor-period (5 s); a little more for the poll
+NODE_DOWN_WAIT = 60.0
+# the Ready statuses that show the Node's kubelet is not running as a healthy agent
+NOT_READY = ("False", "Unknown")
+
+
+class AgentStillReady(K3sClusterError):
+    """The clean-up of a reinstalled agent refused to delete a Node that stays Ready."""
 
 
 def _last_line(text: str) -> str:
@@ -119,20 +133,69 @@ def clean_reinstalled_agent(
     host_ip: str,
     run: Runner,
     progress: Callable[[str], None],
+    wait: float = NODE_DOWN_WAIT,
 ) -> list[str]:
     """Before the deploy starts ``node``'s agent: when its host has no node password (a
     reinstall, a new disk), the old Node and node-password secret are deleted, so that K3s
-    accepts the new agent. Returns what was deleted (nothing when the state is there)."""
+    accepts the new agent. Returns what was deleted (nothing when the state is there).
+
+    Proof of target: only a Node that is NotReady or Unknown is deleted (the one read, by
+    its uid). A Ready one is given ``wait`` seconds to go NotReady (a host reinstalled
+    quickly: the controller has not noticed yet), with progress lines; then
+    ``AgentStillReady``, naming the node, the host's address and why, and nothing is
+    deleted. Raises ``K3sClusterError`` when the API at ``server`` does not answer."""
     if has_node_password(run, host_ip):
         return []
+    seen = _node_seen(creds, server, node)
+    if seen.registered and seen.ready_status not in NOT_READY:
+        seen = _wait_not_ready(creds, server, node, host_ip, wait, progress)
     done = []
-    if kube.delete_node(creds, server, node):
-        done.append("old Node deleted")
+    if seen.registered and kube.delete_node(creds, server, node, uid=seen.uid):
+        done.append(f"old Node deleted (Ready={seen.ready_status})")
     if kube.delete_node_password_secret(creds, server, node):
         done.append("old node-password secret deleted")
     if done:
         progress(f"{node}: {host_ip} has no agent state (reinstalled): {', '.join(done)}")
     return done
+
+
+def _node_seen(creds: dict[str, Any], server: str, node: str) -> kube.NodeSeen:
+    seen = kube.read_node(creds, server, node)
+    if not seen.answered:
+        raise K3sClusterError(f"cannot read node {node} at {server}: {seen.check.seen}")
+    return seen
+
+
+def _wait_not_ready(
+    creds: dict[str, Any], server: str, node: str, host_ip: str, wait: float,
+    progress: Callable[[str], None],
+) -> kube.NodeSeen:
+    """Node ``node`` once it is NotReady, Unknown or gone; ``AgentStillReady`` when it is
+    still Ready (or has no Ready condition) after ``wait`` seconds."""
+    last = [_node_seen(creds, server, node)]
+
+    def poll() -> kube.Check:
+        last[0] = seen = _node_seen(creds, server, node)
+        down = not seen.registered or seen.ready_status in NOT_READY
+        return kube.Check(down, seen.check.seen)
+
+    progress(f"{node}: {host_ip} has no agent state, but its Node is not NotReady yet: "
+             f"waiting up to {kube.duration(wait)} for it to go NotReady (a reinstalled "
+             "host was down)")
+    check = kube.wait_until(f"{node}: until NotReady", poll, wait, progress, interval=2.0)
+    if not check.ready:
+        raise AgentStillReady(
+            f"{node}: its Node did not go NotReady ({check.seen}) in {kube.duration(wait)}, "
+            f"though {host_ip} has no node password ({NODE_PASSWORD_FILE}): another machine "
+            f"may be running an agent named {node}, or the file went missing on a running "
+            "host; the Node and its node-password secret are NOT deleted",
+            hint=f"if {host_ip} was reinstalled, run `pulumi up` again once `kubectl get node "
+            f"{node}` shows NotReady; if another machine runs {node}, stop its agent first; if "
+            f"{host_ip} lost the file while running, `kubectl delete node {node}` and `kubectl "
+            f"-n kube-system delete secret {kube.node_password_secret(node)}` yourself, then "
+            "restart its agent (systemctl restart podman-k3s-agent)",
+        )
+    return last[0]
 
 
 def set_token_aside(

@@ -182,6 +182,10 @@ class NodeSeen:
     # the API at that address answered about the node (False: unreachable, or an error
     # status other than 404: another server may answer)
     answered: bool = True
+    # the Node object's uid and its Ready condition's status ("True", "False", "Unknown"; None
+    # when it has none yet), when registered
+    uid: str | None = None
+    ready_status: str | None = None
 
 
 def read_node(
@@ -204,13 +208,17 @@ def read_node(
         return NodeSeen(Check(False, f"node {node}: {_short_error(err)}"), answered=False)
     info = obj.status.node_info if obj.status else None
     version = getattr(info, "kubelet_version", None) or None
+    uid = str(obj.metadata.uid) if obj.metadata and obj.metadata.uid else None
     for cond in (obj.status.conditions if obj.status else None) or []:
         if cond.type == "Ready":
             if cond.status == "True":
-                return NodeSeen(Check(True, f"node {node} Ready"), version, True)
+                return NodeSeen(Check(True, f"node {node} Ready"), version, True, uid=uid,
+                                ready_status="True")
             reason = f" ({cond.reason})" if cond.reason else ""
-            return NodeSeen(Check(False, f"node {node} Ready={cond.status}{reason}"), version, True)
-    return NodeSeen(Check(False, f"node {node} has no Ready condition yet"), version, True)
+            return NodeSeen(Check(False, f"node {node} Ready={cond.status}{reason}"), version,
+                            True, uid=uid, ready_status=str(cond.status))
+    return NodeSeen(Check(False, f"node {node} has no Ready condition yet"), version, True,
+                    uid=uid)
 
 
 def server_version(kubeconfig: dict[str, Any], server: str, timeout: float = 10) -> str | None:

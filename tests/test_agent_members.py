@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import subprocess
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -190,8 +191,26 @@ def test_a_drain_that_a_pod_disruption_budget_blocks_fails_naming_the_pod(kube: 
     assert _pod_there(core, ns, db)
 
 
+def _secret(core: Any, node: str) -> None:
+    core.create_namespaced_secret("kube-system", client.V1Secret(
+        metadata=client.V1ObjectMeta(name=kubelib.node_password_secret(node)),
+        string_data={"hash": "stand-in"}, type="k3s.cattle.io/node-password"))
+
+
+def _set_ready(core: Any, node: str, status: str) -> None:
+    """Node ``node``'s Ready condition, as its kubelet (True, False) or the node lifecycle
+    controller (Unknown: the kubelet stopped reporting) sets it."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    core.patch_node_status(node, {"status": {"conditions": [{
+        "type": "Ready", "status": status, "reason": "test",
+        "lastHeartbeatTime": now, "lastTransitionTime": now}]}})
+
+
 def test_a_reinstalled_agent_host_loses_its_old_node_and_password_secret(kube: Any) -> None:
-    core, node, _ns = _setup(kube)
+    core = kube.core()
+    node = _name("agent")
+    kube.add_node(node, ready=False)  # the reinstalled host was down: its kubelet NotReady
+    _secret(core, node)
     lines: list[str] = []
     # its state is there: nothing is deleted
     kept = HostStandIn(lambda: None, password=True)
@@ -204,16 +223,70 @@ def test_a_reinstalled_agent_host_loses_its_old_node_and_password_secret(kube: A
         agentmembers.clean_reinstalled_agent(kube.kubeconfig, kube.server, node, HOST, down,
                                              lines.append)
     assert _node_there(core, node) is not None and _secret_there(core, node)
-    # reinstalled: no node password on the host
+    # reinstalled: no node password on the host, its old Node NotReady
     empty = HostStandIn(lambda: None, password=False)
     done = agentmembers.clean_reinstalled_agent(kube.kubeconfig, kube.server, node, HOST,
                                                 empty, lines.append)
-    assert done == ["old Node deleted", "old node-password secret deleted"]
+    assert done == ["old Node deleted (Ready=False)", "old node-password secret deleted"]
     assert _node_there(core, node) is None and not _secret_there(core, node)
     assert any("has no agent state (reinstalled)" in ln for ln in lines)
     # a first deploy (no Node yet, no state): nothing to do
     assert agentmembers.clean_reinstalled_agent(kube.kubeconfig, kube.server, node, HOST,
                                                 empty, lines.append) == []
+
+
+def test_a_ready_node_is_never_deleted_as_a_reinstalled_agents(kube: Any) -> None:
+    # no node password at the host's address, but the Node is Ready: another machine runs an
+    # agent of that name, or the file went missing on a running host. Waited for, refused.
+    core = kube.core()
+    node = _name("agent")
+    kube.add_node(node, ready=True)
+    _secret(core, node)
+    uid = core.read_node(node).metadata.uid
+    lines: list[str] = []
+    empty = HostStandIn(lambda: None, password=False)
+    with pytest.raises(agentmembers.AgentStillReady) as err:
+        agentmembers.clean_reinstalled_agent(kube.kubeconfig, kube.server, node, HOST, empty,
+                                             lines.append, wait=3)
+    msg = err.value.message
+    assert node in msg and HOST in msg and "did not go NotReady" in msg
+    assert "another machine may be running an agent named" in msg
+    assert "NOT deleted" in msg and f"kubectl get node {node}" in err.value.hint
+    assert core.read_node(node).metadata.uid == uid and _secret_there(core, node)
+    assert any("waiting up to 3s for it to go NotReady" in ln for ln in lines)
+    # a Node with no Ready condition (registered, never reported) is no proof either
+    other = _name("agent")
+    core.create_node(client.V1Node(metadata=client.V1ObjectMeta(name=other)))
+    with pytest.raises(agentmembers.AgentStillReady, match="no Ready condition"):
+        agentmembers.clean_reinstalled_agent(kube.kubeconfig, kube.server, other, HOST, empty,
+                                             lines.append, wait=1)
+    assert _node_there(core, other) is not None
+
+
+def test_a_ready_node_that_goes_unknown_while_waited_for_is_deleted(kube: Any) -> None:
+    # the host was reinstalled quickly: the Node is still Ready when the deploy starts, and
+    # goes Unknown (the node lifecycle controller: no heartbeat) during the wait
+    core = kube.core()
+    node = _name("agent")
+    kube.add_node(node, ready=True)
+    _secret(core, node)
+    lines: list[str] = []
+
+    def goes_unknown() -> None:
+        with kube.ns.entered():  # a thread of its own: into the API's namespace too
+            _set_ready(kube.core(), node, "Unknown")
+
+    timer = threading.Timer(2.0, goes_unknown)
+    timer.start()
+    try:
+        done = agentmembers.clean_reinstalled_agent(
+            kube.kubeconfig, kube.server, node, HOST, HostStandIn(lambda: None, password=False),
+            lines.append, wait=30)
+    finally:
+        timer.cancel()
+    assert done == ["old Node deleted (Ready=Unknown)", "old node-password secret deleted"]
+    assert _node_there(core, node) is None and not _secret_there(core, node)
+    assert any("until NotReady: node" in ln and "Ready=Unknown" in ln for ln in lines)
 
 
 def test_an_agent_whose_host_is_down_still_leaves_the_api(kube: Any) -> None:

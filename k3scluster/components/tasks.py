@@ -409,6 +409,8 @@ def _before_deploy(args: argparse.Namespace, ssh: commands.SshSettings,
             try:
                 agentmembers.clean_reinstalled_agent(creds, url, name, address, run, _progress)
                 break
+            except agentmembers.AgentStillReady:
+                raise  # the cluster's answer (they share one datastore): no other server's
             except K3sClusterError:
                 if k == len(args.api) - 1:
                     raise
