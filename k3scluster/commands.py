@@ -329,6 +329,7 @@ def deploy_and_check(
     check_agent_state: bool = False,
     drain: str | None = None,
     drain_timeout: float = 600.0,
+    stack: str | None = None,
 ) -> list[str]:
     """Run ``deploy_argv`` (colmena), then wait for the host's health gates, then read back
     what the host runs (``/run/current-system`` and its K3s containers). Without ``gates``
@@ -346,7 +347,8 @@ def deploy_and_check(
     node password gets its old Node and node-password secret deleted.
     ``drain``: the host's agent node, cordoned and drained (at most ``drain_timeout`` s)
     before the switch when colmena's dry activation says it would restart the agent, and
-    uncordoned after the gates (``k3scluster.drain``).
+    uncordoned after the gates (``k3scluster.drain``); ``stack`` names the stack in the mark
+    its cordon carries (a later run of the stack recognises it as its own).
 
     ``servers``: (K3s name, ip) of the host's K3s server, which must answer ``/readyz``;
     ``agents``: K3s names of its agents, which must be ``Ready`` in the API (``api``: the
@@ -386,6 +388,8 @@ def deploy_and_check(
         if drain not in agents:
             raise K3sClusterError(f"host {host}: {drain} is not its agent")
         argv += ["--drain", _plain_arg("K3s name", drain), "--drain-timeout", f"{drain_timeout:g}"]
+        if stack is not None:
+            argv += ["--stack", _plain_arg("stack", stack)]
     return [*argv, "--", *deploy_argv]
 
 

@@ -8,10 +8,12 @@ agent's unit (``podman-k3s-agent.service``) would be stopped or restarted, every
 node would die with it: so before the switch the node is cordoned and drained
 (``k3scluster.kube``: the Eviction API, PodDisruptionBudgets respected, DaemonSet pods left,
 at most ``k3scluster:drainTimeout``), and after the host passed its gates it is uncordoned —
-only when this deploy cordoned it: a node someone cordoned by hand stays cordoned.
+only when the cordon is this stack's: a node someone cordoned by hand stays cordoned. A cordon
+made by this project carries the stack's mark (``kube.CORDONED_BY``), so a later run of the
+same stack recognises a cordon an earlier run left and uncordons it after a healthy deploy.
 
-A deploy that fails after the cordon leaves the node cordoned (its pods are elsewhere; it may
-not be healthy) and says so.
+A drain that fails (nothing deployed) undoes the cordon. A deploy that fails after the drain
+leaves the node cordoned (its pods are elsewhere; it may not be healthy) and says so.
 """
 
 from __future__ import annotations
@@ -80,7 +82,9 @@ def dry_activate(argv: Sequence[str], progress: Callable[[str], None]) -> str:
 
 @dataclass
 class Drain:
-    """A node this deploy may drain: ``cordoned`` says whether this deploy cordoned it."""
+    """A node this deploy may drain: ``cordoned`` says whether the cordon is this stack's
+    (made by this deploy, or by an earlier run of ``owner``, the stack, whose mark it
+    carries: ``kube.CORDONED_BY``)."""
 
     kubeconfig: dict[str, Any]
     server: str
@@ -88,26 +92,61 @@ class Drain:
     timeout: float
     progress: Callable[[str], None]
     cordoned: bool = False
+    owner: str | None = None
 
     def before(self) -> None:
-        """Cordon (remembering whether this call did) and drain."""
+        """Cordon (remembering whether the cordon is this stack's) and drain. A drain that
+        fails (a PodDisruptionBudget that blocks until the timeout) undoes this stack's
+        cordon: nothing was deployed, so the node goes back to work."""
         from k3scluster import kube
 
-        self.cordoned = kube.cordon(self.kubeconfig, self.server, self.node)
+        self.cordoned = kube.cordon(self.kubeconfig, self.server, self.node, self.owner)
         self.progress(
             f"{self.node}: cordoned"
             if self.cordoned
             else f"{self.node}: was already cordoned; it stays cordoned after the deploy"
         )
-        kube.drain(self.kubeconfig, self.server, self.node, self.timeout, self.progress)
+        try:
+            kube.drain(self.kubeconfig, self.server, self.node, self.timeout, self.progress)
+        except K3sClusterError as err:
+            raise self._undo_cordon(err) from None
 
-    def after(self) -> None:
-        """Uncordon, only what this deploy cordoned."""
+    def _undo_cordon(self, err: K3sClusterError) -> K3sClusterError:
         from k3scluster import kube
 
-        if self.cordoned:
+        if not self.cordoned:
+            return K3sClusterError(
+                f"{err.message}; nothing was deployed; node {self.node} stays cordoned (it "
+                "was cordoned before this run)", hint=err.hint)
+        try:
             kube.uncordon(self.kubeconfig, self.server, self.node)
-            self.progress(f"{self.node}: uncordoned")
+        except K3sClusterError as again:
+            return K3sClusterError(
+                f"{err.message}; nothing was deployed, and uncordoning node {self.node} failed "
+                f"too ({again.message}): it stays cordoned",
+                hint=(err.hint + "; " if err.hint else "") + f"kubectl uncordon {self.node}")
+        self.cordoned = False
+        self.progress(f"{self.node}: uncordoned (the drain failed; nothing deployed)")
+        return K3sClusterError(
+            f"{err.message}; node {self.node} was uncordoned (nothing deployed)", hint=err.hint)
+
+    def after(self, host: str) -> None:
+        """Uncordon, only when the cordon is this stack's. ``host`` has been deployed and
+        passed its gates: an uncordon that fails says so, and what to run."""
+        from k3scluster import kube
+
+        if not self.cordoned:
+            return
+        try:
+            kube.uncordon(self.kubeconfig, self.server, self.node)
+        except K3sClusterError as err:
+            raise K3sClusterError(
+                f"{host}: deployed and healthy, but uncordoning node {self.node} failed: "
+                f"{err.message}",
+                hint=f"kubectl uncordon {self.node} (or the next `pulumi up` of this stack "
+                "uncordons it: the cordon carries this stack's mark)",
+            ) from None
+        self.progress(f"{self.node}: uncordoned")
 
     def left_cordoned(self, err: K3sClusterError) -> K3sClusterError:
         """``err`` with what became of the node when the deploy failed after the cordon."""
@@ -116,6 +155,7 @@ class Drain:
         return K3sClusterError(
             f"{err.message}; node {self.node} stays cordoned (this deploy cordoned it)",
             hint=(err.hint + "; " if err.hint else "")
-            + f"once it is healthy: kubectl uncordon {self.node} (or the next `pulumi up` "
-            "that deploys it cordons and uncordons it again)",
+            + f"once it is healthy: kubectl uncordon {self.node}, or the next `pulumi up` of "
+            "this stack uncordons it after a healthy deploy (the cordon carries this "
+            "stack's mark)",
         )

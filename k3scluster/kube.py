@@ -8,8 +8,9 @@ prints a key: messages carry URLs, node names, HTTP status and the API's own che
 
 Day 2 (each takes ``kubeconfig, server, node``; errors are :class:`K3sClusterError`):
 
-- :func:`cordon` -> True only when this call cordoned the node (uncordon only then);
-  :func:`uncordon`;
+- :func:`cordon` -> True only when the cordon is the caller's (this call, or an earlier run
+  of the same stack, by its mark :data:`CORDONED_BY`): uncordon only then; :func:`uncordon`;
+  :func:`cordoned_by`;
 - :func:`drain` (``timeout``, ``progress``) -> :class:`DrainResult`: ``kubectl drain
   --ignore-daemonsets --delete-emptydir-data`` through the Eviction API, waiting until the
   evicted pods are gone; it does not cordon;
@@ -352,11 +353,18 @@ def _reaching(server: str, what: str) -> Iterator[None]:
         ) from None
 
 
-def _set_unschedulable(kubeconfig: dict[str, Any], server: str, node: str, value: bool) -> bool:
-    """Sets ``spec.unschedulable``; returns whether THIS call changed it. A missing node is an
-    error. The patch carries the resourceVersion it was decided on: when someone else changed
-    the node in between (a cordon by hand), the API refuses it (409) and the node is read
-    again, so a change made by someone else is never claimed."""
+CORDONED_BY = "k3scluster.io/cordoned-by"  # the stack whose run cordoned the node
+
+
+def _set_unschedulable(kubeconfig: dict[str, Any], server: str, node: str, value: bool,
+                       owner: str | None = None) -> bool:
+    """Sets ``spec.unschedulable``; returns whether THIS call changed it (a cordon: or
+    whether the node carries ``owner``'s mark, :data:`CORDONED_BY`, from an earlier run of
+    the same stack). A cordon with an ``owner`` sets the mark in the same update; an uncordon
+    removes it. A missing node is an error. The patch carries the resourceVersion it was
+    decided on: when someone else changed the node in between (a cordon by hand), the API
+    refuses it (409) and the node is read again, so a change made by someone else is never
+    claimed."""
     from kubernetes.client.exceptions import ApiException
 
     verb = "cordon" if value else "uncordon"
@@ -366,9 +374,13 @@ def _set_unschedulable(kubeconfig: dict[str, Any], server: str, node: str, value
             try:
                 obj = core.read_node(node, _request_timeout=REQUEST_TIMEOUT)
                 if bool(obj.spec and obj.spec.unschedulable) == value:
-                    return False
+                    mark = (obj.metadata.annotations or {}).get(CORDONED_BY)
+                    return bool(value and owner is not None and mark == owner)
+                meta: dict[str, Any] = {"resourceVersion": obj.metadata.resource_version}
+                if owner is not None or not value:
+                    meta["annotations"] = {CORDONED_BY: owner if value else None}
                 core.patch_node(node, {
-                    "metadata": {"resourceVersion": obj.metadata.resource_version},
+                    "metadata": meta,
                     "spec": {"unschedulable": value or None},
                 }, _request_timeout=REQUEST_TIMEOUT)
             except ApiException as err:
@@ -383,15 +395,33 @@ def _set_unschedulable(kubeconfig: dict[str, Any], server: str, node: str, value
                           "tried (409 Conflict 5 times)", hint="run again")
 
 
-def cordon(kubeconfig: dict[str, Any], server: str, node: str) -> bool:
-    """Marks ``node`` unschedulable. Returns True only when THIS call cordoned it: a node
-    that was already cordoned (by hand, or by an earlier run) returns False, and the caller
-    must then leave it cordoned (never :func:`uncordon` what it did not cordon)."""
-    return _set_unschedulable(kubeconfig, server, node, True)
+def cordon(kubeconfig: dict[str, Any], server: str, node: str, owner: str | None = None) -> bool:
+    """Marks ``node`` unschedulable. Returns True only when the cordon is the caller's: THIS
+    call cordoned it, or (with ``owner``, the stack) an earlier run of that stack did and
+    marked it so (:data:`CORDONED_BY`). A node cordoned by hand (no mark, or another
+    stack's) returns False, and the caller must then leave it cordoned (never
+    :func:`uncordon` what it did not cordon)."""
+    return _set_unschedulable(kubeconfig, server, node, True, owner)
+
+
+def cordoned_by(kubeconfig: dict[str, Any], server: str, node: str) -> str | None:
+    """The stack whose run cordoned ``node`` (its :data:`CORDONED_BY` mark), or None when the
+    node is schedulable or was cordoned without the mark (by hand)."""
+    from kubernetes.client.exceptions import ApiException
+
+    with _reaching(server, f"cannot read node {node}"):
+        try:
+            obj = _core(kubeconfig, server).read_node(node, _request_timeout=REQUEST_TIMEOUT)
+        except ApiException as err:
+            raise _api_error(f"cannot read node {node}", err) from None
+    if not (obj.spec and obj.spec.unschedulable):
+        return None
+    return (obj.metadata.annotations or {}).get(CORDONED_BY)  # type: ignore[no-any-return]
 
 
 def uncordon(kubeconfig: dict[str, Any], server: str, node: str) -> bool:
-    """Marks ``node`` schedulable again; returns whether it was cordoned."""
+    """Marks ``node`` schedulable again and removes this project's mark; returns whether it
+    was cordoned."""
     return _set_unschedulable(kubeconfig, server, node, False)
 
 

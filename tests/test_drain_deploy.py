@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 STANDIN = ROOT / "tests" / "bin" / "colmena"
 SSHD = Path("/usr/sbin/sshd")
 INIT_HOST, AGENT_HOST = "10.0.100.2", "10.0.100.5"
+STACK = "prod"
 SNAPSHOT = """
 import json, os, sys
 from kubernetes import client, config
@@ -124,7 +125,8 @@ def _hive(base: Path, host: str) -> Path:
 
 
 def _deploy(kube: Any, h: Host, base: Path, node: str, hive: Path, *, state: Path,
-            timeout: float = 30, drain_timeout: float = 20) -> subprocess.CompletedProcess[str]:
+            timeout: float = 30, drain_timeout: float = 20,
+            stack: str = STACK) -> subprocess.CompletedProcess[str]:
     kc = base / "admin.json"
     kc.write_text(json.dumps(kube.kubeconfig))
     hook = base / "hook.py"
@@ -134,7 +136,7 @@ def _deploy(kube: Any, h: Host, base: Path, node: str, hive: Path, *, state: Pat
         "--ip", AGENT_HOST, "--ssh-identity", str(h.key), "--ssh-known-hosts", str(h.known_hosts),
         "--timeout", f"{timeout:g}", "--agent", node, "--api", kube.server,
         "--credentials-from", INIT_HOST, "--drain", node, "--drain-timeout", f"{drain_timeout:g}",
-        "--", str(STANDIN), "apply", "switch", "--on", "karl", "-f", str(hive),
+        "--stack", stack, "--", str(STANDIN), "apply", "switch", "--on", "karl", "-f", str(hive),
     ]
     env = {
         "PATH": "/usr/sbin:/usr/bin:/bin", "HOME": str(base),
@@ -254,5 +256,69 @@ def test_a_pdb_that_blocks_stops_the_deploy_before_the_switch(
     assert f"{ns}/{pod}" in r.stderr
     assert _calls(tmp_path) == ["dry-activate"]  # never switched
     assert _at_switch(tmp_path) == []
-    # cordoned by this deploy, which failed: it stays cordoned and says so
-    assert core.read_node(node).spec.unschedulable is True
+    # cordoned by this deploy, whose drain failed: nothing was deployed, so the node goes
+    # back to work, and the run says so
+    got = core.read_node(node)
+    assert not got.spec.unschedulable
+    assert kubelib.CORDONED_BY not in (got.metadata.annotations or {})
+    assert f"node {node} was uncordoned (nothing deployed)" in " ".join(r.stderr.split())
+
+
+def _cordon_marked(core: Any, node: str, stack: str) -> None:
+    core.patch_node(node, {"metadata": {"annotations": {kubelib.CORDONED_BY: stack}},
+                           "spec": {"unschedulable": True}})
+
+
+@pytest.mark.parametrize("restarts", [True, False], ids=["drained", "no-drain"])
+def test_a_cordon_an_earlier_run_of_the_stack_left_is_undone_after_a_healthy_deploy(
+    kube: Any, host: Host, tmp_path: Path, restarts: bool
+) -> None:
+    """An earlier run cordoned the node and failed (or its uncordon did): this run, whether
+    or not its switch restarts the agent, uncordons it after the gates."""
+    core = kube.core()
+    node = f"karl-{int(time.time() * 1000) % 100000}"
+    _ready_node(core, node)
+    _cordon_marked(core, node, STACK)
+    state = _changed_agent(tmp_path) if restarts else tmp_path / "state"
+    hive = _hive(tmp_path, "karl")
+    with kube.kubelet():
+        if not restarts:  # a first deploy records what the agent runs: the next restarts nothing
+            assert _deploy(kube, host, tmp_path, node, hive, state=state,
+                           stack="other").returncode == 0
+            _cordon_marked(core, node, STACK)
+        r = _deploy(kube, host, tmp_path, node, hive, state=state)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert ("no drain" in r.stderr) is not restarts
+    got = core.read_node(node)
+    assert not got.spec.unschedulable
+    assert kubelib.CORDONED_BY not in (got.metadata.annotations or {})
+    assert f"{node}: uncordoned" in r.stderr
+
+
+def test_a_cordon_of_another_stack_stays(kube: Any, host: Host, tmp_path: Path) -> None:
+    core = kube.core()
+    node = f"karl-{int(time.time() * 1000) % 100000}"
+    _ready_node(core, node)
+    _cordon_marked(core, node, "lab")
+    with kube.kubelet():
+        r = _deploy(kube, host, tmp_path, node, _hive(tmp_path, "karl"),
+                    state=_changed_agent(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = core.read_node(node)
+    assert got.spec.unschedulable is True
+    assert got.metadata.annotations[kubelib.CORDONED_BY] == "lab"
+    assert "was already cordoned; it stays cordoned" in r.stderr
+
+
+def test_an_uncordon_that_fails_after_a_healthy_deploy_says_what_to_run(kube: Any) -> None:
+    from k3scluster.drain import Drain
+    from k3scluster.errors import K3sClusterError
+
+    # the API went away between the gates and the uncordon (nothing listens at port 1)
+    d = Drain(kube.kubeconfig, "https://127.0.0.1:1", "karl-k3s-agent", 10, lambda _: None,
+              cordoned=True, owner=STACK)
+    with pytest.raises(K3sClusterError) as got:
+        d.after("karl")
+    text = f"{got.value.message} {got.value.hint}"
+    assert "karl: deployed and healthy, but uncordoning node karl-k3s-agent failed" in text
+    assert "kubectl uncordon karl-k3s-agent" in text

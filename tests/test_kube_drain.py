@@ -145,6 +145,37 @@ def test_a_node_cordoned_by_hand_is_not_claimed_and_a_drain_leaves_it_cordoned(k
     assert core.read_node(node).spec.unschedulable is True
 
 
+def test_a_cordon_of_the_stack_carries_its_mark_and_a_later_run_of_it_claims_it(
+    kube: Any,
+) -> None:
+    core = kube.core()
+    node = _node(core)
+    assert kubelib.cordon(kube.kubeconfig, kube.server, node, "prod") is True
+    got = core.read_node(node)
+    assert got.spec.unschedulable is True
+    assert got.metadata.annotations[kubelib.CORDONED_BY] == "prod"
+    assert kubelib.cordoned_by(kube.kubeconfig, kube.server, node) == "prod"
+    # a later run of the same stack finds its own cordon: it is that run's to undo
+    assert kubelib.cordon(kube.kubeconfig, kube.server, node, "prod") is True
+    # another stack's run, or a caller without a stack, does not claim it
+    assert kubelib.cordon(kube.kubeconfig, kube.server, node, "lab") is False
+    assert kubelib.cordon(kube.kubeconfig, kube.server, node) is False
+    # uncordon removes the mark with the cordon
+    assert kubelib.uncordon(kube.kubeconfig, kube.server, node) is True
+    got = core.read_node(node)
+    assert not got.spec.unschedulable
+    assert kubelib.CORDONED_BY not in (got.metadata.annotations or {})
+    assert kubelib.cordoned_by(kube.kubeconfig, kube.server, node) is None
+
+
+def test_a_hand_cordon_is_never_claimed_by_a_stack(kube: Any) -> None:
+    core = kube.core()
+    node = _node(core, unschedulable=True)  # kubectl cordon: no mark
+    assert kubelib.cordon(kube.kubeconfig, kube.server, node, "prod") is False
+    assert kubelib.cordoned_by(kube.kubeconfig, kube.server, node) is None
+    assert kubelib.CORDONED_BY not in (core.read_node(node).metadata.annotations or {})
+
+
 def test_cordon_of_a_node_that_is_not_there_is_a_clear_error(kube: Any) -> None:
     with pytest.raises(K3sClusterError, match="cannot cordon node nosuch: it is not in the"):
         kubelib.cordon(kube.kubeconfig, kube.server, "nosuch")

@@ -371,6 +371,7 @@ class Cluster(pulumi.ComponentResource):
             deployed=self._deployed,
             drain=drain_node(c, hname),
             drain_timeout=s.drain_timeout,
+            stack=s.stack,
         )
 
     def _versions_inputs(self, hname: str, agent: str | None = None) -> dict[str, str]:

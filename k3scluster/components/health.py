@@ -131,6 +131,7 @@ def deploy_argv(
     deployed: Deployed | None = None,
     drain: str | None = None,
     drain_timeout: float = 600.0,
+    stack: str | None = None,
 ) -> list[str]:
     """What the host's deploy step runs: ``tasks deploy`` (the render checked, colmena, and
     with ``wait_ready`` the gates; with ``drain`` that agent node drained first when the
@@ -169,6 +170,7 @@ def deploy_argv(
         check_agent_state=wait_ready and any(n.type is K3sType.AGENT for n in nodes),
         drain=drain,
         drain_timeout=drain_timeout,
+        stack=stack,
     )
 
 

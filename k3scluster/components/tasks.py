@@ -482,7 +482,7 @@ def _deploy(args: argparse.Namespace) -> None:
         except K3sClusterError as err:
             raise drained.left_cordoned(err) if drained else err from None
         if drained:
-            drained.after()
+            drained.after(args.host)
     # "reboot": the boot entries that differ from the booted system's (the stack output
     # needsReboot, k3scluster.bootentries)
     seen = observe(ssh, args.ip, _units(servers, agents), boot=True)
@@ -504,7 +504,7 @@ def _drain_if_restarting(args: argparse.Namespace, ssh: commands.SshSettings) ->
     output = drain.dry_activate(resolve_args(args.argv), _progress)
     if not drain.agent_restarts(output):
         _progress(f"{args.host}: the switch leaves {drain.AGENT_UNIT} running: no drain")
-        return None
+        return _own_cordon_left(args, ssh)
     deadline = time.monotonic() + float(args.timeout)
     creds = _credentials(ssh, list(args.credentials_from), deadline, args.host)
     if creds is None:
@@ -529,10 +529,37 @@ def _drain_if_restarting(args: argparse.Namespace, ssh: commands.SshSettings) ->
     if not seen.registered:
         _progress(f"{args.host}: node {args.drain} is not registered yet: nothing to drain")
         return None
-    d = drain.Drain(creds, url, args.drain, float(args.drain_timeout), _progress)
+    d = drain.Drain(creds, url, args.drain, float(args.drain_timeout), _progress,
+                    owner=args.stack)
     _progress(f"{args.host}: the switch restarts {drain.AGENT_UNIT}: draining {args.drain} first")
     d.before()
     return d
+
+
+def _own_cordon_left(args: argparse.Namespace, ssh: commands.SshSettings) -> Any:
+    """A deploy that does not drain: when an earlier run of this stack left the node cordoned
+    (its mark, ``kube.CORDONED_BY``: a deploy that failed after its drain, or an uncordon
+    that failed), the ``Drain`` that uncordons it after the gates; else None. Asked once: no
+    credentials or no answer means nothing to undo now."""
+    from k3scluster import drain, kube
+
+    if not args.stack:
+        return None
+    creds = _credentials(ssh, list(args.credentials_from), time.monotonic(), args.host)
+    if creds is None:
+        return None
+    for url in args.api:
+        try:
+            mark = kube.cordoned_by(creds, url, args.drain)
+        except K3sClusterError:
+            continue
+        if mark != args.stack:
+            return None
+        _progress(f"{args.drain}: cordoned by an earlier run of stack {args.stack}: "
+                  "uncordoned after a healthy deploy")
+        return drain.Drain(creds, url, args.drain, float(args.drain_timeout), _progress,
+                           cordoned=True, owner=args.stack)
+    return None
 
 
 SNAPSHOT_PREFIX = "k3scluster-snapshot="
@@ -793,6 +820,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--check-agent-state", action="store_true")
     d.add_argument("--drain")  # the host's agent node: drained when the switch restarts it
     d.add_argument("--drain-timeout", type=float, default=600.0)
+    d.add_argument("--stack")  # the stack whose mark a cordon of this deploy carries
     d.add_argument("argv", nargs="+")
     sn = sub.add_parser("snapshot")
     sn.add_argument("--stack", required=True)
