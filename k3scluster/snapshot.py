@@ -53,11 +53,23 @@ def take(
     name: str,
     run: Callable[[str, list[str]], tuple[int, str]],
     progress: Callable[[str], None],
+    host_name: Callable[[str], str | None],
 ) -> Taken:
     """On the first of ``servers`` ((host, ip), in order) where it succeeds. ``run(ip, words)``
-    runs the words on the host over ssh: (exit status, output)."""
+    runs the words on the host over ssh: (exit status, output). Proof of target first:
+    ``host_name(ip)`` is the host name the machine at ``ip`` answers with (None: it does not
+    answer); nothing runs on a machine that is not the server's host."""
     failures: list[str] = []
+    if not servers:
+        failures.append("the stack's state records no server it deployed")
     for host, ip in servers:
+        answered = host_name(ip)
+        if answered != host:
+            why = (f"the machine at {ip} answers as {answered}, not as {host}"
+                   if answered else f"{host} does not answer at {ip}")
+            failures.append(f"{host}: {why}")
+            progress(f"etcd snapshot: {why}: nothing runs there; trying the next server")
+            continue
         progress(f"etcd snapshot {name} on {host} ({ip})")
         code, out = run(ip, save_argv(name))
         if code == 0:

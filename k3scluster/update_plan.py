@@ -14,7 +14,8 @@ earlier phases it waits for (``Phase.after``: indices; by default the one just b
 Today's phases:
 
 0. ``SNAPSHOT`` (``UpdateSettings.snapshot``, when a server host of the plans was deployed
-   before: the cluster runs): an etcd snapshot on a server, before any server host. Its
+   before: the cluster runs): an etcd snapshot on a server the stack deployed, at the address
+   it was deployed at (``snapshot_servers``), before any server host. Its
    step runs only when a server host's deploy will (its inputs are theirs), and a failed
    snapshot stops every server host;
 0. then membership (``leave_phases``, from ``k3scluster.membership``): ``AGENT_LEAVES`` for each
@@ -252,7 +253,10 @@ def plan_update(
     running = membership.running or any(h in versions for h in chain)
     if settings.snapshot and running:
         phases.append(
-            Phase(Action.SNAPSHOT, tuple(chain), Wait.OK, "etcd snapshot before the servers change")
+            Phase(
+                Action.SNAPSHOT, tuple(chain), Wait.OK, "etcd snapshot before the servers change",
+                (("servers", snapshot_servers(cluster, deployed, versions, chain)),),
+            )
         )
     phases += leave_phases(cluster, deployed, membership)
     joins = {j.host: j for j in membership.servers_joining}
@@ -296,6 +300,23 @@ def plan_update(
             Phase(Action.DEPLOY, others, Wait.SETTLED, "the hosts without an agent", after=servers)
         )
     return UpdatePlan(tuple(phases), membership)
+
+
+def snapshot_servers(
+    cluster: Cluster, deployed: Deployed, versions: Mapping[str, HostVersions], chain: list[str]
+) -> str:
+    """Where the snapshot may be taken, ``host=ip,…``: the servers the stack deployed, at the
+    address their host's last deploy reached (a re-addressed host is still there: the
+    snapshot comes before any deploy), the deploy order first. Never a server that joins in
+    this run (it has no etcd data yet) or a host at an address it has not been deployed at.
+    A server host deployed before the deploys recorded their hosts (no record, but a deploy
+    step): at its plan address. The snapshot task asks each machine's host name first."""
+    found: dict[str, str] = {h.name: str(h.ip) for h, _ in deployed.servers}
+    for h in chain:
+        if h not in found and deployed.host(h) is None and h in versions:
+            found[h] = str(cluster.host(h).ip)
+    order = [h for h in chain if h in found] + sorted(h for h in found if h not in chain)
+    return ",".join(f"{h}={found[h]}" for h in order)
 
 
 def drain_node(cluster: Cluster, host: str) -> str | None:

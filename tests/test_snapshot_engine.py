@@ -38,13 +38,29 @@ def hosts_lab(tmp_path: Path) -> Lab:
 
 
 def with_k3s_standin(lab: Lab) -> None:
-    """Each host's sshd gives its sessions the stand-ins' PATH and a log of its own."""
+    """Each host's sshd gives its sessions the stand-ins' PATH and a log of its own, and runs
+    in a UTS namespace of its own with the host's name (what ``/proc/sys/kernel/hostname``
+    says: NixOS sets it from the plan; ``lab.names`` may give a machine another one)."""
     for host, d in lab.hosts.items():
         cfg = d / "sshd_config"
         node = SERVERS[host][0] if host in SERVERS else host
         cfg.write_text(cfg.read_text() + (
             f"SetEnv PATH={CONTAINER_BIN}:/usr/bin:/bin K3S_STANDIN_LOG={d / 'k3s.log'} "
             f"K3S_STANDIN_FAIL={d / 'k3s.fail'} K3S_STANDIN_NODE={node}\n"))
+    setup = lab.setup
+    lab.names = {h: h for h in lab.hosts}  # type: ignore[attr-defined]
+
+    def named_setup(down: tuple[str, ...] = ()) -> str:
+        text = setup(down)
+        for host, h in lab.hosts.items():
+            text = text.replace(
+                f"unshare --mount --propagation private sh -c 'mount --bind {h / 'run'} ",
+                f"unshare --mount --uts --propagation private sh -c "
+                f"'hostname {lab.names[host]} && mount --bind {h / 'run'} ",  # type: ignore[attr-defined]
+            )
+        return text
+
+    lab.setup = named_setup  # type: ignore[method-assign]
 
 
 def k3s_calls(lab: Lab, host: str) -> list[dict[str, Any]]:
@@ -108,3 +124,34 @@ def test_a_snapshot_is_taken_before_the_first_server_host_changes(
     assert r.returncode != 0
     assert "no server took the etcd snapshot before the servers change" in _text(r)
     assert [c["hosts"] for c in switches(p)[before:]] == []
+
+
+def test_the_snapshot_is_taken_only_where_a_deployed_server_answers_with_its_name(
+    hosts_lab: Lab, tmp_path: Path
+) -> None:
+    lab = hosts_lab
+    p = Project(tmp_path, lab, snapshotBeforeServers="true")
+    r = p.up()
+    assert r.returncode == 0, _text(r)[-4000:]
+    # rolf moves to a new address, ulrich's host gets a server that joins, and the machine at
+    # olaf's address now says it is otto
+    hcsv = p.cluster / "plans" / "hosts.csv"
+    hcsv.write_text(hcsv.read_text().replace("rolf,eno2,10.0.100.4,", "rolf,eno2,10.0.100.40,"))
+    with (p.cluster / "plans" / "k3s.csv").open("a") as f:
+        f.write("ulrich,ulrich-k3s-server,server,10.0.100.16\n")
+    lab.names["olaf"] = "otto"  # type: ignore[attr-defined]
+    (lab.hosts["ulf"] / "k3s.fail").write_text("")  # ulf's etcd does not answer
+    snapshot_urn = p.step_state("cluster-render")["urn"].replace(
+        "::cluster-render", "::cluster-etcd-snapshot")
+    # the snapshot alone (the deploys of a re-address and a join are other tests')
+    r = p.up("--target", snapshot_urn)
+    assert r.returncode == 0, _text(r)[-4000:]
+    text = _text(r)
+    assert k3s_calls(lab, "olaf") == []  # another machine: nothing ran there
+    assert ("etcd snapshot: the machine at 10.0.100.2 answers as otto, not as olaf: nothing "
+            "runs there") in text
+    assert len(k3s_calls(lab, "ulf")) == 1
+    # rolf at the address it was deployed at (it is still there), never the joining ulrich
+    assert "etcd snapshot " in text and "on rolf (10.0.100.4)" in text
+    assert len(k3s_calls(lab, "rolf")) == 1 and k3s_calls(lab, "ulrich") == []
+    assert p.outputs()["etcdSnapshot"]["host"] == "rolf"

@@ -490,6 +490,49 @@ def test_snapshot_name_and_what_runs_on_the_host() -> None:
             return 1, 'level=fatal msg="etcd not ready"'
         return 0, "level=info msg=\"Snapshot hw-olaf-ulf-1765006205 saved.\""
 
-    taken = snapshot.take([("olaf", "10.0.0.2"), ("ulf", "10.0.0.3")], "hw", run, lambda _: None)
+    names = {"10.0.0.2": "olaf", "10.0.0.3": "ulf", "10.0.0.4": "ulrich"}
+    servers = [("olaf", "10.0.0.2"), ("ulf", "10.0.0.3")]
+    taken = snapshot.take(servers, "hw", run, lambda _: None, names.get)
     assert (taken.host, taken.file, tried) == ("ulf", "hw-olaf-ulf-1765006205",
                                                ["10.0.0.2", "10.0.0.3"])
+
+
+def test_the_snapshot_runs_only_on_a_machine_that_answers_as_the_server_host() -> None:
+    from k3scluster import snapshot
+    from k3scluster.errors import K3sClusterError
+
+    tried: list[str] = []
+    said: list[str] = []
+
+    def run(ip: str, words: list[str]) -> tuple[int, str]:
+        tried.append(ip)
+        return 0, "Snapshot hw-x-1 saved."
+
+    # rolf's address is another machine's now; karl's does not answer: ulf takes it
+    names = {"10.0.0.4": "ulrich", "10.0.0.3": "ulf"}
+    servers = [("rolf", "10.0.0.4"), ("karl", "10.0.0.5"), ("ulf", "10.0.0.3")]
+    taken = snapshot.take(servers, "hw", run, said.append, names.get)
+    assert taken.host == "ulf" and tried == ["10.0.0.3"]
+    assert said[0] == ("etcd snapshot: the machine at 10.0.0.4 answers as ulrich, not as rolf: "
+                       "nothing runs there; trying the next server")
+    assert "karl does not answer at 10.0.0.5" in said[1]
+    with pytest.raises(K3sClusterError, match="answers as ulrich, not as rolf"):
+        snapshot.take(servers[:1], "hw", run, said.append, names.get)
+    with pytest.raises(K3sClusterError, match="records no server it deployed"):
+        snapshot.take([], "hw", run, said.append, names.get)
+    assert tried == ["10.0.0.3"]
+
+
+def test_the_snapshot_is_taken_on_deployed_servers_at_their_deployed_addresses() -> None:
+    import dataclasses
+
+    before = cluster(BIG_HOSTS, BIG)
+    # carla moves to a new address, dora's host gets a server that joins
+    now = cluster(BIG_HOSTS, [*BIG, ("dora", "s")])
+    now = dataclasses.replace(now, hosts=tuple(
+        dataclasses.replace(h, ip=A("10.0.0.99")) if h.name == "carla" else h for h in now.hosts
+    ))
+    plan = plan_update(now, deployed_of(before), UpdateSettings(), ran(before, "1.31"))
+    snap = plan.phases[0]
+    assert snap.action is Action.SNAPSHOT and "dora" in snap.hosts
+    assert dict(snap.detail)["servers"] == "anna=10.0.0.2,bert=10.0.0.3,carla=10.0.0.4"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -332,17 +333,21 @@ class Cluster(pulumi.ComponentResource):
     def _snapshot_phase(
         self, phase: Phase, waits_for: list[pulumi.Input[pulumi.Resource]]
     ) -> list[pulumi.Resource]:
-        """``Action.SNAPSHOT``: ``<name>-etcd-snapshot``, on the first server host that takes
-        it. Its inputs are the server hosts' (and their releases): it runs exactly when one
-        of their deploys will, before it."""
-        c, s = self._c, self._s
+        """``Action.SNAPSHOT``: ``<name>-etcd-snapshot``, on the first deployed server that
+        takes it (``detail["servers"]``; the task checks each one's host name first). Its
+        inputs are the server hosts' (and their releases): it runs exactly when one of their
+        deploys will, before it."""
+        s = self._s
         inputs: dict[str, pulumi.Input[str]] = {}
         for hname in phase.hosts:
             inputs[f"deploy:{hname}"] = _digest(self._host_inputs(hname))
             inputs.update({f"{k}:{hname}": v for k, v in self._versions_inputs(hname).items()})
-        argv = commands.etcd_snapshot(
-            s.python, s.stack, [(h, c.host(h).ip) for h in phase.hosts], s.ssh
-        )
+        # where: the servers the stack deployed, at their deployed addresses (update_plan)
+        servers = [
+            (h, ipaddress.IPv4Address(ip))
+            for h, _, ip in (x.partition("=") for x in dict(phase.detail)["servers"].split(",") if x)
+        ]
+        argv = commands.etcd_snapshot(s.python, s.stack, servers, s.ssh)
         self.snapshot = step(
             f"{self._name}-etcd-snapshot",
             runner=s.runner,

@@ -15,7 +15,8 @@
   ``k3scluster-deployed=<JSON>`` (``--no-gates``: colmena only). colmena's own ssh checks
   host keys against the stack's known_hosts file and logs in with its key (``SSH_CONFIG_FILE``).
 - ``snapshot --stack S [ssh] --server HOST=IP…``: ``k3s etcd-snapshot save`` in the server
-  container of the first server host where it succeeds (``k3scluster.snapshot``); last line
+  container of the first server host that answers at IP with its host name and where it
+  succeeds (``k3scluster.snapshot``); last line
   ``k3scluster-snapshot=<JSON>``.
 - ``observe --host H --ip IP [ssh] [--unit U]``: what the host runs now (``pulumi refresh``);
   last line ``k3scluster-observed=<JSON>``.
@@ -328,10 +329,16 @@ def first_answer(apis: list[str], read: Any) -> Any:
     return got.check if got is not None else kube.Check(False, "; ".join(seen))
 
 
+def _host_name(ssh: commands.SshSettings, ip: str) -> str | None:
+    """The host name the machine at ``ip`` answers with (NixOS sets it from the plan); None
+    when it does not answer."""
+    proc = _ssh_run(ssh, ip, ["cat", "/proc/sys/kernel/hostname"], timeout=10)
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
 def _answers_as(ssh: commands.SshSettings, ip: str, host: str) -> bool:
     """Proof of target: the machine at ``ip`` says it is ``host`` (its host name)."""
-    proc = _ssh_run(ssh, ip, ["cat", "/proc/sys/kernel/hostname"], timeout=10)
-    return proc.returncode == 0 and proc.stdout.strip() == host
+    return _host_name(ssh, ip) == host
 
 
 def _readdressed_deploy(args: argparse.Namespace, ssh: commands.SshSettings,
@@ -577,7 +584,9 @@ def _snapshot(args: argparse.Namespace) -> None:
     servers = [tuple(s.split("=", 1)) for s in args.server]
     now = datetime.datetime.now(datetime.UTC)
     name = snapshot.snapshot_name(args.stack, now)
-    taken = snapshot.take(servers, name, run, _progress)  # type: ignore[arg-type]
+    taken = snapshot.take(
+        servers, name, run, _progress, lambda ip: _host_name(ssh, ip)  # type: ignore[arg-type]
+    )
     record = {"name": taken.name, "file": taken.file, "host": taken.host,
               "path": taken.path_on_host, "takenAt": now.strftime("%Y-%m-%dT%H:%M:%SZ")}
     print(SNAPSHOT_PREFIX + json.dumps(record, sort_keys=True), flush=True)
@@ -824,7 +833,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("argv", nargs="+")
     sn = sub.add_parser("snapshot")
     sn.add_argument("--stack", required=True)
-    sn.add_argument("--server", action="append", default=[], required=True)  # HOST=IP, in order
+    sn.add_argument("--server", action="append", default=[])  # HOST=IP, in order
     sn.add_argument("--ssh-user", default="root")
     sn.add_argument("--ssh-identity")
     sn.add_argument("--ssh-known-hosts")
