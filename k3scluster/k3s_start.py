@@ -25,14 +25,22 @@ ENV_FILE = "/run/k3scluster/k3s-start.env"
 # walDir = <data-dir>/server/db/etcd/member/wal)
 ETCD_WAL_DIR = "/var/lib/rancher/k3s/server/db/etcd/member/wal"
 
-# the probe of each other server, and how often it is repeated before the init-server
-# starts a new cluster or a joining server gives up (systemd then starts it again)
+# How long a K3s node's start may wait for a server that answers: the server container's
+# timeoutStartSec (a joining server waits inside it) and the agent's own wait
+# (k3s-agent-start.sh). After it the start fails, and so does a deploy waiting for it;
+# systemd starts the unit again (Restart=).
+START_TIMEOUT_MIN = 10
+
+# the probe of each other server; how often it is repeated before the init-server starts
+# a new cluster or a joining server gives up (rounds; systemd then starts it again), and
+# for how long an agent asks (start_timeout, seconds)
 SCRIPT_VALUES: Mapping[str, int] = {
     "port": 6443,
     "connect_timeout": 3,
     "max_time": 5,
     "rounds": 3,
     "pause": 5,
+    "start_timeout": START_TIMEOUT_MIN * 60,
 }
 
 
@@ -48,6 +56,9 @@ def sh_value(v: object) -> str:
 AGENT_SCRIPT_TEMPLATE = "k3s-agent-start.sh.j2"
 AGENT_SCRIPT_PATH = "modules/k3s-agent-start.sh"
 AGENT_ENV_FILE = "/run/k3scluster/k3s-agent.env"
+
+# The /cacerts probe and the env file's handling, included by both scripts above
+PROBE_TEMPLATE = "k3s-probe.sh.j2"
 
 
 # Removes the links of manifests that left the plans (modules/k3s-manifests-prune.sh)

@@ -55,6 +55,7 @@ from k3scluster.k3s_start import (
     SCRIPT_PATH,
     SCRIPT_TEMPLATE,
     SCRIPT_VALUES,
+    START_TIMEOUT_MIN,
     other_servers,
     registration_servers,
     sh_value,
@@ -514,6 +515,7 @@ def render_files(
         "manifest_dir": MANIFEST_DIR,
         "agent_start_env": AGENT_ENV_FILE,
         "etcd_wal_dir": ETCD_WAL_DIR,
+        "start_timeout_min": START_TIMEOUT_MIN,
     }
     files: dict[str, str] = {}
     files["cluster.json"] = _json(cluster_data(cluster))

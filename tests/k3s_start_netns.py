@@ -11,6 +11,8 @@ bash and the real curl and coreutils. What a stand-in does, per address:
   other  answers 200 with a page that is no certificate (some other HTTPS service)
   hang   accepts the connection and never answers (the probe's --max-time must end it)
   down   nothing listens
+  late   nothing listens for the first LATE_S seconds, then as k3s (a server that comes up
+         while the script is asking)
 
 Input (argv[1], JSON): {"script", "role", "servers": [[ip, kind], ...], "wal": bool,
 "stale_env": bool}; role "agent" runs modules/k3s-agent-start.sh (ENV_FILE SERVER_IP...)
@@ -31,6 +33,7 @@ import threading
 from pathlib import Path
 
 PORT = 6443
+LATE_S = 4.0
 
 
 def make_cert(d: Path) -> tuple[Path, Path]:
@@ -59,6 +62,11 @@ def make_cert(d: Path) -> tuple[Path, Path]:
 
 
 def serve(ip: str, kind: str, ctx: ssl.SSLContext, pem: str) -> None:
+    if kind == "late":
+        timer = threading.Timer(LATE_S, serve, (ip, "k3s", ctx, pem))
+        timer.daemon = True
+        timer.start()
+        return
     if kind == "hang":
         sock = socket.create_server((ip, PORT))
         held: list[socket.socket] = []

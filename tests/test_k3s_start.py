@@ -33,8 +33,10 @@ from nixeval import container_config
 
 from k3scluster import plans
 from k3scluster.k3s_start import (
+    AGENT_SCRIPT_PATH,
     ENV_FILE,
     ETCD_WAL_DIR,
+    PROBE_TEMPLATE,
     SCRIPT_PATH,
     SCRIPT_TEMPLATE,
     SCRIPT_VALUES,
@@ -243,3 +245,18 @@ def test_server_hosts_depend_on_the_script(example_dir: Path, tmp_path: Path) ->
     files = render_files(result.cluster, tmp_path / "out")
     assert f"file:{SCRIPT_PATH}" in host_inputs(result.cluster, "olaf", files)
     assert f"file:{SCRIPT_PATH}" not in host_inputs(result.cluster, "karl", files)
+
+
+def test_the_probe_is_rendered_from_one_snippet_in_both_scripts(
+    example_dir: Path, tmp_path: Path
+) -> None:
+    # the /cacerts probe (and the env file's handling) is written once
+    # (templates/k3s-probe.sh.j2) and included by the server's and the agent's script
+    result = plans.load(example_dir)
+    assert result.cluster is not None
+    files = render_files(result.cluster, tmp_path / "out")
+    shared = _environment().get_template(PROBE_TEMPLATE).render(**SCRIPT_VALUES)
+    assert "/cacerts" in shared and "answers()" in shared and "write_env()" in shared
+    for path in (SCRIPT_PATH, AGENT_SCRIPT_PATH):
+        assert files[path].count(shared) == 1
+        assert files[path].count("/cacerts\"") == 1  # the one curl of the snippet

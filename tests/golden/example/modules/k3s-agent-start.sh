@@ -11,16 +11,15 @@
 # it has joined, the agent holds no cluster CA; /cacerts is public, the probe sends
 # nothing secret, and the join itself is authenticated by K3s with the agent token.
 #
-# No server answers: exit 1 and no ENV_FILE; systemd starts the unit again.
+# No server answers: asked again every 5 s for at most 600 s (the
+# server container's start timeout, the bound of a server's wait), then exit 1 and no
+# ENV_FILE: the start of podman-k3s-agent.service fails (and with it a deploy that
+# started it), and systemd starts the unit again (oci-containers sets Restart=always).
 #
 # Usage: k3s-agent-start.sh ENV_FILE SERVER_IP...
 set -euo pipefail
 
-port=6443
-connect_timeout=3
-max_time=5
-rounds=3
-pause=5
+start_timeout=600
 
 if [ "$#" -lt 2 ]; then
   echo "usage: $0 ENV_FILE SERVER_IP..." >&2
@@ -28,6 +27,12 @@ if [ "$#" -lt 2 ]; then
 fi
 env_file=$1
 shift
+
+# -- shared by k3s-server-start.sh and k3s-agent-start.sh (templates/k3s-probe.sh.j2) --
+port=6443
+connect_timeout=3
+max_time=5
+pause=5
 
 # No decision of an earlier start survives a failed one.
 rm -f -- "$env_file"
@@ -50,20 +55,27 @@ answers() {
   [[ $body == *"-----BEGIN CERTIFICATE-----"* ]]
 }
 
-round=1
-while :; do
+# One round: the first of the servers given that answers, printed; status 1 when none.
+first_answering() {
+  local server
   for server in "$@"; do
     if answers "$server"; then
-      write_env "K3S_URL=https://$server:$port"
-      echo "$server answers: the agent registers with https://$server:$port"
-      exit 0
+      printf '%s\n' "$server"
+      return 0
     fi
   done
-  if [ "$round" -ge "$rounds" ]; then
-    break
+  return 1
+}
+# -- end of the shared part --
+
+deadline=$((SECONDS + start_timeout))
+until server=$(first_answering "$@"); do
+  if [ "$SECONDS" -ge "$deadline" ]; then
+    echo "no K3s server answered on port $port within $start_timeout s (asked: $*):" \
+      "the agent does not start now; systemd starts podman-k3s-agent again" >&2
+    exit 1
   fi
-  round=$((round + 1))
   sleep "$pause"
 done
-echo "no K3s server answers on port $port (asked: $*): the agent does not start; trying again" >&2
-exit 1
+write_env "K3S_URL=https://$server:$port"
+echo "$server answers: the agent registers with https://$server:$port"

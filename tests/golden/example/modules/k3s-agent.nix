@@ -121,6 +121,25 @@ in
           ${lib.escapeShellArg network}
       '';
 
+      # Then, before every start of the agent container (a restart included): the server
+      # to register with, the first of the plan's servers (the init-server first) that
+      # answers /cacerts, as K3S_URL in startEnv. So a new or reinstalled agent joins while
+      # the init-server is down, as long as another server is up. None answers: asked
+      # again every 5 s, for at most as long as a server's start may take (the server
+      # container's timeoutStartSec); then this start fails, and with it a deploy that
+      # started it, instead of waiting forever, and systemd starts the unit again
+      # (oci-containers sets Restart=always; a failing ExecStartPre counts). The wait is
+      # part of this unit's own start, not of a unit it requires: a required unit that
+      # fails fails the container's start job for good, with nothing to start it again.
+      # An ExecStartPre of its own, beside oci-containers' and the preStart above (their
+      # order does not matter); systemd splits the line at spaces and honours the quotes.
+      serviceConfig.ExecStartPre = [
+        "${pkgs.bash}/bin/bash ${./k3s-agent-start.sh} ${
+          lib.escapeShellArgs ([ startEnv ] ++ cfg.servers)
+        }"
+      ];
+      path = [ pkgs.curl pkgs.coreutils ];
+
       # Before the first deploy (a freshly installed host) there is no token yet: the
       # agent is skipped instead of failing into its start limit. The guard is
       # ConditionPathExists alone: the `after` only orders the two units when both
@@ -131,33 +150,6 @@ in
       # again then, and holds.
       unitConfig.ConditionPathExists = agentTokenFile;
       after = [ "${agentTokenKey}-key.service" ];
-    };
-
-    # Before every start of the agent container (Requires, so each restart, Restart=always
-    # included, runs it again): the server to register with, the first of the plan's
-    # servers (the init-server first) that answers /cacerts, as K3S_URL in startEnv. None
-    # answers -> exit 1, and systemd runs it again in 5 s; RestartMode=direct (systemd >=
-    # 254) keeps the container's start waiting through those retries instead of failing
-    # it. A new or reinstalled agent so joins while the init-server is down, as long as
-    # another server is up. The same guard as the container: nothing to decide before
-    # the first deploy has brought the agent token.
-    systemd.services.k3s-agent-start = {
-      description = "Decide which K3s server the agent registers with";
-      before = [ "podman-k3s-agent.service" ];
-      requiredBy = [ "podman-k3s-agent.service" ];
-      after = [ "network-online.target" ];
-      wants = [ "network-online.target" ];
-      unitConfig.ConditionPathExists = agentTokenFile;
-      path = [ pkgs.curl pkgs.coreutils ];
-      script = "exec ${pkgs.bash}/bin/bash ${./k3s-agent-start.sh} ${
-        lib.escapeShellArgs ([ startEnv ] ++ cfg.servers)
-      }";
-      serviceConfig = {
-        Type = "oneshot";
-        Restart = "on-failure";
-        RestartSec = "5s";
-        RestartMode = "direct";
-      };
     };
 
     systemd.tmpfiles.rules = [

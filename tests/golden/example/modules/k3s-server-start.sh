@@ -23,11 +23,7 @@
 # Usage: k3s-server-start.sh init|join ENV_FILE ETCD_WAL_DIR [SERVER_IP...]
 set -euo pipefail
 
-port=6443
-connect_timeout=3
-max_time=5
 rounds=3
-pause=5
 
 if [ "$#" -lt 3 ] || { [ "$1" != init ] && [ "$1" != join ]; }; then
   echo "usage: $0 init|join ENV_FILE ETCD_WAL_DIR [SERVER_IP...]" >&2
@@ -37,6 +33,12 @@ role=$1
 env_file=$2
 wal_dir=$3
 shift 3
+
+# -- shared by k3s-server-start.sh and k3s-agent-start.sh (templates/k3s-probe.sh.j2) --
+port=6443
+connect_timeout=3
+max_time=5
+pause=5
 
 # No decision of an earlier start survives a failed one.
 rm -f -- "$env_file"
@@ -50,12 +52,6 @@ write_env() {
   mv -f -- "$tmp" "$env_file"
 }
 
-if [ -d "$wal_dir" ]; then
-  write_env "# $wal_dir exists: K3s restarts its etcd member"
-  echo "etcd data found ($wal_dir): K3s starts as before"
-  exit 0
-fi
-
 # Does a K3s server answer on $1? Its /cacerts is the cluster CA bundle (PEM).
 answers() {
   local body
@@ -65,21 +61,39 @@ answers() {
   [[ $body == *"-----BEGIN CERTIFICATE-----"* ]]
 }
 
-round=1
-while :; do
+# One round: the first of the servers given that answers, printed; status 1 when none.
+first_answering() {
+  local server
   for server in "$@"; do
     if answers "$server"; then
-      write_env "K3S_URL=https://$server:$port"
-      echo "no etcd data; $server answers: joining https://$server:$port"
-      exit 0
+      printf '%s\n' "$server"
+      return 0
     fi
   done
+  return 1
+}
+# -- end of the shared part --
+
+if [ -d "$wal_dir" ]; then
+  write_env "# $wal_dir exists: K3s restarts its etcd member"
+  echo "etcd data found ($wal_dir): K3s starts as before"
+  exit 0
+fi
+
+round=1
+until server=$(first_answering "$@"); do
   if [ "$round" -ge "$rounds" ]; then
+    server=
     break
   fi
   round=$((round + 1))
   sleep "$pause"
 done
+if [ -n "$server" ]; then
+  write_env "K3S_URL=https://$server:$port"
+  echo "no etcd data; $server answers: joining https://$server:$port"
+  exit 0
+fi
 
 if [ "$role" = init ]; then
   write_env "K3S_CLUSTER_INIT=true"

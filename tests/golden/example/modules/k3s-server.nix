@@ -80,7 +80,7 @@ in
     # of 1min, after which the container is killed and started again, over and over.
     # 10min fits all of these; a server still not ready then is restarted
     # (Restart=on-failure) and a deploy waiting for it fails with that timeout instead
-    # of hanging.
+    # of hanging. An agent waits as long for a server (./k3s-agent-start.sh).
     timeoutStartSec = "10min";
     privateNetwork = true;
     # Inside, the interface is mv-<nic>, which systemd-nspawn shortens when it would be
