@@ -116,6 +116,7 @@ def ssh_command(
     known_hosts: Path | None = None,
     connect_timeout: int = 15,
     remember_host_keys: bool = True,
+    new_connection: bool = False,
 ) -> list[str]:
     """``ssh -o BatchMode=yes … <user>@<ip> REMOTE…``: run words on a host (its shell joins them).
 
@@ -128,11 +129,15 @@ def ssh_command(
     other, not the agent's); ``known_hosts`` replaces ``~/.ssh/known_hosts`` (where a new host
     key is remembered, too). Without them ssh's own defaults apply. ``remote`` is shell text
     for the host's shell: callers pass fixed words or words quoted with ``shlex.quote``.
+    ``new_connection``: never through a multiplexed connection a ``ControlMaster`` of the
+    user's ssh_config keeps open (``ControlPath=none``): a login made now (the dead-man
+    switch's confirmation, ``k3scluster.rollback``).
     """
     argv = [
         ssh,
         "-o", "BatchMode=yes",
         "-o", f"ConnectTimeout={connect_timeout}",
+        *(["-o", "ControlMaster=no", "-o", "ControlPath=none"] if new_connection else []),
         *(
             ["-o", "StrictHostKeyChecking=accept-new"]
             if remember_host_keys
@@ -330,6 +335,8 @@ def deploy_and_check(
     drain: str | None = None,
     drain_timeout: float = 600.0,
     stack: str | None = None,
+    rollback: bool = True,
+    confirm_timeout: float | None = None,
 ) -> list[str]:
     """Run ``deploy_argv`` (colmena), then wait for the host's health gates, then read back
     what the host runs (``/run/current-system`` and its K3s containers). Without ``gates``
@@ -349,6 +356,10 @@ def deploy_and_check(
     before the switch when colmena's dry activation says it would restart the agent, and
     uncordoned after the gates (``k3scluster.drain``); ``stack`` names the stack in the mark
     its cordon carries (a later run of the stack recognises it as its own).
+    ``rollback`` False (``--no-rollback``): a host whose switch or gate fails stays on the new
+    system; ``confirm_timeout``: the dead-man switch's seconds (0 off; None the task's default,
+    ``rollback.CONFIRM_TIMEOUT``): ``k3scluster.rollback``. Only settings other than the
+    defaults reach the argv, so a stack with the defaults deploys nothing again for them.
 
     ``servers``: (K3s name, ip) of the host's K3s server, which must answer ``/readyz``;
     ``agents``: K3s names of its agents, which must be ``Ready`` in the API (``api``: the
@@ -390,6 +401,10 @@ def deploy_and_check(
         argv += ["--drain", _plain_arg("K3s name", drain), "--drain-timeout", f"{drain_timeout:g}"]
         if stack is not None:
             argv += ["--stack", _plain_arg("stack", stack)]
+    if not rollback:
+        argv.append("--no-rollback")
+    if confirm_timeout is not None:
+        argv += ["--confirm-timeout", f"{confirm_timeout:g}"]
     return [*argv, "--", *deploy_argv]
 
 

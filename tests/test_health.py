@@ -92,6 +92,8 @@ class Lab:
         self.set_api(readyz={ip: ["200"] for _, ip in SERVERS.values()},
                      nodes={n: ["True"] for n in AGENTS.values()})
         self.hosts: dict[str, Path] = {}
+        # more of a host's directories bound over its own (tests/test_rollback_engine.py)
+        self.binds: dict[str, list[tuple[Path, str]]] = {}
         for host, ip in HOSTS.items():
             h = self.dir / host
             (h / "run" / "sshd").mkdir(parents=True)
@@ -133,16 +135,6 @@ class Lab:
             return []
         return [json.loads(ln) for ln in self.api_log.read_text().splitlines()]
 
-    def api_start(self, ready: Path) -> str:
-        """The shell line that starts the K3s API at the server addresses in the background
-        (it writes ``ready`` once it listens): here the stand-in tests/k3sapi.py."""
-        q = shlex.quote
-        return (f"{q(sys.executable)} {q(str(ROOT / 'tests' / 'k3sapi.py'))} "
-                f"--script {q(str(self.api_script))} --log {q(str(self.api_log))} "
-                f"--pki {q(str(self.pki))} "
-                + " ".join(f"--listen {ip}" for _, ip in SERVERS.values())
-                + f" --ready-file {q(str(ready))} &")
-
     def setup(self, down: tuple[str, ...] = ()) -> str:
         q = shlex.quote
         ready = self.dir / "api.ready"
@@ -150,7 +142,11 @@ class Lab:
                  *(f"ip addr add {ip}/32 dev lo" for _, ip in SERVERS.values()),
                  f"mount --bind {q(str(self.etc))} /etc",
                  f"rm -f {q(str(ready))}",
-                 self.api_start(ready)]
+                 f"{q(sys.executable)} {q(str(ROOT / 'tests' / 'k3sapi.py'))} "
+                 f"--script {q(str(self.api_script))} --log {q(str(self.api_log))} "
+                 f"--pki {q(str(self.pki))} "
+                 + " ".join(f"--listen {ip}" for _, ip in SERVERS.values())
+                 + f" --ready-file {q(str(ready))} &"]
         for host, h in self.hosts.items():
             pid = h / "sshd.pid"
             lines.append(f"rm -f {q(str(pid))}")
@@ -158,7 +154,9 @@ class Lab:
                 continue
             inner = (f"mount --bind {q(str(h / 'run'))} /run && "
                      f"mount --bind {q(str(h / 'var-lib'))} /var/lib && "
-                     f"exec {SSHD} -D -f {q(str(h / 'sshd_config'))} -E {q(str(h / 'sshd.log'))}")
+                     + "".join(f"mount --bind {q(str(src))} {q(dst)} && "
+                               for src, dst in self.binds.get(host, []))
+                     + f"exec {SSHD} -D -f {q(str(h / 'sshd_config'))} -E {q(str(h / 'sshd.log'))}")
             lines.append(f"unshare --mount --propagation private sh -c {q(inner)} &")
         waits = [self.hosts[h] / "sshd.pid" for h in self.hosts if h not in down] + [ready]
         for w in waits:
@@ -203,6 +201,10 @@ class Project:
             "readyTimeout": "60s",
             # no K3s to snapshot behind these hosts (tests/test_snapshot_engine.py has one)
             "snapshotBeforeServers": "false",
+            # these hosts' systems are names only (tests/test_rollback*.py have systems to go
+            # back to)
+            "rollback": "false",
+            "confirmTimeout": "0",
             **config,
         }
         (self.dir / f"Pulumi.{STACK}.yaml").write_text(

@@ -377,6 +377,8 @@ class Cluster(pulumi.ComponentResource):
             drain=drain_node(c, hname),
             drain_timeout=s.drain_timeout,
             stack=s.stack,
+            rollback=s.rollback,
+            confirm_timeout=s.confirm_timeout,
         )
 
     def _versions_inputs(self, hname: str, agent: str | None = None) -> dict[str, str]:

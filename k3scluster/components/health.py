@@ -132,6 +132,8 @@ def deploy_argv(
     drain: str | None = None,
     drain_timeout: float = 600.0,
     stack: str | None = None,
+    rollback: bool = True,
+    confirm_timeout: float | None = None,
 ) -> list[str]:
     """What the host's deploy step runs: ``tasks deploy`` (the render checked, colmena, and
     with ``wait_ready`` the gates; with ``drain`` that agent node drained first when the
@@ -171,6 +173,8 @@ def deploy_argv(
         drain=drain,
         drain_timeout=drain_timeout,
         stack=stack,
+        rollback=rollback,
+        confirm_timeout=confirm_timeout,
     )
 
 

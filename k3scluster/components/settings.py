@@ -54,6 +54,10 @@ class Settings:
     max_unavailable: int = 1
     drain_timeout: float = 600.0
     snapshot_before_servers: bool = True
+    # k3scluster.rollback: back to the previous system when a switch or gate fails; the
+    # dead-man switch's seconds (None: the default, rollback.CONFIRM_TIMEOUT; 0: off)
+    rollback: bool = True
+    confirm_timeout: float | None = None
 
     def rec(self, path: Path) -> Path:
         """``path`` as steps record it (``stackpaths.recorded``)."""
@@ -96,6 +100,11 @@ class Settings:
             raise K3sClusterError(
                 f"k3scluster:maxUnavailable is {self.max_unavailable}; it must be at least 1",
                 hint="pulumi config set k3scluster:maxUnavailable 1",
+            )
+        if self.confirm_timeout is not None and self.confirm_timeout < 0:
+            raise K3sClusterError(
+                f"k3scluster:confirmTimeout is {self.confirm_timeout:g}; it must not be negative",
+                hint="pulumi config set k3scluster:confirmTimeout 2m (0 turns it off)",
             )
         if self.parallel < 1:
             raise K3sClusterError(

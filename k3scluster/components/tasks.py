@@ -14,6 +14,10 @@
   kernel parameters differ from the booted system's (``"reboot"``); last line
   ``k3scluster-deployed=<JSON>`` (``--no-gates``: colmena only). colmena's own ssh checks
   host keys against the stack's known_hosts file and logs in with its key (``SSH_CONFIG_FILE``).
+  With gates: a switch or gate that fails sends the host back to the system it ran before
+  (unless ``--no-rollback``), and a dead-man timer armed before the switch rolls it back unless
+  a new ssh login confirms within ``--confirm-timeout`` s (default 120, 0 off):
+  ``k3scluster.rollback``.
 - ``snapshot --stack S [ssh] --server HOST=IP…``: ``k3s etcd-snapshot save`` in the server
   container of the first server host that answers at IP with its host name and where it
   succeeds (``k3scluster.snapshot``); last line
@@ -211,7 +215,8 @@ SSH_SESSION_FACTOR = 3  # a whole ssh session: at most this many times its conne
 
 
 def _ssh_run(
-    ssh: commands.SshSettings, ip: str, remote: list[str], timeout: int = 15
+    ssh: commands.SshSettings, ip: str, remote: list[str], timeout: int = 15,
+    *, new_connection: bool = False,
 ) -> subprocess.CompletedProcess[str]:
     """``remote`` on the host over ssh; ``timeout`` bounds the connection, and three times it
     the whole session (a host that accepts the connection and then hangs is given up, with
@@ -224,6 +229,7 @@ def _ssh_run(
         known_hosts=ssh.known_hosts,
         connect_timeout=timeout,
         remember_host_keys=ssh.remember_host_keys,
+        new_connection=new_connection,
     )
     limit = SSH_SESSION_FACTOR * timeout
     try:
@@ -471,10 +477,15 @@ def _deploy(args: argparse.Namespace) -> None:
         # a re-addressed host's dry activation would go to its new address: no drain there
         drain_first = args.drain and not args.no_gates and not args.via
         drained = _drain_if_restarting(args, ssh) if drain_first else None
+        guard = _rollback_guard(args, ssh)
         try:
             argv = resolve_args(args.argv)
+            if guard:
+                guard.before(lambda: _colmena_goal(argv, "push"))
             if not (args.via and _readdressed_deploy(args, ssh, argv, deadline)):
                 proc = subprocess.run(argv, stdin=subprocess.DEVNULL, check=False)
+                if guard:
+                    guard.after_switch()
                 if proc.returncode != 0:
                     raise K3sClusterError(
                         f"`{' '.join(args.argv)}` failed with exit code {proc.returncode}"
@@ -487,6 +498,8 @@ def _deploy(args: argparse.Namespace) -> None:
             else:
                 health = "no K3s"
         except K3sClusterError as err:
+            if guard:  # back to the system it ran before, and its gates again
+                err = guard.failed(err, lambda: _gates_again(args, ssh, servers, agents))
             raise drained.left_cordoned(err) if drained else err from None
         if drained:
             drained.after(args.host)
@@ -509,12 +522,6 @@ def _drain_if_restarting(args: argparse.Namespace, ssh: commands.SshSettings) ->
     from k3scluster import drain, kube
 
     output = drain.dry_activate(resolve_args(args.argv), _progress)
-    if not drain.recognised(output):
-        _progress(
-            f"{args.host}: the dry activation printed no '{drain.DRY_ACTIVATION_MARK}' line "
-            f"(not switch-to-configuration's output as k3scluster knows it): the switch may "
-            f"restart {drain.AGENT_UNIT}, so {args.drain} is drained as if it did"
-        )
     if not drain.agent_restarts(output):
         _progress(f"{args.host}: the switch leaves {drain.AGENT_UNIT} running: no drain")
         return _own_cordon_left(args, ssh)
@@ -547,6 +554,41 @@ def _drain_if_restarting(args: argparse.Namespace, ssh: commands.SshSettings) ->
     _progress(f"{args.host}: the switch restarts {drain.AGENT_UNIT}: draining {args.drain} first")
     d.before()
     return d
+
+
+def _rollback_guard(args: argparse.Namespace, ssh: commands.SshSettings) -> Any:
+    """The ``rollback.Guard`` of this deploy (``--no-rollback``, ``--confirm-timeout``), or
+    None: gates off (nothing of the host is read back), a re-addressed host (``--via``: it
+    reboots into its new system at another address, where no timer armed through the old one
+    could be confirmed, and a rollback would take it back to an address the plans no longer
+    have), or both turned off."""
+    from k3scluster import rollback
+
+    confirm = rollback.CONFIRM_TIMEOUT if args.confirm_timeout is None else args.confirm_timeout
+    if args.no_gates or args.via or (args.no_rollback and confirm <= 0):
+        return None
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
+
+    def run(script: str, new_connection: bool) -> tuple[int, str, str]:
+        proc = _ssh_run(ssh, args.ip, [script], timeout=10, new_connection=new_connection)
+        return proc.returncode, proc.stdout or "", proc.stderr or ""
+
+    return rollback.Guard(args.host, run, _progress, rollback=not args.no_rollback,
+                          confirm_timeout=confirm, wait=float(args.timeout),
+                          unit_id=f"{args.host}-{stamp}-{os.getpid()}")
+
+
+def _colmena_goal(argv: list[str], goal: str) -> None:
+    """``colmena apply <goal>`` of the deploy ``argv`` (the same hive and host); ``push``:
+    build and copy the new system to the host, activating nothing."""
+    from k3scluster import drain
+
+    other = drain.colmena_goal_argv(argv, goal)
+    _progress(f"the new system to the host first: {' '.join(other)}")
+    proc = subprocess.run(other, stdin=subprocess.DEVNULL, check=False)
+    if proc.returncode != 0:
+        raise K3sClusterError(
+            f"`{' '.join(other)}` failed with exit code {proc.returncode}; nothing was deployed")
 
 
 def _own_cordon_left(args: argparse.Namespace, ssh: commands.SshSettings) -> Any:
@@ -652,6 +694,14 @@ def _gates(
                 f"last seen: {check.seen}",
                 hint=f"look at: ssh root@{args.ip} podman logs k3s-agent",
             )
+
+
+def _gates_again(args: argparse.Namespace, ssh: commands.SshSettings,
+                 servers: list[list[str]], agents: list[str]) -> None:
+    """The host's gates, with a new ``--timeout`` (after a rollback)."""
+    if servers or agents:
+        timeout = float(args.timeout)
+        _gates(args, ssh, servers, agents, timeout, time.monotonic() + timeout)
 
 
 def _units(servers: list[list[str]] | list[str], agents: list[str]) -> list[str]:
@@ -836,6 +886,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--drain")  # the host's agent node: drained when the switch restarts it
     d.add_argument("--drain-timeout", type=float, default=600.0)
     d.add_argument("--stack")  # the stack whose mark a cordon of this deploy carries
+    d.add_argument("--no-rollback", action="store_true")  # k3scluster:rollback false
+    d.add_argument("--confirm-timeout", type=float)  # k3scluster:confirmTimeout (0: off)
     d.add_argument("argv", nargs="+")
     sn = sub.add_parser("snapshot")
     sn.add_argument("--stack", required=True)
