@@ -49,18 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("check", help="check the plans; list every problem with FILE:LINE")
     s.add_argument("dir", type=Path, metavar="DIR")
     s.add_argument("--json", action="store_true", help="print a JSON object on stdout")
-    s.add_argument(
-        "--stack",
-        metavar="S",
-        help="also check the change against what the Pulumi stack S deployed (K3s moves one "
+    _add_stack_args(
+        s,
+        "also check the change against what the Pulumi stack S deployed (K3s moves one "
         "minor release at a time)",
-    )
-    s.add_argument(
-        "--project",
-        type=Path,
-        metavar="P",
-        help="the k3scluster project (Pulumi.yaml) of --stack; default: the current directory "
-        "if it is one, else this checkout",
+        required=False,
     )
     s.set_defaults(func=cmd_check)
 
@@ -88,11 +81,11 @@ def _parser() -> argparse.ArgumentParser:
         "say per host which packages its next deploy changes",
     )
     s.add_argument("dir", type=Path, metavar="DIR")
-    s.add_argument(
-        "--stack",
-        metavar="S",
-        help="render and build as the Pulumi stack S does (Pulumi.S.yaml: its render "
+    _add_stack_args(
+        s,
+        "render and build as the Pulumi stack S does (Pulumi.S.yaml: its render "
         "directory, VM or hardware) and compare with what S deployed",
+        required=False,
     )
     s.add_argument(
         "--on",
@@ -100,13 +93,6 @@ def _parser() -> argparse.ArgumentParser:
         action="extend",
         metavar="HOST",
         help="build only these hosts (default: every host)",
-    )
-    s.add_argument(
-        "--project",
-        type=Path,
-        metavar="P",
-        help="the k3scluster project (Pulumi.yaml); default: the current directory if it is "
-        "one, else this checkout",
     )
     s.set_defaults(func=cmd_build)
 
@@ -125,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("vms", help="list a VM stack's VMs: state, IP, console log")
     s.add_argument("dir", type=Path, metavar="DIR")
-    s.add_argument("--stack", required=True, metavar="S", help="the Pulumi stack")
+    _add_stack_args(s, project=False)
     s.add_argument(
         "--render-dir", type=Path, metavar="R", help="the stack's k3scluster:renderDir, if set"
     )
@@ -141,14 +127,7 @@ def _parser() -> argparse.ArgumentParser:
         "status", help="each host at a glance: up to date, drift, K3s nodes Ready (read-only)"
     )
     s.add_argument("dir", type=Path, metavar="DIR")
-    s.add_argument("--stack", required=True, metavar="S", help="the Pulumi stack")
-    s.add_argument(
-        "--project",
-        type=Path,
-        metavar="P",
-        help="the k3scluster project (Pulumi.yaml); default: the current directory if it is "
-        "one, else this checkout",
-    )
+    _add_stack_args(s)
     s.add_argument("--json", action="store_true", help="print a JSON object on stdout")
     s.add_argument(
         "--offline",
@@ -161,7 +140,7 @@ def _parser() -> argparse.ArgumentParser:
         "summary", help="what `pulumi up` would do, host by host, from `pulumi preview --json`"
     )
     s.add_argument("dir", type=Path, metavar="DIR")
-    s.add_argument("--stack", required=True, metavar="S", help="the Pulumi stack previewed")
+    _add_stack_args(s, "the Pulumi stack previewed", project=False)
     s.add_argument(
         "--preview",
         type=Path,
@@ -171,6 +150,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=cmd_summary)
     return p
+
+
+def _add_stack_args(
+    s: argparse.ArgumentParser,
+    stack_help: str = "the Pulumi stack",
+    *,
+    required: bool = True,
+    project: bool = True,
+) -> None:
+    """--stack S, and with ``project`` --project P: where that stack's project is."""
+    s.add_argument("--stack", required=required, metavar="S", help=stack_help)
+    if project:
+        s.add_argument(
+            "--project",
+            type=Path,
+            metavar="P",
+            help="the k3scluster project (Pulumi.yaml) of --stack; default: the current "
+            "directory if it is one, else this checkout",
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

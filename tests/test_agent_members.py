@@ -12,7 +12,6 @@ moment, so the order of the steps is checked where it matters.
 
 from __future__ import annotations
 
-import itertools
 import subprocess
 import threading
 import time
@@ -20,6 +19,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
+from kubeobjects import namespace as _namespace
+from kubeobjects import owner as _owner
+from kubeobjects import pod as _pod
+from kubeobjects import pod_exists as _exists
+from kubeobjects import unique_name as _name
+from kubeobjects import until as _until
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
@@ -28,22 +33,7 @@ from k3scluster import kube as kubelib
 from k3scluster.errors import K3sClusterError
 
 pytestmark = pytest.mark.root
-_N = itertools.count()
 HOST = "10.0.100.50"  # the agent's host: never contacted, HostStandIn answers for it
-
-
-def _name(prefix: str) -> str:
-    return f"{prefix}-{next(_N)}-{int(time.time() * 1000) % 100000}"
-
-
-def _until(what: str, cond: Any, timeout: float = 30) -> Any:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.2)
-    raise AssertionError(f"{what}: not within {timeout} s")
 
 
 def _node_there(core: Any, node: str) -> Any:
@@ -58,16 +48,6 @@ def _node_there(core: Any, node: str) -> Any:
 def _secret_there(core: Any, node: str) -> bool:
     try:
         core.read_namespaced_secret(kubelib.node_password_secret(node), "kube-system")
-    except ApiException as err:
-        if err.status == 404:
-            return False
-        raise
-    return True
-
-
-def _pod_there(core: Any, ns: str, name: str) -> bool:
-    try:
-        core.read_namespaced_pod(name, ns)
     except ApiException as err:
         if err.status == 404:
             return False
@@ -104,26 +84,7 @@ def _setup(kube: Any) -> tuple[Any, str, str]:
     core.create_namespaced_secret("kube-system", client.V1Secret(
         metadata=client.V1ObjectMeta(name=kubelib.node_password_secret(node)),
         string_data={"hash": "stand-in"}, type="k3s.cattle.io/node-password"))
-    ns = _name("ns")
-    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
-    _until("default ServiceAccount", lambda: any(
-        sa.metadata.name == "default" for sa in core.list_namespaced_service_account(ns).items))
-    return core, node, ns
-
-
-def _pod(core: Any, ns: str, node: str, owner: Any, labels: dict[str, str] | None = None) -> str:
-    name = _name("pod")
-    core.create_namespaced_pod(ns, client.V1Pod(
-        metadata=client.V1ObjectMeta(name=name, labels=labels, owner_references=[owner]),
-        spec=client.V1PodSpec(node_name=node,
-                              containers=[client.V1Container(name="c", image="busybox")]),
-    ))
-    return name
-
-
-def _owner(kind: str, name: str, uid: str = "00000000-0000-0000-0000-000000000001") -> Any:
-    return client.V1OwnerReference(api_version="apps/v1", kind=kind, name=name, uid=uid,
-                                   controller=True)
+    return core, node, _namespace(core)
 
 
 def test_an_agent_leaves_cordoned_drained_stopped_then_deleted(kube: Any) -> None:
@@ -139,12 +100,12 @@ def test_an_agent_leaves_cordoned_drained_stopped_then_deleted(kube: Any) -> Non
                 spec=client.V1PodSpec(containers=[client.V1Container(name="c",
                                                                      image="busybox")])))))
     web = _pod(core, ns, node, _owner("ReplicaSet", "web"))
-    logs = _pod(core, ns, node, _owner("DaemonSet", "logs", ds.metadata.uid), sel)
+    logs = _pod(core, ns, node, _owner("DaemonSet", "logs", ds.metadata.uid), labels=sel)
 
     def observe() -> dict[str, Any]:
         n = _node_there(core, node)
         return {"node": n is not None, "cordoned": bool(n and n.spec.unschedulable),
-                "web": _pod_there(core, ns, web)}
+                "web": _exists(core, ns, web)}
 
     host = HostStandIn(observe)
     lines: list[str] = []
@@ -170,7 +131,7 @@ def test_an_agent_leaves_cordoned_drained_stopped_then_deleted(kube: Any) -> Non
 def test_a_drain_that_a_pod_disruption_budget_blocks_fails_naming_the_pod(kube: Any) -> None:
     core, node, ns = _setup(kube)
     labels = {"app": "db"}
-    db = _pod(core, ns, node, _owner("ReplicaSet", "db"), labels)
+    db = _pod(core, ns, node, _owner("ReplicaSet", "db"), labels=labels)
     client.PolicyV1Api(kube.api_client()).create_namespaced_pod_disruption_budget(
         ns, client.V1PodDisruptionBudget(
             metadata=client.V1ObjectMeta(name="db"),
@@ -188,7 +149,7 @@ def test_a_drain_that_a_pod_disruption_budget_blocks_fails_naming_the_pod(kube: 
     assert f"{ns}/{db}" in err.value.message and "timed out" in err.value.message
     assert host.calls == []  # never stopped
     assert _node_there(core, node) is not None and _secret_there(core, node)
-    assert _pod_there(core, ns, db)
+    assert _exists(core, ns, db)
 
 
 def _secret(core: Any, node: str) -> None:

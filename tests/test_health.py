@@ -47,6 +47,18 @@ def system_path(host: str, n: int = 0) -> str:
     return f"/nix/store/{digest}-nixos-system-{host}-25.05.20260102.ac62194"
 
 
+def system_dir(base: Path, name: str, kernel: str) -> Path:
+    """A stand-in NixOS system directory: kernel and initrd links, kernel-params (the
+    booted and current systems of the reboot and status tests)."""
+    d = base / name
+    d.mkdir()
+    for f, target in (("kernel", kernel), ("initrd", "initrd-1")):
+        (base / target).touch()
+        (d / f).symlink_to(base / target)
+    (d / "kernel-params").write_text("init=/nix/store/x/init loglevel=4")
+    return d
+
+
 def _keygen(path: Path, comment: str) -> None:
     subprocess.run(
         ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
@@ -261,14 +273,20 @@ def _text(r: subprocess.CompletedProcess[str]) -> str:
     return r.stdout + r.stderr
 
 
-@pytest.fixture
-def lab(tmp_path: Path) -> Lab:
+def new_lab(tmp_path: Path) -> Lab:
+    """The lab of this module (a test is skipped where it cannot run); the engine tests of
+    status, reboots and snapshots use it too."""
     require_engine()
     if not netns_available():
         pytest.skip("needs root, unshare and ip for a loopback-only network namespace")
     if not SSHD.is_file() or not shutil.which("ssh") or not shutil.which("openssl"):
         pytest.skip("needs OpenSSH (ssh, /usr/sbin/sshd) and openssl")
     return Lab(tmp_path)
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Lab:
+    return new_lab(tmp_path)
 
 
 def _first_200(lab: Lab, ip: str) -> float:

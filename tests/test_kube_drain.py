@@ -9,12 +9,16 @@ terminating run without it.
 
 from __future__ import annotations
 
-import itertools
 import threading
-import time
 from typing import Any
 
 import pytest
+from kubeobjects import namespace as _namespace
+from kubeobjects import owner as _owner
+from kubeobjects import pod as _pod
+from kubeobjects import pod_exists as _exists
+from kubeobjects import unique_name as _name
+from kubeobjects import until as _until
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
@@ -22,21 +26,6 @@ from k3scluster import kube as kubelib
 from k3scluster.errors import K3sClusterError
 
 pytestmark = pytest.mark.root
-_N = itertools.count()
-
-
-def _name(prefix: str) -> str:
-    return f"{prefix}-{next(_N)}-{int(time.time() * 1000) % 100000}"
-
-
-def _until(what: str, cond: Any, timeout: float = 30) -> Any:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.2)
-    raise AssertionError(f"{what}: not within {timeout} s")
 
 
 def _node(core: Any, unschedulable: bool = False) -> str:
@@ -46,47 +35,8 @@ def _node(core: Any, unschedulable: bool = False) -> str:
     return name
 
 
-def _namespace(core: Any) -> str:
-    ns = _name("ns")
-    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
-    # Pod admission needs the namespace's default ServiceAccount, which the real
-    # serviceaccount controller makes.
-    _until("default ServiceAccount", lambda: any(
-        sa.metadata.name == "default" for sa in core.list_namespaced_service_account(ns).items))
-    return ns
-
-
-def _owner(kind: str, name: str, uid: str = "00000000-0000-0000-0000-000000000001") -> Any:
-    return client.V1OwnerReference(api_version="apps/v1", kind=kind, name=name, uid=uid,
-                                   controller=True)
-
-
-def _pod(core: Any, ns: str, node: str, *, owner: Any = None, labels: dict[str, str] | None = None,
-         annotations: dict[str, str] | None = None, empty_dir: bool = False) -> str:
-    name = _name("pod")
-    volumes = [client.V1Volume(name="scratch", empty_dir=client.V1EmptyDirVolumeSource())] \
-        if empty_dir else None
-    core.create_namespaced_pod(ns, client.V1Pod(
-        metadata=client.V1ObjectMeta(name=name, labels=labels, annotations=annotations,
-                                     owner_references=[owner] if owner else None),
-        spec=client.V1PodSpec(node_name=node, volumes=volumes,
-                              containers=[client.V1Container(name="c", image="busybox")]),
-    ))
-    return name
-
-
 def _replicated(core: Any, ns: str, node: str, **kw: Any) -> str:
     return _pod(core, ns, node, owner=_owner("ReplicaSet", "web"), **kw)
-
-
-def _exists(core: Any, ns: str, name: str) -> bool:
-    try:
-        core.read_namespaced_pod(name, ns)
-    except ApiException as err:
-        if err.status == 404:
-            return False
-        raise
-    return True
 
 
 def _running(core: Any, ns: str, name: str) -> bool:

@@ -12,26 +12,13 @@ the machine.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
-from engine import netns_available, require_engine
-from test_health import SSHD, Lab, Project
+from test_health import Lab, Project, new_lab, system_dir
 
 from k3scluster.bootentries import hosts_needing_reboot, reboot_warning
 from k3scluster.records import DEPLOYED_PREFIX, last_json
-
-
-def _system_dir(base: Path, name: str, kernel: str) -> Path:
-    """A stand-in NixOS system directory: kernel and initrd links, kernel-params."""
-    d = base / name
-    d.mkdir()
-    for f, target in (("kernel", kernel), ("initrd", "initrd-1")):
-        (base / target).touch()
-        (d / f).symlink_to(base / target)
-    (d / "kernel-params").write_text("init=/nix/store/x/init loglevel=4")
-    return d
 
 
 def test_hosts_needing_reboot_lists_hosts_whose_record_names_a_changed_boot_entry() -> None:
@@ -58,12 +45,7 @@ def test_reboot_warning_names_each_host_and_how_to_reboot_it() -> None:
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Lab:
-    require_engine()
-    if not netns_available():
-        pytest.skip("needs root, unshare and ip for a loopback-only network namespace")
-    if not SSHD.is_file() or not shutil.which("ssh") or not shutil.which("openssl"):
-        pytest.skip("needs OpenSSH (ssh, /usr/sbin/sshd) and openssl")
-    return Lab(tmp_path)
+    return new_lab(tmp_path)
 
 
 @pytest.mark.integration
@@ -73,8 +55,8 @@ def test_up_lists_the_host_whose_kernel_changed_in_needs_reboot_and_warns(
 ) -> None:
     systems = tmp_path / "systems"
     systems.mkdir()
-    old, new = _system_dir(systems, "old", "kernel-6.6"), _system_dir(systems, "new", "kernel-6.12")
-    same = _system_dir(systems, "same", "kernel-6.6-olaf")
+    old, new = system_dir(systems, "old", "kernel-6.6"), system_dir(systems, "new", "kernel-6.12")
+    same = system_dir(systems, "same", "kernel-6.6-olaf")
     # ulrich booted the old system and was switched to one with another kernel
     (lab.hosts["ulrich"] / "run" / "booted-system").symlink_to(old)
     lab.repoint("ulrich", str(new))

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_health import SERVERS, SSHD, STACK, Lab, Project, _text
+from test_health import SERVERS, STACK, Lab, Project, _text, new_lab
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTAINER_BIN = ROOT / "tests" / "bin" / "container"
@@ -23,16 +23,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.root]
 
 @pytest.fixture
 def hosts_lab(tmp_path: Path) -> Lab:
-    import shutil
-
-    from engine import netns_available, require_engine
-
-    require_engine()
-    if not netns_available():
-        pytest.skip("needs root, unshare and ip for a loopback-only network namespace")
-    if not SSHD.is_file() or not shutil.which("ssh") or not shutil.which("openssl"):
-        pytest.skip("needs OpenSSH (ssh, /usr/sbin/sshd) and openssl")
-    lab = Lab(tmp_path)
+    lab = new_lab(tmp_path)
     with_k3s_standin(lab)
     return lab
 

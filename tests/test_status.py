@@ -19,8 +19,18 @@ from typing import Any
 
 import k3sapi
 import pytest
-from engine import netns_available, require_engine, run_in_namespace
-from test_health import AGENTS, HOSTS, SERVERS, SSHD, STACK, Lab, Project, system_path
+from engine import netns_available, run_in_namespace
+from test_health import (
+    AGENTS,
+    HOSTS,
+    SERVERS,
+    STACK,
+    Lab,
+    Project,
+    new_lab,
+    system_dir,
+    system_path,
+)
 
 from k3scluster import status
 from k3scluster.errors import K3sClusterError
@@ -209,23 +219,7 @@ def test_the_json_schema_is_the_documented_one(example: Any, tmp_path: Path) -> 
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Lab:
-    require_engine()
-    if not netns_available():
-        pytest.skip("needs root, unshare and ip for a loopback-only network namespace")
-    if not SSHD.is_file() or not shutil.which("ssh") or not shutil.which("openssl"):
-        pytest.skip("needs OpenSSH (ssh, /usr/sbin/sshd) and openssl")
-    return Lab(tmp_path)
-
-
-def _system_dir(base: Path, name: str, kernel: str) -> Path:
-    """A stand-in NixOS system directory: kernel and initrd links, kernel-params."""
-    d = base / name
-    d.mkdir()
-    for f, target in (("kernel", kernel), ("initrd", "initrd-1")):
-        (base / target).touch()
-        (d / f).symlink_to(base / target)
-    (d / "kernel-params").write_text("init=/nix/store/x/init loglevel=4")
-    return d
+    return new_lab(tmp_path)
 
 
 def _status(p: Project, lab: Lab, *extra: str, down: tuple[str, ...] = ()) -> Any:
@@ -274,7 +268,7 @@ def test_status_after_up_then_a_changed_plan_drift_and_an_unreachable_host(
     # agent NotReady
     (p.cluster / "nixConfigs" / "ulrich.nix").write_text("{ ... }: { }\n# changed\n")
     # ulrich was switched to a system with another kernel than the one it booted
-    booted, current = _system_dir(tmp_path, "booted", "k1"), _system_dir(tmp_path, "new", "k2")
+    booted, current = system_dir(tmp_path, "booted", "k1"), system_dir(tmp_path, "new", "k2")
     (lab.hosts["ulrich"] / "run" / "booted-system").symlink_to(booted)
     lab.repoint("ulrich", str(current))
     lab.repoint("rolf", system_path("rolf", 1))
