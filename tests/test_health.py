@@ -398,8 +398,9 @@ def test_a_server_that_never_becomes_ready_stops_the_chain_only(lab: Lab, tmp_pa
         "ulf-k3s-server-joins-etcd": "create",
         "rolf-k3s-server-joins-etcd": "create",
     }
-    # (that next up's join steps read etcd's members on olaf: tests/test_membership_engine.py
-    # runs them against a real etcd; this lab has none, so the gate test stops at the preview)
+    # (that next up's join steps read etcd's members on olaf: this lab has no etcd, so it stops
+    # at the preview; test_membership_engine.py's test_servers_whose_gate_failed_join_again_…
+    # runs that up against three real etcd members)
 
 
 @pytest.mark.integration

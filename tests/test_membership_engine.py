@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_health import ROOT, SERVERS, Lab, Project, _text
+from test_health import HOSTS, ROOT, SERVERS, Lab, Project, _text
 
 pytestmark = [pytest.mark.integration, pytest.mark.root]
 
@@ -355,3 +355,71 @@ def test_a_deploy_address_left_in_the_environment_is_not_used(tmp_path: Path) ->
     assert r.returncode == 0, _text(r)[-6000:]
     karl = [c for c in p.colmena_calls() if "karl" in c.get("targets", {})]
     assert karl and all(c["targets"]["karl"] == "10.0.100.5" for c in karl)
+
+
+def test_a_reinstalled_server_host_has_its_stale_member_removed_before_its_deploy(
+    members: MemberLab, tmp_path: Path
+) -> None:
+    # rolf comes back from its stick on a new disk: no etcd data, while the cluster still
+    # lists its member (down). Its deploy removes that member through a server that stays
+    # before colmena runs, so that K3s's join is not refused ("duplicate node name found").
+    p = Project(tmp_path, members.lab)
+    _first_up(p)
+    rolf = members.etcd.hosts["rolf-k3s-server"].name
+    rolf_id = members.etcd.member_id("rolf-k3s-server")
+    members.etcd.wipe("rolf-k3s-server")
+    hcsv = p.cluster / "plans" / "hosts.csv"
+    hcsv.write_text(hcsv.read_text().replace("WD-WCC4N1234567", "WD-WCC4N7654321"))
+    assert p.preview() == {"cluster-render": "update", "rolf-deploy": "update"}
+    assert ("rolf has a new install disk: its K3s nodes come back empty; what the cluster "
+            "still holds of them is removed before its deploy") in _preview_text(p)
+    t0 = time.time()
+    r = p.up()
+    assert r.returncode == 0, _text(r)[-6000:]
+    assert rolf not in members.member_names() and len(members.member_names()) == 2
+    (removal,) = members.removals()
+    assert removal[1:] == ("olaf", rolf_id)  # through the first other server host
+    (deploy,) = [c for c in p.colmena_calls() if c["start"] > t0]
+    assert deploy["hosts"] == ["rolf"] and deploy["start"] > removal[0]
+    assert f"removing etcd member {rolf} ({rolf_id}) of rolf-k3s-server through " \
+           "10.0.100.2" in _text(r)
+    assert p.preview() == {}
+
+
+def test_servers_whose_gate_failed_join_again_and_keep_their_members(
+    members: MemberLab, tmp_path: Path
+) -> None:
+    # test_health's gate test, through the next `up`: ulf's gate failed (rolf, after it in
+    # the chain, was not deployed), so neither has a deploy record and both count as joining
+    # a running cluster. Their join steps find each host holding the data of a member etcd
+    # still lists: it stays (a healthy member is never removed as stale), nothing is removed
+    lab = members.lab
+    lab.set_api(readyz={"10.0.100.10": ["200"], "10.0.100.12": ["503"], "10.0.100.14": ["200"]},
+                nodes={n: ["True"] for n in ("olaf-k3s-agent", "ulf-k3s-agent",
+                                             "karl-k3s-agent")})
+    p = Project(tmp_path, lab, readyTimeout="6s")
+    r = p.up("--continue-on-error")
+    assert r.returncode != 0
+    assert "ulf: K3s server ulf-k3s-server (10.0.100.12) not ready after 6s" in _text(r)
+    ops = p.preview()
+    assert ops["ulf-k3s-server-joins-etcd"] == ops["rolf-k3s-server-joins-etcd"] == "create"
+    lab.set_api(readyz={ip: ["200"] for ip in MEMBERS.values()},
+                nodes={n: ["True"] for n in ("olaf-k3s-agent", "ulf-k3s-agent",
+                                             "karl-k3s-agent")})
+    before = members.member_names()
+    t0 = time.time()
+    r = p.up()
+    assert r.returncode == 0, _text(r)[-6000:]
+    assert members.member_names() == before and len(before) == 3
+    assert members.removals() == []
+    for node in ("ulf-k3s-server", "rolf-k3s-server"):
+        name = members.etcd.hosts[node].name
+        ip = HOSTS[HOST_OF[node]]
+        assert f"{node}: etcd member {name} has its data on {ip}; it stays" in _text(r)
+    # both joined (their steps ran first), then were deployed, ulf before rolf
+    switched = [c["hosts"][0] for c in p.colmena_calls()
+                if c["start"] > t0 and c["argv"][1] == "switch"]
+    assert switched == ["ulf", "rolf"]
+    # the next run forgets the join steps (nothing runs again)
+    assert p.preview() == {"ulf-k3s-server-joins-etcd": "delete",
+                           "rolf-k3s-server-joins-etcd": "delete"}
