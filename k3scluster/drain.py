@@ -5,7 +5,9 @@ the switch would do: ``colmena apply dry-activate`` runs the new system's
 ``switch-to-configuration dry-activate`` on the host, which prints the units it would stop,
 restart and start (``would restart the following units: a.service, b.service``). When the
 agent's unit (``podman-k3s-agent.service``) would be stopped or restarted, every pod on that
-node would die with it: so before the switch the node is cordoned and drained
+node would die with it — and when the output is not recognisably a dry activation's (no
+``would activate the configuration...``: another wording, or nothing printed), it may be: so
+before the switch the node is cordoned and drained
 (``k3scluster.kube``: the Eviction API, PodDisruptionBudgets respected, DaemonSet pods left,
 at most ``k3scluster:drainTimeout``), and after the host passed its gates it is uncordoned —
 only when the cordon is this stack's: a node someone cordoned by hand stays cordoned. A cordon
@@ -29,6 +31,13 @@ from k3scluster.errors import K3sClusterError
 
 AGENT_UNIT = "podman-k3s-agent.service"
 _WOULD = re.compile(r"would (stop|restart|start|reload) the following units: (.*)$")
+# The line switch-to-configuration dry-activate always prints, whatever changes or not: the
+# Perl script (nixos/modules/system/activation/switch-to-configuration.pl) and the Rust
+# switch-to-configuration-ng (pkgs/by-name/sw/switch-to-configuration-ng) of every pinned
+# nixpkgs, between its "would stop"/"would NOT stop" lines and its "would restart systemd"/
+# "would reload"/"would restart"/"would start" ones (each printed only when not empty).
+# colmena's plain output prints it after "<host> | ".
+DRY_ACTIVATION_MARK = "would activate the configuration..."
 
 
 def units_changed(output: str) -> dict[str, set[str]]:
@@ -44,8 +53,18 @@ def units_changed(output: str) -> dict[str, set[str]]:
     return found
 
 
+def recognised(output: str) -> bool:
+    """Is ``output`` a dry activation's, as switch-to-configuration prints it? Only then
+    does the absence of a unit in its lists mean that the switch leaves that unit alone."""
+    return any(line.rstrip().endswith(DRY_ACTIVATION_MARK) for line in output.splitlines())
+
+
 def agent_restarts(output: str, unit: str = AGENT_UNIT) -> bool:
-    """Would the switch stop or restart the agent's unit (and so every pod on the node)?"""
+    """Would the switch stop or restart the agent's unit (and so every pod on the node)?
+    Fails closed: output that is not recognisably a dry activation's (another wording, or
+    colmena printing nothing) may hide a restart, so it counts as one."""
+    if not recognised(output):
+        return True
     changed = units_changed(output)
     return unit in changed.get("stop", set()) | changed.get("restart", set())
 

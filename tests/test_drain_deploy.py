@@ -126,7 +126,8 @@ def _hive(base: Path, host: str) -> Path:
 
 def _deploy(kube: Any, h: Host, base: Path, node: str, hive: Path, *, state: Path,
             timeout: float = 30, drain_timeout: float = 20,
-            stack: str = STACK) -> subprocess.CompletedProcess[str]:
+            stack: str = STACK, extra_env: dict[str, str] | None = None,
+            ) -> subprocess.CompletedProcess[str]:
     kc = base / "admin.json"
     kc.write_text(json.dumps(kube.kubeconfig))
     hook = base / "hook.py"
@@ -144,8 +145,8 @@ def _deploy(kube: Any, h: Host, base: Path, node: str, hive: Path, *, state: Pat
         "COLMENA_ON_SWITCH": json.dumps([sys.executable, str(hook), str(kc), node,
                                          str(base / "at-switch.jsonl")]),
     }
-    return subprocess.run(kube.ns.argv(*argv), cwd=ROOT, env=env, capture_output=True,
-                          text=True, check=False)
+    return subprocess.run(kube.ns.argv(*argv), cwd=ROOT, env={**env, **(extra_env or {})},
+                          capture_output=True, text=True, check=False)
 
 
 def _at_switch(base: Path) -> list[dict[str, Any]]:
@@ -218,6 +219,35 @@ def test_a_deploy_that_leaves_the_agent_running_drains_nothing(
     (seen,) = _at_switch(tmp_path)
     assert seen["unschedulable"] is False and set(seen["pods"]) == {*web, daemon}
     assert "no drain" in r.stderr
+
+
+def test_a_dry_activation_that_prints_nothing_known_drains_as_if_it_restarted(
+    kube: Any, host: Host, tmp_path: Path
+) -> None:
+    # nothing changes for the agent, but the dry activation's output is not one k3scluster
+    # knows (no "would activate the configuration..."): it may hide a restart, so drain
+    core = kube.core()
+    node = f"karl-{int(time.time() * 1000) % 100000}"
+    _ready_node(core, node)
+    hive = _hive(tmp_path, "karl")
+    state = tmp_path / "state"
+    with kube.kubelet():
+        _ns, web, daemon = _workload(kube, node)
+        assert _deploy(kube, host, tmp_path, node, hive, state=state).returncode == 0
+        (tmp_path / "at-switch.jsonl").unlink()
+        _until("pods running", lambda: all(
+            core.read_namespaced_pod(p, _ns).status.phase == "Running" for p in [*web, daemon]))
+        r = _deploy(kube, host, tmp_path, node, hive, state=state,
+                    extra_env={"COLMENA_DRY_SILENT": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    (seen,) = _at_switch(tmp_path)
+    assert seen["unschedulable"] is True and seen["pods"] == [daemon]
+    text = " ".join(r.stderr.split())
+    assert ("karl: the dry activation printed no 'would activate the configuration...' line"
+            in text)
+    assert f"so {node} is drained as if it did" in text
+    assert "no drain" not in r.stderr
+    assert not core.read_node(node).spec.unschedulable  # uncordoned after the gates
 
 
 def test_a_node_cordoned_by_hand_stays_cordoned(kube: Any, host: Host, tmp_path: Path) -> None:

@@ -464,12 +464,58 @@ def test_dry_activation_output_says_whether_the_agent_restarts() -> None:
     )
     assert drain.units_changed(out)["stop"] == {"nscd.service", "podman-k3s-agent.service"}
     assert drain.agent_restarts(out)
-    assert drain.agent_restarts("would restart the following units: podman-k3s-agent.service")
+    mark = "would activate the configuration...\n"
+    assert drain.agent_restarts(mark + "would restart the following units: podman-k3s-agent.service")
     # started only (it was not running) or another unit: nothing to drain
-    assert not drain.agent_restarts("would start the following units: podman-k3s-agent.service")
-    assert not drain.agent_restarts("would restart the following units: sshd.service")
+    assert not drain.agent_restarts(mark + "would start the following units: podman-k3s-agent.service")
+    assert not drain.agent_restarts(mark + "would restart the following units: sshd.service")
+    assert not drain.agent_restarts("karl | " + mark)  # nothing changes at all
     assert drain.dry_activate_argv(["colmena", "apply", "switch", "--on", "karl", "-f", "h"]) == [
         "colmena", "apply", "dry-activate", "--on", "karl", "-f", "h"]
+
+
+# What switch-to-configuration dry-activate prints (stderr), in its order, as the pinned
+# nixpkgs' sources print it: nixos/modules/system/activation/switch-to-configuration.pl and
+# pkgs/by-name/sw/switch-to-configuration-ng/src/src/main.rs; each list line only when it is
+# not empty, "would activate the configuration..." always (so also when nothing changes).
+DRY_ACTIVATE_LINES = [
+    "would stop the following units: podman-k3s-agent.service",
+    "would NOT stop the following changed units: nix-daemon.service",
+    "would activate the configuration...",
+    "would restart systemd",
+    "would reload the following units: dbus.service",
+    "would restart the following units: sshd.service",
+    "would start the following units: podman-k3s-agent.service",
+]
+
+
+@pytest.mark.parametrize(
+    ("lines", "restarts"),
+    [
+        (["would activate the configuration..."], False),  # nothing changes
+        (DRY_ACTIVATE_LINES, True),
+        ([ln for ln in DRY_ACTIVATE_LINES if "stop the following" not in ln], False),
+        (["would activate the configuration...",
+          "would restart the following units: podman-k3s-agent.service, sshd.service"], True),
+        # not a dry activation k3scluster knows: a restart may hide in it
+        ([], True),
+        (["karl | Activating system profile", "karl | Succeeded"], True),
+        (["would start the following units: podman-k3s-agent.service"], True),
+        (["would activate this configuration (new wording)"], True),
+    ],
+    ids=["nothing changes", "every line", "no stop", "restart", "no output",
+         "colmena without the activation's lines", "no activation line", "another wording"],
+)
+def test_dry_activation_lines_as_switch_to_configuration_prints_them(
+    lines: list[str], restarts: bool
+) -> None:
+    from k3scluster import drain
+
+    for prefix in ("", "      karl | "):  # as printed, and through colmena's plain output
+        out = "".join(f"{prefix}{ln}\n" for ln in lines)
+        assert drain.agent_restarts(out) is restarts, (prefix, lines)
+    assert drain.recognised("karl | would activate the configuration...\n")
+    assert not drain.recognised("")
 
 
 def test_snapshot_name_and_what_runs_on_the_host() -> None:

@@ -522,6 +522,12 @@ def _drain_if_restarting(args: argparse.Namespace, ssh: commands.SshSettings) ->
     from k3scluster import drain, kube
 
     output = drain.dry_activate(resolve_args(args.argv), _progress)
+    if not drain.recognised(output):
+        _progress(
+            f"{args.host}: the dry activation printed no '{drain.DRY_ACTIVATION_MARK}' line "
+            f"(not switch-to-configuration's output as k3scluster knows it): the switch may "
+            f"restart {drain.AGENT_UNIT}, so {args.drain} is drained as if it did"
+        )
     if not drain.agent_restarts(output):
         _progress(f"{args.host}: the switch leaves {drain.AGENT_UNIT} running: no drain")
         return _own_cordon_left(args, ssh)
