@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 STANDIN = ROOT / "tests" / "bin" / "colmena"
 SSHD = Path("/usr/sbin/sshd")
 INIT_HOST, AGENT_HOST = "10.0.100.2", "10.0.100.5"
+NEW_AGENT_HOST = "10.0.100.25"  # the agent host's address after a re-address
 STACK = "prod"
 SNAPSHOT = """
 import json, os, sys
@@ -55,8 +56,10 @@ def _keygen(path: Path) -> None:
 
 
 class Host:
-    """One sshd answering at the init-server host's and the agent host's addresses, with
-    K3s's admin kubeconfig where a server host keeps it and a /run/current-system link."""
+    """One sshd answering at the init-server host's and the agent host's addresses (and the
+    agent host's new one), as host name karl (a UTS namespace of its own), with K3s's admin
+    kubeconfig where a server host keeps it and a /run/current-system link; its sessions'
+    PATH starts with ``bin/`` (a test's stand-ins)."""
 
     def __init__(self, base: Path, api: Any) -> None:
         self.dir = base / "host"
@@ -70,20 +73,24 @@ class Host:
         _keygen(self.key)
         _keygen(self.host_key)
         self.known_hosts = base / "known_hosts"
+        self.bin = self.dir / "bin"
+        self.bin.mkdir()
         (self.dir / "sshd_config").write_text(
-            f"ListenAddress {INIT_HOST}\nListenAddress {AGENT_HOST}\nPort 22\n"
+            f"ListenAddress {INIT_HOST}\nListenAddress {AGENT_HOST}\n"
+            f"ListenAddress {NEW_AGENT_HOST}\nPort 22\n"
+            f"SetEnv PATH={self.bin}:/usr/sbin:/usr/bin:/bin\n"
             f"HostKey {self.host_key}\nPidFile {self.dir / 'sshd.pid'}\n"
             f"AuthorizedKeysFile {self.key}.pub\nPermitRootLogin prohibit-password\n"
             "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
             "StrictModes no\n"
         )
         q = shlex.quote
-        inner = (f"mount --bind {q(str(self.dir / 'run'))} /run && "
+        inner = (f"hostname karl && mount --bind {q(str(self.dir / 'run'))} /run && "
                  f"mount --bind {q(str(self.dir / 'var-lib'))} /var/lib && "
                  f"exec {SSHD} -D -f {q(str(self.dir / 'sshd_config'))} "
                  f"-E {q(str(self.dir / 'sshd.log'))}")
         self.proc = api.ns.popen(
-            ["unshare", "--mount", "--propagation", "private", "sh", "-c", inner],
+            ["unshare", "--mount", "--uts", "--propagation", "private", "sh", "-c", inner],
             self.dir / "sshd.out",
         )
         _until("sshd", lambda: (self.dir / "sshd.pid").exists(), 10)
@@ -93,7 +100,7 @@ class Host:
 def host(kube_api: Any, tmp_path: Path) -> Iterator[Host]:
     if not SSHD.is_file() or not shutil.which("ssh"):
         pytest.skip("needs OpenSSH (ssh, /usr/sbin/sshd)")
-    for ip in (INIT_HOST, AGENT_HOST):
+    for ip in (INIT_HOST, AGENT_HOST, NEW_AGENT_HOST):
         if ip not in kube_api.ns.addresses:
             kube_api.ns.add_address(ip)
     h = Host(tmp_path, kube_api)
@@ -127,14 +134,15 @@ def _hive(base: Path, host: str) -> Path:
 def _deploy(kube: Any, h: Host, base: Path, node: str, hive: Path, *, state: Path,
             timeout: float = 30, drain_timeout: float = 20,
             stack: str = STACK, extra_env: dict[str, str] | None = None,
-            ) -> subprocess.CompletedProcess[str]:
+            via: str | None = None) -> subprocess.CompletedProcess[str]:
     kc = base / "admin.json"
     kc.write_text(json.dumps(kube.kubeconfig))
     hook = base / "hook.py"
     hook.write_text(SNAPSHOT)
     argv = [
         sys.executable, "-m", "k3scluster.components.tasks", "deploy", "--host", "karl",
-        "--ip", AGENT_HOST, "--ssh-identity", str(h.key), "--ssh-known-hosts", str(h.known_hosts),
+        "--ip", NEW_AGENT_HOST if via else AGENT_HOST,
+        *(["--via", via] if via else []), "--ssh-identity", str(h.key), "--ssh-known-hosts", str(h.known_hosts),
         "--timeout", f"{timeout:g}", "--agent", node, "--api", kube.server,
         "--credentials-from", INIT_HOST, "--drain", node, "--drain-timeout", f"{drain_timeout:g}",
         "--stack", stack, "--no-rollback", "--confirm-timeout", "0", "--", str(STANDIN), "apply", "switch", "--on", "karl", "-f", str(hive),
@@ -248,6 +256,38 @@ def test_a_dry_activation_that_prints_nothing_known_drains_as_if_it_restarted(
     assert f"so {node} is drained as if it did" in text
     assert "no drain" not in r.stderr
     assert not core.read_node(node).spec.unschedulable  # uncordoned after the gates
+
+
+def test_a_host_that_moves_is_drained_before_it_reboots_into_its_new_address(
+    kube: Any, host: Host, tmp_path: Path
+) -> None:
+    # karl moves from AGENT_HOST to NEW_AGENT_HOST: installed as the boot default through
+    # its old address, then rebooted; its agent restarts with the reboot, whatever the
+    # switch would do, so its node is drained first. The reboot (a systemctl stand-in on
+    # the host) records the node and its pods at that moment.
+    core = kube.core()
+    node = f"karl-{int(time.time() * 1000) % 100000}"
+    _ready_node(core, node)
+    kc = tmp_path / "admin.json"
+    reboot = host.bin / "systemctl"
+    reboot.write_text(
+        "#!/bin/sh\n# stand-in for systemctl on the test host: a reboot records the node\n"
+        '[ "$*" = "--no-block reboot" ] || exit 3\n'
+        f"COLMENA_HOST=karl exec {sys.executable} {tmp_path / 'hook.py'} {kc} {node} "
+        f"{tmp_path / 'at-reboot.jsonl'}\n")
+    reboot.chmod(0o755)
+    with kube.kubelet():
+        _ns, _web, daemon = _workload(kube, node)
+        r = _deploy(kube, host, tmp_path, node, _hive(tmp_path, "karl"),
+                    state=tmp_path / "state", via=AGENT_HOST)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert _calls(tmp_path) == ["boot"]  # no dry activation: the reboot restarts the agent
+    (seen,) = [json.loads(ln) for ln in (tmp_path / "at-reboot.jsonl").read_text().splitlines()]
+    assert seen["unschedulable"] is True and seen["pods"] == [daemon]
+    text = " ".join(r.stderr.split())
+    assert f"karl: it reboots into its new address {NEW_AGENT_HOST}: draining {node} first" in text
+    assert not core.read_node(node).spec.unschedulable  # uncordoned after its gates
+    assert f"{node}: uncordoned" in r.stderr
 
 
 def test_a_node_cordoned_by_hand_stays_cordoned(kube: Any, host: Host, tmp_path: Path) -> None:

@@ -474,9 +474,7 @@ def _deploy(args: argparse.Namespace) -> None:
     with kube.private_tempdir():
         if not args.no_gates:  # the clean-ups need the cluster's credentials, as the gates do
             _before_deploy(args, ssh, servers, agents, deadline)
-        # a re-addressed host's dry activation would go to its new address: no drain there
-        drain_first = args.drain and not args.no_gates and not args.via
-        drained = _drain_if_restarting(args, ssh) if drain_first else None
+        drained = _drain_before(args, ssh) if args.drain and not args.no_gates else None
         guard = _rollback_guard(args, ssh)
         try:
             argv = resolve_args(args.argv)
@@ -515,11 +513,26 @@ def _deploy(args: argparse.Namespace) -> None:
     print(DEPLOYED_PREFIX + json.dumps(record, sort_keys=True), flush=True)
 
 
+def _drain_before(args: argparse.Namespace, ssh: commands.SshSettings) -> Any:
+    """``--drain NODE``: the drain a deploy starts with; the ``Drain`` to undo after it, or
+    None. A host that moves (``--via OLD``) and still answers at OLD reboots into its new
+    address (``_readdressed_deploy``), which restarts its agent whatever the switch would
+    do: drained before its new system is installed. One an earlier run moved already is
+    deployed as any host; one found at neither address is not drained (its deploy fails)."""
+    if not args.via:
+        return _drain_if_restarting(args, ssh)
+    if _answers_as(ssh, args.via, args.host):
+        return _drain_now(args, ssh, f"it reboots into its new address {args.ip}")
+    if _answers_as(ssh, args.ip, args.host):
+        return _drain_if_restarting(args, ssh)
+    return None
+
+
 def _drain_if_restarting(args: argparse.Namespace, ssh: commands.SshSettings) -> Any:
     """``--drain NODE``: when colmena's dry activation says the switch would stop or restart
     the agent's unit, cordon and drain NODE (``k3scluster.drain``); the ``Drain`` to undo
     after the deploy, or None when the switch leaves the agent running."""
-    from k3scluster import drain, kube
+    from k3scluster import drain
 
     output = drain.dry_activate(resolve_args(args.argv), _progress)
     if not drain.recognised(output):
@@ -531,6 +544,14 @@ def _drain_if_restarting(args: argparse.Namespace, ssh: commands.SshSettings) ->
     if not drain.agent_restarts(output):
         _progress(f"{args.host}: the switch leaves {drain.AGENT_UNIT} running: no drain")
         return _own_cordon_left(args, ssh)
+    return _drain_now(args, ssh, f"the switch restarts {drain.AGENT_UNIT}")
+
+
+def _drain_now(args: argparse.Namespace, ssh: commands.SshSettings, why: str) -> Any:
+    """Cordon and drain NODE (``--drain``) through the first server that answers about it,
+    saying ``why``; the ``Drain`` to undo after the deploy (None: not registered yet)."""
+    from k3scluster import drain, kube
+
     deadline = time.monotonic() + float(args.timeout)
     creds = _credentials(ssh, list(args.credentials_from), deadline, args.host)
     if creds is None:
@@ -557,7 +578,7 @@ def _drain_if_restarting(args: argparse.Namespace, ssh: commands.SshSettings) ->
         return None
     d = drain.Drain(creds, url, args.drain, float(args.drain_timeout), _progress,
                     owner=args.stack)
-    _progress(f"{args.host}: the switch restarts {drain.AGENT_UNIT}: draining {args.drain} first")
+    _progress(f"{args.host}: {why}: draining {args.drain} first")
     d.before()
     return d
 
