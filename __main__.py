@@ -9,6 +9,7 @@ Configuration (namespace ``k3scluster``; see the README, "Operating the cluster"
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pulumi
@@ -17,6 +18,7 @@ from k3scluster import kube, plans, records
 from k3scluster.components import deployed
 from k3scluster.components.cluster import Cluster, ClusterArgs
 from k3scluster.components.settings import Settings
+from k3scluster.components.vm import lab_id_of
 from k3scluster.errors import K3sClusterError
 from k3scluster.lab import spec as lab
 from k3scluster.rollback import confirm_timeout_setting
@@ -106,25 +108,28 @@ def main() -> None:
         cluster, warnings = plans.load_or_raise(cluster_dir)
         for w in warnings:
             pulumi.log.warn(str(w))
+        # what this stack's last runs deployed: the order of the update depends on it
+        resources = deployed.read_stack_resources(
+            deployed.stack_name(pulumi.get_organization(), pulumi.get_project(), pulumi.get_stack())
+        )
+        steps = records.step_inputs(resources)
         if settings.vm is not None:
+            # the lab's identity, kept in the stack's state (a new lab: a new random id)
+            vm = dataclasses.replace(settings.vm, lab_id=lab_id_of(steps))
+            settings = dataclasses.replace(settings, vm=vm)
             # refused in preview already, before anything is created (net-up checks again)
             from k3scluster.lab.netcheck import check_machine
             from k3scluster.lab.qemu import require_tools
 
             check_machine(
                 cluster.network.network,
-                lab.bridge_name(settings.vm.stack),
-                lab.link_alias(settings.vm.stack),
+                lab.bridge_name(vm.stack, vm.lab_id),
+                lab.link_alias(vm.stack, lab_id=vm.lab_id),
                 str(cluster.network.location),
             )
-            require_tools(settings.vm.qemu, settings.vm.qemu_img)
+            require_tools(vm.qemu, vm.qemu_img)
             # vmAccel auto is resolved when a VM starts (`ctl vm-up` runs the KVM probe), not
             # here: a preview starts no QEMU, and the probe's answer is not part of the spec
-        # what this stack's last runs deployed: the order of the update depends on it
-        resources = deployed.read_stack_resources(
-            deployed.stack_name(pulumi.get_organization(), pulumi.get_project(), pulumi.get_stack())
-        )
-        steps = records.step_inputs(resources)
         deployed_hosts = records.deployed_hosts_of(resources)
         versions = records.host_versions(steps, [h.name for h in cluster.hosts], deployed_hosts)
         component = Cluster(

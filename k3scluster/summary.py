@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from k3scluster.lab.spec import NetSpec, VmSettings, net_spec
+from k3scluster.lab.spec import LAB_ID_INPUT, VmSettings, net_spec
 from k3scluster.model import Cluster
+from k3scluster.records import recorded_inputs
 
 # step op (pulumi preview --json) -> the words for a host's deploy
 _DEPLOY = {
@@ -110,9 +111,22 @@ def host_plans(cluster: Cluster, steps: Sequence[Mapping[str, Any]]) -> list[Hos
     return out
 
 
-def cluster_actions(steps: Iterable[Mapping[str, Any]], net: NetSpec) -> list[str]:
+def _lab_id(step: Mapping[str, Any]) -> str:
+    """The lab id the network step records (``LAB_ID_INPUT``; '' when none)."""
+    state = step.get("newState") or step.get("oldState") or {}
+    inputs = state.get("inputs") if isinstance(state, Mapping) else None
+    if not isinstance(inputs, Mapping):
+        return ""
+    return recorded_inputs(str(state.get("type") or ""), inputs).get(LAB_ID_INPUT, "")
+
+
+def cluster_actions(
+    steps: Iterable[Mapping[str, Any]], cluster: Cluster, stack: str
+) -> list[str]:
     """What happens besides the hosts: the lab network of a VM stack (its bridge and gateway
-    as the program makes them for this stack and plan, ``lab.spec.net_spec``), the render."""
+    as the program makes them for this stack, its lab id and the plan,
+    ``lab.spec.net_spec``), the render. A new lab's id is drawn when ``up`` makes it: its
+    bridge's name is shown up to that id."""
     out = []
     for s in steps:
         name, op = _name(s), s.get("op")
@@ -122,8 +136,11 @@ def cluster_actions(steps: Iterable[Mapping[str, Any]], net: NetSpec) -> list[st
             what = {"create": "create", "delete": "remove", "update": "update"}.get(
                 str(op), "replace"
             )
+            lab_id = _lab_id(s)
+            net = net_spec(cluster, VmSettings(stack=stack, lab_dir=Path("."), lab_id=lab_id))
+            bridge = net.bridge if op != "create" else net.bridge.rsplit("-", 1)[0] + "-…"
             out.append(
-                f"lab network: {what} bridge {net.bridge} with gateway {net.gateway} on this "
+                f"lab network: {what} bridge {bridge} with gateway {net.gateway} on this "
                 "machine"
             )
         elif name.endswith("-render"):
@@ -155,5 +172,4 @@ def format_summary(stack: str, plans: list[HostPlan], extra: list[str]) -> str:
 
 def summarize(stack: str, cluster: Cluster, preview: Mapping[str, Any]) -> str:
     steps = preview.get("steps") or []
-    net = net_spec(cluster, VmSettings(stack=stack, lab_dir=Path(".")))
-    return format_summary(stack, host_plans(cluster, steps), cluster_actions(steps, net))
+    return format_summary(stack, host_plans(cluster, steps), cluster_actions(steps, cluster, stack))

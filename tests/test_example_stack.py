@@ -92,6 +92,26 @@ def test_the_summary_says_what_up_does_to_each_host() -> None:
     assert "  ulf     10.0.100.3  server,agent       nothing" in text
 
 
+@pytest.mark.parametrize("runner", ["python", "command"])
+def test_the_summary_names_the_bridge_of_the_stacks_lab_id(runner: str) -> None:
+    """The lab id the network step records (its name's hex part): another lab of a stack
+    named the same has another bridge."""
+    from k3scluster.components.steps import digest_environment
+    from k3scluster.records import COMMAND_TYPE, PYTHON_STEP_TYPE
+
+    cluster, _ = load_or_raise(ROOT / "examples" / "cluster")
+    recorded = {"state": "down", "lab": "0123abcd"}
+    state = (
+        {"type": PYTHON_STEP_TYPE, "inputs": {"inputs": recorded}} if runner == "python"
+        else {"type": COMMAND_TYPE, "inputs": {"environment": digest_environment(recorded)}}
+    )
+    step = {**_step("cluster-lab-network", "update"), "newState": state}
+    text = summarize("s", cluster, {"steps": [step]})
+    assert f"  lab network: update bridge {bridge_name('s', '0123abcd')} with gateway " \
+           "10.0.100.1/24 on this machine" in text.splitlines()
+    assert bridge_name("s", "0123abcd") != bridge_name("s")
+
+
 @pytest.mark.integration
 @pytest.mark.root
 def test_the_example_vm_stack_previews_its_lab_and_starts_nothing(tmp_path: Path) -> None:
@@ -167,7 +187,8 @@ def _preview_and_summary(project: Path, tmp_path: Path) -> None:
     for h in HOSTS:
         assert rows[h].endswith("  make its VM, install from its ISO; "
                                 "fetch hardware config (ssh); first deploy"), rows[h]
-    assert f"  lab network: create bridge {bridge_name('test-vms')} with gateway 10.0.100.1/24 " \
+    # a new lab's id (in its bridge's name) is drawn when up makes it
+    assert "  lab network: create bridge k3b-testvm-… with gateway 10.0.100.1/24 " \
            "on this machine" in lines
     assert lines[-1] == "5 of 5 host(s) would change; nothing has been done yet " \
                         "(`pulumi up` does it)."

@@ -6,12 +6,15 @@ from __future__ import annotations
 import collections
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_components import RUNNERS, STEP_TYPES, _argv, _digests, run_program
+from test_update_components import StateMocks
 
+from k3scluster.components.steps import digest_environment
 from k3scluster.lab import netcheck
-from k3scluster.lab.spec import VmSpec, bridge_name
+from k3scluster.lab.spec import VmSpec, bridge_name, guest_name, link_alias, tap_name
 
 pytestmark = pytest.mark.vm
 HOSTS = ("olaf", "ulf", "rolf", "karl", "ulrich")
@@ -43,7 +46,8 @@ def test_a_vm_stack_has_a_network_and_one_vm_per_host(
     assert not any(n.endswith(("-vm-iso", "-installer-build")) for n in steps)
     net = m.named("cluster-lab-network")
     assert _argv(net, runner)[2:4] == ["k3scluster.lab.ctl", "net-up"]
-    assert json.loads(_argv(net, runner)[-1])["bridge"] == bridge_name("mock")
+    lab_id = _digests(net, runner)["lab"]  # a new lab: a new id, recorded in the state
+    assert json.loads(_argv(net, runner)[-1])["bridge"] == bridge_name("mock", lab_id)
     assert _argv(net, runner, "delete")[3] == "net-down"
     render = m.named("cluster-render")
     for h in HOSTS:
@@ -60,6 +64,54 @@ def test_a_vm_stack_has_a_network_and_one_vm_per_host(
     for h in ("olaf", "rolf", "karl", "ulrich"):  # the hosts without a hardware file
         assert m.named(f"{h}-vm-machine").urn in m.named(f"cluster-{h}-hardware").dependencies
     assert _argv(render, runner)[-2:] == ["--vm-stack", "mock"]
+
+
+def lab_state(runner: str, inputs: dict[str, str]) -> dict[str, Any]:
+    """A stack's state holding its lab's network step with these recorded inputs."""
+    typ = STEP_TYPES[RUNNERS.index(runner)]
+    urn = ("urn:pulumi:mock::k3scluster::k3scluster:index:Cluster$k3scluster:index:Lab$"
+           f"{typ}::cluster-lab-network")
+    if runner == "python":
+        outputs: dict[str, Any] = {"create": "net-up", "inputs": inputs, "stdout": ""}
+    else:
+        outputs = {"create": "net-up", "environment": digest_environment(inputs), "stdout": ""}
+    return {urn: {"type": typ, "outputs": outputs}}
+
+
+def _lab_names(m: Any, runner: str) -> tuple[str, set[tuple[str, str, str]]]:
+    net = json.loads(_argv(m.named("cluster-lab-network"), runner)[-1])
+    vms = [VmSpec.from_json(_argv(m.named(f"{h}-vm-machine"), runner)[-1]) for h in HOSTS]
+    return net["bridge"], {(v.tap, v.name, v.tap_alias) for v in vms}
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_the_lab_id_is_made_once_and_kept_in_the_stacks_state(
+    example_dir: Path, runner: str
+) -> None:
+    """The names of what the lab makes on this machine come from the stack and its lab id,
+    which the network step records: the next run takes it from the state (another stack of
+    the same name, in another cluster directory or Pulumi backend, has another state and
+    another id). A lab made before lab ids (its network step records none) keeps the names
+    it has."""
+    first = run_program(example_dir, runner, vms="true", vmAccel="tcg")
+    made = _digests(first.named("cluster-lab-network"), runner)["lab"]
+    again = run_program(example_dir, runner, vms="true", vmAccel="tcg",
+                        mocks=StateMocks(lab_state(runner, {"state": "ok", "lab": made})))
+    assert _lab_names(again, runner) == _lab_names(first, runner)
+    assert _digests(again.named("cluster-lab-network"), runner)["lab"] == made
+    bridge, vms = _lab_names(again, runner)
+    assert bridge == bridge_name("mock", made) != bridge_name("mock")
+    assert vms == {(tap_name("mock", h, made), guest_name("mock", h, made),
+                    link_alias("mock", h, made)) for h in HOSTS}
+    other = run_program(example_dir, runner, vms="true", vmAccel="tcg")  # another stack's
+    assert _lab_names(other, runner)[0] != bridge
+    legacy = run_program(example_dir, runner, vms="true", vmAccel="tcg",
+                         mocks=StateMocks(lab_state(runner, {"state": "ok"})))
+    assert "lab" not in _digests(legacy.named("cluster-lab-network"), runner)
+    assert _lab_names(legacy, runner) == (
+        bridge_name("mock"),
+        {(tap_name("mock", h), guest_name("mock", h), f"k3scluster:mock:{h}") for h in HOSTS},
+    )
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
@@ -130,10 +182,12 @@ def test_a_changed_configuration_changes_no_vm_step(example_dir: Path, runner: s
     def vm_steps(m):  # type: ignore[no-untyped-def]
         return {r.name: r.raw for r in m.registered if "-vm" in r.name or "lab" in r.name}
 
-    before = vm_steps(run_program(example_dir, runner, vms="true", vmAccel="auto"))
+    state = lab_state(runner, {"state": "ok", "lab": "0123abcd"})  # the lab made before
+    before = vm_steps(run_program(example_dir, runner, vms="true", vmAccel="auto",
+                                  mocks=StateMocks(state)))
     with open(example_dir / "nixConfigs" / "olaf.nix", "a") as f:
         f.write("# a change colmena deploys\n")
-    after = run_program(example_dir, runner, vms="true", vmAccel="auto")
+    after = run_program(example_dir, runner, vms="true", vmAccel="auto", mocks=StateMocks(state))
     assert vm_steps(after) == before
     assert "olaf-deploy" in {r.name for r in after.registered}
     spec = VmSpec.from_json(_argv(after.named("olaf-vm-machine"), runner)[-1])

@@ -53,7 +53,8 @@ def test_preview_of_a_vm_stack_shows_the_lab_network_and_one_vm_per_host(
     net = next(s for s in plan["steps"] if s["urn"].endswith("::cluster-lab-network"))
     create = net["newState"]["inputs"]["create"]  # one shell line (readable preview)
     spec = json.loads(shlex.split(create)[-1] if isinstance(create, str) else create[-1])
-    assert spec["bridge"] == bridge_name(STACK) and spec["gateway"] == "10.0.100.1/24"
+    assert spec["bridge"] == bridge_name(STACK, spec["lab_id"]) != bridge_name(STACK)
+    assert spec["gateway"] == "10.0.100.1/24"
     # a preview creates nothing: no render, no lab directory
     assert not vm_project.render_dir.exists()
     assert not (vm_project.render_dir.parent / f"{STACK}-lab").exists()

@@ -377,7 +377,7 @@ def test_delete_refuses_a_directory_it_cannot_prove(
     (s.path / "disk.qcow2").unlink()
     other = dataclasses.replace(s, stack="other", name=lab.guest_name("other", "olaf"))
     machine.claim(other)
-    with pytest.raises(K3sClusterError, match="belongs to VM 'olaf' of stack 'other'"):
+    with pytest.raises(K3sClusterError, match="belongs to VM 'olaf' of lab 'other'"):
         ctl.vm_delete(s)
     assert ctl.read_manifest(s.path) is not None
 

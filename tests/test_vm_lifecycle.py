@@ -41,6 +41,7 @@ import pytest
 from engine import PULUMI, engine_env, netns_available, require_engine
 from test_pulumi_integration import STACK, Project
 
+from k3scluster.lab.network import recorded_net
 from k3scluster.lab.spec import bridge_name, lab_dir, tap_name
 from k3scluster.macs import vm_mac
 
@@ -194,6 +195,12 @@ class VmProject(Project):
     def state(self) -> dict[str, dict[str, Any]]:
         return {row["host"]: row for row in self.vms("--json")}
 
+    def lab_id(self) -> str:
+        """The lab's id, as its first net-up recorded it (the state keeps it too)."""
+        net = recorded_net(self.lab)
+        assert net is not None and net.lab_id, f"no lab id in {self.lab}"
+        return net.lab_id
+
     def console(self, host: str) -> str:
         return (self.lab / host / "console.log").read_text(errors="replace")
 
@@ -216,8 +223,9 @@ def test_vm_stack_lifecycle(tmp_path: Path, ns: Namespace, guest: None) -> None:
 
     # -- up: network, ISOs, installs, boots from disk, then the normal path ----------------
     p.engine("up", "--yes", "--skip-preview")
-    bridge = bridge_name(STACK)
-    assert {bridge, *(tap_name(STACK, h) for h in HOSTS)} <= ns.links()
+    lab_id = p.lab_id()
+    bridge = bridge_name(STACK, lab_id)
+    assert {bridge, *(tap_name(STACK, h, lab_id) for h in HOSTS)} <= ns.links()
     addr = json.loads(ns.run("ip", "-j", "addr", "show", "dev", bridge, check=True).stdout)
     assert [(a["local"], a["prefixlen"]) for a in addr[0]["addr_info"] if a["family"] == "inet"] \
         == [("10.0.100.1", 24)]
@@ -274,7 +282,7 @@ def test_vm_stack_lifecycle(tmp_path: Path, ns: Namespace, guest: None) -> None:
     p.engine("up", "--yes", "--skip-preview")
     for ip, _ in HOSTS.values():
         assert ns.ping(ip)
-    assert {bridge, *(tap_name(STACK, h) for h in HOSTS)} <= ns.links()
+    assert {bridge, *(tap_name(STACK, h, lab_id) for h in HOSTS)} <= ns.links()
 
     # -- a second up changes nothing: the VMs keep running as they are ---------------------
     pids = {h: row["pid"] for h, row in p.state().items()}
@@ -311,7 +319,7 @@ def test_vm_stack_lifecycle(tmp_path: Path, ns: Namespace, guest: None) -> None:
     p.engine("up", "--yes", "--skip-preview")
     assert not (p.lab / "rolf").exists()
     assert HOSTS["rolf"][0] not in p.known_hosts.read_text()  # its host key forgotten
-    assert tap_name(STACK, "rolf") not in ns.links()
+    assert tap_name(STACK, "rolf", lab_id) not in ns.links()
     assert not ns.ping(HOSTS["rolf"][0])
     assert p.state()["olaf"]["pid"] == pids["olaf"]  # untouched
     assert ns.ping(HOSTS["olaf"][0])
@@ -335,7 +343,7 @@ def test_vm_stack_lifecycle(tmp_path: Path, ns: Namespace, guest: None) -> None:
         for row in p.state().values():
             if row["pid"]:
                 os.kill(row["pid"], 9)
-        for link in (bridge, *(tap_name(STACK, h) for h in HOSTS)):
+        for link in (bridge, *(tap_name(STACK, h, lab_id) for h in HOSTS)):
             ns.run("ip", "link", "delete", link, check=True)
         ns.run("nft", "flush", "ruleset", check=True)
         assert {row["state"] for row in p.state().values()} == {"stopped"}

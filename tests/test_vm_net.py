@@ -4,17 +4,20 @@ a subnet in use and of a bridge name that is not the stack's."""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from engine import netns_available
 
 from k3scluster.lab import network
-from k3scluster.lab.spec import NetSpec, bridge_name, link_alias
+from k3scluster.lab.spec import NetSpec, VmSpec, bridge_name, link_alias
 
 pytestmark = [pytest.mark.vm, pytest.mark.root]
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,8 +121,9 @@ def test_a_foreign_link_with_the_bridges_name_is_neither_taken_nor_deleted() -> 
         f"{_ctl('net-up', net)}; echo rc=$?\n{_ctl('net-down', net)}; echo rc=$?\n"
         f"ip -j link show dev {net.bridge}\n"
     )
-    assert "rc=1\n" in r.stdout and "is not this stack's lab bridge" in r.stderr
-    assert "rc=0\n" in r.stdout and "not this stack's bridge" in r.stderr
+    assert "rc=1\n" in r.stdout and "is not this lab's bridge" in r.stderr
+    assert "it is no k3scluster lab's link; nothing was changed" in r.stderr
+    assert "rc=0\n" in r.stdout and "no k3scluster lab's link; not deleted" in r.stderr
     assert json.loads(r.stdout.rsplit("rc=0\n", 1)[1])[0]["ifname"] == net.bridge
 
 
@@ -198,3 +202,93 @@ def test_without_root_the_lab_says_what_it_needs(example_dir: Path) -> None:
         assert machine.read_manifest(vm.path) is not None  # nothing deleted
     finally:
         shutil.rmtree(base)
+
+
+def _tap_script(vm: VmSpec, action: str) -> str:
+    """``network.ensure_tap`` / ``delete_tap`` of ``vm`` in the test's namespace (what
+    ``vm-up`` / ``vm-delete`` run around QEMU)."""
+    code = (f"from k3scluster.lab import network; from k3scluster.lab.spec import VmSpec; "
+            f"network.{action}(VmSpec.from_json({vm.to_json()!r}))")
+    return f"{sys.executable} -c {shlex.quote(code)}"
+
+
+def test_two_labs_of_stacks_with_the_same_name_coexist(example_dir: Path, tmp_path: Path) -> None:
+    """Two cluster directories (or Pulumi projects) with a stack ``test-vms`` each: their
+    labs have ids of their own, so neither adopts the other's bridge or taps, and the
+    destroy of one (net-down, the taps deleted) leaves the other's bridge, gateway, taps
+    and NAT as they were. A lab whose bridge name another lab's bridge has is refused,
+    naming that lab, and deletes nothing."""
+    from k3scluster.lab import spec as lab
+    from k3scluster.plans import load_or_raise
+
+    cluster, _ = load_or_raise(example_dir)
+    first = lab.VmSettings(stack="test-vms", lab_dir=tmp_path / "a" / "test-vms-lab",
+                           lab_id=lab.new_lab_id())
+    second = lab.VmSettings(stack="test-vms", lab_dir=tmp_path / "b" / "test-vms-lab",
+                            lab_id=lab.new_lab_id(), nat=True)
+    net_a = lab.net_spec(cluster, first)
+    # the second cluster's plan has a subnet of its own (two labs cannot share one)
+    net_b = dataclasses.replace(lab.net_spec(cluster, second), gateway="10.0.101.1/24",
+                                subnet="10.0.101.0/24")
+    vm_a = lab.vm_specs(cluster, first, {h.name: "/iso" for h in cluster.hosts})[0]
+    vm_b = lab.vm_specs(cluster, second, {h.name: "/iso" for h in cluster.hosts})[0]
+    assert vm_a.host == vm_b.host
+    assert net_a.bridge != net_b.bridge and vm_a.tap != vm_b.tap and vm_a.name != vm_b.name
+    # a third lab whose bridge would have the first one's name
+    clash = dataclasses.replace(net_b, bridge=net_a.bridge, lab_dir=str(tmp_path / "c"),
+                                lab_id=lab.new_lab_id(), gateway="10.0.102.1/24",
+                                subnet="10.0.102.0/24")
+    show = "echo ---; ip -j -d link; echo ---; ip -j addr; echo ---; nft list tables\n"
+    r = _in_netns(
+        f"set -e\n{_ctl('net-up', net_a)}\n{_tap_script(vm_a, 'ensure_tap')}\n"
+        f"{_ctl('net-up', net_b)}\n{_tap_script(vm_b, 'ensure_tap')}\n"
+        f"{_ctl('net-up', net_a)}\n{_ctl('net-up', net_b)}\n"  # each up again: its own only
+        f"{show}"
+        f"echo ---; set +e; {_ctl('net-up', clash)}; echo rc=$?; {_ctl('net-down', clash)}; echo rc=$?\n"
+        f"set -e\n{_tap_script(vm_a, 'delete_tap')}\n{_ctl('net-down', net_a)}\n{show}"
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    _, links, addrs, tables, rcs, links_after, addrs_after, tables_after = r.stdout.split("---\n")
+
+    def state(links_json: str, addrs_json: str) -> dict[str, tuple[Any, ...]]:
+        inet = {
+            x["ifname"]: [f"{a['local']}/{a['prefixlen']}" for a in x["addr_info"]
+                          if a["family"] == "inet"]
+            for x in json.loads(addrs_json)
+        }
+        return {x["ifname"]: (x.get("ifalias"), x.get("master"), inet.get(x["ifname"]))
+                for x in json.loads(links_json)}
+
+    both = state(links, addrs)
+    assert both[net_a.bridge] == (net_a.alias, None, ["10.0.100.1/24"])
+    assert both[net_b.bridge] == (net_b.alias, None, ["10.0.101.1/24"])
+    assert both[vm_a.tap][:2] == (vm_a.tap_alias, net_a.bridge)
+    assert both[vm_b.tap][:2] == (vm_b.tap_alias, net_b.bridge)
+    assert network.nat_table(net_b.owner) in tables
+    # the clash: refused, naming the owner; its net-down deletes nothing of the first lab
+    assert rcs.splitlines()[0] == "rc=1" and rcs.splitlines()[-1] == "rc=0", r.stderr
+    assert f"a link named {net_a.bridge} exists and is not this lab's bridge" in r.stderr
+    assert f"it belongs to lab {net_a.owner!r}; nothing was changed" in r.stderr
+    assert "not deleted" in r.stderr
+    # the first lab destroyed: the second's bridge, gateway, tap and NAT as they were
+    after = state(links_after, addrs_after)
+    assert net_a.bridge not in after and vm_a.tap not in after
+    assert after[net_b.bridge] == both[net_b.bridge]
+    assert after[vm_b.tap][:2] == (vm_b.tap_alias, net_b.bridge)
+    assert network.nat_table(net_b.owner) in tables_after
+
+
+def test_a_failed_net_up_leaves_no_bridge(tmp_path: Path) -> None:
+    """net-up fails after it made the bridge (here nft refuses the NAT table): the bridge it
+    made is deleted, so nothing is left that the state does not know (the next up would
+    find the subnet in use on it)."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nft").write_text("#!/bin/sh\necho 'nft: refused (test)' >&2\nexit 1\n")
+    (fake / "nft").chmod(0o755)
+    net = _net(nat=True, lab_dir=tmp_path / "lab")
+    r = _in_netns(f"PATH={fake}:$PATH {_ctl('net-up', net)}; echo rc=$?\nip -j link\n")
+    rc, links = r.stdout.split("\n", 1)
+    assert rc == "rc=1", r.stdout + r.stderr
+    assert "nft could not add the lab's NAT" in r.stderr
+    assert [x["ifname"] for x in json.loads(links)] == ["lo"]

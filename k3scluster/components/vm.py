@@ -14,13 +14,18 @@ runs them:
    disk size or IP replaces it (a new install); memory and CPUs update it (a restart), and
    so does a VM that is not running (this machine restarted: ``lab.status``).
 
+The lab's id (``lab.spec``: what its bridge, taps, VMs and NAT are named by) is made once,
+when the stack's lab is first made, and the network step records it as its input ``lab``:
+every later run reads it back from the stack's state (``lab_id_of``). A lab made before lab
+ids has a network step without it and keeps its names (``''``).
+
 The hardware fetch and the deploy of a host wait for its ``machine`` step
 (``Lab.ready(host)``), so the normal path runs against the installed VM.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,10 +34,29 @@ import pulumi
 from k3scluster import commands, installer
 from k3scluster.components.settings import Settings
 from k3scluster.components.steps import step
-from k3scluster.lab.spec import NetSpec, VmSpec, net_spec, vm_specs
+from k3scluster.lab.spec import (
+    LAB_ID_INPUT,
+    NetSpec,
+    VmSpec,
+    net_spec,
+    new_lab_id,
+    vm_specs,
+)
 from k3scluster.lab.status import network_state, vm_state
 from k3scluster.model import Cluster as ClusterModel
 from k3scluster.render import VmRender
+
+NETWORK_STEP_SUFFIX = "-lab-network"  # the Lab's network step (``make_lab``: <name>-lab)
+
+
+def lab_id_of(steps: Mapping[str, Mapping[str, str]]) -> str:
+    """The stack's lab id from its recorded steps (``records.step_inputs``): the one its
+    network step records; ``''`` when that step records none (a lab made before lab ids,
+    which keeps its names); a new random one when the state has no lab (it is made now)."""
+    for name, inputs in steps.items():
+        if name.endswith(NETWORK_STEP_SUFFIX):
+            return inputs.get(LAB_ID_INPUT, "")
+    return new_lab_id()
 
 
 @dataclass(frozen=True)
@@ -109,7 +133,11 @@ class Lab(pulumi.ComponentResource):
             delete=commands.lab_ctl(args.python, "net-down", net.to_json()),
             triggers=net.replace_keys(),
             # the bridge gone (this machine restarted): net-up makes it again
-            inputs_digest={"state": network_state(net)},
+            # and the lab's id, read back by the next run (lab_id_of)
+            inputs_digest={
+                "state": network_state(net),
+                **({LAB_ID_INPUT: net.lab_id} if net.lab_id else {}),
+            },
             dir=args.dir,
             opts=pulumi.ResourceOptions(parent=self, delete_before_replace=True),  # one bridge
         )

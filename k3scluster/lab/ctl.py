@@ -106,7 +106,8 @@ def _vm_delete(spec: VmSpec) -> None:
         return
     if not machine.is_ours(m, spec):
         raise K3sClusterError(
-            f"{d} belongs to VM {m.get('host')!r} of stack {m.get('stack')!r}; nothing was deleted"
+            f"{d} belongs to VM {m.get('host')!r} of lab {machine.manifest_owner(m)!r}; "
+            "nothing was deleted"
         )
     stop(spec)
     network.delete_tap(spec)

@@ -38,7 +38,7 @@ from k3scluster.lab.process import (
     start,
     stop,
 )
-from k3scluster.lab.spec import MARKER, VmSpec
+from k3scluster.lab.spec import MARKER, VmSpec, lab_owner
 from k3scluster.progress import run_with_progress
 
 MANIFEST_KIND = "k3scluster-vm"
@@ -63,6 +63,13 @@ def write_manifest(d: Path, data: dict[str, Any]) -> None:
     tmp.replace(manifest_path(d))
 
 
+def manifest_owner(m: dict[str, Any]) -> str:
+    """The lab a manifest's VM belongs to (``lab_owner``), for messages."""
+    spec = m.get("spec")
+    lab_id = spec.get("lab_id") if isinstance(spec, dict) else ""
+    return lab_owner(str(m.get("stack")), str(lab_id or ""))
+
+
 def is_ours(manifest: dict[str, Any] | None, spec: VmSpec) -> bool:
     return (
         manifest is not None
@@ -80,8 +87,8 @@ def claim(spec: VmSpec) -> dict[str, Any]:
     if m is not None:
         if not is_ours(m, spec):
             raise K3sClusterError(
-                f"{d} belongs to VM {m.get('host')!r} of stack {m.get('stack')!r}, "
-                f"not to {spec.host!r} of {spec.stack!r}; nothing was changed",
+                f"{d} belongs to VM {m.get('host')!r} of lab {manifest_owner(m)!r}, "
+                f"not to {spec.host!r} of {spec.owner!r}; nothing was changed",
                 hint="two stacks share a lab directory: give one another k3scluster:renderDir",
             )
         d.chmod(0o700)

@@ -22,7 +22,7 @@ from k3scluster.errors import K3sClusterError
 from k3scluster.lab import netcheck
 from k3scluster.lab.lock import make_lab_dir
 from k3scluster.lab.process import run, say
-from k3scluster.lab.spec import NetSpec, VmSpec, link_alias
+from k3scluster.lab.spec import NetSpec, VmSpec
 
 NAT_TABLE_PREFIX = "k3scluster_"
 NETWORK_FILE = "network.json"
@@ -37,10 +37,19 @@ def link(name: str) -> dict[str, Any] | None:
     return data[0] if data else None
 
 
-def nat_table(stack: str) -> str:
+def nat_table(owner: str) -> str:
+    """The lab's nftables table, named by its owner (``lab_owner``: stack and lab id)."""
     from k3scluster.lab.spec import _hex
 
-    return NAT_TABLE_PREFIX + _hex("nat", stack)[:8]
+    return NAT_TABLE_PREFIX + _hex("nat", owner)[:8]
+
+
+def owner_of(alias: object) -> str:
+    """Whose a link is, by its alias (``k3scluster:<owner>[:<host>]``), for messages."""
+    text = str(alias or "")
+    if not text.startswith("k3scluster:"):
+        return "it is no k3scluster lab's link" + (f" (its alias is {text!r})" if text else "")
+    return f"it belongs to lab {text.removeprefix('k3scluster:')!r}"
 
 
 FORWARDING_COMMENT = "k3scluster ip_forward before: "
@@ -53,7 +62,7 @@ def nat_ruleset(net: NetSpec, forwarding_before: str | None = None) -> str:
         f'  comment "{FORWARDING_COMMENT}{forwarding_before}"\n'
         if forwarding_before in ("0", "1") else ""
     )
-    return f"""table ip {nat_table(net.stack)} {{
+    return f"""table ip {nat_table(net.owner)} {{
 {comment}  chain lab_postrouting {{
     type nat hook postrouting priority srcnat;
     ip saddr {net.subnet} oifname != "{net.bridge}" masquerade
@@ -113,7 +122,7 @@ def _other_labs_nat(net: NetSpec) -> list[str]:
         return []
     out = run(["nft", "list", "tables"], check=False).stdout
     names = re.findall(rf"^table ip ({NAT_TABLE_PREFIX}\w+)$", out, flags=re.MULTILINE)
-    return [n for n in names if n != nat_table(net.stack)]
+    return [n for n in names if n != nat_table(net.owner)]
 
 
 def _forwarding_as_found(net: NetSpec) -> str:
@@ -133,7 +142,7 @@ def _nat_on(net: NetSpec) -> None:
         before = _forwarding_as_found(net)
         _record(net, forwardingBefore=before)
     run(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
-    run(["nft", "delete", "table", "ip", nat_table(net.stack)], check=False)
+    run(["nft", "delete", "table", "ip", nat_table(net.owner)], check=False)
     proc = subprocess.run(
         ["nft", "-f", "-"], input=nat_ruleset(net, before), capture_output=True, text=True,
         check=False,
@@ -143,12 +152,12 @@ def _nat_on(net: NetSpec) -> None:
             f"nft could not add the lab's NAT: {proc.stderr.strip()}",
             hint="install nftables, or pulumi config set k3scluster:vmNat false",
         )
-    say(f"NAT for {net.subnet} (nft table ip {nat_table(net.stack)})")
+    say(f"NAT for {net.subnet} (nft table ip {nat_table(net.owner)})")
 
 
 def _nat_off(net: NetSpec) -> None:
     if shutil.which("nft"):
-        run(["nft", "delete", "table", "ip", nat_table(net.stack)], check=False)
+        run(["nft", "delete", "table", "ip", nat_table(net.owner)], check=False)
     before = _recorded(net).get("forwardingBefore")
     others = _other_labs_nat(net) if before is not None else []
     if others:  # their NAT needs it; the last one puts it back (its table's comment)
@@ -162,7 +171,7 @@ def _nat_off(net: NetSpec) -> None:
 
 def _reattach_taps(net: NetSpec) -> None:
     """Every tap of this stack (by its alias) back into the bridge."""
-    prefix = link_alias(net.stack) + ":"
+    prefix = net.alias + ":"
     for entry in netcheck.ip_json("link"):
         if str(entry.get("ifalias", "")).startswith(prefix) and entry.get("master") != net.bridge:
             run(["ip", "link", "set", "dev", entry["ifname"], "master", net.bridge])
@@ -170,21 +179,39 @@ def _reattach_taps(net: NetSpec) -> None:
             say(f"tap {entry['ifname']} back in {net.bridge}")
 
 
+def _foreign(name: str, found: dict[str, Any], alias: str, what: str) -> K3sClusterError:
+    return K3sClusterError(
+        f"a link named {name} exists and is not {what} (alias {alias!r}): "
+        f"{owner_of(found.get('ifalias'))}; nothing was changed",
+        hint="another lab on this machine (a stack of the same name in another cluster "
+        "directory or Pulumi project) or something else owns it: delete or rename it yourself "
+        "if it is stale",
+    )
+
+
 def net_up(net: NetSpec) -> None:
-    alias = link_alias(net.stack)
+    alias = net.alias
     # before anything is created: the subnet must be free on this machine
     netcheck.check_machine(ipaddress.IPv4Network(net.subnet), net.bridge, alias, net.location)
     found = link(net.bridge)
     if found is not None and found.get("ifalias") != alias:
-        raise K3sClusterError(
-            f"a link named {net.bridge} exists and is not this stack's lab bridge "
-            f"(its alias is {found.get('ifalias')!r}, not {alias!r}); nothing was changed",
-            hint="delete or rename that link yourself",
-        )
-    if found is None:
+        raise _foreign(net.bridge, found, alias, "this lab's bridge")
+    made = found is None
+    if made:
         run(["ip", "link", "add", "name", net.bridge, "type", "bridge"])
-        run(["ip", "link", "set", "dev", net.bridge, "alias", alias])
         say(f"created bridge {net.bridge}")
+    try:
+        if made:
+            run(["ip", "link", "set", "dev", net.bridge, "alias", alias])
+        _bridge_up(net)
+    except BaseException:
+        if made:  # nothing left that the state does not know
+            run(["ip", "link", "delete", "dev", net.bridge], check=False)
+        raise
+    say(f"lab network {net.bridge}: {net.gateway}")
+
+
+def _bridge_up(net: NetSpec) -> None:
     addrs = netcheck.ip_json("addr", "show", "dev", net.bridge)
     have = {
         f"{a.get('local')}/{a.get('prefixlen')}"
@@ -201,15 +228,15 @@ def net_up(net: NetSpec) -> None:
         _nat_on(net)
     else:
         _nat_off(net)
-    say(f"lab network {net.bridge}: {net.gateway}")
 
 
 def net_down(net: NetSpec) -> None:
     found = link(net.bridge)
     if found is None:
         say(f"bridge {net.bridge} is gone already")
-    elif found.get("ifalias") != link_alias(net.stack):
-        say(f"{net.bridge} is not this stack's bridge (alias {found.get('ifalias')!r}); kept")
+    elif found.get("ifalias") != net.alias:
+        say(f"{net.bridge} is not this lab's bridge (alias {net.alias!r}): "
+            f"{owner_of(found.get('ifalias'))}; not deleted")
     else:
         run(["ip", "link", "delete", "dev", net.bridge])
         say(f"deleted bridge {net.bridge}")
@@ -235,22 +262,23 @@ def ensure_bridge(spec: VmSpec) -> None:
 
 
 def ensure_tap(spec: VmSpec) -> None:
-    alias = link_alias(spec.stack, spec.host)
     found = link(spec.tap)
-    if found is not None and found.get("ifalias") != alias:
-        raise K3sClusterError(
-            f"a link named {spec.tap} exists and is not {spec.host}'s tap "
-            f"(alias {found.get('ifalias')!r}); nothing was changed"
-        )
+    if found is not None and found.get("ifalias") != spec.tap_alias:
+        raise _foreign(spec.tap, found, spec.tap_alias, f"{spec.host}'s tap of this lab")
     ensure_bridge(spec)
     if found is None:
         run(["ip", "tuntap", "add", "dev", spec.tap, "mode", "tap"])
-        run(["ip", "link", "set", "dev", spec.tap, "alias", alias])
+        run(["ip", "link", "set", "dev", spec.tap, "alias", spec.tap_alias])
     run(["ip", "link", "set", "dev", spec.tap, "master", spec.bridge])
     run(["ip", "link", "set", "dev", spec.tap, "up"])
 
 
 def delete_tap(spec: VmSpec) -> None:
     found = link(spec.tap)
-    if found is not None and found.get("ifalias") == link_alias(spec.stack, spec.host):
+    if found is None:
+        return
+    if found.get("ifalias") == spec.tap_alias:
         run(["ip", "link", "delete", "dev", spec.tap])
+    else:
+        say(f"{spec.tap} is not {spec.host}'s tap of this lab: "
+            f"{owner_of(found.get('ifalias'))}; not deleted")

@@ -1,12 +1,22 @@
 """A VM stack's settings, one spec per VM, and the names of everything the lab makes.
 
-Names are derived from the stack (and host), so they are stable from run to run and two
-stacks on one machine never share a bridge, tap or directory:
+A lab's identity is its *owner*: ``<stack>@<lab id>``, the lab id a short random hex
+string made once, when the stack's lab is first made, and kept in the stack's state (the
+network step records it; ``components/vm.py``). Two labs on one machine whose stacks have
+the same name (two cluster directories, two Pulumi projects or backends) thus have other
+names for everything they share with the machine:
 
 - bridge ``k3b-<stack, 6>-<4 hex>`` and tap ``k3t-<host, 6>-<4 hex>`` (at most 15 characters,
-  the kernel's limit), the hex part a hash of the full stack (and host) names;
-- files under ``<renderDir>-lab/<host>/`` (the render directory is replaced whole on every
-  render, so the lab lives beside it).
+  the kernel's limit), the hex part a hash of the owner (and host);
+- the ``ip link`` alias on each (``k3scluster:<owner>[:<host>]``): a lab adopts or deletes
+  only links with its own alias, and refuses, naming the owner, another lab's;
+- QEMU's ``-name`` of each VM and the NAT's nftables table.
+
+A lab made before lab ids existed has none (its owner is the stack's name alone) and keeps
+the names it has. Files live under ``<renderDir>-lab/<host>/`` (the render directory is
+replaced whole on every render, so the lab lives beside it); a spec records that directory
+relative to the project (``Settings.rec``), so the state does not depend on where the
+checkout or the cluster directory lives.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ import hashlib
 import ipaddress
 import json
 import re
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,25 +58,42 @@ def _slug(text: str, n: int) -> str:
     return re.sub(r"[^a-z0-9]", "", text.lower())[:n] or "x"
 
 
-def bridge_name(stack: str) -> str:
-    """The stack's bridge: ``k3b-<stack, 6>-<4 hex>`` (<= 15 characters)."""
-    return f"k3b-{_slug(stack, 6)}-{_hex('bridge', stack)[:4]}"
+LAB_ID_HEX = 8  # hex digits of a new lab id
+LAB_ID_INPUT = "lab"  # the network step's recorded input that keeps the lab id in the state
 
 
-def tap_name(stack: str, host: str) -> str:
-    """The host's tap: ``k3t-<host, 6>-<4 hex of stack and host>`` (<= 15 characters)."""
-    return f"k3t-{_slug(host, 6)}-{_hex('tap', stack, host)[:4]}"
+def new_lab_id() -> str:
+    """A lab id for a stack whose lab is made now (random: nothing of the stack's name or
+    of a path can tell two labs apart)."""
+    return secrets.token_hex(LAB_ID_HEX // 2)
 
 
-def link_alias(stack: str, host: str | None = None) -> str:
+def lab_owner(stack: str, lab_id: str = "") -> str:
+    """``<stack>@<lab id>``; the stack's name alone for a lab made before lab ids (``''``)."""
+    return f"{stack}@{lab_id}" if lab_id else stack
+
+
+def bridge_name(stack: str, lab_id: str = "") -> str:
+    """The lab's bridge: ``k3b-<stack, 6>-<4 hex of the owner>`` (<= 15 characters)."""
+    return f"k3b-{_slug(stack, 6)}-{_hex('bridge', lab_owner(stack, lab_id))[:4]}"
+
+
+def tap_name(stack: str, host: str, lab_id: str = "") -> str:
+    """The host's tap: ``k3t-<host, 6>-<4 hex of owner and host>`` (<= 15 characters)."""
+    return f"k3t-{_slug(host, 6)}-{_hex('tap', lab_owner(stack, lab_id), host)[:4]}"
+
+
+def link_alias(stack: str, host: str | None = None, lab_id: str = "") -> str:
     """The ``ip link`` alias the lab puts on its bridge and taps: only links with it are
-    ever deleted."""
-    return f"k3scluster:{stack}" + (f":{host}" if host else "")
+    ever adopted or deleted."""
+    return f"k3scluster:{lab_owner(stack, lab_id)}" + (f":{host}" if host else "")
 
 
-def guest_name(stack: str, host: str) -> str:
+def guest_name(stack: str, host: str, lab_id: str = "") -> str:
     """QEMU's ``-name``: also how a process is proven to be this VM before it is stopped."""
-    return f"k3scluster-{_slug(stack, 40)}-{_hex('vm', stack, host)[:8]}-{host}"
+    return (
+        f"k3scluster-{_slug(stack, 40)}-{_hex('vm', lab_owner(stack, lab_id), host)[:8]}-{host}"
+    )
 
 
 def lab_dir(render_dir: Path) -> Path:
@@ -89,6 +117,7 @@ class VmSettings:
     qemu_img: str = "qemu-img"
     install_timeout: int = 3600  # seconds for an installer to finish and power off
     boot_timeout: int = 600  # seconds for an installed VM to answer at its IP
+    lab_id: str = ""  # kept in the stack's state ('': a lab made before lab ids)
 
     def __post_init__(self) -> None:
         if self.accel not in ACCELS:
@@ -119,6 +148,15 @@ class NetSpec:
     nat: bool
     location: str  # plans/network.yaml:N, for messages
     lab_dir: str = ""  # where net-up records what it found (network.json)
+    lab_id: str = ""  # '': a lab made before lab ids (its names from the stack alone)
+
+    @property
+    def alias(self) -> str:
+        return link_alias(self.stack, lab_id=self.lab_id)
+
+    @property
+    def owner(self) -> str:
+        return lab_owner(self.stack, self.lab_id)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -162,6 +200,15 @@ class VmSpec:
     # the argv that builds iso_result (installer.iso_build_argv): run by vm-up before an
     # install, and only then
     iso_build: list[str] = dataclasses.field(default_factory=list)
+    lab_id: str = ""  # '': a lab made before lab ids (its names from the stack alone)
+
+    @property
+    def tap_alias(self) -> str:
+        return link_alias(self.stack, self.host, self.lab_id)
+
+    @property
+    def owner(self) -> str:
+        return lab_owner(self.stack, self.lab_id)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -207,12 +254,13 @@ def net_spec(cluster: Cluster, vs: VmSettings) -> NetSpec:
     net = cluster.network
     return NetSpec(
         stack=vs.stack,
-        bridge=bridge_name(vs.stack),
+        bridge=bridge_name(vs.stack, vs.lab_id),
         gateway=f"{net.gateway}/{net.prefix_length}",
         subnet=str(net.network),
         nat=vs.nat,
         location=str(net.location),
         lab_dir=str(vs.lab_dir),
+        lab_id=vs.lab_id,
     )
 
 
@@ -245,11 +293,11 @@ def vm_specs(
             VmSpec(
                 stack=vs.stack,
                 host=h.name,
-                name=guest_name(vs.stack, h.name),
+                name=guest_name(vs.stack, h.name, vs.lab_id),
                 dir=str(vm_dir),
                 mac=vm_mac(vs.stack, h.name),
-                tap=tap_name(vs.stack, h.name),
-                bridge=bridge_name(vs.stack),
+                tap=tap_name(vs.stack, h.name, vs.lab_id),
+                bridge=bridge_name(vs.stack, vs.lab_id),
                 ip=str(h.ip),
                 serial=h.disk,
                 boot=h.boot.value,
@@ -265,6 +313,7 @@ def vm_specs(
                 location=str(h.location),
                 known_hosts=str(known_hosts or ""),
                 iso_build=list((iso_builds or {}).get(h.name, [])),
+                lab_id=vs.lab_id,
             )
         )
     if problems:
