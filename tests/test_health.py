@@ -147,6 +147,16 @@ class Lab:
             return []
         return [json.loads(ln) for ln in self.api_log.read_text().splitlines()]
 
+    def api_start(self, ready: Path) -> str:
+        """The shell line that starts the K3s API at the server addresses in the background
+        (it writes ``ready`` once it listens): here the stand-in tests/k3sapi.py."""
+        q = shlex.quote
+        return (f"{q(sys.executable)} {q(str(ROOT / 'tests' / 'k3sapi.py'))} "
+                f"--script {q(str(self.api_script))} --log {q(str(self.api_log))} "
+                f"--pki {q(str(self.pki))} "
+                + " ".join(f"--listen {ip}" for _, ip in SERVERS.values())
+                + f" --ready-file {q(str(ready))} &")
+
     def setup(self, down: tuple[str, ...] = ()) -> str:
         q = shlex.quote
         ready = self.dir / "api.ready"
@@ -154,11 +164,7 @@ class Lab:
                  *(f"ip addr add {ip}/32 dev lo" for _, ip in SERVERS.values()),
                  f"mount --bind {q(str(self.etc))} /etc",
                  f"rm -f {q(str(ready))}",
-                 f"{q(sys.executable)} {q(str(ROOT / 'tests' / 'k3sapi.py'))} "
-                 f"--script {q(str(self.api_script))} --log {q(str(self.api_log))} "
-                 f"--pki {q(str(self.pki))} "
-                 + " ".join(f"--listen {ip}" for _, ip in SERVERS.values())
-                 + f" --ready-file {q(str(ready))} &"]
+                 self.api_start(ready)]
         for host, h in self.hosts.items():
             pid = h / "sshd.pid"
             lines.append(f"rm -f {q(str(pid))}")

@@ -15,7 +15,9 @@ and not to etcd, each logging its calls:
   ``/var/lib/rancher/k3s`` (a private mount namespace): what the real one does inside the
   container;
 - ``systemctl is-active|stop container@k3s-server.service``: whether the member answers on
-  127.0.0.1:2379; ``stop`` waits until it does not (a removed member stops by itself).
+  127.0.0.1:2379; ``stop`` waits until it does not (a removed member stops by itself);
+  ``systemctl stop podman-k3s-agent.service`` succeeds (after the lab's ``on-agent-stop``
+  hook, when a test wrote one).
 
 Each test: a first ``up`` (the deploys record what they deployed), a change of the plans,
 ``pulumi preview`` (the named step per node and the words), ``pulumi up`` (the order of
@@ -59,7 +61,9 @@ case "$1 $2" in
   "stop container@k3s-server.service")
     for _ in $(seq 100); do up || exit 0; sleep 0.2; done
     echo "stand-in: the member still answers" >&2; exit 1 ;;
-  "stop podman-k3s-agent.service") exit 0 ;;
+  "stop podman-k3s-agent.service")  # a test's hook sees the cluster at that moment
+    if [ -x "$K3SCLUSTER_TEST_LAB/on-agent-stop" ]; then "$K3SCLUSTER_TEST_LAB/on-agent-stop" "$K3SCLUSTER_TEST_HOST"; fi
+    exit 0 ;;
   "--no-block reboot") echo "$(date +%s.%N) $K3SCLUSTER_TEST_HOST reboot via ${SSH_CONNECTION}" \
       >> "$K3SCLUSTER_TEST_LAB/container.log" ;;
   *) echo "stand-in systemctl: $*" >&2; exit 3 ;;
