@@ -479,12 +479,14 @@ def test_runner_diff_updates_on_inputs_and_replaces_on_triggers() -> None:
     p = StepProvider()
     old = _props(inputs={"a": "1"}, triggers=["10.0.0.1"], stdout="old output")
     assert p.diff("id", old, _props(inputs={"a": "1"}, triggers=["10.0.0.1"])).changes is False
+    # a change is answered "unknown" (None): the engine then diffs the inputs itself and
+    # prints only the changed ones (runner.StepProvider.diff); no change is a plain False
     d = p.diff("id", old, _props(inputs={"a": "2"}, triggers=["10.0.0.1"]))
-    assert d.changes is True and d.replaces == []
+    assert d.changes is None and d.replaces == []
     d = p.diff("id", old, _props(inputs={"a": "1"}, triggers=["10.0.0.2"]))
-    assert d.changes is True and d.replaces == ["triggers"] and d.delete_before_replace
+    assert d.changes is None and d.replaces == ["triggers"] and d.delete_before_replace
     d = p.diff("id", old, _props(inputs={"a": "1"}, triggers=["10.0.0.1"], create=["false"]))
-    assert d.changes is True
+    assert d.changes is None
 
 
 def test_runner_diff_sees_through_secret_wrappers() -> None:

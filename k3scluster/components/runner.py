@@ -216,10 +216,22 @@ class StepProvider(ResourceProvider):
         return CreateResult(id_=f"{props.get('host') or 'cluster'}-{uuid.uuid4().hex[:12]}", outs={**props, **outs})
 
     def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
+        """Whether the step runs again (``UPDATE_KEYS``) or is replaced (``REPLACE_KEYS``).
+
+        A step that runs again is answered with ``changes=None`` ("unknown"), not ``True``:
+        the SDK's dynamic provider server sends no detailed diff (pulumi/dynamic/__main__.py
+        fills only changes, replaces and deleteBeforeReplace), and without one the engine
+        prints every input of an updated step, unchanged plan values and digests included
+        (backend/display getResourcePropertiesDetails). Told "unknown", the engine diffs the
+        step's old and new inputs itself and keeps that as the step's detailed diff
+        (resource/deploy/step_generator.go diffResource, pulumi 3.259), so ``preview --diff``
+        prints only the inputs that changed. The decision stays this method's: an unchanged
+        step is answered ``changes=False`` before the engine diffs anything.
+        """
         changed = [k for k in UPDATE_KEYS if _normal(olds.get(k)) != _normal(news.get(k))]
         replaces = [k for k in REPLACE_KEYS if _normal(olds.get(k)) != _normal(news.get(k))]
         return DiffResult(
-            changes=bool(changed or replaces),
+            changes=None if changed or replaces else False,
             replaces=replaces,
             stables=[],
             delete_before_replace=True,
