@@ -467,11 +467,13 @@ def fetch_kubeconfig(
     name: str,
     out: Path,
     also: Sequence[ipaddress.IPv4Address] = (),
+    other_servers: Sequence[tuple[str, ipaddress.IPv4Address]] = (),
 ) -> list[str]:
     """Read K3s's admin kubeconfig from the init-server's host (or, when it cannot be read
     there, from the first of the other server hosts ``also`` that has it), point it at
-    ``server``, name it ``name``, write it to ``out`` (mode 0600) and print it (a secret
-    step output)."""
+    ``server``, name it ``name``, add a context ``<name>-<node>`` for each of the other K3s
+    servers ``other_servers`` (node name, address), write it to ``out`` (mode 0600) and
+    print it (a secret step output)."""
     argv = [
         python, "-m", TASKS_MODULE, "kubeconfig", "--ip", str(ipaddress.IPv4Address(ip)),
         *ssh.task_args(), "--server", server, "--name", _plain_arg("stack name", name),
@@ -479,4 +481,7 @@ def fetch_kubeconfig(
     ]
     for other in also:
         argv += ["--also", str(ipaddress.IPv4Address(other))]
+    for node, node_ip in other_servers:
+        argv += ["--other-server",
+                 f"{_plain_arg('K3s node name', node)}={ipaddress.IPv4Address(node_ip)}"]
     return argv

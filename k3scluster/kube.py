@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,21 +69,32 @@ def parse_kubeconfig(text: str, where: str) -> dict[str, Any]:
     return data  # type: ignore[no-any-return]
 
 
-def rewrite_kubeconfig(text: str, server: str, name: str, where: str = "k3s.yaml") -> str:
-    """K3s's admin kubeconfig pointed at ``server``, its cluster, user and context called ``name``.
+def rewrite_kubeconfig(
+    text: str,
+    server: str,
+    name: str,
+    where: str = "k3s.yaml",
+    others: Sequence[tuple[str, str]] = (),
+) -> str:
+    """K3s's admin kubeconfig pointed at ``server``, its cluster, user and context called ``name``
+    (the current context), and for each ``(node, url)`` of ``others`` (the other K3s servers)
+    a cluster and context ``<name>-<node>`` pointed at ``url``, with the same CA and user.
 
-    K3s writes ``server: https://127.0.0.1:6443`` and names everything ``default``.
+    K3s writes ``server: https://127.0.0.1:6443`` and names everything ``default``. Every
+    server's certificate names its own node addresses (k3s pkg/cli/server/server.go adds the
+    node IPs to the SANs) and is signed by the one cluster CA, so the same CA data verifies
+    each of them: `kubectl --context <name>-<node>` works while the init-server is down.
     """
     data = parse_kubeconfig(text, where)
-    cluster = dict(data["clusters"][0]["cluster"])
-    cluster["server"] = server
+    ca = dict(data["clusters"][0]["cluster"])
     user = dict(data["users"][0]["user"])
+    targets = [(name, server), *((f"{name}-{node}", url) for node, url in others)]
     out = {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": name, "cluster": cluster}],
+        "clusters": [{"name": n, "cluster": {**ca, "server": url}} for n, url in targets],
         "users": [{"name": name, "user": user}],
-        "contexts": [{"name": name, "context": {"cluster": name, "user": name}}],
+        "contexts": [{"name": n, "context": {"cluster": n, "user": name}} for n, _ in targets],
         "current-context": name,
         "preferences": {},
     }

@@ -293,6 +293,9 @@ def test_kubeconfig_step_output_is_secret(poisoned: Path, runner: str) -> None:
     assert argv[argv.index("--server") + 1] == "https://10.0.100.10:6443"
     assert argv[argv.index("--name") + 1] == "mock"
     assert argv[argv.index("--out") + 1] == "/tmp/k3scluster-mock-kubeconfig"
+    # a context of its own for each other server, in server order
+    others = [argv[i + 1] for i, a in enumerate(argv) if a == "--other-server"]
+    assert others == ["ulf-k3s-server=10.0.100.12", "rolf-k3s-server=10.0.100.14"]
     assert reg.secret_outputs == ["stdout"]
     if runner == "command":
         assert reg.inputs["logging"] == "stderr"  # progress shown, the kubeconfig never

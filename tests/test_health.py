@@ -343,10 +343,17 @@ def test_up_rolls_server_hosts_through_their_gates_and_writes_the_kubeconfig(lab
     # the kubeconfig: a 0600 file, pointed at the init-server, named after the stack
     assert stat.S_IMODE(kubeconfig.stat().st_mode) == 0o600
     data = kube.parse_kubeconfig(kubeconfig.read_text(), str(kubeconfig))
-    assert data["clusters"] == [{"name": STACK, "cluster": {
-        "certificate-authority-data": base64.b64encode((lab.pki / "server-ca.crt").read_bytes())
-        .decode(), "server": "https://10.0.100.10:6443"}}]
+    ca = base64.b64encode((lab.pki / "server-ca.crt").read_bytes()).decode()
+    assert data["clusters"][0] == {"name": STACK, "cluster": {
+        "certificate-authority-data": ca, "server": "https://10.0.100.10:6443"}}
     assert data["current-context"] == STACK
+    # and a context of its own for each other server (kubectl while the init-server is down)
+    assert data["clusters"][1:] == [
+        {"name": f"{STACK}-{node}", "cluster": {"certificate-authority-data": ca, "server": url}}
+        for node, url in [("ulf-k3s-server", "https://10.0.100.12:6443"),
+                          ("rolf-k3s-server", "https://10.0.100.14:6443")]
+    ]
+    assert [c["name"] for c in data["contexts"]] == [c["name"] for c in data["clusters"]]
     assert data["users"][0]["name"] == STACK
     key_b64 = k3sapi.client_key_data(lab.pki)
     assert data["users"][0]["user"]["client-key-data"] == key_b64

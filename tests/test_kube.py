@@ -46,6 +46,25 @@ def test_rewrite_points_at_the_init_server_and_names_everything_after_the_stack(
     assert out["current-context"] == "hw"
 
 
+def test_rewrite_adds_a_context_for_each_other_server_with_the_same_ca_and_user() -> None:
+    others = [("ulf-k3s-server", "https://10.0.100.12:6443"),
+              ("rolf-k3s-server", "https://10.0.100.14:6443")]
+    out = yaml.safe_load(
+        kube.rewrite_kubeconfig(K3S_YAML, "https://10.0.100.10:6443", "hw", others=others))
+    assert out["current-context"] == "hw"  # the init-server, as before
+    assert out["clusters"] == [
+        {"name": name, "cluster": {"certificate-authority-data": "Q0EtREFUQQ==", "server": url}}
+        for name, url in [("hw", "https://10.0.100.10:6443"),
+                          ("hw-ulf-k3s-server", "https://10.0.100.12:6443"),
+                          ("hw-rolf-k3s-server", "https://10.0.100.14:6443")]
+    ]
+    assert out["contexts"] == [
+        {"name": n, "context": {"cluster": n, "user": "hw"}}
+        for n in ("hw", "hw-ulf-k3s-server", "hw-rolf-k3s-server")
+    ]
+    assert [u["name"] for u in out["users"]] == ["hw"]  # one user, its key once
+
+
 @pytest.mark.parametrize("text", ["", "just: a map\n", "[1, 2]\n", "clusters: [\n"])
 def test_a_file_that_is_no_kubeconfig_is_refused_without_its_content(text: str) -> None:
     with pytest.raises(K3sClusterError) as err:

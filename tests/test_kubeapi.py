@@ -30,3 +30,22 @@ def test_a_registered_node_is_seen_ready_with_its_kubelet_version(kube: Any) -> 
     kube.set_node_status("olaf-test", ready=False)
     seen = kubelib.read_node(kube.kubeconfig, kube.server, "olaf-test")
     assert seen.check == kubelib.Check(False, "node olaf-test Ready=False (KubeletNotReady)")
+
+
+def test_the_written_kubeconfig_reaches_each_other_server_by_its_context(kube: Any) -> None:
+    # the init-server's address first (what `kubectl` uses by default), a context of its
+    # own for each other server: each is verified with the one CA and answers
+    from kubernetes import client, config
+
+    init, *others = kube.served
+    assert others
+    named = [(f"srv{i}", kubelib.server_url(ip)) for i, ip in enumerate(others)]
+    text = kubelib.rewrite_kubeconfig(kube.k3s_yaml, kubelib.server_url(init), "hw", others=named)
+    data = kubelib.parse_kubeconfig(text, "kubeconfig")
+    assert data["current-context"] == "hw"
+    for context, url in [("hw", kubelib.server_url(init)), *((f"hw-{n}", u) for n, u in named)]:
+        cfg = client.Configuration()
+        config.load_kube_config_from_dict(data, context=context, client_configuration=cfg)
+        assert cfg.host == url
+        version = client.VersionApi(client.ApiClient(cfg)).get_code()
+        assert version.git_version == "v1.35.4"

@@ -220,6 +220,8 @@ def kubeconfig_step(
             for ip in dict.fromkeys(cluster.host(n.host).ip for n in server_order(cluster))
             if ip != init_ip
         ],
+        # a context of its own for each other server (kubectl while the init-server is down)
+        other_servers=[(n.name, n.ip) for n in server_order(cluster) if n.name != init.name],
     )
     return step(
         f"{name}-kubeconfig",

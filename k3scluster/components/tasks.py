@@ -756,8 +756,10 @@ def _kubeconfig(args: argparse.Namespace) -> None:
             f"cannot read {kube.KUBECONFIG_ON_HOST} from any server host ({'; '.join(failed)})",
             hint=f"look at: ssh root@{args.ip} journalctl -M k3s-server -u k3s",
         )
+    others = [(node, kube.server_url(node_ip)) for node, _, node_ip in
+              (o.partition("=") for o in args.other_server)]
     text = kube.rewrite_kubeconfig(
-        proc.stdout, args.server, args.name, f"{ip}:{kube.KUBECONFIG_ON_HOST}"
+        proc.stdout, args.server, args.name, f"{ip}:{kube.KUBECONFIG_ON_HOST}", others
     )
     write_private(resolve(args.out), text)
     _progress(f"kubeconfig for {args.server} written to {args.out} (mode 0600)")
@@ -932,6 +934,7 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--server", required=True)
     k.add_argument("--name", required=True)
     k.add_argument("--out", required=True)
+    k.add_argument("--other-server", action="append", default=[], metavar="NODE=IP")
     mb = sub.add_parser("membership")
     mb.add_argument("action", choices=["agent-leaves", "server-leaves", "host-leaves",
                                        "server-joins"])
