@@ -346,7 +346,8 @@ def deploy_and_check(
     on this machine are not the ones the step was planned with (``components/rendered.py``).
 
     ``record`` (JSON, ``membership.host_record``) is printed back in the last line when
-    the deploy succeeded: what the stack then knows the host as (components/deployed.py).
+    the deploy succeeded, with gates or without: what the stack then knows the host as
+    (components/deployed.py).
     ``via``: the address the host was last deployed at, when it moves to ``ip`` (deployed
     through it, rebooted, checked at ``ip``). Before colmena: with ``join_via`` (the other
     servers' host addresses, a running cluster) a server host without etcd data gets the
@@ -374,8 +375,9 @@ def deploy_and_check(
     ]
     if render is not None:
         argv += render.task_args()
-    if not gates:
-        return [*argv, "--no-gates", "--", *deploy_argv]
+    if not gates:  # colmena alone; the record still (membership knows who was deployed)
+        return [*argv, *(["--record", record] if record is not None else []),
+                "--no-gates", "--", *deploy_argv]
     for name, sip in servers:
         argv += ["--server", f"{_plain_arg('K3s name', name)}={ipaddress.IPv4Address(sip)}"]
     for name in agents:

@@ -34,7 +34,7 @@ from __future__ import annotations
 import ipaddress
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from k3scluster.errors import K3sClusterError
 from k3scluster.model import Cluster, Host, K3sNode, K3sType
@@ -245,6 +245,25 @@ class MembershipPlan:
             old, new = self.init_moved
             lines.append(f"init-server: {old} -> {new} (only a new cluster starts from it)")
         return lines
+
+
+def refuse_without_gates(plan: MembershipPlan) -> None:
+    """``k3scluster:waitReady false`` turns off what the membership steps and the deploys'
+    clean-ups need (the cluster's credentials read over ssh, etcd's health, a re-addressed
+    host's deploy through its old address): a change of who is in the cluster is refused
+    then, naming each change, rather than made without them or left undone. A host without
+    K3s nodes that leaves the plans is no such change (its step only asks the machine)."""
+    changes = replace(
+        plan, hosts_leaving=tuple(h for h in plan.hosts_leaving if h.nodes)
+    ).describe()
+    if not changes:
+        return
+    raise K3sClusterError(
+        "waitReady false: membership changes need the gates, and this change has "
+        f"{len(changes)}: " + "; ".join(changes),
+        hint="pulumi config set k3scluster:waitReady true, then `pulumi up` (set it back "
+        "afterwards if you must); nothing was changed",
+    )
 
 
 def plan_membership(cluster: Cluster, deployed: Deployed) -> MembershipPlan:

@@ -266,3 +266,30 @@ def test_member_node_names_follow_k3s() -> None:
     assert Member(1, "x", True).node == "x"
     assert Member(255, "n-1", True).hex_id == "ff"
     assert [quorum(n) for n in range(1, 6)] == [1, 2, 2, 3, 3]
+
+
+def test_without_gates_every_membership_change_is_refused_naming_it() -> None:
+    from k3scluster.membership import (
+        HostLeaving,
+        Leaving,
+        MembershipPlan,
+        Readdressed,
+        refuse_without_gates,
+    )
+
+    refuse_without_gates(MembershipPlan())  # nothing changes: nothing to refuse
+    # a host without K3s nodes leaves the plans: no change of the cluster's members
+    refuse_without_gates(MembershipPlan(
+        hosts_leaving=(HostLeaving("ulrich", ipaddress.IPv4Address("10.0.100.6"), ()),)))
+    plan = MembershipPlan(
+        agents_leaving=(Leaving("karl-k3s-agent", "karl", ipaddress.IPv4Address("10.0.100.5"),
+                                ipaddress.IPv4Address("10.0.100.15"), "its row left plans/k3s.csv"),),
+        readdressed=(Readdressed("ulrich", ipaddress.IPv4Address("10.0.100.6"),
+                                 ipaddress.IPv4Address("10.0.100.26")),),
+    )
+    with pytest.raises(K3sClusterError) as err:
+        refuse_without_gates(plan)
+    assert err.value.message.startswith("waitReady false: membership changes need the gates, "
+                                        "and this change has 2: karl-k3s-agent (agent on karl)")
+    assert "ulrich moves from 10.0.100.6 to 10.0.100.26" in err.value.message
+    assert "k3scluster:waitReady true" in err.value.hint

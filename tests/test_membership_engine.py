@@ -434,3 +434,27 @@ def test_servers_whose_gate_failed_join_again_and_keep_their_members(
     # the next run forgets the join steps (nothing runs again)
     assert p.preview() == {"ulf-k3s-server-joins-etcd": "delete",
                            "rolf-k3s-server-joins-etcd": "delete"}
+
+
+def test_with_wait_ready_false_a_membership_change_is_refused_at_preview(tmp_path: Path) -> None:
+    # waitReady false turns off what the membership steps need (credentials, etcd's health):
+    # the deploys still record who they deployed, and a server leaving is refused by the
+    # preview, never skipped (it would stay a dead etcd voter)
+    lab = Lab(tmp_path)
+    p = Project(tmp_path, lab, waitReady="false")
+    _first_up(p)
+    _drop_rows(p, "rolf-k3s-server")
+    before = len(p.colmena_calls())
+    for cmd in (("preview",), ("up", "--yes", "--skip-preview")):
+        r = p.pulumi(*cmd)
+        assert r.returncode != 0
+        assert ("waitReady false: membership changes need the gates, and this change has 1: "
+                "rolf-k3s-server (server on rolf) leaves etcd: its row left plans/k3s.csv") \
+            in " ".join(_text(r).split())
+        assert "pulumi config set k3scluster:waitReady true" in _text(r)
+    assert len(p.colmena_calls()) == before  # nothing deployed
+    # with the gates on again the change is planned as usual
+    (p.dir / "Pulumi.gates.yaml").write_text(
+        (p.dir / "Pulumi.gates.yaml").read_text().replace('waitReady: "false"',
+                                                          'waitReady: "true"'))
+    assert p.preview()["rolf-k3s-server-leaves-etcd"] == "create"

@@ -42,7 +42,7 @@ from k3scluster.components.steps import step
 from k3scluster.components.tasks import SNAPSHOT_PREFIX, captured_sha256
 from k3scluster.components.vm import make_lab
 from k3scluster.lab.spec import vm_render
-from k3scluster.membership import Deployed
+from k3scluster.membership import Deployed, refuse_without_gates
 from k3scluster.model import Cluster as ClusterModel
 from k3scluster.records import K3S_AGENT_INPUT, K3S_SERVER_INPUT, last_json
 from k3scluster.update_plan import (
@@ -144,6 +144,8 @@ class Cluster(pulumi.ComponentResource):
             ),
             args.versions,
         )
+        if not s.wait_ready:  # the membership steps need what the gates need
+            refuse_without_gates(self.plan.membership)
         self._held = self.plan.held_agents()
         self._files = render.render_files(c, s.render_dir, self._vm, self._held)
         # a manifest that left the plans since the last render: its objects stay in the

@@ -165,8 +165,9 @@ def deploy_argv(
         credentials_from=list(dict.fromkeys(cluster.host(n.host).ip for n in servers)),
         render=render,
         gates=wait_ready,
-        # membership (k3scluster/membership.py) needs the gates' credentials and record
-        record=json.dumps(host_record(cluster, host), sort_keys=True) if wait_ready else None,
+        # what the stack knows the host as (k3scluster/membership.py), gates or not: with
+        # waitReady false a membership change is refused at preview, never left unseen
+        record=json.dumps(host_record(cluster, host), sort_keys=True),
         via=was.ip if was is not None and was.ip != planned.ip else None,
         join_via=others if wait_ready and any(n.type.is_server for n in nodes) else [],
         check_agent_state=wait_ready and any(n.type is K3sType.AGENT for n in nodes),

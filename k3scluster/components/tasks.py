@@ -488,7 +488,14 @@ def _deploy(args: argparse.Namespace) -> None:
                     raise K3sClusterError(
                         f"`{' '.join(args.argv)}` failed with exit code {proc.returncode}"
                     )
-            if args.no_gates:  # waitReady false: nothing waits, nothing is read back
+            if args.no_gates:  # waitReady false: nothing waits, nothing is read back;
+                # what the stack knows the host as is printed still (membership)
+                if args.record:
+                    print(DEPLOYED_PREFIX + json.dumps({
+                        "host": json.loads(args.record),
+                        "deployedAt": datetime.datetime.now(datetime.UTC).strftime(
+                            "%Y-%m-%dT%H:%M:%SZ"),
+                    }, sort_keys=True), flush=True)
                 return
             deadline = time.monotonic() + timeout
             if servers or agents:
