@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import subprocess
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from typing import Any
 from k3scluster import commands
 from k3scluster.errors import K3sClusterError
 from k3scluster.membership import Deployed, deployed_from_records
+from k3scluster.pulumicli import run_stack_command
 from k3scluster.update_plan import HostVersions, minor_key
 
 # local.Command has no free-form input: each digest is an environment variable with this prefix
@@ -80,27 +79,14 @@ def from_export(text: str) -> list[tuple[str, str, Mapping[str, Any]]]:
 
 def read_export(pulumi: str | None, project_dir: Path, stack: str) -> list[tuple[str, str, Mapping[str, Any]]]:
     """The resources of ``stack`` (``pulumi stack export``, secrets left encrypted)."""
-    exe = shutil.which(pulumi or "pulumi")
-    if exe is None:
-        raise K3sClusterError(
-            "pulumi is not on PATH: the stack's state cannot be read",
-            hint="source scripts/env.sh first",
-        )
-    proc = subprocess.run(
-        commands.pulumi_stack_export(exe, stack),
-        cwd=project_dir,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        check=False,
+    out = run_stack_command(
+        pulumi,
+        lambda exe: commands.pulumi_stack_export(exe, stack),
+        project_dir,
+        f"pulumi stack export --stack {stack}",
+        hint=f"is the stack's name right (pulumi stack ls in {project_dir})?",
     )
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
-        raise K3sClusterError(
-            f"`pulumi stack export --stack {stack}` failed in {project_dir}: {last}",
-            hint="is the stack's name right (pulumi stack ls)?",
-        )
-    return from_export(proc.stdout)
+    return from_export(out)
 
 
 def _newest(*minors: str | None) -> str | None:

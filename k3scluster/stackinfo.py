@@ -11,8 +11,6 @@ read from ``Pulumi.<stack>.yaml`` by ``stackconfig`` with the Pulumi program's o
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any
 
 from k3scluster import commands
 from k3scluster.errors import K3sClusterError
+from k3scluster.pulumicli import run_stack_command
 from k3scluster.stackconfig import (
     ConfigReader,
     StackLayout,
@@ -76,28 +75,15 @@ def resolve(
 
 def read_outputs(stack: str, project_dir: Path, pulumi: str = "pulumi") -> dict[str, Any]:
     """``pulumi stack output --json`` in the project (secret outputs stay ``"[secret]"``)."""
-    exe = shutil.which(pulumi)
-    if exe is None:
-        raise K3sClusterError(
-            f"{pulumi} is not on PATH", hint="source scripts/env.sh (the offline Pulumi engine)"
-        )
-    proc = subprocess.run(
-        commands.pulumi_stack_outputs(exe, stack),
-        cwd=project_dir,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        check=False,
+    out = run_stack_command(
+        pulumi,
+        lambda exe: commands.pulumi_stack_outputs(exe, stack),
+        project_dir,
+        f"pulumi stack output --stack {stack}",
+        hint="run it inside `source scripts/env.sh`; `pulumi stack ls` lists the stacks",
     )
-    if proc.returncode != 0:
-        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-        raise K3sClusterError(
-            f"`pulumi stack output --stack {stack}` failed: "
-            f"{lines[-1].strip() if lines else proc.returncode}",
-            hint="run it inside `source scripts/env.sh`; `pulumi stack ls` lists the stacks",
-        )
     try:
-        data = json.loads(proc.stdout or "{}")
+        data = json.loads(out or "{}")
     except json.JSONDecodeError:
         raise K3sClusterError(f"`pulumi stack output --stack {stack}` did not print JSON") from None
     if not isinstance(data, dict):
