@@ -133,7 +133,11 @@ def main() -> None:
         deployed_hosts = records.deployed_hosts_of(resources)
         versions = records.host_versions(steps, [h.name for h in cluster.hosts], deployed_hosts)
         component = Cluster(
-            "cluster", ClusterArgs(cluster, settings, deployed_hosts, versions=versions)
+            "cluster",
+            ClusterArgs(
+                cluster, settings, deployed_hosts, versions=versions,
+                digests=records.host_digests(resources),
+            ),
         )
     except K3sClusterError as err:
         raise pulumi.RunError(str(err)) from None

@@ -198,6 +198,20 @@ def deployed_hosts_of(resources: Iterable[tuple[str, str, Mapping[str, Any]]]) -
     return deployed_from_records(found)
 
 
+HOST_TYPE = "k3scluster:index:Host"
+
+
+def host_digests(resources: Iterable[tuple[str, str, Mapping[str, Any]]]) -> dict[str, str]:
+    """host -> the digest of the system its last deploy installed (``render.host_digest``, the
+    ``Host`` component's output ``digest``; hosts without one are left out)."""
+    found: dict[str, str] = {}
+    for urn, type_, outputs in resources:
+        digest = outputs.get("digest") if isinstance(outputs, Mapping) else None
+        if type_ == HOST_TYPE and isinstance(digest, str):
+            found[urn.rsplit("::", 1)[-1]] = digest
+    return found
+
+
 def deployed_hosts(steps: Mapping[str, Mapping[str, str]]) -> list[str]:
     """Every host a deploy step of the state is for (hosts that left the plans included)."""
     return sorted({n[: -len(DEPLOY_SUFFIX)] for n in steps if n.endswith(DEPLOY_SUFFIX)})

@@ -59,7 +59,7 @@ Adding a phase (for example "leave etcd" or "drain and delete an agent" before t
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from k3scluster.errors import K3sClusterError
@@ -317,6 +317,39 @@ def snapshot_servers(
             found[h] = str(cluster.host(h).ip)
     order = [h for h in chain if h in found] + sorted(h for h in found if h not in chain)
     return ",".join(f"{h}={found[h]}" for h in order)
+
+
+def what_may_happen(
+    cluster: Cluster,
+    plan: UpdatePlan,
+    changing: Collection[str],
+    deployed_before: Collection[str],
+    gates: bool,
+) -> list[str]:
+    """What the preview says besides the steps, in words, at most one line per host (and one
+    for the snapshot), where the program can know it: ``changing``, the hosts whose system
+    differs from what their last deploy installed (their deploy runs). A changing host with
+    an agent that ran before (``deployed_before``; gates on) may be drained; a server host
+    that changes takes the etcd snapshot first (when the plan has that phase)."""
+    lines = []
+    snap = next((p for p in plan.phases if p.action is Action.SNAPSHOT), None)
+    if snap is not None and any(h in changing for h in snap.hosts):
+        on = [x.partition("=")[0] for x in dict(snap.detail)["servers"].split(",") if x]
+        lines.append(
+            f"etcd snapshot first, on the first of {', '.join(on)} that takes it, before any "
+            "server host changes"
+        )
+    moving = {r.host for r in plan.membership.readdressed}
+    for h in cluster.hosts:
+        node = drain_node(cluster, h.name)
+        if not gates or node is None or h.name not in changing or h.name not in deployed_before:
+            continue
+        why = (
+            ": it reboots into its new address" if h.name in moving
+            else " if the switch restarts its agent"
+        )
+        lines.append(f"{h.name}: drain possible ({node} is drained first{why})")
+    return lines
 
 
 def drain_node(cluster: Cluster, host: str) -> str | None:

@@ -146,3 +146,38 @@ def test_the_snapshot_is_taken_only_where_a_deployed_server_answers_with_its_nam
     assert "etcd snapshot " in text and "on rolf (10.0.100.4)" in text
     assert len(k3s_calls(lab, "rolf")) == 1 and k3s_calls(lab, "ulrich") == []
     assert p.outputs()["etcdSnapshot"]["host"] == "rolf"
+
+
+def test_the_preview_says_per_host_what_its_deploy_may_do(hosts_lab: Lab, tmp_path: Path) -> None:
+    lab = hosts_lab
+    p = Project(tmp_path, lab, snapshotBeforeServers="true")
+    r = p.up()
+    assert r.returncode == 0, _text(r)[-4000:]
+
+    def said() -> list[str]:
+        r = p.pulumi("preview")
+        assert r.returncode == 0, _text(r)[-4000:]
+        # (pulumi prints each diagnostic as it comes and again in its summary)
+        return list(dict.fromkeys(
+            ln.split("k3scluster: ", 1)[1].strip() for ln in _text(r).splitlines()
+            if "k3scluster: " in ln and ("drain" in ln or "snapshot" in ln)))
+
+    assert said() == []  # nothing changes
+    # an agent-only host and a server host with an agent change: both may be drained, and
+    # the snapshot comes first; olaf and rolf (unchanged) and ulrich (no agent) say nothing
+    for h in ("karl", "ulf"):
+        conf = p.cluster / "nixConfigs" / f"{h}.nix"
+        conf.write_text((conf.read_text() if conf.exists() else "{ ... }: { }\n") + "# changed\n")
+    assert said() == [
+        ("etcd snapshot first, on the first of olaf, ulf, rolf that takes it, before any server "
+        "host changes"),
+        "ulf: drain possible (ulf-k3s-agent is drained first if the switch restarts its agent)",
+        "karl: drain possible (karl-k3s-agent is drained first if the switch restarts its agent)",
+    ]
+    r = p.up()
+    assert r.returncode == 0, _text(r)[-4000:]
+    # a host without an agent, and no server host: neither
+    conf = p.cluster / "nixConfigs" / "ulrich.nix"
+    conf.write_text((conf.read_text() if conf.exists() else "{ ... }: { }\n") + "# changed\n")
+    assert said() == []
+    assert p.preview() == {"ulrich-deploy": "update", "cluster-render": "update"}

@@ -582,3 +582,33 @@ def test_the_snapshot_is_taken_on_deployed_servers_at_their_deployed_addresses()
     snap = plan.phases[0]
     assert snap.action is Action.SNAPSHOT and "dora" in snap.hosts
     assert dict(snap.detail)["servers"] == "anna=10.0.0.2,bert=10.0.0.3,carla=10.0.0.4"
+
+
+def test_what_the_preview_says_a_deploy_may_do() -> None:
+    import dataclasses
+
+    from k3scluster.update_plan import what_may_happen
+
+    before = cluster(BIG_HOSTS, BIG)
+    # dora moves to a new address; fritz is new (never deployed: no node to drain); nokube
+    # has no agent
+    now = cluster([*BIG_HOSTS, "fritz"], [*BIG, ("fritz", "a")])
+    now = dataclasses.replace(now, hosts=tuple(
+        dataclasses.replace(h, ip=A("10.0.0.99")) if h.name == "dora" else h for h in now.hosts
+    ))
+    plan = plan_update(now, deployed_of(before), UpdateSettings(), ran(before, "1.31"))
+    deployed = BIG_HOSTS
+    got = what_may_happen(now, plan, ["bert", "dora", "fritz", "nokube"], deployed, gates=True)
+    assert got == [
+        ("etcd snapshot first, on the first of anna, bert, carla that takes it, before any "
+        "server host changes"),
+        "bert: drain possible (bert-agent is drained first if the switch restarts its agent)",
+        "dora: drain possible (dora-agent is drained first: it reboots into its new address)",
+    ]
+    # no server host changes: no snapshot; gates off: nothing is drained
+    assert what_may_happen(now, plan, ["emil"], deployed, gates=True) == [
+        "emil: drain possible (emil-agent is drained first if the switch restarts its agent)"]
+    assert what_may_happen(now, plan, ["emil", "bert"], deployed, gates=False) == [
+        ("etcd snapshot first, on the first of anna, bert, carla that takes it, before any "
+        "server host changes")]
+

@@ -53,6 +53,7 @@ from k3scluster.update_plan import (
     Wait,
     drain_node,
     plan_update,
+    what_may_happen,
 )
 
 # step names of the membership changes: what `pulumi preview --diff` lists, per node
@@ -72,6 +73,8 @@ class ClusterArgs:
     deployed: Deployed = field(default_factory=Deployed)
     # host -> the K3s releases its last deploys ran (components/deployed.py)
     versions: Mapping[str, HostVersions] = field(default_factory=dict)
+    # host -> the digest of the system its last deploy installed (records.host_digests)
+    digests: Mapping[str, str] = field(default_factory=dict)
 
 
 def _digest(inputs: Mapping[str, pulumi.Input[str]]) -> pulumi.Output[str]:
@@ -186,8 +189,9 @@ class Cluster(pulumi.ComponentResource):
             Action.SERVER_JOINS: self._membership_phase,
             Action.SNAPSHOT: self._snapshot_phase,
         }
-        # who joins and who leaves, in words (the preview shows them among the diagnostics)
-        for line in self.plan.membership.describe():
+        # who joins and who leaves, in words (the preview shows them among the diagnostics),
+        # then what else the deploys that run may do (a drain, the snapshot)
+        for line in [*self.plan.membership.describe(), *self._what_may_happen(args.digests)]:
             pulumi.log.info(f"k3scluster: {line}", self)
         made: list[list[pulumi.Resource]] = []  # each phase's steps, in order
         for i, phase in enumerate(self.plan.phases):
@@ -198,6 +202,17 @@ class Cluster(pulumi.ComponentResource):
             made.append(builders[phase.action](phase, waits_for))
 
         self._register()
+
+    def _what_may_happen(self, last: Mapping[str, str]) -> list[str]:
+        """``update_plan.what_may_happen`` for the hosts whose system digest differs from what
+        their last deploy installed (``last``; one whose hardware file a fetch of this run
+        writes counts as changing)."""
+        changing = []
+        for h in self._c.hosts:
+            inputs = render.host_inputs(self._c, h.name, self._files, self._vm)
+            if h.name in self._fetch_hosts or last.get(h.name) != render.host_digest(inputs):
+                changing.append(h.name)
+        return what_may_happen(self._c, self.plan, changing, list(last), self._s.wait_ready)
 
     # -- 2. the rendered tree -----------------------------------------------------------
 
