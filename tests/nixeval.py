@@ -107,3 +107,16 @@ def container_config(
     }});
   in own{path}"""
     )
+
+
+def rendered(cluster_dir: Path, out: Path | None = None) -> Path:
+    """The cluster directory's plans rendered into ``out`` (default: its .k3scluster/render),
+    the directory the functions above evaluate."""
+    from k3scluster import plans
+    from k3scluster.render import render_to_dir
+
+    result = plans.load(cluster_dir)
+    assert result.cluster is not None, [d.message for d in result.diagnostics]
+    out = out if out is not None else cluster_dir / ".k3scluster" / "render"
+    render_to_dir(result.cluster, out)
+    return out

@@ -27,7 +27,7 @@ import shlex
 from pathlib import Path
 
 import pytest
-from nixeval import module_config
+from nixeval import module_config, rendered
 from test_k3s_start import netns, run_case
 
 from k3scluster import plans
@@ -44,7 +44,6 @@ from k3scluster.render import (
     _environment,
     host_inputs,
     render_files,
-    render_to_dir,
 )
 
 INIT, SECOND, THIRD = "127.0.0.10", "127.0.0.12", "127.0.0.14"
@@ -133,11 +132,7 @@ def test_the_rendered_script_itself(example_dir: Path, tmp_path: Path) -> None:
 
 @pytest.fixture
 def out(example_dir: Path) -> Path:
-    result = plans.load(example_dir)
-    assert result.cluster is not None
-    out = example_dir / ".k3scluster" / "render"
-    render_to_dir(result.cluster, out)
-    return out
+    return rendered(example_dir)
 
 
 def test_the_agent_container_decides_in_its_own_start(out: Path) -> None:

@@ -15,9 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-from k3scluster import plans
-from k3scluster.render import render_to_dir
+from nixeval import rendered
 
 # a K3s package that must never be built: its outPath and drvPath throw
 STUB_PKGS = """{
@@ -56,11 +54,7 @@ def _eval_error(expr: str) -> str:
 @pytest.fixture(scope="module")
 def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = Path(__file__).resolve().parent.parent / "examples" / "cluster"
-    result = plans.load(root)
-    assert result.cluster is not None
-    out = tmp_path_factory.mktemp("render")
-    render_to_dir(result.cluster, out)
-    return out
+    return rendered(root, tmp_path_factory.mktemp("render"))
 
 
 def test_the_image_tag_is_the_package_version_with_a_dash(out: Path) -> None:

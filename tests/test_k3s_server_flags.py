@@ -18,21 +18,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from nixeval import container_config
-
-from k3scluster import plans
-from k3scluster.render import render_to_dir
+from nixeval import container_config, rendered
 
 SERVER_HOSTS = ("olaf", "ulf", "rolf")  # the example's three servers
 
 
 @pytest.fixture
 def out(example_dir: Path) -> Path:
-    result = plans.load(example_dir)
-    assert result.cluster is not None
-    out = example_dir / ".k3scluster" / "render"
-    render_to_dir(result.cluster, out)
-    return out
+    return rendered(example_dir)
 
 
 def extra_flags(out: Path, host: str) -> list[str]:

@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from nixeval import container_config
+from nixeval import container_config, rendered
 
 from k3scluster import plans
 from k3scluster.k3s_start import (
@@ -42,7 +42,7 @@ from k3scluster.k3s_start import (
     SCRIPT_VALUES,
     sh_value,
 )
-from k3scluster.render import _environment, host_inputs, render_files, render_to_dir
+from k3scluster.render import _environment, host_inputs, render_files
 
 HERE = Path(__file__).resolve().parent
 DRIVER = HERE / "k3s_start_netns.py"
@@ -185,11 +185,7 @@ def test_rendered_constants_are_shell_words() -> None:
 
 @pytest.fixture
 def out(example_dir: Path) -> Path:
-    result = plans.load(example_dir)
-    assert result.cluster is not None
-    out = example_dir / ".k3scluster" / "render"
-    render_to_dir(result.cluster, out)
-    return out
+    return rendered(example_dir)
 
 
 def test_k3s_unit_gets_no_fixed_cluster_init_or_server(out: Path) -> None:

@@ -13,11 +13,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from nixeval import rendered
 from nixos_options import OPTIONS, RELEASES, known
 
-from k3scluster import plans
 from k3scluster.pins import NIXPKGS_PINS
-from k3scluster.render import render_to_dir
 
 WALKER = Path(__file__).resolve().parent / "nix" / "option-paths.nix"
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "cluster"
@@ -42,11 +41,7 @@ def _as_options(path: tuple[str, ...]) -> list[tuple[str, ...]]:
 
 @pytest.fixture(scope="module")
 def render_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    result = plans.load(EXAMPLE)
-    assert result.cluster is not None
-    out = tmp_path_factory.mktemp("render")
-    render_to_dir(result.cluster, out)
-    return out
+    return rendered(EXAMPLE, tmp_path_factory.mktemp("render"))
 
 
 def test_the_table_covers_every_pinned_release() -> None:
