@@ -36,6 +36,7 @@ UNWRAP = """
 
 
 def nix_eval(expr: str, cwd: Path | None = None) -> object:
+    """Evaluate ``expr`` strictly and return it as JSON-decoded Python."""
     proc = subprocess.run(
         ["nix-instantiate", "--eval", "--strict", "--json", "-E", expr],
         capture_output=True,

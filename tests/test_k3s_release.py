@@ -10,12 +10,11 @@ would build, download or even instantiate the package fails.
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
 import pytest
-from nixeval import rendered
+from nixeval import nix_eval, rendered
 
 # a K3s package that must never be built: its outPath and drvPath throw
 STUB_PKGS = """{
@@ -27,17 +26,6 @@ STUB_PKGS = """{
     drvPath = throw "the K3s package was instantiated";
   };
 }"""
-
-
-def _eval(expr: str) -> object:
-    proc = subprocess.run(
-        ["nix-instantiate", "--eval", "--strict", "--json", "-E", expr],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
 
 
 def _eval_error(expr: str) -> str:
@@ -59,7 +47,7 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_the_image_tag_is_the_package_version_with_a_dash(out: Path) -> None:
     release = out / "modules" / "k3s-release.nix"
-    got = _eval(
+    got = nix_eval(
         f'let r = import {release} {{ pkgs = {STUB_PKGS}; packageAttr = "k3s_1_35"; }};'
         " in { inherit (r) image; context = builtins.hasContext r.image;"
         ' other = r.imageOf "1.31.12+k3s1"; }'
@@ -93,13 +81,13 @@ def test_an_agent_only_host_runs_the_image_of_the_servers_package(out: Path) -> 
     # karl has an agent and no server: its image still comes from pkgs.k3s_1_35, and
     # evaluating it builds nothing (the stand-in's store paths throw)
     agent = _module(out, "k3s-agent.nix", "karl.nix")
-    image = _eval(f"{agent}.virtualisation.oci-containers.containers.k3s-agent.image")
+    image = nix_eval(f"{agent}.virtualisation.oci-containers.containers.k3s-agent.image")
     assert image == "docker.io/rancher/k3s:v1.35.2-k3s1"
 
 
 def test_the_server_container_runs_that_same_package(out: Path) -> None:
     server = _module(out, "k3s-server.nix", "olaf.nix")
-    version = _eval(
+    version = nix_eval(
         f"(({server}).containers.k3s-server.config {{ lib = {{ }}; }}).services.k3s.package.version"
     )
     assert version == "1.35.2+k3s1"

@@ -6,29 +6,14 @@ and compared with the Python value.
 
 from __future__ import annotations
 
-import json
-import subprocess
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from nixeval import nix_eval
 
 from k3scluster.nix import NixPath, nix_attr_name, nix_string, nix_value
-
-
-def nix_eval(expr: str, cwd: Path | None = None) -> object:
-    """Evaluate ``expr`` strictly and return it as JSON-decoded Python."""
-    proc = subprocess.run(
-        ["nix-instantiate", "--eval", "--strict", "--json", "-E", expr],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        check=False,
-    )
-    assert proc.returncode == 0, f"nix-instantiate failed on:\n{expr}\n{proc.stderr}"
-    return json.loads(proc.stdout)
-
 
 TRICKY = [
     "",

@@ -13,8 +13,9 @@ when one of them is missing) that returns what it was called with.
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
+
+from nixeval import nix_eval
 
 from k3scluster import plans
 from k3scluster.installer import render_installer
@@ -61,17 +62,6 @@ in
 """
 
 
-def _eval(expr: str) -> object:
-    proc = subprocess.run(
-        ["nix-instantiate", "--eval", "--strict", "--json", "-E", expr],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
-
-
 def _stub(dir: Path) -> Path:
     (dir / "nixos" / "lib").mkdir(parents=True)
     (dir / "default.nix").write_text(STUB_NIXPKGS)
@@ -102,7 +92,7 @@ def test_the_hive_imports_its_pin_pure(example_dir: Path, tmp_path: Path) -> Non
         "  };\n"
         "in\n" + hive
     )
-    got = _eval(f"(import {wrapped}).meta.nixpkgs.recorded")
+    got = nix_eval(f"(import {wrapped}).meta.nixpkgs.recorded")
     assert got == {"config": {}, "overlays": [], "system": NIXPKGS_SYSTEM}
 
 
@@ -117,7 +107,7 @@ def _iso(tmp_path: Path, nixpkgs_expr: str, node: str = "{ }") -> object:
     _stub(tmp_path / "nixpkgs")
     # a stand-in hive: one node, meta.nixpkgs not yet imported
     (out / "hive.nix").write_text(f"{{ meta.nixpkgs = {nixpkgs_expr}; {host} = {node}; }}\n")
-    return _eval(f"import {out / 'installers' / host / 'default.nix'}")
+    return nix_eval(f"import {out / 'installers' / host / 'default.nix'}")
 
 
 def test_the_iso_imports_a_nixpkgs_path_pure(tmp_path: Path) -> None:

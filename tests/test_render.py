@@ -17,6 +17,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from nixeval import nix_eval
 
 from k3scluster import plans
 from k3scluster.errors import K3sClusterError
@@ -47,18 +48,6 @@ def load(root: Path) -> Cluster:
 
 def out_of(root: Path) -> Path:
     return root / ".k3scluster" / "render"
-
-
-def nix_eval(expr: str, cwd: Path | None = None) -> object:
-    proc = subprocess.run(
-        ["nix-instantiate", "--eval", "--strict", "--json", "-E", expr],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        check=False,
-    )
-    assert proc.returncode == 0, f"nix-instantiate failed on:\n{expr}\n{proc.stderr}"
-    return json.loads(proc.stdout)
 
 
 def replace_host(cluster: Cluster, name: str, **changes: object) -> Cluster:
