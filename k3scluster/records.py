@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,15 @@ from k3scluster.update_plan import HostVersions, minor_key
 
 # local.Command has no free-form input: each digest is an environment variable with this prefix
 DIGEST_ENV_PREFIX = "K3SCLUSTER_IN_"
+# hex digits of a sha256 a step records: enough to see a change, short to read
+SHORT = 12
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def short_digest(value: str) -> str:
+    """A sha256 as a step records it (its first ``SHORT`` hex digits); anything else as is."""
+    return value[:SHORT] if _SHA256.fullmatch(value) else value
+
 COMMAND_TYPE = "command:local:Command"
 PYTHON_STEP_TYPE = "pulumi-python:dynamic/k3scluster:Step"
 STEP_TYPES = (COMMAND_TYPE, PYTHON_STEP_TYPE)

@@ -499,6 +499,29 @@ def test_runner_diff_sees_through_secret_wrappers() -> None:
                   _props(secretEnvironment={"T": "x"})).changes is False
 
 
+def test_runner_diff_a_new_layout_of_the_same_values_runs_nothing() -> None:
+    """An upgrade of the project that shows a deploy's values another way (a value moved
+    between ``inputs`` and ``plan``, a whole sha256 now recorded short, an argv list now one
+    line, an empty property now left out) runs no colmena: the diff compares
+    runner.trigger_view. A value that changed still runs the step, wherever it is shown."""
+    full = "ab" * 32
+    old = _props(create=["colmena", "apply", "--on", "olaf"], environment={},
+                 inputs={"file:hosts/olaf.nix": full, "k3s:agent": "1.35"},
+                 plan={"address": "10.0.100.2"}, stdout="done")
+    new = {"host": "olaf", "create": "colmena apply --on olaf",
+           "inputs": {"file:hosts/olaf.nix": full[:12]},
+           "plan": {"address": "10.0.100.2", "k3s:agent": "1.35"}}
+    p = StepProvider()
+    assert p.diff("id", old, new).changes is False
+    for plan in ({"address": "10.0.100.2", "k3s:agent": "1.36"},
+                 {"address": "10.0.100.9", "k3s:agent": "1.35"},
+                 # a hosts.csv column named like an input is one value more
+                 {**new["plan"], "modules": "base.nix @ 0123456789ab"}):
+        assert p.diff("id", old, {**new, "plan": plan}).changes is None, plan
+    assert p.diff("id", old, {**new, "inputs": {"file:hosts/olaf.nix": "cd" * 6}}).changes is None
+    assert p.diff("id", old, {**new, "create": "colmena apply --on olaf -p 4"}).changes is None
+
+
 def test_pickled_provider_is_small_and_holds_nothing_of_ours() -> None:
     import base64
 

@@ -9,12 +9,18 @@ of a six-host cluster stays short, and no secret is ever in clear.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
+import shlex
 from pathlib import Path
+from typing import Any
 
 import pytest
 from engine import netns_available, require_engine
 from test_pulumi_integration import POISON_HASH, POISON_TOKEN, STACK, Project
+
+from k3scluster.records import PYTHON_STEP_TYPE
 
 pytestmark = [pytest.mark.integration, pytest.mark.root]
 
@@ -75,3 +81,52 @@ def test_a_re_addressed_host_reads_like_a_sentence(project: Project) -> None:
     assert [c["hosts"] for c in again] == [["karl"]], again
     state = project.state_text()
     assert POISON_TOKEN not in state and POISON_HASH not in state
+
+
+def _old_layout(props: dict[str, Any], render_dir: Path) -> None:
+    """A deploy step's properties as an older version might have recorded them: commands as
+    argv lists, whole sha256s of the rendered files, the K3s releases among the plan values."""
+    for key in ("create", "update"):
+        if isinstance(props.get(key), str):
+            props[key] = shlex.split(props[key])
+    inputs, plan = props["inputs"], props["plan"]
+    for name in list(inputs):
+        if name.startswith("file:"):
+            whole = hashlib.sha256((render_dir / name[len("file:"):]).read_bytes()).hexdigest()
+            assert whole.startswith(inputs[name])
+            inputs[name] = whole
+        elif name.startswith("k3s:"):
+            plan[name] = inputs.pop(name)
+
+
+def test_an_up_after_an_upgrade_that_only_shows_values_another_way_runs_no_colmena(
+    project: Project,
+) -> None:
+    """Item 3 of the readable preview: the same values recorded in another layout (runner
+    .trigger_view) are no reason to deploy; the state is rewritten into an older layout with
+    ``pulumi stack export/import``, as a state written by an earlier version would be."""
+    project.up()
+    deployed = len(project.colmena_calls())
+    exported = project.pulumi("stack", "export", "--stack", STACK)
+    assert exported.returncode == 0, exported.stderr
+    state = json.loads(exported.stdout)
+    rewritten = 0
+    for res in state["deployment"]["resources"]:
+        if res["type"] == PYTHON_STEP_TYPE and res["urn"].endswith("-deploy"):
+            for part in ("inputs", "outputs"):
+                _old_layout(res[part], project.render_dir)
+            rewritten += 1
+    assert rewritten == 6
+    dump = project.dir / "old-layout.json"
+    dump.write_text(json.dumps(state))
+    imported = project.pulumi("stack", "import", "--stack", STACK, "--file", str(dump))
+    assert imported.returncode == 0, imported.stderr
+    steps = project.preview()["steps"]
+    assert {s["urn"].rsplit("::", 1)[-1]: s["op"] for s in steps if s["op"] != "same"} == {}
+    project.up()
+    assert project.colmena_calls()[deployed:] == []
+    # a real change still deploys, and only that host
+    hosts = project.cluster / "plans" / "hosts.csv"
+    hosts.write_text(hosts.read_text().replace("karl,eni1,10.0.100.5,", "karl,eni1,10.0.100.50,"))
+    project.up()
+    assert [c["hosts"] for c in project.colmena_calls()[deployed:]] == [["karl"]]

@@ -51,17 +51,21 @@ from pulumi.runtime.rpc import unwrap_rpc_secret
 
 from k3scluster.components.rendered import input_environment
 from k3scluster.components.tasks import OBSERVED_PREFIX, PROGRESS_PREFIX
-from k3scluster.records import DEPLOYED_PREFIX, last_json
+from k3scluster.records import DEPLOYED_PREFIX, last_json, short_digest
 from k3scluster.stackpaths import STEP_PYTHON
 
 TAIL_CHARS = 4000
 MASK = "[secret]"
 
-# Properties whose change means an update (runs ``update``, or ``create`` when there is none).
-UPDATE_KEYS = (
-    "create", "update", "delete", "environment", "secretEnvironment", "inputs", "plan", "dir",
-    "read", "drift",
+# Properties whose change means an update (runs ``update``, or ``create`` when there is none),
+# compared as ``trigger_view`` records them.
+RUN_KEYS = (
+    "create", "update", "delete", "environment", "secretEnvironment", "dir", "read", "drift",
 )
+# The values a step was planned with: digests (``inputs``) and plan values in clear (``plan``).
+VALUE_KEYS = ("inputs", "plan")
+UPDATE_KEYS = (*RUN_KEYS, *VALUE_KEYS)
+_COMMAND_KEYS = ("create", "update", "delete", "read")
 # Properties a run or a refresh sets (never inputs of the program).
 OUTPUT_KEYS = ("stdout", "stderr", "observed", "drift")
 
@@ -81,6 +85,42 @@ def mask(text: str, secrets: list[str]) -> str:
 
 class StepFailed(Exception):
     """A step's command failed; the message names the host, the argv and the output tail."""
+
+
+def _set(value: Any) -> Any:
+    """A property as it counts: plain (no secret wrapper), and None when empty or absent."""
+    value = _normal(value)
+    return None if value in ({}, [], "") else value
+
+
+def trigger_view(props: dict[str, Any]) -> dict[str, Any]:
+    """What decides whether a step runs again, as one layout for every version of the project.
+
+    How a step shows its values is for the reader of ``pulumi preview --diff``, and it changes
+    between versions; the values themselves do not. So: ``inputs`` and ``plan`` count as one
+    list of (name, value) pairs (a value moved from one map to the other is the same value),
+    a sha256 counts by the digits a step records (``records.short_digest``: a state written
+    with whole digests matches), a command is one line (states of older versions hold argv
+    lists), and an empty property counts as an absent one. An ``up`` after an upgrade of the
+    project that only shows the same values another way runs no colmena.
+    """
+    props = _normal(props)
+    view: dict[str, Any] = {}
+    for key in RUN_KEYS:
+        value = props.get(key)
+        if key in _COMMAND_KEYS and isinstance(value, list):
+            value = shlex.join(str(a) for a in value)
+        view[key] = _set(value)
+    pairs = []
+    for key in VALUE_KEYS:
+        values = props.get(key)
+        if isinstance(values, dict):
+            pairs += [(str(k), short_digest(v) if isinstance(v, str) else v)
+                      for k, v in values.items()]
+        elif values not in (None, {}, [], ""):  # unknown during a preview
+            pairs.append((key, values))
+    view["values"] = sorted(pairs, key=repr)
+    return view
 
 
 def _normal(value: Any) -> Any:
@@ -216,7 +256,8 @@ class StepProvider(ResourceProvider):
         return CreateResult(id_=f"{props.get('host') or 'cluster'}-{uuid.uuid4().hex[:12]}", outs={**props, **outs})
 
     def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
-        """Whether the step runs again (``UPDATE_KEYS``) or is replaced (``REPLACE_KEYS``).
+        """Whether the step runs again (its ``trigger_view`` differs) or is replaced
+        (``REPLACE_KEYS``).
 
         A step that runs again is answered with ``changes=None`` ("unknown"), not ``True``:
         the SDK's dynamic provider server sends no detailed diff (pulumi/dynamic/__main__.py
@@ -228,8 +269,9 @@ class StepProvider(ResourceProvider):
         prints only the inputs that changed. The decision stays this method's: an unchanged
         step is answered ``changes=False`` before the engine diffs anything.
         """
-        changed = [k for k in UPDATE_KEYS if _normal(olds.get(k)) != _normal(news.get(k))]
-        replaces = [k for k in REPLACE_KEYS if _normal(olds.get(k)) != _normal(news.get(k))]
+        was, now = trigger_view(olds), trigger_view(news)
+        changed = [k for k in now if was[k] != now[k]]
+        replaces = [k for k in REPLACE_KEYS if _set(olds.get(k)) != _set(news.get(k))]
         return DiffResult(
             changes=None if changed or replaces else False,
             replaces=replaces,

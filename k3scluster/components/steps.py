@@ -17,7 +17,6 @@ colmena reads the key files itself.
 
 from __future__ import annotations
 
-import re
 import shlex
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -27,6 +26,7 @@ import pulumi_command
 
 from k3scluster.components.rendered import input_env_key
 from k3scluster.components.runner import Step
+from k3scluster.records import short_digest
 
 RUNNERS = ("command", "python")
 # local.Command has no free-form input; each digest becomes an environment variable with this
@@ -51,15 +51,6 @@ def digest_environment(inputs_digest: Mapping[str, pulumi.Input[str]]) -> dict[s
             name, "=", value
         )
     return env
-
-
-SHORT = 12  # hex digits of a sha256 a step records: enough to see a change, short to read
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-def short_digest(value: str) -> str:
-    """A sha256 as a step records it (its first ``SHORT`` hex digits); anything else as is."""
-    return value[:SHORT] if _SHA256.fullmatch(value) else value
 
 
 def _short(value: pulumi.Input[str]) -> pulumi.Input[str]:
