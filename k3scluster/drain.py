@@ -133,9 +133,10 @@ class Drain:
         try:
             kube.drain(self.kubeconfig, self.server, self.node, self.timeout, self.progress)
         except K3sClusterError as err:
-            raise self._undo_cordon(err) from None
+            raise self.undo(err) from None
 
-    def _undo_cordon(self, err: K3sClusterError) -> K3sClusterError:
+    def undo(self, err: K3sClusterError) -> K3sClusterError:
+        """``err`` (nothing was deployed) after this stack's cordon is undone, saying so."""
         from k3scluster import kube
 
         if not self.cordoned:

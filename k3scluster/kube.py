@@ -424,6 +424,8 @@ def cordoned_by(kubeconfig: dict[str, Any], server: str, node: str) -> str | Non
         try:
             obj = _core(kubeconfig, server).read_node(node, _request_timeout=REQUEST_TIMEOUT)
         except ApiException as err:
+            if err.status == 404:
+                return None  # not registered: nobody's cordon
             raise _api_error(f"cannot read node {node}", err) from None
     if not (obj.spec and obj.spec.unschedulable):
         return None

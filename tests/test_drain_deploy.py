@@ -134,7 +134,9 @@ def _hive(base: Path, host: str) -> Path:
 def _deploy(kube: Any, h: Host, base: Path, node: str, hive: Path, *, state: Path,
             timeout: float = 30, drain_timeout: float = 20,
             stack: str = STACK, extra_env: dict[str, str] | None = None,
-            via: str | None = None) -> subprocess.CompletedProcess[str]:
+            via: str | None = None,
+            guard: tuple[str, ...] = ("--no-rollback", "--confirm-timeout", "0"),
+            ) -> subprocess.CompletedProcess[str]:
     kc = base / "admin.json"
     kc.write_text(json.dumps(kube.kubeconfig))
     hook = base / "hook.py"
@@ -145,7 +147,7 @@ def _deploy(kube: Any, h: Host, base: Path, node: str, hive: Path, *, state: Pat
         *(["--via", via] if via else []), "--ssh-identity", str(h.key), "--ssh-known-hosts", str(h.known_hosts),
         "--timeout", f"{timeout:g}", "--agent", node, "--api", kube.server,
         "--credentials-from", INIT_HOST, "--drain", node, "--drain-timeout", f"{drain_timeout:g}",
-        "--stack", stack, "--no-rollback", "--confirm-timeout", "0", "--", str(STANDIN), "apply", "switch", "--on", "karl", "-f", str(hive),
+        "--stack", stack, *guard, "--", str(STANDIN), "apply", "switch", "--on", "karl", "-f", str(hive),
     ]
     env = {
         "PATH": "/usr/sbin:/usr/bin:/bin", "HOME": str(base),
@@ -392,3 +394,22 @@ def test_an_uncordon_that_fails_after_a_healthy_deploy_says_what_to_run(kube: An
     text = f"{got.value.message} {got.value.hint}"
     assert "karl: deployed and healthy, but uncordoning node karl-k3s-agent failed" in text
     assert "kubectl uncordon karl-k3s-agent" in text
+
+
+def test_a_dead_man_switch_that_cannot_be_armed_undoes_the_cordon(
+    kube: Any, host: Host, tmp_path: Path
+) -> None:
+    """The drain went through, then the deploy stopped before colmena (this host's
+    /run/current-system is no system to go back to): nothing deployed, the node goes back."""
+    core = kube.core()
+    node = f"karl-{int(time.time() * 1000) % 100000}"
+    _ready_node(core, node)
+    with kube.kubelet():
+        r = _deploy(kube, host, tmp_path, node, _hive(tmp_path, "karl"),
+                    state=_changed_agent(tmp_path), guard=("--confirm-timeout", "30"))
+    assert r.returncode == 1
+    text = " ".join(r.stderr.split())
+    assert "/run/current-system is not a Nix store path" in text
+    assert f"node {node} was uncordoned (nothing deployed)" in text
+    assert _calls(tmp_path) == ["dry-activate"]  # never pushed nor switched
+    assert not core.read_node(node).spec.unschedulable

@@ -468,6 +468,7 @@ def _deploy(args: argparse.Namespace) -> None:
     timeout = float(args.timeout)
     deadline = time.monotonic() + timeout
     health = "ready"
+    creds: dict[str, Any] | None = None  # the gates' credentials
     from k3scluster import kube
 
     # the kubernetes client's temporary files (credentials) stay in a private directory
@@ -476,10 +477,13 @@ def _deploy(args: argparse.Namespace) -> None:
             _before_deploy(args, ssh, servers, agents, deadline)
         drained = _drain_before(args, ssh) if args.drain and not args.no_gates else None
         guard = _rollback_guard(args, ssh)
-        try:
-            argv = resolve_args(args.argv)
+        argv = resolve_args(args.argv)
+        try:  # the system to go back to, the dead-man switch armed; nothing deployed yet
             if guard:
                 guard.before(lambda: _colmena_goal(argv, "push"))
+        except K3sClusterError as err:
+            raise drained.undo(err) if drained else err from None
+        try:
             if not (args.via and _readdressed_deploy(args, ssh, argv, deadline)):
                 proc = subprocess.run(argv, stdin=subprocess.DEVNULL, check=False)
                 if guard:
@@ -499,7 +503,7 @@ def _deploy(args: argparse.Namespace) -> None:
                 return
             deadline = time.monotonic() + timeout
             if servers or agents:
-                _gates(args, ssh, servers, agents, timeout, deadline)
+                creds = _gates(args, ssh, servers, agents, timeout, deadline)
             else:
                 health = "no K3s"
         except K3sClusterError as err:
@@ -508,6 +512,8 @@ def _deploy(args: argparse.Namespace) -> None:
             raise drained.left_cordoned(err) if drained else err from None
         if drained:
             drained.after(args.host)
+        elif args.drain and creds is not None:  # a cordon an earlier run left
+            _undo_own_cordon(args, creds)
     # "reboot": the boot entries that differ from the booted system's (the stack output
     # needsReboot, k3scluster.bootentries)
     seen = observe(ssh, args.ip, _units(servers, agents), boot=True)
@@ -550,7 +556,7 @@ def _drain_if_restarting(args: argparse.Namespace, ssh: commands.SshSettings) ->
         )
     if not drain.agent_restarts(output):
         _progress(f"{args.host}: the switch leaves {drain.AGENT_UNIT} running: no drain")
-        return _own_cordon_left(args, ssh)
+        return None
     return _drain_now(args, ssh, f"the switch restarts {drain.AGENT_UNIT}")
 
 
@@ -625,30 +631,25 @@ def _colmena_goal(argv: list[str], goal: str) -> None:
             f"`{' '.join(other)}` failed with exit code {proc.returncode}; nothing was deployed")
 
 
-def _own_cordon_left(args: argparse.Namespace, ssh: commands.SshSettings) -> Any:
-    """A deploy that does not drain: when an earlier run of this stack left the node cordoned
-    (its mark, ``kube.CORDONED_BY``: a deploy that failed after its drain, or an uncordon
-    that failed), the ``Drain`` that uncordons it after the gates; else None. Asked once: no
-    credentials or no answer means nothing to undo now."""
+def _undo_own_cordon(args: argparse.Namespace, creds: dict[str, Any]) -> None:
+    """After a healthy deploy that drained nothing: when an earlier run of this stack left the
+    node cordoned (its mark, ``kube.CORDONED_BY``: a deploy that failed after its drain, or an
+    uncordon that failed), uncordon it (``creds``: the gates'). Asked of the first server that
+    answers, once: no answer means nothing to undo now (the next run asks again)."""
     from k3scluster import drain, kube
 
     if not args.stack:
-        return None
-    creds = _credentials(ssh, list(args.credentials_from), time.monotonic(), args.host)
-    if creds is None:
-        return None
+        return
     for url in args.api:
         try:
             mark = kube.cordoned_by(creds, url, args.drain)
         except K3sClusterError:
-            continue
-        if mark != args.stack:
-            return None
-        _progress(f"{args.drain}: cordoned by an earlier run of stack {args.stack}: "
-                  "uncordoned after a healthy deploy")
-        return drain.Drain(creds, url, args.drain, float(args.drain_timeout), _progress,
-                           cordoned=True, owner=args.stack)
-    return None
+            continue  # this server does not answer: the next one may
+        if mark == args.stack:
+            _progress(f"{args.drain}: cordoned by an earlier run of stack {args.stack}")
+            drain.Drain(creds, url, args.drain, float(args.drain_timeout), _progress,
+                        cordoned=True, owner=args.stack).after(args.host)
+        return
 
 
 SNAPSHOT_PREFIX = "k3scluster-snapshot="
@@ -681,7 +682,8 @@ def _gates(
     agents: list[str],
     timeout: float,
     deadline: float,
-) -> None:
+) -> dict[str, Any]:
+    """Waits for the host's gates; the cluster's credentials they used."""
     from k3scluster import kube
 
     creds = _credentials(ssh, list(args.credentials_from), deadline, args.host)
@@ -728,6 +730,7 @@ def _gates(
                 f"last seen: {check.seen}",
                 hint=f"look at: ssh root@{args.ip} podman logs k3s-agent",
             )
+    return creds
 
 
 def _gates_again(args: argparse.Namespace, ssh: commands.SshSettings,
