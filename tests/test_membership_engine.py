@@ -397,26 +397,36 @@ def test_a_reinstalled_server_host_has_its_stale_member_removed_before_its_deplo
     assert p.preview() == {}
 
 
-def test_servers_whose_gate_failed_join_again_and_keep_their_members(
+def test_a_server_whose_gate_failed_stops_the_chain_and_joins_again(
     members: MemberLab, tmp_path: Path
 ) -> None:
-    # test_health's gate test, through the next `up`: ulf's gate failed (rolf, after it in
-    # the chain, was not deployed), so neither has a deploy record and both count as joining
-    # a running cluster. Their join steps find each host holding the data of a member etcd
-    # still lists: it stays (a healthy member is never removed as stale), nothing is removed
+    # (was test_health's gate test, which stopped at the preview for lack of etcd) ulf's
+    # server never becomes ready: the chain stops there, the rest goes on. The next up: ulf
+    # (its gate failed) and rolf (after it in the chain, not deployed) have no deploy record,
+    # so both count as joining a running cluster. Their join steps find each host holding the
+    # data of a member etcd still lists: it stays (a healthy member is never removed as
+    # stale), nothing is removed, then both deploy in order.
     lab = members.lab
+    agents = {n: ["True"] for n in ("olaf-k3s-agent", "ulf-k3s-agent", "karl-k3s-agent")}
     lab.set_api(readyz={"10.0.100.10": ["200"], "10.0.100.12": ["503"], "10.0.100.14": ["200"]},
-                nodes={n: ["True"] for n in ("olaf-k3s-agent", "ulf-k3s-agent",
-                                             "karl-k3s-agent")})
+                nodes=agents)
     p = Project(tmp_path, lab, readyTimeout="6s")
     r = p.up("--continue-on-error")
     assert r.returncode != 0
-    assert "ulf: K3s server ulf-k3s-server (10.0.100.12) not ready after 6s" in _text(r)
-    ops = p.preview()
-    assert ops["ulf-k3s-server-joins-etcd"] == ops["rolf-k3s-server-joins-etcd"] == "create"
-    lab.set_api(readyz={ip: ["200"] for ip in MEMBERS.values()},
-                nodes={n: ["True"] for n in ("olaf-k3s-agent", "ulf-k3s-agent",
-                                             "karl-k3s-agent")})
+    text = _text(r)
+    assert "ulf: K3s server ulf-k3s-server (10.0.100.12) not ready after 6s" in text
+    assert "last seen: /readyz 503, etcd not ready" in text
+    assert "ssh root@10.0.100.3 journalctl -M k3s-server -u k3s" in text
+    # rolf comes after ulf in the chain: not deployed; karl and ulrich went on
+    assert sorted(p.deployed()) == sorted(["olaf", "ulf", "karl", "ulrich"])
+    assert p.deployed()[:2] == ["olaf", "ulf"]
+    assert p.preview() == {
+        "ulf-deploy": "create",
+        "rolf-deploy": "create",
+        "ulf-k3s-server-joins-etcd": "create",
+        "rolf-k3s-server-joins-etcd": "create",
+    }
+    lab.set_api(readyz={ip: ["200"] for ip in MEMBERS.values()}, nodes=agents)
     before = members.member_names()
     t0 = time.time()
     r = p.up()
@@ -427,7 +437,6 @@ def test_servers_whose_gate_failed_join_again_and_keep_their_members(
         name = members.etcd.hosts[node].name
         ip = HOSTS[HOST_OF[node]]
         assert f"{node}: etcd member {name} has its data on {ip}; it stays" in _text(r)
-    # both joined (their steps ran first), then were deployed, ulf before rolf
     switched = [c["hosts"][0] for c in p.colmena_calls()
                 if c["start"] > t0 and c["argv"][1] == "switch"]
     assert switched == ["ulf", "rolf"]
