@@ -211,30 +211,34 @@ def _summary(diags: Sequence[Diagnostic]) -> tuple[int, int]:
     return errors, len(diags) - errors
 
 
-def _check_against_stack(cluster: Cluster, stack: str, project: Path | None) -> str | None:
-    """What is wrong with moving ``stack``'s deployed cluster to ``cluster`` (None: nothing)."""
+def _check_against_stack(
+    cluster: Cluster, stack: str, project: Path | None
+) -> tuple[str | None, list[str]]:
+    """What is wrong with moving ``stack``'s deployed cluster to ``cluster`` (None: nothing),
+    and what it cannot check."""
     from k3scluster import records
-    from k3scluster.update_plan import check_k3s_step
+    from k3scluster.update_plan import check_k3s_step, unrecorded_warning
 
     resources = records.read_export(None, _project_dir(project), stack)
     steps = records.step_inputs(resources)
     versions = records.host_versions(
         steps, records.deployed_hosts(steps), records.deployed_hosts_of(resources)
     )
+    warning = unrecorded_warning(cluster, versions)
     try:
         check_k3s_step(cluster, versions)
     except K3sClusterError as err:
-        return str(err)
-    return None
+        return str(err), []
+    return None, [warning] if warning else []
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     result = load(args.dir)
     errors, warnings = _summary(result.diagnostics)
-    against = (
+    against, stack_warnings = (
         _check_against_stack(result.cluster, args.stack, args.project)
         if args.stack and result.cluster is not None
-        else None
+        else (None, [])
     )
     if args.json:
         ok = result.ok and against is None
@@ -243,11 +247,13 @@ def cmd_check(args: argparse.Namespace) -> int:
             "diagnostics": [d.to_json() for d in result.diagnostics],
         }
         if args.stack:
-            out["stack"] = {"name": args.stack, "error": against}
+            out["stack"] = {"name": args.stack, "error": against, "warnings": stack_warnings}
         print(json.dumps(out, indent=2))
         return 0 if ok else 1
     for d in result.diagnostics:
         print(d)
+    for w in stack_warnings:
+        print(f"warning: stack {args.stack}: {w}")
     if against is not None:
         print(f"error: stack {args.stack}: {against}")
         return 1

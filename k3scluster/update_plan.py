@@ -234,6 +234,21 @@ def check_unrecorded(cluster: Cluster, versions: Mapping[str, HostVersions], cho
     )
 
 
+def unrecorded_warning(cluster: Cluster, versions: Mapping[str, HostVersions]) -> str | None:
+    """With ``k3s:`` written over deployed hosts whose K3s release the state does not tell
+    (``check_unrecorded`` lets it pass): that the step from what they run is not checked."""
+    unknown = sorted(h for h, v in versions.items() if v.unknown)
+    if not unknown or not cluster.network.k3s_minor or not cluster.k3s:
+        return None
+    where = f"{cluster.network.location.file}"
+    return (
+        f'{where}: k3s: "{cluster.network.k3s}" is taken as given for {", ".join(unknown)}: this '
+        "stack's state records no K3s release for them, so the step from what they run is not "
+        "checked; make sure it is at most one minor release ahead (kubectl get nodes), never "
+        "behind. Their next deploy records it."
+    )
+
+
 def plan_update(
     cluster: Cluster,
     deployed: Deployed,

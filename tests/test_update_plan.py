@@ -418,11 +418,16 @@ def test_a_k3s_release_that_the_state_does_not_tell_needs_k3s_written(
     k3s: str | None, unknown: list[str], refused: bool
 ) -> None:
     from k3scluster.errors import K3sClusterError
+    from k3scluster.update_plan import unrecorded_warning
 
     plans = _net(cluster(BIG_HOSTS, BIG), k3s, "26.05")
     versions = {h: HostVersions(unknown=True) for h in unknown}
     if not refused:
         plan_update(plans, deployed_of(plans) if unknown else Deployed(), None, versions)
+        warned = unrecorded_warning(plans, versions)
+        assert (warned is not None) is bool(unknown)
+        assert warned is None or warned.startswith(
+            'plans/network.yaml: k3s: "1.35" is taken as given for anna, dora: ')
         return
     with pytest.raises(K3sClusterError) as err:
         plan_update(plans, deployed_of(plans), None, versions)

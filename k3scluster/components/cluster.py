@@ -53,6 +53,7 @@ from k3scluster.update_plan import (
     Wait,
     drain_node,
     plan_update,
+    unrecorded_warning,
     what_may_happen,
 )
 
@@ -149,6 +150,9 @@ class Cluster(pulumi.ComponentResource):
         )
         if not s.wait_ready:  # the membership steps need what the gates need
             refuse_without_gates(self.plan.membership)
+        unchecked = unrecorded_warning(c, args.versions)
+        if unchecked:
+            pulumi.log.warn(unchecked, self)
         self._held = self.plan.held_agents()
         self._files = render.render_files(c, s.render_dir, self._vm, self._held)
         # a manifest that left the plans since the last render: its objects stay in the
