@@ -245,6 +245,21 @@ def test_a_failed_activation_is_rolled_back(host: Host) -> None:
 
 
 @pytest.mark.root
+def test_a_rollback_that_fails_too_says_what_to_do(host: Host) -> None:
+    prev = make_system(host.store, "ulrich-prev", on_switch="echo 'old unit failed' >&2; exit 3\n")
+    new = make_system(host.store, "ulrich-new", on_switch="exit 4\n")
+    host.boot(prev)
+    r = deploy(host, new, "--confirm-timeout", "0")
+    assert r.returncode == 1
+    text = _flat(r)
+    assert f"rolling ulrich back to {prev} failed too: old unit failed" in text
+    # what to run on the host, or the boot menu
+    assert (f"{prev}/sw/bin/nix-env -p /nix/var/nix/profiles/system --set {prev} && "
+            f"{prev}/bin/switch-to-configuration switch") in text
+    assert "boot menu" in text
+
+
+@pytest.mark.root
 def test_without_rollback_a_failed_activation_stays(host: Host) -> None:
     prev = make_system(host.store, "ulrich-prev")
     new = make_system(host.store, "ulrich-new", on_switch="exit 4\n")
@@ -333,3 +348,28 @@ def test_confirm_timeout_setting() -> None:
     assert rollback.confirm_timeout_setting("5m") == 300.0
     with pytest.raises(K3sClusterError, match="k3scluster:confirmTimeout"):
         rollback.confirm_timeout_setting("soon")
+
+
+def test_a_host_whose_gates_fail_on_its_old_system_too_is_named_so() -> None:
+    """Guard.failed with the host's answers given (its ssh is tested above)."""
+    prev = "/nix/store/" + "a" * 32 + "-nixos-system-rolf-prev"
+    new = "/nix/store/" + "b" * 32 + "-nixos-system-rolf-new"
+    sent: list[str] = []
+
+    def run(script: str, new_connection: bool) -> tuple[int, str, str]:
+        sent.append(script)
+        if script == rollback.STATE_SCRIPT:
+            return 0, f"{new}\n{new}\n", ""
+        return 0, "", ""
+
+    def gates() -> None:
+        raise K3sClusterError("rolf: K3s server rolf-k3s-server (10.0.100.14) not ready after 6s")
+
+    g = rollback.Guard("rolf", run, lambda _: None, confirm_timeout=0, prev=prev)
+    err = g.failed(K3sClusterError("rolf: K3s server rolf-k3s-server (10.0.100.14) not ready "
+                                   "after 10m"), gates)
+    assert sent == [rollback.STATE_SCRIPT, rollback.rollback_script(prev)]
+    assert err.message == (
+        "rolf: K3s server rolf-k3s-server (10.0.100.14) not ready after 10m; rolf was rolled "
+        f"back to {prev}, but its gates fail there too: rolf: K3s server rolf-k3s-server "
+        "(10.0.100.14) not ready after 6s")
