@@ -115,7 +115,11 @@ def main() -> None:
         steps = records.step_inputs(resources)
         if settings.vm is not None:
             # the lab's identity, kept in the stack's state (a new lab: a new random id)
-            vm = dataclasses.replace(settings.vm, lab_id=lab_id_of(steps))
+            vm = dataclasses.replace(
+                settings.vm,
+                lab_id=lab_id_of(steps),
+                recorded_triggers=records.step_triggers(resources),
+            )
             settings = dataclasses.replace(settings, vm=vm)
             # refused in preview already, before anything is created (net-up checks again)
             from k3scluster.lab.netcheck import check_machine

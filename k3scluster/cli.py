@@ -442,9 +442,10 @@ def cmd_boot_stick(args: argparse.Namespace) -> int:
 def cmd_vms(args: argparse.Namespace) -> int:
     from k3scluster.lab import ctl
     from k3scluster.lab.spec import VmSpec, lab_dir
+    from k3scluster.stackpaths import resolve
 
     render_dir = args.render_dir or args.dir / ".k3scluster" / args.stack
-    lab = lab_dir(render_dir)
+    lab = resolve(lab_dir(render_dir))  # a spec names its directory relative to the project
     host = args.start or args.stop
     if host:
         names = [r["host"] for r in ctl.list_vms(lab)] if host == "all" else [host]
@@ -455,7 +456,7 @@ def cmd_vms(args: argparse.Namespace) -> int:
                     f"stack {args.stack} has no VM {name!r} in {lab}",
                     hint=f"k3scluster vms {args.dir} --stack {args.stack} lists them",
                 )
-            spec = VmSpec(**m["spec"])
+            spec = VmSpec(**m["spec"]).here(lab / name)
             (ctl.vm_start if args.start else ctl.vm_stop)(spec)
         return 0
     rows = ctl.list_vms(lab)

@@ -72,6 +72,18 @@ def step_inputs(resources: Iterable[tuple[str, str, Mapping[str, Any]]]) -> dict
     return found
 
 
+def step_triggers(
+    resources: Iterable[tuple[str, str, Mapping[str, Any]]],
+) -> dict[str, list[str]]:
+    """step name -> the triggers its state records (either runner keeps them as outputs)."""
+    found: dict[str, list[str]] = {}
+    for urn, type_, outputs in resources:
+        got = outputs.get("triggers") if isinstance(outputs, Mapping) else None
+        if type_ in STEP_TYPES and isinstance(got, list):
+            found[urn.rsplit("::", 1)[-1]] = [str(t) for t in got]
+    return found
+
+
 def from_export(text: str) -> list[tuple[str, str, Mapping[str, Any]]]:
     """(urn, type, outputs) of every resource in ``pulumi stack export`` output."""
     try:

@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,6 +80,95 @@ def test_two_checkouts_record_the_same_steps(
     assert "../cluster/.k3scluster/mock/hive.nix" in raw
     assert "~/.ssh/id_ed25519" in raw and "~/.kube/k3s" in raw
     assert '"dir"' not in raw
+
+
+class VmCheckout(Checkout):
+    """A checkout whose stack is a VM stack (its lab under the cluster's .k3scluster/)."""
+
+    def run_vms(self, runner: str, monkeypatch: pytest.MonkeyPatch,
+                state: dict[str, Any]) -> RecordingMonitor:
+        from test_update_components import StateMocks
+
+        from k3scluster.lab import netcheck
+
+        # the program checks this machine's routes; the mocks must not depend on them
+        monkeypatch.setattr(netcheck, "check_machine", lambda *a: None)
+        monkeypatch.setenv("HOME", str(self.home))
+        return run_program("../cluster", runner, main=self.project / "__main__.py",
+                           mocks=StateMocks(state), vms="true", vmAccel="tcg")
+
+
+@pytest.mark.parametrize("runner", ["command", "python"])
+def test_a_moved_vm_stack_records_the_same_lab(
+    request: pytest.FixtureRequest, example_dir: Path, runner: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A VM stack's checkout and cluster moved elsewhere (or another operator's): its lab's
+    steps (network, one machine per VM) record exactly what they did, so a preview shows no
+    change, and no path of either place: the lab directory, the ISOs' result links and the
+    known_hosts file as the stack file names them, resolved when a step runs."""
+    from test_components import _argv
+    from test_vm_components import lab_state
+
+    from k3scluster.lab.spec import VmSpec
+
+    state = lab_state(runner, {"state": "ok", "lab": "0123abcd"})
+    base = Path(tempfile.mkdtemp(prefix="k3mv-"))  # a unix socket's path is short
+    request.addfinalizer(lambda: shutil.rmtree(base))
+    here = VmCheckout(base / "a", example_dir)
+    moved = VmCheckout(base / "b" / "c", example_dir)
+    m = here.run_vms(runner, monkeypatch, state)
+    a, b = _custom(m), _custom(moved.run_vms(runner, monkeypatch, state))
+    lab = [n for n in a if n.endswith(("-vm-machine", "-lab-network"))]
+    assert len(lab) == 6 and set(a) == set(b)
+    for name in a:
+        assert a[name] == b[name], name
+        for where in (base, ROOT):
+            assert str(where) not in a[name], (name, where)
+    spec = VmSpec.from_json(_argv(m.named("olaf-vm-machine"), runner)[-1])
+    assert spec.dir == "../cluster/.k3scluster/mock-lab/olaf"
+    assert spec.iso_result == "../cluster/.k3scluster/mock-iso/olaf"
+    assert spec.known_hosts == "../cluster/.k3scluster/mock-vm-known_hosts"
+    # resolved where a step runs (the project directory)
+    monkeypatch.chdir(moved.project)
+    assert spec.path == moved.cluster / ".k3scluster" / "mock-lab" / "olaf"
+
+
+@pytest.mark.parametrize("runner", ["command", "python"])
+def test_a_vm_made_before_relative_paths_is_not_installed_again(
+    request: pytest.FixtureRequest, example_dir: Path, runner: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A VM whose machine step recorded its directory's absolute path (before specs recorded
+    it relative to the project): in that same directory, with nothing else changed, its
+    recorded triggers are kept (no replacement, no new install), and its hardware fetch's
+    too; when its lab has moved, the triggers are the relative ones (installed again once)."""
+    from test_components import RUNNERS, STEP_TYPES, _argv
+    from test_vm_components import lab_state
+
+    from k3scluster.lab.spec import VmSpec
+
+    base = Path(tempfile.mkdtemp(prefix="k3mv-"))
+    request.addfinalizer(lambda: shutil.rmtree(base))
+    here = VmCheckout(base / "a", example_dir)
+    moved = VmCheckout(base / "b" / "c", example_dir)
+    state = lab_state(runner, {"state": "ok", "lab": "0123abcd"})
+    new = here.run_vms(runner, monkeypatch, state)
+    spec = VmSpec.from_json(_argv(new.named("olaf-vm-machine"), runner)[-1])
+    legacy = spec.replace_keys(dir_as=str(here.cluster / ".k3scluster" / "mock-lab" / "olaf"))
+    assert legacy != spec.replace_keys()
+    typ = STEP_TYPES[RUNNERS.index(runner)]
+    urn = ("urn:pulumi:mock::k3scluster::k3scluster:index:Cluster$k3scluster:index:Lab$"
+           f"k3scluster:index:Vm${typ}::olaf-vm-machine")
+    state[urn] = {"type": typ, "outputs": {"create": "vm-up", "triggers": legacy}}
+    kept = here.run_vms(runner, monkeypatch, state)
+    assert list(kept.named("olaf-vm-machine").inputs["triggers"]) == legacy
+    assert list(kept.named("cluster-olaf-hardware").inputs["triggers"]) == [
+        spec.ip, *legacy]
+    ulf = VmSpec.from_json(_argv(kept.named("ulf-vm-machine"), runner)[-1])
+    assert list(kept.named("ulf-vm-machine").inputs["triggers"]) == ulf.replace_keys()
+    elsewhere = moved.run_vms(runner, monkeypatch, state)
+    assert list(elsewhere.named("olaf-vm-machine").inputs["triggers"]) == spec.replace_keys()
 
 
 # --- the real engine: two operators on one PostgreSQL backend --------------------------------

@@ -411,6 +411,35 @@ def test_vms_lists_state_ip_and_console(example_dir: Path, tmp_path: Path, capsy
     assert "has no VM 'nosuch'" in capsys.readouterr().err
 
 
+def test_vms_finds_a_vm_whose_spec_names_its_directory_relative_to_the_project(
+    example_dir: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch  # type: ignore[no-untyped-def]
+) -> None:
+    """The steps record the VM's directory relative to the project (where they run); `vms`
+    runs anywhere: it takes each VM where its manifest lies."""
+    import dataclasses
+
+    from k3scluster.cli import main
+
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    s = dataclasses.replace(_spec(example_dir, tmp_path, "olaf"), dir="../r-lab/olaf")
+    assert s.path == tmp_path / "r-lab" / "olaf"
+    made = machine.claim(s)
+    assert made["spec"]["dir"] == "../r-lab/olaf"
+    monkeypatch.chdir(tmp_path.parent)  # elsewhere
+    args = ["vms", str(example_dir), "--stack", "test-vms", "--render-dir", str(tmp_path / "r"),
+            "--json"]
+    assert main(args) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["console"] == str(tmp_path / "r-lab" / "olaf" / "console.log")
+    assert row["state"] == "not installed"
+    # --stop finds it too (and says it was not running)
+    assert main(["vms", str(example_dir), "--stack", "test-vms", "--render-dir",
+                 str(tmp_path / "r"), "--stop", "olaf"]) == 0
+    assert "host olaf: was not running" in capsys.readouterr().err
+
+
 def test_vm_rendered_hosts_parse_as_nix(example_dir: Path, tmp_path: Path) -> None:
     import subprocess
 

@@ -26,7 +26,7 @@ The hardware fetch and the deploy of a host wait for its ``machine`` step
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pulumi
@@ -38,6 +38,8 @@ from k3scluster.lab.spec import (
     LAB_ID_INPUT,
     NetSpec,
     VmSpec,
+    lab_dir,
+    machine_triggers,
     net_spec,
     new_lab_id,
     vm_specs,
@@ -64,9 +66,11 @@ class VmArgs:
     spec: VmSpec
     python: str
     runner: str
-    dir: str
     network: pulumi.Resource
+    local_dir: Path  # the VM's directory on this machine (the spec records it relative)
     depends_on: Sequence[pulumi.Resource] = field(default=())  # the render step
+    # the triggers the state records for this VM's machine step (``machine_triggers``)
+    recorded_triggers: Sequence[str] | None = None
 
 
 class Vm(pulumi.ComponentResource):
@@ -76,6 +80,7 @@ class Vm(pulumi.ComponentResource):
     def __init__(self, name: str, args: VmArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("k3scluster:index:Vm", name, None, opts)
         spec = self.spec = args.spec
+        self.triggers = machine_triggers(spec, args.recorded_triggers, args.local_dir)
         up = commands.lab_ctl(args.python, "vm-up", spec.to_json())
         self.machine = step(
             f"{name}-machine",
@@ -84,10 +89,11 @@ class Vm(pulumi.ComponentResource):
             create=up,
             update=up,
             delete=commands.lab_ctl(args.python, "vm-delete", spec.to_json()),
-            triggers=spec.replace_keys(),
+            triggers=self.triggers,
             # an installed VM that is not running (this machine restarted): vm-up starts it
-            inputs_digest={"state": vm_state(spec)},
-            dir=args.dir,
+            inputs_digest={"state": vm_state(spec.here(args.local_dir))},
+            # (no dir: steps run in the project directory, which the spec's paths are
+            # relative to, wherever the checkout lives)
             # the new VM takes the old one's directory, tap and MAC: the old one goes first.
             # vm-up builds the host's ISO from the render when it installs, and only then:
             # an installed VM never boots its ISO again, so a changed configuration (which
@@ -112,8 +118,10 @@ class LabArgs:
     vms: Sequence[VmSpec]
     python: str
     runner: str
-    dir: str
+    local_lab: Path  # the lab directory on this machine (the specs record it relative)
     depends_on: Sequence[pulumi.Resource] = field(default=())  # the render step
+    # step name -> the triggers the state records for it (VmSettings.recorded_triggers)
+    recorded_triggers: Mapping[str, Sequence[str]] = field(default_factory=dict)
 
 
 class Lab(pulumi.ComponentResource):
@@ -135,10 +143,9 @@ class Lab(pulumi.ComponentResource):
             # the bridge gone (this machine restarted): net-up makes it again
             # and the lab's id, read back by the next run (lab_id_of)
             inputs_digest={
-                "state": network_state(net),
+                "state": network_state(replace(net, lab_dir=str(args.local_lab))),
                 **({LAB_ID_INPUT: net.lab_id} if net.lab_id else {}),
             },
-            dir=args.dir,
             opts=pulumi.ResourceOptions(parent=self, delete_before_replace=True),  # one bridge
         )
         self.vms: dict[str, Vm] = {}
@@ -149,9 +156,10 @@ class Lab(pulumi.ComponentResource):
                     spec=spec,
                     python=args.python,
                     runner=args.runner,
-                    dir=args.dir,
                     network=self.network,
+                    local_dir=args.local_lab / spec.host,
                     depends_on=args.depends_on,
+                    recorded_triggers=args.recorded_triggers.get(f"{spec.host}-vm-machine"),
                 ),
                 pulumi.ResourceOptions(parent=self),
             )
@@ -164,7 +172,7 @@ class Lab(pulumi.ComponentResource):
         """What makes the host's VM another machine (``VmSpec.replace_keys``): what the
         VM's hardware fetch must be read again after."""
         vm = self.vms.get(host)
-        return vm.spec.replace_keys() if vm is not None else []
+        return vm.triggers if vm is not None else []
 
     def ready(self, host: str) -> list[pulumi.Resource]:
         """What a host's hardware fetch and deploy wait for: its VM, installed and up."""
@@ -185,17 +193,23 @@ def make_lab(
     if vs is None or vm is None:
         return None
     hosts = [h.name for h in cluster.hosts]
-    iso_links = {h: str(installer.iso_out_link(settings.render_dir, h)) for h in hosts}
-    iso_builds = {h: installer.iso_build_argv(settings.nix, settings.render_dir, h) for h in hosts}
+    # every path as steps record it (stackpaths): relative to the project, as the stack file
+    # names it, so the state does not depend on where the checkout or the cluster lives
+    render_dir = settings.rec(settings.render_dir)
+    iso_links = {h: str(installer.iso_out_link(render_dir, h)) for h in hosts}
+    iso_builds = {h: installer.iso_build_argv(settings.nix, render_dir, h) for h in hosts}
+    known_hosts = settings.rec(settings.known_hosts_file)
+    lab = lab_dir(render_dir)
     return Lab(
         f"{name}-lab",
         LabArgs(
-            net=net_spec(cluster, vs),
-            vms=vm_specs(cluster, vs, iso_links, settings.known_hosts_file, iso_builds),
+            net=net_spec(cluster, vs, lab),
+            vms=vm_specs(cluster, vs, iso_links, known_hosts, iso_builds, lab),
             python=settings.python,
             runner=settings.runner,
-            dir=str(settings.project_dir),
+            local_lab=vs.lab_dir,
             depends_on=(render_step,),
+            recorded_triggers=vs.recorded_triggers,
         ),
         pulumi.ResourceOptions(parent=parent),
     )

@@ -47,9 +47,10 @@ def vm_up(spec: VmSpec) -> None:
                 say(f"host {spec.host}: its QEMU was stopped")
             network.delete_tap(spec)
             raise
-    f = qemu.files(spec)
+    # the console as the spec records the VM's directory (this output is in the state)
+    console = Path(spec.dir) / qemu.files(spec)["console"].name
     print(json.dumps({"host": spec.host, "mac": spec.mac, "accel": accel,
-                      "console": str(f["console"])}))
+                      "console": str(console)}))
 
 
 def _vm_up(spec: VmSpec) -> str:
@@ -134,7 +135,7 @@ def list_vms(lab: Path) -> list[dict[str, Any]]:
         m = read_manifest(d)
         if m is None or "spec" not in m:
             continue
-        spec = VmSpec(**m["spec"])
+        spec = VmSpec(**m["spec"]).here(d)
         pid = running_pid(spec)
         if pid is not None:
             state = "running" if m.get("installed") else "installing"

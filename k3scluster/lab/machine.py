@@ -40,6 +40,7 @@ from k3scluster.lab.process import (
 )
 from k3scluster.lab.spec import MARKER, VmSpec, lab_owner
 from k3scluster.progress import run_with_progress
+from k3scluster.stackpaths import resolve_args
 
 MANIFEST_KIND = "k3scluster-vm"
 PRIVATE = 0o600
@@ -147,7 +148,8 @@ def forget_host_keys(spec: VmSpec) -> None:
     """A new install (or no VM) has other host keys: drop the old ones from the stack's
     known_hosts, and the hardware file read from the old disk."""
     qemu.files(spec)["hardware"].unlink(missing_ok=True)
-    if spec.known_hosts and hostkeys.forget_host(Path(spec.known_hosts), spec.ip):
+    known_hosts = spec.known_hosts_path
+    if known_hosts is not None and hostkeys.forget_host(known_hosts, spec.ip):
         say(f"host {spec.host}: its old ssh host keys dropped from {spec.known_hosts}")
 
 
@@ -162,7 +164,9 @@ def build_iso(spec: VmSpec) -> None:
     if not spec.iso_build:
         return
     say(f"host {spec.host}: building its installer ISO")
-    code = run_with_progress(spec.iso_build, f"host {spec.host}: the ISO build", say)
+    code = run_with_progress(
+        resolve_args(spec.iso_build), f"host {spec.host}: the ISO build", say
+    )
     if code != 0:
         raise K3sClusterError(
             f"host {spec.host}: the installer ISO build failed with exit code {code}",
@@ -173,7 +177,7 @@ def build_iso(spec: VmSpec) -> None:
 def install(spec: VmSpec, m: dict[str, Any], accel: str, ovmf: qemu.Ovmf | None) -> None:
     f = qemu.files(spec)
     build_iso(spec)
-    iso = installer.find_iso(Path(spec.iso_result)).resolve()
+    iso = installer.find_iso(spec.iso_path).resolve()
     forget_host_keys(spec)
     m["installed"] = False
     write_manifest(spec.path, m)

@@ -10,6 +10,7 @@ puts it back. ``vm-start`` reads that file to make the bridge again when it is m
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import re
@@ -77,7 +78,8 @@ def nat_ruleset(net: NetSpec, forwarding_before: str | None = None) -> str:
 
 
 def _network_file(net: NetSpec) -> Path | None:
-    return Path(net.lab_dir) / NETWORK_FILE if net.lab_dir else None
+    lab = net.lab_path
+    return lab / NETWORK_FILE if lab is not None else None
 
 
 def _recorded(net: NetSpec) -> dict[str, Any]:
@@ -101,10 +103,12 @@ def _record(net: NetSpec, **extra: Any) -> None:
 
 
 def recorded_net(lab: Path) -> NetSpec | None:
-    """The network spec the last ``net-up`` of this lab wrote (to make the bridge again)."""
+    """The network spec the last ``net-up`` of this lab wrote (to make the bridge again),
+    with the lab directory where it was found (its spec records it relative to the project,
+    and ``k3scluster vms`` may run anywhere)."""
     try:
         data = json.loads((lab / NETWORK_FILE).read_text())
-        return NetSpec(**data["spec"])
+        return dataclasses.replace(NetSpec(**data["spec"]), lab_dir=str(lab))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -27,6 +27,7 @@ import ipaddress
 import json
 import re
 import secrets
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from k3scluster.errors import K3sClusterError
 from k3scluster.macs import vm_mac
 from k3scluster.model import Cluster, Host
 from k3scluster.render import VmRender
+from k3scluster.stackpaths import resolve
 
 ACCELS = ("kvm", "tcg", "auto")
 # a K3s server wants 2 CPUs and 2 GiB at least; the VM also runs the host's NixOS and the
@@ -118,6 +120,8 @@ class VmSettings:
     install_timeout: int = 3600  # seconds for an installer to finish and power off
     boot_timeout: int = 600  # seconds for an installed VM to answer at its IP
     lab_id: str = ""  # kept in the stack's state ('': a lab made before lab ids)
+    # the state's machine steps: step name -> its recorded triggers (``machine_triggers``)
+    recorded_triggers: Mapping[str, Sequence[str]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.accel not in ACCELS:
@@ -147,8 +151,13 @@ class NetSpec:
     subnet: str  # "10.0.100.0/24"
     nat: bool
     location: str  # plans/network.yaml:N, for messages
-    lab_dir: str = ""  # where net-up records what it found (network.json)
+    lab_dir: str = ""  # where net-up records what it found (network.json), as steps record it
     lab_id: str = ""  # '': a lab made before lab ids (its names from the stack alone)
+
+    @property
+    def lab_path(self) -> Path | None:
+        """The lab directory on this machine (``lab_dir`` resolved; stackpaths.resolve)."""
+        return resolve(self.lab_dir) if self.lab_dir else None
 
     @property
     def alias(self) -> str:
@@ -178,7 +187,8 @@ class VmSpec:
     stack: str
     host: str
     name: str  # guest_name
-    dir: str  # the VM's own directory under the lab directory
+    # the VM's own directory under the lab directory, as steps record it (``path``: here)
+    dir: str
     mac: str
     tap: str
     bridge: str
@@ -189,7 +199,7 @@ class VmSpec:
     cpus: int
     disk_gib: int
     accel: str
-    iso_result: str  # the ISO build's out-link (installer.iso_out_link)
+    iso_result: str  # the ISO build's out-link (installer.iso_out_link), as recorded
     qemu: str
     qemu_img: str
     install_timeout: int
@@ -220,12 +230,44 @@ class VmSpec:
 
     @property
     def path(self) -> Path:
-        return Path(self.dir)
+        """The VM's directory on this machine (``dir`` resolved: stackpaths.resolve)."""
+        return resolve(self.dir)
 
-    def replace_keys(self) -> list[str]:
+    @property
+    def iso_path(self) -> Path:
+        return resolve(self.iso_result)
+
+    @property
+    def known_hosts_path(self) -> Path | None:
+        return resolve(self.known_hosts) if self.known_hosts else None
+
+    def here(self, vm_dir: Path) -> VmSpec:
+        """This spec with its directory as found on this machine (a manifest's spec, read
+        where the manifest lies, by a command that may run anywhere: ``k3scluster vms``)."""
+        return dataclasses.replace(self, dir=str(vm_dir))
+
+    def replace_keys(self, dir_as: str | None = None) -> list[str]:
         """What makes another machine: a change of these reinstalls the VM (delete, create).
-        The IP too: the installed system carries it, and the lab waits for the VM at it."""
-        return [self.mac, self.serial or "", self.boot, str(self.disk_gib), self.dir, self.ip]
+        The IP too: the installed system carries it, and the lab waits for the VM at it.
+        The directory as recorded (``dir_as`` instead: ``machine_triggers``)."""
+        return [self.mac, self.serial or "", self.boot, str(self.disk_gib), dir_as or self.dir,
+                self.ip]
+
+
+def machine_triggers(
+    spec: VmSpec, recorded: Sequence[str] | None, vm_dir: Path
+) -> list[str]:
+    """The machine step's triggers: ``spec.replace_keys()``. A VM made before specs recorded
+    the directory relative to the project has its absolute path in its recorded triggers;
+    when that directory is this one (``vm_dir``, the VM's directory here) and nothing else
+    differs, the recorded triggers are kept, so that the upgrade does not install the VM
+    again. (Such a VM's triggers keep the path until it is replaced: when its lab moves, it
+    is installed again once.)"""
+    keys = spec.replace_keys()
+    legacy = spec.replace_keys(dir_as=str(vm_dir))
+    if recorded is not None and list(recorded) == legacy:
+        return legacy
+    return keys
 
 
 def _column(host: Host, name: str) -> str:
@@ -250,7 +292,9 @@ def host_override(host: Host, column: str, default: int, least: int) -> int:
     return int(raw)
 
 
-def net_spec(cluster: Cluster, vs: VmSettings) -> NetSpec:
+def net_spec(cluster: Cluster, vs: VmSettings, recorded_lab: Path | None = None) -> NetSpec:
+    """The lab network's spec; ``recorded_lab`` is the lab directory as steps record it
+    (default ``vs.lab_dir``)."""
     net = cluster.network
     return NetSpec(
         stack=vs.stack,
@@ -259,7 +303,7 @@ def net_spec(cluster: Cluster, vs: VmSettings) -> NetSpec:
         subnet=str(net.network),
         nat=vs.nat,
         location=str(net.location),
-        lab_dir=str(vs.lab_dir),
+        lab_dir=str(recorded_lab or vs.lab_dir),
         lab_id=vs.lab_id,
     )
 
@@ -270,8 +314,11 @@ def vm_specs(
     iso_results: dict[str, str],
     known_hosts: Path | None = None,
     iso_builds: dict[str, list[str]] | None = None,
+    recorded_lab: Path | None = None,
 ) -> list[VmSpec]:
-    """One spec per host; raises (file:line) what no VM can do, e.g. a serial over 20 bytes."""
+    """One spec per host; raises (file:line) what no VM can do, e.g. a serial over 20 bytes.
+    ``iso_results``, ``known_hosts``, ``iso_builds`` and ``recorded_lab`` (the lab directory;
+    default ``vs.lab_dir``) are as steps record them; ``vs.lab_dir`` is the lab here."""
     specs = []
     problems = []
     for h in cluster.hosts:
@@ -294,7 +341,7 @@ def vm_specs(
                 stack=vs.stack,
                 host=h.name,
                 name=guest_name(vs.stack, h.name, vs.lab_id),
-                dir=str(vm_dir),
+                dir=str((recorded_lab or vs.lab_dir) / h.name),
                 mac=vm_mac(vs.stack, h.name),
                 tap=tap_name(vs.stack, h.name, vs.lab_id),
                 bridge=bridge_name(vs.stack, vs.lab_id),

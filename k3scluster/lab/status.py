@@ -31,7 +31,8 @@ def _exists(path: Path) -> bool | None:
 def network_state(net: NetSpec) -> str:
     if _exists(Path("/sys/class/net") / net.bridge):
         return OK
-    made = _exists(Path(net.lab_dir) / NETWORK_FILE) if net.lab_dir else False
+    lab = net.lab_path
+    made = _exists(lab / NETWORK_FILE) if lab is not None else False
     return DOWN if made else OK
 
 
