@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from k3scluster.errors import K3sClusterError
+from k3scluster.progress import heartbeat
 
 AGENT_UNIT = "podman-k3s-agent.service"
 _WOULD = re.compile(r"would (stop|restart|start|reload) the following units: (.*)$")
@@ -92,9 +93,11 @@ def dry_activate(argv: Sequence[str], progress: Callable[[str], None]) -> str:
     """Runs the dry activation of the deploy ``argv``; its output (also passed to stderr)."""
     dry = dry_activate_argv(argv)
     progress(f"asking what the switch would restart: {' '.join(dry)}")
-    proc = subprocess.run(
-        dry, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False
-    )
+    # it builds the new system first: minutes, during which colmena's output is held here
+    with heartbeat("colmena's dry activation", progress):
+        proc = subprocess.run(
+            dry, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False
+        )
     sys.stderr.write(proc.stderr)
     sys.stderr.write(proc.stdout)
     if proc.returncode != 0:

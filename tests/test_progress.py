@@ -1,12 +1,19 @@
 """Long commands say they are alive (k3scluster/progress.py): the ISO builds of both kinds of
-stack run through it, and its lines carry the prefix the python runner forwards."""
+stack run through it, colmena's deploys and dry activations through its heartbeat, and its
+lines carry the prefix the python runner forwards (pulumi-command shows every line)."""
 
 from __future__ import annotations
 
+import re
 import sys
+import time
+from pathlib import Path
 
+import pytest
+
+from k3scluster import drain
 from k3scluster.components import tasks
-from k3scluster.progress import run_with_progress
+from k3scluster.progress import heartbeat, run_with_progress
 
 
 def test_a_long_command_gets_progress_lines_and_its_exit_status() -> None:
@@ -34,3 +41,51 @@ def test_the_iso_task_reports_through_the_runners_prefix(capfd, tmp_path, monkey
                        sys.executable, "-c", "import time; time.sleep(0.7)"]) == 0
     err = capfd.readouterr().err
     assert f"{tasks.PROGRESS_PREFIX}the ISO build (result): still running after" in err
+
+
+def test_heartbeat_says_the_block_is_still_running() -> None:
+    said: list[str] = []
+    with heartbeat("olaf: colmena", said.append, every=0.1):
+        time.sleep(0.5)
+    assert said and all(re.fullmatch(r"olaf: colmena still running \(\d+ s\)", s) for s in said)
+    n = len(said)
+    time.sleep(0.3)
+    assert len(said) == n  # the thread ended with the block
+
+
+def _sleeping_colmena(tmp_path: Path) -> Path:
+    """A stand-in for colmena (``colmena apply …``): it sleeps, prints nothing and succeeds,
+    as a long deploy looks from outside."""
+    script = tmp_path / "colmena"
+    script.write_text(f"#!{sys.executable}\nimport time\ntime.sleep(0.8)\n")
+    script.chmod(0o755)
+    return script
+
+
+def test_the_deploy_task_says_colmena_is_still_running(
+    capfd: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """waitReady false: the deploy step runs colmena alone (--no-gates), which prints
+    nothing for minutes while it builds; the step says every PROGRESS_EVERY seconds that
+    it still runs, with the prefix the python runner forwards (pulumi-command shows all)."""
+    monkeypatch.setattr("k3scluster.progress.PROGRESS_EVERY", 0.2)
+    colmena = _sleeping_colmena(tmp_path)
+    assert tasks.main(["deploy", "--host", "olaf", "--ip", "10.0.100.2", "--timeout", "60",
+                       "--no-gates", "--", str(colmena), "apply", "switch", "--on", "olaf",
+                       "-f", "hive.nix"]) == 0
+    err = capfd.readouterr().err
+    assert re.search(rf"^{tasks.PROGRESS_PREFIX}olaf: colmena still running \(\d+ s\)$", err,
+                     re.MULTILINE), err
+
+
+def test_the_dry_activation_says_it_is_still_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A drain first asks colmena's dry activation what the switch restarts; it builds the
+    new system first, its output held until it ends."""
+    monkeypatch.setattr("k3scluster.progress.PROGRESS_EVERY", 0.2)
+    said: list[str] = []
+    drain.dry_activate([str(_sleeping_colmena(tmp_path)), "apply", "switch", "--on", "olaf"],
+                       said.append)
+    assert any(re.fullmatch(r"colmena's dry activation still running \(\d+ s\)", s)
+               for s in said), said

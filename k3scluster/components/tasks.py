@@ -367,10 +367,9 @@ def _readdressed_deploy(args: argparse.Namespace, ssh: commands.SshSettings,
     if boot[1:3] == ["apply", "switch"]:
         boot[2] = "boot"
     _progress(f"{args.host}: deployed through {args.via}, its address until it reboots")
-    env = {**os.environ, commands.via_env(args.host): args.via}
-    proc = subprocess.run(boot, stdin=subprocess.DEVNULL, check=False, env=env)
-    if proc.returncode != 0:
-        raise K3sClusterError(f"`{' '.join(boot)}` failed with exit code {proc.returncode}")
+    code = _colmena(args.host, boot, env={**os.environ, commands.via_env(args.host): args.via})
+    if code != 0:
+        raise K3sClusterError(f"`{' '.join(boot)}` failed with exit code {code}")
     _ssh_run(ssh, args.via, ["systemctl", "--no-block", "reboot"], timeout=10)
     _progress(f"{args.host}: rebooting into its new address {args.ip}")
     from k3scluster import kube
@@ -450,6 +449,16 @@ def _colmena_uses_stack_ssh(ssh: commands.SshSettings) -> None:
     os.environ[commands.COLMENA_SSH_CONFIG_ENV] = str(config)
 
 
+def _colmena(host: str, argv: list[str], env: dict[str, str] | None = None) -> int:
+    """Run one of the deploy's colmenas (its output is the step's own), saying every
+    ``progress.PROGRESS_EVERY`` seconds that it still runs: with waitReady false nothing
+    else is said while it builds and switches, for minutes; its exit status."""
+    from k3scluster.progress import heartbeat
+
+    with heartbeat(f"{host}: colmena", _progress):
+        return subprocess.run(argv, stdin=subprocess.DEVNULL, check=False, env=env).returncode
+
+
 def _deploy(args: argparse.Namespace) -> None:
 
     # the hive sends a host to K3SCLUSTER_VIA_<host> when it is set: only this task sets it,
@@ -480,17 +489,17 @@ def _deploy(args: argparse.Namespace) -> None:
         argv = resolve_args(args.argv)
         try:  # the system to go back to, the dead-man switch armed; nothing deployed yet
             if guard:
-                guard.before(lambda: _colmena_goal(argv, "push"))
+                guard.before(lambda: _colmena_goal(args.host, argv, "push"))
         except K3sClusterError as err:
             raise drained.undo(err) if drained else err from None
         try:
             if not (args.via and _readdressed_deploy(args, ssh, argv, deadline)):
-                proc = subprocess.run(argv, stdin=subprocess.DEVNULL, check=False)
+                code = _colmena(args.host, argv)
                 if guard:
                     guard.after_switch()
-                if proc.returncode != 0:
+                if code != 0:
                     raise K3sClusterError(
-                        f"`{' '.join(args.argv)}` failed with exit code {proc.returncode}"
+                        f"`{' '.join(args.argv)}` failed with exit code {code}"
                     )
             if args.no_gates:  # waitReady false: nothing waits, nothing is read back;
                 # what the stack knows the host as is printed still (membership)
@@ -618,17 +627,17 @@ def _rollback_guard(args: argparse.Namespace, ssh: commands.SshSettings) -> Any:
                           unit_id=f"{args.host}-{stamp}-{os.getpid()}")
 
 
-def _colmena_goal(argv: list[str], goal: str) -> None:
+def _colmena_goal(host: str, argv: list[str], goal: str) -> None:
     """``colmena apply <goal>`` of the deploy ``argv`` (the same hive and host); ``push``:
     build and copy the new system to the host, activating nothing."""
     from k3scluster import drain
 
     other = drain.colmena_goal_argv(argv, goal)
     _progress(f"the new system to the host first: {' '.join(other)}")
-    proc = subprocess.run(other, stdin=subprocess.DEVNULL, check=False)
-    if proc.returncode != 0:
+    code = _colmena(host, other)
+    if code != 0:
         raise K3sClusterError(
-            f"`{' '.join(other)}` failed with exit code {proc.returncode}; nothing was deployed")
+            f"`{' '.join(other)}` failed with exit code {code}; nothing was deployed")
 
 
 def _undo_own_cordon(args: argparse.Namespace, creds: dict[str, Any]) -> None:
