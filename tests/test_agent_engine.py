@@ -63,7 +63,8 @@ with open(out, "a") as f:
     f.write(json.dumps(seen) + "\\n")
 """
 # colmena's switch of the reinstalled host: what the API holds then; then the new agent
-# registers (it stands in for that agent's kubelet, so the deploy's gate sees it Ready)
+# registers (it stands in for that agent's kubelet, so the deploy's gate sees it Ready, and
+# for the server that keeps its new node password)
 REGISTER = """
 import json, os, subprocess, sys, time
 from kubernetes import client, config
@@ -77,6 +78,9 @@ core.create_node(client.V1Node(metadata=client.V1ObjectMeta(name=node)))
 now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 core.patch_node_status(node, {"status": {"conditions": [{"type": "Ready", "status": "True",
     "reason": "KubeletReady", "lastHeartbeatTime": now, "lastTransitionTime": now}]}})
+core.create_namespaced_secret("kube-system", client.V1Secret(
+    metadata=client.V1ObjectMeta(name=node + ".node-password.k3s"),
+    string_data={"hash": "the new agent's"}, type="k3s.cattle.io/node-password"))
 """
 
 
@@ -204,66 +208,19 @@ def _workload(api: Any, node: str) -> tuple[str, str, str]:
     return ns, "web-0", "logs-0"
 
 
-def test_an_agent_leaves_cordoned_drained_stopped_then_deleted(lab: ApiLab,
-                                                               tmp_path: Path) -> None:
-    api = lab.api
+def test_an_agent_host_reinstalled_then_the_agent_leaving(lab: ApiLab, tmp_path: Path) -> None:
+    # one first up for both (each engine run costs): the reinstall, then the agent leaves
     node = "karl-k3s-agent"
     p = Project(tmp_path, lab)
     _first_up(p)
-    # the agent's stop runs the hook: what the API shows at that moment
-    hook = lab.dir / "on-agent-stop"
-    hook.write_text("#!/bin/sh\nexec " + " ".join(shlex.quote(a) for a in lab.hook_argv(node))
-                    + "\n")
-    hook.chmod(0o755)
-    with api.ns.entered():
-        ns, web, logs = _workload(api, node)
-        uid = api.core().read_node(node).metadata.uid
-
-    _drop_rows(p, node)
-    ops = p.preview()
-    assert ops["karl-k3s-agent-leaves-cluster"] == "create"
-    text = _preview_text(p)
-    assert ("karl-k3s-agent (agent on karl) leaves: its row left plans/k3s.csv; it is "
-            "cordoned, drained, stopped, and its Node and node-password secret are deleted"
-            ) in text
-
-    t0 = time.time()
-    with api.kubelet():  # the pods' kubelet: evicted pods go once terminating
-        r = p.up()
-    assert r.returncode == 0, _text(r)[-6000:]
-    # the agent was stopped on karl, once, before any host of this run deployed
-    stops = [(t, h) for t, h, rest in lab.calls()
-             if rest == f"systemctl stop {agentmembers.AGENT_UNIT}" and t > t0]
-    assert [h for _t, h in stops] == ["karl"]
-    assert all(c["start"] > stops[0][0] for c in p.colmena_calls() if c["start"] > t0)
-    # at the stop: cordoned and drained (the ReplicaSet's pod evicted, the DaemonSet's left),
-    # the Node and its node-password secret still there
-    (at_stop,) = lab.seen()
-    assert at_stop["t"] > t0
-    assert at_stop == {**at_stop, "node": True, "uid": uid, "cordoned": True, "pods": [logs],
-                       "secret": True}
-    # then the Node and the secret went
-    with api.ns.entered():
-        core = api.core()
-        assert _there(lambda: core.read_node(node)) is None
-        assert _there(lambda: core.read_namespaced_secret(kube.node_password_secret(node),
-                                                          "kube-system")) is None
-        assert _there(lambda: core.read_namespaced_pod(web, ns)) is None
-    out = _text(r)
-    assert f"drain {node}: evicting 1 pod(s)" in out
-    assert (f"{node}: left the cluster (cordoned, drained (1 pod(s) evicted), stopped, "
-            "Node deleted, node-password secret deleted)") in out
-    # the next run forgets the step (nothing runs again)
-    assert p.preview() == {"karl-k3s-agent-leaves-cluster": "delete"}
+    _reinstalled(lab, p, node)
+    _leaves(lab, p, node)
 
 
-def test_a_reinstalled_agent_host_loses_its_old_node_before_its_agent_starts(
-    lab: ApiLab, tmp_path: Path
-) -> None:
+def _reinstalled(lab: ApiLab, p: Project, node: str) -> None:
+    """karl is reinstalled: its old Node and node-password secret are deleted before the
+    deploy's switch starts its new agent (and only then)."""
     api = lab.api
-    node = "karl-k3s-agent"
-    p = Project(tmp_path, lab)
-    _first_up(p)
     with api.ns.entered():
         old = api.core().read_node(node).metadata.uid
         api.set_node_status(node, ready=False)  # the host was down while it was reinstalled
@@ -292,6 +249,58 @@ def test_a_reinstalled_agent_host_loses_its_old_node_before_its_agent_starts(
             if c["start"] > t0 and c["argv"][1] == "switch"] == [["karl"]]
     assert (f"{node}: 10.0.100.5 has no agent state (reinstalled): old Node deleted "
             "(Ready=False), old node-password secret deleted") in _text(r)
-    with api.ns.entered():  # the new agent's Node (registered at the switch) stays
+    with api.ns.entered():  # the new agent's Node and secret (made at the switch) stay
         new = api.core().read_node(node)
+        assert _there(lambda: api.core().read_namespaced_secret(
+            kube.node_password_secret(node), "kube-system")) is not None
     assert new.metadata.uid != old
+    password.write_text("the new agent's node password\n")  # what its agent wrote
+
+
+def _leaves(lab: ApiLab, p: Project, node: str) -> None:
+    """karl's agent row goes: cordoned, drained, stopped, then its Node and secret deleted."""
+    api = lab.api
+    # the agent's stop runs the hook: what the API shows at that moment
+    hook = lab.dir / "on-agent-stop"
+    hook.write_text("#!/bin/sh\nexec " + " ".join(shlex.quote(a) for a in lab.hook_argv(node))
+                    + "\n")
+    hook.chmod(0o755)
+    with api.ns.entered():
+        ns, web, logs = _workload(api, node)
+        uid = api.core().read_node(node).metadata.uid
+
+    _drop_rows(p, node)
+    ops = p.preview()
+    assert ops["karl-k3s-agent-leaves-cluster"] == "create"
+    text = _preview_text(p)
+    assert ("karl-k3s-agent (agent on karl) leaves: its row left plans/k3s.csv; it is "
+            "cordoned, drained, stopped, and its Node and node-password secret are deleted"
+            ) in text
+
+    t0 = time.time()
+    with api.kubelet():  # the pods' kubelet: evicted pods go once terminating
+        r = p.up()
+    assert r.returncode == 0, _text(r)[-6000:]
+    # the agent was stopped on karl, once, before any host of this run deployed
+    stops = [(t, h) for t, h, rest in lab.calls()
+             if rest == f"systemctl stop {agentmembers.AGENT_UNIT}" and t > t0]
+    assert [h for _t, h in stops] == ["karl"]
+    assert all(c["start"] > stops[0][0] for c in p.colmena_calls() if c["start"] > t0)
+    # at the stop: cordoned and drained (the ReplicaSet's pod evicted, the DaemonSet's left),
+    # the Node and its node-password secret still there
+    (at_stop,) = [s for s in lab.seen() if s["t"] > t0]
+    assert at_stop == {**at_stop, "node": True, "uid": uid, "cordoned": True, "pods": [logs],
+                       "secret": True}
+    # then the Node and the secret went
+    with api.ns.entered():
+        core = api.core()
+        assert _there(lambda: core.read_node(node)) is None
+        assert _there(lambda: core.read_namespaced_secret(kube.node_password_secret(node),
+                                                          "kube-system")) is None
+        assert _there(lambda: core.read_namespaced_pod(web, ns)) is None
+    out = _text(r)
+    assert f"drain {node}: evicting 1 pod(s)" in out
+    assert (f"{node}: left the cluster (cordoned, drained (1 pod(s) evicted), stopped, "
+            "Node deleted, node-password secret deleted)") in out
+    # the next run forgets the step (nothing runs again)
+    assert p.preview() == {"karl-k3s-agent-leaves-cluster": "delete"}
