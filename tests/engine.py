@@ -19,6 +19,7 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / ".tools" / "bin"
@@ -276,3 +277,8 @@ def engine_pid(proc: subprocess.Popen[bytes]) -> int | None:
             pass
         todo.extend(children.get(pid, []))
     return None
+
+
+def changes(preview: Mapping[str, Any]) -> dict[str, str]:
+    """Resource name -> op, for every step of a ``pulumi preview --json`` that is not ``same``."""
+    return {s["urn"].split("::")[-1]: s["op"] for s in preview["steps"] if s["op"] != "same"}

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from engine import engine_dirs, netns_available, require_engine, run_pulumi
+from engine import changes, engine_dirs, netns_available, require_engine, run_pulumi
 
 from k3scluster.components.settings import Settings
 from k3scluster.errors import K3sClusterError
@@ -244,11 +244,6 @@ class Project:
 
     def resources_in_state(self) -> set[str]:
         return {r["urn"].split("::")[-1] for r in self.state()["checkpoint"]["latest"]["resources"]}
-
-
-def changes(preview: dict[str, Any]) -> dict[str, str]:
-    """Resource name -> op, for every step of a preview that is not ``same``."""
-    return {s["urn"].split("::")[-1]: s["op"] for s in preview["steps"] if s["op"] != "same"}
 
 
 @pytest.fixture

@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from engine import engine_pid, netns_available, require_engine, run_pulumi, start_pulumi
+from engine import (
+    changes,
+    engine_pid,
+    netns_available,
+    require_engine,
+    run_pulumi,
+    start_pulumi,
+)
 from postgres import Postgres
 from postgres import available as pg_available
 from test_components import STEP_TYPES, RecordingMonitor, run_program
@@ -246,10 +253,6 @@ class Operator:
         return [json.loads(ln)["hosts"][0] for ln in self.log.read_text().splitlines()]
 
 
-def _changes(preview: dict[str, Any]) -> dict[str, str]:
-    return {s["urn"].split("::")[-1]: s["op"] for s in preview["steps"] if s["op"] != "same"}
-
-
 def _wait_for(path: Path, proc: Any, what: str, limit: float = 240) -> None:
     end = time.monotonic() + limit
     while not path.exists():
@@ -305,8 +308,8 @@ def test_two_operators_share_one_stack_in_postgresql(tmp_path: Path, postgres: P
     # 1. ann deploys; bob, from his own checkout and clone, has nothing to do
     ann.up()
     assert sorted(ann.calls()) == sorted(HOSTS)
-    assert _changes(bob.preview()) == {}
-    assert _changes(ann.preview()) == {}
+    assert changes(bob.preview()) == {}
+    assert changes(ann.preview()) == {}
 
     # 2. a change every K3s host takes (a new token), pulled by both
     (origin / "secrets" / "token").write_text("a-new-token-0123456789abcdef\n")
@@ -314,7 +317,7 @@ def test_two_operators_share_one_stack_in_postgresql(tmp_path: Path, postgres: P
     for op in (ann, bob):
         _git(op.cluster, "pull", "-q")
         op.fix_modes()
-    changed = {n.removesuffix("-deploy") for n in _changes(bob.preview()) if n.endswith("-deploy")}
+    changed = {n.removesuffix("-deploy") for n in changes(bob.preview()) if n.endswith("-deploy")}
     assert {"olaf", "ulf", "rolf"} <= changed and "ulrich" not in changed  # the servers' token
 
     # 3. ann's up holds in ulf's deploy (olaf, the init-server's host, is done)
@@ -363,5 +366,5 @@ def test_two_operators_share_one_stack_in_postgresql(tmp_path: Path, postgres: P
     # bob's up deploys what was left (ulf again: its end was never recorded), not olaf
     bob.up()
     assert sorted(bob.calls()) == sorted(changed - {"olaf"})
-    assert _changes(ann.preview()) == {}
-    assert _changes(bob.preview()) == {}
+    assert changes(ann.preview()) == {}
+    assert changes(bob.preview()) == {}

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from engine import engine_dirs, netns_available, require_engine, run_pulumi
+from engine import changes, engine_dirs, netns_available, require_engine, run_pulumi
 
 ROOT = Path(__file__).resolve().parent.parent
 STANDIN = ROOT / "tests" / "bin" / "colmena"
@@ -89,11 +89,6 @@ class Project:
 
     def state_text(self) -> str:
         return engine_dirs(self.dir).stack_file("k3scluster", STACK).read_text()
-
-
-def changes(preview: dict[str, Any]) -> dict[str, str]:
-    """Resource name -> op, for every step of a preview that is not ``same``."""
-    return {s["urn"].split("::")[-1]: s["op"] for s in preview["steps"] if s["op"] != "same"}
 
 
 @pytest.fixture

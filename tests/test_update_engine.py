@@ -15,7 +15,8 @@ import sys
 from typing import Any
 
 import pytest
-from test_pulumi_integration import STACK, Project, changes
+from engine import changes
+from test_pulumi_integration import STACK, Project
 
 pytestmark = [pytest.mark.integration, pytest.mark.root]
 
