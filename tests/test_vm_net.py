@@ -281,14 +281,20 @@ def test_two_labs_of_stacks_with_the_same_name_coexist(example_dir: Path, tmp_pa
 def test_a_failed_net_up_leaves_no_bridge(tmp_path: Path) -> None:
     """net-up fails after it made the bridge (here nft refuses the NAT table): the bridge it
     made is deleted, so nothing is left that the state does not know (the next up would
-    find the subnet in use on it)."""
+    find the subnet in use on it), and IP forwarding, which it turned on for the NAT, is
+    back as it found it (the machine routes nothing for a lab that does not exist)."""
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "nft").write_text("#!/bin/sh\necho 'nft: refused (test)' >&2\nexit 1\n")
     (fake / "nft").chmod(0o755)
     net = _net(nat=True, lab_dir=tmp_path / "lab")
-    r = _in_netns(f"PATH={fake}:$PATH {_ctl('net-up', net)}; echo rc=$?\nip -j link\n")
-    rc, links = r.stdout.split("\n", 1)
+    r = _in_netns(
+        "echo 0 > /proc/sys/net/ipv4/ip_forward\n"
+        f"PATH={fake}:$PATH {_ctl('net-up', net)}; echo rc=$?\n"
+        "cat /proc/sys/net/ipv4/ip_forward\nip -j link\n"
+    )
+    rc, fwd, links = r.stdout.split("\n", 2)
     assert rc == "rc=1", r.stdout + r.stderr
     assert "nft could not add the lab's NAT" in r.stderr
     assert [x["ifname"] for x in json.loads(links)] == ["lo"]
+    assert fwd == "0", r.stderr

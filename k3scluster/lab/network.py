@@ -211,8 +211,19 @@ def net_up(net: NetSpec) -> None:
     except BaseException:
         if made:  # nothing left that the state does not know
             run(["ip", "link", "delete", "dev", net.bridge], check=False)
+            _undo_nat(net)
         raise
     say(f"lab network {net.bridge}: {net.gateway}")
+
+
+def _undo_nat(net: NetSpec) -> None:
+    """After a failed net-up that made the bridge: its NAT table gone and IP forwarding back
+    as it was found (``_nat_off``), so the machine routes nothing for a lab that is not
+    there. A failure here is said, not raised: the net-up's own error is the one to show."""
+    try:
+        _nat_off(net)
+    except Exception as err:  # noqa: BLE001 - the original error follows
+        say(f"could not undo the lab's NAT and forwarding: {err}")
 
 
 def _bridge_up(net: NetSpec) -> None:
