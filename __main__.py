@@ -3,7 +3,8 @@
 Configuration (namespace ``k3scluster``; see the README, "Operating the cluster"):
 ``clusterDir`` (required; relative paths are relative to this project), ``colmena``, ``nix``, ``buildIsos``, ``runner``, ``parallel``,
 ``deployUser``, ``sshIdentity``, ``sshKnownHosts``, ``sshWait``, ``renderDir``, ``waitReady``, ``readyTimeout``,
-``kubeconfigPath``, ``runnerProcesses``, ``maxUnavailable``, ``drainTimeout``, ``snapshotBeforeServers``, ``rollback``, ``confirmTimeout``; a VM stack: ``vms`` and ``vmMemory``, ``vmCpus``, ``vmDiskSize``, ``vmAccel``,
+``kubeconfigPath``, ``runnerProcesses``, ``maxUnavailable``, ``drainTimeout``, ``snapshotBeforeServers``, ``rollback``, ``confirmTimeout``,
+``reboot``, ``rebootTimeout``; a VM stack: ``vms`` and ``vmMemory``, ``vmCpus``, ``vmDiskSize``, ``vmAccel``,
 ``vmNat``, ``vmInstallTimeout``, ``vmBootTimeout``.
 """
 
@@ -66,6 +67,7 @@ def settings_from_config(config: pulumi.Config, stack: str) -> tuple[Path, Setti
     timeout = config.get("readyTimeout")
     max_unavailable = config.get_int("maxUnavailable")
     drain = config.get("drainTimeout")
+    reboot_timeout = config.get("rebootTimeout")
     ssh_wait = config.get("sshWait")
     settings = Settings(
         rollback=config.get_bool("rollback") is not False,
@@ -89,6 +91,9 @@ def settings_from_config(config: pulumi.Config, stack: str) -> tuple[Path, Setti
         max_unavailable=1 if max_unavailable is None else max_unavailable,
         snapshot_before_servers=config.get_bool("snapshotBeforeServers") is not False,
         drain_timeout=kube.parse_duration(drain, "k3scluster:drainTimeout") if drain else 600.0,
+        reboot=(config.get("reboot") or "never").strip(),
+        reboot_timeout=(kube.parse_duration(reboot_timeout, "k3scluster:rebootTimeout")
+                        if reboot_timeout else 900.0),
         stack=stack,
         recorded_as=tuple(recorded_as),
     )

@@ -337,6 +337,7 @@ def deploy_and_check(
     stack: str | None = None,
     rollback: bool = True,
     confirm_timeout: float | None = None,
+    reboot_timeout: float | None = None,
 ) -> list[str]:
     """Run ``deploy_argv`` (colmena), then wait for the host's health gates, then read back
     what the host runs (``/run/current-system`` and its K3s containers). Without ``gates``
@@ -361,6 +362,9 @@ def deploy_and_check(
     system; ``confirm_timeout``: the dead-man switch's seconds (0 off; None the task's default,
     ``rollback.CONFIRM_TIMEOUT``): ``k3scluster.rollback``. Only settings other than the
     defaults reach the argv, so a stack with the defaults deploys nothing again for them.
+    ``reboot_timeout`` (``k3scluster:reboot auto``): after the gates, a host whose boot
+    entries differ from the booted system's is drained, rebooted and gated again within that
+    many seconds (``k3scluster.reboot``); None: never rebooted (today's argv, unchanged).
 
     ``servers``: (K3s name, ip) of the host's K3s server, which must answer ``/readyz``;
     ``agents``: K3s names of its agents, which must be ``Ready`` in the API (``api``: the
@@ -407,6 +411,8 @@ def deploy_and_check(
         argv.append("--no-rollback")
     if confirm_timeout is not None:
         argv += ["--confirm-timeout", f"{confirm_timeout:g}"]
+    if reboot_timeout is not None:
+        argv += ["--reboot-timeout", f"{reboot_timeout:g}"]
     return [*argv, "--", *deploy_argv]
 
 

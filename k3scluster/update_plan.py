@@ -31,7 +31,8 @@ Today's phases:
 2. ``DEPLOY`` the hosts with an agent that are left (agent-only hosts, and the server hosts
    that kept their agent back), at most ``UpdateSettings.max_unavailable`` at a time
    (``k3scluster:maxUnavailable``), each batch after the one before (``Wait.OK``: a failed
-   agent host stops the rolling). The first batch waits for the server hosts with
+   agent host stops the rolling; with ``UpdateSettings.reboot_auto`` one host at a time,
+   since a deploy may reboot its host). The first batch waits for the server hosts with
    ``Wait.SETTLED``, except during a K3s minor upgrade: then with ``Wait.OK`` on the last
    server host, so no agent moves to the new release unless every server runs it
    (Kubernetes' version skew policy: no kubelet newer than any API server);
@@ -113,6 +114,14 @@ class UpdateSettings:
 
     max_unavailable: int = 1  # agent hosts deployed at once (k3scluster:maxUnavailable)
     snapshot: bool = True  # an etcd snapshot before the servers change (snapshotBeforeServers)
+    # k3scluster:reboot auto: a deploy may reboot its host, so the agent hosts move one at a
+    # time whatever max_unavailable says (two rebooting agent hosts are two nodes down)
+    reboot_auto: bool = False
+
+    @property
+    def agents_at_once(self) -> int:
+        """How many agent hosts one batch holds."""
+        return 1 if self.reboot_auto else self.max_unavailable
 
 
 @dataclass(frozen=True)
@@ -141,6 +150,8 @@ class UpdatePlan:
     phases: tuple[Phase, ...] = field(default=())
     # who joins and who leaves (its ``describe()`` is what the preview says in words)
     membership: MembershipPlan = field(default_factory=MembershipPlan)
+    # what the preview says about the order beyond the phases (one line each)
+    notes: tuple[str, ...] = ()
 
     def hosts_of(self, action: Action) -> list[str]:
         """Every host a phase of ``action`` concerns, in phase order."""
@@ -298,12 +309,23 @@ def plan_update(
     servers = tuple(range(len(phases)))
     rest = [h.name for h in cluster.hosts if h.name not in chain or h.name in held]
     agents = [h for h in rest if cluster.agent_on(h) is not None]
-    n = settings.max_unavailable
+    n = settings.agents_at_once
+    notes = []
+    if settings.reboot_auto and agents:
+        notes.append(
+            "k3scluster:reboot auto: the hosts with an agent move one at a time"
+            + (f" (k3scluster:maxUnavailable {settings.max_unavailable} is not used)"
+               if settings.max_unavailable > 1 else "")
+            + "; a host whose kernel, initrd or kernel parameters changed is drained, "
+            "rebooted and checked by its gates before the next one starts"
+        )
     batches = [tuple(agents[i : i + n]) for i in range(0, len(agents), n)]
     strict = (upgrading or bool(held)) and bool(servers)
     after, wait = (servers[-1:], Wait.OK) if strict else (servers, Wait.SETTLED)
     for k, batch in enumerate(batches, 1):
         label = f"agent hosts {k} of {len(batches)}, at most {n} at a time"
+        if settings.reboot_auto:
+            label += " (k3scluster:reboot auto)"
         if strict:
             label += f", after every server runs K3s {target}"
         phases.append(Phase(Action.DEPLOY, batch, wait, label, after=after))
@@ -314,7 +336,7 @@ def plan_update(
         phases.append(
             Phase(Action.DEPLOY, others, Wait.SETTLED, "the hosts without an agent", after=servers)
         )
-    return UpdatePlan(tuple(phases), membership)
+    return UpdatePlan(tuple(phases), membership, tuple(notes))
 
 
 def snapshot_servers(

@@ -2,7 +2,7 @@
 """A stand-in for the K3s API, for tests only (no K3s can run here).
 
 It answers, over HTTPS with a throwaway CA and only to clients holding a certificate of the
-throwaway client CA (as K3s's API server does), exactly four things:
+throwaway client CA (as K3s's API server does), exactly these:
 
 - ``GET /readyz[?verbose]`` on each address it listens on;
 - ``GET /version`` (``gitVersion`` is the script's ``version``, default :data:`VERSION`);
@@ -10,6 +10,9 @@ throwaway client CA (as K3s's API server does), exactly four things:
   ``version`` as its kubelet's).
 - ``DELETE`` of a Node or a secret: 404, it holds none (the clean-up of a reinstalled agent,
   k3scluster/agentmembers.py, asks for both whenever an agent host has no node password).
+- ``PATCH /api/v1/nodes/<name>``: a cordon or uncordon (``spec.unschedulable``), kept in
+  memory and shown in the node's ``spec`` from then on (the log line says ``unschedulable``);
+- ``GET /api/v1/pods``: an empty pod list (a drain finds nothing to evict).
 
 What it answers comes from a JSON script the test writes (and may rewrite at any time; it is
 read on every request)::
@@ -48,6 +51,7 @@ PORT = 6443
 VERSION = "v1.35.2+k3s1"
 _LOCK = threading.Lock()
 _COUNTS: dict[str, int] = {}
+_CORDONED: dict[str, bool] = {}  # node -> spec.unschedulable, set by PATCH
 
 READYZ_FAILING = (
     "[+]ping ok\n[+]log ok\n[-]etcd failed: reason withheld\n[+]informer-sync ok\n"
@@ -133,7 +137,8 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args: Any) -> None:  # quiet
         pass
 
-    def _send(self, status: int, body: str, ctype: str = "text/plain") -> None:
+    def _send(self, status: int, body: str, ctype: str = "text/plain",
+              **extra: Any) -> None:
         data = body.encode()
         self.send_response(status)
         self.send_header("Content-Type", ctype)
@@ -143,7 +148,8 @@ class Handler(BaseHTTPRequestHandler):
         cert = self.connection.getpeercert() or {}  # type: ignore[attr-defined]
         cn = next((v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"), "")
         line = json.dumps({"addr": self.server.addr, "path": self.path, "cn": cn,
-                           "status": status, "t": time.time(), "method": self.command})
+                           "status": status, "t": time.time(), "method": self.command,
+                           **extra})
         with _LOCK, open(self.server.log, "a") as f:
             f.write(line + "\n")
 
@@ -164,6 +170,11 @@ class Handler(BaseHTTPRequestHandler):
                     "compiler": "gc", "platform": "linux/amd64"}
             self._send(200, json.dumps(info), "application/json")
             return
+        if path == "/api/v1/pods":
+            pods = {"kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": "1"},
+                    "items": []}
+            self._send(200, json.dumps(pods), "application/json")
+            return
         prefix = "/api/v1/nodes/"
         if path.startswith(prefix):
             name = path[len(prefix):]
@@ -176,7 +187,9 @@ class Handler(BaseHTTPRequestHandler):
                 self._send(404, json.dumps(body), "application/json")
                 return
             node = {
-                "kind": "Node", "apiVersion": "v1", "metadata": {"name": name},
+                "kind": "Node", "apiVersion": "v1",
+                "metadata": {"name": name, "resourceVersion": str(len(_CORDONED) + 1)},
+                "spec": {"unschedulable": True} if _CORDONED.get(name) else {},
                 "status": {"conditions": [{
                     "type": "Ready", "status": state,
                     "reason": "KubeletReady" if state == "True" else "KubeletNotReady",
@@ -190,6 +203,17 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, json.dumps(node), "application/json")
             return
         self._send(404, "not in the stand-in\n")
+
+    def do_PATCH(self) -> None:
+        path = self.path.split("?", 1)[0]
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+        name = path[len("/api/v1/nodes/"):]
+        value = bool((body.get("spec") or {}).get("unschedulable"))
+        with _LOCK:
+            _CORDONED[name] = value
+        node = {"kind": "Node", "apiVersion": "v1", "metadata": {"name": name},
+                "spec": {"unschedulable": True} if value else {}}
+        self._send(200, json.dumps(node), "application/json", unschedulable=value)
 
     def do_DELETE(self) -> None:
         path = self.path.split("?", 1)[0]

@@ -70,8 +70,11 @@ def _keygen(path: Path, comment: str) -> None:
 class Lab:
     """Five hosts' sshd and the K3s API stand-in, prepared in tmp; started by ``setup``."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, extra_agent_hosts: dict[str, str] | None = None) -> None:
         self.dir = base / "lab"
+        # the example's hosts and the agent-only hosts a test adds to its plans (name -> address)
+        extra = extra_agent_hosts or {}
+        self.ips = {**HOSTS, **extra}
         self.dir.mkdir(mode=0o700)
         self.client_key = self.dir / "id_test"
         self.known_hosts = self.dir / "known_hosts"
@@ -106,14 +109,14 @@ class Lab:
         self.hosts: dict[str, Path] = {}
         # more of a host's directories bound over its own (tests/test_rollback_engine.py)
         self.binds: dict[str, list[tuple[Path, str]]] = {}
-        for host, ip in HOSTS.items():
+        for host, ip in self.ips.items():
             h = self.dir / host
             (h / "run" / "sshd").mkdir(parents=True)
             (h / "run" / "sshd").chmod(0o755)
             (h / "run" / "current-system").symlink_to(system_path(host))
             var_lib = h / "var-lib"
             var_lib.mkdir()
-            if host in AGENTS:  # a running agent keeps its node password (a host reinstalled
+            if host in AGENTS or host in extra:  # a running agent keeps its node password (a host reinstalled
                 # loses it: the deploy's clean-up, k3scluster/agentmembers.py, then looks at
                 # its old Node, which the API here shows Ready, and refuses)
                 pw = var_lib / agentmembers.NODE_PASSWORD_FILE.removeprefix("/var/lib/")
@@ -160,7 +163,7 @@ class Lab:
     def setup(self, down: tuple[str, ...] = ()) -> str:
         q = shlex.quote
         ready = self.dir / "api.ready"
-        lines = [*(f"ip addr add {ip}/32 dev lo" for ip in HOSTS.values()),
+        lines = [*(f"ip addr add {ip}/32 dev lo" for ip in self.ips.values()),
                  *(f"ip addr add {ip}/32 dev lo" for _, ip in SERVERS.values()),
                  f"mount --bind {q(str(self.etc))} /etc",
                  f"rm -f {q(str(ready))}",
@@ -205,7 +208,7 @@ class Project:
                         ignore=shutil.ignore_patterns(".k3scluster"))
         for f in ("token", "passwd"):
             (self.cluster / "secrets" / f).chmod(0o600)
-        for h in HOSTS:
+        for h in lab.ips:
             hw = self.cluster / "nixConfigs" / f"{h}.hardware.nix"
             if not hw.exists():
                 hw.write_text("{ ... }: { }\n")
@@ -279,7 +282,7 @@ def _text(r: subprocess.CompletedProcess[str]) -> str:
     return r.stdout + r.stderr
 
 
-def new_lab(tmp_path: Path) -> Lab:
+def new_lab(tmp_path: Path, extra_agent_hosts: dict[str, str] | None = None) -> Lab:
     """The lab of this module (a test is skipped where it cannot run); the engine tests of
     status, reboots and snapshots use it too."""
     require_engine()
@@ -287,7 +290,7 @@ def new_lab(tmp_path: Path) -> Lab:
         pytest.skip("needs root, unshare and ip for a loopback-only network namespace")
     if not SSHD.is_file() or not shutil.which("ssh") or not shutil.which("openssl"):
         pytest.skip("needs OpenSSH (ssh, /usr/sbin/sshd) and openssl")
-    return Lab(tmp_path)
+    return Lab(tmp_path, extra_agent_hosts)
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ steps in the shape each runner records them (``components/deployed.py`` reads th
 
 from __future__ import annotations
 
+import re
 import shlex
 from pathlib import Path
 from typing import Any
@@ -261,6 +262,40 @@ def test_agent_hosts_move_at_most_max_unavailable_at_a_time(
             else:  # each later batch waits for the whole batch before it, and nothing else
                 assert deps[h] & (others | chain) == {urn[a] for a in batches[k - 1]}, h
     assert chain <= deps["ulrich"] and not ({urn[a] for a in agents} & deps["ulrich"])
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_reboot_auto_moves_agent_hosts_one_at_a_time_and_passes_the_reboot_timeout(
+    poisoned: Path, runner: str
+) -> None:
+    add_agent_hosts(poisoned, ["anton", "bruno"])
+    m, _ = run_with_state(poisoned, runner, {}, maxUnavailable="2", reboot="auto",
+                          rebootTimeout="10m")
+    urn = {h: m.named(f"{h}-deploy").urn for h in [*HOSTS, "anton", "bruno"]}
+    deps = {h: set(m.named(f"{h}-deploy").dependencies) for h in urn}
+    # karl, anton, bruno: each after the one before, never two together
+    assert urn["karl"] in deps["anton"] and urn["anton"] in deps["bruno"]
+    assert urn["karl"] not in deps["bruno"]
+    for h in urn:
+        argv = _argv(m.named(f"{h}-deploy"), runner)
+        assert argv[argv.index("--reboot-timeout") + 1] == "600", h
+    # never (the default): the argv of today, no reboot
+    m, _ = run_with_state(poisoned, runner, {}, maxUnavailable="2")
+    assert all("--reboot-timeout" not in _argv(m.named(f"{h}-deploy"), runner) for h in urn)
+    assert urn["karl"] not in set(m.named("anton-deploy").dependencies)
+
+
+@pytest.mark.parametrize(("config", "words"), [
+    ({"reboot": "always"}, "k3scluster:reboot is 'always'; it must be one of never, auto"),
+    ({"reboot": "auto", "rebootTimeout": "soon"}, "k3scluster:rebootTimeout is 'soon'"),
+    ({"reboot": "auto", "waitReady": "false"},
+     "k3scluster:reboot is 'auto' but k3scluster:waitReady is false"),
+])
+def test_bad_reboot_settings_are_refused(
+    poisoned: Path, config: dict[str, str], words: str
+) -> None:
+    with pytest.raises(Exception, match=re.escape(words)):
+        run_with_state(poisoned, "python", {}, **config)
 
 
 def test_max_unavailable_below_one_is_refused(poisoned: Path) -> None:

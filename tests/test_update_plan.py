@@ -149,6 +149,19 @@ CASES = [
         settings=UpdateSettings(max_unavailable=2, snapshot=False),
     ),
     Case(
+        "reboot auto: the agent hosts one at a time whatever maxUnavailable says",
+        cluster(BIG_HOSTS + ["fritz", "gerd"], [*BIG, ("fritz", "a"), ("gerd", "a")]),
+        [
+            *CHAIN,
+            *(f"deploy {h} (agent hosts {k} of 4, at most 1 at a time (k3scluster:reboot auto))"
+              for k, h in enumerate(["dora", "emil", "fritz", "gerd"], 1)),
+            "deploy nokube (the hosts without an agent)",
+        ],
+        [*CHAIN_WAITS, (SETTLED, (0, 1, 2)), (OK, (3,)), (OK, (4,)), (OK, (5,)),
+         (SETTLED, (0, 1, 2))],
+        settings=UpdateSettings(max_unavailable=2, snapshot=False, reboot_auto=True),
+    ),
+    Case(
         "maxUnavailable larger than the agent hosts: one batch",
         cluster(BIG_HOSTS, BIG),
         [*CHAIN, "deploy dora, emil (agent hosts 1 of 1, at most 5 at a time)",
@@ -617,3 +630,16 @@ def test_what_the_preview_says_a_deploy_may_do() -> None:
         ("etcd snapshot first, on the first of anna, bert, carla that takes it, before any "
         "server host changes")]
 
+
+def test_reboot_auto_notes_say_the_agent_hosts_move_one_at_a_time() -> None:
+    c = cluster(BIG_HOSTS, BIG)
+    assert plan_update(c, Deployed(), UpdateSettings(max_unavailable=2)).notes == ()
+    (note,) = plan_update(
+        c, Deployed(), UpdateSettings(max_unavailable=2, reboot_auto=True)
+    ).notes
+    assert note.startswith("k3scluster:reboot auto: the hosts with an agent move one at a time "
+                           "(k3scluster:maxUnavailable 2 is not used)")
+    assert "drained, rebooted and checked by its gates before the next" in note
+    # no agent host: nothing to say
+    assert plan_update(cluster(["a"], [("a", "i")]), Deployed(),
+                       UpdateSettings(reboot_auto=True)).notes == ()

@@ -145,6 +145,7 @@ class Cluster(pulumi.ComponentResource):
                 max_unavailable=s.max_unavailable,
                 # over ssh into the server containers, as the gates go: with them only
                 snapshot=s.snapshot_before_servers and s.wait_ready,
+                reboot_auto=s.reboot == "auto",
             ),
             args.versions,
         )
@@ -194,8 +195,9 @@ class Cluster(pulumi.ComponentResource):
             Action.SNAPSHOT: self._snapshot_phase,
         }
         # who joins and who leaves, in words (the preview shows them among the diagnostics),
-        # then what else the deploys that run may do (a drain, the snapshot)
-        for line in [*self.plan.membership.describe(), *self._what_may_happen(args.digests)]:
+        # then what else the deploys that run may do (one agent host at a time with reboot auto, a drain, the snapshot)
+        for line in [*self.plan.membership.describe(), *self.plan.notes,
+                     *self._what_may_happen(args.digests)]:
             pulumi.log.info(f"k3scluster: {line}", self)
         made: list[list[pulumi.Resource]] = []  # each phase's steps, in order
         for i, phase in enumerate(self.plan.phases):
@@ -400,6 +402,7 @@ class Cluster(pulumi.ComponentResource):
             stack=s.stack,
             rollback=s.rollback,
             confirm_timeout=s.confirm_timeout,
+            reboot_timeout=s.reboot_timeout if s.reboot == "auto" else None,
         )
 
     def _versions_inputs(self, hname: str, agent: str | None = None) -> dict[str, str]:

@@ -134,10 +134,12 @@ def deploy_argv(
     stack: str | None = None,
     rollback: bool = True,
     confirm_timeout: float | None = None,
+    reboot_timeout: float | None = None,
 ) -> list[str]:
     """What the host's deploy step runs: ``tasks deploy`` (the render checked, colmena, and
     with ``wait_ready`` the gates; with ``drain`` that agent node drained first when the
-    switch would restart it).
+    switch would restart it; with ``reboot_timeout`` the host rebooted after its gates when
+    its boot entries changed, ``k3scluster.reboot``).
 
     ``deployed`` (what the stack deployed before): a re-addressed host is deployed through
     its old address. Before colmena the host's K3s nodes are checked for a reinstall
@@ -176,6 +178,7 @@ def deploy_argv(
         stack=stack,
         rollback=rollback,
         confirm_timeout=confirm_timeout,
+        reboot_timeout=reboot_timeout,
     )
 
 

@@ -13,6 +13,7 @@ from k3scluster import commands, stackconfig
 from k3scluster.components.steps import RUNNERS
 from k3scluster.errors import K3sClusterError
 from k3scluster.lab.spec import VmSettings
+from k3scluster.reboot import REBOOT_MODES
 from k3scluster.stackpaths import STEP_PYTHON, recorded
 
 
@@ -58,6 +59,10 @@ class Settings:
     # dead-man switch's seconds (None: the default, rollback.CONFIRM_TIMEOUT; 0: off)
     rollback: bool = True
     confirm_timeout: float | None = None
+    # reboots (k3scluster.reboot): "never" (listed in needsReboot) or "auto" (drain, reboot,
+    # wait for a new boot id and the gates within reboot_timeout s, uncordon; one host at a time)
+    reboot: str = "never"
+    reboot_timeout: float = 900.0
 
     def rec(self, path: Path) -> Path:
         """``path`` as steps record it (``stackpaths.recorded``)."""
@@ -105,6 +110,24 @@ class Settings:
             raise K3sClusterError(
                 f"k3scluster:confirmTimeout is {self.confirm_timeout:g}; it must not be negative",
                 hint="pulumi config set k3scluster:confirmTimeout 2m (0 turns it off)",
+            )
+        if self.reboot not in REBOOT_MODES:
+            raise K3sClusterError(
+                f"k3scluster:reboot is {self.reboot!r}; it must be one of "
+                f"{', '.join(REBOOT_MODES)} (never: list the hosts that need a reboot in the "
+                "stack output needsReboot; auto: drain, reboot and check them one at a time)",
+                hint="pulumi config set k3scluster:reboot never",
+            )
+        if self.reboot_timeout <= 0:
+            raise K3sClusterError(
+                f"k3scluster:rebootTimeout is {self.reboot_timeout:g} s; it must be more than 0",
+                hint="pulumi config set k3scluster:rebootTimeout 15m",
+            )
+        if self.reboot == "auto" and not self.wait_ready:
+            raise K3sClusterError(
+                "k3scluster:reboot is 'auto' but k3scluster:waitReady is false: a host is "
+                "rebooted only after its health gates passed, and checked by them again after",
+                hint="pulumi config set k3scluster:waitReady true (or k3scluster:reboot never)",
             )
         if self.parallel < 1:
             raise K3sClusterError(

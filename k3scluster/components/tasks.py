@@ -11,7 +11,8 @@
   ARGV…``: render again if the render on this machine is not the planned one (``rendered.py``),
   run the deploy ARGV (colmena), wait for the host's health gates (the API and the credentials:
   each server, host, in turn), read back what the host runs and whether its kernel, initrd or
-  kernel parameters differ from the booted system's (``"reboot"``); last line
+  kernel parameters differ from the booted system's (``"reboot"``; with ``--reboot-timeout S``
+  such a host is first drained, rebooted and gated again: ``k3scluster.reboot``); last line
   ``k3scluster-deployed=<JSON>`` (``--no-gates``: colmena only). colmena's own ssh checks
   host keys against the stack's known_hosts file and logs in with its key (``SSH_CONFIG_FILE``).
   With gates: a switch or gate that fails sends the host back to the system it ran before
@@ -519,6 +520,8 @@ def _deploy(args: argparse.Namespace) -> None:
             if guard:  # back to the system it ran before, and its gates again
                 err = guard.failed(err, lambda: _gates_again(args, ssh, servers, agents))
             raise drained.left_cordoned(err) if drained else err from None
+        if args.reboot_timeout is not None:  # k3scluster:reboot auto (never rolled back)
+            drained = _reboot_if_needed(args, ssh, servers, agents, drained)
         if drained:
             drained.after(args.host)
         elif args.drain and creds is not None:  # a cordon an earlier run left
@@ -659,6 +662,28 @@ def _undo_own_cordon(args: argparse.Namespace, creds: dict[str, Any]) -> None:
             drain.Drain(creds, url, args.drain, float(args.drain_timeout), _progress,
                         cordoned=True, owner=args.stack).after(args.host)
         return
+
+
+def _reboot_if_needed(args: argparse.Namespace, ssh: commands.SshSettings,
+                      servers: list[list[str]], agents: list[str], drained: Any) -> Any:
+    """``--reboot-timeout S``: when the host's boot entries changed, drain its agent node,
+    reboot it, wait for a new boot id and its gates (``k3scluster.reboot``); the drain to undo
+    after (the switch's, or the one made for the reboot)."""
+    from k3scluster import reboot
+
+    timeout = float(args.reboot_timeout)
+    _rebooted, undo = reboot.reboot_if_needed(
+        args.host,
+        args.ip,
+        lambda words, t: _ssh_run(ssh, args.ip, words, timeout=t),
+        timeout=timeout,
+        drained=drained,
+        drain=lambda: _drain_now(args, ssh, "it reboots") if args.drain else None,
+        gates=lambda deadline: _gates(args, ssh, servers, agents, timeout, deadline)
+        if servers or agents else None,
+        progress=_progress,
+    )
+    return undo
 
 
 SNAPSHOT_PREFIX = "k3scluster-snapshot="
@@ -933,6 +958,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--check-agent-state", action="store_true")
     d.add_argument("--drain")  # the host's agent node: drained when the switch restarts it
     d.add_argument("--drain-timeout", type=float, default=600.0)
+    # k3scluster:reboot auto: reboot after the gates when the boot entries changed
+    d.add_argument("--reboot-timeout")
     d.add_argument("--stack")  # the stack whose mark a cordon of this deploy carries
     d.add_argument("--no-rollback", action="store_true")  # k3scluster:rollback false
     d.add_argument("--confirm-timeout", type=float)  # k3scluster:confirmTimeout (0: off)

@@ -1,0 +1,130 @@
+"""k3scluster/reboot.py's sequence, with the host's ssh answers and the clock given by the test
+(tests/test_reboot_engine.py runs it for real: the engine, sshd, a reboot stand-in).
+
+A host is a small script of what ``cat /proc/sys/kernel/random/boot_id`` and the boot-entry
+check answer; each ssh try moves the test's clock on by the seconds it would take.
+"""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+from dataclasses import dataclass, field
+
+import pytest
+
+from k3scluster.errors import K3sClusterError
+from k3scluster.reboot import BOOT_ID, REBOOT_COMMAND, reboot_if_needed
+
+
+@dataclass
+class Host:
+    """The answers of one host; ``back_after``: tries of the boot id after the reboot until it
+    answers with a new one (None: never); the first try still gets the old one."""
+
+    changed: str = "reboot:kernel\nreboot-checked\n"
+    back_after: int | None = 3
+    try_seconds: float = 15.0  # an ssh try to a host that is away: connect timeout and more
+    now: float = 0.0
+    asked: list[list[str]] = field(default_factory=list)
+    rebooted: bool = False
+    tries: int = 0
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, s: float) -> None:
+        self.now += s
+
+    def run(self, words: list[str], timeout: int) -> subprocess.CompletedProcess[str]:
+        self.asked.append(words)
+        if words == list(REBOOT_COMMAND):
+            self.rebooted = True
+            return subprocess.CompletedProcess(words, 255, "", "Connection closed by remote host")
+        if words == ["cat", BOOT_ID]:
+            if not self.rebooted:
+                return subprocess.CompletedProcess(words, 0, "old-id\n", "")
+            self.tries += 1
+            self.now += self.try_seconds
+            if self.tries == 1:  # still shutting down: its sshd answers from the old boot
+                return subprocess.CompletedProcess(words, 0, "old-id\n", "")
+            if self.back_after is None or self.tries < self.back_after:
+                return subprocess.CompletedProcess(words, 255, "", "ssh: connect: Connection refused")
+            return subprocess.CompletedProcess(words, 0, "new-id\n", "")
+        return subprocess.CompletedProcess(words, 0, self.changed, "")  # the boot-entry check
+
+
+class Drain:
+    def __init__(self) -> None:
+        self.made = 0
+
+    def left_cordoned(self, err: K3sClusterError) -> K3sClusterError:
+        return K3sClusterError(f"{err.message}; node karl-k3s-agent stays cordoned")
+
+
+def _reboot(host: Host, drained: Drain | None = None, timeout: float = 600) -> tuple[
+        list[str], object, list[str], list[float], Drain]:
+    """(entries rebooted for, the drain to undo, progress lines, the deadlines the gates got,
+    the drain this call would make)."""
+    said: list[str] = []
+    gated: list[float] = []
+    made = Drain()
+
+    def drain() -> Drain:
+        made.made += 1
+        return made
+
+    changed, undo = reboot_if_needed(
+        "karl", "10.0.100.5", host.run, timeout=timeout, drained=drained, drain=drain,
+        gates=gated.append, progress=said.append, clock=host.clock, sleep=host.sleep,
+    )
+    return changed, undo, said, gated, made
+
+
+def test_a_changed_kernel_drains_reboots_waits_for_a_new_boot_id_and_gates() -> None:
+    host = Host()
+    changed, undo, said, gated, made = _reboot(host)
+    assert changed == ["kernel"] and undo is made and made.made == 1
+    assert list(REBOOT_COMMAND) in host.asked
+    # the gates again, with what is left of rebootTimeout from the reboot on (600 s at 0)
+    assert gated == [600.0]
+    assert any("still answers from the boot before (boot id old-id)" in s for s in said)
+    assert any("up again with a new boot id new-id" in s for s in said)
+
+
+def test_nothing_changed_reboots_nothing_and_drains_nothing() -> None:
+    host = Host(changed="reboot-checked\n")
+    changed, undo, said, gated, made = _reboot(host)
+    assert changed == [] and undo is None and made.made == 0 and gated == []
+    assert list(REBOOT_COMMAND) not in host.asked
+    assert said == ["karl: runs the kernel, initrd and kernel parameters it booted: no reboot"]
+
+
+def test_the_switchs_drain_is_kept_not_made_again() -> None:
+    kept = Drain()
+    changed, undo, _, _, made = _reboot(Host(), drained=kept)
+    assert changed == ["kernel"] and undo is kept and made.made == 0
+
+
+def test_a_host_that_does_not_come_back_fails_in_time_naming_it_and_its_cordon() -> None:
+    host = Host(back_after=None)
+    with pytest.raises(K3sClusterError) as err:
+        _reboot(host, timeout=120)
+    assert "karl: not back from its reboot after 2m (k3scluster:rebootTimeout)" in err.value.message
+    assert "Connection refused" in err.value.message
+    assert "node karl-k3s-agent stays cordoned" in err.value.message
+    # bounded: the last try started before the deadline
+    assert host.now <= 120 + host.try_seconds + 3
+
+
+def test_progress_lines_come_at_least_every_30_seconds_while_the_host_is_away() -> None:
+    host = Host(back_after=None)
+    said: list[float] = []
+    with pytest.raises(K3sClusterError):
+        reboot_if_needed(
+            "karl", "10.0.100.5", host.run, timeout=300, drained=Drain(), drain=Drain,
+            gates=lambda _d: None, progress=lambda _s: said.append(host.now),
+            clock=host.clock, sleep=host.sleep,
+        )
+    gaps = [b - a for a, b in itertools.pairwise(said)]
+    assert gaps and max(gaps) <= 30, gaps
