@@ -298,3 +298,28 @@ def test_a_failed_net_up_leaves_no_bridge(tmp_path: Path) -> None:
     assert "nft could not add the lab's NAT" in r.stderr
     assert [x["ifname"] for x in json.loads(links)] == ["lo"]
     assert fwd == "0", r.stderr
+
+
+def test_a_lab_directory_keeps_the_network_record_of_its_own_lab(tmp_path: Path) -> None:
+    """Two labs of stack ``test-vms`` (two Pulumi projects or backends on one cluster
+    directory) share a lab directory: the second's net-up is refused, naming the first lab,
+    before it makes anything, and its net-down (its destroy) neither deletes nor rewrites
+    the first's ``network.json``, which the first needs to make its bridge again after a
+    reboot and to put IP forwarding back."""
+    lab_dir = tmp_path / "lab"
+    first = dataclasses.replace(_net(nat=True, lab_dir=lab_dir), lab_id="0123abcd",
+                                bridge=bridge_name("test-vms", "0123abcd"))
+    second = dataclasses.replace(first, lab_id="4567cdef", bridge=bridge_name("test-vms", "4567cdef"),
+                                 gateway="10.0.101.1/24", subnet="10.0.101.0/24")
+    r = _in_netns(
+        "echo 0 > /proc/sys/net/ipv4/ip_forward\n"
+        f"set -e\n{_ctl('net-up', first)}\ncp {lab_dir}/network.json {tmp_path}/before.json\n"
+        f"set +e\n{_ctl('net-up', second)}; echo rc=$?\n{_ctl('net-down', second)}; echo rc=$?\n"
+        "ip -j link\n"
+    )
+    up, down, links = r.stdout.split("\n", 2)
+    assert (up, down) == ("rc=1", "rc=0"), r.stdout + r.stderr
+    assert f"records the network of lab {first.owner!r}, not of {second.owner!r}" in r.stderr
+    assert second.bridge not in {x["ifname"] for x in json.loads(links)}
+    assert (lab_dir / "network.json").read_text() == (tmp_path / "before.json").read_text()
+    assert network.recorded_net(lab_dir) == first

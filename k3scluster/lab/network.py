@@ -23,7 +23,7 @@ from k3scluster.errors import K3sClusterError
 from k3scluster.lab import netcheck
 from k3scluster.lab.lock import make_lab_dir
 from k3scluster.lab.process import run, say
-from k3scluster.lab.spec import NetSpec, VmSpec
+from k3scluster.lab.spec import NetSpec, VmSpec, lab_owner
 
 NAT_TABLE_PREFIX = "k3scluster_"
 NETWORK_FILE = "network.json"
@@ -82,13 +82,33 @@ def _network_file(net: NetSpec) -> Path | None:
     return lab / NETWORK_FILE if lab is not None else None
 
 
-def _recorded(net: NetSpec) -> dict[str, Any]:
+def _read_record(net: NetSpec) -> dict[str, Any]:
     f = _network_file(net)
     try:
         data = json.loads(f.read_text()) if f else {}
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def _record_owner(data: dict[str, Any]) -> str | None:
+    """The lab (``lab_owner``) whose network a record describes; None when it names none."""
+    spec = data.get("spec")
+    if not isinstance(spec, dict) or not spec.get("stack"):
+        return None
+    return lab_owner(str(spec["stack"]), str(spec.get("lab_id") or ""))
+
+
+def _foreign_record(net: NetSpec) -> str | None:
+    """The other lab whose network the lab directory's record describes (two stacks share
+    the lab directory), else None."""
+    owner = _record_owner(_read_record(net))
+    return owner if owner is not None and owner != net.owner else None
+
+
+def _recorded(net: NetSpec) -> dict[str, Any]:
+    """This lab's record ({} when there is none, or it is another lab's)."""
+    return {} if _foreign_record(net) else _read_record(net)
 
 
 def _record(net: NetSpec, **extra: Any) -> None:
@@ -195,6 +215,14 @@ def _foreign(name: str, found: dict[str, Any], alias: str, what: str) -> K3sClus
 
 def net_up(net: NetSpec) -> None:
     alias = net.alias
+    other = _foreign_record(net)
+    if other is not None:
+        raise K3sClusterError(
+            f"{_network_file(net)} records the network of lab {other!r}, not of "
+            f"{net.owner!r}: two stacks share this lab directory; nothing was changed",
+            hint="give one of them another k3scluster:renderDir (if that lab is gone, "
+            "delete its lab directory yourself)",
+        )
     # before anything is created: the subnet must be free on this machine
     netcheck.check_machine(ipaddress.IPv4Network(net.subnet), net.bridge, alias, net.location)
     found = link(net.bridge)
@@ -257,7 +285,7 @@ def net_down(net: NetSpec) -> None:
         say(f"deleted bridge {net.bridge}")
     _nat_off(net)
     f = _network_file(net)
-    if f is not None:
+    if f is not None and _foreign_record(net) is None:  # another lab's record stays
         f.unlink(missing_ok=True)
 
 
