@@ -362,12 +362,16 @@ def what_may_happen(
     changing: Collection[str],
     deployed_before: Collection[str],
     gates: bool,
+    reboot_auto: bool = False,
 ) -> list[str]:
     """What the preview says besides the steps, in words, at most one line per host (and one
     for the snapshot), where the program can know it: ``changing``, the hosts whose system
     differs from what their last deploy installed (their deploy runs). A changing host with
-    an agent that ran before (``deployed_before``; gates on) may be drained; a server host
-    that changes takes the etcd snapshot first (when the plan has that phase)."""
+    an agent that ran before (``deployed_before``; gates on) may be drained; with
+    ``reboot_auto`` (``k3scluster:reboot auto``, gates on) a changing host may be rebooted
+    (whether its kernel, initrd or kernel parameters change is known only on the host, after
+    the switch; a host that moves to a new address reboots anyway); a server host that
+    changes takes the etcd snapshot first (when the plan has that phase)."""
     lines = []
     snap = next((p for p in plan.phases if p.action is Action.SNAPSHOT), None)
     if snap is not None and any(h in changing for h in snap.hosts):
@@ -378,14 +382,24 @@ def what_may_happen(
         )
     moving = {r.host for r in plan.membership.readdressed}
     for h in cluster.hosts:
-        node = drain_node(cluster, h.name)
-        if not gates or node is None or h.name not in changing or h.name not in deployed_before:
+        if not gates or h.name not in changing:
             continue
-        why = (
-            ": it reboots into its new address" if h.name in moving
-            else " if the switch restarts its agent"
-        )
-        lines.append(f"{h.name}: drain possible ({node} is drained first{why})")
+        node = drain_node(cluster, h.name)
+        said = []
+        if node is not None and h.name in deployed_before:
+            why = (
+                ": it reboots into its new address" if h.name in moving
+                else " if the switch restarts its agent"
+            )
+            said.append(f"drain possible ({node} is drained first{why})")
+        if reboot_auto and h.name not in moving:
+            said.append(
+                "reboot possible (k3scluster:reboot auto: when its kernel, initrd or kernel "
+                "parameters change, it is " + ("drained, " if node is not None else "")
+                + "rebooted and checked by its gates again)"
+            )
+        if said:
+            lines.append(f"{h.name}: " + "; ".join(said))
     return lines
 
 

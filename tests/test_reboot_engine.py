@@ -140,6 +140,12 @@ def test_reboot_auto_drains_reboots_gates_and_uncordons_the_host_whose_kernel_ch
     lab.repoint("olaf", str(same))
 
     p = Project(tmp_path, lab, reboot="auto", rebootTimeout="60s")
+    # the preview says which hosts may reboot (it cannot know whose kernel changes)
+    r = p.pulumi("preview")
+    flat = " ".join((r.stdout + r.stderr).split())
+    assert r.returncode == 0, flat[-3000:]
+    assert ("karl: reboot possible (k3scluster:reboot auto: when its kernel, initrd or kernel "
+            "parameters change, it is drained, rebooted and checked by its gates again)") in flat
     r = p.up()
     text = r.stdout + r.stderr
     assert r.returncode == 0, text[-6000:] + lab.sshd_logs()[-3000:]

@@ -631,6 +631,32 @@ def test_what_the_preview_says_a_deploy_may_do() -> None:
         "server host changes")]
 
 
+def test_with_reboot_auto_the_preview_says_a_changing_host_may_reboot() -> None:
+    import dataclasses
+
+    from k3scluster.update_plan import what_may_happen
+
+    before = cluster(BIG_HOSTS, BIG)
+    now = dataclasses.replace(before, hosts=tuple(
+        dataclasses.replace(h, ip=A("10.0.0.99")) if h.name == "dora" else h for h in before.hosts
+    ))
+    plan = plan_update(now, deployed_of(before), UpdateSettings(snapshot=False))
+    changing = ["carla", "dora", "emil", "nokube"]
+    got = what_may_happen(now, plan, changing, BIG_HOSTS, gates=True, reboot_auto=True)
+    may = "reboot possible (k3scluster:reboot auto: when its kernel, initrd or kernel parameters "
+    assert got == [
+        f"carla: {may}change, it is rebooted and checked by its gates again)",
+        # dora moves to a new address: it reboots anyway, into its new system
+        "dora: drain possible (dora-agent is drained first: it reboots into its new address)",
+        ("emil: drain possible (emil-agent is drained first if the switch restarts its agent); "
+        f"{may}change, it is drained, rebooted and checked by its gates again)"),
+        f"nokube: {may}change, it is rebooted and checked by its gates again)",
+    ]
+    # never (the default), or gates off: no reboot
+    assert what_may_happen(now, plan, ["carla", "nokube"], BIG_HOSTS, gates=True) == []
+    assert what_may_happen(now, plan, changing, BIG_HOSTS, gates=False, reboot_auto=True) == []
+
+
 def test_reboot_auto_notes_say_the_agent_hosts_move_one_at_a_time() -> None:
     c = cluster(BIG_HOSTS, BIG)
     assert plan_update(c, Deployed(), UpdateSettings(max_unavailable=2)).notes == ()

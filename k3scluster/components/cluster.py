@@ -218,7 +218,8 @@ class Cluster(pulumi.ComponentResource):
             inputs = self._rendered_inputs(h.name)
             if h.name in self._fetch_hosts or last.get(h.name) != render.host_digest(inputs):
                 changing.append(h.name)
-        return what_may_happen(self._c, self.plan, changing, list(last), self._s.wait_ready)
+        return what_may_happen(self._c, self.plan, changing, list(last), self._s.wait_ready,
+                               reboot_auto=self._s.reboot == "auto")
 
     # -- 2. the rendered tree -----------------------------------------------------------
 
