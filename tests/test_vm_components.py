@@ -66,11 +66,14 @@ def test_a_vm_stack_has_a_network_and_one_vm_per_host(
     assert _argv(render, runner)[-2:] == ["--vm-stack", "mock"]
 
 
-def lab_state(runner: str, inputs: dict[str, str]) -> dict[str, Any]:
-    """A stack's state holding its lab's network step with these recorded inputs."""
+def lab_state(
+    runner: str, inputs: dict[str, str], step: str = "cluster-lab-network"
+) -> dict[str, Any]:
+    """A stack's state holding its lab's network step (or ``step``) with these recorded
+    inputs."""
     typ = STEP_TYPES[RUNNERS.index(runner)]
     urn = ("urn:pulumi:mock::k3scluster::k3scluster:index:Cluster$k3scluster:index:Lab$"
-           f"{typ}::cluster-lab-network")
+           f"{typ}::{step}")
     if runner == "python":
         outputs: dict[str, Any] = {"create": "net-up", "inputs": inputs, "stdout": ""}
     else:
@@ -112,6 +115,26 @@ def test_the_lab_id_is_made_once_and_kept_in_the_stacks_state(
         bridge_name("mock"),
         {(tap_name("mock", h), guest_name("mock", h), f"k3scluster:mock:{h}") for h in HOSTS},
     )
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_a_lab_whose_network_step_is_lost_keeps_its_id(example_dir: Path, runner: str) -> None:
+    """A network replace (another gateway) deletes the old network step first; when the new
+    net-up then fails, the state has the VMs and no network step. The lab id is then read
+    from the machine steps, which record it too: a new id would rename every VM, tap and
+    bridge, and each VM's vm-up would refuse its own directory (its manifest names the old
+    lab) until the stack is destroyed. A lab made before lab ids (machine steps without
+    one) keeps its names."""
+    first = run_program(example_dir, runner, vms="true", vmAccel="tcg")
+    made = _digests(first.named("cluster-lab-network"), runner)["lab"]
+    assert _digests(first.named("olaf-vm-machine"), runner)["lab"] == made
+    lost = run_program(example_dir, runner, vms="true", vmAccel="tcg", mocks=StateMocks(
+        lab_state(runner, {"state": "ok", "lab": made}, step="olaf-vm-machine")))
+    assert _lab_names(lost, runner) == _lab_names(first, runner)
+    legacy = run_program(example_dir, runner, vms="true", vmAccel="tcg", mocks=StateMocks(
+        lab_state(runner, {"state": "ok"}, step="olaf-vm-machine")))
+    assert _lab_names(legacy, runner)[0] == bridge_name("mock")
+    assert "lab" not in _digests(legacy.named("olaf-vm-machine"), runner)
 
 
 @pytest.mark.parametrize("runner", RUNNERS)

@@ -15,9 +15,9 @@ runs them:
    so does a VM that is not running (this machine restarted: ``lab.status``).
 
 The lab's id (``lab.spec``: what its bridge, taps, VMs and NAT are named by) is made once,
-when the stack's lab is first made, and the network step records it as its input ``lab``:
-every later run reads it back from the stack's state (``lab_id_of``). A lab made before lab
-ids has a network step without it and keeps its names (``''``).
+when the stack's lab is first made, and the network step and each machine step record it
+as their input ``lab``: every later run reads it back from the stack's state
+(``lab_id_of``). A lab made before lab ids has steps without it and keeps its names (``''``).
 
 The hardware fetch and the deploy of a host wait for its ``machine`` step
 (``Lab.ready(host)``), so the normal path runs against the installed VM.
@@ -49,16 +49,23 @@ from k3scluster.model import Cluster as ClusterModel
 from k3scluster.render import VmRender
 
 NETWORK_STEP_SUFFIX = "-lab-network"  # the Lab's network step (``make_lab``: <name>-lab)
+MACHINE_STEP_SUFFIX = "-vm-machine"  # a Vm's machine step (<host>-vm-machine)
 
 
 def lab_id_of(steps: Mapping[str, Mapping[str, str]]) -> str:
     """The stack's lab id from its recorded steps (``records.step_inputs``): the one its
-    network step records; ``''`` when that step records none (a lab made before lab ids,
-    which keeps its names); a new random one when the state has no lab (it is made now)."""
-    for name, inputs in steps.items():
-        if name.endswith(NETWORK_STEP_SUFFIX):
-            return inputs.get(LAB_ID_INPUT, "")
-    return new_lab_id()
+    network step records, or its machine steps (they record it too: a network replace
+    whose new net-up failed leaves the VMs without a network step); ``''`` when the lab's
+    steps record none (a lab made before lab ids, which keeps its names); a new random one
+    when the state has no lab (it is made now)."""
+    lab_steps = sorted(
+        (not name.endswith(NETWORK_STEP_SUFFIX), name)
+        for name in steps if name.endswith((NETWORK_STEP_SUFFIX, MACHINE_STEP_SUFFIX))
+    )
+    for _, name in lab_steps:
+        if steps[name].get(LAB_ID_INPUT):
+            return steps[name][LAB_ID_INPUT]
+    return "" if lab_steps else new_lab_id()
 
 
 @dataclass(frozen=True)
@@ -91,7 +98,12 @@ class Vm(pulumi.ComponentResource):
             delete=commands.lab_ctl(args.python, "vm-delete", spec.to_json()),
             triggers=self.triggers,
             # an installed VM that is not running (this machine restarted): vm-up starts it
-            inputs_digest={"state": vm_state(spec.here(args.local_dir))},
+            # and the lab's id, which the next run reads back should the network step be
+            # gone (lab_id_of)
+            inputs_digest={
+                "state": vm_state(spec.here(args.local_dir)),
+                **({LAB_ID_INPUT: spec.lab_id} if spec.lab_id else {}),
+            },
             # (no dir: steps run in the project directory, which the spec's paths are
             # relative to, wherever the checkout lives)
             # the new VM takes the old one's directory, tap and MAC: the old one goes first.
