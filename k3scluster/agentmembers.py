@@ -42,6 +42,9 @@ TOKEN_FILE = f"{SECRETS_DIR}/k3s-token"
 NODE_DOWN_WAIT = 60.0
 # the Ready statuses that show the Node's kubelet is not running as a healthy agent
 NOT_READY = ("False", "Unknown")
+# how often the Node is read and judged again when it changed between the read and the
+# deletion (the deletion is conditioned on the resourceVersion read)
+DELETE_ATTEMPTS = 3
 
 
 class AgentStillReady(K3sClusterError):
@@ -139,19 +142,38 @@ def clean_reinstalled_agent(
     reinstall, a new disk), the old Node and node-password secret are deleted, so that K3s
     accepts the new agent. Returns what was deleted (nothing when the state is there).
 
-    Proof of target: only a Node that is NotReady or Unknown is deleted (the one read, by
-    its uid). A Ready one is given ``wait`` seconds to go NotReady (a host reinstalled
+    Proof of target: only a Node that is NotReady or Unknown is deleted, and only as read
+    (its uid and resourceVersion preconditions of the deletion: a Node whose kubelet
+    reported Ready between the read and the deletion is refused by the API, read again and
+    judged again). A Ready one is given ``wait`` seconds to go NotReady (a host reinstalled
     quickly: the controller has not noticed yet), with progress lines; then
     ``AgentStillReady``, naming the node, the host's address and why, and nothing is
     deleted. Raises ``K3sClusterError`` when the API at ``server`` does not answer."""
     if has_node_password(run, host_ip):
         return []
-    seen = _node_seen(creds, server, node)
-    if seen.registered and seen.ready_status not in NOT_READY:
-        seen = _wait_not_ready(creds, server, node, host_ip, wait, progress)
     done = []
-    if seen.registered and kube.delete_node(creds, server, node, uid=seen.uid):
-        done.append(f"old Node deleted (Ready={seen.ready_status})")
+    seen = _node_seen(creds, server, node)
+    for attempt in range(DELETE_ATTEMPTS):
+        if seen.registered and seen.ready_status not in NOT_READY:
+            seen = _wait_not_ready(creds, server, node, host_ip, wait, progress)
+        if not seen.registered:
+            break
+        try:  # the Node as judged: one that changed since (Ready again) is judged again
+            if kube.delete_node(creds, server, node, uid=seen.uid,
+                                resource_version=seen.resource_version):
+                done.append(f"old Node deleted (Ready={seen.ready_status})")
+            break
+        except kube.ChangedSinceRead:
+            if attempt == DELETE_ATTEMPTS - 1:
+                raise
+            progress(f"{node}: its Node changed since it was read (Ready={seen.ready_status}):"
+                     " reading it again before anything is deleted")
+            was, seen = seen, _node_seen(creds, server, node)
+            if seen.registered and seen.uid != was.uid:
+                raise K3sClusterError(
+                    f"cannot delete node {node}: it is not the one this run read (uid "
+                    f"{was.uid}); one of the same name was registered since, and it stays",
+                    hint="look at it (kubectl get -o yaml) and run again")
     if kube.delete_node_password_secret(creds, server, node):
         done.append("old node-password secret deleted")
     if done:

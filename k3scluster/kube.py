@@ -198,6 +198,9 @@ class NodeSeen:
     # when it has none yet), when registered
     uid: str | None = None
     ready_status: str | None = None
+    # its resourceVersion as read: a deletion conditioned on it is refused once the Node
+    # changed since (its kubelet reported Ready again), not only once it was made anew
+    resource_version: str | None = None
 
 
 def read_node(
@@ -221,16 +224,18 @@ def read_node(
     info = obj.status.node_info if obj.status else None
     version = getattr(info, "kubelet_version", None) or None
     uid = str(obj.metadata.uid) if obj.metadata and obj.metadata.uid else None
+    rv = str(obj.metadata.resource_version) if obj.metadata and obj.metadata.resource_version \
+        else None
     for cond in (obj.status.conditions if obj.status else None) or []:
         if cond.type == "Ready":
             if cond.status == "True":
                 return NodeSeen(Check(True, f"node {node} Ready"), version, True, uid=uid,
-                                ready_status="True")
+                                ready_status="True", resource_version=rv)
             reason = f" ({cond.reason})" if cond.reason else ""
             return NodeSeen(Check(False, f"node {node} Ready={cond.status}{reason}"), version,
-                            True, uid=uid, ready_status=str(cond.status))
+                            True, uid=uid, ready_status=str(cond.status), resource_version=rv)
     return NodeSeen(Check(False, f"node {node} has no Ready condition yet"), version, True,
-                    uid=uid)
+                    uid=uid, resource_version=rv)
 
 
 def server_version(kubeconfig: dict[str, Any], server: str, timeout: float = 10) -> str | None:
@@ -671,19 +676,33 @@ def _pod_gone(core: Any, pod: Any, uid: str) -> bool:
     return now is None or bool(now.metadata.uid != uid)
 
 
-def _delete_if_there(what: str, delete: Callable[[Any], Any], uid: str | None) -> bool:
+class ChangedSinceRead(K3sClusterError):
+    """A deletion conditioned on the resourceVersion read was refused: the object changed
+    since (nothing was deleted)."""
+
+
+def _delete_if_there(what: str, delete: Callable[[Any], Any], uid: str | None,
+                     resource_version: str | None = None) -> bool:
     """``delete(options)``; False on 404. With ``uid`` the deletion holds only for that very
-    object (a precondition): one made since under the same name is refused, never deleted."""
+    object (a precondition): one made since under the same name is refused, never deleted.
+    With ``resource_version`` too, only for the object as it was read: one changed since is
+    refused (``ChangedSinceRead``), never deleted."""
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
     options = client.V1DeleteOptions(
-        preconditions=client.V1Preconditions(uid=uid) if uid else None)
+        preconditions=client.V1Preconditions(uid=uid, resource_version=resource_version)
+        if uid or resource_version else None)
     try:
         delete(options)
     except ApiException as err:
         if err.status == 404:
             return False
+        if err.status == 409 and resource_version:
+            raise ChangedSinceRead(
+                f"cannot delete {what}: it changed since this run read it (resourceVersion "
+                f"{resource_version}); nothing was deleted",
+                hint="run again: it is read again and judged as it is now") from None
         if err.status == 409 and uid:
             raise K3sClusterError(
                 f"cannot delete {what}: it is not the one this run read (uid {uid}); one of "
@@ -710,13 +729,15 @@ def node_uid(kubeconfig: dict[str, Any], server: str, node: str) -> str | None:
 
 
 def delete_node(kubeconfig: dict[str, Any], server: str, node: str,
-                uid: str | None = None) -> bool:
+                uid: str | None = None, resource_version: str | None = None) -> bool:
     """Deletes the Node object ``node`` (only the one with ``uid`` when given: the Node this
-    run cordoned and drained, not one registered since); False when there was none."""
+    run cordoned and drained, not one registered since; only as read, when
+    ``resource_version`` is given: ``ChangedSinceRead`` once it changed); False when there
+    was none."""
     with _reaching(server, f"cannot delete node {node}"):
         core = _core(kubeconfig, server)
         return _delete_if_there(f"node {node}", lambda opts: core.delete_node(
-            node, body=opts, _request_timeout=REQUEST_TIMEOUT), uid)
+            node, body=opts, _request_timeout=REQUEST_TIMEOUT), uid, resource_version)
 
 
 def delete_node_password_secret(kubeconfig: dict[str, Any], server: str, node: str) -> bool:

@@ -250,6 +250,40 @@ def test_a_ready_node_that_goes_unknown_while_waited_for_is_deleted(kube: Any) -
     assert any("until NotReady: node" in ln and "Ready=Unknown" in ln for ln in lines)
 
 
+def test_a_node_ready_again_between_the_read_and_the_delete_is_kept(
+    kube: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the race the uid alone does not close: the clean-up reads the Node NotReady, then its
+    # kubelet reports Ready (another machine running an agent of that name came back) before
+    # the deletion. The deletion is conditioned on the resourceVersion read: the API refuses
+    # it, the Node is read again, found Ready, waited for and refused; nothing is deleted.
+    core = kube.core()
+    node = _name("agent")
+    kube.add_node(node, ready=False)
+    _secret(core, node)
+    uid = core.read_node(node).metadata.uid
+    real_read = kubelib.read_node
+    reads: list[str | None] = []
+
+    def read_then_ready(*args: Any, **kwargs: Any) -> kubelib.NodeSeen:
+        seen = real_read(*args, **kwargs)
+        reads.append(seen.ready_status)
+        if len(reads) == 1:  # the kubelet reports Ready right after the first read
+            _set_ready(core, node, "True")
+        return seen
+
+    monkeypatch.setattr(kubelib, "read_node", read_then_ready)
+    lines: list[str] = []
+    with pytest.raises(agentmembers.AgentStillReady, match="did not go NotReady"):
+        agentmembers.clean_reinstalled_agent(
+            kube.kubeconfig, kube.server, node, HOST, HostStandIn(lambda: None, password=False),
+            lines.append, wait=2)
+    assert reads[0] == "False" and "True" in reads[1:]
+    kept = _node_there(core, node)
+    assert kept is not None and kept.metadata.uid == uid and _secret_there(core, node)
+    assert any("changed since it was read" in ln for ln in lines)
+
+
 def test_an_agent_whose_host_is_down_still_leaves_the_api(kube: Any) -> None:
     core, node, _ns = _setup(kube)
     down = HostStandIn(lambda: None, down=True)
