@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from k3scluster.errors import K3sClusterError
+from k3scluster.k3s_start import START_TIMEOUT_MIN
 
 PROFILE = "/nix/var/nix/profiles/system"
 CONFIRM_TIMEOUT = 120.0  # k3scluster:confirmTimeout's default (seconds)
@@ -161,6 +162,7 @@ class Guard:
         if self.armed_at is None:
             return
         deadline = self.armed_at + self.confirm_timeout
+        switch_took = self.clock() - self.armed_at  # colmena's switch returned only now
         last = ""
         while True:
             code, out, err = self.run(confirm_script(self.unit_id), True)
@@ -177,10 +179,12 @@ class Guard:
             self.progress(f"{self.host}: no new ssh connection after the switch yet ({last})")
             self.sleep(min(2.0, max(0.1, deadline - self.clock())))
         self.armed_at = None
-        raise self._rolled_itself_back(last)
+        raise self._rolled_itself_back(last, switch_took)
 
-    def _rolled_itself_back(self, last: str) -> K3sClusterError:
-        """After the timer fired: wait for ssh and for the host to be back on ``prev``."""
+    def _rolled_itself_back(self, last: str, switch_took: float = 0.0) -> K3sClusterError:
+        """After the timer fired: wait for ssh and for the host to be back on ``prev``.
+        ``switch_took``: seconds from arming to colmena's return; when that is past the
+        timeout, the switch itself outlasted the timer (a slow start, not a lost host)."""
         self.rolled_back_by_timer = True
         within = f"{self.confirm_timeout:g} s"
         end = self.clock() + self.wait
@@ -190,6 +194,8 @@ class Guard:
             lines = out.split()
             if code == 0 and lines:
                 current = lines[0]
+                if current == self.prev and switch_took >= self.confirm_timeout:
+                    return self._slow_switch(switch_took)
                 if current == self.prev:
                     return K3sClusterError(
                         f"{self.host}: no ssh connection after the switch within {within}; "
@@ -211,6 +217,22 @@ class Guard:
             f"did not bring it back to {self.prev}: it runs {current}",
             hint=f"on the host: journalctl -u {UNIT_PREFIX}{self.unit_id}.service; to go back by "
             f"hand, on the host: {rollback_script(self.prev or '')}",
+        )
+
+    def _slow_switch(self, took: float) -> K3sClusterError:
+        """The switch returned after the timer's time: the timer rolled the host back while it
+        was still switching (a start that waits counts: an agent asks for a K3s server up to
+        START_TIMEOUT_MIN, a server's container starts within as long). Saying that the host
+        was cut off would send the operator looking at its network for nothing."""
+        return K3sClusterError(
+            f"{self.host}: the switch returned only after {took:.0f} s, later than the "
+            f"dead-man switch's {self.confirm_timeout:g} s: its timer rolled the host back to "
+            f"{self.prev} while the switch still ran",
+            hint="a unit's start kept the switch waiting (a K3s agent waits up to "
+            f"{START_TIMEOUT_MIN} minutes for a server that answers, a K3s server's container "
+            "as long to start): see why on the host (journalctl -b -u podman-k3s-agent, "
+            "-u container@k3s-server), or give the switch more time: pulumi config set "
+            f"k3scluster:confirmTimeout {START_TIMEOUT_MIN + 5}m",
         )
 
     def failed(self, err: K3sClusterError, gates: Callable[[], None]) -> K3sClusterError:

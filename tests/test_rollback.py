@@ -373,3 +373,49 @@ def test_a_host_whose_gates_fail_on_its_old_system_too_is_named_so() -> None:
         "rolf: K3s server rolf-k3s-server (10.0.100.14) not ready after 10m; rolf was rolled "
         f"back to {prev}, but its gates fail there too: rolf: K3s server rolf-k3s-server "
         "(10.0.100.14) not ready after 6s")
+
+
+def _timer_fired_guard(switch_took: float) -> tuple[rollback.Guard, str]:
+    """A Guard armed at 0 whose colmena returned at ``switch_took`` s; the host answers that
+    the timer won the race and that it is back on its previous system."""
+    prev = "/nix/store/" + "a" * 32 + "-nixos-system-karl-prev"
+    now = [switch_took]
+
+    def run(script: str, new_connection: bool) -> tuple[int, str, str]:
+        if script == rollback.STATE_SCRIPT:
+            return 0, f"{prev}\n{prev}\n", ""
+        return 0, "fired\n", ""
+
+    def sleep(s: float) -> None:
+        now[0] += s
+
+    g = rollback.Guard("karl", run, lambda _: None, confirm_timeout=120, prev=prev,
+                       armed_at=0.0, clock=lambda: now[0], sleep=sleep)
+    return g, prev
+
+
+def test_a_switch_that_outlasts_the_timer_is_named_slow_not_cut_off() -> None:
+    """A switch can outlast the dead-man switch with the host reachable all along: an agent's
+    start waits up to START_TIMEOUT_MIN for a K3s server (k3s-agent-start.sh), and
+    switch-to-configuration waits for that start. The timer then rolls the host back while
+    it still switches; the error says so instead of blaming its network or sshd."""
+    from k3scluster.k3s_start import START_TIMEOUT_MIN
+
+    g, prev = _timer_fired_guard(switch_took=605)
+    with pytest.raises(K3sClusterError) as err:
+        g.after_switch()
+    assert err.value.message == (
+        "karl: the switch returned only after 605 s, later than the dead-man switch's 120 s: "
+        f"its timer rolled the host back to {prev} while the switch still ran")
+    assert "no ssh connection" not in err.value.message
+    assert f"k3scluster:confirmTimeout {START_TIMEOUT_MIN + 5}m" in (err.value.hint or "")
+    assert "journalctl" in (err.value.hint or "")
+    assert g.rolled_back_by_timer
+
+    # a switch that returned in time and then found no ssh is the cut-off host, as before
+    g, prev = _timer_fired_guard(switch_took=5)
+    with pytest.raises(K3sClusterError) as err:
+        g.after_switch()
+    assert err.value.message == (
+        f"karl: no ssh connection after the switch within 120 s; the host rolled itself back "
+        f"to {prev}")
