@@ -169,6 +169,21 @@ def test_the_agent_waits_as_long_as_a_server_start_may_take(out: Path) -> None:
     assert f"\nstart_timeout={START_TIMEOUT_MIN * 60}\n" in script
 
 
+def test_both_bounds_are_rendered_from_the_constant(
+    example_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # with another bound both files change: neither template writes 10 minutes itself
+    from k3scluster import render
+
+    monkeypatch.setattr(render, "START_TIMEOUT_MIN", 7)
+    monkeypatch.setitem(SCRIPT_VALUES, "start_timeout", 7 * 60)  # type: ignore[index]
+    result = plans.load(example_dir)
+    assert result.cluster is not None
+    files = render_files(result.cluster, tmp_path / "out")
+    assert 'timeoutStartSec = "7min";' in files["modules/k3s-server.nix"]
+    assert "\nstart_timeout=420\n" in files[AGENT_SCRIPT_PATH]
+
+
 def test_the_container_reads_k3s_url_from_that_decision_only(out: Path) -> None:
     c = module_config(out, "k3s-agent", "karl", ".virtualisation.oci-containers.containers.k3s-agent")
     assert isinstance(c, dict)
