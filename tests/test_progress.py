@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -51,6 +52,26 @@ def test_heartbeat_says_the_block_is_still_running() -> None:
     n = len(said)
     time.sleep(0.3)
     assert len(said) == n  # the thread ended with the block
+
+
+def test_heartbeat_says_nothing_after_its_block() -> None:
+    """A line being said when the block ends is finished before the block is left, and no
+    line follows: nothing of the heartbeat runs on into what the step prints next (here
+    each line takes long to say, so the block ends while one is being said)."""
+    said: list[str] = []
+    saying = threading.Event()
+
+    def slow_say(line: str) -> None:
+        saying.set()
+        time.sleep(0.3)
+        said.append(line)
+
+    with heartbeat("olaf: colmena", slow_say, every=0.05):
+        assert saying.wait(5)
+    n = len(said)
+    assert n == 1
+    time.sleep(0.5)
+    assert len(said) == n
 
 
 def _sleeping_colmena(tmp_path: Path) -> Path:
