@@ -869,11 +869,38 @@ def host_plan(cluster: Cluster, host_name: str) -> dict[str, str]:
     ``address``), its K3s roles and rows, the init-server's address, the network, the
     releases and the nixpkgs commit."""
     host = cluster.host(host_name)
-    net = cluster.network
+    own = _derived_plan(cluster, host_name)
     plan: dict[str, str] = {}
     for col, value in host.columns:
         if col != "name" and value:
-            plan["address" if col == "ip" else col] = value
+            plan[_plan_name(col, own, {c for c, _ in host.columns})] = value
+    plan.update(own)
+    # the password key's name is the name of its secret: in host_inputs (secret:<key>)
+    return plan
+
+
+def _plan_name(col: str, own: Mapping[str, str], columns: set[str]) -> str:
+    """The name ``host_plan`` shows hosts.csv column ``col`` under: its own, ``address`` for
+    ``ip``, and ``<col> (hosts.csv)`` when a value ``host_plan`` derives has that name (a
+    column ``roles``, ``network``, …, or ``address``): the derived value would replace the
+    column's, whose change (which reaches the host's system as ``config.cluster.<host>.<col>``)
+    the deploy step would then never see."""
+    if col == "ip":
+        return "address"
+    if col not in own and col != "address":
+        return col
+    name, n = f"{col} (hosts.csv)", 2
+    while name in own or name in columns:
+        name, n = f"{col} (hosts.csv {n})", n + 1
+    return name
+
+
+def _derived_plan(cluster: Cluster, host_name: str) -> dict[str, str]:
+    """The plan values ``host_plan`` derives (not columns of hosts.csv): the K3s roles and
+    rows, the init-server's address, the network, the releases and the nixpkgs commit."""
+    host = cluster.host(host_name)
+    net = cluster.network
+    plan: dict[str, str] = {}
     nodes = _k3s_on(cluster, host_name)
     # the roles are colmena's tags too; the K3s release with them
     roles = ", ".join(n.type.value for n in nodes)
@@ -891,7 +918,6 @@ def host_plan(cluster: Cluster, host_name: str) -> dict[str, str]:
     plan["nixos"] = (
         f"{net.nixos_release} (stateVersion {state}, nixpkgs {pin.rev[:12]} {pin.sha256[:8]})"
     )
-    # the password key's name is the name of its secret: in host_inputs (secret:<key>)
     return plan
 
 

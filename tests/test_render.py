@@ -25,8 +25,11 @@ from k3scluster.model import Cluster, SecretFile
 from k3scluster.render import (
     MARKER,
     NIXPKGS_PINS,
+    PLAN_INPUTS,
+    grouped_inputs,
     host_digest,
     host_inputs,
+    host_plan,
     k3s_package_attr,
     render_files,
     render_to_dir,
@@ -582,6 +585,36 @@ def test_other_rows_change_a_host_only_when_it_depends_on_them(cluster: Cluster)
     moved = dataclasses.replace(init, ip=init.ip + 100)
     c = dataclasses.replace(cluster, k3s=(moved,) + cluster.k3s[1:])
     assert changed(before, all_digests(c)) == {"olaf", "ulf", "rolf", "karl"}
+
+
+def deploy_values(cluster: Cluster, host: str) -> dict[str, object]:
+    """What olaf's deploy step records (components/host.py): its inputs without the
+    ``PLAN_INPUTS`` digests, grouped, and the plan values in clear in their place."""
+    files = render_files(cluster, out_of(cluster.root))
+    inputs = {k: v for k, v in host_inputs(cluster, host, files).items() if k not in PLAN_INPUTS}
+    return {"inputs": grouped_inputs(inputs), "plan": host_plan(cluster, host)}
+
+
+@pytest.mark.parametrize("column", ["roles", "network", "nixos", "init-server", "address"])
+def test_a_column_named_like_a_plan_value_still_deploys_its_host(
+    cluster: Cluster, column: str
+) -> None:
+    """An extra hosts.csv column reaches the host's system (config.cluster.<host>.<column>);
+    its deploy step sees it only among the plan values (its digest, plan:host, is not
+    recorded). A column named like a value host_plan derives is shown under a name of its own:
+    were it replaced by the derived value, its change would deploy nothing."""
+    before = set_column(cluster, "olaf", column, "gpu")
+    after = set_column(cluster, "olaf", column, "storage")
+    assert changed(all_digests(before), all_digests(after)) == {"olaf"}
+    was, now = deploy_values(before, "olaf"), deploy_values(after, "olaf")
+    assert was["inputs"] == now["inputs"]  # nothing but the plan values tells
+    assert was["plan"] != now["plan"]
+    assert now["plan"][f"{column} (hosts.csv)"] == "storage"
+    # the value host_plan derives under that name stays as it was
+    if column != "address":
+        assert now["plan"][column] == host_plan(cluster, "olaf")[column]
+    else:
+        assert now["plan"]["address"] == "10.0.100.2"
 
 
 def test_manifests_and_token_reach_the_right_hosts(cluster: Cluster) -> None:
