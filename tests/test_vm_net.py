@@ -323,3 +323,34 @@ def test_a_lab_directory_keeps_the_network_record_of_its_own_lab(tmp_path: Path)
     assert second.bridge not in {x["ifname"] for x in json.loads(links)}
     assert (lab_dir / "network.json").read_text() == (tmp_path / "before.json").read_text()
     assert network.recorded_net(lab_dir) == first
+
+
+def test_two_net_ups_at_once_make_one_bridge_and_both_succeed(tmp_path: Path) -> None:
+    """Two processes make the lab's bridge again at once after this machine restarted
+    (``vms --start`` of two VMs, or one beside a ``pulumi up``): one waits for the other, so
+    neither fails on what the other made, and neither deletes the bridge the other uses as
+    one it made itself (net-up's failure path). ``ip addr add`` is made slow here (a
+    stand-in that sleeps, then runs the real ``ip``), so both are inside net-up together.
+    No lock file is left in the lab directory."""
+    import shutil
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    real = shutil.which("ip")
+    (fake / "ip").write_text(
+        f'#!/bin/sh\nif [ "$1" = addr ] && [ "$2" = add ]; then sleep 1; fi\nexec {real} "$@"\n'
+    )
+    (fake / "ip").chmod(0o755)
+    net = _net(lab_dir=tmp_path / "lab")
+    r = _in_netns(
+        f"{_ctl('net-up', net)} >/dev/null 2>&1\nip link delete {net.bridge}\n"  # a restart
+        f"export PATH={fake}:$PATH\n{_ctl('net-up', net)} & first=$!\n"
+        f"{_ctl('net-up', net)}; echo rc=$?\nwait $first; echo rc=$?\n"
+        f"ip -j addr show dev {net.bridge}\n"
+    )
+    one, other, addr = r.stdout.split("\n", 2)
+    assert (one, other) == ("rc=0", "rc=0"), r.stdout + r.stderr
+    inet = [(a["local"], a["prefixlen"]) for a in json.loads(addr)[0]["addr_info"]
+            if a["family"] == "inet"]
+    assert inet == [("10.0.100.1", 24)]
+    assert sorted(p.name for p in (tmp_path / "lab").iterdir()) == ["network.json"]

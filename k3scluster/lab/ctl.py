@@ -12,7 +12,8 @@
   again from the lab's record when it is missing, after a reboot of this machine);
 - ``vm-delete``: stop it and delete its files, proven by its manifest first.
 
-Every VM task holds the VM's lock (``lock``) and runs with umask 077. Failures print the end
+Every VM task holds the VM's lock (``lock``), ``net-up``/``net-down`` (also run by a
+VM task that makes a missing bridge again) the lab's network lock; all run with umask 077. Failures print the end
 of the VM's console log. Plain library code: no pulumi here.
 """
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from k3scluster.errors import K3sClusterError
 from k3scluster.lab import netcheck
-from k3scluster.lab.lock import make_lab_dir
+from k3scluster.lab.lock import make_lab_dir, network_lock
 from k3scluster.lab.process import run, say
 from k3scluster.lab.spec import NetSpec, VmSpec, lab_owner
 
@@ -214,6 +214,13 @@ def _foreign(name: str, found: dict[str, Any], alias: str, what: str) -> K3sClus
 
 
 def net_up(net: NetSpec) -> None:
+    """The lab's bridge, gateway, taps and NAT as the spec says; one process at a time
+    (``network_lock``)."""
+    with network_lock(net.lab_path):
+        _net_up(net)
+
+
+def _net_up(net: NetSpec) -> None:
     alias = net.alias
     other = _foreign_record(net)
     if other is not None:
@@ -274,6 +281,11 @@ def _bridge_up(net: NetSpec) -> None:
 
 
 def net_down(net: NetSpec) -> None:
+    with network_lock(net.lab_path):
+        _net_down(net)
+
+
+def _net_down(net: NetSpec) -> None:
     found = link(net.bridge)
     if found is None:
         say(f"bridge {net.bridge} is gone already")
