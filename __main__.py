@@ -22,6 +22,7 @@ from k3scluster.components.settings import Settings
 from k3scluster.components.vm import lab_id_of
 from k3scluster.errors import K3sClusterError
 from k3scluster.lab import spec as lab
+from k3scluster.membership import refuse_unrecorded_changes
 from k3scluster.rollback import confirm_timeout_setting
 from k3scluster.stackconfig import project_path, stack_layout
 
@@ -140,6 +141,10 @@ def main() -> None:
             # vmAccel auto is resolved when a VM starts (`ctl vm-up` runs the KVM probe), not
             # here: a preview starts no QEMU, and the probe's answer is not part of the spec
         deployed_hosts = records.deployed_hosts_of(resources)
+        # hosts deployed before their deploys recorded them (waitReady false): what the last
+        # outputs tell of them, so that a change of who is in the cluster is not left unseen
+        refuse_unrecorded_changes(
+            cluster, records.unrecorded_hosts(resources, deployed_hosts), deployed_hosts)
         versions = records.host_versions(steps, [h.name for h in cluster.hosts], deployed_hosts)
         component = Cluster(
             "cluster",

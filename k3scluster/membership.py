@@ -266,6 +266,56 @@ def refuse_without_gates(plan: MembershipPlan) -> None:
     )
 
 
+def _kinds(roles: Iterable[object]) -> list[str]:
+    """K3s roles as membership sees them: a server (init or not) or an agent."""
+    return sorted("agent" if r == K3sType.AGENT.value else "server" for r in roles)
+
+
+def refuse_unrecorded_changes(
+    cluster: Cluster, unrecorded: Mapping[str, Mapping[str, object]], deployed: Deployed
+) -> None:
+    """Hosts the stack deployed whose state holds no record (``unrecorded``: host -> its
+    entry of the last run's stack output ``hosts``, ``ip`` and ``roles``): deployed by a
+    version that recorded nothing with ``waitReady`` false. ``plan_membership`` cannot see
+    what changes for them, so a change of who is in the cluster would go unseen (a server
+    row removed: a dead etcd voter). What the last outputs tell is compared instead (the
+    host left the plans with K3s nodes, its address or its K3s roles changed; with no host
+    recorded at all, a server added to a running cluster), and such a change is refused
+    until each of those hosts has been deployed once and recorded itself."""
+    changes = []
+    planned = {h.name: h for h in cluster.hosts}
+    for name in sorted(unrecorded):
+        was = unrecorded[name]
+        roles = _kinds(was.get("roles") or ())  # type: ignore[arg-type]
+        host = planned.get(name)
+        if host is None:
+            if roles:
+                changes.append(f"{name} (K3s {', '.join(roles)}) leaves the plans")
+            continue
+        if was.get("ip") is not None and str(was.get("ip")) != str(host.ip):
+            changes.append(f"{name} moves from {was.get('ip')} to {host.ip}")
+        now = _kinds(n.type.value for n in cluster.k3s_on(name))
+        if now != roles:
+            changes.append(f"{name}'s K3s nodes change from [{', '.join(roles)}] to "
+                           f"[{', '.join(now)}]")
+    had_server = any("server" in _kinds(w.get("roles") or ())  # type: ignore[arg-type]
+                     for w in unrecorded.values())
+    if had_server and not deployed.hosts:
+        for n in cluster.k3s:
+            if n.type.is_server and n.host not in unrecorded:
+                changes.append(f"{n.name} (server on {n.host}) joins the running cluster")
+    if not changes:
+        return
+    raise K3sClusterError(
+        f"the state holds no record of who is in the cluster for {', '.join(sorted(unrecorded))} "
+        "(deployed with waitReady false by an earlier version), and this change has "
+        f"{len(changes)} that membership would have to handle: " + "; ".join(changes),
+        hint="first `pulumi up` with the plans as they were last deployed (every host is "
+        "deployed once and records itself; nothing restarts where its system is unchanged), "
+        "then make this change (with k3scluster:waitReady true); nothing was changed",
+    )
+
+
 def plan_membership(cluster: Cluster, deployed: Deployed) -> MembershipPlan:
     """What ``up`` must do about membership (see the module's docstring)."""
     if not deployed.hosts:

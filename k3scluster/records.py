@@ -220,6 +220,32 @@ def deployed_hosts_of(resources: Iterable[tuple[str, str, Mapping[str, Any]]]) -
     return deployed_from_records(found)
 
 
+STACK_TYPE = "pulumi:pulumi:Stack"
+
+
+def unrecorded_hosts(
+    resources: Iterable[tuple[str, str, Mapping[str, Any]]], deployed: Deployed
+) -> dict[str, Mapping[str, Any]]:
+    """Hosts with a deploy step in the state but no record of theirs (deployed with waitReady
+    false by a version that recorded nothing): host -> its entry of the last run's stack
+    output ``hosts`` (``ip``, ``roles``; empty when the output has none)."""
+    resources = list(resources)
+    recorded = {h.name for h in deployed.hosts}
+    hosts = [h for h in deployed_hosts(step_inputs(resources)) if h not in recorded]
+    if not hosts:
+        return {}
+    output: Mapping[str, Any] = {}
+    for _urn, type_, outputs in resources:
+        value = outputs.get("hosts") if isinstance(outputs, Mapping) else None
+        if type_ == STACK_TYPE and isinstance(value, Mapping):
+            output = value
+    found: dict[str, Mapping[str, Any]] = {}
+    for h in hosts:
+        entry = output.get(h)
+        found[h] = entry if isinstance(entry, Mapping) else {}
+    return found
+
+
 HOST_TYPE = "k3scluster:index:Host"
 
 

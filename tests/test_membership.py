@@ -293,3 +293,46 @@ def test_without_gates_every_membership_change_is_refused_naming_it() -> None:
                                         "and this change has 2: karl-k3s-agent (agent on karl)")
     assert "ulrich moves from 10.0.100.6 to 10.0.100.26" in err.value.message
     assert "k3scluster:waitReady true" in err.value.hint
+
+
+def _outputs_of(c: Cluster) -> dict[str, dict[str, object]]:
+    """The stack output ``hosts`` a run of ``c`` leaves (ip and roles of each host)."""
+    return {h.name: {"ip": str(h.ip), "roles": [n.type.value for n in c.k3s_on(h.name)]}
+            for h in c.hosts}
+
+
+def test_hosts_deployed_before_records_are_judged_from_the_last_outputs() -> None:
+    # waitReady false before 8706c1f: the deploys recorded nothing, so plan_membership sees no
+    # change; the last run's outputs (ip, roles) stand in, and a change of members is refused
+    from k3scluster.membership import refuse_unrecorded_changes
+
+    before = cluster(HOSTS3, THREE)
+    unrecorded = _outputs_of(before)
+    assert plan_membership(cluster(HOSTS3, without(THREE, "carla-srv")), Deployed()) \
+        == plan_membership(before, Deployed())  # the records' view: nothing at all
+    refuse_unrecorded_changes(before, unrecorded, Deployed())  # nothing changes
+    # the init-server's row goes while bert becomes init-server: no change of members
+    swapped = [("bert", "bert-srv", "i", "10.0.0.11") if r[1] == "bert-srv" else r
+               for r in without(THREE, "anna-srv")] + [("anna", "anna-srv", "s", "10.0.0.10")]
+    refuse_unrecorded_changes(cluster(HOSTS3, swapped), unrecorded, Deployed())
+    for after, phrase in [
+        (cluster(HOSTS3, without(THREE, "carla-srv")),
+         "carla's K3s nodes change from [server] to []"),
+        (cluster(HOSTS3, without(THREE, "dora-agent")),
+         "dora's K3s nodes change from [agent] to []"),
+        (cluster({k: v for k, v in HOSTS3.items() if k != "dora"}, without(THREE, "dora-agent")),
+         "dora (K3s agent) leaves the plans"),
+        (cluster(HOSTS3 | {"dora": "10.0.0.9"}, THREE), "dora moves from 10.0.0.5 to 10.0.0.9"),
+        (cluster(HOSTS3 | {"emil": "10.0.0.6"}, [*THREE, ("emil", "emil-srv", "s", "10.0.0.13")]),
+         "emil-srv (server on emil) joins the running cluster"),
+    ]:
+        with pytest.raises(K3sClusterError) as err:
+            refuse_unrecorded_changes(after, unrecorded, Deployed())
+        assert phrase in err.value.message
+        assert err.value.message.startswith(
+            "the state holds no record of who is in the cluster for anna, bert, carla, dora")
+        assert "with the plans as they were last deployed" in err.value.hint
+    # a host without K3s nodes may leave; recorded hosts are plan_membership's
+    plain = cluster(HOSTS3 | {"emil": "10.0.0.6"}, THREE)
+    refuse_unrecorded_changes(cluster(HOSTS3, THREE), {"emil": _outputs_of(plain)["emil"]},
+                              deployed_of(before))

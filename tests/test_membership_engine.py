@@ -26,13 +26,16 @@ operations from the logs, the members from the real etcd), and the preview after
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_health import HOSTS, ROOT, SERVERS, Lab, Project, _text
+from test_health import HOSTS, ROOT, SERVERS, STACK, Lab, Project, _text
+
+from k3scluster.records import DEPLOYED_PREFIX
 
 pytestmark = [pytest.mark.integration, pytest.mark.root]
 
@@ -462,6 +465,37 @@ def test_with_wait_ready_false_a_membership_change_is_refused_at_preview(tmp_pat
             in " ".join(_text(r).split())
         assert "pulumi config set k3scluster:waitReady true" in _text(r)
     assert len(p.colmena_calls()) == before  # nothing deployed
+    # a state from before the deploys recorded their hosts with waitReady false (8706c1f):
+    # plan_membership sees nothing then, and the outputs of the last run stand in for the
+    # records; the row's removal is refused still (it would have gone unseen)
+    exported = p.pulumi("stack", "export", "--stack", STACK)
+    assert exported.returncode == 0, _text(exported)
+    recorded = exported.stdout
+    state = json.loads(recorded)
+    stripped = 0
+    for res in state["deployment"]["resources"]:
+        stdout = (res.get("outputs") or {}).get("stdout")
+        if res["urn"].endswith("-deploy") and isinstance(stdout, str) and DEPLOYED_PREFIX in stdout:
+            res["outputs"]["stdout"] = "".join(
+                ln for ln in stdout.splitlines(keepends=True) if DEPLOYED_PREFIX not in ln)
+            stripped += 1
+    assert stripped == len(HOSTS)
+
+    def imported(text: str) -> None:
+        dump = tmp_path / "state.json"
+        dump.write_text(text)
+        r = p.pulumi("stack", "import", "--stack", STACK, "--file", str(dump))
+        assert r.returncode == 0, _text(r)
+
+    imported(json.dumps(state))
+    r = p.pulumi("preview")
+    assert r.returncode != 0
+    words = " ".join(_text(r).split())
+    assert ("the state holds no record of who is in the cluster for " + ", ".join(sorted(HOSTS))
+            in words), words[-3000:]
+    assert "rolf's K3s nodes change from [server] to []" in words
+    assert len(p.colmena_calls()) == before
+    imported(recorded)
     # with the gates on again the change is planned as usual
     (p.dir / "Pulumi.gates.yaml").write_text(
         (p.dir / "Pulumi.gates.yaml").read_text().replace('waitReady: "false"',
