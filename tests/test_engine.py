@@ -308,3 +308,61 @@ def test_env_sh_keeps_the_backend_of_pulumi_login(tmp_path: Path) -> None:
     assert "PULUMI_BACKEND_URL" not in got  # pulumi uses its login
     assert "Pulumi state at postgres://ann:****@db.lan/pulumi" in err
     assert not (tmp_path / "state").exists()
+
+
+STEP_PROGRAM = '''
+import pulumi
+
+from k3scluster.components.steps import step
+
+config = pulumi.Config()
+log = config.require("log")
+step(
+    "s",
+    runner="python",
+    host="h",
+    create=["sh", "-c", 'echo "create $WHERE" >> "$LOG"'],
+    delete=["sh", "-c", 'echo "delete" >> "$LOG"'],
+    environment={"LOG": log, "WHERE": config.require("where")},
+    secret_environment={"TOKEN": config.require_secret("token")},
+    triggers=[config.require("where")],
+)
+'''
+
+
+@pytest.mark.integration
+@pytest.mark.root
+def test_python_step_runs_again_for_a_secret_alone_and_is_replaced_for_a_trigger(
+    tmp_path: Path,
+) -> None:
+    """runner.StepProvider.diff answers a change "unknown" (c5e882d): the engine then decides
+    by diffing the step's old and new inputs itself. A change of nothing but a secret input
+    (a rotated token, a secret in the engine's diff) still runs the step; a trigger still
+    replaces it, delete before create; nothing changed runs nothing."""
+    require_engine()
+    d = tmp_path / "proj"
+    d.mkdir()
+    (d / "Pulumi.yaml").write_text(f"name: {PROJECT}\nruntime: python\n")
+    (d / "__main__.py").write_text(textwrap.dedent(STEP_PROGRAM))
+    log = tmp_path / "log"
+    _ok(run_pulumi(["stack", "init", STACK, "--non-interactive"], cwd=d))
+    for key, value in (("log", str(log)), ("where", "10.0.0.1")):
+        _ok(run_pulumi(["config", "set", key, value], cwd=d))
+    _ok(run_pulumi(["config", "set", "--secret", "token", "first-token"], cwd=d))
+    up = ["up", "--yes", "--non-interactive", "--skip-preview"]
+    _ok(run_pulumi(up, cwd=d))
+    assert log.read_text().splitlines() == ["create 10.0.0.1"]
+    _ok(run_pulumi(up, cwd=d))
+    assert log.read_text().splitlines() == ["create 10.0.0.1"]
+
+    _ok(run_pulumi(["config", "set", "--secret", "token", "rotated-token"], cwd=d))
+    preview = json.loads(_ok(run_pulumi(["preview", "--json", "--non-interactive"], cwd=d)))
+    ops = {s["urn"].split("::")[-1]: s["op"] for s in preview["steps"]}
+    assert ops.get("s") == "update", ops
+    _ok(run_pulumi(up, cwd=d))
+    assert log.read_text().splitlines() == ["create 10.0.0.1"] * 2
+    assert "rotated-token" not in json.dumps(_state(d))
+
+    _ok(run_pulumi(["config", "set", "where", "10.0.0.2"], cwd=d))
+    _ok(run_pulumi(up, cwd=d))
+    assert log.read_text().splitlines() == ["create 10.0.0.1"] * 2 + ["delete", "create 10.0.0.2"]
