@@ -354,3 +354,31 @@ def test_two_net_ups_at_once_make_one_bridge_and_both_succeed(tmp_path: Path) ->
             if a["family"] == "inet"]
     assert inet == [("10.0.100.1", 24)]
     assert sorted(p.name for p in (tmp_path / "lab").iterdir()) == ["network.json"]
+
+
+def test_a_tap_of_the_vms_name_that_another_lab_owns_is_neither_taken_nor_deleted(
+    example_dir: Path, tmp_path: Path
+) -> None:
+    """A tap named as this lab's VM's tap but with another lab's alias (a hash clash, or a
+    stale tap of a lab made elsewhere): ensure_tap (vm-up, vm-start) refuses it naming that
+    lab, and delete_tap (vm-delete, a failed vm-up's clean-up) keeps it and says so."""
+    from k3scluster.lab import spec as lab
+    from k3scluster.plans import load_or_raise
+
+    cluster, _ = load_or_raise(example_dir)
+    vs = lab.VmSettings(stack="test-vms", lab_dir=tmp_path / "lab", lab_id="0123abcd")
+    vm = lab.vm_specs(cluster, vs, {h.name: "/iso" for h in cluster.hosts})[0]
+    other = lab.link_alias("test-vms", vm.host, "4567cdef")
+    r = _in_netns(
+        f"ip tuntap add dev {vm.tap} mode tap\nip link set dev {vm.tap} alias {other}\n"
+        f"{_ctl('net-up', lab.net_spec(cluster, vs))} >/dev/null 2>&1\n"
+        f"{_tap_script(vm, 'ensure_tap')}; echo rc=$?\n"
+        f"{_tap_script(vm, 'delete_tap')}; echo rc=$?\nip -j -d link show dev {vm.tap}\n"
+    )
+    up, down, link = r.stdout.split("\n", 2)
+    assert (up, down) == ("rc=1", "rc=0"), r.stdout + r.stderr
+    assert f"a link named {vm.tap} exists and is not {vm.host}'s tap of this lab" in r.stderr
+    assert f"it belongs to lab 'test-vms@4567cdef:{vm.host}'" in r.stderr
+    assert f"{vm.tap} is not {vm.host}'s tap of this lab" in r.stderr and "not deleted" in r.stderr
+    found = json.loads(link)[0]
+    assert found["ifalias"] == other and "master" not in found
