@@ -403,6 +403,24 @@ def what_may_happen(
     return lines
 
 
+def no_snapshot_warning(
+    cluster: Cluster, changing: Collection[str], deployed_before: Collection[str]
+) -> str | None:
+    """With ``k3scluster:snapshotBeforeServers`` true but ``waitReady`` false the plan has no
+    ``SNAPSHOT`` phase (it goes over ssh as the gates do): the warning that the server hosts
+    the stack deployed before, which change now (``changing``), change without one."""
+    hosts = [h for h in server_chain(cluster) if h in changing and h in deployed_before]
+    if not hosts:
+        return None
+    return (
+        f"no etcd snapshot is taken before {', '.join(hosts)} change: k3scluster:waitReady is "
+        "false, and the snapshot goes over ssh as the gates do. Take one by hand first (ssh "
+        "root@<server host> nixos-container run k3s-server -- k3s etcd-snapshot save), or "
+        "pulumi config set k3scluster:waitReady true; pulumi config set "
+        "k3scluster:snapshotBeforeServers false says no snapshot is wanted"
+    )
+
+
 def drain_node(cluster: Cluster, host: str) -> str | None:
     """The K3s agent a deploy of ``host`` drains first (when the deploy would restart it)."""
     agent = cluster.agent_on(host)

@@ -375,3 +375,33 @@ def test_a_state_that_cannot_be_read_stops_the_program_and_says_so(poisoned: Pat
     with pytest.raises(Exception, match="cannot read this stack's state"):
         run_program(poisoned, "python", mocks=mocks)
     assert 2 <= len(mocks.asked) < 100
+
+
+def _host_digest(host: str, digest: str) -> tuple[str, dict[str, Any]]:
+    """The Host component's record of the system its last deploy installed (its digest)."""
+    urn = f"urn:pulumi:mock::k3scluster::k3scluster:index:Cluster${records.HOST_TYPE}::{host}"
+    return urn, {"type": records.HOST_TYPE, "outputs": {"digest": digest}}
+
+
+@pytest.mark.parametrize("runner", ["python"])
+def test_without_gates_a_server_change_says_no_snapshot_is_taken(
+    poisoned: Path, runner: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # waitReady false: no snapshot step (it goes over ssh as the gates do), and the server
+    # hosts that change are named in a warning instead of passing silently
+    state = _deployed_at(runner, "1.35")
+    state.update(dict(_host_digest(h, "0" * 64) for h in HOSTS))  # every system changes
+    warned: list[str] = []
+    monkeypatch.setattr(pulumi.log, "warn", lambda msg, *a, **k: warned.append(msg))
+    m, _ = run_with_state(poisoned, runner, state, waitReady="false")
+    assert not [r for r in m.registered if r.name == "cluster-etcd-snapshot"]
+    said = [w for w in warned if "no etcd snapshot" in w]
+    assert len(said) == 1 and "before olaf, ulf, rolf change" in said[0], warned
+    assert "k3scluster:snapshotBeforeServers false" in said[0]
+    # turned off knowingly, or gates on (the snapshot step is there): no such warning
+    warned.clear()
+    run_with_state(poisoned, runner, state, waitReady="false", snapshotBeforeServers="false")
+    assert not [w for w in warned if "no etcd snapshot" in w]
+    m, _ = run_with_state(poisoned, runner, state)
+    assert m.named("cluster-etcd-snapshot") is not None
+    assert not [w for w in warned if "no etcd snapshot" in w]

@@ -669,3 +669,14 @@ def test_reboot_auto_notes_say_the_agent_hosts_move_one_at_a_time() -> None:
     # no agent host: nothing to say
     assert plan_update(cluster(["a"], [("a", "i")]), Deployed(),
                        UpdateSettings(reboot_auto=True)).notes == ()
+
+
+def test_without_gates_the_changing_deployed_servers_are_named_as_without_snapshot() -> None:
+    from k3scluster.update_plan import no_snapshot_warning
+
+    now = cluster(BIG_HOSTS, BIG)
+    got = no_snapshot_warning(now, ["emil", "carla", "anna"], ["anna", "carla", "emil"])
+    assert got is not None and got.startswith("no etcd snapshot is taken before anna, carla ")
+    # only agent hosts change, or the changing server host was never deployed: nothing to say
+    assert no_snapshot_warning(now, ["emil", "nokube"], BIG_HOSTS) is None
+    assert no_snapshot_warning(now, ["bert"], ["anna"]) is None

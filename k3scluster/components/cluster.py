@@ -52,6 +52,7 @@ from k3scluster.update_plan import (
     UpdateSettings,
     Wait,
     drain_node,
+    no_snapshot_warning,
     plan_update,
     unrecorded_warning,
     what_may_happen,
@@ -218,6 +219,10 @@ class Cluster(pulumi.ComponentResource):
             inputs = self._rendered_inputs(h.name)
             if h.name in self._fetch_hosts or last.get(h.name) != render.host_digest(inputs):
                 changing.append(h.name)
+        if self._s.snapshot_before_servers and not self._s.wait_ready:
+            skipped = no_snapshot_warning(self._c, changing, list(last))
+            if skipped:
+                pulumi.log.warn(f"k3scluster: {skipped}", self)
         return what_may_happen(self._c, self.plan, changing, list(last), self._s.wait_ready,
                                reboot_auto=self._s.reboot == "auto")
 
