@@ -56,6 +56,11 @@ def sh_value(v: object) -> str:
 AGENT_SCRIPT_TEMPLATE = "k3s-agent-start.sh.j2"
 AGENT_SCRIPT_PATH = "modules/k3s-agent-start.sh"
 AGENT_ENV_FILE = "/run/k3scluster/k3s-agent.env"
+# The servers it asks, one address a line (the init-server first), as /etc/<this>: a file
+# the unit names, not arguments in it, so that a changed server list changes no unit and a
+# switch neither restarts nor drains the agent for it (it learns the servers from the
+# cluster once joined; its next start reads the new list).
+AGENT_SERVERS_ETC = "k3scluster/k3s-agent-servers"
 
 # The /cacerts probe and the env file's handling, included by both scripts above
 PROBE_TEMPLATE = "k3s-probe.sh.j2"

@@ -47,6 +47,7 @@ from k3scluster.k3s_start import (
     AGENT_ENV_FILE,
     AGENT_SCRIPT_PATH,
     AGENT_SCRIPT_TEMPLATE,
+    AGENT_SERVERS_ETC,
     ENV_FILE,
     ETCD_WAL_DIR,
     MANIFEST_DIR,
@@ -514,6 +515,7 @@ def render_files(
         "start_env": ENV_FILE,
         "manifest_dir": MANIFEST_DIR,
         "agent_start_env": AGENT_ENV_FILE,
+        "agent_servers_etc": AGENT_SERVERS_ETC,
         "etcd_wal_dir": ETCD_WAL_DIR,
         "start_timeout_min": START_TIMEOUT_MIN,
     }

@@ -15,8 +15,8 @@ bash and the real curl and coreutils. What a stand-in does, per address:
          while the script is asking)
 
 Input (argv[1], JSON): {"script", "role", "servers": [[ip, kind], ...], "wal": bool,
-"stale_env": bool}; role "agent" runs modules/k3s-agent-start.sh (ENV_FILE SERVER_IP...)
-instead of the server's script. Output (stdout, JSON): {"rc", "env" (file text or null),
+"stale_env": bool}; role "agent" runs modules/k3s-agent-start.sh (ENV_FILE SERVERS_FILE: the
+servers one a line, as /etc holds them) instead of the server's script. Output (stdout, JSON): {"rc", "env" (file text or null),
 "stdout", "stderr"}.
 """
 
@@ -119,11 +119,13 @@ def main() -> None:
         if case.get("stale_env"):
             env_file.parent.mkdir(parents=True)
             env_file.write_text("K3S_CLUSTER_INIT=true\n")
-        if case["role"] == "agent":
-            argv = ["bash", case["script"], str(env_file)]
+        if case["role"] == "agent":  # the servers in a file, as /etc holds them
+            servers_file = d / "k3s-agent-servers"
+            servers_file.write_text("".join(f"{ip}\n" for ip, _ in case["servers"]))
+            argv = ["bash", case["script"], str(env_file), str(servers_file)]
         else:
             argv = ["bash", case["script"], case["role"], str(env_file), str(wal)]
-        argv += [ip for ip, _ in case["servers"]]
+            argv += [ip for ip, _ in case["servers"]]
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
         print(
             json.dumps(

@@ -139,6 +139,8 @@ OPTIONS: dict[str, dict[str, str]] = {
     # 3012daa4; `etcd = etcd_3_5` in all-packages.nix up to 2025-08, NixOS/nixpkgs#430436;
     # 25.11 builds it, #503305)
     "environment.systemPackages": _same("nixos/modules/config/system-path.nix"),
+    # a file of /etc (the agent's server list; declared there in every release)
+    "environment.etc.<name>.text": _same("nixos/modules/system/etc/etc.nix"),
     "users.users.<name>.isNormalUser": _same(USERS),
     "users.users.<name>.extraGroups": _same(USERS),
     "users.users.<name>.hashedPasswordFile": _same(USERS),

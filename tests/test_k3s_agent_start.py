@@ -23,6 +23,7 @@ with nix-instantiate and the lib stand-in (tests/nixeval.py).
 
 from __future__ import annotations
 
+import json
 import shlex
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from k3scluster.k3s_start import (
     AGENT_ENV_FILE,
     AGENT_SCRIPT_PATH,
     AGENT_SCRIPT_TEMPLATE,
+    AGENT_SERVERS_ETC,
     SCRIPT_VALUES,
     START_TIMEOUT_MIN,
 )
@@ -150,8 +152,15 @@ def test_the_agent_container_decides_in_its_own_start(out: Path) -> None:
     argv = shlex.split(decide)
     assert argv[0] == "/stand-in/bash/bin/bash"
     assert argv[1].startswith("/nix/store/") and argv[1].endswith("-k3s-agent-start.sh")
-    # the env file, then every server of the plan, the init-server first
-    assert argv[2:] == [AGENT_ENV_FILE, "10.0.100.10", "10.0.100.12", "10.0.100.14"]
+    # the env file, then the file of every server of the plan, the init-server first
+    assert argv[2:] == [AGENT_ENV_FILE, f"/etc/{AGENT_SERVERS_ETC}"]
+    etc = module_config(out, "k3s-agent", "karl", ".environment.etc")
+    assert etc == {AGENT_SERVERS_ETC: {"text": "10.0.100.10\n10.0.100.12\n10.0.100.14\n"}}
+    # so no server address is part of the unit: a changed server list changes no unit, and
+    # the switch neither restarts nor drains the agent for it (ExecStartPre arguments
+    # did: every agent was drained and restarted when a server was added or removed)
+    for ip in ("10.0.100.10", "10.0.100.12", "10.0.100.14"):
+        assert ip not in json.dumps(unit)
     assert unit["path"] == ["/stand-in/curl", "/stand-in/coreutils"]
     # the container's own guard holds for the decision too: nothing to decide before
     # the agent token is there

@@ -31,6 +31,12 @@ let
   # Where the agent registers, decided before each start (./k3s-agent-start.sh): K3S_URL
   # in this file, which `podman run --env-file` reads.
   startEnv = "/run/k3scluster/k3s-agent.env";
+  # The servers to ask, the init-server first (one address a line), read by
+  # ./k3s-agent-start.sh at each start: a file of /etc, not arguments of the unit, so a
+  # changed list (a server added, removed or re-addressed) changes no unit and the switch
+  # neither restarts nor drains the agent for it. Once joined, K3s's agent learns the
+  # servers from the cluster itself; its next start asks the new list.
+  serversEtc = "k3scluster/k3s-agent-servers";
   podman = "${config.virtualisation.podman.package}/bin/podman";
 in
 {
@@ -135,7 +141,7 @@ in
       # order does not matter); systemd splits the line at spaces and honours the quotes.
       serviceConfig.ExecStartPre = [
         "${pkgs.bash}/bin/bash ${./k3s-agent-start.sh} ${
-          lib.escapeShellArgs ([ startEnv ] ++ cfg.servers)
+          lib.escapeShellArgs [ startEnv "/etc/${serversEtc}" ]
         }"
       ];
       path = [ pkgs.curl pkgs.coreutils ];
@@ -151,6 +157,8 @@ in
       unitConfig.ConditionPathExists = agentTokenFile;
       after = [ "${agentTokenKey}-key.service" ];
     };
+
+    environment.etc.${serversEtc}.text = builtins.concatStringsSep "" (map (ip: "${ip}\n") cfg.servers);
 
     systemd.tmpfiles.rules = [
       "d ${state} 0700 root root -"
