@@ -13,6 +13,7 @@ state written before they were recorded: from the digest it kept, or unknown).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -117,21 +118,44 @@ def _newest(*minors: str | None) -> str | None:
 
 
 # before the deploys recorded k3s:server/k3s:agent, they recorded the sha256 of the plan's
-# K3s minor release as this input (render.host_inputs, on hosts with K3s only)
+# K3s release as this input (render.host_inputs, on hosts with K3s only): of the minor
+# release ("1.33", from c09897f on), before that of the whole release tag network.yaml's
+# k3s: named ("v1.31.12+k3s1", the default then), whose minor is what counts
 K3S_DIGEST_INPUT = "version:k3s"
 # the minor releases such a digest is matched against: 1.0 to 1.99
 _MINOR_CANDIDATES = tuple(f"1.{n}" for n in range(100))
+# the release tags: v1.N.P+k3sK, P up to 59 and K up to 9 (K3s's own have stayed far below)
+_TAG_PATCHES, _TAG_BUILDS = 60, 10
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@functools.cache
+def _tag_digests() -> dict[str, str]:
+    """sha256 hex -> minor of every release tag ``_TAG_*`` spans (made once: ~54,000)."""
+    return {
+        _sha(f"v{m}.{p}+k3s{k}"): m
+        for m in _MINOR_CANDIDATES
+        for p in range(_TAG_PATCHES)
+        for k in range(1, _TAG_BUILDS)
+    }
 
 
 def minor_of_digest(digest: str | None) -> str | None:
-    """The K3s minor release whose sha256 (hex, whole or its start) is ``digest``."""
+    """The K3s minor release whose sha256 (hex, whole or its start) is ``digest``: of the
+    minor itself, or of one of its release tags (a state older than minor releases)."""
     d = (digest or "").strip().lower()
     if len(d) < 8:
         return None
-    return next(
-        (m for m in _MINOR_CANDIDATES if hashlib.sha256(m.encode()).hexdigest().startswith(d)),
-        None,
-    )
+    minor = next((m for m in _MINOR_CANDIDATES if _sha(m).startswith(d)), None)
+    if minor is not None:
+        return minor
+    tags = _tag_digests()
+    if len(d) == 64:
+        return tags.get(d)
+    return next((m for h, m in tags.items() if h.startswith(d)), None)
 
 
 def host_versions(

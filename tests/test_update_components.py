@@ -193,6 +193,8 @@ def test_host_versions_of_a_state_that_did_not_record_them() -> None:
         # short), here on the host of a server and an agent, and an agent's own host
         "olaf-deploy": {"version:k3s": sha("1.33"), "file:modules/k3s-common.nix": "ab"},
         "karl-deploy": {"version:k3s": sha("1.32")[:12]},
+        # older still: the digest of the release tag k3s: named (the default then); its minor
+        "berta-deploy": {"version:k3s": sha("v1.31.12+k3s1"), "file:modules/k3s-common.nix": "ab"},
         # nothing that tells: the K3s module in its modules (or no record of them at all)
         "ulf-deploy": {"modules": "base.nix cluster.nix k3s-common.nix @ 0a1b2c3d4e5f"},
         "rolf-deploy": {},
@@ -209,12 +211,14 @@ def test_host_versions_of_a_state_that_did_not_record_them() -> None:
     assert got == {
         "olaf": records.HostVersions("1.33", "1.33"),
         "karl": records.HostVersions(None, "1.32"),  # its record: an agent only
+        "berta": records.HostVersions("1.31", "1.31"),
         "ulf": records.HostVersions(unknown=True),
         "rolf": records.HostVersions(unknown=True),
         "ulrich": records.HostVersions(),
         "anton": records.HostVersions(),
     }
     assert records.minor_of_digest("deadbeef") is None and records.minor_of_digest("") is None
+    assert records.minor_of_digest(sha("v1.28.3+k3s2")[:12]) == "1.28"
 
 
 def test_step_inputs_are_read_from_either_runners_state() -> None:
