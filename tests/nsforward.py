@@ -12,6 +12,11 @@ kube-apiserver) at the same address:
 listens on each ``--listen`` address (which must be on this namespace's ``lo``) and connects
 each connection to the same address and port inside ``--into``; writes ``--ready-file``
 once it listens. It runs until killed.
+
+It forwards only between namespaces a test made: ``--into`` must be one of tests/netns.py's
+(``/run/netns/k3sct-<pid>-<n>``), and both namespaces must hold no interface but ``lo``, so
+nothing it carries can leave the machine; otherwise it exits (1, saying why) before it
+listens, or before it forwards anything.
 """
 
 from __future__ import annotations
@@ -19,11 +24,21 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import re
 import socket
 import sys
 import threading
 
 CLONE_NEWNET = 0x40000000
+TEST_NETNS = re.compile(r"/run/netns/k3sct-\d+-\d+")  # tests/netns.py's names
+
+
+def _loopback_only(where: str) -> None:
+    """Exits unless the calling thread's network namespace has no interface but lo."""
+    others = sorted(name for _, name in socket.if_nameindex() if name != "lo")
+    if others:
+        sys.exit(f"nsforward: {where} has interfaces besides lo ({', '.join(others)}): it "
+                 "forwards only between a test's loopback-only namespaces")
 
 
 def _setns(path: str) -> None:
@@ -72,6 +87,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--listen", action="append", required=True)
     p.add_argument("--ready-file", required=True)
     a = p.parse_args(argv)
+    if not TEST_NETNS.fullmatch(a.into):
+        sys.exit(f"nsforward: --into {a.into} is not a namespace of tests/netns.py "
+                 "(/run/netns/k3sct-<pid>-<n>)")
+    _loopback_only("the namespace it starts in")
     listeners = []
     for ip in a.listen:
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -81,6 +100,7 @@ def main(argv: list[str]) -> int:
         listeners.append((s, ip))
     # the main thread moves (setns is per thread); the threads it starts begin there too
     _setns(a.into)
+    _loopback_only(f"--into {a.into}")
     threads = [threading.Thread(target=_serve, args=(s, ip, a.port), daemon=True)
                for s, ip in listeners]
     for t in threads:
