@@ -266,8 +266,15 @@ class StepProvider(ResourceProvider):
         (backend/display getResourcePropertiesDetails). Told "unknown", the engine diffs the
         step's old and new inputs itself and keeps that as the step's detailed diff
         (resource/deploy/step_generator.go diffResource, pulumi 3.259), so ``preview --diff``
-        prints only the inputs that changed. The decision stays this method's: an unchanged
-        step is answered ``changes=False`` before the engine diffs anything.
+        prints only the inputs that changed. An unchanged step is answered ``changes=False``
+        before the engine diffs anything. A changed one runs only when the engine's diff of the
+        *recorded inputs* agrees (step_generator.go: an empty input diff is DIFF_NONE), while
+        this method compares the recorded *outputs*: so every write of a step's state keeps the
+        two equal as ``trigger_view`` reads them (create and update record ``news``; a
+        DIFF_NONE keeps outputs that read as the new inputs; ``read`` returns the inputs with
+        its ``drift``, which the engine records, also for ``up --refresh``). A ``read`` that
+        set ``drift`` in its outputs alone would make the next ``up`` deploy nothing
+        (test_health's refresh test).
         """
         was, now = trigger_view(olds), trigger_view(news)
         changed = [k for k in now if was[k] != now[k]]
