@@ -7,6 +7,7 @@ steps in the shape each runner records them (``components/deployed.py`` reads th
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import pulumi
 import pytest
+from conftest import EXAMPLE
 from test_components import (
     POISON_HASH,
     POISON_TOKEN,
@@ -26,20 +28,33 @@ from test_components import (
 
 from k3scluster import records
 from k3scluster.components.steps import digest_environment
+from k3scluster.membership import host_record
+from k3scluster.plans.loader import load_or_raise
 
 RUNNERS = ["command", "python"]
 HOSTS = ("olaf", "ulf", "rolf", "karl", "ulrich")
 
 
-def recorded_step(runner: str, host: str, inputs: dict[str, str]) -> tuple[str, dict[str, Any]]:
+def recorded_step(
+    runner: str, host: str, inputs: dict[str, str], stdout: str = ""
+) -> tuple[str, dict[str, Any]]:
     """A deploy step as the state of ``runner`` records it: urn -> {type, outputs}."""
     typ = STEP_TYPES[RUNNERS.index(runner)]
     urn = f"urn:pulumi:mock::k3scluster::k3scluster:index:Cluster$k3scluster:index:Host${typ}::{host}-deploy"
     if runner == "python":
-        outputs: dict[str, Any] = {"host": host, "create": ["colmena"], "inputs": inputs, "stdout": ""}
+        outputs: dict[str, Any] = {
+            "host": host, "create": ["colmena"], "inputs": inputs, "stdout": stdout}
     else:
-        outputs = {"create": "colmena", "environment": digest_environment(inputs), "stdout": ""}
+        outputs = {"create": "colmena", "environment": digest_environment(inputs),
+                   "stdout": stdout}
     return urn, {"type": typ, "outputs": outputs}
+
+
+def deploy_stdout(host: str) -> str:
+    """The last line a deploy of the example's ``host`` prints: what the stack knows the host
+    as (its K3s nodes; membership reads it back)."""
+    example, _ = load_or_raise(EXAMPLE)
+    return records.DEPLOYED_PREFIX + json.dumps({"host": host_record(example, host)}) + "\n"
 
 
 class StateMocks(Mocks):
@@ -88,7 +103,8 @@ def _deployed_at(runner: str, minor: str) -> dict[str, Any]:
             versions["k3s:server"] = minor
         if host in ("olaf", "ulf", "karl"):
             versions["k3s:agent"] = minor
-        urn, rec = recorded_step(runner, host, {"file:hosts/x.nix": "ab", **versions})
+        urn, rec = recorded_step(
+            runner, host, {"file:hosts/x.nix": "ab", **versions}, deploy_stdout(host))
         state[urn] = rec
     return state
 
