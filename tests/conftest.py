@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,25 @@ def example_src() -> Path:
 @pytest.fixture
 def example_dir(tmp_path: Path) -> Path:
     """A private copy of the example cluster, with secrets at mode 0600 as a user keeps them."""
-    dst = tmp_path / "cluster"
+    return copy_example(tmp_path)
+
+
+@pytest.fixture
+def short_example_dir() -> Iterator[Path]:
+    """``example_dir`` under a short path of its own: a VM stack's lab keeps each VM's QMP
+    socket at ``<cluster>/.k3scluster/<stack>-lab/<host>/qmp.sock``, which must fit a unix
+    socket's 107 characters, and pytest's ``tmp_path`` (``/tmp/pytest-of-<user>/pytest-<run
+    number>/<test name, 30>``) grows past that once the run number has four digits."""
+    base = Path(tempfile.mkdtemp(prefix="k3ex-"))
+    try:
+        yield copy_example(base)
+    finally:
+        shutil.rmtree(base)
+
+
+def copy_example(parent: Path) -> Path:
+    """The example cluster copied to ``parent/cluster`` (its secrets 0600)."""
+    dst = parent / "cluster"
     shutil.copytree(EXAMPLE, dst, ignore=shutil.ignore_patterns(".k3scluster"))
     for f in (dst / "secrets").iterdir():
         if f.name in ("token", "agent-token") or f.name.endswith("passwd"):

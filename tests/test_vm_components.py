@@ -20,6 +20,12 @@ pytestmark = pytest.mark.vm
 HOSTS = ("olaf", "ulf", "rolf", "karl", "ulrich")
 
 
+@pytest.fixture
+def example_dir(short_example_dir: Path) -> Path:
+    """The example cluster where its VMs' QMP sockets fit (conftest.short_example_dir)."""
+    return short_example_dir
+
+
 @pytest.fixture(autouse=True)
 def _no_machine_check(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The program checks this machine's routes (``ip -j``); the mocks must not depend on
