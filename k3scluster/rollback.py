@@ -25,6 +25,14 @@ that already started, and a fired timer never rolls back a confirmed deploy. A h
 not be reached in time rolls itself back; the deploy then waits for ssh to come back, reads
 ``/run/current-system`` and fails saying so.
 
+*The timeout counts from the end of the switch* (as deploy-rs's magic rollback does): a switch
+waits for the units it starts, and a K3s agent's start waits up to START_TIMEOUT_MIN for a
+server, a server's container as long. A timer that fires while ``switch-to-configuration``
+runs (it holds ``flock(2)`` on :data:`SWITCH_LOCK`, the lock both the Rust and the Perl
+implementation take) waits for the switch to end (at most :data:`SWITCH_WAIT` s), then gives
+the confirmation ``timeout`` s more, and rolls back only if it is still unclaimed; the deploy
+waits ``timeout`` s from colmena's return accordingly.
+
 Everything sent to the host is store paths and fixed words, quoted with ``shlex.quote``: no
 secret. ``Runner``: ``run(script, new_connection)`` -> (exit code, stdout, stderr) over ssh
 (255: no connection).
@@ -44,6 +52,10 @@ from k3scluster.k3s_start import START_TIMEOUT_MIN
 PROFILE = "/nix/var/nix/profiles/system"
 CONFIRM_TIMEOUT = 120.0  # k3scluster:confirmTimeout's default (seconds)
 UNIT_PREFIX = "k3scluster-confirm-"
+# switch-to-configuration's lock (nixpkgs switch-to-configuration-ng main.rs: Flock::lock with
+# LockExclusiveNonblock; the Perl one flock()s the same file): held while a switch runs
+SWITCH_LOCK = "/run/nixos/switch-to-configuration.lock"
+SWITCH_WAIT = 1800  # how long a fired timer waits for a running switch to end (seconds)
 _STORE_PATH = re.compile(r"^/nix/store/[0-9a-z]{32}-[A-Za-z0-9+._?=-]+$")
 NO_CONNECTION = 255  # ssh's exit code when it could not connect (or the session was cut)
 
@@ -86,10 +98,27 @@ def marker(unit_id: str) -> str:
     return f"/run/{UNIT_PREFIX}{unit_id}"
 
 
+def wait_for_switch_script(prev: str, timeout: float) -> str:
+    """Shell text run when the timer fires: while a ``switch-to-configuration`` holds
+    :data:`SWITCH_LOCK`, wait for it to end (``flock -s -w``: the lock is free again), then
+    ``timeout`` s more for the confirmation; again if another switch runs by then; at most
+    :data:`SWITCH_WAIT` s in all. The lock is only taken shared and let go at once (a switch
+    that starts in that instant fails to lock and says so); no lock file: no switch ran."""
+    b = f"{shlex.quote(store_path(prev, 'the system to roll back to'))}/sw/bin"
+    lock = SWITCH_LOCK
+    return (f"end=$(( $({b}/date +%s) + {SWITCH_WAIT} )); "
+            f"while [ -e {lock} ] && ! {b}/flock -n -s {lock} true; do "
+            f"left=$(( end - $({b}/date +%s) )); [ \"$left\" -gt 0 ] || break; "
+            f"{b}/flock -s -w \"$left\" {lock} true || break; "
+            f"{b}/sleep {max(1, round(timeout))}; done")
+
+
 def arm_script(prev: str, unit_id: str, timeout: float) -> str:
-    """``systemd-run`` of a transient timer that, ``timeout`` s later, rolls the host back to
+    """``systemd-run`` of a transient timer that, ``timeout`` s later (and ``timeout`` s after
+    a switch that still runs then: :func:`wait_for_switch_script`), rolls the host back to
     ``prev`` unless the confirmation made :func:`marker` first."""
-    body = f"mkdir {marker(unit_id)} 2>/dev/null || exit 0; {rollback_script(prev)}"
+    body = (f"[ -d {marker(unit_id)} ] && exit 0; {wait_for_switch_script(prev, timeout)}; "
+            f"mkdir {marker(unit_id)} 2>/dev/null || exit 0; {rollback_script(prev)}")
     return " ".join([
         f"{shlex.quote(prev)}/sw/bin/systemd-run",
         f"--unit={UNIT_PREFIX}{unit_id}",
@@ -157,12 +186,14 @@ class Guard:
                       f"unless confirmed within {self.confirm_timeout:g} s")
 
     def after_switch(self) -> None:
-        """Confirm over a new ssh connection before the timer fires (tried again until then);
-        raises when the host could not be reached in time and rolled itself back."""
+        """Confirm over a new ssh connection within ``confirm_timeout`` of colmena's return
+        (the timer waits for a running switch, then as long: :func:`wait_for_switch_script`),
+        tried again until then; raises when the host could not be reached in time and rolled
+        itself back."""
         if self.armed_at is None:
             return
-        deadline = self.armed_at + self.confirm_timeout
         switch_took = self.clock() - self.armed_at  # colmena's switch returned only now
+        deadline = self.clock() + self.confirm_timeout
         last = ""
         while True:
             code, out, err = self.run(confirm_script(self.unit_id), True)
@@ -183,8 +214,9 @@ class Guard:
 
     def _rolled_itself_back(self, last: str, switch_took: float = 0.0) -> K3sClusterError:
         """After the timer fired: wait for ssh and for the host to be back on ``prev``.
-        ``switch_took``: seconds from arming to colmena's return; when that is past the
-        timeout, the switch itself outlasted the timer (a slow start, not a lost host)."""
+        ``switch_took``: seconds from arming to colmena's return; when that is past what the
+        timer waits for a running switch, the switch itself outlasted it (a start that hangs,
+        not a lost host)."""
         self.rolled_back_by_timer = True
         within = f"{self.confirm_timeout:g} s"
         end = self.clock() + self.wait
@@ -194,7 +226,7 @@ class Guard:
             lines = out.split()
             if code == 0 and lines:
                 current = lines[0]
-                if current == self.prev and switch_took >= self.confirm_timeout:
+                if current == self.prev and switch_took >= self.confirm_timeout + SWITCH_WAIT:
                     return self._slow_switch(switch_took)
                 if current == self.prev:
                     return K3sClusterError(
@@ -220,19 +252,21 @@ class Guard:
         )
 
     def _slow_switch(self, took: float) -> K3sClusterError:
-        """The switch returned after the timer's time: the timer rolled the host back while it
-        was still switching (a start that waits counts: an agent asks for a K3s server up to
-        START_TIMEOUT_MIN, a server's container starts within as long). Saying that the host
-        was cut off would send the operator looking at its network for nothing."""
+        """The switch returned after the timer stopped waiting for it (``confirm_timeout`` +
+        :data:`SWITCH_WAIT` s): the timer rolled the host back while it was still switching (a
+        start that waits counts: an agent asks for a K3s server up to START_TIMEOUT_MIN, a
+        server's container starts within as long). Saying that the host was cut off would send
+        the operator looking at its network for nothing."""
         return K3sClusterError(
             f"{self.host}: the switch returned only after {took:.0f} s, later than the "
-            f"dead-man switch's {self.confirm_timeout:g} s: its timer rolled the host back to "
+            f"dead-man switch waits for a switch ({self.confirm_timeout:g} s, then up to "
+            f"{SWITCH_WAIT} s for a running one): its timer rolled the host back to "
             f"{self.prev} while the switch still ran",
             hint="a unit's start kept the switch waiting (a K3s agent waits up to "
             f"{START_TIMEOUT_MIN} minutes for a server that answers, a K3s server's container "
             "as long to start): see why on the host (journalctl -b -u podman-k3s-agent, "
-            "-u container@k3s-server), or give the switch more time: pulumi config set "
-            f"k3scluster:confirmTimeout {START_TIMEOUT_MIN + 5}m",
+            "-u container@k3s-server); the timer waits for a running switch "
+            f"{SWITCH_WAIT // 60} minutes after k3scluster:confirmTimeout",
         )
 
     def failed(self, err: K3sClusterError, gates: Callable[[], None]) -> K3sClusterError:

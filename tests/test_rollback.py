@@ -6,7 +6,8 @@ namespace whose ``/run``, ``/nix/store`` and ``/nix/var/nix/profiles`` are the t
 directories: the host's ``/run/current-system`` and its system profile (generations
 ``system-N-link``) point at stand-in system directories in that store. Each system directory
 holds the stand-ins of tests/bin/host (``bin/switch-to-configuration``, ``sw/bin/nix-env``,
-``sw/bin/systemd-run``, ``sw/bin/systemctl``) and an ``on-switch`` script for what activating
+``sw/bin/systemd-run``, ``sw/bin/systemctl``), the machine's own ``flock``, ``date`` and
+``sleep``, and an ``on-switch`` script for what activating
 it does to the host. colmena is the stand-in tests/bin/colmena, which activates the new system
 over ssh as colmena does (``$COLMENA_ACTIVATE``). No packet leaves the machine.
 
@@ -49,6 +50,8 @@ def make_system(store: Path, name: str, on_switch: str = "") -> str:
     (d / "bin" / "switch-to-configuration").symlink_to(STANDINS / "switch-to-configuration")
     for tool in ("nix-env", "systemd-run", "systemctl"):
         (d / "sw" / "bin" / tool).symlink_to(STANDINS / tool)
+    for tool in ("flock", "date", "sleep"):  # util-linux and coreutils: real ones
+        (d / "sw" / "bin" / tool).symlink_to(shutil.which(tool) or f"/usr/bin/{tool}")
     if on_switch:
         (d / "on-switch").write_text(on_switch)
     return f"/nix/store/{d.name}"
@@ -229,6 +232,40 @@ def test_a_switch_that_cuts_ssh_off_rolls_itself_back(host: Host) -> None:
 
 
 @pytest.mark.root
+def test_a_switch_that_outlasts_the_timeout_is_waited_for(host: Host) -> None:
+    """A healthy switch that takes longer than confirmTimeout (a K3s agent's start waits for a
+    server, switch-to-configuration waits for that start): the timer fires while the switch
+    holds its lock, waits for it to end, gives the confirmation the timeout from there, and
+    the host stays on its new system."""
+    prev = make_system(host.store, "ulrich-prev")
+    new = make_system(host.store, "ulrich-new", on_switch="sleep 7\n")
+    host.boot(prev)
+    r = deploy(host, new, "--confirm-timeout", "3")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert host.current() == new
+    assert host.profile() == ("system-2-link", new)
+    # the timer did fire during the switch, and the confirmation claimed the marker after it
+    (fired,) = host.units().glob("k3scluster-confirm-ulrich-*.fired")
+    assert (host.run / fired.name.removesuffix(".fired")).is_dir()
+    assert "the dead-man switch is disarmed" in r.stderr
+
+
+@pytest.mark.root
+def test_a_long_switch_that_cuts_ssh_off_still_rolls_back(host: Host) -> None:
+    """The wait for a running switch does not save a configuration that cuts the host off:
+    once the switch ends, the confirmation has the timeout, and then the timer rolls back."""
+    prev = make_system(host.store, "ulrich-prev", on_switch=host.start_sshd())
+    new = make_system(host.store, "ulrich-new", on_switch=host.stop_sshd() + "sleep 6\n")
+    host.boot(prev)
+    r = deploy(host, new, "--confirm-timeout", "3")
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-3000:]
+    assert (f"ulrich: no ssh connection after the switch within 3 s; the host rolled itself "
+            f"back to {prev}") in _flat(r)
+    assert host.current() == prev
+    assert host.profile() == ("system-3-link", prev)
+
+
+@pytest.mark.root
 def test_a_failed_activation_is_rolled_back(host: Host) -> None:
     prev = make_system(host.store, "ulrich-prev")
     new = make_system(host.store, "ulrich-new", on_switch="echo 'unit foo failed' >&2; exit 4\n")
@@ -307,8 +344,14 @@ def test_the_scripts_quote_the_store_path_and_refuse_anything_else() -> None:
     assert words[:4] == [f"{prev}/sw/bin/systemd-run", "--unit=k3scluster-confirm-olaf-1",
                          "--on-active=120s", "--timer-property=AccuracySec=1s"]
     assert words[4:6] == ["/bin/sh", "-c"]
-    assert words[6] == ("mkdir /run/k3scluster-confirm-olaf-1 2>/dev/null || exit 0; "
+    assert words[6] == ("[ -d /run/k3scluster-confirm-olaf-1 ] && exit 0; "
+                        + rollback.wait_for_switch_script(prev, 120)
+                        + "; mkdir /run/k3scluster-confirm-olaf-1 2>/dev/null || exit 0; "
                         + rollback.rollback_script(prev))
+    # it waits for a running switch through switch-to-configuration's own lock, bounded
+    wait = rollback.wait_for_switch_script(prev, 120)
+    assert f"{prev}/sw/bin/flock -s -w \"$left\" /run/nixos/switch-to-configuration.lock" in wait
+    assert f"+ {rollback.SWITCH_WAIT} ))" in wait and f"{prev}/sw/bin/sleep 120;" in wait
     for bad in ("/nix/store/x-nixos-system-olaf", "/etc/passwd; reboot", "",
                 "/nix/store/" + "a" * 32 + "-x'; rm -rf /"):
         with pytest.raises(K3sClusterError, match="not a Nix store path"):
@@ -395,20 +438,21 @@ def _timer_fired_guard(switch_took: float) -> tuple[rollback.Guard, str]:
 
 
 def test_a_switch_that_outlasts_the_timer_is_named_slow_not_cut_off() -> None:
-    """A switch can outlast the dead-man switch with the host reachable all along: an agent's
-    start waits up to START_TIMEOUT_MIN for a K3s server (k3s-agent-start.sh), and
-    switch-to-configuration waits for that start. The timer then rolls the host back while
-    it still switches; the error says so instead of blaming its network or sshd."""
+    """A switch can outlast even the timer's wait for it with the host reachable all along
+    (a start that hangs). The timer then rolls the host back while it still switches; the
+    error says so instead of blaming its network or sshd."""
     from k3scluster.k3s_start import START_TIMEOUT_MIN
 
-    g, prev = _timer_fired_guard(switch_took=605)
+    took = 120 + rollback.SWITCH_WAIT + 5  # past what the timer waits for a running switch
+    g, prev = _timer_fired_guard(switch_took=took)
     with pytest.raises(K3sClusterError) as err:
         g.after_switch()
     assert err.value.message == (
-        "karl: the switch returned only after 605 s, later than the dead-man switch's 120 s: "
-        f"its timer rolled the host back to {prev} while the switch still ran")
+        f"karl: the switch returned only after {took} s, later than the dead-man switch waits "
+        f"for a switch (120 s, then up to {rollback.SWITCH_WAIT} s for a running one): its "
+        f"timer rolled the host back to {prev} while the switch still ran")
     assert "no ssh connection" not in err.value.message
-    assert f"k3scluster:confirmTimeout {START_TIMEOUT_MIN + 5}m" in (err.value.hint or "")
+    assert f"waits up to {START_TIMEOUT_MIN} minutes" in (err.value.hint or "")
     assert "journalctl" in (err.value.hint or "")
     assert g.rolled_back_by_timer
 
@@ -419,3 +463,28 @@ def test_a_switch_that_outlasts_the_timer_is_named_slow_not_cut_off() -> None:
     assert err.value.message == (
         f"karl: no ssh connection after the switch within 120 s; the host rolled itself back "
         f"to {prev}")
+
+
+def test_the_confirmation_has_the_timeout_from_the_end_of_the_switch() -> None:
+    """colmena returned 605 s after the timer was armed (its timeout 120 s: the timer fired
+    during the switch and waits for it); the host answers ssh only 100 s later: the deploy
+    still confirms, as the timer gives it 120 s from the switch's end. Before, the deploy
+    gave up at once (its deadline was 120 s after arming)."""
+    prev = "/nix/store/" + "a" * 32 + "-nixos-system-karl-prev"
+    now = [605.0]
+    sent: list[str] = []
+
+    def run(script: str, new_connection: bool) -> tuple[int, str, str]:
+        sent.append(script)
+        if now[0] < 705:
+            return 255, "", "ssh: connect to host 10.0.100.6 port 22: Connection refused"
+        return 0, "confirmed\n", ""
+
+    def sleep(s: float) -> None:
+        now[0] += s
+
+    g = rollback.Guard("karl", run, lambda _: None, confirm_timeout=120, prev=prev,
+                       armed_at=0.0, clock=lambda: now[0], sleep=sleep)
+    g.after_switch()
+    assert g.armed_at is None and not g.rolled_back_by_timer
+    assert sent[-1] == rollback.confirm_script("") and now[0] >= 705
