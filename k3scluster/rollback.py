@@ -183,7 +183,7 @@ class Guard:
             )
         self.armed_at = self.clock()
         self.progress(f"{self.host}: armed {UNIT_PREFIX}{self.unit_id}.timer: back to {self.prev} "
-                      f"unless confirmed within {self.confirm_timeout:g} s")
+                      f"unless confirmed within {self.confirm_timeout:g} s of the switch's end")
 
     def after_switch(self) -> None:
         """Confirm over a new ssh connection within ``confirm_timeout`` of colmena's return

@@ -17,7 +17,7 @@
   host keys against the stack's known_hosts file and logs in with its key (``SSH_CONFIG_FILE``).
   With gates: a switch or gate that fails sends the host back to the system it ran before
   (unless ``--no-rollback``), and a dead-man timer armed before the switch rolls it back unless
-  a new ssh login confirms within ``--confirm-timeout`` s (default 120, 0 off):
+  a new ssh login confirms within ``--confirm-timeout`` s of the switch's end (default 120, 0 off):
   ``k3scluster.rollback``.
 - ``snapshot --stack S [ssh] --server HOST=IP…``: ``k3s etcd-snapshot save`` in the server
   container of the first server host that answers at IP with its host name and where it
