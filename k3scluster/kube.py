@@ -10,7 +10,7 @@ Day 2 (each takes ``kubeconfig, server, node``; errors are :class:`K3sClusterErr
 
 - :func:`cordon` -> True only when the cordon is the caller's (this call, or an earlier run
   of the same stack, by its mark :data:`CORDONED_BY`): uncordon only then; :func:`uncordon`;
-  :func:`cordoned_by`;
+  :func:`cordoned_by`, :func:`mark_of`; :func:`forget_stale_mark`;
 - :func:`drain` (``timeout``, ``progress``) -> :class:`DrainResult`: ``kubectl drain
   --ignore-daemonsets --delete-emptydir-data`` through the Eviction API, waiting until the
   evicted pods are gone; it does not cordon;
@@ -423,6 +423,13 @@ def cordon(kubeconfig: dict[str, Any], server: str, node: str, owner: str | None
 def cordoned_by(kubeconfig: dict[str, Any], server: str, node: str) -> str | None:
     """The stack whose run cordoned ``node`` (its :data:`CORDONED_BY` mark), or None when the
     node is schedulable or was cordoned without the mark (by hand)."""
+    mark, cordoned = mark_of(kubeconfig, server, node)
+    return mark if cordoned else None
+
+
+def mark_of(kubeconfig: dict[str, Any], server: str, node: str) -> tuple[str | None, bool]:
+    """``node``'s :data:`CORDONED_BY` mark (None: none) and whether it is cordoned, in one
+    read; (None, False) for a node that is not registered."""
     from kubernetes.client.exceptions import ApiException
 
     with _reaching(server, f"cannot read node {node}"):
@@ -430,11 +437,40 @@ def cordoned_by(kubeconfig: dict[str, Any], server: str, node: str) -> str | Non
             obj = _core(kubeconfig, server).read_node(node, _request_timeout=REQUEST_TIMEOUT)
         except ApiException as err:
             if err.status == 404:
-                return None  # not registered: nobody's cordon
+                return None, False  # not registered: nobody's cordon
             raise _api_error(f"cannot read node {node}", err) from None
-    if not (obj.spec and obj.spec.unschedulable):
-        return None
-    return (obj.metadata.annotations or {}).get(CORDONED_BY)  # type: ignore[no-any-return]
+    return ((obj.metadata.annotations or {}).get(CORDONED_BY),
+            bool(obj.spec and obj.spec.unschedulable))
+
+
+def forget_stale_mark(kubeconfig: dict[str, Any], server: str, node: str, owner: str) -> bool:
+    """Removes ``owner``'s :data:`CORDONED_BY` mark from ``node`` when the node is schedulable:
+    someone uncordoned it by hand (``kubectl uncordon`` leaves annotations alone), so the mark
+    names a cordon that is gone, and a cordon made by hand later must not look like the
+    stack's. Returns whether it removed one; a node that is not there has none. The patch
+    carries the resourceVersion it was decided on (a cordon in between: decided again)."""
+    from kubernetes.client.exceptions import ApiException
+
+    with _reaching(server, f"cannot read node {node}"):
+        core = _core(kubeconfig, server)
+        for _ in range(5):
+            try:
+                obj = core.read_node(node, _request_timeout=REQUEST_TIMEOUT)
+                mark = (obj.metadata.annotations or {}).get(CORDONED_BY)
+                if mark != owner or (obj.spec and obj.spec.unschedulable):
+                    return False
+                core.patch_node(node, {"metadata": {
+                    "resourceVersion": obj.metadata.resource_version,
+                    "annotations": {CORDONED_BY: None},
+                }}, _request_timeout=REQUEST_TIMEOUT)
+                return True
+            except ApiException as err:
+                if err.status == 409:
+                    continue
+                if err.status == 404:
+                    return False
+                raise _api_error(f"cannot remove the mark of node {node}", err) from None
+    return False  # kept changing: the next run looks again
 
 
 def uncordon(kubeconfig: dict[str, Any], server: str, node: str) -> bool:

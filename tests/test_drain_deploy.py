@@ -367,6 +367,35 @@ def test_a_cordon_an_earlier_run_of_the_stack_left_is_undone_after_a_healthy_dep
     assert f"{node}: uncordoned" in r.stderr
 
 
+def test_a_mark_left_on_a_node_uncordoned_by_hand_is_removed_so_a_later_hand_cordon_stays(
+    kube: Any, host: Host, tmp_path: Path
+) -> None:
+    """kubectl uncordon leaves annotations alone: after an earlier run's cordon was undone by
+    hand, its mark stays on a schedulable node, and a kubectl cordon later would look like the
+    stack's own. A deploy that finds its stack's mark on a schedulable node removes it."""
+    core = kube.core()
+    node = f"karl-{int(time.time() * 1000) % 100000}"
+    _ready_node(core, node)
+    state = tmp_path / "state"
+    hive = _hive(tmp_path, "karl")
+    with kube.kubelet():
+        # a first deploy records what the agent runs: the next restarts nothing (no drain)
+        assert _deploy(kube, host, tmp_path, node, hive, state=state,
+                       stack="other").returncode == 0
+        _cordon_marked(core, node, STACK)  # an earlier run of the stack, which failed
+        core.patch_node(node, {"spec": {"unschedulable": None}})  # kubectl uncordon by hand
+        r = _deploy(kube, host, tmp_path, node, hive, state=state)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "no drain" in r.stderr
+        assert kubelib.CORDONED_BY not in (core.read_node(node).metadata.annotations or {})
+        assert f"its mark {kubelib.CORDONED_BY} removed" in " ".join(r.stderr.split())
+        core.patch_node(node, {"spec": {"unschedulable": True}})  # kubectl cordon by hand
+        r = _deploy(kube, host, tmp_path, node, hive, state=state)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert core.read_node(node).spec.unschedulable is True  # the hand cordon stays
+    assert f"{node}: uncordoned" not in r.stderr
+
+
 def test_a_cordon_of_another_stack_stays(kube: Any, host: Host, tmp_path: Path) -> None:
     core = kube.core()
     node = f"karl-{int(time.time() * 1000) % 100000}"

@@ -126,6 +126,26 @@ def test_a_hand_cordon_is_never_claimed_by_a_stack(kube: Any) -> None:
     assert kubelib.CORDONED_BY not in (core.read_node(node).metadata.annotations or {})
 
 
+def test_a_stale_mark_is_forgotten_only_on_a_schedulable_node_and_only_its_own(
+    kube: Any,
+) -> None:
+    core = kube.core()
+    node = _node(core)
+    assert kubelib.cordon(kube.kubeconfig, kube.server, node, "prod") is True
+    # still cordoned: the mark is the stack's cordon, kept
+    assert kubelib.forget_stale_mark(kube.kubeconfig, kube.server, node, "prod") is False
+    assert core.read_node(node).metadata.annotations[kubelib.CORDONED_BY] == "prod"
+    core.patch_node(node, {"spec": {"unschedulable": None}})  # kubectl uncordon by hand
+    assert kubelib.forget_stale_mark(kube.kubeconfig, kube.server, node, "lab") is False
+    assert core.read_node(node).metadata.annotations[kubelib.CORDONED_BY] == "prod"
+    assert kubelib.forget_stale_mark(kube.kubeconfig, kube.server, node, "prod") is True
+    assert kubelib.CORDONED_BY not in (core.read_node(node).metadata.annotations or {})
+    core.patch_node(node, {"spec": {"unschedulable": True}})  # kubectl cordon by hand, later
+    assert kubelib.cordon(kube.kubeconfig, kube.server, node, "prod") is False
+    assert kubelib.cordoned_by(kube.kubeconfig, kube.server, node) is None
+    assert kubelib.forget_stale_mark(kube.kubeconfig, kube.server, "nosuch", "prod") is False
+
+
 def test_cordon_of_a_node_that_is_not_there_is_a_clear_error(kube: Any) -> None:
     with pytest.raises(K3sClusterError, match="cannot cordon node nosuch: it is not in the"):
         kubelib.cordon(kube.kubeconfig, kube.server, "nosuch")

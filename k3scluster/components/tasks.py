@@ -646,21 +646,30 @@ def _colmena_goal(host: str, argv: list[str], goal: str) -> None:
 def _undo_own_cordon(args: argparse.Namespace, creds: dict[str, Any]) -> None:
     """After a healthy deploy that drained nothing: when an earlier run of this stack left the
     node cordoned (its mark, ``kube.CORDONED_BY``: a deploy that failed after its drain, or an
-    uncordon that failed), uncordon it (``creds``: the gates'). Asked of the first server that
-    answers, once: no answer means nothing to undo now (the next run asks again)."""
+    uncordon that failed), uncordon it (``creds``: the gates'). A mark of this stack on a node
+    that is not cordoned (uncordoned by hand) is removed, so that a cordon made by hand later
+    is never taken for this stack's. Asked of the first server that answers, once: no answer
+    means nothing to undo now (the next run asks again)."""
     from k3scluster import drain, kube
 
     if not args.stack:
         return
     for url in args.api:
         try:
-            mark = kube.cordoned_by(creds, url, args.drain)
+            mark, cordoned = kube.mark_of(creds, url, args.drain)
         except K3sClusterError:
             continue  # this server does not answer: the next one may
-        if mark == args.stack:
+        if mark == args.stack and cordoned:
             _progress(f"{args.drain}: cordoned by an earlier run of stack {args.stack}")
             drain.Drain(creds, url, args.drain, float(args.drain_timeout), _progress,
                         cordoned=True, owner=args.stack).after(args.host)
+        elif mark == args.stack:
+            try:
+                if kube.forget_stale_mark(creds, url, args.drain, args.stack):
+                    _progress(f"{args.drain}: uncordoned by hand since an earlier run of stack "
+                              f"{args.stack} cordoned it: its mark {kube.CORDONED_BY} removed")
+            except K3sClusterError as err:  # the deploy is done; the next run tries again
+                _progress(f"{args.drain}: {err.message}")
         return
 
 
