@@ -31,6 +31,7 @@ from k3scluster.errors import K3sClusterError
 from k3scluster.progress import heartbeat
 
 AGENT_UNIT = "podman-k3s-agent.service"
+NOTHING_DEPLOYED = "nothing was deployed"
 _WOULD = re.compile(r"would (stop|restart|start|reload) the following units: (.*)$")
 # The line switch-to-configuration dry-activate always prints, whatever changes or not: the
 # Perl script (nixos/modules/system/activation/switch-to-configuration.pl) and the Rust
@@ -120,11 +121,14 @@ class Drain:
     progress: Callable[[str], None]
     cordoned: bool = False
     owner: str | None = None
+    # what became of the host when the drain fails: before the switch nothing was deployed;
+    # before a reboot (k3scluster.reboot) the host runs its new system, not rebooted
+    done: str = NOTHING_DEPLOYED
 
     def before(self) -> None:
         """Cordon (remembering whether the cordon is this stack's) and drain. A drain that
         fails (a PodDisruptionBudget that blocks until the timeout) undoes this stack's
-        cordon: nothing was deployed, so the node goes back to work."""
+        cordon: the host runs what it ran (``done``), so the node goes back to work."""
         from k3scluster import kube
 
         self.cordoned = kube.cordon(self.kubeconfig, self.server, self.node, self.owner)
@@ -139,24 +143,30 @@ class Drain:
             raise self.undo(err) from None
 
     def undo(self, err: K3sClusterError) -> K3sClusterError:
-        """``err`` (nothing was deployed) after this stack's cordon is undone, saying so."""
+        """``err`` (and ``done``: what became of the host) after this stack's cordon is
+        undone, saying so."""
         from k3scluster import kube
 
         if not self.cordoned:
             return K3sClusterError(
-                f"{err.message}; nothing was deployed; node {self.node} stays cordoned (it "
+                f"{err.message}; {self.done}; node {self.node} stays cordoned (it "
                 "was cordoned before this run)", hint=err.hint)
         try:
             kube.uncordon(self.kubeconfig, self.server, self.node)
         except K3sClusterError as again:
             return K3sClusterError(
-                f"{err.message}; nothing was deployed, and uncordoning node {self.node} failed "
+                f"{err.message}; {self.done}, and uncordoning node {self.node} failed "
                 f"too ({again.message}): it stays cordoned",
                 hint=(err.hint + "; " if err.hint else "") + f"kubectl uncordon {self.node}")
         self.cordoned = False
-        self.progress(f"{self.node}: uncordoned (the drain failed; nothing deployed)")
-        return K3sClusterError(
-            f"{err.message}; node {self.node} was uncordoned (nothing deployed)", hint=err.hint)
+        if self.done == NOTHING_DEPLOYED:
+            self.progress(f"{self.node}: uncordoned (the drain failed; nothing deployed)")
+            return K3sClusterError(
+                f"{err.message}; node {self.node} was uncordoned (nothing deployed)",
+                hint=err.hint)
+        self.progress(f"{self.node}: uncordoned (the drain failed)")
+        return K3sClusterError(f"{err.message}; {self.done}; node {self.node} was uncordoned",
+                               hint=err.hint)
 
     def after(self, host: str) -> None:
         """Uncordon, only when the cordon is this stack's. ``host`` has been deployed and

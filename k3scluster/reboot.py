@@ -23,7 +23,9 @@ server hosts already deploy one after the other, each after the one before passe
 (etcd keeps its quorum: only the rebooting host's member is down), and with ``auto`` the agent
 hosts move in batches of one (``update_plan.UpdateSettings.reboot_auto``).
 
-A reboot that does not come back in time fails the deploy naming the host; a node this deploy
+A failed drain fails the deploy saying that the host runs its new system,
+not rebooted (:func:`not_rebooted`), and what became of its node. A reboot that does not come
+back in time fails the deploy naming the host; a node this deploy
 cordoned stays cordoned and the error says so. It is never rolled back (``k3scluster.rollback``
 covers the switch and its gates, which passed before the reboot): the system the host booted
 is the one the deploy made its boot default.
@@ -60,6 +62,11 @@ class Undo(Protocol):
 def _said(proc: subprocess.CompletedProcess[str]) -> str:
     lines = [ln for ln in (proc.stderr or "").splitlines() if ln.strip()]
     return lines[-1].strip() if lines else f"ssh exit code {proc.returncode}"
+
+
+def not_rebooted(host: str) -> str:
+    """What became of a host whose reboot did not start (after its switch and gates)."""
+    return f"{host} runs its new system (switched, its gates passed) and was not rebooted"
 
 
 def boot_entries_changed(run: Run, ip: str) -> list[str] | None:

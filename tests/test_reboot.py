@@ -7,6 +7,7 @@ check answer; each ssh try moves the test's clock on by the seconds it would tak
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import subprocess
 from dataclasses import dataclass, field
@@ -128,3 +129,64 @@ def test_progress_lines_come_at_least_every_30_seconds_while_the_host_is_away() 
         )
     gaps = [b - a for a, b in itertools.pairwise(said)]
     assert gaps and max(gaps) <= 30, gaps
+
+
+def _reboot_args(**over: object) -> argparse.Namespace:
+    values: dict[str, object] = {
+        "host": "karl", "ip": "10.0.100.5", "drain": "karl-k3s-agent",
+        "api": ["https://10.0.100.10:6443"], "credentials_from": ["10.0.100.2"],
+        "timeout": 30.0, "drain_timeout": 4.0, "stack": "prod", "reboot_timeout": "60",
+    }
+    values.update(over)
+    return argparse.Namespace(**values)
+
+
+@pytest.fixture
+def karl(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """tasks' deploy of karl (an agent host) after its switch and gates, its kernel changed:
+    ssh answers as :class:`Host`, the API (kube's calls) as a node whose drain times out;
+    what was done to the node."""
+    from k3scluster import kube
+    from k3scluster.components import tasks
+
+    host = Host()
+    done: list[str] = []
+    monkeypatch.setattr(tasks, "_ssh_run", lambda _ssh, _ip, words, timeout=15: host.run(
+        words, timeout))
+    monkeypatch.setattr(tasks, "_credentials", lambda *_a: {"admin": "kubeconfig"})
+    monkeypatch.setattr(kube, "read_node", lambda *_a, **_k: kube.NodeSeen(
+        kube.Check(True, "Ready"), registered=True))
+    monkeypatch.setattr(kube, "cordon", lambda *_a, **_k: done.append("cordon") or True)
+    monkeypatch.setattr(kube, "uncordon", lambda *_a, **_k: done.append("uncordon"))
+
+    def drain(*_a: object, **_k: object) -> None:
+        done.append("drain")
+        raise K3sClusterError("draining node karl-k3s-agent timed out after 4s")
+
+    monkeypatch.setattr(kube, "drain", drain)
+    return done
+
+
+def test_a_drain_before_a_reboot_that_fails_says_the_host_runs_its_new_system(
+    karl: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The host was switched and passed its gates: the error must not say nothing was
+    deployed, but that it runs its new system, was not rebooted, and what its node is."""
+    from k3scluster.components import tasks
+
+    with pytest.raises(K3sClusterError) as err:
+        tasks._reboot_if_needed(_reboot_args(), None, [], ["karl-k3s-agent"], None)  # type: ignore[arg-type]
+    text = err.value.message
+    assert karl == ["cordon", "drain", "uncordon"]
+    assert "nothing was deployed" not in text and "nothing deployed" not in text
+    assert ("draining node karl-k3s-agent timed out after 4s; karl runs its new system "
+            "(switched, its gates passed) and was not rebooted; node karl-k3s-agent was "
+            "uncordoned") in text
+    # no credentials for the drain: nothing cordoned
+    monkeypatch.setattr(tasks, "_credentials", lambda *_a: None)
+    with pytest.raises(K3sClusterError) as err:
+        tasks._reboot_if_needed(_reboot_args(), None, [], ["karl-k3s-agent"], None)  # type: ignore[arg-type]
+    text = err.value.message
+    assert "nothing was deployed" not in text
+    assert "karl runs its new system (switched, its gates passed) and was not rebooted; " \
+           "node karl-k3s-agent was not cordoned" in text

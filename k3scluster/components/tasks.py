@@ -572,18 +572,21 @@ def _drain_if_restarting(args: argparse.Namespace, ssh: commands.SshSettings) ->
     return _drain_now(args, ssh, f"the switch restarts {drain.AGENT_UNIT}")
 
 
-def _drain_now(args: argparse.Namespace, ssh: commands.SshSettings, why: str) -> Any:
+def _drain_now(args: argparse.Namespace, ssh: commands.SshSettings, why: str,
+               done: str | None = None) -> Any:
     """Cordon and drain NODE (``--drain``) through the first server that answers about it,
-    saying ``why``; the ``Drain`` to undo after the deploy (None: not registered yet)."""
+    saying ``why``; the ``Drain`` to undo after the deploy (None: not registered yet).
+    ``done``: what became of the host when this fails (default: nothing was deployed)."""
     from k3scluster import drain, kube
 
+    done = done or drain.NOTHING_DEPLOYED
     deadline = time.monotonic() + float(args.timeout)
     creds = _credentials(ssh, list(args.credentials_from), deadline, args.host)
     if creds is None:
         raise K3sClusterError(
             f"{args.host}: cannot drain {args.drain}: no admin kubeconfig at "
             f"{kube.KUBECONFIG_ON_HOST} on any server host ({', '.join(args.credentials_from)});"
-            " nothing was deployed",
+            f" {done}; node {args.drain} was not cordoned",
             hint=f"look at: ssh root@{args.credentials_from[0]} journalctl -M k3s-server -u k3s",
         )
     # the first server that answers about the node (the init-server's host may be down)
@@ -596,13 +599,13 @@ def _drain_now(args: argparse.Namespace, ssh: commands.SshSettings, why: str) ->
     else:
         raise K3sClusterError(
             f"{args.host}: cannot drain {args.drain}: no server answered ({'; '.join(said)}); "
-            "nothing was deployed"
+            f"{done}; node {args.drain} was not cordoned"
         )
     if not seen.registered:
         _progress(f"{args.host}: node {args.drain} is not registered yet: nothing to drain")
         return None
     d = drain.Drain(creds, url, args.drain, float(args.drain_timeout), _progress,
-                    owner=args.stack)
+                    owner=args.stack, done=done)
     _progress(f"{args.host}: {why}: draining {args.drain} first")
     d.before()
     return d
@@ -687,7 +690,8 @@ def _reboot_if_needed(args: argparse.Namespace, ssh: commands.SshSettings,
         lambda words, t: _ssh_run(ssh, args.ip, words, timeout=t),
         timeout=timeout,
         drained=drained,
-        drain=lambda: _drain_now(args, ssh, "it reboots") if args.drain else None,
+        drain=lambda: _drain_now(args, ssh, "it reboots", reboot.not_rebooted(args.host))
+        if args.drain else None,
         gates=lambda deadline: _gates(args, ssh, servers, agents, timeout, deadline)
         if servers or agents else None,
         progress=_progress,
