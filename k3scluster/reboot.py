@@ -7,6 +7,8 @@ deploy step of each host (``tasks deploy --reboot-timeout S``), after the switch
 health gates, asks the host whether its boot entries differ from the booted system's
 (:func:`boot_entries_changed`, the rule of ``bootentries.boot_script``) and, when they do:
 
+0. for a host with a K3s server: refuses unless every other server is ready
+   (:func:`refuse_unless_other_servers_ready`: its etcd member goes down for the reboot);
 1. drains the host's K3s agent node (cordon, then the Eviction API; ``k3scluster.drain``),
    unless the switch already drained it (kept cordoned until after the reboot), even when the
    switch itself left the agent running;
@@ -23,7 +25,7 @@ server hosts already deploy one after the other, each after the one before passe
 (etcd keeps its quorum: only the rebooting host's member is down), and with ``auto`` the agent
 hosts move in batches of one (``update_plan.UpdateSettings.reboot_auto``).
 
-A failed drain fails the deploy saying that the host runs its new system,
+A refused reboot or a failed drain fails the deploy saying that the host runs its new system,
 not rebooted (:func:`not_rebooted`), and what became of its node. A reboot that does not come
 back in time fails the deploy naming the host; a node this deploy
 cordoned stays cordoned and the error says so. It is never rolled back (``k3scluster.rollback``
@@ -38,6 +40,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from k3scluster import kube
 from k3scluster.bootentries import boot_script
 from k3scluster.errors import K3sClusterError
 
@@ -67,6 +70,27 @@ def _said(proc: subprocess.CompletedProcess[str]) -> str:
 def not_rebooted(host: str) -> str:
     """What became of a host whose reboot did not start (after its switch and gates)."""
     return f"{host} runs its new system (switched, its gates passed) and was not rebooted"
+
+
+def refuse_unless_other_servers_ready(
+    host: str, others: list[str], readyz: Callable[[str], kube.Check], node: str | None,
+) -> None:
+    """Before a server host reboots, every other K3s server (``others``: their API URLs) must
+    answer ``/readyz`` (which includes etcd): the rebooting host's etcd member is down for
+    the reboot, and another one down too may cost etcd its quorum. Raises naming the servers
+    that are not ready, the host's state and ``node``'s (its agent's, not cordoned yet)."""
+    bad = [f"{url}: {check.seen}" for url in others if not (check := readyz(url)).ready]
+    if not bad:
+        return
+    cordon = f"; node {node} was not cordoned" if node else ""
+    raise K3sClusterError(
+        f"{host}: its kernel, initrd or kernel parameters changed, but another K3s server is "
+        f"not ready ({'; '.join(bad)}): rebooting {host} would take a second etcd member down "
+        f"(etcd may lose its quorum); {not_rebooted(host)}{cordon}",
+        hint="bring the other servers back to health (journalctl -M k3s-server -u k3s on "
+        f"their hosts); then `pulumi up` reboots {host}, or reboot it by hand "
+        "(ssh root@<host> systemctl reboot)",
+    )
 
 
 def boot_entries_changed(run: Run, ip: str) -> list[str] | None:
@@ -102,8 +126,6 @@ def reboot_and_wait(
 ) -> tuple[str, str, float]:
     """``systemctl reboot`` on the host, then wait until ssh answers with another boot id.
     Returns (old boot id, new boot id, the deadline the gates after it keep)."""
-    from k3scluster import kube
-
     old, said = boot_id(run)
     if old is None:
         raise K3sClusterError(f"{host}: cannot read its boot id ({BOOT_ID}): {said}; not rebooted")
@@ -152,12 +174,15 @@ def reboot_if_needed(
     drain: Callable[[], Undo | None],
     gates: Callable[[float], object],
     progress: Callable[[str], None],
+    may_reboot: Callable[[], None] = lambda: None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> tuple[list[str], Undo | None]:
     """After the switch and its gates: when the host's boot entries changed, drain (unless
     ``drained``: the switch's drain, still cordoned), reboot, wait for a new boot id and run
-    ``gates(deadline)`` again, all within ``timeout`` s from the reboot. Returns the entries it
+    ``gates(deadline)`` again, all within ``timeout`` s from the reboot; ``may_reboot()``
+    first, which raises to refuse the reboot (a server host while another server is not
+    ready: :func:`refuse_unless_other_servers_ready`). Returns the entries it
     rebooted for ([] none) and the drain the caller undoes (uncordons) after: ``drained`` or
     the one made here. A failure says the node stays cordoned (``left_cordoned``)."""
     changed = boot_entries_changed(run, ip)
@@ -165,6 +190,10 @@ def reboot_if_needed(
         progress(f"{host}: runs the kernel, initrd and kernel parameters it booted: no reboot"
                  if changed == [] else f"{host}: cannot tell whether it needs a reboot: none")
         return [], drained
+    try:
+        may_reboot()
+    except K3sClusterError as err:
+        raise drained.left_cordoned(err) if drained is not None else err from None
     progress(f"{host}: its {', '.join(changed)} changed since it booted: rebooting it")
     undo = drained if drained is not None else drain()
     try:

@@ -131,6 +131,57 @@ def test_progress_lines_come_at_least_every_30_seconds_while_the_host_is_away() 
     assert gaps and max(gaps) <= 30, gaps
 
 
+def test_a_server_host_is_not_rebooted_while_another_server_is_not_ready() -> None:
+    """etcd's quorum: the host's member goes down for the reboot, so every other server must
+    be ready first; refused before the drain and the reboot, saying what the host runs."""
+    from k3scluster import kube
+    from k3scluster.reboot import refuse_unless_other_servers_ready
+
+    others = ["https://10.0.100.12:6443", "https://10.0.100.14:6443"]
+    asked: list[str] = []
+
+    def readyz(url: str) -> kube.Check:
+        asked.append(url)
+        return kube.Check(url.endswith("12:6443"), "/readyz 503, etcd not ready")
+
+    host = Host()
+    made = Drain()
+    with pytest.raises(K3sClusterError) as err:
+        reboot_if_needed(
+            "olaf", "10.0.100.2", host.run, timeout=600, drained=None,
+            drain=lambda: made, gates=lambda _d: None, progress=lambda _s: None,
+            may_reboot=lambda: refuse_unless_other_servers_ready(
+                "olaf", others, readyz, "olaf-k3s-agent"),
+            clock=host.clock, sleep=host.sleep,
+        )
+    text = err.value.message
+    assert asked == others
+    assert "https://10.0.100.14:6443: /readyz 503, etcd not ready" in text
+    assert "10.0.100.12" not in text
+    assert "olaf runs its new system (switched, its gates passed) and was not rebooted" in text
+    assert "node olaf-k3s-agent was not cordoned" in text
+    assert list(REBOOT_COMMAND) not in host.asked and made.made == 0
+    # the switch's drain: the node stays cordoned, and the error says so
+    with pytest.raises(K3sClusterError) as err:
+        reboot_if_needed(
+            "olaf", "10.0.100.2", Host().run, timeout=600, drained=Drain(),
+            drain=lambda: made, gates=lambda _d: None, progress=lambda _s: None,
+            may_reboot=lambda: refuse_unless_other_servers_ready(
+                "olaf", others, readyz, None),
+            clock=host.clock, sleep=host.sleep,
+        )
+    assert "not rebooted; node karl-k3s-agent stays cordoned" in err.value.message
+    # every other server ready: rebooted
+    changed, _undo = reboot_if_needed(
+        "olaf", "10.0.100.2", Host().run, timeout=600, drained=None, drain=lambda: made,
+        gates=lambda _d: None, progress=lambda _s: None,
+        may_reboot=lambda: refuse_unless_other_servers_ready(
+            "olaf", others, lambda _u: kube.Check(True, "/readyz 200"), "olaf-k3s-agent"),
+        clock=host.clock, sleep=host.sleep,
+    )
+    assert changed == ["kernel"]
+
+
 def _reboot_args(**over: object) -> argparse.Namespace:
     values: dict[str, object] = {
         "host": "karl", "ip": "10.0.100.5", "drain": "karl-k3s-agent",
@@ -175,7 +226,7 @@ def test_a_drain_before_a_reboot_that_fails_says_the_host_runs_its_new_system(
     from k3scluster.components import tasks
 
     with pytest.raises(K3sClusterError) as err:
-        tasks._reboot_if_needed(_reboot_args(), None, [], ["karl-k3s-agent"], None)  # type: ignore[arg-type]
+        tasks._reboot_if_needed(_reboot_args(), None, [], ["karl-k3s-agent"], None, {})  # type: ignore[arg-type]
     text = err.value.message
     assert karl == ["cordon", "drain", "uncordon"]
     assert "nothing was deployed" not in text and "nothing deployed" not in text
@@ -185,8 +236,39 @@ def test_a_drain_before_a_reboot_that_fails_says_the_host_runs_its_new_system(
     # no credentials for the drain: nothing cordoned
     monkeypatch.setattr(tasks, "_credentials", lambda *_a: None)
     with pytest.raises(K3sClusterError) as err:
-        tasks._reboot_if_needed(_reboot_args(), None, [], ["karl-k3s-agent"], None)  # type: ignore[arg-type]
+        tasks._reboot_if_needed(_reboot_args(), None, [], ["karl-k3s-agent"], None, {})  # type: ignore[arg-type]
     text = err.value.message
     assert "nothing was deployed" not in text
     assert "karl runs its new system (switched, its gates passed) and was not rebooted; " \
            "node karl-k3s-agent was not cordoned" in text
+
+
+def test_tasks_asks_the_other_servers_not_its_own_before_a_server_host_reboots(
+    karl: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The deploy's wiring: the other servers are the ``--api`` URLs but the host's own
+    (its own server passed its gates; it is the one going down); an agent-only host asks none."""
+    from k3scluster import kube
+    from k3scluster.components import tasks
+
+    asked: list[str] = []
+
+    def readyz(_creds: object, url: str, timeout: float = 10) -> kube.Check:
+        asked.append(url)
+        return kube.Check("10.0.100.14" not in url, "/readyz: connection refused")
+
+    monkeypatch.setattr(kube, "check_readyz", readyz)
+    api = [kube.server_url(ip) for ip in ("10.0.100.10", "10.0.100.12", "10.0.100.14")]
+    args = _reboot_args(host="olaf", ip="10.0.100.2", drain="olaf-k3s-agent", api=api)
+    with pytest.raises(K3sClusterError) as err:
+        tasks._reboot_if_needed(args, None, [["olaf-k3s-server", "10.0.100.10"]],  # type: ignore[arg-type]
+                                ["olaf-k3s-agent"], None, {})
+    assert asked == api[1:]
+    assert f"{api[2]}: /readyz: connection refused" in err.value.message
+    assert "olaf runs its new system" in err.value.message
+    assert "node olaf-k3s-agent was not cordoned" in err.value.message
+    assert karl == []  # neither cordoned nor drained
+    asked.clear()
+    with pytest.raises(K3sClusterError, match="timed out"):  # karl: an agent host, its drain
+        tasks._reboot_if_needed(_reboot_args(api=api), None, [], ["karl-k3s-agent"], None, {})  # type: ignore[arg-type]
+    assert asked == []
