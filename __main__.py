@@ -151,6 +151,7 @@ def main() -> None:
             ClusterArgs(
                 cluster, settings, deployed_hosts, versions=versions,
                 digests=records.host_digests(resources),
+                last_snapshot=records.last_snapshot(resources, "cluster-etcd-snapshot"),
             ),
         )
     except K3sClusterError as err:

@@ -226,6 +226,25 @@ def last_json(stdout: str | None, prefix: str) -> dict[str, object] | None:
     return None
 
 
+# the line the snapshot step prints last (components/tasks.py writes it)
+SNAPSHOT_PREFIX = "k3scluster-snapshot="
+
+
+def last_snapshot(
+    resources: Iterable[tuple[str, str, Mapping[str, Any]]], step_name: str
+) -> tuple[dict[str, str], str | None]:
+    """The snapshot step ``step_name``'s recorded inputs and when it last took a snapshot
+    (``takenAt``; None: no such step, or no record of one)."""
+    for urn, type_, outputs in resources:
+        mine = urn.rsplit("::", 1)[-1] == step_name
+        if mine and type_ in STEP_TYPES and isinstance(outputs, Mapping):
+            stdout = outputs.get("stdout")
+            record = last_json(stdout if isinstance(stdout, str) else None, SNAPSHOT_PREFIX)
+            taken = record.get("takenAt") if record else None
+            return recorded_inputs(type_, outputs), str(taken) if taken else None
+    return {}, None
+
+
 def deployed_hosts_of(resources: Iterable[tuple[str, str, Mapping[str, Any]]]) -> Deployed:
     """What the hosts' last successful deploys recorded of them (``membership.Deployed``):
     each deploy step prints ``k3scluster-deployed=<JSON>`` with the host's record

@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime
 import re
 import shlex
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from k3scluster.errors import K3sClusterError
@@ -87,3 +87,30 @@ def take(
         hint="look at: ssh root@<server host> journalctl -M k3s-server -u k3s; or turn the "
         "snapshot off for this run: pulumi config set k3scluster:snapshotBeforeServers false",
     )
+
+
+# the snapshot step's input that makes it run again (``again``)
+AGAIN_INPUT = "again"
+
+
+def again(
+    inputs: Mapping[str, str] | None,
+    recorded: Mapping[str, str],
+    taken_at: str | None,
+    pending: bool,
+) -> str | None:
+    """The value of the snapshot step's ``AGAIN_INPUT`` (None: none).
+
+    The step runs when its inputs (the server hosts' systems, ``inputs``, as its state records
+    them; None: not all known before the run) change. A run whose snapshot was taken but
+    whose server host's deploy then failed leaves both as they were: the next run would change
+    that host with the inputs the snapshot already has, so without taking one. When a server
+    host's deploy will run (``pending``: its system is not the one its last deploy installed)
+    and the last snapshot (``taken_at``) was taken for exactly these inputs, the input becomes
+    that snapshot's time, and a new one is taken first. Otherwise the recorded value is kept,
+    so a run that changes no server host does not take one."""
+    kept = recorded.get(AGAIN_INPUT)
+    before = {k: v for k, v in recorded.items() if k != AGAIN_INPUT}
+    if pending and taken_at and inputs is not None and dict(inputs) == before:
+        return taken_at
+    return kept

@@ -425,3 +425,56 @@ def test_without_gates_a_server_change_says_no_snapshot_is_taken(
     m, _ = run_with_state(poisoned, runner, state)
     assert m.named("cluster-etcd-snapshot") is not None
     assert not [w for w in warned if "no etcd snapshot" in w]
+
+
+def _snapshot_step(runner: str, inputs: dict[str, str], taken_at: str) -> tuple[str, dict[str, Any]]:
+    """The snapshot step as the state records it after it took a snapshot at ``taken_at``."""
+    typ = STEP_TYPES[RUNNERS.index(runner)]
+    urn = f"urn:pulumi:mock::k3scluster::k3scluster:index:Cluster${typ}::cluster-etcd-snapshot"
+    stdout = records.SNAPSHOT_PREFIX + json.dumps({"name": "mock-1", "takenAt": taken_at}) + "\n"
+    if runner == "python":
+        outputs: dict[str, Any] = {"create": "x", "inputs": inputs, "stdout": stdout}
+    else:
+        outputs = {"create": "x", "environment": digest_environment(inputs), "stdout": stdout}
+    return urn, {"type": typ, "outputs": outputs}
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_a_server_change_whose_deploy_failed_gets_a_snapshot_again(
+    poisoned: Path, runner: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from k3scluster import render
+
+    systems: dict[str, Any] = {}  # host -> its inputs, as the program computes them
+    host_inputs = render.host_inputs
+
+    def recorded(cluster: Any, host: str, *args: Any, **kw: Any) -> Any:
+        systems[host] = host_inputs(cluster, host, *args, **kw)
+        return systems[host]
+
+    monkeypatch.setattr(render, "host_inputs", recorded)
+
+    for h in HOSTS:  # fetched by an earlier run (a fetch of this run: its digest is unknown)
+        hw = poisoned / "nixConfigs" / f"{h}.hardware.nix"
+        if not hw.exists():
+            hw.write_text("{ ... }: { }\n")
+    # run 1 took the snapshot, then a server host's deploy failed: the state keeps the
+    # snapshot's new inputs and the hosts' old systems (their Host digests are older)
+    state = _deployed_at(runner, "1.35")
+    state.update(dict(_host_digest(h, "0" * 64) for h in HOSTS))
+    first = _inputs(run_with_state(poisoned, runner, state)[0].named("cluster-etcd-snapshot"),
+                    runner)
+    assert "again" not in first
+    state.update([_snapshot_step(runner, first, "2026-12-06T10:00:00Z")])
+    second = _inputs(run_with_state(poisoned, runner, state)[0].named("cluster-etcd-snapshot"),
+                     runner)
+    # the next run changes that host again: its snapshot step runs again, first
+    assert second == {**first, "again": "2026-12-06T10:00:00Z"}
+
+    # the deploys then passed (the Host digests are the systems now): the value is kept, the
+    # step's inputs are what it recorded, and no snapshot is taken without a server change
+    state.update(dict(_host_digest(h, render.host_digest(systems[h])) for h in HOSTS))
+    state.update([_snapshot_step(runner, second, "2026-12-06T10:05:00Z")])
+    third = _inputs(run_with_state(poisoned, runner, state)[0].named("cluster-etcd-snapshot"),
+                    runner)
+    assert third == second

@@ -680,3 +680,19 @@ def test_without_gates_the_changing_deployed_servers_are_named_as_without_snapsh
     # only agent hosts change, or the changing server host was never deployed: nothing to say
     assert no_snapshot_warning(now, ["emil", "nokube"], BIG_HOSTS) is None
     assert no_snapshot_warning(now, ["bert"], ["anna"]) is None
+
+
+def test_the_snapshot_is_taken_again_for_a_server_change_that_did_not_land() -> None:
+    from k3scluster.snapshot import again
+
+    now = {"deploy:anna": "ab12", "k3s:server:anna": "1.31"}
+    # the last snapshot was for this very change, and anna's deploy has not installed it
+    assert again(now, now, "T1", pending=True) == "T1"
+    assert again(now, {**now, "again": "T1"}, "T2", pending=True) == "T2"
+    # it landed (nothing pending), or another change (its inputs differ anyway): kept
+    assert again(now, {**now, "again": "T1"}, "T2", pending=False) == "T1"
+    assert again({**now, "deploy:anna": "cd34"}, {**now, "again": "T1"}, "T2", True) == "T1"
+    assert again(now, now, "T1", pending=False) is None
+    # no snapshot yet, or inputs not known before the run (a hardware fetch): as recorded
+    assert again(now, {}, None, pending=True) is None
+    assert again(None, now, "T1", pending=True) is None

@@ -31,7 +31,7 @@ from typing import Any
 
 import pulumi
 
-from k3scluster import commands, diagram, installer, render
+from k3scluster import commands, diagram, installer, render, snapshot
 from k3scluster.bootentries import hosts_needing_reboot, reboot_warning
 from k3scluster.components import health
 from k3scluster.components.host import Host, HostArgs
@@ -39,12 +39,18 @@ from k3scluster.components.iso import InstallerIsoArgs
 from k3scluster.components.secret import Secret, SecretArgs
 from k3scluster.components.settings import Settings
 from k3scluster.components.steps import step
-from k3scluster.components.tasks import SNAPSHOT_PREFIX, captured_sha256
+from k3scluster.components.tasks import captured_sha256
 from k3scluster.components.vm import make_lab
 from k3scluster.lab.spec import vm_render
 from k3scluster.membership import Deployed, refuse_without_gates
 from k3scluster.model import Cluster as ClusterModel
-from k3scluster.records import K3S_AGENT_INPUT, K3S_SERVER_INPUT, last_json
+from k3scluster.records import (
+    K3S_AGENT_INPUT,
+    K3S_SERVER_INPUT,
+    SNAPSHOT_PREFIX,
+    last_json,
+    short_digest,
+)
 from k3scluster.update_plan import (
     Action,
     HostVersions,
@@ -77,6 +83,8 @@ class ClusterArgs:
     versions: Mapping[str, HostVersions] = field(default_factory=dict)
     # host -> the digest of the system its last deploy installed (records.host_digests)
     digests: Mapping[str, str] = field(default_factory=dict)
+    # the snapshot step's recorded inputs and last takenAt (records.last_snapshot)
+    last_snapshot: tuple[Mapping[str, str], str | None] = ({}, None)
 
 
 def _digest(inputs: Mapping[str, pulumi.Input[str]]) -> pulumi.Output[str]:
@@ -134,6 +142,7 @@ class Cluster(pulumi.ComponentResource):
         super().__init__("k3scluster:index:Cluster", name, None, opts)
         self._name, self._c, self._s = name, args.cluster, args.settings
         self._deployed = args.deployed
+        self._args = args
         c, s = self._c, self._s
         # a VM stack (k3scluster:vms): its NICs named by their VM's MAC, and a lab (below)
         self._vm = vm_render(c, s.vm.stack, s.render_dir) if s.vm else None
@@ -368,9 +377,22 @@ class Cluster(pulumi.ComponentResource):
         deploys will, before it."""
         s = self._s
         inputs: dict[str, pulumi.Input[str]] = {}
+        known: dict[str, str] | None = {}  # the same, as the state records them (None: not
+        pending = False  # known before the run) and: will a server host's deploy run?
         for hname in phase.hosts:
             inputs[f"deploy:{hname}"] = _digest(self._host_inputs(hname))
-            inputs.update({f"{k}:{hname}": v for k, v in self._versions_inputs(hname).items()})
+            versions = {f"{k}:{hname}": v for k, v in self._versions_inputs(hname).items()}
+            inputs.update(versions)
+            system = render.host_digest(self._rendered_inputs(hname))
+            pending = pending or self._args.digests.get(hname) != system
+            if known is not None and hname not in self.hardware:
+                known.update({f"deploy:{hname}": short_digest(system), **versions})
+            else:
+                known = None
+        recorded, taken_at = self._args.last_snapshot
+        retake = snapshot.again(known, recorded, taken_at, pending)
+        if retake is not None:
+            inputs[snapshot.AGAIN_INPUT] = retake
         # where: the servers the stack deployed, at their deployed addresses (update_plan)
         servers = [
             (h, ipaddress.IPv4Address(ip))

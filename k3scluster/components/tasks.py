@@ -59,7 +59,7 @@ from k3scluster import commands
 from k3scluster.bootentries import boot_script
 from k3scluster.components.rendered import ensure_render
 from k3scluster.errors import K3sClusterError
-from k3scluster.records import DEPLOYED_PREFIX
+from k3scluster.records import DEPLOYED_PREFIX, SNAPSHOT_PREFIX
 from k3scluster.stackpaths import resolve, resolve_args
 
 CAPTURED_PREFIX = "captured-sha256="
@@ -711,7 +711,6 @@ def _reboot_if_needed(args: argparse.Namespace, ssh: commands.SshSettings,
     return undo
 
 
-SNAPSHOT_PREFIX = "k3scluster-snapshot="
 
 
 def _snapshot(args: argparse.Namespace) -> None:
