@@ -201,6 +201,9 @@ class NodeSeen:
     # its resourceVersion as read: a deletion conditioned on it is refused once the Node
     # changed since (its kubelet reported Ready again), not only once it was made anew
     resource_version: str | None = None
+    # the boot id its kubelet reports (status.nodeInfo.bootID: the machine's
+    # /proc/sys/kernel/random/boot_id when the kubelet last posted its status)
+    boot_id: str | None = None
 
 
 def read_node(
@@ -223,6 +226,7 @@ def read_node(
         return NodeSeen(Check(False, f"node {node}: {_short_error(err)}"), answered=False)
     info = obj.status.node_info if obj.status else None
     version = getattr(info, "kubelet_version", None) or None
+    boot = getattr(info, "boot_id", None) or None
     uid = str(obj.metadata.uid) if obj.metadata and obj.metadata.uid else None
     rv = str(obj.metadata.resource_version) if obj.metadata and obj.metadata.resource_version \
         else None
@@ -230,10 +234,11 @@ def read_node(
         if cond.type == "Ready":
             if cond.status == "True":
                 return NodeSeen(Check(True, f"node {node} Ready"), version, True, uid=uid,
-                                ready_status="True", resource_version=rv)
+                                ready_status="True", resource_version=rv, boot_id=boot)
             reason = f" ({cond.reason})" if cond.reason else ""
             return NodeSeen(Check(False, f"node {node} Ready={cond.status}{reason}"), version,
-                            True, uid=uid, ready_status=str(cond.status), resource_version=rv)
+                            True, uid=uid, ready_status=str(cond.status), resource_version=rv,
+                            boot_id=boot)
     return NodeSeen(Check(False, f"node {node} has no Ready condition yet"), version, True,
                     uid=uid, resource_version=rv)
 

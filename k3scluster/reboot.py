@@ -17,7 +17,7 @@ health gates, asks the host whether its boot entries differ from the booted syst
 3. waits until ssh answers with a NEW boot id (a host still shutting down answers with the old
    one), bounded by ``k3scluster:rebootTimeout``, a progress line at least every 30 s;
 4. runs the host's health gates again within the same time (its K3s server's ``/readyz``, its
-   agent's Node Ready);
+   agent's Node Ready as the kubelet of the new boot reports it: ``nodeInfo.bootID``);
 5. uncordons the node, only when this deploy cordoned it (a node cordoned by hand stays so).
 
 The deploy's record read back afterwards then shows no reboot needed. One host at a time:
@@ -172,7 +172,7 @@ def reboot_if_needed(
     timeout: float,
     drained: Undo | None,
     drain: Callable[[], Undo | None],
-    gates: Callable[[float], object],
+    gates: Callable[[float, str], object],
     progress: Callable[[str], None],
     may_reboot: Callable[[], None] = lambda: None,
     clock: Callable[[], float] = time.monotonic,
@@ -180,7 +180,8 @@ def reboot_if_needed(
 ) -> tuple[list[str], Undo | None]:
     """After the switch and its gates: when the host's boot entries changed, drain (unless
     ``drained``: the switch's drain, still cordoned), reboot, wait for a new boot id and run
-    ``gates(deadline)`` again, all within ``timeout`` s from the reboot; ``may_reboot()``
+    ``gates(deadline, new boot id)`` again (a Node's Ready counts only from a kubelet of the
+    new boot: the API shows the old one Ready for a while after it went away), all within ``timeout`` s from the reboot; ``may_reboot()``
     first, which raises to refuse the reboot (a server host while another server is not
     ready: :func:`refuse_unless_other_servers_ready`). Returns the entries it
     rebooted for ([] none) and the drain the caller undoes (uncordons) after: ``drained`` or
@@ -197,9 +198,9 @@ def reboot_if_needed(
     progress(f"{host}: its {', '.join(changed)} changed since it booted: rebooting it")
     undo = drained if drained is not None else drain()
     try:
-        _old, _new, deadline = reboot_and_wait(host, run, timeout, progress, clock=clock,
-                                               sleep=sleep)
-        gates(deadline)
+        _old, new, deadline = reboot_and_wait(host, run, timeout, progress, clock=clock,
+                                              sleep=sleep)
+        gates(deadline, new)
     except K3sClusterError as err:
         raise undo.left_cordoned(err) if undo is not None else err from None
     return changed, undo

@@ -7,7 +7,9 @@ throwaway client CA (as K3s's API server does), exactly these:
 - ``GET /readyz[?verbose]`` on each address it listens on;
 - ``GET /version`` (``gitVersion`` is the script's ``version``, default :data:`VERSION`);
 - ``GET /api/v1/nodes/<name>`` (a node object with its ``Ready`` condition, and the script's
-  ``version`` as its kubelet's).
+  ``version`` as its kubelet's; its ``nodeInfo.bootID`` is ``b``, or with the script's
+  ``bootIDs`` (node -> a host's ``reboots.jsonl``, tests/bin/reboot/systemctl) the boot id
+  of that host's last reboot, or this machine's before any, as the host's kubelet reports it).
 - ``DELETE`` of a Node or a secret: 404, it holds none (the clean-up of a reinstalled agent,
   k3scluster/agentmembers.py, asks for both whenever an agent host has no node password).
 - ``PATCH /api/v1/nodes/<name>``: a cordon or uncordon (``spec.unschedulable``), kept in
@@ -124,6 +126,18 @@ def client_key_data(d: Path) -> str:
     return _b64(d / "client.key")
 
 
+def _boot_id(script: dict[str, Any], node: str) -> str:
+    """The boot id node's kubelet reports: ``b``, or its host's as the script's ``bootIDs``
+    says (the last reboot's new id in that reboots.jsonl, else this machine's)."""
+    log = (script.get("bootIDs") or {}).get(node)
+    if not log:
+        return "b"
+    reboots = Path(log).read_text().splitlines() if Path(log).exists() else []
+    if reboots:
+        return str(json.loads(reboots[-1])["new"])
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
 def _next(kind: str, key: str, entries: list[str]) -> str:
     with _LOCK:
         n = _COUNTS.get(f"{kind}:{key}", 0)
@@ -194,7 +208,8 @@ class Handler(BaseHTTPRequestHandler):
                     "type": "Ready", "status": state,
                     "reason": "KubeletReady" if state == "True" else "KubeletNotReady",
                 }], "nodeInfo": {
-                    "architecture": "amd64", "bootID": "b", "containerRuntimeVersion":
+                    "architecture": "amd64", "bootID": _boot_id(script, name),
+                    "containerRuntimeVersion":
                     "containerd://2.0.0", "kernelVersion": "6.12.0", "kubeProxyVersion": "",
                     "kubeletVersion": version, "machineID": "m", "operatingSystem": "linux",
                     "osImage": "K3s", "systemUUID": "u",

@@ -104,6 +104,8 @@ class Lab:
         self.k3s_yaml = k3sapi.k3s_yaml(self.pki)
         self.api_script = self.dir / "api-script.json"
         self.api_log = self.dir / "api-log.jsonl"
+        # node -> the file its host's boot ids come from (tests/k3sapi.py bootIDs)
+        self.boot_ids: dict[str, str] = {}
         self.set_api(readyz={ip: ["200"] for _, ip in SERVERS.values()},
                      nodes={n: ["True"] for n in AGENTS.values()})
         self.hosts: dict[str, Path] = {}
@@ -138,7 +140,8 @@ class Lab:
             self.hosts[host] = h
 
     def set_api(self, *, readyz: dict[str, list[str]], nodes: dict[str, list[str]]) -> None:
-        self.api_script.write_text(json.dumps({"readyz": readyz, "nodes": nodes}))
+        self.api_script.write_text(json.dumps({"readyz": readyz, "nodes": nodes,
+                                               "bootIDs": self.boot_ids}))
 
     def repoint(self, host: str, target: str) -> None:
         link = self.hosts[host] / "run" / "current-system"

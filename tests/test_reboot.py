@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import subprocess
+import time
 from dataclasses import dataclass, field
 
 import pytest
@@ -68,7 +69,7 @@ def _reboot(host: Host, drained: Drain | None = None, timeout: float = 600) -> t
     """(entries rebooted for, the drain to undo, progress lines, the deadlines the gates got,
     the drain this call would make)."""
     said: list[str] = []
-    gated: list[float] = []
+    gated: list[tuple[float, str]] = []
     made = Drain()
 
     def drain() -> Drain:
@@ -77,7 +78,7 @@ def _reboot(host: Host, drained: Drain | None = None, timeout: float = 600) -> t
 
     changed, undo = reboot_if_needed(
         "karl", "10.0.100.5", host.run, timeout=timeout, drained=drained, drain=drain,
-        gates=gated.append, progress=said.append, clock=host.clock, sleep=host.sleep,
+        gates=lambda d, booted: gated.append((d, booted)), progress=said.append, clock=host.clock, sleep=host.sleep,
     )
     return changed, undo, said, gated, made
 
@@ -88,7 +89,7 @@ def test_a_changed_kernel_drains_reboots_waits_for_a_new_boot_id_and_gates() -> 
     assert changed == ["kernel"] and undo is made and made.made == 1
     assert list(REBOOT_COMMAND) in host.asked
     # the gates again, with what is left of rebootTimeout from the reboot on (600 s at 0)
-    assert gated == [600.0]
+    assert gated == [(600.0, "new-id")]  # and the boot id it came back with
     assert any("still answers from the boot before (boot id old-id)" in s for s in said)
     assert any("up again with a new boot id new-id" in s for s in said)
 
@@ -124,7 +125,7 @@ def test_progress_lines_come_at_least_every_30_seconds_while_the_host_is_away() 
     with pytest.raises(K3sClusterError):
         reboot_if_needed(
             "karl", "10.0.100.5", host.run, timeout=300, drained=Drain(), drain=Drain,
-            gates=lambda _d: None, progress=lambda _s: said.append(host.now),
+            gates=lambda _d, _b: None, progress=lambda _s: said.append(host.now),
             clock=host.clock, sleep=host.sleep,
         )
     gaps = [b - a for a, b in itertools.pairwise(said)]
@@ -149,7 +150,7 @@ def test_a_server_host_is_not_rebooted_while_another_server_is_not_ready() -> No
     with pytest.raises(K3sClusterError) as err:
         reboot_if_needed(
             "olaf", "10.0.100.2", host.run, timeout=600, drained=None,
-            drain=lambda: made, gates=lambda _d: None, progress=lambda _s: None,
+            drain=lambda: made, gates=lambda _d, _b: None, progress=lambda _s: None,
             may_reboot=lambda: refuse_unless_other_servers_ready(
                 "olaf", others, readyz, "olaf-k3s-agent"),
             clock=host.clock, sleep=host.sleep,
@@ -165,7 +166,7 @@ def test_a_server_host_is_not_rebooted_while_another_server_is_not_ready() -> No
     with pytest.raises(K3sClusterError) as err:
         reboot_if_needed(
             "olaf", "10.0.100.2", Host().run, timeout=600, drained=Drain(),
-            drain=lambda: made, gates=lambda _d: None, progress=lambda _s: None,
+            drain=lambda: made, gates=lambda _d, _b: None, progress=lambda _s: None,
             may_reboot=lambda: refuse_unless_other_servers_ready(
                 "olaf", others, readyz, None),
             clock=host.clock, sleep=host.sleep,
@@ -174,7 +175,7 @@ def test_a_server_host_is_not_rebooted_while_another_server_is_not_ready() -> No
     # every other server ready: rebooted
     changed, _undo = reboot_if_needed(
         "olaf", "10.0.100.2", Host().run, timeout=600, drained=None, drain=lambda: made,
-        gates=lambda _d: None, progress=lambda _s: None,
+        gates=lambda _d, _b: None, progress=lambda _s: None,
         may_reboot=lambda: refuse_unless_other_servers_ready(
             "olaf", others, lambda _u: kube.Check(True, "/readyz 200"), "olaf-k3s-agent"),
         clock=host.clock, sleep=host.sleep,
@@ -272,3 +273,47 @@ def test_tasks_asks_the_other_servers_not_its_own_before_a_server_host_reboots(
     with pytest.raises(K3sClusterError, match="timed out"):  # karl: an agent host, its drain
         tasks._reboot_if_needed(_reboot_args(api=api), None, [], ["karl-k3s-agent"], None, {})  # type: ignore[arg-type]
     assert asked == []
+
+
+def test_the_gates_after_a_reboot_wait_for_a_kubelet_of_the_new_boot(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Right after a reboot the API still shows the Node Ready as the kubelet of the boot
+    before left it (until the node controller's grace period passes): that Ready must not
+    pass the gate, or the node is uncordoned before its kubelet is back. The kubelet reports
+    its machine's boot id (nodeInfo.bootID): Ready counts from the new one on."""
+    from k3scluster import kube
+    from k3scluster.components import tasks
+
+    answers = ["old-id", "old-id", "new-id"]
+    reads: list[str] = []
+
+    def read_node(*_a: object, **_k: object) -> kube.NodeSeen:
+        boot = answers[min(len(reads), len(answers) - 1)]
+        reads.append(boot)
+        return kube.NodeSeen(kube.Check(True, "node karl-k3s-agent Ready"), registered=True,
+                             boot_id=boot)
+
+    said: list[str] = []
+    monkeypatch.setattr(tasks, "_credentials", lambda *_a: {"admin": "kubeconfig"})
+    monkeypatch.setattr(tasks, "_progress", said.append)
+    monkeypatch.setattr(kube, "read_node", read_node)
+    monkeypatch.setattr(time, "sleep", lambda _s: None)
+    args = _reboot_args()
+    tasks._gates(args, None, [], ["karl-k3s-agent"], 60, time.monotonic() + 60,  # type: ignore[arg-type]
+                 booted="new-id")
+    assert reads == ["old-id", "old-id", "new-id"]
+    assert any("its kubelet has not reported since the reboot (boot id old-id, the host's "
+               "is new-id)" in s for s in said), said
+    # never from the new boot: the gate fails in time, saying so
+    answers[:] = ["old-id"]
+    reads.clear()
+    with pytest.raises(K3sClusterError) as err:
+        tasks._gates(args, None, [], ["karl-k3s-agent"], 1, time.monotonic() + 1,  # type: ignore[arg-type]
+                     booted="new-id")
+    assert "not Ready after 1s" in err.value.message
+    assert "has not reported since the reboot" in err.value.message
+    # the gates of a switch (no reboot) read the Node as before
+    reads.clear()
+    tasks._gates(args, None, [], ["karl-k3s-agent"], 60, time.monotonic() + 60)  # type: ignore[arg-type]
+    assert reads == ["old-id"]

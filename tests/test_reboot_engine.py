@@ -77,6 +77,12 @@ def with_reboot_stand_in(lab: Lab) -> Lab:
         with (h / "sshd_config").open("a") as f:
             f.write(f"SetEnv PATH={HOSTBIN}:/usr/sbin:/usr/bin:/sbin:/bin "
                     "K3SCLUSTER_REBOOT_STAND_IN=1\n")
+    # each host's agent reports the boot id the stand-in gave it (the gates after a reboot
+    # wait for a kubelet of the new boot)
+    lab.boot_ids.update({f"{host}-k3s-agent": str(h / "run" / "reboots.jsonl")
+                         for host, h in lab.hosts.items()})
+    script = json.loads(lab.api_script.read_text())
+    lab.set_api(readyz=script["readyz"], nodes=script["nodes"])
     real = shutil.which("systemctl")
     for host in lab.hosts if real else ():
         lab.binds.setdefault(host, []).append((HOSTBIN / "systemctl", os.path.realpath(real)))

@@ -703,8 +703,8 @@ def _reboot_if_needed(args: argparse.Namespace, ssh: commands.SshSettings,
         drained=drained,
         drain=lambda: _drain_now(args, ssh, "it reboots", reboot.not_rebooted(args.host))
         if args.drain else None,
-        gates=lambda deadline: _gates(args, ssh, servers, agents, timeout, deadline)
-        if servers or agents else None,
+        gates=lambda deadline, booted: _gates(args, ssh, servers, agents, timeout, deadline,
+                                              booted=booted) if servers or agents else None,
         progress=_progress,
         may_reboot=may_reboot,
     )
@@ -740,8 +740,14 @@ def _gates(
     agents: list[str],
     timeout: float,
     deadline: float,
+    *,
+    booted: str | None = None,
 ) -> dict[str, Any]:
-    """Waits for the host's gates; the cluster's credentials they used."""
+    """Waits for the host's gates; the cluster's credentials they used. ``booted``: the boot id
+    the host came back with from a reboot; an agent's Node counts as Ready only when its
+    kubelet reports that boot (``nodeInfo.bootID``): right after a reboot the API still shows
+    the Node Ready as the kubelet of the boot before left it, until the node controller's
+    grace period marks it otherwise."""
     from k3scluster import kube
 
     creds = _credentials(ssh, list(args.credentials_from), deadline, args.host)
@@ -774,7 +780,14 @@ def _gates(
 
         def node_ready(name: str = name) -> kube.Check:
             # asked of each server in turn: the init-server's host may be the one down
-            return first_answer(list(args.api), lambda url: kube.read_node(creds, url, name))
+            got, seen = first_answering(list(args.api),
+                                        lambda url: kube.read_node(creds, url, name))
+            if got is None:
+                return kube.Check(False, "; ".join(seen))
+            if booted and got.boot_id and got.boot_id != booted:
+                return kube.Check(False, f"node {name}: its kubelet has not reported since the "
+                                  f"reboot (boot id {got.boot_id}, the host's is {booted})")
+            return got.check
 
         check = kube.wait_until(
             f"{args.host}: {name}",
