@@ -179,13 +179,18 @@ def remove_leaving(
     node: str,
     leaving: Sequence[str],
     progress: Callable[[str], None],
+    stale_only: bool = False,
 ) -> list[str]:
     """Removes ``node``'s members, and before them any member the quorum rule says must go
     first among the ``leaving`` nodes (the unhealthy ones). Checks the whole sequence of
     ``leaving`` first and refuses (``QuorumError``) before removing anything when a step
     would not keep a quorum. Returns the names removed (none when ``node`` has no member
-    any more: an earlier step or run removed it)."""
+    any more: an earlier step or run removed it). ``stale_only``: a member of ``node`` that
+    answers healthy in any view read here (the last read before each removal) is refused,
+    never removed (``remove_stale``: it may have come back since the caller looked)."""
     view = read_members(run, via)
+    if stale_only:
+        _refuse_running(view, node)
     progress(f"etcd members seen through {view.via}: {describe(view.members)}")
     wanted = [node, *[n for n in leaving if n != node]]
     whole = removal_order(view.members, wanted)  # raises before anything is removed
@@ -204,6 +209,8 @@ def remove_leaving(
             current = [x for x in view.members if x.id == m.id]
             if not current:
                 continue
+            if stale_only:
+                _refuse_running(view, node)
             check_removals(view.members, current)
         progress(f"removing etcd member {m.name} ({m.hex_id}) of {m.node} through {view.via}")
         proc = _remove(run, view.via, m, progress)
@@ -258,7 +265,14 @@ def remove_stale(
     if not stale:
         progress(f"{node}: no stale etcd member of that name")
         return []
-    running = [m for m in stale if m.healthy]
+    _refuse_running(view, node)
+    return remove_leaving(run, via, node, [node], progress, stale_only=True)
+
+
+def _refuse_running(view: View, node: str) -> None:
+    """``K3sClusterError`` when a member of ``node`` answers healthy in ``view``: a stale
+    member is one that does not run."""
+    running = [m for m in stale_members(view, node) if m.healthy]
     if running:
         raise K3sClusterError(
             f"{node}: its host holds no etcd data of it, yet etcd member "
@@ -268,7 +282,6 @@ def remove_stale(
             hint="find the machine that runs it (its peer address); if it is to leave, "
             "stop it there first, then run `pulumi up` again",
         )
-    return remove_leaving(run, via, node, [node], progress)
 
 
 # -- the server host itself ---------------------------------------------------------------

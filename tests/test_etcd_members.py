@@ -277,3 +277,31 @@ def test_a_healthy_member_is_never_removed_as_stale(etcd_cluster: Any, hosts: Ho
     with pytest.raises(K3sClusterError, match="answers healthy"):
         etcdmembers.remove_stale(hosts, [ip(c, "olaf")], "erik", lambda _: None)
     assert names(c) == before and c.healthy("erik")
+
+
+def test_a_stale_member_that_comes_back_before_its_removal_is_kept(
+    etcd_cluster: Any, hosts: HostRunner
+) -> None:
+    # erik's member is down when remove_stale looks (stale), and its etcd runs again before
+    # the removal reads the members once more (another machine of that name came back): the
+    # removal's own read sees it healthy, and it is refused, never removed
+    from k3scluster.errors import K3sClusterError
+
+    c = etcd_cluster
+    c.stop("erik")
+    before = names(c)
+    health_reads = []
+
+    def comes_back(ip: str, words: Sequence[str]) -> subprocess.CompletedProcess[str]:
+        proc = hosts(ip, words)
+        if "health" in words:
+            health_reads.append(ip)
+            if len(health_reads) == 1:  # remove_stale's look: erik is down; now it runs
+                c.start("erik")
+                c.wait_healthy("erik")
+        return proc
+
+    with pytest.raises(K3sClusterError, match="answers healthy"):
+        etcdmembers.remove_stale(comes_back, [ip(c, "olaf")], "erik", lambda _: None)
+    assert len(health_reads) == 2
+    assert names(c) == before and c.healthy("erik")
