@@ -181,3 +181,31 @@ def test_the_preview_says_per_host_what_its_deploy_may_do(hosts_lab: Lab, tmp_pa
     conf.write_text((conf.read_text() if conf.exists() else "{ ... }: { }\n") + "# changed\n")
     assert said() == []
     assert p.preview() == {"ulrich-deploy": "update", "cluster-render": "update"}
+
+
+def test_a_server_change_whose_deploy_failed_gets_a_snapshot_again(
+    hosts_lab: Lab, tmp_path: Path
+) -> None:
+    lab = hosts_lab
+    p = Project(tmp_path, lab, snapshotBeforeServers="true", rollback="false")
+    r = p.up()
+    assert r.returncode == 0, _text(r)[-4000:]
+    conf = p.cluster / "nixConfigs" / "ulf.nix"
+    conf.write_text((conf.read_text() if conf.exists() else "{ ... }: { }\n") + "# changed\n")
+    # the snapshot is taken, then ulf's switch fails
+    r = p.up(env={"COLMENA_FAIL_HOSTS": "ulf"})
+    assert r.returncode != 0
+    assert len(k3s_calls(lab, "olaf")) == 1
+    # the next run changes ulf again: a snapshot of its own first
+    plan = p.preview()
+    assert plan["ulf-deploy"] == "update" and plan["cluster-etcd-snapshot"] == "update"
+    before = len(switches(p))
+    r = p.up()
+    assert r.returncode == 0, _text(r)[-4000:]
+    calls = k3s_calls(lab, "olaf")
+    assert len(calls) == 2
+    (ulf,) = switches(p)[before:]
+    assert ulf["hosts"] == ["ulf"] and calls[1]["t"] < ulf["start"]
+    assert p.outputs()["etcdSnapshot"]["name"] == calls[1]["argv"][3]
+    # it landed: nothing changes, and no snapshot is taken
+    assert p.preview() == {}
