@@ -29,8 +29,9 @@ not be reached in time rolls itself back; the deploy then waits for ssh to come 
 waits for the units it starts, and a K3s agent's start waits up to START_TIMEOUT_MIN for a
 server, a server's container as long. A timer that fires while ``switch-to-configuration``
 runs (it holds ``flock(2)`` on :data:`SWITCH_LOCK`, the lock both the Rust and the Perl
-implementation take) waits for the switch to end (at most :data:`SWITCH_WAIT` s), then gives
-the confirmation ``timeout`` s more, and rolls back only if it is still unclaimed; the deploy
+implementation take), or before it started (the host still runs ``prev``: colmena's second
+evaluation), waits for the switch to end (at most :data:`SWITCH_WAIT` s), then gives the
+confirmation ``timeout`` s more, and rolls back only if it is still unclaimed; the deploy
 waits ``timeout`` s from colmena's return accordingly.
 
 Everything sent to the host is store paths and fixed words, quoted with ``shlex.quote``: no
@@ -98,26 +99,34 @@ def marker(unit_id: str) -> str:
     return f"/run/{UNIT_PREFIX}{unit_id}"
 
 
-def wait_for_switch_script(prev: str, timeout: float) -> str:
-    """Shell text run when the timer fires: while a ``switch-to-configuration`` holds
-    :data:`SWITCH_LOCK`, wait for it to end (``flock -s -w``: the lock is free again), then
-    ``timeout`` s more for the confirmation; again if another switch runs by then; at most
-    :data:`SWITCH_WAIT` s in all. The lock is only taken shared and let go at once (a switch
-    that starts in that instant fails to lock and says so); no lock file: no switch ran."""
-    b = f"{shlex.quote(store_path(prev, 'the system to roll back to'))}/sw/bin"
-    lock = SWITCH_LOCK
-    return (f"end=$(( $({b}/date +%s) + {SWITCH_WAIT} )); "
-            f"while [ -e {lock} ] && ! {b}/flock -n -s {lock} true; do "
-            f"left=$(( end - $({b}/date +%s) )); [ \"$left\" -gt 0 ] || break; "
-            f"{b}/flock -s -w \"$left\" {lock} true || break; "
-            f"{b}/sleep {max(1, round(timeout))}; done")
+def wait_for_switch_script(prev: str, unit_id: str, timeout: float) -> str:
+    """Shell text run when the timer fires, before it claims :func:`marker`: the confirmation
+    gets ``timeout`` s from the end of the switch. While a ``switch-to-configuration`` holds
+    :data:`SWITCH_LOCK` it waits for the switch to end (``flock -s -w``: the lock is free
+    again), then ``timeout`` s more; while the host still runs ``prev`` (colmena has not
+    switched yet: its second evaluation) it looks again every second, and gives ``timeout`` s
+    after it saw the host switch; again for another switch; at most :data:`SWITCH_WAIT` s in
+    all; it ends at once when the confirmation made :func:`marker`. The lock is only taken
+    shared and let go at once (a switch that starts in that instant fails to lock and says
+    so); no lock file: no switch ran since boot."""
+    q = shlex.quote(store_path(prev, "the system to roll back to"))
+    b, lock, t = f"{q}/sw/bin", SWITCH_LOCK, max(1, round(timeout))
+    return (f"end=$(( $({b}/date +%s) + {SWITCH_WAIT} )); seen=; "
+            f"while left=$(( end - $({b}/date +%s) )); [ \"$left\" -gt 0 ]; do "
+            f"[ -d {marker(unit_id)} ] && exit 0; "
+            f"if [ -e {lock} ] && ! {b}/flock -n -s {lock} true; then "
+            f"{b}/flock -s -w \"$left\" {lock} true || break; seen=; {b}/sleep {t}; "
+            f"elif [ \"$({b}/readlink /run/current-system)\" = {q} ]; then "
+            f"seen=prev; {b}/sleep 1; "
+            f"elif [ -n \"$seen\" ]; then seen=; {b}/sleep {t}; "
+            "else break; fi; done")
 
 
 def arm_script(prev: str, unit_id: str, timeout: float) -> str:
     """``systemd-run`` of a transient timer that, ``timeout`` s later (and ``timeout`` s after
-    a switch that still runs then: :func:`wait_for_switch_script`), rolls the host back to
-    ``prev`` unless the confirmation made :func:`marker` first."""
-    body = (f"[ -d {marker(unit_id)} ] && exit 0; {wait_for_switch_script(prev, timeout)}; "
+    a switch that has not started or not ended then: :func:`wait_for_switch_script`), rolls
+    the host back to ``prev`` unless the confirmation made :func:`marker` first."""
+    body = (f"{wait_for_switch_script(prev, unit_id, timeout)}; "
             f"mkdir {marker(unit_id)} 2>/dev/null || exit 0; {rollback_script(prev)}")
     return " ".join([
         f"{shlex.quote(prev)}/sw/bin/systemd-run",

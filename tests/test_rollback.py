@@ -6,8 +6,8 @@ namespace whose ``/run``, ``/nix/store`` and ``/nix/var/nix/profiles`` are the t
 directories: the host's ``/run/current-system`` and its system profile (generations
 ``system-N-link``) point at stand-in system directories in that store. Each system directory
 holds the stand-ins of tests/bin/host (``bin/switch-to-configuration``, ``sw/bin/nix-env``,
-``sw/bin/systemd-run``, ``sw/bin/systemctl``), the machine's own ``flock``, ``date`` and
-``sleep``, and an ``on-switch`` script for what activating
+``sw/bin/systemd-run``, ``sw/bin/systemctl``), the machine's own ``flock``, ``date``,
+``sleep`` and ``readlink``, and an ``on-switch`` script for what activating
 it does to the host. colmena is the stand-in tests/bin/colmena, which activates the new system
 over ssh as colmena does (``$COLMENA_ACTIVATE``). No packet leaves the machine.
 
@@ -50,7 +50,7 @@ def make_system(store: Path, name: str, on_switch: str = "") -> str:
     (d / "bin" / "switch-to-configuration").symlink_to(STANDINS / "switch-to-configuration")
     for tool in ("nix-env", "systemd-run", "systemctl"):
         (d / "sw" / "bin" / tool).symlink_to(STANDINS / tool)
-    for tool in ("flock", "date", "sleep"):  # util-linux and coreutils: real ones
+    for tool in ("flock", "date", "sleep", "readlink"):  # util-linux and coreutils: real ones
         (d / "sw" / "bin" / tool).symlink_to(shutil.which(tool) or f"/usr/bin/{tool}")
     if on_switch:
         (d / "on-switch").write_text(on_switch)
@@ -169,7 +169,8 @@ def _hive(base: Path) -> Path:
     return hive
 
 
-def deploy(h: Host, new: str, *extra: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+def deploy(h: Host, new: str, *extra: str, timeout: float = 30,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     argv = [
         sys.executable, "-m", "k3scluster.components.tasks", "deploy", "--host", "ulrich",
         "--ip", IP, "--ssh-identity", str(h.key), "--ssh-known-hosts", str(h.known_hosts),
@@ -178,7 +179,7 @@ def deploy(h: Host, new: str, *extra: str, timeout: float = 30) -> subprocess.Co
     ]
     env = {"PATH": "/usr/sbin:/usr/bin:/bin", "HOME": str(h.base),
            "COLMENA_LOG": str(h.base / "colmena.log"),
-           "COLMENA_ACTIVATE": json.dumps({"ulrich": new})}
+           "COLMENA_ACTIVATE": json.dumps({"ulrich": new}), **(env or {})}
     return subprocess.run(h.ns.argv(*argv), cwd=ROOT, env=env,  # type: ignore[attr-defined]
                           capture_output=True, text=True, check=False)
 
@@ -247,6 +248,24 @@ def test_a_switch_that_outlasts_the_timeout_is_waited_for(host: Host) -> None:
     # the timer did fire during the switch, and the confirmation claimed the marker after it
     (fired,) = host.units().glob("k3scluster-confirm-ulrich-*.fired")
     assert (host.run / fired.name.removesuffix(".fired")).is_dir()
+    assert "the dead-man switch is disarmed" in r.stderr
+
+
+@pytest.mark.root
+def test_a_switch_that_starts_after_the_timeout_is_waited_for(host: Host) -> None:
+    """colmena's switch evaluates the hive again before it activates (here: 6 s, stood in by
+    $COLMENA_ON_SWITCH); the timer (3 s) fires before the switch started, sees the host still
+    on its previous system, waits for the switch and gives the confirmation the timeout after
+    it: the host is not rolled back before (and then switched unguarded after) it."""
+    prev = make_system(host.store, "ulrich-prev")
+    new = make_system(host.store, "ulrich-new")
+    host.boot(prev)
+    r = deploy(host, new, "--confirm-timeout", "3",
+               env={"COLMENA_ON_SWITCH": json.dumps(["sleep", "6"])})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert host.current() == new
+    assert host.profile() == ("system-2-link", new)
+    assert list(host.units().glob("k3scluster-confirm-ulrich-*.fired"))
     assert "the dead-man switch is disarmed" in r.stderr
 
 
@@ -344,12 +363,11 @@ def test_the_scripts_quote_the_store_path_and_refuse_anything_else() -> None:
     assert words[:4] == [f"{prev}/sw/bin/systemd-run", "--unit=k3scluster-confirm-olaf-1",
                          "--on-active=120s", "--timer-property=AccuracySec=1s"]
     assert words[4:6] == ["/bin/sh", "-c"]
-    assert words[6] == ("[ -d /run/k3scluster-confirm-olaf-1 ] && exit 0; "
-                        + rollback.wait_for_switch_script(prev, 120)
+    assert words[6] == (rollback.wait_for_switch_script(prev, "olaf-1", 120)
                         + "; mkdir /run/k3scluster-confirm-olaf-1 2>/dev/null || exit 0; "
                         + rollback.rollback_script(prev))
     # it waits for a running switch through switch-to-configuration's own lock, bounded
-    wait = rollback.wait_for_switch_script(prev, 120)
+    wait = rollback.wait_for_switch_script(prev, "olaf-1", 120)
     assert f"{prev}/sw/bin/flock -s -w \"$left\" /run/nixos/switch-to-configuration.lock" in wait
     assert f"+ {rollback.SWITCH_WAIT} ))" in wait and f"{prev}/sw/bin/sleep 120;" in wait
     for bad in ("/nix/store/x-nixos-system-olaf", "/etc/passwd; reboot", "",
