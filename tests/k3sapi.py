@@ -8,7 +8,7 @@ throwaway client CA (as K3s's API server does), exactly these:
 - ``GET /version`` (``gitVersion`` is the script's ``version``, default :data:`VERSION`);
 - ``GET /api/v1/nodes/<name>`` (a node object with its ``Ready`` condition, and the script's
   ``version`` as its kubelet's; its ``nodeInfo.bootID`` is ``b``, or with the script's
-  ``bootIDs`` (node -> a host's ``reboots.jsonl``, tests/bin/reboot/systemctl) the boot id
+  ``bootIDs`` (node -> a host's ``reboots.jsonl``, tests/bin/host/systemctl) the boot id
   of that host's last reboot, or this machine's before any, as the host's kubelet reports it).
 - ``DELETE`` of a Node or a secret: 404, it holds none (the clean-up of a reinstalled agent,
   k3scluster/agentmembers.py, asks for both whenever an agent host has no node password).

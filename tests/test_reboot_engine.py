@@ -12,7 +12,7 @@ the K3s API stand-in, the colmena stand-in). Each host's ``/run/booted-system`` 
 ``/run/current-system`` are stand-in system directories (kernel and initrd links, a
 kernel-params file): the current system's kernel is another than the booted one's, as after
 a switch to a new NixOS release. ``systemctl`` in every host's sessions is the reboot stand-in
-tests/bin/reboot/systemctl (a new boot id bind-mounted over the real path, the booted system
+tests/bin/host/systemctl (a new boot id bind-mounted over the real path, the booted system
 re-pointed, sshd stopped and started again). No packet leaves the machine.
 """
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -62,20 +61,25 @@ def lab(tmp_path: Path) -> Lab:
     return with_reboot_stand_in(new_lab(tmp_path))
 
 
-HOSTBIN = ROOT / "tests" / "bin" / "reboot"
+STANDIN = ROOT / "tests" / "bin" / "host" / "systemctl"
+SESSION_PATH = ("/usr/sbin", "/usr/bin", "/sbin", "/bin")
 
 
 def with_reboot_stand_in(lab: Lab) -> Lab:
-    """Every host's ssh sessions find the reboot stand-in as ``systemctl`` (PATH), and the
-    machine's own systemctl, if any, is the stand-in too in the hosts' mount namespaces: no
-    session of the lab can reach a real reboot."""
+    """Every host's ssh sessions find the systemctl stand-in (its ``reboot``) first on their
+    PATH (a directory holding it alone), and every systemctl of the machine on that PATH is
+    the stand-in too in the hosts' mount namespaces: no session of the lab can reach a real
+    reboot."""
+    hostbin = lab.dir / "reboot-bin"
+    hostbin.mkdir()
+    (hostbin / "systemctl").symlink_to(STANDIN)
     for h in lab.hosts.values():
         (h / "run" / "reboot-stand-in.json").write_text(json.dumps({
             "pid_file": str(h / "sshd.pid"),
             "sshd": [str(SSHD), "-D", "-f", str(h / "sshd_config"), "-E", str(h / "sshd.log")],
         }))
         with (h / "sshd_config").open("a") as f:
-            f.write(f"SetEnv PATH={HOSTBIN}:/usr/sbin:/usr/bin:/sbin:/bin "
+            f.write(f"SetEnv PATH={hostbin}:{':'.join(SESSION_PATH)} "
                     "K3SCLUSTER_REBOOT_STAND_IN=1\n")
     # each host's agent reports the boot id the stand-in gave it (the gates after a reboot
     # wait for a kubelet of the new boot)
@@ -83,9 +87,10 @@ def with_reboot_stand_in(lab: Lab) -> Lab:
                          for host, h in lab.hosts.items()})
     script = json.loads(lab.api_script.read_text())
     lab.set_api(readyz=script["readyz"], nodes=script["nodes"])
-    real = shutil.which("systemctl")
-    for host in lab.hosts if real else ():
-        lab.binds.setdefault(host, []).append((HOSTBIN / "systemctl", os.path.realpath(real)))
+    real = sorted({os.path.realpath(p) for d in SESSION_PATH
+                   if os.path.exists(p := os.path.join(d, "systemctl"))})
+    for host in lab.hosts:
+        lab.binds.setdefault(host, []).extend((STANDIN, r) for r in real)
     return lab
 
 
