@@ -125,12 +125,17 @@ def wait_for_switch_script(prev: str, unit_id: str, timeout: float) -> str:
 def arm_script(prev: str, unit_id: str, timeout: float) -> str:
     """``systemd-run`` of a transient timer that, ``timeout`` s later (and ``timeout`` s after
     a switch that has not started or not ended then: :func:`wait_for_switch_script`), rolls
-    the host back to ``prev`` unless the confirmation made :func:`marker` first."""
+    the host back to ``prev`` unless the confirmation made :func:`marker` first. Its service
+    runs with PATH ``<prev>/sw/bin``: systemd gives a transient unit none of the caller's
+    environment, and on NixOS its default PATH is the systemd package's ``bin`` alone (nixpkgs
+    systemd: ``@defaultPathNormal@`` is ``$out/bin/``), where the shell finds no ``mkdir``: the
+    timer would give up as if the confirmation had won, and never roll back."""
     body = (f"{wait_for_switch_script(prev, unit_id, timeout)}; "
             f"mkdir {marker(unit_id)} 2>/dev/null || exit 0; {rollback_script(prev)}")
     return " ".join([
         f"{shlex.quote(prev)}/sw/bin/systemd-run",
         f"--unit={UNIT_PREFIX}{unit_id}",
+        shlex.quote(f"--setenv=PATH={store_path(prev, 'the system to roll back to')}/sw/bin"),
         f"--on-active={max(1, round(timeout))}s",
         "--timer-property=AccuracySec=1s",
         "/bin/sh", "-c", shlex.quote(body),

@@ -50,8 +50,11 @@ def make_system(store: Path, name: str, on_switch: str = "") -> str:
     (d / "bin" / "switch-to-configuration").symlink_to(STANDINS / "switch-to-configuration")
     for tool in ("nix-env", "systemd-run", "systemctl"):
         (d / "sw" / "bin" / tool).symlink_to(STANDINS / tool)
-    for tool in ("flock", "date", "sleep", "readlink"):  # util-linux and coreutils: real ones
+    for tool in ("flock", "date", "sleep", "readlink", "mkdir", "true"):  # util-linux, coreutils
         (d / "sw" / "bin" / tool).symlink_to(shutil.which(tool) or f"/usr/bin/{tool}")
+    # the stand-ins' interpreter (`#!/usr/bin/env python3`), found on the system's PATH as the
+    # real ones' store-path interpreters are found without one
+    (d / "sw" / "bin" / "python3").symlink_to(sys.executable)
     if on_switch:
         (d / "on-switch").write_text(on_switch)
     return f"/nix/store/{d.name}"
@@ -360,10 +363,11 @@ def test_the_scripts_quote_the_store_path_and_refuse_anything_else() -> None:
         f"{prev}/bin/switch-to-configuration switch")
     arm = rollback.arm_script(prev, "olaf-1", 120)
     words = shlex.split(arm)
-    assert words[:4] == [f"{prev}/sw/bin/systemd-run", "--unit=k3scluster-confirm-olaf-1",
+    assert words[:5] == [f"{prev}/sw/bin/systemd-run", "--unit=k3scluster-confirm-olaf-1",
+                         f"--setenv=PATH={prev}/sw/bin",
                          "--on-active=120s", "--timer-property=AccuracySec=1s"]
-    assert words[4:6] == ["/bin/sh", "-c"]
-    assert words[6] == (rollback.wait_for_switch_script(prev, "olaf-1", 120)
+    assert words[5:7] == ["/bin/sh", "-c"]
+    assert words[7] == (rollback.wait_for_switch_script(prev, "olaf-1", 120)
                         + "; mkdir /run/k3scluster-confirm-olaf-1 2>/dev/null || exit 0; "
                         + rollback.rollback_script(prev))
     # it waits for a running switch through switch-to-configuration's own lock, bounded
