@@ -7,8 +7,8 @@ deploy step of each host (``tasks deploy --reboot-timeout S``), after the switch
 health gates, asks the host whether its boot entries differ from the booted system's
 (:func:`boot_entries_changed`, the rule of ``bootentries.boot_script``) and, when they do:
 
-0. for a host with a K3s server: refuses unless every other server is ready
-   (:func:`refuse_unless_other_servers_ready`: its etcd member goes down for the reboot);
+0. for a host with a K3s server: refuses unless every other etcd member is healthy
+   (:func:`refuse_unless_other_members_healthy`: its own member goes down for the reboot);
 1. drains the host's K3s agent node (cordon, then the Eviction API; ``k3scluster.drain``),
    unless the switch already drained it (kept cordoned until after the reboot), even when the
    switch itself left the agent running;
@@ -43,6 +43,7 @@ from typing import Protocol
 from k3scluster import kube
 from k3scluster.bootentries import boot_script
 from k3scluster.errors import K3sClusterError
+from k3scluster.membership import Member
 
 REBOOT_MODES = ("never", "auto")
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
@@ -72,23 +73,32 @@ def not_rebooted(host: str) -> str:
     return f"{host} runs its new system (switched, its gates passed) and was not rebooted"
 
 
-def refuse_unless_other_servers_ready(
-    host: str, others: list[str], readyz: Callable[[str], kube.Check], node: str | None,
+def refuse_unless_other_members_healthy(
+    host: str, own: list[str], read: Callable[[], list[Member]], node: str | None,
 ) -> None:
-    """Before a server host reboots, every other K3s server (``others``: their API URLs) must
-    answer ``/readyz`` (which includes etcd): the rebooting host's etcd member is down for
-    the reboot, and another one down too may cost etcd its quorum. Raises naming the servers
-    that are not ready, the host's state and ``node``'s (its agent's, not cordoned yet)."""
-    bad = [f"{url}: {check.seen}" for url in others if not (check := readyz(url)).ready]
+    """Before a server host reboots, every OTHER etcd member must be healthy (``read()``: the
+    members and their health as etcd reports them through this host's server; ``own``: the
+    host's K3s server node names): this host's member is down for the reboot, and another one
+    down too may cost etcd its quorum. A server that has not joined yet is no member (a new
+    cluster's first server reboots alone). Raises naming the unhealthy members, the host's
+    state and ``node``'s (its agent's, not cordoned yet); also when etcd cannot be asked."""
+    cordon = f"; node {node} was not cordoned" if node else ""
+    try:
+        members = read()
+    except K3sClusterError as err:
+        raise K3sClusterError(
+            f"{host}: cannot read etcd's members before its reboot ({err.message}): "
+            f"{not_rebooted(host)}{cordon}", hint=err.hint) from None
+    bad = [m for m in members if m.node not in own and not m.healthy]
     if not bad:
         return
-    cordon = f"; node {node} was not cordoned" if node else ""
     raise K3sClusterError(
-        f"{host}: its kernel, initrd or kernel parameters changed, but another K3s server is "
-        f"not ready ({'; '.join(bad)}): rebooting {host} would take a second etcd member down "
-        f"(etcd may lose its quorum); {not_rebooted(host)}{cordon}",
+        f"{host}: its kernel, initrd or kernel parameters changed, but another etcd member is "
+        f"not healthy ({', '.join(m.name or '(unstarted)' for m in bad)}): rebooting {host} "
+        f"would take a second member down (etcd may lose its quorum); "
+        f"{not_rebooted(host)}{cordon}",
         hint="bring the other servers back to health (journalctl -M k3s-server -u k3s on "
-        f"their hosts); then `pulumi up` reboots {host}, or reboot it by hand "
+        f"their hosts); then `pulumi up` reboots {host}, or reboot it by hand once they are "
         "(ssh root@<host> systemctl reboot)",
     )
 
@@ -182,8 +192,8 @@ def reboot_if_needed(
     ``drained``: the switch's drain, still cordoned), reboot, wait for a new boot id and run
     ``gates(deadline, new boot id)`` again (a Node's Ready counts only from a kubelet of the
     new boot: the API shows the old one Ready for a while after it went away), all within ``timeout`` s from the reboot; ``may_reboot()``
-    first, which raises to refuse the reboot (a server host while another server is not
-    ready: :func:`refuse_unless_other_servers_ready`). Returns the entries it
+    first, which raises to refuse the reboot (a server host while another etcd member is not
+    healthy: :func:`refuse_unless_other_members_healthy`). Returns the entries it
     rebooted for ([] none) and the drain the caller undoes (uncordons) after: ``drained`` or
     the one made here. A failure says the node stays cordoned (``left_cordoned``)."""
     changed = boot_entries_changed(run, ip)

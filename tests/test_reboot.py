@@ -132,18 +132,19 @@ def test_progress_lines_come_at_least_every_30_seconds_while_the_host_is_away() 
     assert gaps and max(gaps) <= 30, gaps
 
 
-def test_a_server_host_is_not_rebooted_while_another_server_is_not_ready() -> None:
-    """etcd's quorum: the host's member goes down for the reboot, so every other server must
-    be ready first; refused before the drain and the reboot, saying what the host runs."""
-    from k3scluster import kube
-    from k3scluster.reboot import refuse_unless_other_servers_ready
+def test_a_server_host_is_not_rebooted_while_another_etcd_member_is_not_healthy() -> None:
+    """etcd's quorum: the host's member goes down for the reboot, so every other member must
+    be healthy first; refused before the drain and the reboot, saying what the host runs. A
+    server that has not joined yet is no member: a new cluster's first server reboots."""
+    from k3scluster.membership import Member
+    from k3scluster.reboot import refuse_unless_other_members_healthy
 
-    others = ["https://10.0.100.12:6443", "https://10.0.100.14:6443"]
-    asked: list[str] = []
+    members = [Member(1, "olaf-k3s-server-0a1b2c3d", True),
+               Member(2, "ulf-k3s-server-1a1b2c3d", True),
+               Member(3, "rolf-k3s-server-2a1b2c3d", False)]
 
-    def readyz(url: str) -> kube.Check:
-        asked.append(url)
-        return kube.Check(url.endswith("12:6443"), "/readyz 503, etcd not ready")
+    def check(listed: list[Member], node: str | None = "olaf-k3s-agent") -> None:
+        refuse_unless_other_members_healthy("olaf", ["olaf-k3s-server"], lambda: listed, node)
 
     host = Host()
     made = Drain()
@@ -151,14 +152,11 @@ def test_a_server_host_is_not_rebooted_while_another_server_is_not_ready() -> No
         reboot_if_needed(
             "olaf", "10.0.100.2", host.run, timeout=600, drained=None,
             drain=lambda: made, gates=lambda _d, _b: None, progress=lambda _s: None,
-            may_reboot=lambda: refuse_unless_other_servers_ready(
-                "olaf", others, readyz, "olaf-k3s-agent"),
-            clock=host.clock, sleep=host.sleep,
+            may_reboot=lambda: check(members), clock=host.clock, sleep=host.sleep,
         )
     text = err.value.message
-    assert asked == others
-    assert "https://10.0.100.14:6443: /readyz 503, etcd not ready" in text
-    assert "10.0.100.12" not in text
+    assert "another etcd member is not healthy (rolf-k3s-server-2a1b2c3d)" in text
+    assert "ulf-k3s" not in text
     assert "olaf runs its new system (switched, its gates passed) and was not rebooted" in text
     assert "node olaf-k3s-agent was not cordoned" in text
     assert list(REBOOT_COMMAND) not in host.asked and made.made == 0
@@ -167,18 +165,23 @@ def test_a_server_host_is_not_rebooted_while_another_server_is_not_ready() -> No
         reboot_if_needed(
             "olaf", "10.0.100.2", Host().run, timeout=600, drained=Drain(),
             drain=lambda: made, gates=lambda _d, _b: None, progress=lambda _s: None,
-            may_reboot=lambda: refuse_unless_other_servers_ready(
-                "olaf", others, readyz, None),
-            clock=host.clock, sleep=host.sleep,
+            may_reboot=lambda: check(members, None), clock=host.clock, sleep=host.sleep,
         )
     assert "not rebooted; node karl-k3s-agent stays cordoned" in err.value.message
-    # every other server ready: rebooted
+    # its own member is not asked about (it is the one going down); etcd not answering:
+    # refused too (nothing tells that the others are healthy)
+    check([Member(1, "olaf-k3s-server-0a1b2c3d", False), *members[1:2]])
+    check(members[:1])  # a new cluster: the first server alone
+    with pytest.raises(K3sClusterError, match="cannot read etcd's members before its reboot "
+                       r"\(no etcd\): olaf runs its new system"):
+        refuse_unless_other_members_healthy(
+            "olaf", ["olaf-k3s-server"],
+            lambda: (_ for _ in ()).throw(K3sClusterError("no etcd")), None)
+    # every other member healthy: rebooted
     changed, _undo = reboot_if_needed(
         "olaf", "10.0.100.2", Host().run, timeout=600, drained=None, drain=lambda: made,
         gates=lambda _d, _b: None, progress=lambda _s: None,
-        may_reboot=lambda: refuse_unless_other_servers_ready(
-            "olaf", others, lambda _u: kube.Check(True, "/readyz 200"), "olaf-k3s-agent"),
-        clock=host.clock, sleep=host.sleep,
+        may_reboot=lambda: check(members[:2]), clock=host.clock, sleep=host.sleep,
     )
     assert changed == ["kernel"]
 
@@ -227,7 +230,7 @@ def test_a_drain_before_a_reboot_that_fails_says_the_host_runs_its_new_system(
     from k3scluster.components import tasks
 
     with pytest.raises(K3sClusterError) as err:
-        tasks._reboot_if_needed(_reboot_args(), None, [], ["karl-k3s-agent"], None, {})  # type: ignore[arg-type]
+        tasks._reboot_if_needed(_reboot_args(), None, [], ["karl-k3s-agent"], None)  # type: ignore[arg-type]
     text = err.value.message
     assert karl == ["cordon", "drain", "uncordon"]
     assert "nothing was deployed" not in text and "nothing deployed" not in text
@@ -237,41 +240,42 @@ def test_a_drain_before_a_reboot_that_fails_says_the_host_runs_its_new_system(
     # no credentials for the drain: nothing cordoned
     monkeypatch.setattr(tasks, "_credentials", lambda *_a: None)
     with pytest.raises(K3sClusterError) as err:
-        tasks._reboot_if_needed(_reboot_args(), None, [], ["karl-k3s-agent"], None, {})  # type: ignore[arg-type]
+        tasks._reboot_if_needed(_reboot_args(), None, [], ["karl-k3s-agent"], None)  # type: ignore[arg-type]
     text = err.value.message
     assert "nothing was deployed" not in text
     assert "karl runs its new system (switched, its gates passed) and was not rebooted; " \
            "node karl-k3s-agent was not cordoned" in text
 
 
-def test_tasks_asks_the_other_servers_not_its_own_before_a_server_host_reboots(
+def test_tasks_asks_etcd_through_its_own_server_before_a_server_host_reboots(
     karl: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The deploy's wiring: the other servers are the ``--api`` URLs but the host's own
-    (its own server passed its gates; it is the one going down); an agent-only host asks none."""
-    from k3scluster import kube
+    """The deploy's wiring: a server host asks etcd's members through its own address (its
+    server passed its gate) and refuses with one unhealthy; an agent-only host asks nothing."""
+    from k3scluster import etcdmembers
     from k3scluster.components import tasks
+    from k3scluster.membership import Member
 
-    asked: list[str] = []
+    asked: list[list[str]] = []
 
-    def readyz(_creds: object, url: str, timeout: float = 10) -> kube.Check:
-        asked.append(url)
-        return kube.Check("10.0.100.14" not in url, "/readyz: connection refused")
+    def read_members(_run: object, via: list[str]) -> etcdmembers.View:
+        asked.append(list(via))
+        return etcdmembers.View(via[0], [Member(1, "olaf-k3s-server-0a1b2c3d", True),
+                                         Member(2, "rolf-k3s-server-2a1b2c3d", False)])
 
-    monkeypatch.setattr(kube, "check_readyz", readyz)
-    api = [kube.server_url(ip) for ip in ("10.0.100.10", "10.0.100.12", "10.0.100.14")]
-    args = _reboot_args(host="olaf", ip="10.0.100.2", drain="olaf-k3s-agent", api=api)
+    monkeypatch.setattr(etcdmembers, "read_members", read_members)
+    monkeypatch.setattr(etcdmembers, "ssh_runner", lambda _ssh: None)
+    args = _reboot_args(host="olaf", ip="10.0.100.2", drain="olaf-k3s-agent")
     with pytest.raises(K3sClusterError) as err:
         tasks._reboot_if_needed(args, None, [["olaf-k3s-server", "10.0.100.10"]],  # type: ignore[arg-type]
-                                ["olaf-k3s-agent"], None, {})
-    assert asked == api[1:]
-    assert f"{api[2]}: /readyz: connection refused" in err.value.message
-    assert "olaf runs its new system" in err.value.message
+                                ["olaf-k3s-agent"], None)
+    assert asked == [["10.0.100.2"]]
+    assert "another etcd member is not healthy (rolf-k3s-server-2a1b2c3d)" in err.value.message
     assert "node olaf-k3s-agent was not cordoned" in err.value.message
     assert karl == []  # neither cordoned nor drained
     asked.clear()
     with pytest.raises(K3sClusterError, match="timed out"):  # karl: an agent host, its drain
-        tasks._reboot_if_needed(_reboot_args(api=api), None, [], ["karl-k3s-agent"], None, {})  # type: ignore[arg-type]
+        tasks._reboot_if_needed(_reboot_args(), None, [], ["karl-k3s-agent"], None)  # type: ignore[arg-type]
     assert asked == []
 
 

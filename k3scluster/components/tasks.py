@@ -521,7 +521,7 @@ def _deploy(args: argparse.Namespace) -> None:
                 err = guard.failed(err, lambda: _gates_again(args, ssh, servers, agents))
             raise drained.left_cordoned(err) if drained else err from None
         if args.reboot_timeout is not None:  # k3scluster:reboot auto (never rolled back)
-            drained = _reboot_if_needed(args, ssh, servers, agents, drained, creds)
+            drained = _reboot_if_needed(args, ssh, servers, agents, drained)
         if drained:
             drained.after(args.host)
         elif args.drain and creds is not None:  # a cordon an earlier run left
@@ -677,22 +677,21 @@ def _undo_own_cordon(args: argparse.Namespace, creds: dict[str, Any]) -> None:
 
 
 def _reboot_if_needed(args: argparse.Namespace, ssh: commands.SshSettings,
-                      servers: list[list[str]], agents: list[str], drained: Any,
-                      creds: dict[str, Any] | None) -> Any:
+                      servers: list[list[str]], agents: list[str], drained: Any) -> Any:
     """``--reboot-timeout S``: when the host's boot entries changed, drain its agent node,
     reboot it, wait for a new boot id and its gates (``k3scluster.reboot``); the drain to undo
     after (the switch's, or the one made for the reboot). A server host reboots only while
-    every other server (``--api``) is ready (``creds``: the gates')."""
-    from k3scluster import kube, reboot
+    every other etcd member is healthy (``etcdctl`` through its own server, which passed its
+    gate: ``etcdmembers.read_members``)."""
+    from k3scluster import etcdmembers, reboot
 
     timeout = float(args.reboot_timeout)
-    own = {kube.server_url(sip) for _name, sip in servers}
-    others = [url for url in args.api if url not in own] if servers else []
 
     def may_reboot() -> None:
-        if others and creds is not None:
-            reboot.refuse_unless_other_servers_ready(
-                args.host, others, lambda url: kube.check_readyz(creds, url),
+        if servers:
+            reboot.refuse_unless_other_members_healthy(
+                args.host, [name for name, _sip in servers],
+                lambda: etcdmembers.read_members(etcdmembers.ssh_runner(ssh), [args.ip]).members,
                 args.drain if drained is None else None)
 
     _rebooted, undo = reboot.reboot_if_needed(
