@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pulumi
 
-from k3scluster import kube, plans, records
+from k3scluster import deployedservers, kube, plans, records, stackpaths
 from k3scluster.components import deployed
 from k3scluster.components.cluster import Cluster, ClusterArgs
 from k3scluster.components.settings import Settings
@@ -145,6 +145,12 @@ def main() -> None:
         # outputs tell of them, so that a change of who is in the cluster is not left unseen
         refuse_unrecorded_changes(
             cluster, records.unrecorded_hosts(resources, deployed_hosts), deployed_hosts)
+        if not pulumi.runtime.is_dry_run():
+            # the servers it deployed, for a reinstalled server's deploy to ask (never an
+            # input of a step: k3scluster/deployedservers.py)
+            deployedservers.write(
+                deployedservers.file_for(stackpaths.resolve(settings.render_dir)),
+                deployed_hosts)
         versions = records.host_versions(steps, [h.name for h in cluster.hosts], deployed_hosts)
         component = Cluster(
             "cluster",

@@ -305,3 +305,88 @@ def test_a_stale_member_that_comes_back_before_its_removal_is_kept(
         etcdmembers.remove_stale(comes_back, [ip(c, "olaf")], "erik", lambda _: None)
     assert len(health_reads) == 2
     assert names(c) == before and c.healthy("erik")
+
+
+def _before_deploy(c: Any, hosts: HostRunner, monkeypatch: pytest.MonkeyPatch, render: Path,
+                   host: str) -> list[str]:
+    """The deploy task's look before colmena (tasks._before_deploy) for ``host``'s server,
+    its ssh being the test's ``HostRunner``; the progress lines it said."""
+    import argparse
+    import time
+
+    from k3scluster import commands
+    from k3scluster.components import tasks
+
+    monkeypatch.setattr(etcdmembers, "ssh_runner", lambda *_a, **_k: hosts)
+    said: list[str] = []
+    monkeypatch.setattr(tasks, "_progress", said.append)
+    others = [ip(c, h) for h in c.hosts if h != host]
+    args = argparse.Namespace(host=host, ip=ip(c, host), via=None, join_via=others,
+                              render_out=str(render), check_agent_state=False)
+    tasks._before_deploy(args, commands.SshSettings(), [[host, ip(c, host)]], [],
+                         time.monotonic() + 60)
+    return said
+
+
+def _recorded(c: Any, *names_: str) -> Any:
+    """What the stack deployed: a server of each host's name on it, at its address."""
+    import ipaddress
+
+    from k3scluster.membership import Deployed, DeployedHost, DeployedNode
+    from k3scluster.model import K3sType
+
+    return Deployed(tuple(
+        DeployedHost(h, ipaddress.IPv4Address(ip(c, h)),
+                     (DeployedNode(h, K3sType.SERVER, ipaddress.IPv4Address(ip(c, h))),))
+        for h in names_
+    ))
+
+
+def test_a_reinstalled_server_whose_deployed_peers_are_all_down_is_refused(
+    etcd_cluster: Any, hosts: HostRunner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # olaf (the init-server) reinstalled on an empty disk while sven and erik are down: its
+    # start would find nobody and init a second cluster. The stack deployed all three.
+    from k3scluster import deployedservers
+    from k3scluster.errors import K3sClusterError
+
+    c = etcd_cluster
+    c.wipe("olaf")
+    c.stop("sven")
+    c.stop("erik")
+    render = tmp_path / "render"
+    deployedservers.write(deployedservers.file_for(render),
+                          _recorded(c, "olaf", "sven", "erik"))
+    with pytest.raises(K3sClusterError) as refused:
+        _before_deploy(c, hosts, monkeypatch, render, "olaf")
+    msg = refused.value.message
+    assert msg.startswith("olaf: its server olaf has no etcd data")
+    assert "sven on sven (10.0.100.11)" in msg and "erik on erik (10.0.100.12)" in msg
+    assert "asked at 10.0.100.11, 10.0.100.12" in msg and "nothing was deployed" in msg
+    assert "bring those servers back up" in (refused.value.hint or "")
+    assert "The etcd snapshot" in (refused.value.hint or "")
+    # it asked both (no etcd answered there), and removed nothing
+    assert {h for h, _w in hosts.calls} == {"olaf", "sven", "erik"}
+    assert not [v for v in hosts.etcdctl_verbs() if v.startswith("member remove")]
+
+
+def test_the_first_up_of_a_new_cluster_still_inits(
+    etcd_cluster: Any, hosts: HostRunner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # the first `up`: the stack deployed no server, the init-server has no data and finds
+    # nobody (the others are not deployed yet): it goes on to init
+    from k3scluster import deployedservers
+    from k3scluster.membership import Deployed
+
+    c = etcd_cluster
+    for h in ("olaf", "sven", "erik"):
+        c.wipe(h)
+    render = tmp_path / "render"
+    deployedservers.write(deployedservers.file_for(render), Deployed())
+    said = _before_deploy(c, hosts, monkeypatch, render, "olaf")
+    assert said[-1] == ("olaf: no other server answers and the stack deployed no other server "
+                        "(a new cluster); no stale member to look for")
+    # the stack deployed only olaf itself so far (its first deploy failed after colmena, say):
+    # still no other server, still a new cluster
+    deployedservers.write(deployedservers.file_for(render), _recorded(c, "olaf"))
+    assert "(a new cluster)" in _before_deploy(c, hosts, monkeypatch, render, "olaf")[-1]

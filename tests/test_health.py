@@ -28,7 +28,7 @@ import k3sapi
 import pytest
 from engine import engine_dirs, netns_available, require_engine, run_pulumi
 
-from k3scluster import agentmembers, kube
+from k3scluster import agentmembers, etcdmembers, kube
 
 ROOT = Path(__file__).resolve().parent.parent
 STANDIN = ROOT / "tests" / "bin" / "colmena"
@@ -126,6 +126,12 @@ class Lab:
                 pw.write_text("stand-in node password\n")
                 pw.chmod(0o600)
             if host in SERVERS:
+                # a running server keeps its etcd data (a host reinstalled loses it: the
+                # deploy then looks for a stale member and, when no server answers on a
+                # stack that deployed others, refuses: tasks._before_deploy)
+                wal = var_lib / (etcdmembers.CONTAINER_ROOT + etcdmembers.K3S_DB).removeprefix(
+                    "/var/lib/") / "etcd" / "member" / "wal"
+                wal.mkdir(parents=True)
                 kc = var_lib / kube.KUBECONFIG_ON_HOST.removeprefix("/var/lib/")
                 kc.parent.mkdir(parents=True)
                 kc.write_text(self.k3s_yaml)

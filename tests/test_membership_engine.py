@@ -27,6 +27,7 @@ operations from the logs, the members from the real etcd), and the preview after
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -121,6 +122,7 @@ class MemberLab:
             h = lab.hosts[host]
             # the K3s directory as the host sees it inside the container's root
             k3s = h / "var-lib" / "nixos-containers" / "k3s-server" / "var" / "lib" / "rancher"
+            shutil.rmtree(k3s, ignore_errors=True)  # the lab's stand-in etcd data: the member's
             k3s.mkdir(parents=True)
             (k3s / "k3s").symlink_to(m.root)
             (h / "member-root").symlink_to(m.root)

@@ -478,3 +478,24 @@ def test_a_server_change_whose_deploy_failed_gets_a_snapshot_again(
     third = _inputs(run_with_state(poisoned, runner, state)[0].named("cluster-etcd-snapshot"),
                     runner)
     assert third == second
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_the_servers_the_stack_deployed_change_no_deploy_step(
+    poisoned: Path, runner: str
+) -> None:
+    # the servers the stack deployed reach a reinstalled server's deploy at run time
+    # (k3scluster/deployedservers.py), never as an input of a step: a server that joined
+    # (ulf, rolf) changes no host's deploy step, so nothing is deployed again for it
+    plans_minor = load_or_raise(poisoned)[0].network.k3s
+    everyone = _deployed_at(runner, plans_minor)
+    only_olaf = {urn: rec for urn, rec in everyone.items() if urn.endswith("::olaf-deploy")}
+    written = poisoned / ".k3scluster" / "mock-deployed-servers.json"
+    m_one, _ = run_with_state(poisoned, runner, only_olaf)
+    assert [s["host"] for s in json.loads(written.read_text())["servers"]] == ["olaf"]
+    m_all, _ = run_with_state(poisoned, runner, everyone)
+    assert sorted(s["host"] for s in json.loads(written.read_text())["servers"]) == [
+        "olaf", "rolf", "ulf"]
+    for host in HOSTS:
+        one, every = m_one.named(f"{host}-deploy"), m_all.named(f"{host}-deploy")
+        assert one.inputs == every.inputs, host

@@ -393,8 +393,12 @@ def _readdressed_deploy(args: argparse.Namespace, ssh: commands.SshSettings,
 def _before_deploy(args: argparse.Namespace, ssh: commands.SshSettings,
                    servers: list[list[str]], agents: list[str], deadline: float) -> None:
     """What the cluster still holds of this host's K3s nodes when the host comes back empty
-    (a reinstall, a new disk): a stale etcd member of its server (``--join-via``: the other
-    servers), its agent's old Node and node-password secret (``--check-agent-state``)."""
+    (a reinstall, a new disk): a stale etcd member of its server (asked at ``--join-via``,
+    the other servers of the plans, and at the servers the stack deployed on other hosts,
+    ``k3scluster.deployedservers``), its agent's old Node and node-password secret
+    (``--check-agent-state``). A server with no data that none of them answers is refused
+    when the stack deployed other servers (a running cluster: its start would init a second
+    one); on a stack that deployed none (a first ``up``) the init-server goes on and inits."""
     from k3scluster import agentmembers, etcdmembers
 
     run = etcdmembers.ssh_runner(ssh)
@@ -403,12 +407,18 @@ def _before_deploy(args: argparse.Namespace, ssh: commands.SshSettings,
         state = etcdmembers.read_server_state(run, address)
         if state.has_data:
             continue
+        recorded = _other_deployed_servers(args)
+        asked = list(dict.fromkeys([*args.join_via, *(s.ip for s in recorded or [])]))
         try:
-            etcdmembers.remove_stale(run, list(args.join_via), name, _progress)
+            etcdmembers.remove_stale(run, asked, name, _progress)
         except K3sClusterError as err:
             if "no K3s server that stays answered" not in err.message:
                 raise
-            _progress(f"{name}: no other server answers; no stale member to look for")
+            if recorded:
+                raise _refuse_new_cluster(args.host, name, recorded, asked) from None
+            why = ("the stack deployed no other server (a new cluster)" if recorded == []
+                   else "the servers the stack deployed are not known here (no list)")
+            _progress(f"{name}: no other server answers and {why}; no stale member to look for")
     for name in agents if args.check_agent_state else []:
         if agentmembers.has_node_password(run, address):
             continue
@@ -427,6 +437,36 @@ def _before_deploy(args: argparse.Namespace, ssh: commands.SshSettings,
             except K3sClusterError:
                 if k == len(args.api) - 1:
                     raise
+
+
+def _other_deployed_servers(args: argparse.Namespace) -> list[Any] | None:
+    """The K3s servers the stack deployed on other hosts before this run (the file ``up``
+    writes beside the render directory, ``k3scluster.deployedservers``); None when there is
+    none to read."""
+    from k3scluster import deployedservers
+
+    if not args.render_out:
+        return None
+    listed = deployedservers.read(deployedservers.file_for(resolve(args.render_out)))
+    return None if listed is None else [s for s in listed if s.host != args.host]
+
+
+def _refuse_new_cluster(host: str, name: str, recorded: list[Any],
+                        asked: list[str]) -> K3sClusterError:
+    """A server host with no etcd data whose peers are all down: its start would init a new
+    cluster beside the one the stack runs (k3s-server-start.sh), a split brain when they
+    come back. Refused before anything is deployed."""
+    peers = ", ".join(f"{s.name} on {s.host} ({s.ip})" for s in recorded)
+    return K3sClusterError(
+        f"{host}: its server {name} has no etcd data (reinstalled or a new disk), and none of "
+        f"the servers this stack deployed answers ({peers}; asked at {', '.join(asked)}): "
+        f"deployed now, {name} would start a NEW cluster beside the running one, two clusters "
+        "once they come back; nothing was deployed",
+        hint="bring those servers back up (enough for etcd's quorum: in a cluster of three, "
+        "both others), then `pulumi up` again: the host then joins them; to start over from "
+        "the cluster's etcd snapshot on purpose, follow the README (\"Operating the cluster\": "
+        "a reinstalled server refused; \"The etcd snapshot\", Restoring it)",
+    )
 
 
 def _colmena_uses_stack_ssh(ssh: commands.SshSettings) -> None:
