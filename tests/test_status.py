@@ -344,10 +344,13 @@ def test_status_outside_a_project_is_a_clear_error(tmp_path: Path, capsys: Any) 
 
 @pytest.mark.parametrize("vms", ["false", "true"])
 def test_the_planned_digest_is_the_one_the_program_exports(
-    example_dir: Path, vms: str, monkeypatch: pytest.MonkeyPatch
+    short_example_dir: Path, vms: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """status.planned_digests against the `hosts` output of the Pulumi program itself (mocks),
-    for a hardware stack and a VM stack: one rule, so "up to date" means what `up` means."""
+    for a hardware stack and a VM stack: one rule, so "up to date" means what `up` means.
+    (The example under a short path: its VM stack's QMP sockets must fit a unix socket's
+    path, which pytest's own temporary paths outgrow; conftest.short_example_dir.)"""
+    example_dir = short_example_dir
     import test_components
     from pulumi.runtime import rpc
 
