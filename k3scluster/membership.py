@@ -252,9 +252,14 @@ def refuse_without_gates(plan: MembershipPlan) -> None:
     clean-ups need (the cluster's credentials read over ssh, etcd's health, a re-addressed
     host's deploy through its old address): a change of who is in the cluster is refused
     then, naming each change, rather than made without them or left undone. A host without
-    K3s nodes that leaves the plans is no such change (its step only asks the machine)."""
+    K3s nodes that leaves the plans is no such change (its step only asks the machine), nor
+    is a host that moves: its deploy goes through its old address and waits for it at the
+    new one over ssh alone (``tasks._readdressed_deploy``), with no drain and no gate, as
+    every deploy without the gates (a VM stack's moved VM is a new one at its new address)."""
     changes = replace(
-        plan, hosts_leaving=tuple(h for h in plan.hosts_leaving if h.nodes)
+        plan,
+        hosts_leaving=tuple(h for h in plan.hosts_leaving if h.nodes),
+        readdressed=(),
     ).describe()
     if not changes:
         return
