@@ -174,6 +174,7 @@ class Readdressed:
     host: str
     old: ipaddress.IPv4Address
     new: ipaddress.IPv4Address
+    nodes: tuple[str, ...] = ()  # the host's K3s nodes in the plans
 
 
 @dataclass(frozen=True)
@@ -252,14 +253,16 @@ def refuse_without_gates(plan: MembershipPlan) -> None:
     clean-ups need (the cluster's credentials read over ssh, etcd's health, a re-addressed
     host's deploy through its old address): a change of who is in the cluster is refused
     then, naming each change, rather than made without them or left undone. A host without
-    K3s nodes that leaves the plans is no such change (its step only asks the machine), nor
-    is a host that moves: its deploy goes through its old address and waits for it at the
-    new one over ssh alone (``tasks._readdressed_deploy``), with no drain and no gate, as
-    every deploy without the gates (a VM stack's moved VM is a new one at its new address)."""
+    K3s nodes that leaves the plans or moves to a new address is no such change (its step
+    only asks the machine; a move reboots it through its old address over ssh alone,
+    ``tasks._readdressed_deploy``). A host with K3s nodes that moves stays refused: its
+    reboot would go undrained and unchecked (a server's etcd member down with no look at the
+    others' health), and a VM stack's moved VM is a new install whose stale member or Node
+    nothing would clean up."""
     changes = replace(
         plan,
         hosts_leaving=tuple(h for h in plan.hosts_leaving if h.nodes),
-        readdressed=(),
+        readdressed=tuple(r for r in plan.readdressed if r.nodes),
     ).describe()
     if not changes:
         return
@@ -365,7 +368,8 @@ def plan_membership(cluster: Cluster, deployed: Deployed) -> MembershipPlan:
     for h in cluster.hosts:
         was = deployed.host(h.name)
         if was is not None and was.ip != h.ip:
-            readdressed.append(Readdressed(h.name, was.ip, h.ip))
+            readdressed.append(Readdressed(h.name, was.ip, h.ip,
+                                           tuple(n.name for n in cluster.k3s_on(h.name))))
 
     hosts_leaving = tuple(
         HostLeaving(dh.name, dh.ip, tuple(n.name for n in dh.nodes))
