@@ -76,8 +76,7 @@ MANIFEST_DIR = "/var/lib/rancher/k3s/server/manifests"
 def server_order(cluster: Cluster) -> list[K3sNode]:
     """The K3s servers in the order everything asks them: the planned init-server first,
     then plan order (the agents' registration, a joining server, the gates, the kubeconfig)."""
-    servers = [n for n in cluster.k3s if n.type.is_server]
-    return sorted(servers, key=lambda n: n.type is not K3sType.INIT_SERVER)
+    return sorted(cluster.servers, key=lambda n: n.type is not K3sType.INIT_SERVER)
 
 
 def registration_servers(cluster: Cluster) -> list[str]:

@@ -12,6 +12,7 @@ public keys, which are not secret, are the one exception and are kept as text).
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import ipaddress
 from dataclasses import dataclass, field
@@ -203,6 +204,11 @@ class Cluster:
 
     def k3s_on(self, host: str) -> tuple[K3sNode, ...]:
         return tuple(n for n in self.k3s if n.host == host)
+
+    @functools.cached_property
+    def servers(self) -> tuple[K3sNode, ...]:
+        """The K3s servers, in plan order (computed once: asked once per host)."""
+        return tuple(n for n in self.k3s if n.type.is_server)
 
     def server_on(self, host: str) -> K3sNode | None:
         return next((n for n in self.k3s_on(host) if n.type.is_server), None)

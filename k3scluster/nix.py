@@ -23,6 +23,8 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_'-]*$")
 _KEYWORDS = frozenset({"if", "then", "else", "assert", "with", "let", "in", "rec", "inherit", "or"})
 
 _ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+# what may need an escape: the characters above and ``$`` (only ``${`` is escaped)
+_MAY_ESCAPE = re.compile(r'[\\"\n\t\r$\0]')
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,8 @@ def nix_string(s: str) -> str:
     Escapes ``\\``, ``"``, ``${`` (so nothing interpolates) and newline, tab and
     carriage return. Nix strings cannot hold NUL, so a NUL is refused.
     """
+    if _MAY_ESCAPE.search(s) is None:  # most plan values: nothing to escape
+        return '"' + s + '"'
     if "\0" in s:
         raise ValueError("a Nix string cannot contain a NUL character")
     out = []

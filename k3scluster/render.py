@@ -34,6 +34,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -138,11 +139,11 @@ def _environment() -> jinja2.Environment:
     return env
 
 
-def _rel(out: Path, sub: str, cluster: Cluster, relpath: str) -> NixPath:
-    """The path of ``relpath`` (relative to the cluster dir) as seen from OUT/``sub``."""
-    here = (out / sub) if sub else out
+def _rel(here: Path, cluster: Cluster, relpath: str) -> NixPath:
+    """The path of ``relpath`` (relative to the cluster dir) as seen from ``here``, a
+    directory of the render output, already resolved (the caller resolves it once)."""
     target = cluster.root / relpath
-    return NixPath(Path(os.path.relpath(target.resolve(), here.resolve())).as_posix())
+    return NixPath(Path(os.path.relpath(target.resolve(), here)).as_posix())
 
 
 def _safe_comment(text: str) -> str:
@@ -306,16 +307,15 @@ def _host_context(
             f"{host.location}: interface {host.interface!r} is longer than 15 characters",
             "Linux interface names have at most 15 characters: use the name `ip link` shows",
         )
-    sub = "hosts"
+    here = (out / "hosts").resolve()  # where the host's file is written
     passwd = cluster.secrets.passwd_for(host.name)
     imports = []
     own = cluster.nix_config(host.name)
     if own:
-        imports.append({"path": _rel(out, sub, cluster, own), "comment": _safe_comment(own)})
+        imports.append({"path": _rel(here, cluster, own), "comment": _safe_comment(own)})
     hardware = hardware_config(cluster, host.name, vm)
     if vm is not None:
         lab_file = vm.hardware_file(host.name)
-        here = (out / sub).resolve()
         missing = {
             "path": NixPath(Path(os.path.relpath(lab_file.resolve(), here)).as_posix()),
             "comment": f"The lab's {lab_file.parent.name}/{lab_file.name}",
@@ -324,13 +324,13 @@ def _host_context(
     else:
         hardware_rel = f"nixConfigs/{host.name}.hardware.nix"
         missing = {
-            "path": _rel(out, sub, cluster, hardware_rel),
+            "path": _rel(here, cluster, hardware_rel),
             "comment": hardware_rel,
             "into": "nixConfigs/",
         }
     if hardware:
         imports.append(
-            {"path": _rel(out, sub, cluster, hardware), "comment": _safe_comment(hardware)}
+            {"path": _rel(here, cluster, hardware), "comment": _safe_comment(hardware)}
         )
     ctx: dict[str, object] = {
         "host": host,
@@ -384,12 +384,12 @@ def _host_context(
                 "macAddress": server_mac(server.name),
             },
             "manifests": [
-                {"name": m, "path": _rel(out, sub, cluster, f"manifests/{m}")}
+                {"name": m, "path": _rel(here, cluster, f"manifests/{m}")}
                 for m in sorted(cluster.manifests)
             ],
             "imports": [
                 {
-                    "path": _rel(out, sub, cluster, container_cfg),
+                    "path": _rel(here, cluster, container_cfg),
                     "comment": _safe_comment(container_cfg),
                 }
             ]
@@ -415,6 +415,7 @@ def _host_context(
 
 def _hive_context(cluster: Cluster, out: Path) -> dict[str, object]:
     pin = nixpkgs_pin(cluster)
+    here = out.resolve()  # where hive.nix is written
     nodes = []
     for host in cluster.hosts:
         keys = []
@@ -423,7 +424,7 @@ def _hive_context(cluster: Cluster, out: Path) -> dict[str, object]:
             keys.append(
                 {
                     "name": _passwd_key(host),
-                    "path": _rel(out, "", cluster, passwd.relpath),
+                    "path": _rel(here, cluster, passwd.relpath),
                     "comment": _safe_comment(passwd.relpath),
                     "dest_dir": SECRETS_DIR,
                 }
@@ -438,7 +439,7 @@ def _hive_context(cluster: Cluster, out: Path) -> dict[str, object]:
             keys.append(
                 {
                     "name": TOKEN_KEY,
-                    "path": _rel(out, "", cluster, token.relpath),
+                    "path": _rel(here, cluster, token.relpath),
                     "comment": _safe_comment(token.relpath),
                     "dest_dir": SECRETS_DIR,
                 }
@@ -453,7 +454,7 @@ def _hive_context(cluster: Cluster, out: Path) -> dict[str, object]:
             keys.append(
                 {
                     "name": AGENT_TOKEN_KEY,
-                    "path": _rel(out, "", cluster, agent_token.relpath),
+                    "path": _rel(here, cluster, agent_token.relpath),
                     "comment": _safe_comment(agent_token.relpath),
                     "dest_dir": AGENT_SECRETS_DIR,
                 }
@@ -707,8 +708,11 @@ def render_to_dir(
     what was written (``carry``: as for :func:`write_tree`). A picture that cannot be drawn adds a line to ``notices`` and never
     stops the render. The picture's files are not in ``render_files``: no host depends on
     them."""
-    files = render_files(cluster, out, vm, held_agents)
-    pictures, notice = diagram.picture_files(cluster, Path(out))
+    # Graphviz draws the picture in its own process while this one renders the files
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        drawing = pool.submit(diagram.picture_files, cluster, Path(out))
+        files = render_files(cluster, out, vm, held_agents)
+        pictures, notice = drawing.result()
     if notice is not None and notices is not None:
         notices.append(notice)
     clash = sorted(set(files) & set(pictures))
