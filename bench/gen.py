@@ -21,6 +21,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from k3scluster.pins import NEWEST_NIXOS_RELEASE, NIXPKGS_PINS
+
 SUBNET = ipaddress.ip_network("10.64.0.0/10")
 GATEWAY = SUBNET.network_address + 1
 MARK = "BENCHMARK-DATA-k3scluster (synthetic, never a real cluster)"
@@ -103,7 +106,10 @@ def make_cluster(root: Path, n: int) -> Path:
     _write(root / "plans" / "k3s.csv", f"# {MARK}\n" + "\n".join(k3s) + "\n")
     _write(
         root / "plans" / "network.yaml",
-        f"# {MARK}\ngateway: {GATEWAY}\nnetmask: {SUBNET.prefixlen}\nnameservers:\n  - {GATEWAY}\n",
+        f"# {MARK}\ngateway: {GATEWAY}\nnetmask: {SUBNET.prefixlen}\nnameservers:\n  - {GATEWAY}\n"
+        # the releases of a new cluster, as `k3scluster init` writes them
+        f'nixos: "{NEWEST_NIXOS_RELEASE}"\nstateVersion: "{NEWEST_NIXOS_RELEASE}"\n'
+        f'k3s: "{NIXPKGS_PINS[NEWEST_NIXOS_RELEASE].k3s_default}"\n',
     )
     sec = root / "secrets"
     sec.mkdir(mode=0o700, exist_ok=True)
