@@ -34,7 +34,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -223,7 +222,10 @@ def run_argv(props: dict[str, Any], which: str, *, check: bool = True) -> dict[s
                         engine_log(mask(line[len(PROGRESS_PREFIX) :], secrets))
                 if done:
                     break
-                time.sleep(0.1)
+                try:  # returns as soon as the command ends: no step waits out a tick
+                    proc.wait(timeout=0.1)
+                except subprocess.TimeoutExpired:
+                    pass
             if pending:
                 err_lines.append(pending)
         code = proc.returncode
