@@ -38,6 +38,33 @@ def short_digest(value: str) -> str:
     """A sha256 as a step records it (its first ``SHORT`` hex digits); anything else as is."""
     return value[:SHORT] if _SHA256.fullmatch(value) else value
 
+# the entries of a deploy step's inputs that group files (``render.GROUPS``): digests too
+DIGEST_GROUPS = ("modules", "manifests")
+
+
+def is_digest_name(name: str) -> bool:
+    """Whether a deploy step's input ``name`` is a digest (``<kind>:<name>``, a group of
+    files, a K3s release ``k3s:server``) rather than a plan value shown in clear."""
+    return ":" in name or name in DIGEST_GROUPS
+
+
+def step_values(digests: Mapping[str, Any], plan: Mapping[str, str]) -> dict[str, Any]:
+    """A deploy step's ``inputs``: its digests and its plan values in clear, one map (one
+    block of ``pulumi preview --diff``, where two maps took two lines more per host). A
+    plan value named like a digest (a hosts.csv column ``modules`` or ``zone:a``) is renamed
+    ``<name> (plan)``, ``:`` made ``_``: both stay, each change still shows, and no plan
+    value is read as a rendered file's digest (``rendered.planned_files``)."""
+    out = dict(digests)
+    for name, value in plan.items():
+        shown = name
+        if is_digest_name(shown) or shown in out:
+            shown = f"{name.replace(':', '_')} (plan)"
+            while shown in out or shown in plan:
+                shown += "'"
+        out[shown] = value
+    return dict(sorted(out.items()))
+
+
 COMMAND_TYPE = "command:local:Command"
 PYTHON_STEP_TYPE = "pulumi-python:dynamic/k3scluster:Step"
 STEP_TYPES = (COMMAND_TYPE, PYTHON_STEP_TYPE)

@@ -16,7 +16,7 @@ from typing import Any
 
 from k3scluster.lab.spec import LAB_ID_INPUT, VmSettings, net_spec
 from k3scluster.model import Cluster
-from k3scluster.records import recorded_inputs
+from k3scluster.records import is_digest_name, recorded_inputs
 
 # step op (pulumi preview --json) -> the words for a host's deploy
 _DEPLOY = {
@@ -49,24 +49,26 @@ def _name(step: Mapping[str, Any]) -> str:
     return str(step.get("urn", "")).rsplit("::", 1)[-1]
 
 
-def _step_inputs(step: Mapping[str, Any], which: str, prop: str) -> Mapping[str, Any]:
+def _step_values(step: Mapping[str, Any], which: str) -> dict[str, Any]:
+    """A step's values in one map: its ``inputs`` (digests and plan values,
+    ``records.step_values``) and, in a state of an earlier version, its ``plan``."""
     state = step.get(which) or {}
-    inputs = (state.get("inputs") or {}) if isinstance(state, dict) else {}
-    nested = inputs.get(prop)
-    return nested if isinstance(nested, dict) else {}
+    props = (state.get("inputs") or {}) if isinstance(state, dict) else {}
+    found: dict[str, Any] = {}
+    for prop in ("plan", "inputs"):
+        nested = props.get(prop)
+        found.update(nested if isinstance(nested, dict) else {})
+    return found
 
 
 def changed_inputs(step: Mapping[str, Any]) -> list[str]:
-    """What changed in a step, old against new state: plan values a step shows in clear
-    (its ``plan``) as ``name old -> new``, then the inputs whose digests differ, each named
-    without its kind (``nixConfig:nixConfigs/olaf.nix`` -> ``nixConfigs/olaf.nix``)."""
-    out = []
-    old, new = _step_inputs(step, "oldState", "plan"), _step_inputs(step, "newState", "plan")
-    for k in sorted({*old, *new}):
-        if old.get(k) != new.get(k):
-            out.append(f"{k} {old.get(k, '-')} -> {new.get(k, '-')}")
-    old, new = _step_inputs(step, "oldState", "inputs"), _step_inputs(step, "newState", "inputs")
-    out += sorted(k.split(":", 1)[-1] for k in {*old, *new} if old.get(k) != new.get(k))
+    """What changed in a step, old against new state: plan values a step shows in clear as
+    ``name old -> new``, then the inputs whose digests differ (``records.is_digest_name``),
+    each named without its kind (``nixConfig:nixConfigs/olaf.nix`` -> ``nixConfigs/olaf.nix``)."""
+    old, new = _step_values(step, "oldState"), _step_values(step, "newState")
+    changed = sorted(k for k in {*old, *new} if old.get(k) != new.get(k))
+    out = [f"{k} {old.get(k, '-')} -> {new.get(k, '-')}" for k in changed if not is_digest_name(k)]
+    out += sorted(k.split(":", 1)[-1] for k in changed if is_digest_name(k))
     return out
 
 

@@ -26,6 +26,7 @@ from pulumi.runtime import rpc
 from k3scluster.components import runner as runner_mod
 from k3scluster.components.runner import StepFailed, StepProvider, mask
 from k3scluster.components.steps import digest_environment
+from k3scluster.records import step_values
 
 ROOT = Path(__file__).resolve().parent.parent
 PROGRAM = ROOT / "__main__.py"
@@ -143,7 +144,8 @@ def test_one_component_per_plan_row(poisoned: Path, runner: str) -> None:
     assert counts["k3scluster:index:Host"] == 5
     assert counts["k3scluster:index:K3sServer"] == 3
     assert counts["k3scluster:index:K3sAgent"] == 3
-    assert counts["k3scluster:index:InstallerIso"] == 5
+    # no InstallerIso: buildIsos is off, it would build nothing and only lengthen the preview
+    assert counts["k3scluster:index:InstallerIso"] == 0
     # token, agent token, passwd, two public keys
     assert counts["k3scluster:index:Secret"] == 5
     servers = {r.name for r in m.by_type("k3scluster:index:K3sServer")}
@@ -169,7 +171,6 @@ def test_parents(poisoned: Path, runner: str) -> None:
     assert m.named("olaf-deploy").parent == olaf.urn
     assert m.named("olaf-k3s-server").parent == olaf.urn
     assert m.named("olaf-k3s-agent").parent == olaf.urn
-    assert m.named("olaf-installer").parent == olaf.urn
     assert m.named("cluster-render").parent == cluster.urn
     for r in m.by_type("k3scluster:index:Secret"):
         assert r.parent == cluster.urn
@@ -352,6 +353,8 @@ def test_iso_build_steps_when_enabled(poisoned: Path, runner: str) -> None:
     m = run_program(poisoned, runner, buildIsos="true", nix="/opt/nix")
     reg = m.named("olaf-installer-build")
     assert reg.parent == m.named("olaf-installer").urn
+    assert m.named("olaf-installer").parent == m.named("olaf").urn
+    assert len(m.by_type("k3scluster:index:InstallerIso")) == 5
     argv = _argv(reg, runner)
     assert argv[argv.index("--") + 1] == "/opt/nix"
     assert m.named("cluster-render").urn in reg.dependencies
@@ -460,6 +463,26 @@ def test_runner_failure_names_host_argv_and_output_tail_with_secrets_masked() ->
     assert len(text) < runner_mod.TAIL_CHARS + 1000
 
 
+def test_a_deploy_step_names_its_host_once(poisoned: Path) -> None:
+    """A deploy's command names its host (``--host olaf``): the step records no ``host``
+    property as well (one line less per host in a preview); a step whose command does not
+    name it (the hardware fetch) keeps it."""
+    m = run_program(poisoned, "python")
+    assert "host" not in m.named("olaf-deploy").inputs
+    assert m.named("cluster-rolf-hardware").inputs["host"] == "rolf"
+    assert "host" not in m.named("cluster-render").inputs
+
+
+def test_runner_messages_name_the_host_a_deploy_command_names() -> None:
+    props = {k: v for k, v in _props().items() if k != "host"}
+    with pytest.raises(StepFailed, match=r"^host karl: cannot run /nonexistent/deploy --host karl"):
+        StepProvider().create({**props, "create": "/nonexistent/deploy --host karl --ip x"})
+    with pytest.raises(StepFailed, match=r"^host -: cannot run /nonexistent/render"):
+        StepProvider().create({**props, "create": ["/nonexistent/render", "--out", "x"]})
+    created = StepProvider().create({**props, "create": [sys.executable, "-c", "", "--host", "uwe"]})
+    assert created.id.startswith("uwe-")
+
+
 def test_runner_missing_program_is_reported() -> None:
     with pytest.raises(StepFailed, match="host olaf: cannot run /nonexistent/colmena apply"):
         StepProvider().create(_props(create=["/nonexistent/colmena", "apply"]))
@@ -520,6 +543,50 @@ def test_runner_diff_a_new_layout_of_the_same_values_runs_nothing() -> None:
         assert p.diff("id", old, {**new, "plan": plan}).changes is None, plan
     assert p.diff("id", old, {**new, "inputs": {"file:hosts/olaf.nix": "cd" * 6}}).changes is None
     assert p.diff("id", old, {**new, "create": "colmena apply --on olaf -p 4"}).changes is None
+
+
+def test_a_deploy_step_records_its_plan_values_among_its_digests(poisoned: Path) -> None:
+    """One map, ``inputs``, not ``inputs`` and ``plan``: two lines less per host in a
+    ``pulumi preview --diff`` (records.step_values)."""
+    m = run_program(poisoned, "python")
+    reg = m.named("olaf-deploy")
+    assert "plan" not in reg.inputs
+    values = dict(reg.inputs["inputs"])
+    assert values["address"] == "10.0.100.2" and values["roles"] == "init-server, agent (K3s 1.35)"
+    assert values["k3s:agent"] == "1.35" and len(values["file:hosts/olaf.nix"]) == 12
+
+
+def test_plan_values_named_like_digests_keep_both() -> None:
+    """A hosts.csv column named like one of the step's digests (``modules``) or like a kind
+    of digest (``zone:a``) is renamed among them: both values stay, and no plan value reads
+    as a rendered file's digest."""
+    from k3scluster.components.rendered import input_environment, planned_files
+    from k3scluster.records import DIGEST_GROUPS, is_digest_name, step_values
+    from k3scluster.render import GROUPS
+
+    assert set(DIGEST_GROUPS) == set(GROUPS)
+    digests = {"modules": "base.nix @ 0123456789ab", "file:hosts/olaf.nix": "ab" * 6}
+    plan = {"address": "10.0.100.2", "modules": "none", "file:x": "y", "modules (plan)": "z"}
+    values = step_values(digests, plan)
+    assert values == {**digests, "address": "10.0.100.2", "modules (plan)'": "none",
+                      "file_x (plan)": "y", "modules (plan)": "z"}
+    assert [k for k in values if is_digest_name(k)] == ["file:hosts/olaf.nix", "modules"]
+    assert planned_files(input_environment(values)) == {
+        "hosts/olaf.nix": "ab" * 6, "modules/": "base.nix @ 0123456789ab"}
+
+
+def test_runner_diff_the_plan_values_among_the_digests_as_before_runs_nothing() -> None:
+    """A state written with the plan values in a map of their own (``plan``) counts the same
+    as the one map the step records now (records.step_values): an ``up`` after the upgrade
+    runs no colmena; a changed value still runs the step."""
+    digests = {"file:hosts/olaf.nix": "ab" * 6, "k3s:agent": "1.35"}
+    plan = {"address": "10.0.100.2", "roles": "agent (K3s 1.35)"}
+    old = _props(create="deploy", inputs=digests, plan=plan, stdout="done")
+    new = {"host": "olaf", "create": "deploy", "inputs": step_values(digests, plan)}
+    p = StepProvider()
+    assert p.diff("id", old, new).changes is False
+    moved = step_values(digests, {**plan, "address": "10.0.100.9"})
+    assert p.diff("id", old, {**new, "inputs": moved}).changes is None
 
 
 def test_runner_diff_a_column_named_like_an_input_hides_no_change() -> None:

@@ -92,6 +92,23 @@ def test_the_summary_says_what_up_does_to_each_host() -> None:
     assert "  ulf     10.0.100.3  server,agent       nothing" in text
 
 
+def test_the_summary_reads_plan_values_among_the_digests() -> None:
+    """A deploy step records its plan values and digests in one map (records.step_values);
+    the summary still shows a plan value as ``old -> new`` and a digest by its name, also
+    against a state of an earlier version that kept the plan values in a map of their own."""
+    from k3scluster.summary import changed_inputs
+
+    new = {"address": "10.0.100.9", "roles": "server", "k3s:server": "1.35",
+           "file:hosts/rolf.nix": "bbbbbbbbbbbb", "modules": "base.nix @ 0123456789ab"}
+    now = _step("rolf-deploy", "update", {**new, "address": "10.0.100.4",
+                                          "file:hosts/rolf.nix": "aaaaaaaaaaaa"}, new)
+    assert changed_inputs(now) == ["address 10.0.100.4 -> 10.0.100.9", "hosts/rolf.nix"]
+    old_layout = {"inputs": {"inputs": {"k3s:server": "1.35", "modules": new["modules"],
+                                        "file:hosts/rolf.nix": "aaaaaaaaaaaa"},
+                             "plan": {"address": "10.0.100.4", "roles": "server"}}}
+    assert changed_inputs({**now, "oldState": old_layout}) == changed_inputs(now)
+
+
 @pytest.mark.parametrize("runner", ["python", "command"])
 def test_the_summary_names_the_bridge_of_the_stacks_lab_id(runner: str) -> None:
     """The lab id the network step records (its name's hex part): another lab of a stack

@@ -20,7 +20,7 @@ import pytest
 from engine import netns_available, require_engine
 from test_pulumi_integration import POISON_HASH, POISON_TOKEN, STACK, Project
 
-from k3scluster.records import PYTHON_STEP_TYPE
+from k3scluster.records import PYTHON_STEP_TYPE, is_digest_name
 
 pytestmark = [pytest.mark.integration, pytest.mark.root]
 
@@ -54,7 +54,8 @@ def _shown(key: str, text: str) -> bool:
 
 def test_the_first_preview_of_six_hosts_is_short(project: Project) -> None:
     first = _preview_diff(project)
-    assert len(first) < 230, "\n".join(first)  # 229 for six hosts; about 615 for five before
+    # 228 with two maps per deploy step and an InstallerIso per host; about 615 for five before
+    assert len(first) < 200, "\n".join(first)
     assert not re.search(r"[0-9a-f]{64}", "\n".join(first))
 
 
@@ -93,18 +94,30 @@ def test_a_re_addressed_host_reads_like_a_sentence(tmp_path: Path) -> None:
 
 def _old_layout(props: dict[str, Any], render_dir: Path) -> None:
     """A deploy step's properties as an older version might have recorded them: commands as
-    argv lists, whole sha256s of the rendered files, the K3s releases among the plan values."""
+    argv lists, whole sha256s of the rendered files, the plan values in a map of their own
+    (``plan``), the K3s releases among them."""
     for key in ("create", "update"):
         if isinstance(props.get(key), str):
             props[key] = shlex.split(props[key])
-    inputs, plan = props["inputs"], props["plan"]
+    inputs = props["inputs"]
+    assert "plan" not in props
+    plan = props["plan"] = {}
     for name in list(inputs):
         if name.startswith("file:"):
             whole = hashlib.sha256((render_dir / name[len("file:"):]).read_bytes()).hexdigest()
             assert whole.startswith(inputs[name])
             inputs[name] = whole
-        elif name.startswith("k3s:"):
+        elif name.startswith("k3s:") or not is_digest_name(name):
             plan[name] = inputs.pop(name)
+    assert "address" in plan
+
+
+def _installer_component(host: dict[str, Any]) -> dict[str, Any]:
+    """The InstallerIso an older version registered under every host, with buildIsos off."""
+    base, name = host["urn"].rsplit("::", 1)
+    return {"urn": f"{base}$k3scluster:index:InstallerIso::{name}-installer", "custom": False,
+            "type": "k3scluster:index:InstallerIso", "parent": host["urn"],
+            "outputs": {"digest": "ab" * 32, "image": None, "sha256": None}}
 
 
 def test_an_up_after_an_upgrade_that_only_shows_values_another_way_runs_no_colmena(
@@ -112,7 +125,8 @@ def test_an_up_after_an_upgrade_that_only_shows_values_another_way_runs_no_colme
 ) -> None:
     """Item 3 of the readable preview: the same values recorded in another layout (runner
     .trigger_view) are no reason to deploy; the state is rewritten into an older layout with
-    ``pulumi stack export/import``, as a state written by an earlier version would be."""
+    ``pulumi stack export/import``, as a state written by an earlier version would be (with
+    an InstallerIso per host, which the program registers only when it builds the image)."""
     project.up()
     deployed = len(project.colmena_calls())
     exported = project.pulumi("stack", "export", "--stack", STACK)
@@ -125,14 +139,19 @@ def test_an_up_after_an_upgrade_that_only_shows_values_another_way_runs_no_colme
                 _old_layout(res[part], project.render_dir)
             rewritten += 1
     assert rewritten == 6
+    hosts = [r for r in state["deployment"]["resources"] if r["type"] == "k3scluster:index:Host"]
+    state["deployment"]["resources"] += [_installer_component(h) for h in hosts]
     dump = project.dir / "old-layout.json"
     dump.write_text(json.dumps(state))
     imported = project.pulumi("stack", "import", "--stack", STACK, "--file", str(dump))
     assert imported.returncode == 0, imported.stderr
     steps = project.preview()["steps"]
-    assert {s["urn"].rsplit("::", 1)[-1]: s["op"] for s in steps if s["op"] != "same"} == {}
+    # the InstallerIsos no longer registered (buildIsos off) leave the state, nothing else
+    gone = {f"{h['urn'].rsplit('::', 1)[-1]}-installer": "delete" for h in hosts}
+    assert {s["urn"].rsplit("::", 1)[-1]: s["op"] for s in steps if s["op"] != "same"} == gone
     project.up()
     assert project.colmena_calls()[deployed:] == []
+    assert "InstallerIso" not in project.state_text()
     # a real change still deploys, and only that host (its interface: a move needs the gates)
     hosts = project.cluster / "plans" / "hosts.csv"
     hosts.write_text(hosts.read_text().replace("karl,eni1,", "karl,eni2,"))

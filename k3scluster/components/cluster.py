@@ -13,7 +13,7 @@ Children, in the order they run during ``pulumi up``:
    host alone, the init-server's first, each after the one before passed its health gate;
    then the rest in parallel); ``<name>-kubeconfig`` after the init-server's host (gates on);
 4. one ``Secret`` per secret file (digest only) and, under each Host, its ``K3sServer`` /
-   ``K3sAgent`` and ``InstallerIso``.
+   ``K3sAgent`` and, when its installer image is built (``buildIsos``), ``InstallerIso``.
 
 A VM stack (``Settings.vm``) also has a ``Lab`` (``k3scluster.components.vm``): the network
 and one VM per host, installed from its ISO; a host's fetch and deploy wait for its VM.
@@ -592,14 +592,16 @@ class Cluster(pulumi.ComponentResource):
         c, s = self._c, self._s
         # One Output over what is known only after up (digests, ISO results); the rest plain.
         # a failed host's values are None (health.or_none): the program goes on registering
+        # a host has an InstallerIso only when its image is built: no image, no sha256
+        none: pulumi.Output[Any] = pulumi.Output.from_input(None)
         pending = {
             f"{hname}/{key}": health.or_none(value)
             for hname, host in self.host_components.items()
             for key, value in (
                 ("digest", host.digest),
                 ("record", host.record),
-                ("image", host.installer.image),
-                ("sha256", host.installer.sha256),
+                ("image", host.installer.image if host.installer else none),
+                ("sha256", host.installer.sha256 if host.installer else none),
             )
         }
 

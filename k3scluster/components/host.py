@@ -133,8 +133,12 @@ class Host(pulumi.ComponentResource):
             self.nodes.append(
                 cls(node.name, K3sNodeArgs(node, url), pulumi.ResourceOptions(parent=self))
             )
-        self.installer = InstallerIso(
-            f"{name}-installer", args.iso, pulumi.ResourceOptions(parent=self)
+        # only when an image is built (buildIsos on, not a VM stack): a component that builds
+        # nothing would be two lines of every preview and nothing else
+        self.installer = (
+            InstallerIso(f"{name}-installer", args.iso, pulumi.ResourceOptions(parent=self))
+            if args.iso.build_argv is not None
+            else None
         )
         digest = args.digest
         self.args_digest = digest

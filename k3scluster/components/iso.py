@@ -2,8 +2,10 @@
 
 With ``k3scluster:buildIsos`` on, a step builds the ISO whenever one of its inputs (the
 installer files and the host's system inputs, as digests) changes, and the component outputs
-the image path and its sha256. With it off, the component only records the digests, so a
-preview still says which installers are out of date.
+the image path and its sha256. With it off (and in a VM stack, whose ``Vm`` builds the image)
+a ``Host`` registers no InstallerIso: it would build nothing and only print two lines per host
+in every preview (a stack whose state still holds them drops them from its state at its next
+``up``: components, nothing is built or deleted on disk).
 """
 
 from __future__ import annotations

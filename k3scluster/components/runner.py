@@ -35,6 +35,7 @@ import sys
 import tempfile
 import threading
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,8 @@ MASK = "[secret]"
 RUN_KEYS = (
     "create", "update", "delete", "environment", "secretEnvironment", "dir", "read", "drift",
 )
-# The values a step was planned with: digests (``inputs``) and plan values in clear (``plan``).
+# The values a step was planned with: digests and plan values in clear, one map ``inputs``
+# (records.step_values); states of earlier versions hold the plan values in ``plan``.
 VALUE_KEYS = ("inputs", "plan")
 UPDATE_KEYS = (*RUN_KEYS, *VALUE_KEYS)
 _COMMAND_KEYS = ("create", "update", "delete", "read")
@@ -120,6 +122,29 @@ def trigger_view(props: dict[str, Any]) -> dict[str, Any]:
             pairs.append((key, values))
     view["values"] = sorted(pairs, key=repr)
     return view
+
+
+def command_host(argv: Sequence[str]) -> str | None:
+    """The host a command names with ``--host`` (a deploy's), or None."""
+    args = list(argv)
+    return args[args.index("--host") + 1] if "--host" in args[:-1] else None
+
+
+def step_host(props: dict[str, Any]) -> str:
+    """The host a step runs for, for its messages: its ``host`` property, else the host its
+    ``create`` names (``command_host``: a deploy step records no ``host``, which would only
+    repeat it in every preview), else ``-`` (a cluster-wide step)."""
+    host = _normal(props.get("host"))
+    if host:
+        return str(host)
+    create = _normal(props.get("create"))
+    argv = shlex.split(create) if isinstance(create, str) else [str(a) for a in create or []]
+    return command_host(argv) or "-"
+
+
+def _id_prefix(props: dict[str, Any]) -> str:
+    host = step_host(props)
+    return "cluster" if host == "-" else host
 
 
 def _normal(value: Any) -> Any:
@@ -186,7 +211,7 @@ def run_argv(props: dict[str, Any], which: str, *, check: bool = True) -> dict[s
     env.update({k: str(v) for k, v in (props.get("environment") or {}).items()})
     env.update(secret_env)
     secrets = list(secret_env.values())
-    host = props.get("host") or "-"
+    host = step_host(props)
     shown = mask(" ".join(argv), secrets)
     # The command runs in a session of its own and writes to files, not pipes: a Ctrl-C of
     # `pulumi up` (SIGINT to the terminal's process group) or a killed engine never stops a
@@ -255,7 +280,7 @@ class StepProvider(ResourceProvider):
     def create(self, props: dict[str, Any]) -> CreateResult:
         outs = _run(props, "create")
         # the id is not an input (a preview shows inputs only): unique, and never diffed
-        return CreateResult(id_=f"{props.get('host') or 'cluster'}-{uuid.uuid4().hex[:12]}", outs={**props, **outs})
+        return CreateResult(id_=f"{_id_prefix(props)}-{uuid.uuid4().hex[:12]}", outs={**props, **outs})
 
     def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
         """Whether the step runs again (its ``trigger_view`` differs) or is replaced
@@ -300,7 +325,7 @@ class StepProvider(ResourceProvider):
         """``pulumi refresh``: read the host back (steps with ``read``; others as they are)."""
         if not props.get("read"):
             return ReadResult(id_, props)
-        host = _normal(props.get("host")) or "-"
+        host = step_host(props)
         deployed = last_json(_normal(props.get("stdout")), DEPLOYED_PREFIX)
         result = run_argv(props, "read", check=False)
         observed = last_json(result["stdout"], OBSERVED_PREFIX)

@@ -25,8 +25,8 @@ import pulumi
 import pulumi_command
 
 from k3scluster.components.rendered import input_env_key
-from k3scluster.components.runner import Step
-from k3scluster.records import short_digest
+from k3scluster.components.runner import Step, command_host
+from k3scluster.records import short_digest, step_values
 
 RUNNERS = ("command", "python")
 # local.Command has no free-form input; each digest becomes an environment variable with this
@@ -84,8 +84,9 @@ def step(
     ``read`` is the argv ``pulumi refresh`` runs to read the host back (``python`` runner
     only: pulumi-command's local.Command has no read; see runner.py).
 
-    What a preview shows: ``plan`` (name -> value, never a secret) in clear; the digests of
-    ``inputs_digest`` short (``short_digest``); commands as one line each.
+    What a preview shows: ``plan`` (name -> value, never a secret) in clear, among the digests
+    of ``inputs_digest`` (short: ``short_digest``) in one map, ``inputs`` (``step_values``);
+    commands as one line each.
     """
     environment = dict(environment or {})
     secret_environment = {k: pulumi.Output.secret(v) for k, v in (secret_environment or {}).items()}
@@ -123,13 +124,16 @@ def step(
     if runner == "python":
         # Only what is set: every property is serialized, diffed and stored for every step,
         # which is most of what a large preview costs beyond the engine's floor (bench/).
-        props: dict[str, Any] = {"create": shlex.join(create), "inputs": digests}
-        if host != "-":  # a cluster-wide step has none
+        props: dict[str, Any] = {
+            "create": shlex.join(create),
+            "inputs": step_values(digests, plan),  # plan values among the digests, one map
+        }
+        # a cluster-wide step has none; a deploy names it in its command (runner.step_host)
+        if host != "-" and command_host(create) != host:
             props["host"] = host
         if update and list(update) != list(create):  # the runner runs create when update is unset
             props["update"] = shlex.join(update)
         optional = {
-            "plan": plan,
             "delete": shlex.join(delete) if delete else None,
             "environment": environment,
             "secretEnvironment": secret_environment,
