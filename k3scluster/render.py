@@ -488,6 +488,37 @@ MODULES = {
 }
 
 
+def _common(cluster: Cluster) -> dict[str, object]:
+    """The values every module and hive template gets."""
+    return {
+        "secrets_dir": SECRETS_DIR,
+        "token_key": TOKEN_KEY,
+        "agent_secrets_dir": AGENT_SECRETS_DIR,
+        "agent_token_key": AGENT_TOKEN_KEY,
+        # servers run --agent-token-file only when secrets/agent-token exists
+        "own_agent_token": cluster.secrets.agent_token is not None,
+        "agent_network": AGENT_NETWORK,
+        "start_env": ENV_FILE,
+        "manifest_dir": MANIFEST_DIR,
+        "agent_start_env": AGENT_ENV_FILE,
+        "agent_servers_etc": AGENT_SERVERS_ETC,
+        "etcd_wal_dir": ETCD_WAL_DIR,
+        "start_timeout_min": START_TIMEOUT_MIN,
+    }
+
+
+def cluster_files(cluster: Cluster, out: Path) -> dict[str, str]:
+    """``cluster.json`` and ``hive.nix`` of the render (part of ``render_files``): the files
+    that hold every host's plan values, the same in a VM stack. A deploy compares them with
+    the render on disk (components/rendered.py) without rendering every host's files."""
+    return {
+        "cluster.json": _json(cluster_data(cluster)),
+        "hive.nix": _environment()
+        .get_template("hive.nix.j2")
+        .render(**_common(cluster), **_hive_context(cluster, Path(out))),
+    }
+
+
 def render_files(
     cluster: Cluster,
     out: Path,
@@ -505,23 +536,8 @@ def render_files(
     """
     out = Path(out)
     env = _environment()
-    common = {
-        "secrets_dir": SECRETS_DIR,
-        "token_key": TOKEN_KEY,
-        "agent_secrets_dir": AGENT_SECRETS_DIR,
-        "agent_token_key": AGENT_TOKEN_KEY,
-        # servers run --agent-token-file only when secrets/agent-token exists
-        "own_agent_token": cluster.secrets.agent_token is not None,
-        "agent_network": AGENT_NETWORK,
-        "start_env": ENV_FILE,
-        "manifest_dir": MANIFEST_DIR,
-        "agent_start_env": AGENT_ENV_FILE,
-        "agent_servers_etc": AGENT_SERVERS_ETC,
-        "etcd_wal_dir": ETCD_WAL_DIR,
-        "start_timeout_min": START_TIMEOUT_MIN,
-    }
-    files: dict[str, str] = {}
-    files["cluster.json"] = _json(cluster_data(cluster))
+    common = _common(cluster)
+    files: dict[str, str] = cluster_files(cluster, out)
     for template, path in MODULES.items():
         files[path] = env.get_template(template).render(**common)
     files[SCRIPT_PATH] = env.get_template(SCRIPT_TEMPLATE).render(**SCRIPT_VALUES)
@@ -530,9 +546,6 @@ def render_files(
     # the manifests of this render: the next preview and up compare with it (a manifest
     # that left the plans leaves its objects in the cluster: they say so). No host uses it.
     files[MANIFEST_LIST] = _json(sorted(cluster.manifests))
-    files["hive.nix"] = env.get_template("hive.nix.j2").render(
-        **common, **_hive_context(cluster, out)
-    )
     for host in cluster.hosts:
         ctx = _host_context(cluster, host, out, vm)
         ctx["vm"] = {"mac": vm.macs[host.name]} if vm is not None else None

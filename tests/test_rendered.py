@@ -197,3 +197,33 @@ def test_deploys_that_start_together_render_once(example_dir: Path) -> None:
     stdout, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0
     assert "rendering" not in stdout  # it found the render as planned
+
+
+@pytest.mark.parametrize("vm_stack", [None, "test-vms"])
+def test_cluster_files_are_those_of_the_whole_render(example_dir: Path, vm_stack: str | None) -> None:
+    """What a deploy compares with the render on disk (``render.cluster_files``) is exactly the
+    cluster.json and hive.nix the render step writes, in a VM stack too."""
+    from k3scluster.lab.spec import vm_render
+
+    cluster = load_or_raise(example_dir)[0]
+    out = example_dir / ".k3scluster" / "it"
+    vm = vm_render(cluster, vm_stack, out) if vm_stack else None
+    whole = render.render_files(cluster, out, vm)
+    assert render.cluster_files(cluster, out) == {k: whole[k] for k in ("cluster.json", "hive.nix")}
+
+
+def test_a_deploy_checks_the_plan_data_without_rendering_every_host(
+    example_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each host's deploy compares cluster.json and hive.nix with a render of the cluster
+    directory: only those two files, not every host's (a whole render per deploy made an
+    ``up`` of N hosts cost N whole renders)."""
+    out = example_dir / ".k3scluster" / "it"
+    render.render_to_dir(load_or_raise(example_dir)[0], out)
+    env = _planned(example_dir, out)
+
+    def whole_render(*_args: object, **_kw: object) -> None:
+        raise AssertionError("a deploy's check rendered every host's files")
+
+    monkeypatch.setattr(render, "render_files", whole_render)
+    ensure_render(example_dir, out, None, env)  # as planned: nothing to do

@@ -109,18 +109,14 @@ def stale(out: Path, planned: Mapping[str, str]) -> list[str]:
 UNPLANNED = ("cluster.json", "hive.nix")
 
 
-def unplanned_stale(cluster: Path, out: Path, vm_stack: str | None) -> list[str]:
-    """The ``UNPLANNED`` files of ``out`` that differ from a render of ``cluster`` now."""
+def unplanned_stale(cluster: Path, out: Path) -> list[str]:
+    """The ``UNPLANNED`` files of ``out`` that differ from a render of ``cluster`` now (only
+    those two files are rendered: a deploy of each host does this)."""
     from k3scluster import render
     from k3scluster.plans import load_or_raise
 
     c, _ = load_or_raise(cluster)
-    vm = None
-    if vm_stack:
-        from k3scluster.lab.spec import vm_render
-
-        vm = vm_render(c, vm_stack, out)
-    files = render.render_files(c, out, vm)
+    files = render.cluster_files(c, out)  # the same in a VM stack
     return sorted(
         rel
         for rel in UNPLANNED
@@ -177,7 +173,7 @@ def ensure_render(
         return
 
     def differ_now() -> list[str]:
-        return stale(out, planned) or unplanned_stale(cluster, out, vm_stack)
+        return stale(out, planned) or unplanned_stale(cluster, out)
 
     if not differ_now():
         return
