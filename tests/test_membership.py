@@ -271,6 +271,7 @@ def test_member_node_names_follow_k3s() -> None:
 def test_without_gates_a_change_of_k3s_members_is_refused_naming_it() -> None:
     from k3scluster.membership import (
         HostLeaving,
+        Joining,
         Leaving,
         MembershipPlan,
         Readdressed,
@@ -278,6 +279,12 @@ def test_without_gates_a_change_of_k3s_members_is_refused_naming_it() -> None:
     )
 
     refuse_without_gates(MembershipPlan())  # nothing changes: nothing to refuse
+    # a server that joins a running cluster (its host's deploy not recorded, as after a
+    # killed `up`): its stale etcd member is cleaned up only with the gates
+    with pytest.raises(K3sClusterError) as err:
+        refuse_without_gates(MembershipPlan(servers_joining=(
+            Joining("ulf-k3s-server", "ulf", "its host's deploy was not recorded"),)))
+    assert "ulf-k3s-server (server on ulf) joins etcd" in err.value.message
     # a host without K3s nodes leaves the plans: no change of the cluster's members
     refuse_without_gates(MembershipPlan(
         hosts_leaving=(HostLeaving("ulrich", ipaddress.IPv4Address("10.0.100.6"), ()),)))
