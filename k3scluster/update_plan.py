@@ -380,6 +380,7 @@ def what_may_happen(
             f"etcd snapshot first, on the first of {', '.join(on)} that takes it, before any "
             "server host changes"
         )
+    lines += _two_members_warning(cluster, changing, deployed_before)
     moving = {r.host for r in plan.membership.readdressed}
     for h in cluster.hosts:
         if not gates or h.name not in changing:
@@ -401,6 +402,26 @@ def what_may_happen(
         if said:
             lines.append(f"{h.name}: " + "; ".join(said))
     return lines
+
+
+def _two_members_warning(
+    cluster: Cluster, changing: Collection[str], deployed_before: Collection[str]
+) -> list[str]:
+    """With exactly two K3s servers, etcd's quorum is both members: a deploy that restarts
+    either one stops the Kubernetes API until it is back, in any order. Said whenever a
+    server host that runs (``deployed_before``) changes, gates or not."""
+    if len(cluster.servers) != 2:
+        return []
+    hosts = [h for h in server_chain(cluster) if h in changing and h in deployed_before]
+    if not hosts:
+        return []
+    return [
+        f"etcd has 2 members, and its quorum is both: while {', then '.join(hosts)} "
+        + ("restarts its K3s server" if len(hosts) == 1 else "restart their K3s servers")
+        + " (when the switch restarts one), etcd has no quorum and the Kubernetes API stops "
+        "until it is back; no order avoids that with 2 servers (plan 3 to keep the API up "
+        "through a deploy)"
+    ]
 
 
 def no_snapshot_warning(

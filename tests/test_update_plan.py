@@ -696,3 +696,31 @@ def test_the_snapshot_is_taken_again_for_a_server_change_that_did_not_land() -> 
     # no snapshot yet, or inputs not known before the run (a hardware fetch): as recorded
     assert again(now, {}, None, pending=True) is None
     assert again(None, now, "T1", pending=True) is None
+
+
+def test_with_two_servers_the_preview_says_the_api_stops_while_one_restarts() -> None:
+    """etcd's quorum of 2 members is both: a deploy that restarts either server stops the
+    API, whatever the order; the preview says so in words (gates or not), and says nothing
+    with 1 or 3 servers or when no deployed server host changes."""
+    from k3scluster.update_plan import what_may_happen
+
+    two = cluster(["anna", "bert", "dora"], [("anna", "i"), ("bert", "s"), ("dora", "a")])
+    plan = plan_update(two, deployed_of(two), UpdateSettings(snapshot=False))
+    deployed = ["anna", "bert", "dora"]
+    for gates in (True, False):
+        got = what_may_happen(two, plan, ["bert", "anna"], deployed, gates=gates)
+        assert got[0].startswith("etcd has 2 members, and its quorum is both: while anna, "
+                                 "then bert restart their K3s servers")
+        assert "Kubernetes API stops until it is back" in got[0]
+    # no server host changes: nothing to say
+    assert not any("etcd has 2 members" in x
+                   for x in what_may_happen(two, plan, ["dora"], deployed, gates=True))
+    assert what_may_happen(two, plan, ["anna"], deployed, gates=False)[0].startswith(
+        "etcd has 2 members, and its quorum is both: while anna restarts its K3s server")
+    # a server host not deployed before (its first install) restarts nothing that runs
+    assert not any("etcd has 2 members" in x
+                   for x in what_may_happen(two, plan, ["bert"], ["anna", "dora"], True))
+    three = cluster(BIG_HOSTS, BIG)
+    plan3 = plan_update(three, deployed_of(three), UpdateSettings(snapshot=False))
+    assert not any("etcd has 2 members" in x
+                   for x in what_may_happen(three, plan3, ["anna", "bert"], BIG_HOSTS, True))

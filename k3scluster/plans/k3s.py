@@ -180,6 +180,8 @@ class K3sReader(Tables, Names):
                 "k3s-server-count",
                 rel,
                 table.header_line,
-                f"{servers} servers: an even number adds no fault tolerance to etcd",
+                f"{servers} servers: an even number adds no fault tolerance to etcd"
+                + (" (with 2, its quorum is both: a deploy or reboot that restarts either "
+                   "server stops the Kubernetes API until it is back)" if servers == 2 else ""),
                 "use 1, 3 or 5 servers (init-server counts)",
             )

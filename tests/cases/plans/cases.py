@@ -378,6 +378,13 @@ CASES = [
         expected=[f"{K}:1: warning: 4 servers: an even number adds no fault tolerance to etcd"],
     ),
     case(
+        "k3s-server-count:two",
+        Sub(K, "rolf,rolf-k3s-server,server,10.0.100.14", "rolf,rolf-k3s-agent,agent,10.0.100.14"),
+        expected=[(f"{K}:1: warning: 2 servers: an even number adds no fault tolerance to etcd "
+                  "(with 2, its quorum is both: a deploy or reboot that restarts either server "
+                  "stops the Kubernetes API until it is back)")],
+    ),
+    case(
         "yaml-syntax",
         Sub(N, "gateway: 10.0.100.1", "gateway: [10.0.100.1"),
         expected=[f"{N}:3: not valid YAML: expected ',' or ']', but got ':'"],
