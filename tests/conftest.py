@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -26,13 +27,24 @@ def example_dir(tmp_path: Path) -> Path:
     return copy_example(tmp_path)
 
 
+# short paths live here, whatever TMPDIR says (a long TMPDIR is what they must not follow)
+SHORT_BASE = Path("/tmp")
+
+
 @pytest.fixture
 def short_example_dir() -> Iterator[Path]:
     """``example_dir`` under a short path of its own: a VM stack's lab keeps each VM's QMP
     socket at ``<cluster>/.k3scluster/<stack>-lab/<host>/qmp.sock``, which must fit a unix
     socket's 107 characters, and pytest's ``tmp_path`` (``/tmp/pytest-of-<user>/pytest-<run
     number>/<test name, 30>``) grows past that once the run number has four digits."""
-    base = Path(tempfile.mkdtemp(prefix="k3ex-"))
+    with short_example_copy() as path:
+        yield path
+
+
+@contextlib.contextmanager
+def short_example_copy() -> Iterator[Path]:
+    """The example cluster copied under ``SHORT_BASE``, removed afterwards."""
+    base = Path(tempfile.mkdtemp(prefix="k3ex-", dir=SHORT_BASE))
     try:
         yield copy_example(base)
     finally:
