@@ -60,7 +60,7 @@ Adding a phase (for example "leave etcd" or "drain and delete an agent" before t
 from __future__ import annotations
 
 import enum
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from k3scluster.errors import K3sClusterError
@@ -380,7 +380,7 @@ def what_may_happen(
             f"etcd snapshot first, on the first of {', '.join(on)} that takes it, before any "
             "server host changes"
         )
-    lines += _two_members_warning(cluster, changing, deployed_before)
+    lines += _two_members_warning(plan, changing, deployed_before, server_chain(cluster))
     moving = {r.host for r in plan.membership.readdressed}
     for h in cluster.hosts:
         if not gates or h.name not in changing:
@@ -405,14 +405,19 @@ def what_may_happen(
 
 
 def _two_members_warning(
-    cluster: Cluster, changing: Collection[str], deployed_before: Collection[str]
+    plan: UpdatePlan, changing: Collection[str], deployed_before: Collection[str],
+    chain: Sequence[str],
 ) -> list[str]:
-    """With exactly two K3s servers, etcd's quorum is both members: a deploy that restarts
-    either one stops the Kubernetes API until it is back, in any order. Said whenever a
-    server host that runs (``deployed_before``) changes, gates or not."""
-    if len(cluster.servers) != 2:
+    """With two etcd members while the server hosts deploy, etcd's quorum is both: a deploy
+    that restarts either one stops the Kubernetes API until it is back, in any order. The
+    members then are the planned servers but those that join in this ``up`` (they join after
+    their host's deploy; the servers that leave are gone before the deploys). Said whenever a
+    server host that runs (``deployed_before``), and whose server does not join now, changes
+    (``chain``: the server hosts in deploy order), gates or not."""
+    joining = {j.host for j in plan.membership.servers_joining}
+    if len(chain) - len(joining) != 2:
         return []
-    hosts = [h for h in server_chain(cluster) if h in changing and h in deployed_before]
+    hosts = [h for h in chain if h in changing and h in deployed_before and h not in joining]
     if not hosts:
         return []
     return [

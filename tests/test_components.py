@@ -523,25 +523,35 @@ def test_runner_diff_sees_through_secret_wrappers() -> None:
 
 
 def test_runner_diff_a_new_layout_of_the_same_values_runs_nothing() -> None:
-    """An upgrade of the project that shows a deploy's values another way (a value moved
-    between ``inputs`` and ``plan``, a whole sha256 now recorded short, an argv list now one
-    line, an empty property now left out) runs no colmena: the diff compares
-    runner.trigger_view. A value that changed still runs the step, wherever it is shown."""
+    """An upgrade of the project that shows a deploy's values another way (the two maps
+    ``inputs`` and ``plan`` of older versions now one, a plan value named like a digest now
+    renamed in it, a whole sha256 now recorded short, an argv list now one line, an empty
+    property now left out) runs no colmena: the diff compares runner.trigger_view. A value
+    that changed still runs the step, wherever it is shown."""
+    from k3scluster.records import step_values
+
     full = "ab" * 32
+    old_plan = {"address": "10.0.100.2", "modules": "rack 3"}  # a hosts.csv column `modules`
     old = _props(create=["colmena", "apply", "--on", "olaf"], environment={},
-                 inputs={"file:hosts/olaf.nix": full, "k3s:agent": "1.35"},
-                 plan={"address": "10.0.100.2"}, stdout="done")
-    new = {"host": "olaf", "create": "colmena apply --on olaf",
-           "inputs": {"file:hosts/olaf.nix": full[:12]},
-           "plan": {"address": "10.0.100.2", "k3s:agent": "1.35"}}
+                 inputs={"file:hosts/olaf.nix": full, "k3s:agent": "1.35",
+                         "modules": "base.nix @ 0123456789ab"},
+                 plan=old_plan, stdout="done")
+
+    def now(plan: dict[str, str], **digests: str) -> dict[str, object]:
+        d = {"file:hosts/olaf.nix": full[:12], "k3s:agent": "1.35",
+             "modules": "base.nix @ 0123456789ab", **digests}
+        return {"create": "colmena apply --on olaf", "inputs": step_values(d, plan)}
+
+    new = now(old_plan)
+    assert "modules (plan)" in new["inputs"]  # type: ignore[operator]
     p = StepProvider()
     assert p.diff("id", old, new).changes is False
-    for plan in ({"address": "10.0.100.2", "k3s:agent": "1.36"},
-                 {"address": "10.0.100.9", "k3s:agent": "1.35"},
-                 # a hosts.csv column named like an input is one value more
-                 {**new["plan"], "modules": "base.nix @ 0123456789ab"}):
-        assert p.diff("id", old, {**new, "plan": plan}).changes is None, plan
-    assert p.diff("id", old, {**new, "inputs": {"file:hosts/olaf.nix": "cd" * 6}}).changes is None
+    for plan in ({"address": "10.0.100.9", "modules": "rack 3"},
+                 {"address": "10.0.100.2", "modules": "rack 4"},
+                 {**old_plan, "zone": "a"}):  # a new hosts.csv column is one value more
+        assert p.diff("id", old, now(plan)).changes is None, plan
+    assert p.diff("id", old, now(old_plan, **{"k3s:agent": "1.36"})).changes is None
+    assert p.diff("id", old, now(old_plan, **{"file:hosts/olaf.nix": "cd" * 6})).changes is None
     assert p.diff("id", old, {**new, "create": "colmena apply --on olaf -p 4"}).changes is None
 
 

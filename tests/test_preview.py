@@ -95,12 +95,14 @@ def test_a_re_addressed_host_reads_like_a_sentence(tmp_path: Path) -> None:
 def _old_layout(props: dict[str, Any], render_dir: Path) -> None:
     """A deploy step's properties as an older version might have recorded them: commands as
     argv lists, whole sha256s of the rendered files, the plan values in a map of their own
-    (``plan``), the K3s releases among them."""
+    (``plan``), the K3s releases among them, and the host named in a property ``host``."""
     for key in ("create", "update"):
         if isinstance(props.get(key), str):
             props[key] = shlex.split(props[key])
     inputs = props["inputs"]
-    assert "plan" not in props
+    assert "plan" not in props and "host" not in props
+    argv = props["create"]  # an argv list by now
+    props["host"] = argv[argv.index("--host") + 1]
     plan = props["plan"] = {}
     for name in list(inputs):
         if name.startswith("file:"):

@@ -588,11 +588,14 @@ def test_other_rows_change_a_host_only_when_it_depends_on_them(cluster: Cluster)
 
 
 def deploy_values(cluster: Cluster, host: str) -> dict[str, object]:
-    """What olaf's deploy step records (components/host.py): its inputs without the
-    ``PLAN_INPUTS`` digests, grouped, and the plan values in clear in their place."""
+    """What olaf's deploy step records as its ``inputs`` (components/host.py): its inputs
+    without the ``PLAN_INPUTS`` digests, grouped, and the plan values in clear in their
+    place, one map (records.step_values)."""
+    from k3scluster.records import step_values
+
     files = render_files(cluster, out_of(cluster.root))
     inputs = {k: v for k, v in host_inputs(cluster, host, files).items() if k not in PLAN_INPUTS}
-    return {"inputs": grouped_inputs(inputs), "plan": host_plan(cluster, host)}
+    return step_values(grouped_inputs(inputs), host_plan(cluster, host))
 
 
 @pytest.mark.parametrize("column", ["roles", "network", "nixos", "init-server", "address"])
@@ -606,15 +609,21 @@ def test_a_column_named_like_a_plan_value_still_deploys_its_host(
     before = set_column(cluster, "olaf", column, "gpu")
     after = set_column(cluster, "olaf", column, "storage")
     assert changed(all_digests(before), all_digests(after)) == {"olaf"}
+    from k3scluster.records import is_digest_name
+
     was, now = deploy_values(before, "olaf"), deploy_values(after, "olaf")
-    assert was["inputs"] == now["inputs"]  # nothing but the plan values tells
-    assert was["plan"] != now["plan"]
-    assert now["plan"][f"{column} (hosts.csv)"] == "storage"
+
+    def digests(values: dict[str, object]) -> dict[str, object]:
+        return {k: v for k, v in values.items() if is_digest_name(k)}
+
+    assert digests(was) == digests(now)  # nothing but the plan values tells
+    assert was != now
+    assert now[f"{column} (hosts.csv)"] == "storage"
     # the value host_plan derives under that name stays as it was
     if column != "address":
-        assert now["plan"][column] == host_plan(cluster, "olaf")[column]
+        assert now[column] == host_plan(cluster, "olaf")[column]
     else:
-        assert now["plan"]["address"] == "10.0.100.2"
+        assert now["address"] == "10.0.100.2"
 
 
 def test_manifests_and_token_reach_the_right_hosts(cluster: Cluster) -> None:

@@ -720,6 +720,21 @@ def test_with_two_servers_the_preview_says_the_api_stops_while_one_restarts() ->
     # a server host not deployed before (its first install) restarts nothing that runs
     assert not any("etcd has 2 members" in x
                    for x in what_may_happen(two, plan, ["bert"], ["anna", "dora"], True))
+    # 3 planned, carla's server joins in this up: anna and bert deploy while etcd has 2
+    # members (carla joins after them)
+    three = cluster(["anna", "bert", "carla"], [("anna", "i"), ("bert", "s"), ("carla", "s")])
+    two_then = cluster(["anna", "bert", "carla"], [("anna", "i"), ("bert", "s"), ("carla", "a")])
+    plan = plan_update(three, deployed_of(two_then), UpdateSettings(snapshot=False))
+    assert [j.host for j in plan.membership.servers_joining] == ["carla"]
+    got = what_may_happen(three, plan, ["anna", "bert", "carla"], ["anna", "bert", "carla"], True)
+    assert got[0].startswith("etcd has 2 members, and its quorum is both: while anna, then bert "
+                             "restart their K3s servers")
+    # 2 planned, bert's server joins (bert ran an agent only): 1 member, nothing restarts it
+    one_then = cluster(["anna", "bert"], [("anna", "i"), ("bert", "a")])
+    two2 = cluster(["anna", "bert"], [("anna", "i"), ("bert", "s")])
+    plan = plan_update(two2, deployed_of(one_then), UpdateSettings(snapshot=False))
+    assert not any("etcd has 2 members" in x
+                   for x in what_may_happen(two2, plan, ["anna", "bert"], ["anna", "bert"], True))
     three = cluster(BIG_HOSTS, BIG)
     plan3 = plan_update(three, deployed_of(three), UpdateSettings(snapshot=False))
     assert not any("etcd has 2 members" in x

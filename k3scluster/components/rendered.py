@@ -8,7 +8,7 @@ the rendered files the step names among its inputs (``file:<rel>``: sha256, in t
 as ``K3SCLUSTER_IN_…=file:<rel>=<sha256>``, set by both runners) with the files on disk, and
 renders again, under a lock, when one differs. The rendered files no step names among its
 inputs (``cluster.json``, which ``modules/cluster.nix`` reads, and ``hive.nix``: every host's
-plan values, covered by the steps' ``plan`` instead) are compared with a render of the cluster
+plan values, which the steps record in clear among their ``inputs`` instead) are compared with a render of the cluster
 directory as it is on this machine, so an older render's plan data is never deployed either. A
 render again keeps the servers-first hives of a K3s minor upgrade that the render step wrote
 (``servers-first/``: only the render step knows which agents are held; the same ``up``'s
@@ -105,7 +105,7 @@ def stale(out: Path, planned: Mapping[str, str]) -> list[str]:
 
 
 # rendered files no deploy step names among its inputs (their content is plan data, recorded
-# in clear in each step's ``plan``): compared with a render of the cluster directory instead
+# in clear among each step's ``inputs``): compared with a render of the cluster directory instead
 UNPLANNED = ("cluster.json", "hive.nix")
 
 

@@ -99,7 +99,8 @@ def trigger_view(props: dict[str, Any]) -> dict[str, Any]:
 
     How a step shows its values is for the reader of ``pulumi preview --diff``, and it changes
     between versions; the values themselves do not. So: ``inputs`` and ``plan`` count as one
-    list of (name, value) pairs (a value moved from one map to the other is the same value),
+    list of (name, value) pairs (a value moved from one map to the other is the same value,
+    and a name ``records.step_values`` renamed counts as it was: ``_value_name``),
     a sha256 counts by the digits a step records (``records.short_digest``: a state written
     with whole digests matches), a command is one line (states of older versions hold argv
     lists), and an empty property counts as an absent one. An ``up`` after an upgrade of the
@@ -116,7 +117,7 @@ def trigger_view(props: dict[str, Any]) -> dict[str, Any]:
     for key in VALUE_KEYS:
         values = props.get(key)
         if isinstance(values, dict):
-            pairs += [(str(k), short_digest(v) if isinstance(v, str) else v)
+            pairs += [(_value_name(str(k)), short_digest(v) if isinstance(v, str) else v)
                       for k, v in values.items()]
         elif values not in (None, {}, [], ""):  # unknown during a preview
             pairs.append((key, values))
@@ -145,6 +146,14 @@ def step_host(props: dict[str, Any]) -> str:
 def _id_prefix(props: dict[str, Any]) -> str:
     host = step_host(props)
     return "cluster" if host == "-" else host
+
+
+def _value_name(name: str) -> str:
+    """A value's name as ``trigger_view`` counts it: without the renaming of
+    ``records.step_values`` (a plan value named like a digest is ``<name> (plan)``, ``:``
+    made ``_``), so that a state of the two maps of older versions, where such a value kept
+    its name in ``plan``, matches (a hosts.csv column ``modules`` or ``zone:a``)."""
+    return name.rstrip("'").removesuffix(" (plan)").replace("_", ":")
 
 
 def _normal(value: Any) -> Any:
