@@ -374,7 +374,7 @@ def bench_up(base: Path, sizes: Sequence[int], runs: int) -> tuple[list[str], li
              ["--parallel", "64"], "0"),
             ("one", {**batch, "k3scluster:runnerProcesses": "1"}, ["--parallel", "64"], "1"),
         ]
-        walls: dict[str, list[float]] = {v[0]: [] for v in [*variants, ("floor",)]}
+        walls: dict[str, list[float]] = {label: [] for label in [*(v[0] for v in variants), "floor"]}
         for i in range(runs):
             for label, config, extra, sleep in variants:
                 stack = f"{label}-{i}"
