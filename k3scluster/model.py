@@ -203,7 +203,16 @@ class Cluster:
         raise KeyError(name)
 
     def k3s_on(self, host: str) -> tuple[K3sNode, ...]:
-        return tuple(n for n in self.k3s if n.host == host)
+        return self._k3s_by_host.get(host, ())
+
+    @functools.cached_property
+    def _k3s_by_host(self) -> dict[str, tuple[K3sNode, ...]]:
+        """host -> its K3s nodes in plan order (computed once: asked for every host, often
+        from loops over every host)."""
+        by_host: dict[str, list[K3sNode]] = {}
+        for n in self.k3s:
+            by_host.setdefault(n.host, []).append(n)
+        return {h: tuple(nodes) for h, nodes in by_host.items()}
 
     @functools.cached_property
     def servers(self) -> tuple[K3sNode, ...]:
