@@ -50,7 +50,16 @@ SERVER_UNIT = f"container@{CONTAINER}.service"
 Runner = Callable[[str, Sequence[str]], "subprocess.CompletedProcess[str]"]
 
 
-def etcdctl(*args: str) -> list[str]:
+# How long one etcdctl call may take (etcdctl's --command-timeout). Against a server whose etcd
+# is down etcdctl waits all of it (its gRPC dial does not give up at --dial-timeout).
+COMMAND_TIMEOUT = "15s"
+# ``member list`` is only asked to find a server that answers: one that does not within this
+# is passed over for the next (or, with none left, the caller refuses), so it need not wait
+# as long as the health check and the removal, which decide what is removed
+MEMBER_LIST_TIMEOUT = "5s"
+
+
+def etcdctl(*args: str, command_timeout: str = COMMAND_TIMEOUT) -> list[str]:
     """The words that run ``etcdctl ARGS`` in the host's K3s server container."""
     return [
         "nixos-container", "run", CONTAINER, "--",
@@ -60,7 +69,7 @@ def etcdctl(*args: str) -> list[str]:
         f"--cert={ETCD_TLS}/client.crt",
         f"--key={ETCD_TLS}/client.key",
         "--dial-timeout=3s",
-        "--command-timeout=15s",
+        f"--command-timeout={command_timeout}",
         *args,
     ]
 
@@ -152,7 +161,8 @@ def read_members(run: Runner, via: Sequence[str]) -> View:
     hosts (servers that stay) whose etcd answers."""
     tried = []
     for ip in via:
-        listed = run(ip, etcdctl("member", "list", "-w", "json"))
+        listed = run(ip, etcdctl("member", "list", "-w", "json",
+                                 command_timeout=MEMBER_LIST_TIMEOUT))
         if listed.returncode != 0:
             tried.append(f"{ip}: {_last_line(listed.stderr) or f'exit {listed.returncode}'}")
             continue
