@@ -45,6 +45,8 @@ NETNS = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"]
 class Run:
     wall: float  # seconds
     maxrss_kb: int  # largest single process of the run (wait4 rusage)
+    user: float  # CPU seconds in user mode of the process and its waited-for children (wait4)
+    system: float  # CPU seconds in the kernel, likewise
     tree_kb: int  # largest sampled sum of RSS over the process tree
     code: int
     out: str
@@ -110,6 +112,8 @@ def measure(
         return Run(
             wall,
             usage.ru_maxrss,
+            usage.ru_utime,
+            usage.ru_stime,
             peak[0],
             proc.returncode,
             out_f.read().decode(errors="replace"),
@@ -239,7 +243,7 @@ def bench_render(base: Path, sizes: Sequence[int], runs: int) -> tuple[list[str]
     for n in sizes:
         cluster = make_cluster(base / f"render-{n}", n)
         out = base / f"render-{n}-out"
-        walls, rss = [], []
+        walls, rss, user, system = [], [], [], []
         for i in range(runs):
             progress(f"check+render N={n} run {i + 1}/{runs}")
             r = check(
@@ -251,8 +255,10 @@ def bench_render(base: Path, sizes: Sequence[int], runs: int) -> tuple[list[str]
             )
             walls.append(r.wall)
             rss.append(r.maxrss_kb)
+            user.append(r.user)
+            system.append(r.system)
         medians[n] = statistics.median(walls)
-        rows.append(f"| {n} | {fmt_s(walls)} | {mib(max(rss))} |")
+        rows.append(f"| {n} | {fmt_s(walls)} | {fmt_s(user)} | {fmt_s(system)} | {mib(max(rss))} |")
     return rows, medians
 
 
@@ -532,20 +538,22 @@ def main(argv: Sequence[str]) -> int:
         *(f"| {k} | {v} |" for k, v in info),
         "",
         (
-            "Nothing else ran on the machine during the run (no tests, no builds): the load "
-            "average at the start and at the end say how quiet it was. A min far below the median "
-            "means something got in the way of the other runs."
+            "Run it with nothing else running (no tests, no builds); nothing here checks that "
+            "but the load averages at the start and at the end. A min far below the median means "
+            "something got in the way of the other runs; a ratio near its target can flip "
+            "between runs."
         ),
         "",
         "## 1. Check + render",
         "",
         (
             "`python -m k3scluster render DIR --out OUT` (loads and checks the plans, renders every "
-            "file, writes the tree atomically). Peak memory: max RSS of the process (`wait4`)."
+            "file, writes the tree atomically). CPU time in user mode and in the kernel, and peak "
+            "memory (max RSS): of the process (`wait4`)."
         ),
         "",
-        "| hosts | wall time | peak RSS |",
-        "|---:|---:|---:|",
+        "| hosts | wall time | user | system | peak RSS |",
+        "|---:|---:|---:|---:|---:|",
         *render_rows,
         "",
         f"Target: {big} hosts under 2 s — "

@@ -51,12 +51,15 @@ Runner = Callable[[str, Sequence[str]], "subprocess.CompletedProcess[str]"]
 
 
 # How long one etcdctl call may take (etcdctl's --command-timeout). Against a server whose etcd
-# is down etcdctl waits all of it (its gRPC dial does not give up at --dial-timeout).
+# is down etcdctl waits all of it (its gRPC dial does not give up at --dial-timeout). It must
+# outlast a leader election: since etcd 3.5 `member list` waits for a leader, and K3s runs
+# etcd with a 5 s election timeout (pkg/etcd), so an election after a member's removal can
+# take 5-10 s, during which every server would seem not to answer.
 COMMAND_TIMEOUT = "15s"
-# ``member list`` is only asked to find a server that answers: one that does not within this
-# is passed over for the next (or, with none left, the caller refuses), so it need not wait
-# as long as the health check and the removal, which decide what is removed
-MEMBER_LIST_TIMEOUT = "5s"
+# ``member list`` (read_members: finding a server that answers); the same, so that an
+# election is waited out; the tests' etcd (1 s elections) sets it lower to pass over a down
+# server sooner
+MEMBER_LIST_TIMEOUT = COMMAND_TIMEOUT
 
 
 def etcdctl(*args: str, command_timeout: str = COMMAND_TIMEOUT) -> list[str]:

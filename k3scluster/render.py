@@ -63,7 +63,7 @@ from k3scluster.k3s_start import (
     sh_value,
 )
 from k3scluster.macs import agent_mac, host_macvlan_mac, server_mac
-from k3scluster.model import DEFAULT_STATE_VERSION, Cluster, Host, K3sNode, K3sType, SecretFile
+from k3scluster.model import DEFAULT_STATE_VERSION, Cluster, Host, K3sType, SecretFile
 from k3scluster.nix import NixPath, nix_value
 from k3scluster.pins import (
     NIXPKGS_PINS,
@@ -183,8 +183,8 @@ def hardware_input_key(host: str, vm: VmRender | None) -> str:
 
 
 # Values derived from the last cluster asked about, so that asking per host stays cheap:
-# Cluster.k3s_on scans every K3s row and _shared_nix_configs lists nixConfigs/, which made
-# rendering quadratic and host_inputs of every host cubic in the number of hosts.
+# _shared_nix_configs lists nixConfigs/, which made host_inputs of every host quadratic in
+# the number of hosts. (Cluster.k3s_on, server_on and agent_on keep their own index.)
 _MEMO: list[tuple[Cluster, dict[object, Any]]] = []
 
 
@@ -195,26 +195,6 @@ def _memo(cluster: Cluster, key: object, compute: Callable[[], T]) -> T:
     if key not in cache:
         cache[key] = compute()
     return cast(T, cache[key])
-
-
-def _k3s_index(cluster: Cluster) -> dict[str, tuple[K3sNode, ...]]:
-    index: dict[str, list[K3sNode]] = {}
-    for node in cluster.k3s:
-        index.setdefault(node.host, []).append(node)
-    return {h: tuple(ns) for h, ns in index.items()}
-
-
-def _k3s_on(cluster: Cluster, host: str) -> tuple[K3sNode, ...]:
-    """``cluster.k3s_on(host)``, from an index built once per cluster."""
-    return _memo(cluster, "k3s_on", lambda: _k3s_index(cluster)).get(host, ())
-
-
-def _server_on(cluster: Cluster, host: str) -> K3sNode | None:
-    return next((n for n in _k3s_on(cluster, host) if n.type.is_server), None)
-
-
-def _agent_on(cluster: Cluster, host: str) -> K3sNode | None:
-    return next((n for n in _k3s_on(cluster, host) if n.type is K3sType.AGENT), None)
 
 
 def _agent_join_token(cluster: Cluster) -> SecretFile | None:
@@ -229,18 +209,18 @@ def _agent_key_on(cluster: Cluster, host: str) -> bool:
     agent container binds): with an agent token every K3s host (the servers read it as
     --agent-token-file), without one only the agents (holding the server token)."""
     if cluster.secrets.agent_token is not None:
-        return bool(_k3s_on(cluster, host))
-    return _agent_on(cluster, host) is not None
+        return bool(cluster.k3s_on(host))
+    return cluster.agent_on(host) is not None
 
 
 def _tags(cluster: Cluster, host: str) -> list[str]:
     tags = []
-    server = _server_on(cluster, host)
+    server = cluster.server_on(host)
     if server is not None:
         tags.append("k3s-server")
         if server.type is K3sType.INIT_SERVER:
             tags.append("k3s-init-server")
-    if _agent_on(cluster, host) is not None:
+    if cluster.agent_on(host) is not None:
         tags.append("k3s-agent")
     return tags or ["no-k3s"]
 
@@ -268,7 +248,7 @@ def _host_data(cluster: Cluster, h: Host) -> dict[str, object]:
             "rename it: config.cluster.<host>.k3s holds the host's K3s rows",
         )
     k3s: dict[str, object] = {}
-    for node in _k3s_on(cluster, h.name):
+    for node in cluster.k3s_on(h.name):
         k3s[node.role] = dict(node.columns)
     row["k3s"] = k3s
     return row
@@ -359,8 +339,8 @@ def _host_context(
         "k3s": None,
     }
     init = cluster.init_server
-    server = _server_on(cluster, host.name)
-    agent = _agent_on(cluster, host.name)
+    server = cluster.server_on(host.name)
+    agent = cluster.agent_on(host.name)
     if (server or agent) and init is None:
         raise K3sClusterError(
             "K3s rows but no init-server in plans/k3s.csv",
@@ -429,7 +409,7 @@ def _hive_context(cluster: Cluster, out: Path) -> dict[str, object]:
                     "dest_dir": SECRETS_DIR,
                 }
             )
-        if _server_on(cluster, host.name) is not None:
+        if cluster.server_on(host.name) is not None:
             token = cluster.secrets.token
             if token is None:
                 raise K3sClusterError(
@@ -805,8 +785,8 @@ def host_inputs(
     address, for every K3s host).
     """
     host = cluster.host(host_name)
-    server = _server_on(cluster, host_name)
-    agent = _agent_on(cluster, host_name)
+    server = cluster.server_on(host_name)
+    agent = cluster.agent_on(host_name)
     pin = nixpkgs_pin(cluster)
     inputs: dict[str, str] = {}
 
@@ -920,7 +900,7 @@ def _derived_plan(cluster: Cluster, host_name: str) -> dict[str, str]:
     host = cluster.host(host_name)
     net = cluster.network
     plan: dict[str, str] = {}
-    nodes = _k3s_on(cluster, host_name)
+    nodes = cluster.k3s_on(host_name)
     # the roles are colmena's tags too; the K3s release with them
     roles = ", ".join(n.type.value for n in nodes)
     plan["roles"] = f"{roles} (K3s {net.k3s})" if nodes else "no K3s"

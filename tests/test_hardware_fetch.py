@@ -361,7 +361,7 @@ def test_the_fetch_waits_for_a_host_whose_sshd_is_not_up_yet(project: Project) -
     host keys): the fetch tries again, waiting longer each time, until ssh logs in."""
     cfg = project.dir / f"Pulumi.{STACK}.yaml"
     cfg.write_text(cfg.read_text().replace("sshWait: 6s", "sshWait: 3m"))
-    r = project.pulumi("up", "--yes", "--skip-preview", late=12)
+    r = project.pulumi("up", "--yes", "--skip-preview", late=25)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:] + project.ssh.log_text()
     text = r.stdout + r.stderr
     assert f"{KARL_IP}: no ssh login yet" in text and "Connection refused" in text

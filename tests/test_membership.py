@@ -365,3 +365,18 @@ def test_hosts_deployed_before_records_are_judged_from_the_last_outputs() -> Non
     plain = cluster(HOSTS3 | {"emil": "10.0.0.6"}, THREE)
     refuse_unrecorded_changes(cluster(HOSTS3, THREE), {"emil": _outputs_of(plain)["emil"]},
                               deployed_of(before))
+
+
+def test_member_list_waits_out_a_k3s_etcd_leader_election() -> None:
+    """Since etcd 3.5 `member list` waits for a leader, and K3s runs etcd with a 5 s election
+    timeout (k3s pkg/etcd): after a member's removal an election may take 5-10 s, and a
+    shorter --command-timeout would make every server seem not to answer (a refusal that
+    names the wrong cause). At least twice the election timeout, as every etcdctl call."""
+    from k3scluster import etcdmembers
+
+    def seconds(timeout: str) -> float:
+        assert timeout.endswith("s") and not timeout.endswith("ms"), timeout
+        return float(timeout[:-1])
+
+    assert seconds(etcdmembers.MEMBER_LIST_TIMEOUT) >= 10
+    assert seconds(etcdmembers.COMMAND_TIMEOUT) >= 10
