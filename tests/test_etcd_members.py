@@ -316,7 +316,7 @@ def test_a_stale_member_that_comes_back_before_its_removal_is_kept(
 
 
 def _before_deploy(c: Any, hosts: HostRunner, monkeypatch: pytest.MonkeyPatch, render: Path,
-                   host: str) -> list[str]:
+                   host: str, planned_peers: bool = True) -> list[str]:
     """The deploy task's look before colmena (tasks._before_deploy) for ``host``'s server,
     its ssh being the test's ``HostRunner``; the progress lines it said."""
     import argparse
@@ -328,7 +328,7 @@ def _before_deploy(c: Any, hosts: HostRunner, monkeypatch: pytest.MonkeyPatch, r
     monkeypatch.setattr(etcdmembers, "ssh_runner", lambda *_a, **_k: hosts)
     said: list[str] = []
     monkeypatch.setattr(tasks, "_progress", said.append)
-    others = [ip(c, h) for h in c.hosts if h != host]
+    others = [ip(c, h) for h in c.hosts if h != host] if planned_peers else []
     args = argparse.Namespace(host=host, ip=ip(c, host), via=None, join_via=others,
                               render_out=str(render), check_agent_state=False)
     tasks._before_deploy(args, commands.SshSettings(), [[host, ip(c, host)]], [],
@@ -376,6 +376,10 @@ def test_a_reinstalled_server_whose_deployed_peers_are_all_down_is_refused(
     # it asked both (no etcd answered there), and removed nothing
     assert {h for h, _w in hosts.calls} == {"olaf", "sven", "erik"}
     assert not [v for v in hosts.etcdctl_verbs() if v.startswith("member remove")]
+    # the same when sven's and erik's rows leave the plans in this run (no --join-via): the
+    # servers the stack deployed are asked, and with none answering it is refused too
+    with pytest.raises(K3sClusterError, match="has no etcd data"):
+        _before_deploy(c, hosts, monkeypatch, render, "olaf", planned_peers=False)
 
 
 def test_the_first_up_of_a_new_cluster_still_inits(

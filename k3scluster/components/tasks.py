@@ -403,11 +403,13 @@ def _before_deploy(args: argparse.Namespace, ssh: commands.SshSettings,
 
     run = etcdmembers.ssh_runner(ssh)
     address = args.via or args.ip
-    for name, _sip in servers if args.join_via else []:
+    # the other servers: those of the plans (--join-via) and those the stack deployed (a
+    # reinstalled server whose peers all leave the plans in this run is asked about too)
+    recorded = _other_deployed_servers(args)
+    for name, _sip in servers if args.join_via or recorded else []:
         state = etcdmembers.read_server_state(run, address)
         if state.has_data:
             continue
-        recorded = _other_deployed_servers(args)
         asked = list(dict.fromkeys([*args.join_via, *(s.ip for s in recorded or [])]))
         try:
             etcdmembers.remove_stale(run, asked, name, _progress)
